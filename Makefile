@@ -1,0 +1,62 @@
+# pytracer: build the CO-RE object, install, test.
+#
+#   make                 build pytracer/bpf/pytracer.bpf.o
+#   sudo make watch      install dependencies, build, install, run `tracer watch`
+#   sudo make test       install dependencies, build, run every test tier
+#   make unit-test       pure-logic tests, no root needed
+
+CLANG     ?= clang
+BPFTOOL   ?= bpftool
+ARCH      := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
+PREFIX    ?= /opt/pytracer
+VENV      := $(PREFIX)/venv
+PYTHON    ?= python3
+BPF_OBJ   := pytracer/bpf/pytracer.bpf.o
+BPF_SRC   := bpf/pytracer.bpf.c
+BPF_HDRS  := bpf/pytracer.h bpf/core_fixes.bpf.h bpf/vmlinux.h
+
+.PHONY: all bpf deps install watch test unit-test kernel-test lint clean vmlinux
+
+all: bpf
+
+bpf: $(BPF_OBJ)
+
+$(BPF_OBJ): $(BPF_SRC) $(BPF_HDRS)
+	@mkdir -p $(dir $@)
+	$(CLANG) -g -O2 -target bpf -D__TARGET_ARCH_$(ARCH) -Wall -Werror \
+		-Ibpf -c $< -o $@.tmp
+	@# Strip DWARF, keep BTF: the object ships in the package.
+	llvm-strip -g $@.tmp
+	mv $@.tmp $@
+
+# Regenerate the pinned vmlinux.h (only needed when moving to newer kernel types).
+vmlinux:
+	$(BPFTOOL) btf dump file /sys/kernel/btf/vmlinux format c > bpf/vmlinux.h
+
+# Idempotent: apt packages, a venv under $(PREFIX), `tracer` on root's PATH.
+deps:
+	./scripts/install-deps
+
+install: deps bpf
+	$(VENV)/bin/pip install -q --no-deps --force-reinstall .
+	ln -sf $(VENV)/bin/tracer /usr/local/bin/tracer
+
+watch: install
+	tracer watch
+
+unit-test:
+	$(VENV)/bin/python -m pytest tests/unit -q
+
+kernel-test:
+	$(VENV)/bin/python -m pytest tests/kernel -q
+
+test: install
+	$(VENV)/bin/python -m pytest tests -q
+
+lint:
+	$(VENV)/bin/ruff check pytracer tests
+
+clean:
+	rm -f $(BPF_OBJ)
+
+-include vagrant/vm.mk

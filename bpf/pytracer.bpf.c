@@ -1,0 +1,583 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * pytracer kernel side: one record per TCP socket, from birth to destroy,
+ * and every aggregate (counters, transition matrix, lifetime and
+ * time-in-state histograms) kept in the kernel.  User space only polls.
+ *
+ * Each hook has twins for different kernels; they all call one static
+ * helper, and the loader switches the unused twins off before load
+ * (bpf_program__set_autoload).  See pytracer/loader.py for the choice.
+ *
+ *   state change   tp_btf/inet_sock_set_state > tracepoint > fentry > kprobe
+ *   accept owner   fexit/inet_csk_accept > kretprobe > sys_exit_accept{,4}
+ *   connect owner  the CLOSE -> SYN_SENT transition runs in connect()
+ *   app close      fentry/tcp_close > kprobe > sys_enter_close
+ *   destroy        tp_btf/tcp_destroy_sock > tracepoint
+ */
+#include <vmlinux.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+#include "pytracer.h"
+#include "core_fixes.bpf.h"
+
+#define AF_INET		2
+#define AF_INET6	10
+#define IPPROTO_TCP	6
+#define S_IFMT		00170000
+#define S_IFSOCK	0140000
+
+/* Sized by the loader from --max-sockets before load. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u64);
+	__type(value, struct pt_sock);
+} socks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pt_agg);
+} agg SEC(".maps");
+
+/* Owner filter (--pid): tgids whose sockets are counted. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, __u8);
+} owners SEC(".maps");
+
+const volatile struct pt_config cfg = {};
+
+/* --- aggregation --------------------------------------------------------- */
+
+static __always_inline struct pt_agg *agg_get(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&agg, &zero);
+}
+
+/* Keep the compiler from folding a bounds check into a later access. */
+#define opaque(x) asm volatile("" : "+r"(x))
+
+static __always_inline void stat_add(struct pt_agg *a, __u64 idx)
+{
+	opaque(idx);
+	if (a && idx < PT_STATS)
+		__sync_fetch_and_add(&a->stats[idx], 1);
+}
+
+static __always_inline __u32 log2_u64(__u64 v)
+{
+	__u32 r = 0, shift;
+
+	shift = (v > 0xFFFFFFFFULL) << 5; v >>= shift; r |= shift;
+	shift = (v > 0xFFFF) << 4; v >>= shift; r |= shift;
+	shift = (v > 0xFF) << 3; v >>= shift; r |= shift;
+	shift = (v > 0xF) << 2; v >>= shift; r |= shift;
+	shift = (v > 0x3) << 1; v >>= shift; r |= shift;
+	r |= (v >> 1);
+	return r;
+}
+
+/* Log-linear slot of a duration in microseconds (see pytracer.h). */
+static __always_inline __u64 hist_slot(__u64 us)
+{
+	__u64 p, slot;
+
+	if (us < 4)
+		return (__u32)us;
+	p = log2_u64(us);
+	slot = 4 * (p - 1) + ((us >> (p - 2)) & 3);
+	return slot < PT_HIST_SLOTS ? slot : PT_HIST_SLOTS - 1;
+}
+
+static __always_inline void observe(struct pt_agg *a, __u64 hist, __u64 ns)
+{
+	__u64 us = ns / 1000;
+	__u64 slot = hist_slot(us);
+
+	opaque(slot);
+	opaque(hist);
+	if (!a || hist >= PT_HISTS || slot >= PT_HIST_SLOTS)
+		return;
+	__sync_fetch_and_add(&a->hists[hist].slots[slot], 1);
+	__sync_fetch_and_add(&a->hists[hist].sum_us, us);
+}
+
+static __always_inline bool owner_wanted(__u32 tgid)
+{
+	if (!cfg.filter_owner)
+		return true;
+	return bpf_map_lookup_elem(&owners, &tgid) != NULL;
+}
+
+/* --- socket facts -------------------------------------------------------- */
+
+static __always_inline __u64 key_btf(struct sock *sk)
+{
+	if (cfg.key_by_ptr)
+		return (__u64)sk;
+	return bpf_get_socket_cookie(sk);
+}
+
+/* Without a BTF pointer the helper is not callable: read the cookie the
+ * helper (or sock_diag) already stored.  0 means nobody generated one. */
+static __always_inline __u64 key_raw(struct sock *sk)
+{
+	if (cfg.key_by_ptr)
+		return (__u64)sk;
+	return BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
+}
+
+static __always_inline bool is_tcp(struct sock *sk)
+{
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+
+	if (family != AF_INET && family != AF_INET6)
+		return false;
+	return sk_protocol_of(sk) == IPPROTO_TCP;
+}
+
+static __always_inline void read_addrs(struct pt_sock *rec, struct sock *sk)
+{
+	rec->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	rec->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	rec->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (rec->family == AF_INET) {
+		bpf_core_read(rec->laddr, 4, &sk->__sk_common.skc_rcv_saddr);
+		bpf_core_read(rec->raddr, 4, &sk->__sk_common.skc_daddr);
+	} else {
+		bpf_core_read(rec->laddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+		bpf_core_read(rec->raddr, 16, &sk->__sk_common.skc_v6_daddr);
+	}
+}
+
+static __always_inline __u64 socket_ino(struct socket *sock)
+{
+	return BPF_CORE_READ(sock, file, f_inode, i_ino);
+}
+
+/* The owner is whoever runs now: only call from connect/listen/accept. */
+static __always_inline void set_owner(struct pt_sock *rec, __u32 tgid)
+{
+	rec->owner_tgid = tgid;
+	rec->cgroup_id = bpf_get_current_cgroup_id();
+	bpf_get_current_comm(rec->owner_comm, sizeof(rec->owner_comm));
+}
+
+/* --- the lifecycle ------------------------------------------------------- */
+
+/* Which transitions start a socket's life, and in which direction. */
+static __always_inline int birth_direction(int old, int new, bool known)
+{
+	if (old == TCP_CLOSE && new == TCP_SYN_SENT)
+		return PT_DIR_ACTIVE;
+	if (old == TCP_LISTEN && new == TCP_SYN_RECV)
+		return PT_DIR_PASSIVE;
+	if (old == TCP_CLOSE && new == TCP_LISTEN)
+		return PT_DIR_LISTEN;
+	/* tcp_set_state() hooks never see the child's birth, which goes
+	 * through inet_sk_set_state(); its first tcp_set_state() is this. */
+	if (!known && old == TCP_SYN_RECV && new == TCP_ESTABLISHED)
+		return PT_DIR_PASSIVE;
+	return -1;
+}
+
+/* End of a life: observe it, count it.  The caller deletes or reuses. */
+static __always_inline void finish(struct pt_agg *a, struct pt_sock *rec,
+				   __u64 now)
+{
+	__u32 st = rec->state & (PT_STATES - 1);
+	__u32 dir = rec->direction & (PT_DIRS - 1);
+
+	if (!rec->counted)
+		return;
+	observe(a, PT_HIST_STATE + st, now - rec->state_ns);
+	stat_add(a, PT_S_LEFT + st);
+	if (rec->birth_ns)
+		observe(a, PT_HIST_LIFETIME + dir, now - rec->birth_ns);
+	stat_add(a, PT_S_CLOSED + dir);
+	stat_add(a, PT_S_DESTROYED);
+}
+
+static __always_inline void count_entry(struct pt_agg *a, struct pt_sock *rec,
+					int old, int new)
+{
+	__u64 n = new & (PT_STATES - 1);
+	__u64 idx = (__u64)(old & (PT_STATES - 1)) * PT_STATES + n;
+
+	stat_add(a, PT_S_ENTERED + n);
+	opaque(idx);
+	if (a && idx < PT_STATES * PT_STATES)
+		__sync_fetch_and_add(&a->transitions[0][0] + idx, 1);
+}
+
+static __always_inline void note_app_close(struct pt_agg *a,
+					   struct pt_sock *rec, __u32 tgid)
+{
+	if (rec->close_ns)
+		return;
+	rec->close_ns = bpf_ktime_get_ns();
+	rec->closer_tgid = tgid;
+	rec->app_closed = 1;
+	stat_add(a, PT_S_APP_CLOSE);
+}
+
+static __always_inline void birth(struct pt_agg *a, struct sock *sk, __u64 key,
+				  int dir, int old, int new, __u64 now)
+{
+	struct pt_sock rec = {};
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+
+	rec.birth_ns = now;
+	rec.state_ns = now;
+	rec.state = new;
+	rec.direction = dir;
+	rec.owner_fd = -1;
+	rec.transitions = 1;
+	rec.netns_ino = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	read_addrs(&rec, sk);
+	if (dir != PT_DIR_PASSIVE) {
+		/* connect() and listen() run in the owner's context. */
+		if (!owner_wanted(tgid)) {
+			stat_add(a, PT_S_FILTER_SKIPPED);
+			return;
+		}
+		set_owner(&rec, tgid);
+		rec.ino = socket_ino(BPF_CORE_READ(sk, sk_socket));
+	}
+	/* Passive children are counted once accept() names an owner. */
+	if (!cfg.filter_owner || dir != PT_DIR_PASSIVE)
+		rec.counted = 1;
+	if (bpf_map_update_elem(&socks, &key, &rec, BPF_ANY)) {
+		stat_add(a, PT_S_INSERT_FAILED);
+		return;
+	}
+	if (rec.counted) {
+		stat_add(a, PT_S_OPENED + dir);
+		count_entry(a, &rec, old, new);
+	}
+}
+
+/* First sight of a socket that was born before we attached. */
+static __always_inline void midlife(struct pt_agg *a, struct sock *sk,
+				    __u64 key, int old, int new, __u64 now)
+{
+	struct pt_sock rec = {};
+
+	rec.state_ns = now;
+	rec.state = new;
+	rec.direction = PT_DIR_UNKNOWN;
+	rec.owner_fd = -1;
+	rec.transitions = 1;
+	rec.flags = PT_F_BIRTH_UNKNOWN;
+	rec.counted = !cfg.filter_owner;
+	rec.netns_ino = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	read_addrs(&rec, sk);
+	stat_add(a, PT_S_MIDLIFE);
+	if (bpf_map_update_elem(&socks, &key, &rec, BPF_ANY)) {
+		stat_add(a, PT_S_INSERT_FAILED);
+		return;
+	}
+	if (rec.counted)
+		count_entry(a, &rec, old, new);
+}
+
+static __always_inline void handle_state(struct sock *sk, __u64 key, int old,
+					 int new)
+{
+	struct pt_agg *a = agg_get();
+	struct pt_sock *rec;
+	__u64 now;
+	int dir;
+
+	if (!key)
+		return;
+	now = bpf_ktime_get_ns();
+	rec = bpf_map_lookup_elem(&socks, &key);
+	dir = birth_direction(old, new, rec != NULL);
+	if (dir >= 0) {
+		if (rec)	/* a reused socket: the old life ends here */
+			finish(a, rec, now);
+		birth(a, sk, key, dir, old, new, now);
+		return;
+	}
+	if (!rec) {
+		midlife(a, sk, key, old, new, now);
+		return;
+	}
+	if (rec->counted) {
+		__u32 o = rec->state & (PT_STATES - 1);
+
+		observe(a, PT_HIST_STATE + o, now - rec->state_ns);
+		stat_add(a, PT_S_LEFT + o);
+		count_entry(a, rec, old, new);
+	}
+	rec->state = new;
+	rec->state_ns = now;
+	rec->transitions++;
+	/* connect() binds the local port after CLOSE -> SYN_SENT. */
+	if (!rec->lport)
+		read_addrs(rec, sk);
+	if (old == TCP_ESTABLISHED && new == TCP_CLOSE_WAIT &&
+	    !rec->app_closed)
+		rec->flags |= PT_F_PEER_FIN;
+	/* Only tcp_close()/tcp_shutdown() send our FIN, in process context. */
+	if (new == TCP_FIN_WAIT1 || new == TCP_LAST_ACK)
+		note_app_close(a, rec, bpf_get_current_pid_tgid() >> 32);
+}
+
+static __always_inline void handle_accept(struct sock *sk, __u64 key, int fd,
+					  __u64 ino)
+{
+	struct pt_agg *a = agg_get();
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct pt_sock *rec;
+
+	if (!key)
+		return;
+	rec = bpf_map_lookup_elem(&socks, &key);
+	if (!rec) {
+		stat_add(a, PT_S_ACCEPT_UNTRACKED);
+		return;
+	}
+	if (cfg.filter_owner && !owner_wanted(tgid)) {
+		/* Not ours to watch: free the slot now. */
+		if (!rec->counted)
+			bpf_map_delete_elem(&socks, &key);
+		return;
+	}
+	set_owner(rec, tgid);
+	rec->owner_fd = fd;
+	if (ino)
+		rec->ino = ino;
+	rec->accepted = 1;
+	if (!rec->counted) {
+		rec->counted = 1;
+		stat_add(a, PT_S_OPENED + (rec->direction & (PT_DIRS - 1)));
+		stat_add(a, PT_S_ENTERED + (rec->state & (PT_STATES - 1)));
+	}
+}
+
+static __always_inline void handle_close(struct sock *sk, __u64 key)
+{
+	struct pt_sock *rec;
+
+	if (!key)
+		return;
+	rec = bpf_map_lookup_elem(&socks, &key);
+	if (rec)
+		note_app_close(agg_get(), rec, bpf_get_current_pid_tgid() >> 32);
+}
+
+static __always_inline void handle_reset(__u64 key)
+{
+	struct pt_sock *rec = bpf_map_lookup_elem(&socks, &key);
+
+	if (rec)
+		rec->flags |= PT_F_RESET;
+}
+
+static __always_inline void handle_destroy(__u64 key)
+{
+	struct pt_sock *rec;
+
+	if (!key)
+		return;
+	rec = bpf_map_lookup_elem(&socks, &key);
+	if (!rec)
+		return;
+	finish(agg_get(), rec, bpf_ktime_get_ns());
+	bpf_map_delete_elem(&socks, &key);
+}
+
+/* --- state change -------------------------------------------------------- */
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(state_tp_btf, struct sock *sk, int old, int new)
+{
+	if (sk->sk_protocol != IPPROTO_TCP)
+		return 0;
+	handle_state(sk, key_btf(sk), old, new);
+	return 0;
+}
+
+SEC("tracepoint/sock/inet_sock_set_state")
+int state_tracepoint(struct trace_event_raw_inet_sock_set_state *ctx)
+{
+	struct sock *sk = (struct sock *)ctx->skaddr;
+
+	if (ctx->protocol != IPPROTO_TCP)
+		return 0;
+	handle_state(sk, key_raw(sk), ctx->oldstate, ctx->newstate);
+	return 0;
+}
+
+SEC("fentry/tcp_set_state")
+int BPF_PROG(state_fentry, struct sock *sk, int state)
+{
+	handle_state(sk, key_btf(sk), sk->__sk_common.skc_state, state);
+	return 0;
+}
+
+SEC("kprobe/tcp_set_state")
+int BPF_KPROBE(state_kprobe, struct sock *sk, int state)
+{
+	handle_state(sk, key_raw(sk), BPF_CORE_READ(sk, __sk_common.skc_state),
+		     state);
+	return 0;
+}
+
+/* --- passive-open owner -------------------------------------------------- */
+
+SEC("fexit/inet_csk_accept")
+int BPF_PROG(accept_fexit)
+{
+	struct sock *sk = accept_ret_of(ctx);
+
+	if (sk && is_tcp(sk))
+		handle_accept(sk, key_raw(sk), -1, 0);
+	return 0;
+}
+
+SEC("kretprobe/inet_csk_accept")
+int BPF_KRETPROBE(accept_kretprobe, struct sock *sk)
+{
+	if (sk && is_tcp(sk))
+		handle_accept(sk, key_raw(sk), -1, 0);
+	return 0;
+}
+
+/* Syscall tracepoint layouts: common header, syscall nr, then the args. */
+struct sys_exit_ctx {
+	__u64 unused;
+	long nr;
+	long ret;
+};
+
+struct sys_enter_ctx {
+	__u64 unused;
+	long nr;
+	unsigned long args[6];
+};
+
+/* fd -> file -> socket of the current task, if the fd is a socket. */
+static __always_inline struct file *socket_file_of_fd(long fd)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file **fds;
+	struct file *file = NULL;
+	umode_t mode;
+
+	if (fd < 0 || !fdt || fd >= BPF_CORE_READ(fdt, max_fds))
+		return NULL;
+	fds = BPF_CORE_READ(fdt, fd);
+	bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]);
+	if (!file)
+		return NULL;
+	mode = BPF_CORE_READ(file, f_inode, i_mode);
+	if ((mode & S_IFMT) != S_IFSOCK)
+		return NULL;
+	return file;
+}
+
+static __always_inline int accept_exit(struct sys_exit_ctx *ctx)
+{
+	struct file *file = socket_file_of_fd(ctx->ret);
+	struct socket *sock;
+	struct sock *sk;
+
+	if (!file)
+		return 0;
+	sock = BPF_CORE_READ(file, private_data);
+	sk = BPF_CORE_READ(sock, sk);
+	if (sk && is_tcp(sk))
+		handle_accept(sk, key_raw(sk), ctx->ret,
+			      BPF_CORE_READ(file, f_inode, i_ino));
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_accept4")
+int accept4_sys_exit(struct sys_exit_ctx *ctx)
+{
+	return accept_exit(ctx);
+}
+
+SEC("tracepoint/syscalls/sys_exit_accept")
+int accept_sys_exit(struct sys_exit_ctx *ctx)
+{
+	return accept_exit(ctx);
+}
+
+/* --- application close --------------------------------------------------- */
+
+SEC("fentry/tcp_close")
+int BPF_PROG(close_fentry, struct sock *sk)
+{
+	handle_close(sk, key_btf(sk));
+	return 0;
+}
+
+SEC("kprobe/tcp_close")
+int BPF_KPROBE(close_kprobe, struct sock *sk)
+{
+	handle_close(sk, key_raw(sk));
+	return 0;
+}
+
+/*
+ * Without a tcp_close() hook: close(fd) on a TCP socket.  Transitions to
+ * FIN_WAIT1/LAST_ACK (only tcp_close/tcp_shutdown make them) and process
+ * exit are caught in handle_state(); what is left is closing a socket that
+ * is already CLOSE, e.g. after the peer's RST.
+ */
+SEC("tracepoint/syscalls/sys_enter_close")
+int close_sys_enter(struct sys_enter_ctx *ctx)
+{
+	struct file *file = socket_file_of_fd((long)(int)ctx->args[0]);
+	struct socket *sock;
+	struct sock *sk;
+
+	if (!file)
+		return 0;
+	sock = BPF_CORE_READ(file, private_data);
+	sk = BPF_CORE_READ(sock, sk);
+	if (sk && is_tcp(sk))
+		handle_close(sk, key_raw(sk));
+	return 0;
+}
+
+/* --- reset received (optional, v6.10+) ----------------------------------- */
+
+SEC("tp_btf/tcp_receive_reset")
+int BPF_PROG(reset_tp_btf, struct sock *sk)
+{
+	handle_reset(key_btf(sk));
+	return 0;
+}
+
+/* --- destroy ------------------------------------------------------------- */
+
+SEC("tp_btf/tcp_destroy_sock")
+int BPF_PROG(destroy_tp_btf, struct sock *sk)
+{
+	handle_destroy(key_btf(sk));
+	return 0;
+}
+
+SEC("tracepoint/tcp/tcp_destroy_sock")
+int destroy_tracepoint(struct trace_event_raw_tcp_event_sk *ctx)
+{
+	handle_destroy(key_raw((struct sock *)ctx->skaddr));
+	return 0;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

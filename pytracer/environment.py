@@ -1,0 +1,164 @@
+"""What the running kernel and process can do: probes, mounts, privileges.
+
+Everything here is cheap and read-only, except :func:`ensure_mounts`, which
+mounts tracefs and bpffs when they are missing (tracepoint attach needs
+tracefs; bpffs is where pinned objects would live).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import re
+from dataclasses import dataclass, field
+
+TRACEFS = "/sys/kernel/tracing"
+BPFFS = "/sys/fs/bpf"
+VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
+
+# include/uapi/linux/capability.h
+CAP_NET_ADMIN = 12
+CAP_SYS_PTRACE = 19
+CAP_SYS_ADMIN = 21
+CAP_SYS_RESOURCE = 24
+CAP_PERFMON = 38
+CAP_BPF = 39
+
+
+class EnvironmentProblem(RuntimeError):
+    """The host cannot run the tracer as asked; the message says what to do."""
+
+
+def kernel_release() -> str:
+    return platform.release()
+
+
+def kernel_version(release: str | None = None) -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", release or kernel_release())
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def effective_caps(status_path: str = "/proc/self/status") -> int:
+    with open(status_path) as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def has_cap(caps: int, cap: int) -> bool:
+    return bool(caps >> cap & 1)
+
+
+def can_trace(caps: int) -> bool:
+    """Tracing programs need CAP_BPF + CAP_PERFMON (v5.8+), or CAP_SYS_ADMIN."""
+    return has_cap(caps, CAP_SYS_ADMIN) or (has_cap(caps, CAP_BPF) and has_cap(caps, CAP_PERFMON))
+
+
+def require_privileges() -> None:
+    if not can_trace(effective_caps()):
+        raise EnvironmentProblem(
+            "pytracer needs root (CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN): run it with sudo"
+        )
+
+
+def _mounted(path: str, fstype: str) -> bool:
+    try:
+        with open("/proc/self/mounts") as f:
+            return any(line.split()[1] == path and line.split()[2] == fstype for line in f)
+    except OSError:
+        return False
+
+
+def _mount(source: str, target: str, fstype: str) -> str | None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p] * 4 + [ctypes.c_ulong, ctypes.c_void_p]
+    if libc.mount(source.encode(), target.encode(), fstype.encode(), 0, None) != 0:
+        return os.strerror(ctypes.get_errno())
+    return None
+
+
+def ensure_mounts() -> dict[str, str]:
+    """Mount tracefs and bpffs if missing.  Returns path -> what happened."""
+    out = {}
+    for path, fstype in ((TRACEFS, "tracefs"), (BPFFS, "bpf")):
+        if _mounted(path, fstype):
+            out[path] = "mounted"
+            continue
+        if fstype == "tracefs" and os.path.isdir(os.path.join(path, "events")):
+            out[path] = "available"
+            continue
+        err = _mount(fstype, path, fstype)
+        out[path] = "mounted by pytracer" if err is None else f"not mounted ({err})"
+    return out
+
+
+@dataclass
+class Features:
+    """Kernel facts that decide which programs can run."""
+
+    release: str
+    version: tuple[int, int]
+    btf: bool
+    tracefs: bool
+    kprobes: bool
+    tracepoints: dict[str, bool] = field(default_factory=dict)
+    bpf_stats: bool | None = None
+
+    @property
+    def tp_btf(self) -> bool:
+        return self.btf and self.version >= (5, 5)
+
+    @property
+    def fentry(self) -> bool:
+        return self.btf and self.version >= (5, 5)
+
+    @property
+    def cookie_in_tracing(self) -> bool:
+        # bpf_get_socket_cookie() for BTF sock pointers: v5.12 (c5dbb89fc2ac).
+        return self.version >= (5, 12)
+
+    def tracepoint(self, category: str, name: str) -> bool:
+        return self.tracepoints.get(f"{category}/{name}", False)
+
+
+TRACEPOINTS = (
+    "sock/inet_sock_set_state",
+    "tcp/tcp_destroy_sock",
+    "tcp/tcp_receive_reset",
+    "syscalls/sys_exit_accept4",
+    "syscalls/sys_exit_accept",
+    "syscalls/sys_enter_close",
+)
+
+
+def probe_features() -> Features:
+    release = kernel_release()
+    events = os.path.join(TRACEFS, "events")
+    tracefs = os.path.isdir(events)
+    kprobes = os.path.exists("/sys/bus/event_source/devices/kprobe/type") or os.path.exists(
+        os.path.join(TRACEFS, "kprobe_events")
+    )
+    stats = None
+    try:
+        with open("/proc/sys/kernel/bpf_stats_enabled") as f:
+            stats = f.read().strip() == "1"
+    except OSError:
+        pass
+    return Features(
+        release=release,
+        version=kernel_version(release),
+        btf=os.path.exists(VMLINUX_BTF),
+        tracefs=tracefs,
+        kprobes=kprobes,
+        tracepoints={tp: os.path.isdir(os.path.join(events, tp)) for tp in TRACEPOINTS},
+        bpf_stats=stats,
+    )
+
+
+def memlock_limit() -> str:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return "unlimited" if soft == resource.RLIM_INFINITY else f"{soft // 1024} KiB"

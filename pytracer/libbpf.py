@@ -1,0 +1,504 @@
+"""A thin ctypes binding to the system libbpf (libbpf.so.1).
+
+Only what pytracer needs is declared, each function once, through
+:func:`_fn`, which sets argtypes/restype and an errcheck that turns libbpf's
+error contract into :class:`LibbpfError`:
+
+* a function returning a pointer signals failure with NULL and sets errno;
+* a function returning int signals failure with a negative ``-errno``.
+
+Handles (:class:`BpfObject`, :class:`Link`) are context managers; nothing
+stays attached once they are closed.  ``PYTRACER_LIBBPF`` overrides the
+library path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno as errno_mod
+import os
+import threading
+from collections import deque
+from typing import Any, Callable, Iterator
+
+__all__ = [
+    "LibbpfError",
+    "LibbpfMissing",
+    "BpfObject",
+    "Program",
+    "Map",
+    "Link",
+    "num_possible_cpus",
+    "ProgInfo",
+]
+
+
+class LibbpfError(OSError):
+    """A libbpf call failed; ``errno`` holds the kernel's reason."""
+
+    def __init__(self, err: int, what: str, log: str = "") -> None:
+        super().__init__(err, f"{what}: {os.strerror(err)}")
+        self.what = what
+        self.log = log
+
+
+class LibbpfMissing(RuntimeError):
+    """libbpf.so.1 could not be loaded."""
+
+
+# --- loading the library ---------------------------------------------------
+
+_lib: ctypes.CDLL | None = None
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _load() -> ctypes.CDLL:
+    global _lib
+    if _lib is not None:
+        return _lib
+    override = os.environ.get("PYTRACER_LIBBPF")
+    candidates = [override] if override else ["libbpf.so.1", ctypes.util.find_library("bpf")]
+    errors = []
+    for name in candidates:
+        if not name:
+            continue
+        try:
+            lib = ctypes.CDLL(name, use_errno=True)
+        except OSError as exc:
+            errors.append(str(exc))
+            continue
+        if not hasattr(lib, "bpf_object__open_mem") or not hasattr(lib, "bpf_program__set_autoload"):
+            errors.append(f"{name} is older than libbpf 1.0")
+            continue
+        _lib = lib
+        _declare(lib)
+        return lib
+    raise LibbpfMissing(
+        "libbpf.so.1 not found (" + "; ".join(errors or ["no candidates"]) + "): "
+        "install it (apt install libbpf1) or set PYTRACER_LIBBPF=/path/to/libbpf.so.1"
+    )
+
+
+c_void_p = ctypes.c_void_p
+c_int = ctypes.c_int
+c_uint = ctypes.c_uint
+c_char_p = ctypes.c_char_p
+c_size_t = ctypes.c_size_t
+c_uint32 = ctypes.c_uint32
+c_uint64 = ctypes.c_uint64
+c_bool = ctypes.c_bool
+
+
+def _check_ptr(result: Any, func: Any, args: tuple) -> Any:
+    if not result:
+        err = ctypes.get_errno() or errno_mod.EINVAL
+        raise LibbpfError(err, func.__name__, _log_tail())
+    return result
+
+
+def _check_int(result: int, func: Any, args: tuple) -> int:
+    if result < 0:
+        raise LibbpfError(-result, func.__name__, _log_tail())
+    return result
+
+
+def _fn(lib: ctypes.CDLL, name: str, restype: Any, argtypes: list, check: Callable | None) -> None:
+    f = getattr(lib, name)
+    f.restype = restype
+    f.argtypes = argtypes
+    if check is not None:
+        f.errcheck = check
+
+
+class BpfMapBatchOpts(ctypes.Structure):
+    _fields_ = [("sz", c_size_t), ("elem_flags", c_uint64), ("flags", c_uint64)]
+
+
+class BpfObjectOpenOpts(ctypes.Structure):
+    # struct bpf_object_open_opts (libbpf 1.0): only the leading fields we set;
+    # `sz` tells libbpf how much of the struct we know.
+    _fields_ = [
+        ("sz", c_size_t),
+        ("object_name", c_char_p),
+        ("relaxed_maps", c_bool),
+        ("pin_root_path", c_char_p),
+        ("_pad", c_uint32),
+        ("kconfig", c_char_p),
+        ("btf_custom_path", c_char_p),
+    ]
+
+
+class ProgInfo(ctypes.Structure):
+    """The leading part of struct bpf_prog_info (include/uapi/linux/bpf.h)."""
+
+    _fields_ = [
+        ("type", c_uint32),
+        ("id", c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", c_uint32),
+        ("xlated_prog_len", c_uint32),
+        ("jited_prog_insns", c_uint64),
+        ("xlated_prog_insns", c_uint64),
+        ("load_time", c_uint64),
+        ("created_by_uid", c_uint32),
+        ("nr_map_ids", c_uint32),
+        ("map_ids", c_uint64),
+        ("name", ctypes.c_char * 16),
+        ("ifindex", c_uint32),
+        ("gpl_compatible_etc", c_uint32),
+        ("netns_dev", c_uint64),
+        ("netns_ino", c_uint64),
+        ("nr_jited_ksyms", c_uint32),
+        ("nr_jited_func_lens", c_uint32),
+        ("jited_ksyms", c_uint64),
+        ("jited_func_lens", c_uint64),
+        ("btf_id", c_uint32),
+        ("func_info_rec_size", c_uint32),
+        ("func_info", c_uint64),
+        ("nr_func_info", c_uint32),
+        ("nr_line_info", c_uint32),
+        ("line_info", c_uint64),
+        ("jited_line_info", c_uint64),
+        ("nr_jited_line_info", c_uint32),
+        ("line_info_rec_size", c_uint32),
+        ("jited_line_info_rec_size", c_uint32),
+        ("nr_prog_tags", c_uint32),
+        ("prog_tags", c_uint64),
+        ("run_time_ns", c_uint64),
+        ("run_cnt", c_uint64),
+        ("recursion_misses", c_uint64),
+        ("verified_insns", c_uint32),
+        ("attach_btf_obj_id", c_uint32),
+        ("attach_btf_id", c_uint32),
+        ("_pad", c_uint32),
+    ]
+
+
+_PRINT_FN = ctypes.CFUNCTYPE(c_int, c_int, c_char_p, c_void_p)
+_log_lines: deque[str] = deque(maxlen=200)
+_log_lock = threading.Lock()
+
+
+def _on_print(level: int, fmt: bytes, va_list: int) -> int:
+    # va_list is passed by pointer on x86-64 and arm64; vsnprintf formats it.
+    buf = ctypes.create_string_buffer(1 << 16)
+    _libc.vsnprintf(buf, len(buf), fmt, c_void_p(va_list))
+    with _log_lock:
+        for line in buf.value.decode(errors="replace").splitlines():
+            _log_lines.append(line)
+    return 0
+
+
+_print_cb = _PRINT_FN(_on_print)
+
+
+def _log_tail(n: int = 40) -> str:
+    with _log_lock:
+        return "\n".join(list(_log_lines)[-n:])
+
+
+def clear_log() -> None:
+    with _log_lock:
+        _log_lines.clear()
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    P, I = _check_ptr, _check_int
+    _libc.vsnprintf.argtypes = [c_char_p, c_size_t, c_char_p, c_void_p]
+    _fn(lib, "libbpf_set_print", c_void_p, [_PRINT_FN], None)
+    _fn(lib, "bpf_object__open_mem", c_void_p, [c_void_p, c_size_t, ctypes.POINTER(BpfObjectOpenOpts)], P)
+    _fn(lib, "bpf_object__load", c_int, [c_void_p], I)
+    _fn(lib, "bpf_object__close", None, [c_void_p], None)
+    _fn(lib, "bpf_object__find_program_by_name", c_void_p, [c_void_p, c_char_p], P)
+    _fn(lib, "bpf_object__find_map_by_name", c_void_p, [c_void_p, c_char_p], P)
+    _fn(lib, "bpf_object__next_program", c_void_p, [c_void_p, c_void_p], None)
+    _fn(lib, "bpf_program__name", c_char_p, [c_void_p], None)
+    _fn(lib, "bpf_program__section_name", c_char_p, [c_void_p], None)
+    _fn(lib, "bpf_program__set_autoload", c_int, [c_void_p, c_bool], I)
+    _fn(lib, "bpf_program__autoload", c_bool, [c_void_p], None)
+    _fn(lib, "bpf_program__fd", c_int, [c_void_p], I)
+    _fn(lib, "bpf_program__attach", c_void_p, [c_void_p], P)
+    _fn(lib, "bpf_link__destroy", c_int, [c_void_p], None)
+    _fn(lib, "bpf_map__fd", c_int, [c_void_p], I)
+    _fn(lib, "bpf_map__set_max_entries", c_int, [c_void_p, c_uint32], I)
+    _fn(lib, "bpf_map__max_entries", c_uint32, [c_void_p], None)
+    _fn(lib, "bpf_map__value_size", c_uint32, [c_void_p], None)
+    _fn(lib, "bpf_map__key_size", c_uint32, [c_void_p], None)
+    _fn(lib, "bpf_map__set_initial_value", c_int, [c_void_p, c_void_p, c_size_t], I)
+    _fn(lib, "bpf_map__initial_value", c_void_p, [c_void_p, ctypes.POINTER(c_size_t)], None)
+    _fn(lib, "bpf_map_lookup_elem", c_int, [c_int, c_void_p, c_void_p], None)
+    _fn(lib, "bpf_map_update_elem", c_int, [c_int, c_void_p, c_void_p, c_uint64], None)
+    _fn(lib, "bpf_map_delete_elem", c_int, [c_int, c_void_p], None)
+    _fn(lib, "bpf_map_lookup_batch", c_int,
+        [c_int, c_void_p, c_void_p, c_void_p, c_void_p, ctypes.POINTER(c_uint32), ctypes.POINTER(BpfMapBatchOpts)],
+        None)
+    _fn(lib, "bpf_map_get_next_key", c_int, [c_int, c_void_p, c_void_p], None)
+    _fn(lib, "bpf_obj_get_info_by_fd", c_int, [c_int, c_void_p, ctypes.POINTER(c_uint32)], None)
+    _fn(lib, "libbpf_num_possible_cpus", c_int, [], I)
+    _fn(lib, "libbpf_probe_bpf_prog_type", c_int, [c_int, c_void_p], None)
+    lib.libbpf_set_print(_print_cb)
+
+
+def library() -> ctypes.CDLL:
+    """The loaded libbpf, declared.  Raises :class:`LibbpfMissing`."""
+    return _load()
+
+
+def num_possible_cpus() -> int:
+    return library().libbpf_num_possible_cpus()
+
+
+def _errno_of(rc: int) -> int:
+    # libbpf 1.x returns -errno; be robust to the legacy -1 + errno form.
+    if rc == -1:
+        return ctypes.get_errno() or errno_mod.EINVAL
+    return -rc
+
+
+# --- handles -----------------------------------------------------------------
+
+
+class Link:
+    """An attached program; destroying the link detaches it."""
+
+    def __init__(self, ptr: int, program: str) -> None:
+        self._ptr: int | None = ptr
+        self.program = program
+
+    def destroy(self) -> None:
+        if self._ptr:
+            library().bpf_link__destroy(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> Link:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
+
+
+class Program:
+    def __init__(self, obj: BpfObject, ptr: int) -> None:
+        self._obj = obj
+        self._ptr = ptr
+
+    @property
+    def name(self) -> str:
+        return library().bpf_program__name(self._ptr).decode()
+
+    @property
+    def section(self) -> str:
+        return library().bpf_program__section_name(self._ptr).decode()
+
+    @property
+    def autoload(self) -> bool:
+        return bool(library().bpf_program__autoload(self._ptr))
+
+    @autoload.setter
+    def autoload(self, value: bool) -> None:
+        library().bpf_program__set_autoload(self._ptr, value)
+
+    @property
+    def fd(self) -> int:
+        return library().bpf_program__fd(self._ptr)
+
+    def attach(self) -> Link:
+        clear_log()
+        try:
+            ptr = library().bpf_program__attach(self._ptr)
+        except LibbpfError as exc:
+            raise LibbpfError(exc.errno, f"attach {self.name} ({self.section})", exc.log) from None
+        return Link(ptr, self.name)
+
+    def info(self) -> ProgInfo:
+        info = ProgInfo()
+        size = c_uint32(ctypes.sizeof(info))
+        rc = library().bpf_obj_get_info_by_fd(self.fd, ctypes.byref(info), ctypes.byref(size))
+        if rc < 0:
+            raise LibbpfError(_errno_of(rc), f"prog info {self.name}")
+        return info
+
+
+class Map:
+    def __init__(self, obj: BpfObject, ptr: int, name: str) -> None:
+        self._obj = obj
+        self._ptr = ptr
+        self.name = name
+
+    @property
+    def fd(self) -> int:
+        return library().bpf_map__fd(self._ptr)
+
+    @property
+    def max_entries(self) -> int:
+        return library().bpf_map__max_entries(self._ptr)
+
+    @max_entries.setter
+    def max_entries(self, n: int) -> None:
+        library().bpf_map__set_max_entries(self._ptr, n)
+
+    @property
+    def key_size(self) -> int:
+        return library().bpf_map__key_size(self._ptr)
+
+    @property
+    def value_size(self) -> int:
+        return library().bpf_map__value_size(self._ptr)
+
+    def set_initial_value(self, data: bytes) -> None:
+        buf = ctypes.create_string_buffer(data, len(data))
+        library().bpf_map__set_initial_value(self._ptr, buf, len(data))
+
+    def initial_value_size(self) -> int:
+        size = c_size_t(0)
+        library().bpf_map__initial_value(self._ptr, ctypes.byref(size))
+        return size.value
+
+    def lookup(self, key: bytes, value_size: int) -> bytes | None:
+        """One element, or None when absent.  value_size covers all CPUs."""
+        kbuf = ctypes.create_string_buffer(key, len(key))
+        vbuf = ctypes.create_string_buffer(value_size)
+        rc = library().bpf_map_lookup_elem(self.fd, kbuf, vbuf)
+        if rc < 0:
+            err = _errno_of(rc)
+            if err == errno_mod.ENOENT:
+                return None
+            raise LibbpfError(err, f"lookup in {self.name}")
+        return vbuf.raw
+
+    def update(self, key: bytes, value: bytes, flags: int = 0) -> None:
+        kbuf = ctypes.create_string_buffer(key, len(key))
+        vbuf = ctypes.create_string_buffer(value, len(value))
+        rc = library().bpf_map_update_elem(self.fd, kbuf, vbuf, flags)
+        if rc < 0:
+            raise LibbpfError(_errno_of(rc), f"update in {self.name}")
+
+    def delete(self, key: bytes) -> bool:
+        kbuf = ctypes.create_string_buffer(key, len(key))
+        rc = library().bpf_map_delete_elem(self.fd, kbuf)
+        if rc < 0:
+            err = _errno_of(rc)
+            if err == errno_mod.ENOENT:
+                return False
+            raise LibbpfError(err, f"delete in {self.name}")
+        return True
+
+    def dump(self, value_size: int, chunk: int = 8192) -> tuple[bytes, bytes, int]:
+        """Every (key, value) with BPF_MAP_LOOKUP_BATCH.
+
+        Returns (keys, values, count) as packed buffers, so callers can view
+        them with numpy instead of decoding element by element.  Falls back
+        to get_next_key + lookup on kernels without batch ops (< 5.6).
+        """
+        lib = library()
+        ksz = self.key_size
+        keys_parts: list[bytes] = []
+        vals_parts: list[bytes] = []
+        total = 0
+        in_batch = ctypes.create_string_buffer(8)
+        out_batch = ctypes.create_string_buffer(8)
+        kbuf = ctypes.create_string_buffer(ksz * chunk)
+        vbuf = ctypes.create_string_buffer(value_size * chunk)
+        opts = BpfMapBatchOpts(ctypes.sizeof(BpfMapBatchOpts), 0, 0)
+        first = True
+        # Bounded: each round consumes at least one bucket of the table.
+        for _ in range(1 << 24):
+            count = c_uint32(chunk)
+            rc = lib.bpf_map_lookup_batch(
+                self.fd, None if first else in_batch, out_batch, kbuf, vbuf, ctypes.byref(count), ctypes.byref(opts)
+            )
+            err = _errno_of(rc) if rc < 0 else 0
+            if err and err not in (errno_mod.ENOENT, errno_mod.ENOSPC):
+                if first and err in (errno_mod.EINVAL, errno_mod.ENOTSUPP if hasattr(errno_mod, "ENOTSUPP") else 524):
+                    return self._dump_slow(value_size)
+                raise LibbpfError(err, f"batch lookup in {self.name}")
+            if err == errno_mod.ENOSPC and count.value == 0:
+                # One bucket holds more than `chunk` entries: grow and retry.
+                chunk *= 2
+                kbuf = ctypes.create_string_buffer(ksz * chunk)
+                vbuf = ctypes.create_string_buffer(value_size * chunk)
+                continue
+            n = count.value
+            if n:
+                keys_parts.append(kbuf.raw[: n * ksz])
+                vals_parts.append(vbuf.raw[: n * value_size])
+                total += n
+            if err == errno_mod.ENOENT:
+                break
+            ctypes.memmove(in_batch, out_batch, 8)
+            first = False
+        return b"".join(keys_parts), b"".join(vals_parts), total
+
+    def _dump_slow(self, value_size: int) -> tuple[bytes, bytes, int]:
+        lib = library()
+        ksz = self.key_size
+        keys: list[bytes] = []
+        vals: list[bytes] = []
+        prev = None
+        cur = ctypes.create_string_buffer(ksz)
+        vbuf = ctypes.create_string_buffer(value_size)
+        for _ in range(self.max_entries + 1):
+            rc = lib.bpf_map_get_next_key(self.fd, prev, cur)
+            if rc < 0:
+                break
+            if lib.bpf_map_lookup_elem(self.fd, cur, vbuf) == 0:
+                keys.append(cur.raw)
+                vals.append(vbuf.raw)
+            prev = ctypes.create_string_buffer(cur.raw, ksz)
+        return b"".join(keys), b"".join(vals), len(keys)
+
+
+class BpfObject:
+    """An opened (then loaded) BPF object file.  Closing frees everything."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        lib = library()
+        self._buf = ctypes.create_string_buffer(data, len(data))
+        self._name = name.encode()
+        opts = BpfObjectOpenOpts(sz=ctypes.sizeof(BpfObjectOpenOpts), object_name=self._name)
+        clear_log()
+        self._ptr: int | None = lib.bpf_object__open_mem(self._buf, len(data), ctypes.byref(opts))
+        self.loaded = False
+
+    def _p(self) -> int:
+        if not self._ptr:
+            raise LibbpfError(errno_mod.EBADF, "BPF object is closed")
+        return self._ptr
+
+    def programs(self) -> Iterator[Program]:
+        lib = library()
+        prev = None
+        for _ in range(4096):
+            ptr = lib.bpf_object__next_program(self._p(), prev)
+            if not ptr:
+                return
+            yield Program(self, ptr)
+            prev = ptr
+
+    def program(self, name: str) -> Program:
+        return Program(self, library().bpf_object__find_program_by_name(self._p(), name.encode()))
+
+    def map(self, name: str) -> Map:
+        return Map(self, library().bpf_object__find_map_by_name(self._p(), name.encode()), name)
+
+    def load(self) -> None:
+        clear_log()
+        library().bpf_object__load(self._p())
+        self.loaded = True
+
+    def close(self) -> None:
+        if self._ptr:
+            library().bpf_object__close(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> BpfObject:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def verifier_log() -> str:
+    """The tail of what libbpf printed for the last failing call."""
+    return _log_tail()

@@ -1,0 +1,303 @@
+"""Pick a program for each hook, load the CO-RE object, attach, hand out maps.
+
+Each hook has candidates in order of preference (see bpf/pytracer.bpf.c).
+Cheap probes (BTF present? kprobe PMU? tracepoint in tracefs?) rule some
+out first; the rest are tried for real: when the kernel refuses to load or
+attach a candidate, that attach *kind* (fentry, kprobe, ...) is dropped for
+every hook and the object is reopened, so at most a few loads happen.  Every
+choice and every rejection is recorded with its reason; ``tracer doctor``
+prints them.
+
+``PYTRACER_ATTACH`` (or ``--attach``) forces one kind for every hook and
+turns fallback off, so a test can prove each kind on its own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Iterable
+
+from . import abi, libbpf
+from .environment import EnvironmentProblem, Features, ensure_mounts, probe_features, require_privileges
+
+ATTACH_MODES = ("auto", "tp_btf", "tracepoint", "fentry", "kprobe")
+DEFAULT_MAX_SOCKETS = 262144
+
+
+class TracerError(RuntimeError):
+    """Loading or attaching failed; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    kind: str  # tp_btf | tracepoint | fentry | kprobe | syscall
+    programs: tuple[str, ...]
+
+
+HOOKS: dict[str, tuple[Candidate, ...]] = {
+    "state": (
+        Candidate("tp_btf", ("state_tp_btf",)),
+        Candidate("tracepoint", ("state_tracepoint",)),
+        Candidate("fentry", ("state_fentry",)),
+        Candidate("kprobe", ("state_kprobe",)),
+    ),
+    "accept": (
+        Candidate("fentry", ("accept_fexit",)),
+        Candidate("kprobe", ("accept_kretprobe",)),
+        Candidate("syscall", ("accept4_sys_exit", "accept_sys_exit")),
+    ),
+    "close": (
+        Candidate("fentry", ("close_fentry",)),
+        Candidate("kprobe", ("close_kprobe",)),
+        Candidate("syscall", ("close_sys_enter",)),
+    ),
+    "destroy": (
+        Candidate("tp_btf", ("destroy_tp_btf",)),
+        Candidate("tracepoint", ("destroy_tracepoint",)),
+    ),
+    "reset": (Candidate("tp_btf", ("reset_tp_btf",)),),
+}
+OPTIONAL_HOOKS = {"reset"}
+
+# What each hook's program is called in the kernel, for messages.
+HOOK_TARGETS = {
+    "state": "inet_sock_set_state / tcp_set_state",
+    "accept": "inet_csk_accept / accept(2)",
+    "close": "tcp_close / close(2)",
+    "destroy": "tcp_destroy_sock",
+    "reset": "tcp_receive_reset",
+}
+
+# With a forced mode, the kind each hook uses.
+FORCED = {
+    "tp_btf": {"state": "tp_btf", "accept": "syscall", "close": "syscall", "destroy": "tp_btf", "reset": "tp_btf"},
+    "tracepoint": {"state": "tracepoint", "accept": "syscall", "close": "syscall", "destroy": "tracepoint"},
+    "fentry": {"state": "fentry", "accept": "fentry", "close": "fentry", "destroy": "tp_btf", "reset": "tp_btf"},
+    "kprobe": {"state": "kprobe", "accept": "kprobe", "close": "kprobe", "destroy": "tracepoint"},
+}
+
+
+@dataclass
+class Choice:
+    hook: str
+    kind: str | None = None
+    programs: tuple[str, ...] = ()
+    reason: str = ""
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _static_veto(c: Candidate, hook: str, f: Features) -> str | None:
+    """Why a candidate cannot work here, from cheap probes, or None."""
+    if c.kind in ("tp_btf", "fentry") and not f.btf:
+        return "no kernel BTF (/sys/kernel/btf/vmlinux)"
+    if c.kind in ("tp_btf", "fentry") and f.version < (5, 5):
+        return f"needs kernel 5.5, running {f.release}"
+    if c.kind == "kprobe" and not f.kprobes:
+        return "kprobes unavailable (no kprobe PMU or kprobe_events; CONFIG_KPROBES off?)"
+    if c.kind in ("tracepoint", "syscall", "tp_btf"):
+        needed = {
+            "state": "sock/inet_sock_set_state",
+            "destroy": "tcp/tcp_destroy_sock",
+            "reset": "tcp/tcp_receive_reset",
+            "accept": "syscalls/sys_exit_accept4",
+            "close": "syscalls/sys_enter_close",
+        }[hook]
+        if not f.tracefs:
+            if c.kind != "tp_btf":
+                return "tracefs unavailable"
+        elif not f.tracepoints.get(needed, False):
+            return f"tracepoint {needed} does not exist on this kernel"
+    return None
+
+
+def _program_bytes() -> bytes:
+    override = os.environ.get("PYTRACER_BPF_OBJECT")
+    try:
+        if override:
+            with open(override, "rb") as fh:
+                return fh.read()
+        return resources.files("pytracer").joinpath("bpf/pytracer.bpf.o").read_bytes()
+    except (FileNotFoundError, OSError):
+        raise TracerError(
+            "the BPF object pytracer/bpf/pytracer.bpf.o is missing: build it with `make` and reinstall"
+        ) from None
+
+
+_FAILED_PROG = re.compile(r"prog '(\w+)': (?:BPF program load failed|failed to load)")
+
+
+class Tracer:
+    """The loaded and attached kernel side.  Use as a context manager."""
+
+    def __init__(
+        self,
+        max_sockets: int = DEFAULT_MAX_SOCKETS,
+        pids: Iterable[int] = (),
+        attach: str | None = None,
+    ) -> None:
+        self.max_sockets = max_sockets
+        self.pids = sorted(set(pids))
+        self.attach_mode = attach or os.environ.get("PYTRACER_ATTACH") or "auto"
+        if self.attach_mode not in ATTACH_MODES:
+            raise TracerError(f"unknown attach mode {self.attach_mode!r}: use one of {', '.join(ATTACH_MODES)}")
+        self.features: Features | None = None
+        self.choices: dict[str, Choice] = {}
+        self.key_by_ptr = False
+        self.mounts: dict[str, str] = {}
+        self.obj: libbpf.BpfObject | None = None
+        self.links: list[libbpf.Link] = []
+        self.ncpus = 1
+        self.load_attempts = 0
+
+    # -- planning --------------------------------------------------------
+
+    def _plan(self, banned: set[str]) -> dict[str, Choice]:
+        f = self.features
+        assert f is not None
+        plan: dict[str, Choice] = {}
+        for hook, cands in HOOKS.items():
+            ch = Choice(hook)
+            forced = FORCED.get(self.attach_mode)
+            for c in cands:
+                if forced is not None and forced.get(hook) != c.kind:
+                    continue
+                veto = _static_veto(c, hook, f)
+                if veto is None and c.kind in banned:
+                    veto = banned_reason(self._ban_reasons, c.kind)
+                if veto:
+                    ch.rejected.append((c.kind, veto))
+                    continue
+                ch.kind, ch.programs = c.kind, c.programs
+                first = not ch.rejected
+                ch.reason = "preferred" if first else "fallback: " + "; ".join(f"{k}: {r}" for k, r in ch.rejected)
+                if forced is not None:
+                    ch.reason = f"forced by attach mode {self.attach_mode}"
+                break
+            if ch.kind is None and hook not in OPTIONAL_HOOKS:
+                why = "; ".join(f"{k}: {r}" for k, r in ch.rejected) or "no candidate for this attach mode"
+                raise TracerError(f"cannot hook {HOOK_TARGETS[hook]} ({why})")
+            plan[hook] = ch
+        return plan
+
+    # -- lifecycle -------------------------------------------------------
+
+    def open(self) -> Tracer:
+        require_privileges()
+        self.mounts = ensure_mounts()
+        self.features = probe_features()
+        if not self.features.btf:
+            raise EnvironmentProblem(
+                "this kernel has no BTF (/sys/kernel/btf/vmlinux), which the CO-RE backend needs: "
+                "use a kernel built with CONFIG_DEBUG_INFO_BTF=y, or --backend bcc with kernel headers"
+            )
+        try:
+            libbpf.library()
+        except libbpf.LibbpfMissing as exc:
+            raise EnvironmentProblem(str(exc)) from None
+        self.ncpus = libbpf.num_possible_cpus()
+        data = _program_bytes()
+        self._ban_reasons: dict[str, str] = {}
+        banned: set[str] = set()
+        # Bounded: each failed round bans one more attach kind (there are 5).
+        for _ in range(6):
+            self.load_attempts += 1
+            plan = self._plan(banned)
+            try:
+                self._load_and_attach(data, plan)
+                self.choices = plan
+                return self
+            except libbpf.LibbpfError as exc:
+                self.close()
+                kind = self._culprit_kind(exc, plan)
+                if kind is None or self.attach_mode != "auto":
+                    raise TracerError(self._explain(exc, plan)) from None
+                banned.add(kind)
+                self._ban_reasons[kind] = f"kernel refused it ({os.strerror(exc.errno)})"
+        raise TracerError("could not find a working set of BPF programs for this kernel")
+
+    def _culprit_kind(self, exc: libbpf.LibbpfError, plan: dict[str, Choice]) -> str | None:
+        names: set[str] = set(_FAILED_PROG.findall(exc.log))
+        m = re.match(r"attach (\w+)", exc.what)
+        if m:
+            names.add(m.group(1))
+        for ch in plan.values():
+            if names & set(ch.programs):
+                return ch.kind
+        return None
+
+    def _explain(self, exc: libbpf.LibbpfError, plan: dict[str, Choice]) -> str:
+        what = exc.what
+        names = set(_FAILED_PROG.findall(exc.log))
+        if names:
+            what = "loading " + ", ".join(sorted(names))
+        hint = ""
+        if exc.errno in (1, 13) and "ulimit" in exc.log:
+            hint = " (kernel refused; on kernels before 5.11 raise `ulimit -l`)"
+        return f"{what} failed: {os.strerror(exc.errno)}{hint}"
+
+    def _load_and_attach(self, data: bytes, plan: dict[str, Choice]) -> None:
+        f = self.features
+        assert f is not None
+        obj = libbpf.BpfObject(data, "pytracer")
+        self.obj = obj
+        wanted = {p for ch in plan.values() for p in ch.programs}
+        for prog in obj.programs():
+            prog.autoload = prog.name in wanted
+        # Keying: a cookie needs a BTF-pointer program on v5.12+; else the pointer.
+        self.key_by_ptr = plan["state"].kind not in ("tp_btf", "fentry") or not f.cookie_in_tracing
+        cfg = abi.PtConfig(filter_owner=1 if self.pids else 0, key_by_ptr=1 if self.key_by_ptr else 0)
+        rodata = obj.map(".rodata")
+        if rodata.initial_value_size() != ctypes.sizeof(cfg):
+            raise TracerError("BPF object and pytracer/abi.py disagree on the config layout: rebuild with `make`")
+        rodata.set_initial_value(bytes(cfg))
+        obj.map("socks").max_entries = self.max_sockets
+        obj.load()
+        owners = obj.map("owners")
+        for pid in self.pids:
+            owners.update(struct.pack("=I", pid), b"\x01")
+        for ch in plan.values():
+            for name in ch.programs:
+                self.links.append(obj.program(name).attach())
+
+    def close(self) -> None:
+        for link in reversed(self.links):
+            link.destroy()
+        self.links = []
+        if self.obj is not None:
+            self.obj.close()
+            self.obj = None
+
+    def __enter__(self) -> Tracer:
+        try:
+            return self.open()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- access ----------------------------------------------------------
+
+    def map(self, name: str) -> libbpf.Map:
+        if self.obj is None:
+            raise TracerError("tracer is not loaded")
+        return self.obj.map(name)
+
+    def programs(self) -> list[libbpf.Program]:
+        if self.obj is None:
+            return []
+        return [p for p in self.obj.programs() if p.autoload]
+
+    @property
+    def backend(self) -> str:
+        return "core"
+
+
+def banned_reason(reasons: dict[str, str], kind: str) -> str:
+    return reasons.get(kind, "kernel refused it")

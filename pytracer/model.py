@@ -1,0 +1,186 @@
+"""The domain model: snapshots in, one interval report out.  Pure.
+
+A report is a plain dict (it is also the ``--json`` line), built from the
+previous and current :class:`~pytracer.poller.Snapshot`.  Selections over
+the socket table are numpy operations; only the handful of rows that are
+shown get turned into Python objects.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+
+from . import abi
+from .abi import Direction, Stat
+from .histogram import Histogram
+from .poller import Snapshot, Totals
+from .tcp_states import TcpState
+
+AF_INET = 2
+AF_INET6 = 10
+CONNECTION_DIRECTIONS = (Direction.ACTIVE, Direction.PASSIVE)
+
+
+@dataclass
+class ReportOptions:
+    pids: tuple[int, ...] = ()
+    top: int = 10
+    start_mono_ns: int = 0
+    max_sockets: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def format_addr(family: int, raw: bytes) -> str:
+    if family == AF_INET:
+        return str(ipaddress.IPv4Address(bytes(raw[:4])))
+    if family == AF_INET6:
+        return str(ipaddress.IPv6Address(bytes(raw[:16])))
+    return ""
+
+
+def family_name(family: int) -> str:
+    return {AF_INET: "ipv4", AF_INET6: "ipv6"}.get(int(family), str(int(family)))
+
+
+def select(socks: np.ndarray, pids: Iterable[int] = (), connections_only: bool = False) -> np.ndarray:
+    """Boolean mask over the socket table."""
+    mask = np.ones(len(socks), dtype=bool)
+    pids = tuple(pids)
+    if pids:
+        mask &= np.isin(socks["owner_tgid"], np.array(pids, dtype=np.uint32))
+    if connections_only:
+        mask &= socks["direction"] != int(Direction.LISTEN)
+    return mask
+
+
+def effective_birth(socks: np.ndarray, start_mono_ns: int) -> np.ndarray:
+    """Birth times, with unknown births (0) taken as the tracer's start: the
+    socket is at least that old."""
+    births = socks["birth_ns"].astype(np.uint64)
+    return np.where(births == 0, np.uint64(start_mono_ns), births)
+
+
+def top_indices(values: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the n smallest values among mask, smallest first."""
+    idx = np.flatnonzero(mask)
+    if n <= 0 or len(idx) <= n:
+        return idx[np.argsort(values[idx], kind="stable")]
+    part = idx[np.argpartition(values[idx], n - 1)[:n]]
+    return part[np.argsort(values[part], kind="stable")]
+
+
+def socket_row(key: int, rec: np.void, now_ns: int, start_mono_ns: int) -> dict[str, Any]:
+    birth = int(rec["birth_ns"])
+    known = birth != 0
+    age_ns = now_ns - (birth if known else start_mono_ns)
+    fam = int(rec["family"])
+    pid = int(rec["owner_tgid"])
+    return {
+        "cookie": int(key),
+        "pid": pid or None,
+        "comm": bytes(rec["owner_comm"]).split(b"\0", 1)[0].decode(errors="replace"),
+        "fd": int(rec["owner_fd"]) if int(rec["owner_fd"]) >= 0 else None,
+        "state": TcpState.name_of(int(rec["state"])),
+        "age_seconds": round(max(age_ns, 0) / 1e9, 6),
+        "age_known": known,
+        "state_age_seconds": round(max(now_ns - int(rec["state_ns"]), 0) / 1e9, 6),
+        "family": family_name(fam),
+        "laddr": format_addr(fam, rec["laddr"]),
+        "lport": int(rec["lport"]),
+        "raddr": format_addr(fam, rec["raddr"]),
+        "rport": int(rec["rport"]),
+        "direction": Direction(int(rec["direction"]) & 3).name.lower(),
+        "transitions": int(rec["transitions"]),
+        "accepted": bool(rec["accepted"]),
+        "app_closed": bool(rec["app_closed"]),
+        "closer_pid": int(rec["closer_tgid"]) or None,
+        "inode": int(rec["ino"]) or None,
+        "netns": int(rec["netns_ino"]),
+        "cgroup_id": int(rec["cgroup_id"]) or None,
+        "peer_closed_first": bool(int(rec["flags"]) & abi.PT_F_PEER_FIN),
+        "reset": bool(int(rec["flags"]) & abi.PT_F_RESET),
+    }
+
+
+def _delta(cur: Totals, prev: Totals | None, s: Stat, offset: int = 0) -> int:
+    return cur.stat(s, offset) - (prev.stat(s, offset) if prev else 0)
+
+
+def lifetime_all(t: Totals) -> Histogram:
+    h = Histogram.empty()
+    for d in CONNECTION_DIRECTIONS:
+        h = h + t.lifetime(d)
+    return h
+
+
+def histogram_json(h: Histogram) -> list[dict[str, Any]]:
+    return [
+        {"le_seconds": ("+Inf" if le == float("inf") else round(le, 6)), "count": n} for le, n in h.cumulative()
+    ]
+
+
+def summary(h: Histogram) -> dict[str, Any]:
+    return {
+        "count": h.count,
+        "sum_seconds": round(h.sum_us / 1e6, 6),
+        "p50_seconds": _r(h.quantile(0.5)),
+        "p90_seconds": _r(h.quantile(0.9)),
+        "p99_seconds": _r(h.quantile(0.99)),
+    }
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(v, 6)
+
+
+def build_report(cur: Snapshot, prev: Snapshot | None, opts: ReportOptions) -> dict[str, Any]:
+    t, p = cur.totals, (prev.totals if prev else None)
+    interval = (cur.mono_ns - prev.mono_ns) / 1e9 if prev else (cur.mono_ns - opts.start_mono_ns) / 1e9
+    interval = max(interval, 1e-9)
+    opened = sum(_delta(t, p, Stat.OPENED, int(d)) for d in CONNECTION_DIRECTIONS)
+    closed = sum(_delta(t, p, Stat.CLOSED, int(d)) for d in CONNECTION_DIRECTIONS)
+
+    socks, keys = cur.socks, cur.keys
+    conn = select(socks, opts.pids, connections_only=True)
+    births = effective_birth(socks, opts.start_mono_ns)
+    longest_lived = top_indices(births, conn, opts.top)
+    longest_in_state = top_indices(socks["state_ns"].astype(np.uint64), conn, opts.top)
+    shown = list(dict.fromkeys([*longest_lived.tolist(), *longest_in_state.tolist()]))
+    rows = {i: socket_row(int(keys[i]), socks[i], cur.mono_ns, opts.start_mono_ns) for i in shown}
+
+    states = {TcpState.name_of(s): n for s, n in sorted(t.live_by_state().items())}
+    life = lifetime_all(t)
+    report: dict[str, Any] = {
+        "ts": round(cur.wall, 3),
+        "interval_seconds": round(interval, 3),
+        "states": states,
+        "opened": opened,
+        "closed": closed,
+        "opened_per_second": round(opened / interval, 2),
+        "closed_per_second": round(closed / interval, 2),
+        "opened_total": sum(t.stat(Stat.OPENED, int(d)) for d in CONNECTION_DIRECTIONS),
+        "closed_total": sum(t.stat(Stat.CLOSED, int(d)) for d in CONNECTION_DIRECTIONS),
+        "lifetime_histogram": histogram_json(life),
+        "lifetime": {
+            "all": summary(life),
+            **{d.name.lower(): summary(t.lifetime(d)) for d in CONNECTION_DIRECTIONS},
+        },
+        "tracked_sockets": int(conn.sum()),
+        "sockets": [rows[i] for i in shown],
+        "longest_lived": [int(keys[i]) for i in longest_lived],
+        "longest_in_state": [int(keys[i]) for i in longest_in_state],
+        "tracer": {
+            "map_entries": int(len(socks)),
+            "map_capacity": opts.max_sockets,
+            "insert_failed": t.stat(Stat.INSERT_FAILED),
+            "first_seen_midlife": t.stat(Stat.MIDLIFE),
+            "accept_untracked": t.stat(Stat.ACCEPT_UNTRACKED),
+            "read_seconds": round(cur.read_seconds, 6),
+            **opts.extra,
+        },
+    }
+    return report

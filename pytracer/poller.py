@@ -1,0 +1,109 @@
+"""Read the kernel maps into snapshots, in batches, without per-socket Python.
+
+The per-CPU aggregate is one lookup summed with numpy; the socket table is
+one BPF_MAP_LOOKUP_BATCH walk viewed as a numpy structured array whose dtype
+comes from :class:`pytracer.abi.PtSock`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from . import abi
+from .histogram import Histogram
+
+SOCK_DTYPE = np.dtype(abi.PtSock)
+_AGG_WORDS = ctypes.sizeof(abi.PtAgg) // 8
+_HIST_WORDS = abi.PT_HIST_SLOTS + 1
+
+
+class MapSource(Protocol):
+    """What the poller needs from a loaded tracer (CO-RE or bcc backend)."""
+
+    ncpus: int
+
+    def map(self, name: str): ...
+
+
+@dataclass
+class Totals:
+    """Kernel aggregates summed over CPUs.  Every value only goes up."""
+
+    stats: np.ndarray  # (PT_STATS,) uint64
+    transitions: np.ndarray  # (PT_STATES, PT_STATES) uint64, [old][new]
+    hists: np.ndarray  # (PT_HISTS, PT_HIST_SLOTS + 1) uint64; last column: sum_us
+
+    def stat(self, s: abi.Stat, offset: int = 0) -> int:
+        return int(self.stats[int(s) + offset])
+
+    def hist(self, index: int) -> Histogram:
+        row = self.hists[index]
+        return Histogram(tuple(int(x) for x in row[: abi.PT_HIST_SLOTS]), int(row[abi.PT_HIST_SLOTS]))
+
+    def lifetime(self, direction: abi.Direction) -> Histogram:
+        return self.hist(abi.PT_HIST_LIFETIME + int(direction))
+
+    def state_hist(self, state: int) -> Histogram:
+        return self.hist(abi.PT_HIST_STATE + state)
+
+    def live_by_state(self) -> dict[int, int]:
+        entered = self.stats[abi.Stat.ENTERED : abi.Stat.ENTERED + abi.PT_STATES].astype(np.int64)
+        left = self.stats[abi.Stat.LEFT : abi.Stat.LEFT + abi.PT_STATES].astype(np.int64)
+        live = entered - left
+        return {s: int(n) for s, n in enumerate(live) if n}
+
+    @classmethod
+    def from_percpu(cls, raw: bytes, ncpus: int) -> Totals:
+        stride = abi.percpu_stride(ctypes.sizeof(abi.PtAgg)) // 8
+        words = np.frombuffer(raw, dtype=np.uint64, count=stride * ncpus).reshape(ncpus, stride)
+        total = words[:, :_AGG_WORDS].sum(axis=0, dtype=np.uint64)
+        i = 0
+        stats = total[i : i + abi.PT_STATS]
+        i += abi.PT_STATS
+        trans = total[i : i + abi.PT_STATES * abi.PT_STATES].reshape(abi.PT_STATES, abi.PT_STATES)
+        i += abi.PT_STATES * abi.PT_STATES
+        hists = total[i : i + abi.PT_HISTS * _HIST_WORDS].reshape(abi.PT_HISTS, _HIST_WORDS)
+        return cls(stats=stats, transitions=trans, hists=hists)
+
+
+@dataclass
+class Snapshot:
+    mono_ns: int  # CLOCK_MONOTONIC, the clock bpf_ktime_get_ns() reads
+    wall: float
+    totals: Totals
+    keys: np.ndarray  # uint64 socket ids (cookies)
+    socks: np.ndarray  # SOCK_DTYPE records
+    read_seconds: float
+
+
+def read_totals(src: MapSource) -> Totals:
+    size = abi.percpu_stride(ctypes.sizeof(abi.PtAgg)) * src.ncpus
+    raw = src.map("agg").lookup(b"\0\0\0\0", size)
+    if raw is None:
+        raise RuntimeError("the agg map has no entry 0")
+    return Totals.from_percpu(raw, src.ncpus)
+
+
+def read_socks(src: MapSource) -> tuple[np.ndarray, np.ndarray]:
+    keys, vals, n = src.map("socks").dump(SOCK_DTYPE.itemsize)
+    return (
+        np.frombuffer(keys, dtype=np.uint64, count=n),
+        np.frombuffer(vals, dtype=SOCK_DTYPE, count=n),
+    )
+
+
+def snapshot(src: MapSource, with_socks: bool = True) -> Snapshot:
+    t0 = time.perf_counter()
+    totals = read_totals(src)
+    if with_socks:
+        keys, socks = read_socks(src)
+    else:
+        keys, socks = np.zeros(0, np.uint64), np.zeros(0, SOCK_DTYPE)
+    # Taken after the reads, so no record is younger than "now".
+    mono = time.monotonic_ns()
+    return Snapshot(mono, time.time(), totals, keys, socks, time.perf_counter() - t0)
