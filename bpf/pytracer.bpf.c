@@ -361,7 +361,9 @@ static __always_inline void handle_accept(struct sock *sk, __u64 key, int fd,
 	rec->accepted = 1;
 	if (!rec->counted) {
 		rec->counted = 1;
-		stat_add(a, PT_S_OPENED + (rec->direction & (PT_DIRS - 1)));
+		/* A socket seeded mid-life was opened before we watched. */
+		if (!(rec->flags & PT_F_BIRTH_UNKNOWN))
+			stat_add(a, PT_S_OPENED + (rec->direction & (PT_DIRS - 1)));
 		stat_add(a, PT_S_ENTERED + (rec->state & (PT_STATES - 1)));
 	}
 }

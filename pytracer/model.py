@@ -152,7 +152,11 @@ def build_report(cur: Snapshot, prev: Snapshot | None, opts: ReportOptions) -> d
     shown = list(dict.fromkeys([*longest_lived.tolist(), *longest_in_state.tolist()]))
     rows = {i: socket_row(int(keys[i]), socks[i], cur.mono_ns, opts.start_mono_ns) for i in shown}
 
-    states = {TcpState.name_of(s): n for s, n in sorted(t.live_by_state().items())}
+    # States come from the socket table itself (it includes sockets seeded at
+    # start); --pid applies.  TIME_WAIT minisockets are not in the table: an
+    # inventory (sock_diag) adds them when available, via opts.extra_states.
+    counts = np.bincount(socks["state"][select(socks, opts.pids)], minlength=abi.PT_STATES)
+    states = {TcpState.name_of(s): int(n) for s, n in enumerate(counts) if n}
     life = lifetime_all(t)
     report: dict[str, Any] = {
         "ts": round(cur.wall, 3),

@@ -1,0 +1,3 @@
+"""pytracer: the kernel's TCP socket lifecycle, traced with eBPF."""
+
+__version__ = "0.1.0"

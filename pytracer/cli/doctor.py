@@ -1,0 +1,115 @@
+"""``tracer doctor``: what this kernel can do and which program each hook got."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+from .. import environment as env
+from .. import libbpf
+from ..loader import HOOK_TARGETS, TracerError
+from .common import Context, make_tracer, run
+
+CAPS = {
+    "CAP_BPF": env.CAP_BPF,
+    "CAP_PERFMON": env.CAP_PERFMON,
+    "CAP_SYS_ADMIN": env.CAP_SYS_ADMIN,
+    "CAP_NET_ADMIN": env.CAP_NET_ADMIN,
+    "CAP_SYS_PTRACE": env.CAP_SYS_PTRACE,
+    "CAP_SYS_RESOURCE": env.CAP_SYS_RESOURCE,
+}
+
+
+def gather(obj: Context) -> dict:
+    caps = env.effective_caps()
+    out: dict = {
+        "kernel": env.kernel_release(),
+        "btf": os.path.exists(env.VMLINUX_BTF),
+        "capabilities": {name: env.has_cap(caps, bit) for name, bit in CAPS.items()},
+        "memlock": env.memlock_limit(),
+    }
+    out["mounts"] = env.ensure_mounts() if env.can_trace(caps) else {}
+    f = env.probe_features()
+    out["features"] = {
+        "tracefs": f.tracefs,
+        "kprobes": f.kprobes,
+        "tp_btf": f.tp_btf,
+        "socket_cookie_in_tracing": f.cookie_in_tracing,
+        "bpf_stats_enabled": f.bpf_stats,
+        "tracepoints": f.tracepoints,
+    }
+    try:
+        lib = libbpf.library()
+        out["libbpf"] = getattr(lib, "_name", "libbpf.so.1")
+    except libbpf.LibbpfMissing as exc:
+        out["libbpf"] = f"missing: {exc}"
+    tracer = make_tracer(obj)
+    out["backend"] = {"name": tracer.backend, "why": "BTF present" if out["btf"] else "no BTF"}
+    if obj.backend != "auto":
+        out["backend"]["why"] = f"--backend {obj.backend}"
+    try:
+        with tracer:
+            out["attach_mode"] = tracer.attach_mode
+            out["key"] = "sk pointer" if tracer.key_by_ptr else "socket cookie"
+            out["load_attempts"] = tracer.load_attempts
+            out["hooks"] = {
+                h: {
+                    "target": HOOK_TARGETS[h],
+                    "kind": c.kind,
+                    "programs": list(c.programs),
+                    "why": c.reason if c.kind else "not available (optional)",
+                    "rejected": [{"kind": k, "why": r} for k, r in c.rejected],
+                }
+                for h, c in tracer.choices.items()
+            }
+            out["status"] = "ok: loaded, attached and detached cleanly"
+    except (TracerError, env.EnvironmentProblem, libbpf.LibbpfError) as exc:
+        out["status"] = f"failed: {exc}"
+    return out
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@click.pass_obj
+@run
+def doctor(obj: Context, as_json: bool) -> None:
+    """Check the kernel and privileges, load the programs, say which hook got which.
+
+    \b
+    Example:
+      sudo tracer doctor
+    """
+    info = gather(obj)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        yes = {True: "yes", False: "no", None: "unknown"}
+        click.echo(f"kernel        {info['kernel']}")
+        click.echo(f"BTF           {yes[info['btf']]} ({env.VMLINUX_BTF})")
+        click.echo("capabilities  " + " ".join(f"{k}={yes[v]}" for k, v in info["capabilities"].items()))
+        click.echo(f"memlock       {info['memlock']}")
+        for path, what in info["mounts"].items():
+            click.echo(f"mount         {path}: {what}")
+        feats = info["features"]
+        click.echo(
+            f"features      tracefs={yes[feats['tracefs']]} kprobes={yes[feats['kprobes']]} "
+            f"tp_btf={yes[feats['tp_btf']]} cookie-in-tracing={yes[feats['socket_cookie_in_tracing']]} "
+            f"bpf_stats={yes[feats['bpf_stats_enabled']]}"
+        )
+        missing = [tp for tp, ok in feats["tracepoints"].items() if not ok]
+        click.echo("tracepoints   " + ("all present" if not missing else "missing: " + ", ".join(missing)))
+        click.echo(f"libbpf        {info['libbpf']}")
+        click.echo(f"backend       {info['backend']['name']} ({info['backend']['why']})")
+        if "hooks" in info:
+            click.echo(f"attach mode   {info['attach_mode']}; records keyed by {info['key']}; "
+                       f"{info['load_attempts']} load attempt(s)")
+            click.echo("hooks:")
+            for h, d in info["hooks"].items():
+                progs = ",".join(d["programs"]) or "-"
+                click.echo(f"  {h:<8} {d['target']:<38} -> {d['kind'] or '-':<10} {progs}")
+                click.echo(f"  {'':<8} why: {d['why']}")
+        click.echo(f"status        {info['status']}")
+    if not str(info["status"]).startswith("ok"):
+        raise SystemExit(1)

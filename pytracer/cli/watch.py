@@ -1,0 +1,101 @@
+"""``tracer watch``: the live view of the host's (or some pids') TCP sockets."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from typing import Any, Callable, Iterator
+
+import click
+
+from .. import model, poller
+from ..loader import Tracer
+from .common import Context, make_tracer, max_sockets_option, pid_option, run, validate_pids
+
+# Optional enrichment of each report (the leak detectors plug in here).
+Enricher = Callable[[dict[str, Any], "poller.Snapshot", Any], None]
+ENRICHERS: list[Callable[..., Any]] = []
+
+
+def intervals(interval: float, duration: float | None) -> Iterator[int]:
+    """Sleep to each deadline; yields tick numbers.  Bounded by duration."""
+    start = time.monotonic()
+    n = math.inf if duration is None else max(1, math.ceil(duration / interval - 1e-9))
+    i = 0
+    while i < n:
+        i += 1
+        deadline = start + i * interval
+        if duration is not None:
+            deadline = min(deadline, start + duration)
+        delay = deadline - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        yield i
+
+
+def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: float | None, top: int,
+            start_ns: int) -> Iterator[tuple[dict[str, Any], poller.Snapshot]]:
+    opts = model.ReportOptions(pids=pids, top=top, start_mono_ns=start_ns, max_sockets=tracer.max_sockets)
+    prev = None
+    state: dict[str, Any] = {}
+    for _ in intervals(interval, duration):
+        snap = poller.snapshot(tracer)
+        report = model.build_report(snap, prev, opts)
+        for enrich in ENRICHERS:
+            enrich(report, snap, tracer, opts, state)
+        yield report, snap
+        prev = snap
+
+
+@click.command()
+@pid_option
+@click.option("--interval", type=click.FloatRange(0.05, 3600), default=1.0, show_default=True, help="Seconds between updates.")
+@click.option("--duration", type=click.FloatRange(0.05, None), default=None, help="Exit after this many seconds.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per interval, one per line.")
+@click.option("--top", type=click.IntRange(0, 10000), default=10, show_default=True, help="Sockets per list.")
+@max_sockets_option
+@click.pass_obj
+@run
+def watch(obj: Context, pids: tuple[int, ...], interval: float, duration: float | None, as_json: bool, top: int,
+          max_sockets: int) -> None:
+    """Watch TCP sockets live: states, open/close rates, lifetimes, oldest sockets.
+
+    \b
+    Examples:
+      sudo tracer watch
+      sudo tracer watch --pid $(pgrep -o nginx) --interval 2
+      sudo tracer watch --json --duration 30 > sockets.jsonl
+    """
+    pids = validate_pids(pids)
+    tracer = make_tracer(obj, pids, max_sockets)
+    start_ns = time.monotonic_ns()
+    with tracer:
+        stream = reports(tracer, pids, interval, duration, top, start_ns)
+        if as_json:
+            for report, _ in stream:
+                sys.stdout.write(json.dumps(report, separators=(",", ":")) + "\n")
+                sys.stdout.flush()
+        elif sys.stdout.isatty():
+            _live(stream, tracer, pids)
+        else:
+            from ..views.text import plain
+
+            for report, snap in stream:
+                print(plain(report, model.lifetime_all(snap.totals)), flush=True)
+
+
+def _live(stream: Iterator[tuple[dict[str, Any], poller.Snapshot]], tracer: Tracer, pids: tuple[int, ...]) -> None:
+    from rich.console import Console
+    from rich.live import Live
+
+    from ..views.live import render
+
+    hooks = ", ".join(f"{h}={c.kind}" for h, c in tracer.choices.items() if c.kind)
+    scope = "pids " + ",".join(map(str, pids)) if pids else "whole host"
+    header = f"pytracer: {scope} | hooks {hooks} | Ctrl-C to quit"
+    console = Console()
+    with Live(console=console, auto_refresh=False, screen=False, transient=False) as live:
+        for report, snap in stream:
+            live.update(render(report, model.lifetime_all(snap.totals), header), refresh=True)

@@ -1,0 +1,1 @@
+"""Rendering of interval reports: rich for terminals, plain text otherwise."""

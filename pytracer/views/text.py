@@ -1,0 +1,100 @@
+"""Human formatting shared by the terminal and plain-text views.  Pure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..histogram import Histogram
+
+
+def human_seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 1e-3:
+        return f"{s * 1e6:.0f}us"
+    if s < 1:
+        return f"{s * 1e3:.1f}ms"
+    if s < 120:
+        return f"{s:.1f}s"
+    if s < 7200:
+        return f"{s / 60:.1f}m"
+    if s < 172800:
+        return f"{s / 3600:.1f}h"
+    return f"{s / 86400:.1f}d"
+
+
+# Display rows for the lifetime chart: powers of 4 in microseconds, which
+# fall exactly on kernel slot boundaries (about 1ms, 4ms, 16ms ... 72m).
+DISPLAY_BOUNDS = [(1 << (10 + 2 * k)) / 1e6 for k in range(12)]
+
+
+def chart_rows(h: Histogram) -> list[tuple[str, int]]:
+    """(label, count) per display bucket, non-cumulative, trimmed of empty ends."""
+    cum = h.cumulative(DISPLAY_BOUNDS)
+    rows = []
+    prev_count, prev_le = 0, 0.0
+    for le, c in cum:
+        label = f"<= {human_seconds(le)}" if le != float("inf") else f"> {human_seconds(prev_le)}"
+        rows.append((label, c - prev_count))
+        prev_count, prev_le = c, le
+    nonzero = [i for i, (_, n) in enumerate(rows) if n]
+    if not nonzero:
+        return []
+    return rows[nonzero[0] : nonzero[-1] + 1]
+
+
+def endpoint(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def socket_cells(s: dict[str, Any]) -> list[str]:
+    age = human_seconds(s["age_seconds"])
+    if not s.get("age_known", True):
+        age = ">=" + age
+    return [
+        str(s["pid"] or "-"),
+        s["comm"] or "-",
+        s["state"],
+        age,
+        human_seconds(s["state_age_seconds"]),
+        endpoint(s["laddr"], s["lport"]),
+        endpoint(s["raddr"], s["rport"]),
+        s["direction"],
+    ]
+
+
+SOCKET_HEADERS = ["PID", "COMM", "STATE", "AGE", "IN STATE", "LOCAL", "REMOTE", "DIR"]
+
+
+def plain(report: dict[str, Any], hist: Histogram) -> str:
+    """A compact text block for non-terminal output."""
+    lines = []
+    states = " ".join(f"{k}={v}" for k, v in report["states"].items()) or "(none)"
+    lines.append(
+        f"[{report['ts']:.0f}] opened {report['opened']} ({report['opened_per_second']}/s) "
+        f"closed {report['closed']} ({report['closed_per_second']}/s) tracked {report['tracked_sockets']}"
+    )
+    lines.append(f"  states: {states}")
+    life = report["lifetime"]["all"]
+    lines.append(
+        f"  lifetime: n={life['count']} p50={human_seconds(life['p50_seconds'])} "
+        f"p90={human_seconds(life['p90_seconds'])} p99={human_seconds(life['p99_seconds'])}"
+    )
+    peak = max((n for _, n in chart_rows(hist)), default=0)
+    for label, n in chart_rows(hist):
+        bar = "#" * (round(30 * n / peak) if peak else 0)
+        lines.append(f"  {label:>10} {n:>8} {bar}")
+    by_key = {s["cookie"]: s for s in report["sockets"]}
+    for title, keys in (("longest-lived", report["longest_lived"]), ("longest in state", report["longest_in_state"])):
+        if not keys:
+            continue
+        lines.append(f"  {title}:")
+        lines.append("    " + "  ".join(SOCKET_HEADERS))
+        for k in keys:
+            lines.append("    " + "  ".join(socket_cells(by_key[k])))
+    flags = report.get("flags") or []
+    if flags:
+        lines.append(f"  flagged: {len(flags)}")
+        for fl in flags[:20]:
+            lines.append(f"    {fl['kind']} pid={fl.get('pid')} {fl.get('comm')} fd={fl.get('fd')} {fl.get('detail')}")
+    return "\n".join(lines)
