@@ -52,6 +52,15 @@ struct {
 	__type(value, __u8);
 } owners SEC(".maps");
 
+/* Listening sockets' owners, so accepted children can be attributed (and
+ * filtered) from birth, and never-accepted ones still name a process. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct pt_listen_key);
+	__type(value, __u32);
+} listeners SEC(".maps");
+
 const volatile struct pt_config cfg = {};
 
 /* --- aggregation --------------------------------------------------------- */
@@ -242,9 +251,20 @@ static __always_inline void birth(struct pt_agg *a, struct sock *sk, __u64 key,
 	rec.direction = dir;
 	rec.owner_fd = -1;
 	rec.transitions = 1;
+	rec.history[0] = new;
 	rec.netns_ino = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
 	read_addrs(&rec, sk);
-	if (dir != PT_DIR_PASSIVE) {
+	if (dir == PT_DIR_PASSIVE) {
+		struct pt_listen_key lk = {
+			.netns_ino = rec.netns_ino,
+			.port = rec.lport,
+			.family = rec.family,
+		};
+		__u32 *ltgid = bpf_map_lookup_elem(&listeners, &lk);
+
+		if (ltgid)
+			rec.listener_tgid = *ltgid;
+	} else {
 		/* connect() and listen() run in the owner's context. */
 		if (!owner_wanted(tgid)) {
 			stat_add(a, PT_S_FILTER_SKIPPED);
@@ -253,9 +273,20 @@ static __always_inline void birth(struct pt_agg *a, struct sock *sk, __u64 key,
 		set_owner(&rec, tgid);
 		rec.ino = socket_ino(BPF_CORE_READ(sk, sk_socket));
 	}
-	/* Passive children are counted once accept() names an owner. */
-	if (!cfg.filter_owner || dir != PT_DIR_PASSIVE)
+	/* Under --pid, a child counts from birth when its listener is ours,
+	 * else once accept() names an owner that is. */
+	if (!cfg.filter_owner || dir != PT_DIR_PASSIVE ||
+	    (rec.listener_tgid && owner_wanted(rec.listener_tgid)))
 		rec.counted = 1;
+	if (dir == PT_DIR_LISTEN) {
+		struct pt_listen_key lk = {
+			.netns_ino = rec.netns_ino,
+			.port = rec.lport,
+			.family = rec.family,
+		};
+
+		bpf_map_update_elem(&listeners, &lk, &tgid, BPF_ANY);
+	}
 	if (bpf_map_update_elem(&socks, &key, &rec, BPF_ANY)) {
 		stat_add(a, PT_S_INSERT_FAILED);
 		return;
@@ -277,6 +308,7 @@ static __always_inline void midlife(struct pt_agg *a, struct sock *sk,
 	rec.direction = PT_DIR_UNKNOWN;
 	rec.owner_fd = -1;
 	rec.transitions = 1;
+	rec.history[0] = new;
 	rec.flags = PT_F_BIRTH_UNKNOWN;
 	rec.counted = !cfg.filter_owner;
 	rec.netns_ino = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
@@ -295,7 +327,7 @@ static __always_inline void handle_state(struct sock *sk, __u64 key, int old,
 {
 	struct pt_agg *a = agg_get();
 	struct pt_sock *rec;
-	__u64 now;
+	__u64 now, hist_idx;
 	int dir;
 
 	if (!key)
@@ -322,7 +354,20 @@ static __always_inline void handle_state(struct sock *sk, __u64 key, int old,
 	}
 	rec->state = new;
 	rec->state_ns = now;
+	hist_idx = rec->transitions & (PT_HISTORY - 1);
+	opaque(hist_idx);
+	if (hist_idx < PT_HISTORY)
+		rec->history[hist_idx] = new;
 	rec->transitions++;
+	if (old == TCP_LISTEN && new == TCP_CLOSE) {
+		struct pt_listen_key lk = {
+			.netns_ino = rec->netns_ino,
+			.port = rec->lport,
+			.family = rec->family,
+		};
+
+		bpf_map_delete_elem(&listeners, &lk);
+	}
 	/* connect() binds the local port after CLOSE -> SYN_SENT. */
 	if (!rec->lport)
 		read_addrs(rec, sk);

@@ -9,6 +9,9 @@
 #ifndef __PYTRACER_H
 #define __PYTRACER_H
 
+/* Per-socket state history kept in the record. */
+#define PT_HISTORY		16
+
 /* TCP states run 1..13 (include/net/tcp_states.h); 16 leaves headroom. */
 #define PT_STATES		16
 
@@ -72,6 +75,8 @@ struct pt_sock {
 	__u32 owner_tgid;	/* the process that connected or accepted */
 	__u32 closer_tgid;
 	__s32 owner_fd;		/* fd accept() returned, or -1 */
+	__u32 listener_tgid;	/* passive: who listened on the port */
+	__u32 pad0;
 	__u16 transitions;
 	__u8 state;
 	__u8 direction;		/* enum pt_direction */
@@ -86,6 +91,16 @@ struct pt_sock {
 	__u8 laddr[16];		/* IPv4 in the first 4 bytes */
 	__u8 raddr[16];
 	char owner_comm[16];
+	/* States entered, in order: history[i % PT_HISTORY] for the i-th
+	 * transition (transitions counts them all). */
+	__u8 history[PT_HISTORY];
+};
+
+/* Key of the "listeners" map: who listens where, to attribute children. */
+struct pt_listen_key {
+	__u32 netns_ino;
+	__u16 port;
+	__u16 family;
 };
 
 /* One histogram: slot counts and the sum of observed microseconds. */

@@ -12,6 +12,7 @@ import ctypes
 import enum
 
 PT_STATES = 16
+PT_HISTORY = 16
 PT_HIST_SLOTS = 160
 PT_HIST_LIFETIME = 0
 PT_HIST_STATE = 4
@@ -62,6 +63,8 @@ class PtSock(ctypes.Structure):
         ("owner_tgid", ctypes.c_uint32),
         ("closer_tgid", ctypes.c_uint32),
         ("owner_fd", ctypes.c_int32),
+        ("listener_tgid", ctypes.c_uint32),
+        ("pad0", ctypes.c_uint32),
         ("transitions", ctypes.c_uint16),
         ("state", ctypes.c_uint8),
         ("direction", ctypes.c_uint8),
@@ -76,7 +79,12 @@ class PtSock(ctypes.Structure):
         ("laddr", ctypes.c_uint8 * 16),
         ("raddr", ctypes.c_uint8 * 16),
         ("owner_comm", ctypes.c_char * 16),
+        ("history", ctypes.c_uint8 * PT_HISTORY),
     ]
+
+
+class PtListenKey(ctypes.Structure):
+    _fields_ = [("netns_ino", ctypes.c_uint32), ("port", ctypes.c_uint16), ("family", ctypes.c_uint16)]
 
 
 class PtHist(ctypes.Structure):

@@ -73,6 +73,14 @@ def top_indices(values: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
     return part[np.argsort(values[part], kind="stable")]
 
 
+def state_history(rec: np.void) -> list[str]:
+    """States the socket entered, oldest first (the last PT_HISTORY)."""
+    n = int(rec["transitions"])
+    hist = rec["history"]
+    first = max(0, n - abi.PT_HISTORY)
+    return [TcpState.name_of(int(hist[i % abi.PT_HISTORY])) for i in range(first, n)]
+
+
 def socket_row(key: int, rec: np.void, now_ns: int, start_mono_ns: int) -> dict[str, Any]:
     birth = int(rec["birth_ns"])
     known = birth != 0
@@ -95,6 +103,8 @@ def socket_row(key: int, rec: np.void, now_ns: int, start_mono_ns: int) -> dict[
         "rport": int(rec["rport"]),
         "direction": Direction(int(rec["direction"]) & 3).name.lower(),
         "transitions": int(rec["transitions"]),
+        "history": state_history(rec),
+        "listener_pid": int(rec["listener_tgid"]) or None,
         "accepted": bool(rec["accepted"]),
         "app_closed": bool(rec["app_closed"]),
         "closer_pid": int(rec["closer_tgid"]) or None,
