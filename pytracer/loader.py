@@ -284,6 +284,15 @@ class Tracer:
 
     # -- access ----------------------------------------------------------
 
+    def add_pids(self, pids: Iterable[int]) -> None:
+        """Widen a --pid filter after load (e.g. a process started later)."""
+        if not self.pids:
+            raise TracerError("this tracer watches the whole host; there is no pid filter to widen")
+        owners = self.map("owners")
+        for pid in pids:
+            owners.update(struct.pack("=I", pid), b"\x01")
+            self.pids.append(pid)
+
     def map(self, name: str) -> libbpf.Map:
         if self.obj is None:
             raise TracerError("tracer is not loaded")

@@ -35,7 +35,10 @@ class TcpState(enum.IntEnum):
     def from_ss(cls, text: str) -> TcpState:
         """Parse the state column of ``ss`` (``CLOSE-WAIT``, ``ESTAB``...)."""
         t = text.upper().replace("-", "_")
-        aliases = {"ESTAB": "ESTABLISHED", "UNCONN": "CLOSE", "SYN_RECV": "SYN_RECV"}
+        aliases = {
+            "ESTAB": "ESTABLISHED", "UNCONN": "CLOSE", "FIN_WAIT_1": "FIN_WAIT1", "FIN_WAIT_2": "FIN_WAIT2",
+            "TIME_WAIT": "TIME_WAIT", "SYN_RECV": "SYN_RECV", "CLOSE_WAIT": "CLOSE_WAIT",
+        }
         return cls[aliases.get(t, t)]
 
 

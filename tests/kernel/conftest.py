@@ -1,0 +1,273 @@
+"""Kernel-tier fixtures: real processes, network namespaces, a bpftrace oracle.
+
+Everything started here is torn down by finalizers, and every wait has a
+deadline.  Assertions in the tests are scoped to the tests' own processes
+(the tracer's --pid filter) and ports, so other traffic on the host cannot
+change an outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+WORKLOAD = HERE / "workload.py"
+PYTHON = sys.executable
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if str(item.fspath).startswith(str(HERE)):
+            item.add_marker(pytest.mark.kernel)
+
+
+class Proc:
+    """A subprocess speaking JSON lines on stdout, driven by lines on stdin."""
+
+    def __init__(self, argv: list[str], netns: str | None = None, name: str = "proc") -> None:
+        if netns:
+            argv = ["ip", "netns", "exec", netns, *argv]
+        self.name = name
+        self.p = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
+        )
+        self.lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.events: list[dict[str, Any]] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            line = line.strip()
+            if line.startswith("{"):
+                self.lines.put(json.loads(line))
+        self.lines.put(None)
+
+    @property
+    def pid(self) -> int:
+        # Under `ip netns exec` the workload is exec'd in place: same pid.
+        return self.p.pid
+
+    def expect(self, event: str, timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{self.name}: no {event!r} within {timeout}s; stderr: {self.stderr()}")
+            try:
+                msg = self.lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if msg is None:
+                raise RuntimeError(f"{self.name} exited before {event!r}: {self.stderr()}")
+            self.events.append(msg)
+            if msg.get("event") == event or msg.get("name") == event:
+                return msg
+
+    def drain(self, timeout: float = 5.0) -> None:
+        """Collect every remaining event until the process's stdout closes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                msg = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                return
+            if msg is None:
+                return
+            self.events.append(msg)
+
+    def send(self, line: str = "go") -> None:
+        assert self.p.stdin is not None
+        self.p.stdin.write(line + "\n")
+        self.p.stdin.flush()
+
+    def stderr(self) -> str:
+        if self.p.poll() is None:
+            return ""
+        return (self.p.stderr.read() if self.p.stderr else "")[-2000:]
+
+    def wait(self, timeout: float = 60.0) -> int:
+        return self.p.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait(timeout=10)
+
+
+@pytest.fixture
+def procs() -> Iterator[Any]:
+    started: list[Proc] = []
+
+    def start(role: str, *args: Any, netns: str | None = None) -> Proc:
+        proc = Proc([PYTHON, str(WORKLOAD), role, *map(str, args)], netns=netns, name=role)
+        started.append(proc)
+        proc.expect("ready")
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+
+
+@dataclass
+class NetnsPair:
+    """Two namespaces joined by a veth pair, IPv4 and IPv6 on both ends."""
+
+    a: str
+    b: str
+    a4: str
+    b4: str
+    a6: str
+    b6: str
+    created: list[str] = field(default_factory=list)
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=20)
+
+
+@pytest.fixture
+def netns_pair() -> Iterator[NetnsPair]:
+    tag = f"{os.getpid() % 10000}{random.randint(100, 999)}"
+    n = random.randint(1, 250)
+    pair = NetnsPair(
+        a=f"ptt{tag}a", b=f"ptt{tag}b", a4=f"10.{n}.77.1", b4=f"10.{n}.77.2",
+        a6=f"fd00:{n:x}:77::1", b6=f"fd00:{n:x}:77::2",
+    )
+    try:
+        for ns in (pair.a, pair.b):
+            _ip("netns", "add", ns)
+            pair.created.append(ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        va, vb = f"va{tag}"[:15], f"vb{tag}"[:15]
+        _ip("link", "add", va, "netns", pair.a, "type", "veth", "peer", "name", vb, "netns", pair.b)
+        for ns, dev, a4, a6 in ((pair.a, va, pair.a4, pair.a6), (pair.b, vb, pair.b4, pair.b6)):
+            _ip("-n", ns, "addr", "add", f"{a4}/24", "dev", dev)
+            _ip("-n", ns, "-6", "addr", "add", f"{a6}/64", "dev", dev, "nodad")
+            _ip("-n", ns, "link", "set", dev, "up")
+        yield pair
+    finally:
+        for ns in pair.created:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+
+
+class Oracle:
+    """An independent bpftrace script on the inet_sock_set_state tracepoint.
+
+    Prints one line per TCP transition involving ``port``; the tests compare
+    the tracer's counts and transitions with it.
+    """
+
+    def __init__(self, port: int) -> None:
+        # BEGIN runs once every probe is attached: wait for it, not "Attaching".
+        prog = (
+            'BEGIN { printf("READY\\n"); } '
+            "tracepoint:sock:inet_sock_set_state /args->protocol == 6 && "
+            f"(args->sport == {port} || args->dport == {port})/ "
+            '{ printf("T %llx %d %d %d %d\\n", args->skaddr, args->oldstate, args->newstate, '
+            "args->sport, args->dport); }"
+        )
+        self.p = subprocess.Popen(
+            ["bpftrace", "-B", "line", "-e", prog], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.out: list[str] = []
+        self._attached = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._attached.wait(60):
+            self.p.kill()
+            raise RuntimeError("bpftrace did not attach within 60s")
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            if line.startswith("READY"):
+                self._attached.set()
+            elif line.startswith("T "):
+                self.out.append(line)
+
+    def stop(self) -> list[tuple[int, int, int, int, int]]:
+        time.sleep(0.3)  # let the last lines drain
+        self.p.send_signal(signal.SIGINT)
+        try:
+            self.p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+        rows = []
+        for line in self.out:
+            _, sk, old, new, sport, dport = line.split()
+            rows.append((int(sk, 16), int(old), int(new), int(sport), int(dport)))
+        return rows
+
+
+@pytest.fixture
+def oracle() -> Iterator[Any]:
+    if not shutil.which("bpftrace"):
+        pytest.fail("bpftrace is required for the kernel tier (apt install bpftrace)")
+    started: list[Oracle] = []
+
+    def start(port: int) -> Oracle:
+        o = Oracle(port)
+        started.append(o)
+        return o
+
+    yield start
+    for o in started:
+        if o.p.poll() is None:
+            o.p.kill()
+
+
+def tracer_cmd() -> list[str]:
+    exe = shutil.which("tracer")
+    return [exe] if exe else [PYTHON, "-m", "pytracer"]
+
+
+def attached_prog_ids() -> set[int]:
+    """IDs of loaded BPF programs named like ours (bpftool as the witness)."""
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, timeout=30)
+    ids = set()
+    for prog in json.loads(out.stdout or "[]"):
+        name = prog.get("name", "")
+        if re.match(r"(state|accept|close|destroy|reset)_", name):
+            ids.add(prog["id"])
+    return ids
+
+
+def prog_ids_of(pid: int) -> set[int]:
+    """BPF program ids held by a process, from /proc/PID/fdinfo."""
+    ids = set()
+    base = f"/proc/{pid}/fdinfo"
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return ids
+    for name in names:
+        try:
+            with open(f"{base}/{name}") as f:
+                for line in f:
+                    if line.startswith("prog_id:"):
+                        ids.add(int(line.split()[1]))
+        except OSError:
+            continue
+    return ids
+
+
+def live_prog_ids() -> set[int]:
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, timeout=30)
+    return {p["id"] for p in json.loads(out.stdout or "[]")}
