@@ -1,0 +1,142 @@
+"""The `tracer` command as users run it: JSON lines, --pid, errors, cleanup."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from typing import Any
+
+import pytest
+
+from .conftest import live_prog_ids, prog_ids_of, tracer_cmd
+
+REQUIRED = {"ts", "states", "opened", "closed", "lifetime_histogram", "sockets"}
+SOCKET_KEYS = {
+    "cookie", "pid", "comm", "state", "age_seconds", "state_age_seconds", "family",
+    "laddr", "lport", "raddr", "rport", "direction",
+}
+
+
+def run_tracer(*args: str, timeout: float = 60, env: dict[str, str] | None = None, **kw: Any) -> subprocess.CompletedProcess:
+    return subprocess.run([*tracer_cmd(), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, **kw)
+
+
+def start_watch(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([*tracer_cmd(), "watch", "--json", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_watch_json_lines_during_workload(procs: Any) -> None:
+    server = procs("server", "127.0.0.1", 0, 2)
+    watch = start_watch("--interval", "0.5", "--duration", "2.2", "--pid", str(server.pid), "--top", "50")
+    time.sleep(0.8)  # attached (startup is well under this)
+    server.send()
+    port = server.expect("listening")["port"]
+    # The client is not in --pid: only the server's end (via its listener) shows.
+    client = procs("client", "127.0.0.1", port, "2.5,0.1")
+    client.send()
+    conn = client.expect("connected")
+    out, err = watch.communicate(timeout=30)
+    assert watch.returncode == 0, err
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert 3 <= len(lines) <= 6
+    for rep in lines:
+        assert REQUIRED <= rep.keys()
+        for s in rep["sockets"]:
+            assert SOCKET_KEYS <= s.keys()
+        les = [b["le_seconds"] for b in rep["lifetime_histogram"]]
+        assert les[-1] == "+Inf"
+    last = lines[-1]
+    assert last["states"] == {"ESTABLISHED": 1, "LISTEN": 1}
+    assert sum(rep["opened"] for rep in lines) == 1
+    mine = [s for s in last["sockets"] if conn["lport"] in (s["lport"], s["rport"])]
+    assert {s["direction"]: s["pid"] for s in mine} == {"passive": server.pid}
+    assert 1.0 < mine[0]["age_seconds"] < 2.5
+    # ss agrees on the connection's state.
+    ss = subprocess.run(["ss", "-tanH", f"sport = :{conn['lport']}"], capture_output=True, text=True).stdout
+    assert ss.split()[0] == "ESTAB"
+
+
+def test_pid_filter_shows_only_those_processes(procs: Any) -> None:
+    s1 = procs("server", "127.0.0.1", 0, 1)
+    s2 = procs("server", "127.0.0.1", 0, 1)
+    for s in (s1, s2):
+        s.send()
+    p1, p2 = s1.expect("listening")["port"], s2.expect("listening")["port"]
+    c1 = procs("client", "127.0.0.1", p1, "2.0")
+    c2 = procs("client", "127.0.0.1", p2, "2.0")
+    watch = start_watch("--interval", "0.5", "--duration", "1.6", "--pid", str(s1.pid), "--pid", str(c1.pid))
+    time.sleep(0.8)
+    c1.send()
+    c2.send()
+    out, err = watch.communicate(timeout=30)
+    assert watch.returncode == 0, err
+    last = json.loads(out.splitlines()[-1])
+    pids = {s["pid"] for s in last["sockets"]}
+    assert pids == {s1.pid, c1.pid}
+    ports = {s["lport"] for s in last["sockets"]} | {s["rport"] for s in last["sockets"]}
+    assert p1 in ports and p2 not in ports
+    assert sum(json.loads(x)["opened"] for x in out.splitlines()) == 2
+
+
+def test_unknown_pid_is_one_line_and_nonzero() -> None:
+    r = run_tracer("watch", "--pid", "999999999", "--duration", "1")
+    assert r.returncode == 2
+    assert "no process with pid 999999999" in r.stderr
+
+
+def test_not_root_is_refused_cleanly() -> None:
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                        "--bounding-set=-all", *tracer_cmd(), "watch", "--duration", "1"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs root" in lines[0] and "sudo" in lines[0]
+
+
+def test_missing_libbpf_is_one_line() -> None:
+    r = run_tracer("watch", "--duration", "1", env={"PYTRACER_LIBBPF": "/nonexistent/libbpf.so.1"})
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "libbpf" in r.stderr and "PYTRACER_LIBBPF" in r.stderr
+
+
+def test_forced_unavailable_mode_fails_cleanly() -> None:
+    """kprobes don't exist on this kernel: a forced kprobe mode must say so."""
+    if os.path.exists("/sys/bus/event_source/devices/kprobe/type"):
+        pytest.skip("this kernel has kprobes")
+    r = run_tracer("--attach", "kprobe", "watch", "--duration", "1")
+    assert r.returncode == 1
+    assert "kprobes unavailable" in r.stderr and r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_exits_cleanly_and_detaches(sig: signal.Signals) -> None:
+    watch = start_watch("--interval", "0.2")
+    deadline = time.monotonic() + 20
+    ids: set[int] = set()
+    while time.monotonic() < deadline and not ids:
+        time.sleep(0.1)
+        ids = prog_ids_of(watch.pid)
+    assert ids, "tracer did not load its programs"
+    assert ids <= live_prog_ids()
+    watch.send_signal(sig)
+    watch.communicate(timeout=20)
+    assert watch.returncode == 0
+    assert not (ids & live_prog_ids()), "programs left loaded after exit"
+
+
+def test_doctor_reports_hooks() -> None:
+    r = run_tracer("doctor", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["btf"] is True
+    assert info["hooks"]["state"]["kind"] == "tp_btf"
+    # This kernel refuses fentry and has no kprobes: the fallback must say why.
+    accept = info["hooks"]["accept"]
+    assert accept["kind"] == "syscall"
+    assert {r["kind"] for r in accept["rejected"]} == {"fentry", "kprobe"}
+    assert info["status"].startswith("ok")
