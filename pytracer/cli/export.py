@@ -1,0 +1,149 @@
+"""``tracer export``: the Prometheus exporter sidecar.
+
+Binds first (a busy port fails before anything is loaded into the kernel),
+then loads and attaches the programs, then serves until SIGTERM/SIGINT or
+``--duration``.  On the way out the server stops, the collector waits for a
+scrape in flight, and the tracer detaches every program.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+
+import click
+
+from .. import exporter
+from .common import Context, make_tracer, max_sockets_option, pid_option, run, validate_pids
+
+
+@click.command()
+@click.option(
+    "--listen",
+    default=exporter.DEFAULT_LISTEN,
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Address to serve /metrics on.  Loopback by default; ':PORT' means every interface.",
+)
+@click.option(
+    "--web-config",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="TLS and basic auth, in the Prometheus exporter-toolkit web-config format.",
+)
+@pid_option
+@max_sockets_option
+@click.option(
+    "--max-comms",
+    type=click.IntRange(1, 10000),
+    default=exporter.DEFAULT_MAX_COMMS,
+    show_default=True,
+    help="Cap on comm label values per metric; the rest are summed into comm=\"other\".",
+)
+@click.option(
+    "--time-wait-top",
+    type=click.IntRange(0, 1000),
+    default=exporter.DEFAULT_TIME_WAIT_TOP,
+    show_default=True,
+    help="TIME_WAIT destinations exported one by one; the rest are summed as \"other\".",
+)
+@click.option(
+    "--label-addresses",
+    is_flag=True,
+    help="Label TIME_WAIT destinations with addr:port (default: their rank, top1..topN, so no addresses leak).",
+)
+@click.option("--close-wait-after", type=click.FloatRange(0, None), default=None, metavar="SECONDS",
+              help="Flag CLOSE_WAIT sockets older than this (leak detector default if unset).")
+@click.option("--idle-after", type=click.FloatRange(0, None), default=None, metavar="SECONDS",
+              help="Flag ESTABLISHED sockets idle longer than this (leak detector default if unset).")
+@click.option(
+    "--bpf-stats",
+    is_flag=True,
+    help="Turn on kernel BPF run-time statistics while running (BPF_ENABLE_STATS; needs CAP_SYS_ADMIN).",
+)
+@click.option("--duration", type=click.FloatRange(0.1, None), default=None, help="Exit after this many seconds.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every request and read at debug level.")
+@click.pass_obj
+@run
+def export(
+    obj: Context,
+    listen: str,
+    web_config: str | None,
+    pids: tuple[int, ...],
+    max_sockets: int,
+    max_comms: int,
+    time_wait_top: int,
+    label_addresses: bool,
+    close_wait_after: float | None,
+    idle_after: float | None,
+    bpf_stats: bool,
+    duration: float | None,
+    verbose: bool,
+) -> None:
+    """Serve Prometheus metrics read from the kernel at scrape time.
+
+    \b
+    Examples:
+      sudo tracer export                                  # http://127.0.0.1:9808/metrics
+      sudo tracer export --pid $(pgrep -o nginx)
+      sudo tracer export --listen :9808 --web-config /etc/pytracer/web.yml
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="tracer export: %(message)s", stream=sys.stderr
+    )
+    pids = validate_pids(pids)
+    thresholds = {}
+    if close_wait_after is not None:
+        thresholds["close_wait_after"] = close_wait_after
+    if idle_after is not None:
+        thresholds["idle_after"] = idle_after
+    opts = exporter.ExportOptions(
+        pids=pids, max_comms=max_comms, time_wait_top=time_wait_top, label_addresses=label_addresses
+    )
+    try:
+        web = exporter.load_web_config(web_config) if web_config else exporter.WebConfig()
+        registry = exporter.make_registry()
+        server = exporter.make_server(listen, web, registry)
+    except exporter.ExportError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        _serve(obj, server, registry, opts, thresholds, max_sockets, bpf_stats, duration)
+    finally:
+        server.server_close()
+
+
+def _serve(obj: Context, server: exporter.ExporterServer, registry, opts: exporter.ExportOptions,
+           thresholds: dict, max_sockets: int, bpf_stats: bool, duration: float | None) -> None:
+    log = exporter.log
+    stats = None
+    tracer = make_tracer(obj, opts.pids, max_sockets)
+    with tracer:
+        if bpf_stats:
+            try:
+                stats = exporter.BpfStats()
+            except exporter.ExportError as exc:
+                log.warning("%s; continuing without", exc)
+        collector = exporter.TracerCollector(tracer, opts, thresholds=thresholds, bpf_stats=stats is not None)
+        registry.register(collector)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+        thread.start()
+        hooks = ", ".join(f"{h}={c.kind}" for h, c in tracer.choices.items() if c.kind)
+        scope = "pids " + ",".join(map(str, opts.pids)) if opts.pids else "whole host"
+        log.info("serving %s (%s; hooks %s)", server.url, scope, hooks)
+        try:
+            stop = threading.Event()
+            deadline = None if duration is None else time.monotonic() + duration
+            # Runs until a signal (SIGTERM/SIGINT unwind from here) or --duration.
+            while not stop.is_set():
+                left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+                if left <= 0:
+                    break
+                stop.wait(left)
+        finally:
+            server.shutdown()
+            collector.close()
+            if stats is not None:
+                stats.close()
+            log.info("stopped after %d scrape(s); detaching", collector.scrapes)
