@@ -60,3 +60,4 @@ clean:
 	rm -f $(BPF_OBJ)
 
 -include vagrant/vm.mk
+-include bench/bench.mk
