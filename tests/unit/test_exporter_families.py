@@ -1,0 +1,287 @@
+"""The exporter's pure layer: kernel aggregates in, metric families out.
+
+Inputs are built the way the kernel lays them out (per-CPU pt_agg bytes,
+pt_sock records), and expectations come from the raw durations and records
+the test made, not from the exporter's own helpers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pytracer import abi, exporter
+from pytracer.exporter import ExportOptions, ScrapeInput, TracerCollector, build_families, fold_top
+from pytracer.histogram import slot_of
+from pytracer.poller import SOCK_DTYPE, Totals
+from pytracer.tcp_states import TcpState
+
+
+def make_totals(per_cpu: list[abi.PtAgg]) -> Totals:
+    stride = abi.percpu_stride(ctypes.sizeof(abi.PtAgg))
+    raw = b"".join(bytes(a).ljust(stride, b"\0") for a in per_cpu)
+    return Totals.from_percpu(raw, len(per_cpu))
+
+
+def observe(agg: abi.PtAgg, hist: int, us: int) -> None:
+    agg.hists[hist].slots[slot_of(us)] += 1
+    agg.hists[hist].sum_us += us
+
+
+class Registry:
+    """Collects a list of families through a real registry and parses the text back."""
+
+    def __init__(self, fams: list) -> None:
+        class _C:
+            def collect(self_inner):  # noqa: N805
+                return fams
+
+            def describe(self_inner):  # noqa: N805
+                return []
+
+        reg = CollectorRegistry(auto_describe=False)
+        reg.register(_C())
+        self.text = generate_latest(reg).decode()
+        self.samples: dict[tuple[str, tuple], float] = {}
+        for fam in text_string_to_metric_families(self.text):
+            for s in fam.samples:
+                self.samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+
+    def get(self, name: str, **labels: str) -> float | None:
+        return self.samples.get((name, tuple(sorted(labels.items()))))
+
+    def series(self, name: str) -> dict[tuple, float]:
+        return {lab: v for (n, lab), v in self.samples.items() if n == name}
+
+
+def render(inp: ScrapeInput, opts: ExportOptions | None = None) -> tuple[Registry, dict[str, int]]:
+    fams, folded = build_families(inp, opts or ExportOptions())
+    return Registry(fams), folded
+
+
+def test_lifetime_buckets_match_the_durations_exactly() -> None:
+    rng = random.Random(11)
+    cpus = [abi.PtAgg(), abi.PtAgg()]
+    durations = {abi.Direction.ACTIVE: [], abi.Direction.PASSIVE: []}
+    for _ in range(4000):
+        d = rng.choice(list(durations))
+        us = int(10 ** rng.uniform(0.5, 10.5))  # 3 us .. ~9 h
+        durations[d].append(us)
+        observe(rng.choice(cpus), abi.PT_HIST_LIFETIME + int(d), us)
+    reg, _ = render(ScrapeInput(totals=make_totals(cpus)))
+    for d, values in durations.items():
+        name = d.name.lower()
+        assert reg.get("pytracer_connection_lifetime_seconds_count", direction=name) == len(values)
+        assert reg.get("pytracer_connection_lifetime_seconds_sum", direction=name) == pytest.approx(sum(values) / 1e6)
+        series = reg.series("pytracer_connection_lifetime_seconds_bucket")
+        buckets = {float(dict(lab)["le"]): v for lab, v in series.items() if dict(lab)["direction"] == name}
+        assert buckets[float("inf")] == len(values)
+        assert len(buckets) == len(exporter.BUCKETS_SECONDS) + 1
+        for le in exporter.BUCKETS_SECONDS:
+            # The kernel truncates to whole microseconds; a bucket bound is a
+            # power of two in us, and a slot's upper bound is exclusive.
+            expected = sum(1 for us in values if us < round(le * 1e6))
+            assert buckets[le] == expected, le
+
+
+def test_bucket_bounds_are_powers_of_two_microseconds() -> None:
+    for le in exporter.BUCKETS_SECONDS:
+        us = round(le * 1e6)
+        assert us & (us - 1) == 0 and abs(us - le * 1e6) < 1e-6
+
+
+def test_state_duration_only_for_states_seen_and_named_by_kernel_name() -> None:
+    agg = abi.PtAgg()
+    observe(agg, abi.PT_HIST_STATE + int(TcpState.CLOSE_WAIT), 2_500_000)
+    observe(agg, abi.PT_HIST_STATE + int(TcpState.ESTABLISHED), 100)
+    observe(agg, abi.PT_HIST_STATE + int(TcpState.ESTABLISHED), 300)
+    reg, _ = render(ScrapeInput(totals=make_totals([agg])))
+    counts = {dict(lab)["state"]: v for lab, v in reg.series("pytracer_state_duration_seconds_count").items()}
+    assert counts == {"CLOSE_WAIT": 1, "ESTABLISHED": 2}
+    assert reg.get("pytracer_state_duration_seconds_bucket", state="CLOSE_WAIT", le="2.097152") == 0
+    assert reg.get("pytracer_state_duration_seconds_bucket", state="CLOSE_WAIT", le="4.194304") == 1
+
+
+def test_counters_transitions_opened_closed() -> None:
+    a, b = abi.PtAgg(), abi.PtAgg()
+    a.transitions[int(TcpState.ESTABLISHED)][int(TcpState.CLOSE_WAIT)] = 3
+    b.transitions[int(TcpState.ESTABLISHED)][int(TcpState.CLOSE_WAIT)] = 4
+    b.transitions[int(TcpState.SYN_SENT)][int(TcpState.ESTABLISHED)] = 9
+    a.stats[abi.Stat.OPENED + abi.Direction.ACTIVE] = 5
+    b.stats[abi.Stat.OPENED + abi.Direction.PASSIVE] = 6
+    b.stats[abi.Stat.CLOSED + abi.Direction.UNKNOWN] = 2
+    a.stats[abi.Stat.INSERT_FAILED] = 1
+    b.stats[abi.Stat.INSERT_FAILED] = 2
+    reg, _ = render(ScrapeInput(totals=make_totals([a, b])))
+    assert reg.series("pytracer_transitions_total") == {
+        (("from", "ESTABLISHED"), ("to", "CLOSE_WAIT")): 7,
+        (("from", "SYN_SENT"), ("to", "ESTABLISHED")): 9,
+    }
+    assert reg.get("pytracer_connections_opened_total", direction="active") == 5
+    assert reg.get("pytracer_connections_opened_total", direction="passive") == 6
+    assert reg.get("pytracer_connections_closed_total", direction="unknown") == 2
+    assert reg.get("pytracer_lost_events_total", reason="insert_failed") == 3
+    assert reg.get("pytracer_map_insert_failures_total", map="socks") == 3
+
+
+def sock_table(rows: list[tuple[int, int]]) -> np.ndarray:
+    """(state, counted) rows as pt_sock records."""
+    socks = np.zeros(len(rows), dtype=SOCK_DTYPE)
+    for i, (state, counted) in enumerate(rows):
+        socks[i]["state"] = state
+        socks[i]["counted"] = counted
+    return socks
+
+
+def test_sockets_by_state_counts_counted_records_and_time_wait_from_inventory() -> None:
+    rows = [(int(TcpState.ESTABLISHED), 1)] * 5 + [(int(TcpState.CLOSE_WAIT), 1)] * 2
+    rows += [(int(TcpState.ESTABLISHED), 0)] * 3  # not ours (--pid): not counted
+    report = SimpleNamespace(inventory_states={"TIME_WAIT": 42, "ESTABLISHED": 999})
+    reg, _ = render(ScrapeInput(socks=sock_table(rows), leaks=report))
+    got = {dict(lab)["state"]: v for lab, v in reg.series("pytracer_sockets").items()}
+    assert got["ESTABLISHED"] == 5
+    assert got["CLOSE_WAIT"] == 2
+    assert got["TIME_WAIT"] == 42
+    assert got["LISTEN"] == 0  # stable series for every real state
+    assert set(got) == {s.name for s in TcpState if s <= TcpState.CLOSING}
+
+
+def test_fold_top_caps_and_counts() -> None:
+    kept, n = fold_top({"a": 5, "b": 9, "c": 1, "d": 1}, 2)
+    assert kept == {"b": 9, "a": 5, "other": 2} and n == 2
+    kept, n = fold_top({"a": 0.5, "b": 0.9, "c": 0.7}, 1, combine=max)
+    assert kept == {"b": 0.9, "other": 0.7} and n == 2
+    kept, n = fold_top({"a": 1, "b": 1}, 5)
+    assert kept == {"a": 1, "b": 1} and n == 0
+    # A process really named "other" cannot be confused with the fold.
+    kept, n = fold_top({"other": 3, "x": 1}, 5)
+    assert kept == {"x": 1, "other": 3} and n == 1
+    # Ties break by name: the same set survives every scrape.
+    assert fold_top({"z": 1, "y": 1, "x": 1}, 2)[0] == {"x": 1, "y": 1, "other": 1}
+
+
+def flag(kind: str, comm: str, seconds: float) -> SimpleNamespace:
+    return SimpleNamespace(kind=kind, comm=comm, pid=1, seconds=seconds, state="CLOSE_WAIT")
+
+
+def leak_report(n_comms: int = 3) -> SimpleNamespace:
+    flags = [flag("close_wait", f"srv{i}", 10.0 * (i + 1)) for i in range(n_comms) for _ in range(i + 1)]
+    flags.append(flag("idle_established", "nginx", 400.0))
+    return SimpleNamespace(
+        flags=flags,
+        time_wait=[("10.1.2.3:443", 900, 28232), ("10.9.9.9:80", 100, 28232), ("[fd00::1]:8080", 5, 28232)],
+        inventory_states={"TIME_WAIT": 1005},
+        processes={
+            100: SimpleNamespace(comm="api", open_fds=900, max_fds=1024, close_wait=7),
+            101: SimpleNamespace(comm="api", open_fds=10, max_fds=1024, close_wait=3),
+            102: SimpleNamespace(comm="cron", open_fds=5, max_fds=1024, close_wait=0),
+        },
+    )
+
+
+def test_leak_metrics() -> None:
+    reg, folded = render(ScrapeInput(leaks=leak_report()), ExportOptions(time_wait_top=2))
+    assert reg.get("pytracer_flagged_sockets", kind="close_wait", comm="srv2") == 3
+    assert reg.get("pytracer_flagged_sockets", kind="idle_established", comm="nginx") == 1
+    assert reg.get("pytracer_flagged_oldest_seconds", kind="close_wait") == 30.0
+    assert reg.get("pytracer_flagged_oldest_seconds", kind="fd_exhaustion") == 0.0
+    # Destinations are ranks by default: no addresses in labels.
+    assert reg.series("pytracer_time_wait_sockets") == {
+        (("destination", "top1"),): 900, (("destination", "top2"),): 100, (("destination", "other"),): 5,
+    }
+    assert reg.get("pytracer_time_wait_port_usage_ratio", destination="top1") == pytest.approx(900 / 28232)
+    assert "10.1.2.3" not in reg.text and "fd00::1" not in reg.text
+    assert folded["destination"] == 1 and folded.get("comm", 0) == 0
+    assert reg.get("pytracer_process_fd_usage_ratio", comm="api") == pytest.approx(900 / 1024)
+    assert reg.get("pytracer_close_wait_sockets", comm="api") == 10
+    assert reg.get("pytracer_close_wait_sockets", comm="cron") == 0
+
+
+def test_addresses_only_with_the_option() -> None:
+    reg, _ = render(ScrapeInput(leaks=leak_report()), ExportOptions(time_wait_top=5, label_addresses=True))
+    assert reg.get("pytracer_time_wait_sockets", destination="10.1.2.3:443") == 900
+    assert reg.get("pytracer_time_wait_sockets", destination="[fd00::1]:8080") == 5
+
+
+def test_comm_labels_are_capped_and_folded() -> None:
+    reg, folded = render(ScrapeInput(leaks=leak_report(n_comms=30)), ExportOptions(max_comms=5))
+    comms = {dict(lab)["comm"] for lab, _ in reg.series("pytracer_flagged_sockets").items()
+             if dict(lab)["kind"] == "close_wait"}
+    assert len(comms) == 6 and "other" in comms
+    # the five busiest survive
+    assert {f"srv{i}" for i in range(25, 30)} <= comms
+    total = sum(v for lab, v in reg.series("pytracer_flagged_sockets").items() if dict(lab)["kind"] == "close_wait")
+    assert total == sum(range(1, 31))  # folding loses no socket
+    assert folded["comm"] == 25
+
+
+def test_program_stats_and_lost_events() -> None:
+    progs = [exporter.ProgramStat("state_tp_btf", 5_000_000, 1000, 2), exporter.ProgramStat("destroy_tp_btf", 0, 0, 1)]
+    reg, _ = render(ScrapeInput(totals=make_totals([abi.PtAgg()]), programs=progs, bpf_stats=True))
+    assert reg.get("pytracer_lost_events_total", reason="recursion_miss") == 3
+    assert reg.get("pytracer_bpf_program_run_seconds_total", program="state_tp_btf") == pytest.approx(0.005)
+    assert reg.get("pytracer_bpf_program_runs_total", program="state_tp_btf") == 1000
+    # stats off and nothing counted: no run-time series at all
+    progs0 = [exporter.ProgramStat("state_tp_btf", 0, 0, 0)]
+    reg, _ = render(ScrapeInput(programs=progs0, bpf_stats=False))
+    assert not reg.series("pytracer_bpf_program_runs_total")
+
+
+def test_build_and_hook_info() -> None:
+    inp = ScrapeInput(build={"version": "0.1.0", "backend": "core", "kernel": "6.18"},
+                      hooks=[("state", "tp_btf", "state_tp_btf"), ("reset", "none", "")],
+                      maps=[exporter.MapStat("socks", 12, 1024), exporter.MapStat("owners", None, 1024)])
+    reg, _ = render(inp)
+    assert reg.get("pytracer_build_info", version="0.1.0", backend="core", kernel="6.18") == 1
+    assert reg.get("pytracer_hook_info", hook="state", kind="tp_btf", program="state_tp_btf") == 1
+    assert reg.get("pytracer_map_entries", map="socks") == 12
+    assert reg.get("pytracer_map_entries", map="owners") is None  # unread: absent, not 0
+    assert reg.get("pytracer_map_capacity_entries", map="owners") == 1024
+
+
+class BrokenTracer:
+    """A backend whose every read fails, as after a map fd went bad."""
+
+    ncpus = 1
+    backend = "core"
+    choices: dict = {}
+
+    def map(self, name: str):
+        raise OSError(9, "Bad file descriptor")
+
+    def programs(self):
+        raise OSError(9, "Bad file descriptor")
+
+
+class FailingScanner:
+    def scan(self, snapshot):
+        raise RuntimeError("sock_diag went away")
+
+
+def test_failed_reads_are_counted_and_never_fail_the_scrape() -> None:
+    c = TracerCollector(BrokenTracer(), scanner=None)
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(c)
+    for _ in range(3):
+        text = generate_latest(reg).decode()
+    samples = {(s.name, tuple(s.labels.items())): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    for what in ("agg", "socks", "programs"):
+        assert samples[("pytracer_read_errors_total", (("what", what),))] == 3
+    assert ("pytracer_scrape_duration_seconds", ()) in samples
+    assert not any(name == "pytracer_sockets" for name, _ in samples)  # unread: omitted, not zero
+
+
+def test_closed_collector_reads_nothing() -> None:
+    c = TracerCollector(BrokenTracer(), scanner=None)
+    c.close()
+    fams = c.collect()
+    names = {f.name for f in fams}
+    assert names == {"pytracer_read_errors", "pytracer_label_overflow", "pytracer_scrape_duration_seconds"}
+    assert c.read_errors["agg"] == 0
