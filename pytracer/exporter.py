@@ -72,8 +72,10 @@ CONNECTION_DIRECTIONS = (Direction.ACTIVE, Direction.PASSIVE)
 CLOSED_DIRECTIONS = (Direction.ACTIVE, Direction.PASSIVE, Direction.UNKNOWN)
 
 # States always exported by pytracer_sockets (zeros included, so a graph of
-# a state that empties drops to zero instead of vanishing).
-STABLE_STATES = tuple(s for s in TcpState if s <= TcpState.CLOSING)
+# a state that empties drops to zero instead of vanishing).  TIME_WAIT is
+# not among them: the table never holds it, so it is exported only when the
+# inventory counted it (a zero from the table would be a lie).
+STABLE_STATES = tuple(s for s in TcpState if s <= TcpState.CLOSING and s != TcpState.TIME_WAIT)
 
 # Hash maps whose fill level is worth watching; missing ones are skipped.
 WATCHED_MAPS = ("socks", "owners", "listeners")
@@ -90,8 +92,19 @@ KERNEL_EVENTS = {
 }
 
 # Flag kinds of the leak detectors, so the "oldest" gauge exists (as 0)
-# before the first flag of a kind.  pytracer.leaks may know more.
+# before the first flag of a kind; pytracer.detectors.KINDS when present.
 KNOWN_FLAG_KINDS = ("close_wait", "idle_established", "fin_wait2_orphan", "fd_exhaustion", "time_wait_pressure")
+
+
+def flag_kinds() -> tuple[str, ...]:
+    try:
+        from .detectors import KINDS  # noqa: PLC0415 - optional layer
+    except ImportError:
+        return KNOWN_FLAG_KINDS
+    return tuple(KINDS)
+
+# Minisockets the kernel table never holds; counted from the inventory.
+INVENTORY_ONLY_STATES = ("TIME_WAIT", "NEW_SYN_RECV")
 
 # Reads a scrape makes; their error counters exist from the start at 0.
 READS = ("agg", "socks", "maps", "programs", "leaks")
@@ -240,32 +253,41 @@ def build_families(inp: ScrapeInput, opts: ExportOptions) -> tuple[list[Metric],
             events.add_metric([name], float(t.stat(st)))
         out.append(events)
 
-    out.extend(_socket_families(inp))
+    out.extend(_socket_families(inp, opts))
     if inp.leaks is not None:
         out.extend(_leak_families(inp.leaks, opts, folded))
     out.extend(_tracer_families(inp))
     return out, dict(folded)
 
 
-def _socket_families(inp: ScrapeInput) -> list[Metric]:
+def _socket_families(inp: ScrapeInput, opts: ExportOptions) -> list[Metric]:
     if inp.socks is None:
         return []
     socks = inp.socks
-    counted = socks[socks["counted"] != 0]
-    by_state = np.bincount(counted["state"].astype(np.intp), minlength=abi.PT_STATES)
+    # Records that count: the kernel counted them, or they were seeded from
+    # the inventory at start (seeded records stay out of the histograms, as
+    # their birth is unknown, but they are live sockets).  Left out: records
+    # of other processes' sockets under --pid, kept only until accept().
+    live = (socks["counted"] != 0) | ((socks["flags"] & abi.PT_F_SEEDED) != 0)
+    by_state = np.bincount(socks["state"][live].astype(np.intp), minlength=abi.PT_STATES)
     counts: dict[str, float] = {}
     for s in range(len(by_state)):
         if by_state[s] or s in STABLE_STATES:
             counts[TcpState.name_of(s)] = float(by_state[s])
-    # TIME_WAIT sockets are minisocks: tcp_time_wait() replaces the full
-    # socket (which goes FIN_WAIT2 -> CLOSE and is destroyed), so the kernel
-    # table never holds them.  The inventory (sock_diag) counts them.
+    # TIME_WAIT and request sockets are minisockets: tcp_time_wait() replaces
+    # the full socket (which goes FIN_WAIT2 -> CLOSE and is destroyed), so the
+    # kernel table never holds them.  The inventory (sock_diag) counts them.
+    # They have no owning process, so under --pid they are left out here (as
+    # in `tracer watch`); pytracer_time_wait_sockets covers the watched
+    # processes' namespaces.
     inv = getattr(inp.leaks, "inventory_states", None) if inp.leaks is not None else None
-    if inv and "TIME_WAIT" in inv:
-        counts["TIME_WAIT"] = float(inv["TIME_WAIT"])
+    if inv is not None and not opts.pids:
+        for name in INVENTORY_ONLY_STATES:
+            counts[name] = float(inv.get(name, 0))
     fam = GaugeMetricFamily(
         f"{NAMESPACE}_sockets",
-        "Live TCP sockets by state (tracked sockets; TIME_WAIT from the socket inventory).",
+        "Live TCP sockets by state: the kernel table (sockets seen since start, plus those seeded at start); "
+        "TIME_WAIT and NEW_SYN_RECV from the socket inventory (whole host only).",
         labels=["state"],
     )
     for name in sorted(counts):
@@ -279,7 +301,7 @@ def _leak_families(report: Any, opts: ExportOptions, folded: dict[str, int]) -> 
     flags = list(getattr(report, "flags", None) or [])
 
     by_kind_comm: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    oldest: dict[str, float] = {k: 0.0 for k in KNOWN_FLAG_KINDS}
+    oldest: dict[str, float] = {k: 0.0 for k in flag_kinds()}
     for f in flags:
         kind = str(getattr(f, "kind", "unknown"))
         by_kind_comm[kind][comm_of(getattr(f, "comm", None))] += 1
@@ -338,7 +360,11 @@ def _leak_families(report: Any, opts: ExportOptions, folded: dict[str, int]) -> 
             open_fds, max_fds = getattr(p, "open_fds", None), getattr(p, "max_fds", None)
             if open_fds is not None and max_fds:
                 ratio[comm] = max(ratio.get(comm, 0.0), float(open_fds) / float(max_fds))
-            close_wait[comm] += float(getattr(p, "close_wait", 0) or 0)
+            # CLOSE_WAIT sockets it holds an fd for, plus unaccepted ones in
+            # its listeners' queues: both are its leak.
+            close_wait[comm] += float(getattr(p, "close_wait", 0) or 0) + float(
+                getattr(p, "close_wait_backlog", 0) or 0
+            )
         kept, n = fold_top(ratio, opts.max_comms, combine=max)
         folded["comm"] += n
         fd_fam = GaugeMetricFamily(
@@ -351,7 +377,9 @@ def _leak_families(report: Any, opts: ExportOptions, folded: dict[str, int]) -> 
         kept, n = fold_top(close_wait, opts.max_comms)
         folded["comm"] += n
         cw_fam = GaugeMetricFamily(
-            f"{ns}_close_wait_sockets", "CLOSE_WAIT sockets held by processes with this command.", labels=["comm"]
+            f"{ns}_close_wait_sockets",
+            "CLOSE_WAIT sockets held by processes with this command (by an fd, or unaccepted in their listeners).",
+            labels=["comm"],
         )
         for comm in sorted(kept):
             cw_fam.add_metric([comm], kept[comm])

@@ -94,7 +94,7 @@ def export(
         level=logging.DEBUG if verbose else logging.INFO, format="tracer export: %(message)s", stream=sys.stderr
     )
     pids = validate_pids(pids)
-    thresholds = {}
+    thresholds: dict = {"top": time_wait_top}
     if close_wait_after is not None:
         thresholds["close_wait_after"] = close_wait_after
     if idle_after is not None:
@@ -125,6 +125,7 @@ def _serve(obj: Context, server: exporter.ExporterServer, registry, opts: export
                 stats = exporter.BpfStats()
             except exporter.ExportError as exc:
                 log.warning("%s; continuing without", exc)
+        _seed(tracer, opts.pids)
         collector = exporter.TracerCollector(tracer, opts, thresholds=thresholds, bpf_stats=stats is not None)
         registry.register(collector)
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
@@ -147,3 +148,22 @@ def _serve(obj: Context, server: exporter.ExporterServer, registry, opts: export
             if stats is not None:
                 stats.close()
             log.info("stopped after %d scrape(s); detaching", collector.scrapes)
+
+
+def _seed(tracer, pids: tuple[int, ...]) -> None:
+    """Put the sockets that already exist into the kernel table (pytracer.leaks),
+    so pytracer_sockets counts them from the first scrape."""
+    log = exporter.log
+    try:
+        from ..leaks import seed  # noqa: PLC0415 - optional layer
+    except ImportError:
+        log.info("leak detection layer not installed: pre-existing sockets are not seeded")
+        return
+    try:
+        res = seed(tracer, pids)
+    except Exception as exc:  # noqa: BLE001 - seeding is best effort; the tracer still runs
+        log.warning("seeding pre-existing sockets failed: %s", exc)
+        return
+    log.info("%s (%.2fs)", res.summary(), res.seconds)
+    for err in res.errors[:5]:
+        log.warning("seeding: %s", err)

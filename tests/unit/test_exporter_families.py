@@ -130,26 +130,38 @@ def test_counters_transitions_opened_closed() -> None:
     assert reg.get("pytracer_map_insert_failures_total", map="socks") == 3
 
 
-def sock_table(rows: list[tuple[int, int]]) -> np.ndarray:
+def sock_table(rows: list[tuple[int, int]], flags: int = 0) -> np.ndarray:
     """(state, counted) rows as pt_sock records."""
     socks = np.zeros(len(rows), dtype=SOCK_DTYPE)
     for i, (state, counted) in enumerate(rows):
         socks[i]["state"] = state
         socks[i]["counted"] = counted
+        socks[i]["flags"] = flags
     return socks
 
 
-def test_sockets_by_state_counts_counted_records_and_time_wait_from_inventory() -> None:
+def test_sockets_by_state_counts_live_records_and_minisockets_from_inventory() -> None:
     rows = [(int(TcpState.ESTABLISHED), 1)] * 5 + [(int(TcpState.CLOSE_WAIT), 1)] * 2
     rows += [(int(TcpState.ESTABLISHED), 0)] * 3  # not ours (--pid): not counted
+    seeded = sock_table([(int(TcpState.LISTEN), 0)] * 4, flags=abi.PT_F_SEEDED | abi.PT_F_BIRTH_UNKNOWN)
+    table = np.concatenate([sock_table(rows), seeded])
     report = SimpleNamespace(inventory_states={"TIME_WAIT": 42, "ESTABLISHED": 999})
-    reg, _ = render(ScrapeInput(socks=sock_table(rows), leaks=report))
+    reg, _ = render(ScrapeInput(socks=table, leaks=report))
     got = {dict(lab)["state"]: v for lab, v in reg.series("pytracer_sockets").items()}
     assert got["ESTABLISHED"] == 5
     assert got["CLOSE_WAIT"] == 2
+    assert got["LISTEN"] == 4  # seeded at start: live, though uncounted in histograms
     assert got["TIME_WAIT"] == 42
-    assert got["LISTEN"] == 0  # stable series for every real state
-    assert set(got) == {s.name for s in TcpState if s <= TcpState.CLOSING}
+    assert got["NEW_SYN_RECV"] == 0
+    assert got["SYN_SENT"] == 0  # stable series for every real state
+    assert set(got) == {s.name for s in TcpState if s <= TcpState.CLOSING} | {"NEW_SYN_RECV"}
+    # Without the inventory, TIME_WAIT is unknown: absent, never a false 0.
+    reg, _ = render(ScrapeInput(socks=table))
+    assert reg.get("pytracer_sockets", state="TIME_WAIT") is None
+    # Under --pid, ownerless minisockets are not attributed to the pids.
+    reg, _ = render(ScrapeInput(socks=table, leaks=report), ExportOptions(pids=(1,)))
+    got = {dict(lab)["state"]: v for lab, v in reg.series("pytracer_sockets").items()}
+    assert "TIME_WAIT" not in got and got["ESTABLISHED"] == 5
 
 
 def test_fold_top_caps_and_counts() -> None:
