@@ -10,9 +10,10 @@ from typing import Any, Callable, Iterator
 
 import click
 
-from .. import model, poller
+from .. import leaks, model, poller
 from ..loader import Tracer
 from .common import Context, make_tracer, max_sockets_option, pid_option, run, validate_pids
+from .leaks import threshold_options, thresholds_from
 
 # Optional enrichment of each report (the leak detectors plug in here).
 Enricher = Callable[[dict[str, Any], "poller.Snapshot", Any], None]
@@ -36,14 +37,16 @@ def intervals(interval: float, duration: float | None) -> Iterator[int]:
 
 
 def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: float | None, top: int,
-            start_ns: int) -> Iterator[tuple[dict[str, Any], poller.Snapshot]]:
-    opts = model.ReportOptions(pids=pids, top=top, start_mono_ns=start_ns, max_sockets=tracer.max_sockets)
+            start_ns: int, enrichers: list[Callable[..., Any]] | None = None,
+            extra: dict[str, Any] | None = None) -> Iterator[tuple[dict[str, Any], poller.Snapshot]]:
+    opts = model.ReportOptions(pids=pids, top=top, start_mono_ns=start_ns, max_sockets=tracer.max_sockets,
+                               extra=dict(extra or {}))
     prev = None
     state: dict[str, Any] = {}
     for _ in intervals(interval, duration):
         snap = poller.snapshot(tracer)
         report = model.build_report(snap, prev, opts)
-        for enrich in ENRICHERS:
+        for enrich in (ENRICHERS if enrichers is None else enrichers):
             enrich(report, snap, tracer, opts, state)
         yield report, snap
         prev = snap
@@ -51,15 +54,18 @@ def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: fl
 
 @click.command()
 @pid_option
-@click.option("--interval", type=click.FloatRange(0.05, 3600), default=1.0, show_default=True, help="Seconds between updates.")
+@click.option("--interval", type=click.FloatRange(0.05, 3600), default=1.0, show_default=True,
+              help="Seconds between updates.")
 @click.option("--duration", type=click.FloatRange(0.05, None), default=None, help="Exit after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per interval, one per line.")
 @click.option("--top", type=click.IntRange(0, 10000), default=10, show_default=True, help="Sockets per list.")
+@click.option("--no-leaks", is_flag=True, help="Skip the leak scan (sock_diag and /proc) each interval.")
+@threshold_options
 @max_sockets_option
 @click.pass_obj
 @run
 def watch(obj: Context, pids: tuple[int, ...], interval: float, duration: float | None, as_json: bool, top: int,
-          max_sockets: int) -> None:
+          no_leaks: bool, max_sockets: int, **kw: Any) -> None:
     """Watch TCP sockets live: states, open/close rates, lifetimes, oldest sockets.
 
     \b
@@ -69,10 +75,19 @@ def watch(obj: Context, pids: tuple[int, ...], interval: float, duration: float 
       sudo tracer watch --json --duration 30 > sockets.jsonl
     """
     pids = validate_pids(pids)
+    thresholds = thresholds_from(kw)
     tracer = make_tracer(obj, pids, max_sockets)
     start_ns = time.monotonic_ns()
     with tracer:
-        stream = reports(tracer, pids, interval, duration, top, start_ns)
+        # Sockets that exist already go into the table as "present at start".
+        seeded = leaks.seed(tracer, pids)
+        if not as_json:
+            click.echo(seeded.summary(), err=True)
+        extra = {"seeded": seeded.seeded, "seed_failed": seeded.failed}
+        if seeded.skipped:
+            extra["seed_skipped"] = seeded.skipped
+        enrichers = list(ENRICHERS) if no_leaks else [*ENRICHERS, leaks.watch_enricher(thresholds)]
+        stream = reports(tracer, pids, interval, duration, top, start_ns, enrichers, extra)
         if as_json:
             for report, _ in stream:
                 sys.stdout.write(json.dumps(report, separators=(",", ":")) + "\n")

@@ -1,0 +1,632 @@
+"""Leak rules: facts in, flags with evidence out.  Pure.
+
+Nothing here reads the kernel, /proc or the clock.  The library layer
+(:mod:`pytracer.leaks`) gathers the facts: sockets joined from sock_diag,
+the BPF socket table, tcp_info and /proc; processes; per-namespace sysctls.
+The functions here decide what is wrong and say so in one plain sentence.
+
+Time in state comes from one of two places, and the flag says which
+(``at_least``):
+
+* exact: the BPF program saw the transition (``state_ns``);
+* a lower bound: the socket predates the tracer (seeded, birth unknown) or is
+  not in the table, so we take the larger of "since the tracer first saw it"
+  and what the kernel's own clocks prove (:func:`kernel_state_floor`).
+
+Kinds (and the state or fact each looks at):
+
+=====================  =====================================================
+close_wait             CLOSE_WAIT longer than ``close_wait_after``, held by a
+                       process fd (``held_by="fd"``) or sitting unaccepted
+                       in a listener's backlog (``held_by="backlog"``)
+idle_established       ESTABLISHED, no data either way for ``idle_after``
+fin_wait2_orphan       FIN_WAIT2 with no file (closed by the app) for longer
+                       than net.ipv4.tcp_fin_timeout
+fin_wait2_stuck        FIN_WAIT2 still held by an fd (shutdown(SHUT_WR), never
+                       closed) for longer than tcp_fin_timeout
+last_ack_stuck         LAST_ACK longer than ``last_ack_after``
+close_wait_growth      a process's CLOSE_WAIT count rising over successive polls
+fd_exhaustion          open fds at ``fd_warn_ratio`` of RLIMIT_NOFILE
+time_wait_pressure     TIME_WAIT sockets to one destination using
+                       ``time_wait_warn_ratio`` of ip_local_port_range
+=====================  =====================================================
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from .procs import ProcFacts
+
+KINDS = (
+    "close_wait",
+    "idle_established",
+    "fin_wait2_orphan",
+    "fin_wait2_stuck",
+    "last_ack_stuck",
+    "close_wait_growth",
+    "fd_exhaustion",
+    "time_wait_pressure",
+)
+
+# include/net/tcp.h: TCP_TIMEWAIT_LEN, how long TIME_WAIT lasts.
+TCP_TIMEWAIT_LEN_SECONDS = 60
+# idiag_timer for timewait minisockets (net/ipv4/inet_diag.c).
+TIMER_TIMEWAIT = 3
+AF_INET = 2
+AF_INET6 = 10
+
+
+@dataclass
+class Thresholds:
+    """When a socket or process is flagged.  Seconds unless named otherwise."""
+
+    close_wait_after: float = 60.0
+    idle_after: float = 300.0
+    last_ack_after: float = 60.0
+    fin_wait2_after: float | None = None  # None: the namespace's net.ipv4.tcp_fin_timeout
+    fd_warn_ratio: float = 0.8
+    time_wait_warn_ratio: float = 0.5
+    growth_polls: int = 3  # successive polls the CLOSE_WAIT count must not fall over
+    growth_min: int = 3  # and rise by at least this much
+    top: int = 10  # TIME_WAIT destinations reported
+    max_info_queries: int = 2048  # tcp_info lookups per scan
+
+    def validate(self) -> None:
+        for name in ("close_wait_after", "idle_after", "last_ack_after"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.fin_wait2_after is not None and self.fin_wait2_after < 0:
+            raise ValueError("fin_wait2_after must be >= 0")
+        for name in ("fd_warn_ratio", "time_wait_warn_ratio"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1]")
+        if self.growth_polls < 1 or self.growth_min < 1:
+            raise ValueError("growth_polls and growth_min must be >= 1")
+
+
+@dataclass
+class Flag:
+    kind: str
+    cookie: int | None = None
+    pid: int | None = None
+    comm: str | None = None
+    cmdline: str | None = None
+    fd: int | None = None
+    inode: int | None = None
+    state: str | None = None
+    seconds: float | None = None  # seconds in state (or the relevant age)
+    idle_seconds: float | None = None
+    laddr: str | None = None
+    lport: int | None = None
+    raddr: str | None = None
+    rport: int | None = None
+    family: str | None = None
+    cgroup: str | None = None
+    detail: str = ""
+    held_by: str | None = None  # close_wait: "fd" or "backlog"
+    at_least: bool = False  # seconds is a lower bound (socket predates the tracer)
+    netns: int | None = None
+    container: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        for k in ("seconds", "idle_seconds"):
+            if out[k] is not None:
+                out[k] = round(out[k], 3)
+        return out
+
+
+@dataclass
+class SockFacts:
+    """One socket, joined from sock_diag, the BPF table, tcp_info and /proc."""
+
+    cookie: int
+    netns: int
+    family: int
+    state: str
+    laddr: str
+    lport: int
+    raddr: str
+    rport: int
+    inode: int  # 0: no file refers to it (orphan, or still in the accept queue)
+    timer: int = 0
+    expires_seconds: float = 0.0
+    owners: list[tuple[int, int]] = field(default_factory=list)  # (pid, fd) holding it
+    # Time in state: exact when the tracer saw the transition, else a floor.
+    state_seconds: float | None = None
+    state_exact: bool = False
+    # tcp_info (None when not queried): seconds since the last data/ACK.
+    idle_seconds: float | None = None
+    last_ack_recv_seconds: float | None = None
+    retransmits: int | None = None
+    backoff: int | None = None
+    rto_seconds: float | None = None
+    # For a socket in an accept queue: the listener's holders and queue.
+    listener_owners: list[tuple[int, int]] = field(default_factory=list)
+    listener_backlog: tuple[int, int] | None = None  # (queued, limit)
+    fin_timeout: int | None = None  # the namespace's net.ipv4.tcp_fin_timeout
+    accepted: bool | None = None  # from the BPF table, when known
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> SockFacts:
+        d = dict(d)
+        for k in ("owners", "listener_owners"):
+            d[k] = [tuple(x) for x in d.get(k) or []]
+        if d.get("listener_backlog") is not None:
+            d["listener_backlog"] = tuple(d["listener_backlog"])
+        return cls(**d)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def family_name(family: int) -> str:
+    return {AF_INET: "ipv4", AF_INET6: "ipv6"}.get(int(family), str(int(family)))
+
+
+def human(seconds: float | None) -> str:
+    if seconds is None:
+        return "an unknown time"
+    if seconds < 120:
+        return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def endpoint(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+# --- time in state -----------------------------------------------------------
+
+
+def kernel_state_floor(state: str, *, last_ack_recv_seconds: float | None = None, backoff: int | None = None,
+                       rto_seconds: float | None = None, timer: int = 0, expires_seconds: float = 0.0,
+                       fin_timeout: int | None = None) -> float | None:
+    """What the kernel's own clocks prove about time in the current state.
+
+    * CLOSE_WAIT, FIN_WAIT2: the state began with an ACK from the peer (the
+      FIN, resp. the ACK of our FIN), and tcp_ack() stamps every ACK it
+      processes (tp->rcv_tstamp, tcp_info ``last_ack_recv``).  A later ACK only
+      makes that clock younger, so it is a lower bound.
+    * LAST_ACK, FIN_WAIT1, CLOSING: our FIN is unacknowledged and has been
+      retransmitted ``backoff`` times with a doubling timeout; the current
+      ``rto`` is base * 2**backoff, so at least rto * (1 - 2**-backoff) passed.
+    * FIN_WAIT2 timewait minisockets: the timer was armed with tcp_fin_timeout,
+      so fin_timeout - remaining has passed.
+    """
+    if timer == TIMER_TIMEWAIT:
+        if state == "FIN_WAIT2" and fin_timeout is not None:
+            return max(0.0, fin_timeout - expires_seconds)
+        if state == "TIME_WAIT":
+            return max(0.0, TCP_TIMEWAIT_LEN_SECONDS - expires_seconds)
+        return None
+    if state in ("CLOSE_WAIT", "FIN_WAIT2"):
+        return last_ack_recv_seconds
+    if state in ("LAST_ACK", "FIN_WAIT1", "CLOSING") and backoff and rto_seconds:
+        return rto_seconds * (1.0 - 2.0 ** -backoff)
+    return None
+
+
+def combine_state_time(exact_seconds: float | None, seen_seconds: float | None,
+                       kernel_floor: float | None) -> tuple[float | None, bool]:
+    """(seconds in state, exact?).  An exact time wins; otherwise the largest
+    lower bound we have."""
+    if exact_seconds is not None:
+        return exact_seconds, True
+    bounds = [b for b in (seen_seconds, kernel_floor) if b is not None]
+    return (max(bounds), False) if bounds else (None, False)
+
+
+# --- socket flags ------------------------------------------------------------
+
+
+def _base(kind: str, s: SockFacts, procs: Mapping[int, ProcFacts], owner: tuple[int, int] | None) -> Flag:
+    p = procs.get(owner[0]) if owner else None
+    return Flag(
+        kind=kind,
+        cookie=s.cookie,
+        pid=owner[0] if owner else None,
+        comm=p.comm if p else None,
+        cmdline=p.cmdline if p else None,
+        fd=None,
+        inode=s.inode or None,
+        state=s.state,
+        seconds=s.state_seconds,
+        idle_seconds=s.idle_seconds,
+        laddr=s.laddr,
+        lport=s.lport,
+        raddr=s.raddr,
+        rport=s.rport,
+        family=family_name(s.family),
+        cgroup=p.cgroup if p else None,
+        container=p.container if p else None,
+        at_least=not s.state_exact,
+        netns=s.netns,
+    )
+
+
+def _age(s: SockFacts) -> str:
+    return ("at least " if not s.state_exact else "") + human(s.state_seconds)
+
+
+def _who(pid: int | None, procs: Mapping[int, ProcFacts]) -> str:
+    if pid is None:
+        return "no visible process"
+    p = procs.get(pid)
+    return f"pid {pid} ({p.comm})" if p and p.comm else f"pid {pid}"
+
+
+def _held(s: SockFacts) -> tuple[int, int] | None:
+    return min(s.owners) if s.owners else None
+
+
+def _extra_owners(flag: Flag, s: SockFacts) -> None:
+    if len(s.owners) > 1:
+        flag.extra["also_held_by"] = [{"pid": p, "fd": fd} for p, fd in sorted(s.owners)[1:]]
+
+
+def close_wait_flag(s: SockFacts, procs: Mapping[int, ProcFacts], th: Thresholds) -> Flag | None:
+    if s.state != "CLOSE_WAIT" or s.state_seconds is None or s.state_seconds < th.close_wait_after:
+        return None
+    if s.inode == 0 and s.accepted is not True:
+        # No file refers to it: it was never accept()ed.  (A socket the app
+        # accepted and then closed would have sent its FIN: LAST_ACK.)
+        lst = min(s.listener_owners) if s.listener_owners else None
+        f = _base("close_wait", s, procs, lst)
+        f.held_by = "backlog"
+        if lst:
+            f.extra["listener_fd"] = lst[1]
+        if s.listener_backlog:
+            f.extra["backlog_queued"], f.extra["backlog_limit"] = s.listener_backlog
+        where = f"the accept queue of {endpoint(s.laddr, s.lport)}"
+        if lst:
+            where += f" (listener fd {lst[1]} of {_who(lst[0], procs)})"
+        f.detail = (
+            f"the peer closed the connection {_age(s)} ago while it still sat unaccepted in {where}: "
+            "the process is not calling accept(), usually a stalled or overloaded accept loop."
+        )
+        return f
+    owner = _held(s)
+    f = _base("close_wait", s, procs, owner)
+    f.held_by = "fd"
+    _extra_owners(f, s)
+    if owner:
+        f.fd = owner[1]
+        f.detail = (
+            f"the peer closed the connection {_age(s)} ago but {_who(owner[0], procs)} never closed fd {owner[1]}: "
+            "usually an error path that skips close(), or a pool keeping connections to a backend that went away."
+        )
+    else:
+        f.detail = (
+            f"the peer closed the connection {_age(s)} ago and a socket file still refers to it, but no visible "
+            "process holds it: an fd in flight over a unix socket, or a process in another pid namespace."
+        )
+    return f
+
+
+def idle_flag(s: SockFacts, procs: Mapping[int, ProcFacts], th: Thresholds) -> Flag | None:
+    if s.state != "ESTABLISHED" or s.idle_seconds is None or s.idle_seconds < th.idle_after:
+        return None
+    owner = _held(s)
+    if owner is None and s.inode == 0 and s.listener_owners:
+        f = _base("idle_established", s, procs, min(s.listener_owners))
+        f.held_by = "backlog"
+        f.extra["listener_fd"] = min(s.listener_owners)[1]
+        f.detail = (
+            f"connected but never accept()ed, and no data either way for {human(s.idle_seconds)}: "
+            "the process is not draining its accept queue."
+        )
+        return f
+    f = _base("idle_established", s, procs, owner)
+    _extra_owners(f, s)
+    if owner:
+        f.fd, f.held_by = owner[1], "fd"
+    f.detail = (
+        f"no data in either direction for {human(s.idle_seconds)} on an open connection: an idle keep-alive, "
+        "usually a client keep-alive timeout longer than the server's, or a pool that never retires connections."
+    )
+    return f
+
+
+def fin_wait2_flag(s: SockFacts, procs: Mapping[int, ProcFacts], th: Thresholds) -> Flag | None:
+    if s.state != "FIN_WAIT2" or s.state_seconds is None:
+        return None
+    limit = th.fin_wait2_after if th.fin_wait2_after is not None else s.fin_timeout
+    if limit is None or s.state_seconds < limit:
+        return None
+    owner = _held(s)
+    if owner is None:
+        f = _base("fin_wait2_orphan", s, procs, None)
+        f.detail = (
+            f"closed by the application, and the peer has not sent its FIN for {_age(s)} "
+            f"(tcp_fin_timeout {limit:g}s): usually a peer that vanished or never closes its side."
+        )
+        return f
+    f = _base("fin_wait2_stuck", s, procs, owner)
+    f.fd, f.held_by = owner[1], "fd"
+    _extra_owners(f, s)
+    f.detail = (
+        f"{_who(owner[0], procs)} shut down writing on fd {owner[1]} {_age(s)} ago and still holds it, "
+        "but the peer never closed its side: usually the peer is itself leaking the connection in CLOSE_WAIT."
+    )
+    return f
+
+
+def last_ack_flag(s: SockFacts, procs: Mapping[int, ProcFacts], th: Thresholds) -> Flag | None:
+    if s.state != "LAST_ACK" or s.state_seconds is None or s.state_seconds < th.last_ack_after:
+        return None
+    f = _base("last_ack_stuck", s, procs, _held(s))
+    if s.retransmits is not None:
+        f.extra["retransmits"] = s.retransmits
+    f.detail = (
+        f"our FIN, sent after the peer's, has gone unacknowledged for {_age(s)}"
+        + (f" ({s.backoff} retransmissions)" if s.backoff else "")
+        + ": the peer vanished or a firewall drops its packets."
+    )
+    return f
+
+
+SOCKET_RULES = (close_wait_flag, idle_flag, fin_wait2_flag, last_ack_flag)
+
+
+def socket_flags(socks: Iterable[SockFacts], procs: Mapping[int, ProcFacts], th: Thresholds) -> list[Flag]:
+    out = []
+    for s in socks:
+        for rule in SOCKET_RULES:
+            f = rule(s, procs, th)
+            if f is not None:
+                out.append(f)
+                break
+    return out
+
+
+# --- process trends ------------------------------------------------------------
+
+ProcKey = tuple  # (pid, start_ticks)
+
+
+@dataclass
+class GrowthSample:
+    mono_seconds: float
+    count: int
+
+
+def update_growth(history: Mapping[ProcKey, list[GrowthSample]], now_seconds: float,
+                  counts: Mapping[ProcKey, int], th: Thresholds) -> dict[ProcKey, list[GrowthSample]]:
+    """The next history: one sample per process per poll, the last
+    ``growth_polls + 1`` kept.  Processes that are gone are dropped; processes
+    with no CLOSE_WAIT now and none in the window are not kept."""
+    keep = th.growth_polls + 1
+    out: dict[ProcKey, list[GrowthSample]] = {}
+    for key, n in counts.items():
+        samples = [*history.get(key, []), GrowthSample(now_seconds, int(n))][-keep:]
+        if any(s.count for s in samples):
+            out[key] = samples
+    return out
+
+
+def growth_rate(samples: list[GrowthSample], th: Thresholds) -> float | None:
+    """CLOSE_WAIT sockets per second when the count is growing, else None.
+
+    Growing: ``growth_polls`` successive intervals with no decrease and a
+    total rise of at least ``growth_min``.
+    """
+    window = samples[-(th.growth_polls + 1) :]
+    if len(window) < th.growth_polls + 1:
+        return None
+    counts = [s.count for s in window]
+    if any(b < a for a, b in zip(counts, counts[1:])):
+        return None
+    rise = counts[-1] - counts[0]
+    span = window[-1].mono_seconds - window[0].mono_seconds
+    if rise < th.growth_min or span <= 0:
+        return None
+    return rise / span
+
+
+def growth_flags(history: Mapping[ProcKey, list[GrowthSample]], procs: Mapping[int, ProcFacts],
+                 th: Thresholds) -> list[Flag]:
+    out = []
+    for key, samples in sorted(history.items()):
+        rate = growth_rate(samples, th)
+        if rate is None:
+            continue
+        pid = key[0]
+        p = procs.get(pid)
+        window = samples[-(th.growth_polls + 1) :]
+        rise = window[-1].count - window[0].count
+        span = window[-1].mono_seconds - window[0].mono_seconds
+        eta = None
+        if p and p.max_fds and p.open_fds is not None and rate > 0:
+            eta = max(0.0, (p.max_fds - p.open_fds) / rate)
+        limit = (
+            f"; at this rate it runs out of file descriptors ({p.open_fds}/{p.max_fds} used) in about {human(eta)}"
+            if eta is not None and p is not None
+            else ""
+        )
+        out.append(
+            Flag(
+                kind="close_wait_growth",
+                pid=pid,
+                comm=p.comm if p else None,
+                cmdline=p.cmdline if p else None,
+                cgroup=p.cgroup if p else None,
+                container=p.container if p else None,
+                state="CLOSE_WAIT",
+                seconds=span,
+                detail=(
+                    f"{_who(pid, procs)} holds {window[-1].count} CLOSE_WAIT sockets, up {rise} over the last "
+                    f"{len(window) - 1} polls ({rate * 60:.1f}/min){limit}: it is not closing connections "
+                    "its peers have closed."
+                ),
+                extra={
+                    "close_wait": window[-1].count,
+                    "rise": rise,
+                    "per_second": round(rate, 4),
+                    "seconds_to_fd_limit": None if eta is None else round(eta, 1),
+                    "samples": [s.count for s in window],
+                },
+            )
+        )
+    return out
+
+
+def fd_flags(procs: Mapping[int, ProcFacts], th: Thresholds) -> list[Flag]:
+    out = []
+    for pid, p in sorted(procs.items()):
+        if not p.max_fds or p.open_fds is None:
+            continue
+        ratio = p.open_fds / p.max_fds
+        if ratio < th.fd_warn_ratio:
+            continue
+        out.append(
+            Flag(
+                kind="fd_exhaustion",
+                pid=pid,
+                comm=p.comm,
+                cmdline=p.cmdline,
+                cgroup=p.cgroup,
+                container=p.container,
+                detail=(
+                    f"{_who(pid, procs)} has {p.open_fds} of its {p.max_fds} file descriptors open "
+                    f"({ratio:.0%}): it will soon fail with 'Too many open files' (EMFILE); usually leaked "
+                    "sockets or files, or RLIMIT_NOFILE set too low."
+                ),
+                extra={"open_fds": p.open_fds, "max_fds": p.max_fds, "ratio": round(ratio, 4)},
+            )
+        )
+    return out
+
+
+# --- TIME_WAIT pressure ---------------------------------------------------------
+
+
+@dataclass
+class TimeWaitDest:
+    netns: int
+    raddr: str
+    rport: int
+    family: int
+    count: int  # TIME_WAIT sockets to it with a local port in the ephemeral range
+    range_size: int | None  # the namespace's ip_local_port_range size
+    host_netns: bool = True
+
+    @property
+    def dest(self) -> str:
+        d = endpoint(self.raddr, self.rport)
+        return d if self.host_netns else f"{d}@netns:{self.netns}"
+
+
+def _addr_text(family: int, raw: bytes) -> str:
+    if family == AF_INET:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    addr = ipaddress.IPv6Address(raw[:16])
+    return str(addr.ipv4_mapped) if addr.ipv4_mapped else str(addr)
+
+
+def time_wait_by_destination(rows: np.ndarray, port_ranges: Mapping[int, tuple[int, int] | None],
+                             host_netns: int | None = None) -> list[TimeWaitDest]:
+    """Count TIME_WAIT sockets per (namespace, destination address and port),
+    keeping only those whose local port is in that namespace's ephemeral
+    range and is not a port something listens on: those are connect()s from
+    here, using up local ports.  (The server side of a connection it closed
+    first holds TIME_WAIT on its listening port, which costs no ephemeral
+    port, and a listener bound to port 0 gets one from the same range.)
+
+    ``rows`` needs the inventory fields netns, state, family, lport, raddr
+    and rport.
+    """
+    tw = rows[(rows["state"] == 6)]
+    if not len(tw):
+        return []
+    lst = rows[rows["state"] == 10]
+    if len(lst):
+        listening = lst["netns"].astype(np.uint64) * np.uint64(65536) + lst["lport"].astype(np.uint64)
+        tw_key = tw["netns"].astype(np.uint64) * np.uint64(65536) + tw["lport"].astype(np.uint64)
+        tw = tw[~np.isin(tw_key, listening)]
+    keep = np.zeros(len(tw), dtype=bool)
+    for ns in np.unique(tw["netns"]).tolist():
+        pr = port_ranges.get(int(ns))
+        sel = tw["netns"] == ns
+        if pr is None:
+            keep |= sel
+        else:
+            keep |= sel & (tw["lport"] >= pr[0]) & (tw["lport"] <= pr[1])
+    tw = tw[keep]
+    if not len(tw):
+        return []
+    # Group by (netns, family, raddr, rport) with one structured unique.
+    key = np.zeros(len(tw), dtype=[("netns", "u8"), ("family", "u1"), ("raddr", "u1", (16,)), ("rport", "u2")])
+    for name in key.dtype.names:
+        key[name] = tw[name]
+    uniq, counts = np.unique(key, return_counts=True)
+    out = []
+    for k, n in zip(uniq, counts):
+        ns = int(k["netns"])
+        pr = port_ranges.get(ns)
+        fam = int(k["family"])
+        out.append(
+            TimeWaitDest(
+                netns=ns,
+                raddr=_addr_text(fam, bytes(k["raddr"])),
+                rport=int(k["rport"]),
+                family=fam,
+                count=int(n),
+                range_size=(pr[1] - pr[0] + 1) if pr else None,
+                host_netns=host_netns is None or ns == host_netns,
+            )
+        )
+    out.sort(key=lambda d: (-d.count, d.dest))
+    return out
+
+
+def time_wait_flags(dests: Iterable[TimeWaitDest], th: Thresholds, tw_reuse: Mapping[int, int | None] | None = None
+                    ) -> list[Flag]:
+    out = []
+    for d in dests:
+        if not d.range_size:
+            continue
+        ratio = d.count / d.range_size
+        if ratio < th.time_wait_warn_ratio:
+            continue
+        reuse = (tw_reuse or {}).get(d.netns)
+        out.append(
+            Flag(
+                kind="time_wait_pressure",
+                state="TIME_WAIT",
+                raddr=d.raddr,
+                rport=d.rport,
+                family=family_name(d.family),
+                netns=d.netns,
+                detail=(
+                    f"{d.count} TIME_WAIT sockets to {endpoint(d.raddr, d.rport)} hold {ratio:.0%} of the "
+                    f"{d.range_size} local ports in ip_local_port_range: connect() to it will start failing with "
+                    "'Cannot assign requested address'; usually a client opening a new connection per request "
+                    "instead of reusing them."
+                ),
+                extra={"time_wait": d.count, "range_size": d.range_size, "ratio": round(ratio, 4),
+                       "tcp_tw_reuse": reuse},
+            )
+        )
+    return out
+
+
+# --- ordering -------------------------------------------------------------------
+
+
+def ordered(flags: Iterable[Flag]) -> list[Flag]:
+    """Most urgent first: process-level trends, then sockets by age."""
+    rank = {k: i for i, k in enumerate(
+        ("fd_exhaustion", "close_wait_growth", "time_wait_pressure", "close_wait", "last_ack_stuck",
+         "fin_wait2_stuck", "fin_wait2_orphan", "idle_established"))}
+    return sorted(flags, key=lambda f: (rank.get(f.kind, 99), -(f.seconds or 0.0), f.pid or 0, f.cookie or 0))

@@ -1,0 +1,734 @@
+"""Leak detection, the library layer: gather facts, run the pure detectors.
+
+:class:`Scanner` joins four sources, each for what it knows best:
+
+* the BPF socket table (:mod:`pytracer.poller` snapshot): exact time each
+  socket entered its state, whether it was accepted;
+* the sock_diag inventory (:mod:`pytracer.sockdiag`): every TCP socket that
+  exists, in every namespace, including TIME_WAIT and request sockets the
+  table never holds, and the inode that links a socket to a process fd;
+* tcp_info, asked for only the candidates: idle clocks, and lower bounds on
+  time in state for sockets that predate the tracer;
+* /proc (:mod:`pytracer.procs`): who holds each socket, on which fd, and how
+  close each process is to RLIMIT_NOFILE.
+
+and hands them to :mod:`pytracer.detectors`.  A scan never raises: each stage
+that fails is recorded in ``LeakReport.errors`` and the rest still runs.
+Every loop is bounded (sockets, processes, fds, tcp_info queries).  History
+(growth trends, what was already checked) lives in the Scanner, so call
+``scan()`` on one instance repeatedly.
+
+:func:`seed` puts every pre-existing TCP socket into the kernel's table at
+start, so the table (and ``tracer watch``) shows sockets older than the
+tracer, marked "birth unknown".
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import struct
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+
+from . import abi, procs, sockdiag
+from .detectors import (
+    Flag,
+    GrowthSample,
+    SockFacts,
+    Thresholds,
+    TimeWaitDest,
+    combine_state_time,
+    fd_flags,
+    growth_flags,
+    growth_rate,
+    kernel_state_floor,
+    ordered,
+    socket_flags,
+    time_wait_by_destination,
+    time_wait_flags,
+    update_growth,
+)
+from .libbpf import LibbpfError
+from .poller import SOCK_DTYPE, Snapshot
+from .tcp_states import TcpState
+
+__all__ = ["Flag", "LeakReport", "ProcessSummary", "Scanner", "SeedResult", "Thresholds", "seed", "watch_enricher"]
+
+log = logging.getLogger(__name__)
+
+S = TcpState
+BPF_NOEXIST = 1  # include/uapi/linux/bpf.h
+# States a seeded record can be in: full sockets the BPF side will see
+# transition and be destroyed.  TIME_WAIT and request sockets are
+# minisockets (no tcp_destroy_sock), and so are FIN_WAIT2 orphans in
+# timewait: seeding them would leave records nobody deletes.
+SEED_STATES = (S.ESTABLISHED, S.SYN_SENT, S.SYN_RECV, S.FIN_WAIT1, S.FIN_WAIT2, S.CLOSE_WAIT, S.LAST_ACK, S.LISTEN,
+               S.CLOSING)
+# States whose sockets the detectors look at one by one.
+STUCK_STATES = (S.CLOSE_WAIT, S.LAST_ACK, S.FIN_WAIT2)
+MAX_SOCKET_FACTS = 20000  # sockets built into Python objects per scan
+
+
+def _addr(family: int, raw: np.ndarray) -> str:
+    b = bytes(raw)
+    if family == sockdiag.AF_INET:
+        return str(ipaddress.IPv4Address(b[:4]))
+    return str(ipaddress.IPv6Address(b[:16]))
+
+
+def _is_wild(raw: np.ndarray) -> bool:
+    return not bytes(raw).strip(b"\0")
+
+
+@dataclass
+class ProcessSummary:
+    pid: int
+    comm: str | None
+    cmdline: str | None
+    cgroup: str | None
+    container: str | None
+    open_fds: int | None
+    max_fds: int | None
+    tcp_sockets: int = 0
+    close_wait: int = 0  # CLOSE_WAIT sockets it holds an fd for
+    close_wait_backlog: int = 0  # CLOSE_WAIT sockets unaccepted in its listeners' queues
+    close_wait_per_second: float | None = None  # when growing
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LeakReport:
+    flags: list[Flag] = field(default_factory=list)
+    time_wait: list[tuple[str, int, int]] = field(default_factory=list)  # (dest, count, ephemeral range size)
+    inventory_states: dict[str, int] = field(default_factory=dict)  # all covered namespaces
+    processes: dict[int, ProcessSummary] = field(default_factory=dict)
+    netns: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+    mono_ns: int = 0
+    wall: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ts": round(self.wall, 3),
+            "flags": [f.to_json() for f in self.flags],
+            "time_wait": [{"dest": d, "count": n, "range_size": r} for d, n, r in self.time_wait],
+            "states": self.inventory_states,
+            "processes": {str(pid): p.to_json() for pid, p in sorted(self.processes.items())},
+            "netns": self.netns,
+            "errors": self.errors,
+            "stats": self.stats,
+        }
+
+
+@dataclass
+class _Memo:
+    """What a Scanner remembers about one socket between scans."""
+
+    state: int
+    floor_seconds: float | None = None  # a kernel lower bound on time in state...
+    floor_mono: float = 0.0  # ...measured at this time
+    not_before: float = 0.0  # ESTABLISHED: cannot reach idle_after before this
+    checked: float = 0.0  # last tcp_info query
+
+
+class Scanner:
+    """One leak scan per :meth:`scan` call, with history between calls.
+
+    ``tracer`` may be None (or keyed by pointer): then time in state comes
+    only from the kernel's clocks and from how long this Scanner has seen the
+    socket in its state.  ``pids`` restricts flags to sockets those processes
+    hold (and unaccepted sockets in their listeners' queues).
+    """
+
+    def __init__(self, tracer: Any = None, thresholds: Thresholds | None = None, pids: Iterable[int] = (),
+                 proc: str = procs.PROC, max_socket_facts: int = MAX_SOCKET_FACTS) -> None:
+        self.tracer = tracer
+        self.thresholds = thresholds or Thresholds()
+        self.thresholds.validate()
+        self.pids = tuple(sorted(set(int(p) for p in pids)))
+        self.proc = proc
+        self.max_socket_facts = max_socket_facts
+        self._lock = threading.Lock()
+        self._growth: dict[tuple, list[GrowthSample]] = {}
+        self._memo: dict[int, _Memo] = {}
+        self._proc_cache: dict[int, procs.ProcFacts] = {}
+        # Sockets seen in their current state since (monotonic seconds): sorted cookies.
+        self._seen_cookies = np.zeros(0, np.uint64)
+        self._seen_state = np.zeros(0, np.uint8)
+        self._seen_since = np.zeros(0, np.float64)
+        self.scans = 0
+
+    # -- the scan ----------------------------------------------------------
+
+    def scan(self, snapshot: Snapshot | None = None) -> LeakReport:
+        with self._lock:
+            rep = LeakReport(mono_ns=time.monotonic_ns(), wall=time.time())
+            t0 = time.perf_counter()
+            try:
+                self._scan(snapshot, rep)
+            except Exception as exc:  # a scan never raises
+                log.exception("leak scan failed")
+                rep.errors.append(f"scan: {type(exc).__name__}: {exc}")
+            self.scans += 1
+            rep.stats["scan_seconds"] = round(time.perf_counter() - t0, 6)
+            rep.stats["scans"] = self.scans
+            return rep
+
+    def _scan(self, snapshot: Snapshot | None, rep: LeakReport) -> None:
+        th = self.thresholds
+        if snapshot is None and self.tracer is not None and getattr(self.tracer, "obj", True) is not None:
+            try:
+                from . import poller
+
+                snapshot = poller.snapshot(self.tracer)
+            except Exception as exc:
+                rep.errors.append(f"socket table: {exc}")
+
+        fdscan = procs.scan_fds(self.pids or None, self.proc)
+        rep.stats.update(processes_scanned=fdscan.processes, fds_scanned=fdscan.fds,
+                         fd_scan_truncated=fdscan.truncated, fd_tables_unreadable=fdscan.unreadable)
+        refs = procs.netns_refs(fdscan, self.proc)
+        if self.pids:
+            # Only the namespaces the watched processes live in (and ours).
+            wanted = {fdscan.netns_of[p] for p in self.pids if p in fdscan.netns_of}
+            refs = [r for r in refs if r.label == "host" or r.ino in wanted]
+
+        with sockdiag.Session(refs) as sess:
+            inv = sess.dump()
+            now = time.monotonic()
+            now_ns = time.monotonic_ns()
+            rep.errors.extend(inv.errors)
+            rep.netns = [n.to_json() for n in inv.netns.values()]
+            rep.inventory_states = inv.state_counts()
+            rows = inv.rows
+            rep.stats.update(sockets=int(len(rows)), netns_covered=len(sess.socks),
+                             netns_failed=len(refs) - len(sess.socks), dump_seconds=round(inv.seconds, 6))
+            host_ino = next((r.ino for r in refs if r.label == "host"), None)
+
+            # Which sockets are ours to judge.
+            inode_owner = fdscan.sockets
+            relevant = self._relevant(rows, inode_owner)
+            listeners = self._listeners(rows, inode_owner)
+
+            # Time in state: exact from the BPF table, else lower bounds.
+            exact_s, table_bound_s, accepted, matched = self._join_table(rows, snapshot, now_ns)
+            seen_s = self._seen(rows, now)
+            rep.stats["table_records"] = int(len(snapshot.keys)) if snapshot is not None else None
+            rep.stats["table_matched"] = int(matched.sum())
+
+            fin_timeout = {ino: n.fin_timeout for ino, n in inv.netns.items()}
+            cands, deferred = self._candidates(rows, relevant, exact_s, table_bound_s, seen_s, fin_timeout, now)
+            infos: dict[int, sockdiag.TcpInfo] = {}
+            missed = 0
+            to_query = cands["query"]
+            if len(to_query):
+                infos, missed = sess.tcp_info(rows[to_query], th.max_info_queries)
+                for i in to_query.tolist():
+                    memo = self._memo_for(int(rows["cookie"][i]), int(rows["state"][i]))
+                    memo.checked = now
+            rep.stats.update(candidates=int(len(cands["facts"])), info_queries=int(len(to_query)),
+                             info_missed=int(missed), info_deferred=int(deferred))
+
+            facts = self._facts(rows, cands["facts"], exact_s, table_bound_s, seen_s, accepted, infos,
+                                inode_owner, listeners, fin_timeout, now, rep)
+
+            # Processes: who holds TCP sockets (or the --pid set).
+            summaries, counts = self._processes(rows, relevant, inode_owner, listeners, rep)
+            pfacts = {pid: self._proc_cache[pid] for pid in summaries if pid in self._proc_cache}
+
+            flags = socket_flags(facts, pfacts, th)
+            self._growth = update_growth(self._growth, now, counts, th)
+            flags += growth_flags(self._growth, pfacts, th)
+            for key, samples in self._growth.items():
+                rate = growth_rate(samples, th)
+                if rate is not None and key[0] in summaries:
+                    summaries[key[0]].close_wait_per_second = round(rate, 4)
+            flags += fd_flags(pfacts, th)
+
+            # TIME_WAIT per destination, in the namespaces in scope.
+            port_ranges = {ino: n.port_range for ino, n in inv.netns.items()}
+            tw_rows = rows
+            if self.pids:
+                scope = {fdscan.netns_of[p] for p in self.pids if p in fdscan.netns_of}
+                tw_rows = rows[np.isin(rows["netns"], np.array(sorted(scope), dtype=np.uint64))]
+            dests: list[TimeWaitDest] = time_wait_by_destination(tw_rows, port_ranges, host_ino)
+            rep.time_wait = [(d.dest, d.count, d.range_size or 0) for d in dests[: th.top]]
+            flags += time_wait_flags(dests, th, {ino: n.tw_reuse for ino, n in inv.netns.items()})
+
+            rep.flags = ordered(flags)
+            rep.processes = summaries
+            self._forget(rows)
+
+    # -- pieces ------------------------------------------------------------
+
+    def _relevant(self, rows: np.ndarray, owners: dict[int, list[tuple[int, int]]]) -> np.ndarray:
+        """Mask of sockets in scope: all, or those the --pid set holds, plus
+        unaccepted sockets queued on their listeners."""
+        if not self.pids:
+            return np.ones(len(rows), dtype=bool)
+        pids = set(self.pids)
+        held = np.array(sorted(ino for ino, own in owners.items() if any(p in pids for p, _ in own)), dtype=np.uint64)
+        mask = np.isin(rows["inode"].astype(np.uint64), held) & (rows["inode"] != 0)
+        lst = rows[mask & (rows["state"] == int(S.LISTEN))]
+        if len(lst):
+            ports = {(int(r["netns"]), int(r["lport"])) for r in lst}
+            orphan = np.flatnonzero((rows["inode"] == 0) & (rows["state"] != int(S.TIME_WAIT)))
+            for i in orphan.tolist():
+                if (int(rows["netns"][i]), int(rows["lport"][i])) in ports:
+                    mask[i] = True
+        return mask
+
+    def _listeners(self, rows: np.ndarray, owners: dict[int, list[tuple[int, int]]]) -> dict[tuple[int, int], list]:
+        """(netns, port) -> [(laddr raw, family, holders, (queued, limit))]."""
+        out: dict[tuple[int, int], list] = {}
+        for i in np.flatnonzero(rows["state"] == int(S.LISTEN)).tolist():
+            r = rows[i]
+            out.setdefault((int(r["netns"]), int(r["lport"])), []).append(
+                (bytes(r["laddr"]), int(r["family"]), owners.get(int(r["inode"]), []),
+                 (int(r["rqueue"]), int(r["wqueue"])))
+            )
+        return out
+
+    @staticmethod
+    def _listener_of(listeners: dict, netns: int, lport: int, laddr: bytes, family: int) -> tuple | None:
+        best = None
+        for addr, fam, holders, q in listeners.get((netns, lport), []):
+            if addr == laddr and fam == family:
+                return addr, fam, holders, q
+            if not addr.strip(b"\0"):
+                best = best or (addr, fam, holders, q)
+        return best
+
+    def _join_table(self, rows: np.ndarray, snap: Snapshot | None, now_ns: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per inventory row: exact seconds in state (NaN if unknown), seconds
+        since the table first saw it in this state (NaN), accepted (-1 unknown),
+        and whether the table has it."""
+        n = len(rows)
+        exact = np.full(n, np.nan)
+        bound = np.full(n, np.nan)
+        accepted = np.full(n, -1, dtype=np.int8)
+        matched = np.zeros(n, dtype=bool)
+        if snap is None or not len(snap.keys) or getattr(self.tracer, "key_by_ptr", False):
+            return exact, bound, accepted, matched
+        order = np.argsort(snap.keys, kind="stable")
+        keys = snap.keys[order]
+        pos = np.searchsorted(keys, rows["cookie"])
+        pos_c = np.minimum(pos, len(keys) - 1)
+        matched = keys[pos_c] == rows["cookie"]
+        recs = snap.socks[order[pos_c]]
+        same = matched & (recs["state"] == rows["state"])
+        seeded_untouched = ((recs["flags"] & abi.PT_F_SEEDED) != 0) & (recs["transitions"] == 0)
+        age = (np.int64(now_ns) - recs["state_ns"].astype(np.int64)) / 1e9
+        age = np.maximum(age, 0.0)
+        exact = np.where(same & ~seeded_untouched, age, np.nan)
+        bound = np.where(same & seeded_untouched, age, np.nan)
+        accepted = np.where(matched, recs["accepted"].astype(np.int8), -1).astype(np.int8)
+        return exact, bound, accepted, matched
+
+    def _seen(self, rows: np.ndarray, now: float) -> np.ndarray:
+        """Seconds this Scanner has seen each socket in its current state."""
+        since = np.full(len(rows), now)
+        if len(self._seen_cookies) and len(rows):
+            pos = np.searchsorted(self._seen_cookies, rows["cookie"])
+            pos_c = np.minimum(pos, len(self._seen_cookies) - 1)
+            same = (self._seen_cookies[pos_c] == rows["cookie"]) & (self._seen_state[pos_c] == rows["state"])
+            since = np.where(same, self._seen_since[pos_c], now)
+        order = np.argsort(rows["cookie"], kind="stable")
+        self._seen_cookies = rows["cookie"][order].copy()
+        self._seen_state = rows["state"][order].copy()
+        self._seen_since = since[order]
+        # The first sighting proves nothing about time in state.
+        return np.where(since < now, now - since, np.nan)
+
+    def _memo_for(self, cookie: int, state: int) -> _Memo:
+        m = self._memo.get(cookie)
+        if m is None or m.state != state:
+            m = _Memo(state)
+            self._memo[cookie] = m
+        return m
+
+    def _forget(self, rows: np.ndarray) -> None:
+        if not self._memo:
+            return
+        live = set(rows["cookie"][np.isin(rows["state"], [int(s) for s in (S.ESTABLISHED, *STUCK_STATES)])].tolist())
+        for c in [c for c in self._memo if c not in live]:
+            del self._memo[c]
+
+    def _floor_memo(self, cookie: int, state: int, now: float) -> float | None:
+        m = self._memo.get(cookie)
+        if m is None or m.state != state or m.floor_seconds is None:
+            return None
+        return m.floor_seconds + (now - m.floor_mono)
+
+    def _candidates(self, rows: np.ndarray, relevant: np.ndarray, exact: np.ndarray, table_bound: np.ndarray,
+                    seen: np.ndarray, fin_timeout: dict[int, int | None], now: float) -> tuple[dict, int]:
+        """Which sockets to look at, and which of those need tcp_info."""
+        th = self.thresholds
+        state = rows["state"]
+        is_tw = rows["timer"] == sockdiag.TIMER_TIMEWAIT
+        facts_idx: list[int] = []
+        query: list[tuple[float, int]] = []  # (priority, row)
+
+        # Stuck states: every one is a candidate unless exactly known to be young.
+        thr = np.full(len(rows), np.inf)
+        thr[state == int(S.CLOSE_WAIT)] = th.close_wait_after
+        thr[state == int(S.LAST_ACK)] = th.last_ack_after
+        fw2 = state == int(S.FIN_WAIT2)
+        if th.fin_wait2_after is not None:
+            thr[fw2] = th.fin_wait2_after
+        else:
+            for ino, ft in fin_timeout.items():
+                thr[fw2 & (rows["netns"] == ino)] = ft if ft is not None else np.inf
+        stuck = relevant & np.isin(state, [int(s) for s in STUCK_STATES])
+        young = ~np.isnan(exact) & (exact < thr)
+        for i in np.flatnonzero(stuck & ~young).tolist():
+            facts_idx.append(i)
+            if is_tw[i]:
+                continue  # minisockets have no tcp_info; the timer says enough
+            cookie, st = int(rows["cookie"][i]), int(state[i])
+            known = exact[i] if not np.isnan(exact[i]) else None
+            bound = max([b for b in (table_bound[i], seen[i], self._floor_memo(cookie, st, now) or np.nan)
+                         if not np.isnan(b)], default=None)
+            # Query when it may be flagged (evidence: idle clocks) or its
+            # floor is unknown; skip when a known floor keeps it young.
+            if known is not None or bound is None or bound >= thr[i] or self._floor_memo(cookie, st, now) is None:
+                query.append((0.0, i))
+
+        # ESTABLISHED: idle candidates, unless exactly known to be younger than
+        # idle_after, or checked recently enough to know they cannot be idle yet.
+        est = relevant & (state == int(S.ESTABLISHED))
+        est &= ~(~np.isnan(exact) & (exact < th.idle_after))
+        for i in np.flatnonzero(est).tolist():
+            m = self._memo.get(int(rows["cookie"][i]))
+            if m is not None and m.state == int(S.ESTABLISHED) and m.not_before > now:
+                continue
+            facts_idx.append(i)
+            query.append((1.0 + (m.checked if m else 0.0) / 1e12, i))
+
+        query.sort()
+        cap = th.max_info_queries
+        deferred = max(0, len(query) - cap)
+        q = np.array([i for _, i in query[:cap]], dtype=np.intp)
+        keep = set(q.tolist())
+        # ESTABLISHED sockets we cannot query this time are not judged this time.
+        facts_final = [i for i in facts_idx if state[i] != int(S.ESTABLISHED) or i in keep]
+        return {"facts": facts_final, "query": q}, deferred
+
+    def _facts(self, rows: np.ndarray, idx: list[int], exact: np.ndarray, table_bound: np.ndarray, seen: np.ndarray,
+               accepted: np.ndarray, infos: dict[int, sockdiag.TcpInfo], owners: dict[int, list[tuple[int, int]]],
+               listeners: dict, fin_timeout: dict[int, int | None], now: float, rep: LeakReport) -> list[SockFacts]:
+        out = []
+        if len(idx) > self.max_socket_facts:
+            rep.errors.append(f"{len(idx) - self.max_socket_facts} candidate sockets not judged this scan "
+                              f"(more than {self.max_socket_facts})")
+            idx = idx[: self.max_socket_facts]
+        for i in idx:
+            r = rows[i]
+            cookie, st, fam = int(r["cookie"]), int(r["state"]), int(r["family"])
+            info = infos.get(cookie)
+            state_name = TcpState.name_of(st)
+            ft = fin_timeout.get(int(r["netns"]))
+            floor = None
+            if info is not None:
+                floor = kernel_state_floor(
+                    state_name, last_ack_recv_seconds=info.last_ack_recv_ms / 1000, backoff=info.backoff,
+                    rto_seconds=info.rto_us / 1e6,
+                )
+                if floor is not None:
+                    m = self._memo_for(cookie, st)
+                    prev = self._floor_memo(cookie, st, now)
+                    m.floor_seconds, m.floor_mono = max(floor, prev or 0.0), now
+            elif int(r["timer"]) == sockdiag.TIMER_TIMEWAIT:
+                floor = kernel_state_floor(state_name, timer=int(r["timer"]),
+                                           expires_seconds=int(r["expires_ms"]) / 1000, fin_timeout=ft)
+            memo_floor = self._floor_memo(cookie, st, now)
+            floors = [x for x in (floor, memo_floor) if x is not None]
+            seen_bounds = [x for x in (table_bound[i], seen[i]) if not np.isnan(x)]
+            secs, is_exact = combine_state_time(
+                None if np.isnan(exact[i]) else float(exact[i]),
+                float(max(seen_bounds)) if seen_bounds else None,
+                float(max(floors)) if floors else None,
+            )
+            inode = int(r["inode"])
+            laddr_raw = bytes(r["laddr"])
+            f = SockFacts(
+                cookie=cookie, netns=int(r["netns"]), family=fam, state=state_name,
+                laddr=_addr(fam, r["laddr"]), lport=int(r["lport"]), raddr=_addr(fam, r["raddr"]),
+                rport=int(r["rport"]), inode=inode, timer=int(r["timer"]),
+                expires_seconds=int(r["expires_ms"]) / 1000, owners=list(owners.get(inode, [])) if inode else [],
+                state_seconds=secs, state_exact=is_exact, fin_timeout=ft,
+                accepted=None if accepted[i] < 0 else bool(accepted[i]),
+            )
+            if info is not None:
+                f.idle_seconds = info.idle_ms / 1000
+                f.last_ack_recv_seconds = info.last_ack_recv_ms / 1000
+                f.retransmits, f.backoff, f.rto_seconds = info.retransmits, info.backoff, info.rto_us / 1e6
+                if st == int(S.ESTABLISHED):
+                    m = self._memo_for(cookie, st)
+                    m.not_before = now + max(0.0, self.thresholds.idle_after - f.idle_seconds)
+            if inode == 0:
+                lst = self._listener_of(listeners, f.netns, f.lport, laddr_raw, fam)
+                if lst is not None:
+                    f.listener_owners = list(lst[2])
+                    f.listener_backlog = lst[3]
+            out.append(f)
+        return out
+
+    def _proc_facts(self, pid: int, open_fds: int | None) -> procs.ProcFacts | None:
+        start = procs.start_ticks(pid, self.proc)
+        if start is None:
+            return None
+        cached = self._proc_cache.get(pid)
+        if cached is not None and cached.start_ticks == start:
+            cached.open_fds = open_fds if open_fds is not None else procs.count_fds(pid, self.proc)
+            cached.max_fds = procs.nofile_limit(pid, self.proc)
+            return cached
+        pf = procs.facts(pid, self.proc, open_fds)
+        pf.start_ticks = start
+        self._proc_cache[pid] = pf
+        return pf
+
+    def _processes(self, rows: np.ndarray, relevant: np.ndarray, owners: dict[int, list[tuple[int, int]]],
+                   listeners: dict, rep: LeakReport) -> tuple[dict[int, ProcessSummary], dict[tuple, int]]:
+        tcp_inodes = rows["inode"][relevant & (rows["inode"] != 0)]
+        per_pid_tcp: dict[int, int] = {}
+        if len(tcp_inodes) and owners:
+            fd_inodes = np.fromiter(owners.keys(), dtype=np.uint64, count=len(owners))
+            hit = fd_inodes[np.isin(fd_inodes, tcp_inodes.astype(np.uint64))]
+            for ino in hit.tolist():
+                for pid in {p for p, _ in owners[ino]}:
+                    per_pid_tcp[pid] = per_pid_tcp.get(pid, 0) + 1
+        cw_fd: dict[int, int] = {}
+        cw_bl: dict[int, int] = {}
+        cw = relevant & (rows["state"] == int(S.CLOSE_WAIT))
+        for i in np.flatnonzero(cw).tolist():
+            ino = int(rows["inode"][i])
+            if ino:
+                for pid in {p for p, _ in owners.get(ino, [])}:
+                    cw_fd[pid] = cw_fd.get(pid, 0) + 1
+            else:
+                r = rows[i]
+                lst = self._listener_of(listeners, int(r["netns"]), int(r["lport"]), bytes(r["laddr"]),
+                                        int(r["family"]))
+                for pid in {p for p, _ in (lst[2] if lst else [])}:
+                    cw_bl[pid] = cw_bl.get(pid, 0) + 1
+        wanted = set(per_pid_tcp) | set(cw_bl)
+        if self.pids:
+            wanted = set(self.pids)
+        summaries: dict[int, ProcessSummary] = {}
+        counts: dict[tuple, int] = {}
+        for pid in sorted(wanted):
+            pf = self._proc_facts(pid, None)
+            if pf is None:
+                continue
+            summaries[pid] = ProcessSummary(
+                pid=pid, comm=pf.comm, cmdline=pf.cmdline, cgroup=pf.cgroup, container=pf.container,
+                open_fds=pf.open_fds, max_fds=pf.max_fds, tcp_sockets=per_pid_tcp.get(pid, 0),
+                close_wait=cw_fd.get(pid, 0), close_wait_backlog=cw_bl.get(pid, 0),
+            )
+            counts[(pid, pf.start_ticks)] = cw_fd.get(pid, 0) + cw_bl.get(pid, 0)
+        for pid in [p for p in self._proc_cache if p not in summaries]:
+            del self._proc_cache[pid]
+        return summaries, counts
+
+
+# --- seeding -----------------------------------------------------------------
+
+
+@dataclass
+class SeedResult:
+    """What :func:`seed` put into the kernel's table."""
+
+    seeded: int = 0  # records inserted
+    existed: int = 0  # the kernel had a record already (it wins)
+    failed: int = 0  # could not insert: table full or out of memory
+    vanished: int = 0  # destroyed while we seeded; their records removed again
+    skipped: str | None = None  # why nothing was seeded
+    by_state: dict[str, int] = field(default_factory=dict)
+    with_owner: int = 0
+    listeners: int = 0  # listening sockets' owners put into the "listeners" map
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        if self.skipped:
+            return f"pre-existing sockets not seeded: {self.skipped}"
+        states = ", ".join(f"{k} {v}" for k, v in sorted(self.by_state.items())) or "none"
+        text = (f"seeded {self.seeded} pre-existing sockets ({states}; {self.with_owner} with an owning process), "
+                f"{self.existed} already tracked")
+        if self.failed:
+            text += f", {self.failed} NOT inserted (socket table full: raise --max-sockets)"
+        if self.vanished:
+            text += f", {self.vanished} closed while seeding"
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _is_full(err: int) -> bool:
+    return err in (errno.E2BIG, errno.ENOMEM, errno.ENOSPC)
+
+
+def _seed_listeners(tracer: Any, rows: np.ndarray, recs: np.ndarray, res: SeedResult) -> int:
+    """Name pre-existing listeners' owners in the kernel's "listeners" map, so
+    children born after start are attributed to them (and counted under --pid)."""
+    try:
+        lmap = tracer.map("listeners")
+    except Exception:  # an object or backend without the map
+        return 0
+    n = 0
+    for i in np.flatnonzero((rows["state"] == int(S.LISTEN)) & (recs["owner_tgid"] != 0)).tolist():
+        key = bytes(abi.PtListenKey(int(rows["netns"][i]) & 0xFFFFFFFF, int(rows["lport"][i]), int(rows["family"][i])))
+        try:
+            lmap.update(key, struct.pack("=I", int(recs["owner_tgid"][i])), BPF_NOEXIST)
+            n += 1
+        except LibbpfError as exc:
+            if exc.errno != errno.EEXIST and len(res.errors) < 10:
+                res.errors.append(f"listeners: {exc}")
+    return n
+
+
+def seed(tracer: Any, pids: Iterable[int] | None = None, proc: str = procs.PROC) -> SeedResult:
+    """Insert every existing TCP socket into the kernel table (see module doc).
+
+    Records get ``PT_F_SEEDED | PT_F_BIRTH_UNKNOWN``, birth 0, ``counted`` 0
+    (they stay out of the histograms: their lifetimes are unknown), the state
+    sock_diag reports, ``state_ns`` the time of the dump (so "time in state"
+    reads "at least"), the owner found in /proc, and the inode.  Inserts use
+    BPF_NOEXIST: a record the kernel created meanwhile wins.
+    """
+    res = SeedResult()
+    t0 = time.perf_counter()
+    if getattr(tracer, "key_by_ptr", False):
+        res.skipped = ("this kernel keys socket records by pointer (no socket cookie in tracing programs), "
+                       "which sock_diag cannot name; sockets older than the tracer are still found by "
+                       "`tracer leaks` through sock_diag")
+        return res
+    pids = tuple(sorted(set(pids if pids is not None else getattr(tracer, "pids", ()) or ())))
+    try:
+        fdscan = procs.scan_fds(proc=proc)
+        refs = procs.netns_refs(fdscan, proc)
+        with sockdiag.Session(refs) as sess:
+            inv = sess.dump()
+        seen_ns = time.monotonic_ns()  # after the dump: a valid "at least" origin
+        res.errors.extend(inv.errors)
+        rows = inv.rows
+        mask = np.isin(rows["state"], [int(s) for s in SEED_STATES]) & (rows["timer"] != sockdiag.TIMER_TIMEWAIT)
+        if pids:
+            wanted = set(pids)
+            held = np.array(sorted(i for i, o in fdscan.sockets.items() if any(p in wanted for p, _ in o)),
+                            dtype=np.uint64)
+            mask &= np.isin(rows["inode"].astype(np.uint64), held) & (rows["inode"] != 0)
+        rows = rows[mask]
+        recs = np.zeros(len(rows), SOCK_DTYPE)
+        recs["state_ns"] = seen_ns
+        recs["ino"] = rows["inode"]
+        recs["netns_ino"] = rows["netns"].astype(np.uint32)
+        recs["owner_fd"] = -1
+        recs["state"] = rows["state"]
+        recs["direction"] = np.where(rows["state"] == int(S.LISTEN), int(abi.Direction.LISTEN),
+                                     int(abi.Direction.UNKNOWN))
+        recs["flags"] = abi.PT_F_SEEDED | abi.PT_F_BIRTH_UNKNOWN
+        recs["family"] = rows["family"]
+        recs["lport"] = rows["lport"]
+        recs["rport"] = rows["rport"]
+        recs["laddr"] = rows["laddr"]
+        recs["raddr"] = rows["raddr"]
+        comms: dict[int, tuple[bytes, int]] = {}
+        for i in np.flatnonzero(rows["inode"] != 0).tolist():
+            holders = fdscan.sockets.get(int(rows["inode"][i]))
+            if not holders:
+                continue
+            pid, fd = min(holders)
+            if pid not in comms:
+                cg = procs.cgroup(pid, proc)
+                comms[pid] = ((procs.comm(pid, proc) or "").encode()[:15], procs.cgroup_id(cg))
+            recs["owner_tgid"][i] = pid
+            recs["owner_fd"][i] = fd
+            recs["owner_comm"][i] = np.frombuffer(comms[pid][0].ljust(16, b"\0"), dtype=recs["owner_comm"].dtype.base)
+            recs["cgroup_id"][i] = comms[pid][1]
+            res.with_owner += 1
+        socks = tracer.map("socks")
+        keys = rows["cookie"]
+        inserted = []
+        for i in range(len(rows)):
+            key = struct.pack("=Q", int(keys[i]))
+            try:
+                socks.update(key, recs[i].tobytes(), BPF_NOEXIST)
+            except LibbpfError as exc:
+                if exc.errno == errno.EEXIST:
+                    res.existed += 1
+                elif _is_full(exc.errno):
+                    res.failed += 1
+                else:
+                    res.failed += 1
+                    if len(res.errors) < 10:
+                        res.errors.append(f"insert: {exc}")
+                continue
+            inserted.append(i)
+            name = TcpState.name_of(int(rows["state"][i]))
+            res.by_state[name] = res.by_state.get(name, 0) + 1
+        res.seeded = len(inserted)
+        res.listeners = _seed_listeners(tracer, rows, recs, res)
+        # A socket destroyed between the dump and its insert left a record no
+        # destroy event will remove: dump again and take back the untouched ones.
+        if inserted:
+            with sockdiag.Session(refs) as sess:
+                live = sess.dump().rows["cookie"]
+            ins = np.array(inserted, dtype=np.intp)
+            for i in ins[~np.isin(keys[ins], live)].tolist():
+                key = struct.pack("=Q", int(keys[i]))
+                raw = socks.lookup(key, SOCK_DTYPE.itemsize)
+                if raw is None:
+                    continue
+                rec = np.frombuffer(raw, SOCK_DTYPE)[0]
+                if rec["flags"] & abi.PT_F_SEEDED and rec["transitions"] == 0 and socks.delete(key):
+                    res.vanished += 1
+                    res.seeded -= 1
+                    name = TcpState.name_of(int(rows["state"][i]))
+                    res.by_state[name] -= 1
+                    if not res.by_state[name]:
+                        del res.by_state[name]
+    except (OSError, LibbpfError) as exc:
+        res.errors.append(f"seeding: {exc}")
+    res.seconds = round(time.perf_counter() - t0, 6)
+    return res
+
+
+# --- tracer watch integration -------------------------------------------------
+
+
+def watch_enricher(thresholds: Thresholds):
+    """An enricher for ``tracer watch`` (see pytracer/cli/watch.py): each report
+    gets ``flags``, the TIME_WAIT / NEW_SYN_RECV counts the table cannot hold,
+    and a ``leaks`` summary."""
+
+    def enrich(report: dict[str, Any], snap: Snapshot, tracer: Any, opts: Any, state: dict[str, Any]) -> None:
+        scanner = state.get("leak_scanner")
+        if scanner is None:
+            scanner = state["leak_scanner"] = Scanner(tracer, thresholds, pids=getattr(opts, "pids", ()))
+        lr = scanner.scan(snap)
+        report["flags"] = [f.to_json() for f in lr.flags]
+        if not scanner.pids:
+            for name in ("TIME_WAIT", "NEW_SYN_RECV"):
+                if lr.inventory_states.get(name):
+                    report["states"][name] = lr.inventory_states[name]
+        report["leaks"] = {
+            "time_wait": [{"dest": d, "count": n, "range_size": r} for d, n, r in lr.time_wait],
+            "errors": lr.errors,
+            "scan_seconds": lr.stats.get("scan_seconds"),
+            "netns_covered": lr.stats.get("netns_covered"),
+        }
+
+    return enrich

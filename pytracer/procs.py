@@ -1,0 +1,293 @@
+"""/proc readers: who holds which socket, and how close each process is to its fd limit.
+
+The kernel names a socket's owner only in the owner's context (accept,
+connect); a socket that was inherited, passed over a unix socket, or created
+before the tracer started has to be found the way ``ss -p`` finds it: by
+walking ``/proc/PID/fd`` and matching ``socket:[INODE]`` links against the
+inode that sock_diag reports.  This module does that walk, bounded, and reads
+the per-process facts the leak detectors need:
+
+* comm, cmdline, cgroup (v2 path, plus a container id when the path has one),
+* open fd count and the RLIMIT_NOFILE soft limit (``/proc/PID/limits``),
+* the process start time (field 22 of ``/proc/PID/stat``), so a history keyed
+  by pid survives pid reuse,
+* which network namespaces exist: every ``/proc/PID/ns/net``, every netns fd a
+  process holds open (``net:[INO]`` links, e.g. container runtimes), and the
+  bind mounts under ``/var/run/netns`` (``ip netns add``).
+
+Every reader takes the ``/proc`` root as an argument, so unit tests point it
+at a fixture tree.  Processes vanish while we read them; every reader treats
+ENOENT/ESRCH/EACCES as "gone" and moves on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Iterable
+
+PROC = "/proc"
+NETNS_RUN_DIRS = ("/var/run/netns", "/run/netns")
+CGROUP2_ROOT = "/sys/fs/cgroup"
+
+# Bounds: a scan never walks more than this many fds or processes.
+MAX_FDS_TOTAL = 4_000_000
+MAX_PROCESSES = 1_000_000
+
+_SOCKET_LINK = re.compile(r"^socket:\[(\d+)\]$")
+_NET_LINK = re.compile(r"^net:\[(\d+)\]$")
+# docker/containerd/cri-o/podman put a 64-hex id in the cgroup path.
+_CONTAINER_ID = re.compile(r"(?:^|[/-])(?:docker-|cri-containerd-|crio-|libpod-)?([0-9a-f]{64})(?:\.scope)?(?:/|$)")
+
+
+@dataclass
+class NetnsRef:
+    """A network namespace we can enter: its inode and a path that opens it."""
+
+    ino: int
+    path: str  # /proc/PID/ns/net, /proc/PID/fd/N or /var/run/netns/NAME
+    label: str  # "host", "netns NAME" or "pid N"
+
+
+@dataclass
+class FdScan:
+    """The result of walking /proc/*/fd."""
+
+    sockets: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # inode -> [(pid, fd)]
+    fd_counts: dict[int, int] = field(default_factory=dict)  # pid -> open fds
+    netns_of: dict[int, int] = field(default_factory=dict)  # pid -> netns inode
+    netns_fds: dict[int, str] = field(default_factory=dict)  # netns inode -> /proc/PID/fd/N holding it
+    processes: int = 0
+    fds: int = 0
+    truncated: bool = False
+    unreadable: int = 0  # processes whose fd table we could not read
+
+
+@dataclass
+class ProcFacts:
+    pid: int
+    comm: str | None = None
+    cmdline: str | None = None
+    cgroup: str | None = None
+    container: str | None = None
+    open_fds: int | None = None
+    max_fds: int | None = None  # RLIMIT_NOFILE soft limit; None = unlimited/unknown
+    start_ticks: int | None = None
+
+
+def _read(path: str, limit: int = 1 << 16) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit)
+    except OSError:
+        return None
+
+
+def pids(proc: str = PROC) -> list[int]:
+    """Every process (tgid) visible in /proc, ascending."""
+    try:
+        names = os.listdir(proc)
+    except OSError:
+        return []
+    return sorted(int(n) for n in names if n.isdigit())[:MAX_PROCESSES]
+
+
+def comm(pid: int, proc: str = PROC) -> str | None:
+    raw = _read(f"{proc}/{pid}/comm", 256)
+    return raw.rstrip(b"\n").decode(errors="replace") if raw is not None else None
+
+
+def cmdline(pid: int, proc: str = PROC, limit: int = 4096) -> str | None:
+    raw = _read(f"{proc}/{pid}/cmdline", limit)
+    if raw is None:
+        return None
+    text = raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+    return text or None  # kernel threads have an empty cmdline
+
+
+def cgroup(pid: int, proc: str = PROC) -> str | None:
+    """The cgroup v2 path (``0::/...``), else the first v1 hierarchy's path."""
+    raw = _read(f"{proc}/{pid}/cgroup")
+    if raw is None:
+        return None
+    first = None
+    for line in raw.decode(errors="replace").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            return parts[2]
+        if first is None:
+            first = parts[2]
+    return first
+
+
+def container_id(cgroup_path: str | None) -> str | None:
+    """The 12-character container id a cgroup path names, if any."""
+    if not cgroup_path:
+        return None
+    m = _CONTAINER_ID.search(cgroup_path)
+    return m.group(1)[:12] if m else None
+
+
+def cgroup_id(cgroup_path: str | None, root: str = CGROUP2_ROOT) -> int:
+    """The cgroup v2 id (what bpf_get_current_cgroup_id() returns): the inode
+    of the cgroup's directory in cgroupfs (kernfs node id on 64-bit)."""
+    if not cgroup_path:
+        return 0
+    try:
+        return os.stat(os.path.join(root, cgroup_path.lstrip("/"))).st_ino
+    except OSError:
+        return 0
+
+
+def nofile_limit(pid: int, proc: str = PROC) -> int | None:
+    """RLIMIT_NOFILE soft limit from /proc/PID/limits; None when unlimited or unreadable."""
+    raw = _read(f"{proc}/{pid}/limits")
+    if raw is None:
+        return None
+    for line in raw.decode(errors="replace").splitlines():
+        if line.startswith("Max open files"):
+            soft = line[len("Max open files") :].split()[0]
+            return int(soft) if soft.isdigit() else None
+    return None
+
+
+def start_ticks(pid: int, proc: str = PROC) -> int | None:
+    """Process start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
+    raw = _read(f"{proc}/{pid}/stat", 4096)
+    if raw is None:
+        return None
+    # comm may contain spaces and parentheses: split after the last ')'.
+    tail = raw[raw.rfind(b")") + 2 :].split()
+    try:
+        return int(tail[19])  # fields 3.. start at tail[0]; field 22 is tail[19]
+    except (IndexError, ValueError):
+        return None
+
+
+def count_fds(pid: int, proc: str = PROC) -> int | None:
+    try:
+        return len(os.listdir(f"{proc}/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def facts(pid: int, proc: str = PROC, open_fds: int | None = None) -> ProcFacts:
+    """Everything the detectors want to know about one process."""
+    cg = cgroup(pid, proc)
+    return ProcFacts(
+        pid=pid,
+        comm=comm(pid, proc),
+        cmdline=cmdline(pid, proc),
+        cgroup=cg,
+        container=container_id(cg),
+        open_fds=open_fds if open_fds is not None else count_fds(pid, proc),
+        max_fds=nofile_limit(pid, proc),
+        start_ticks=start_ticks(pid, proc),
+    )
+
+
+def netns_ino(pid: int, proc: str = PROC) -> int | None:
+    try:
+        return os.stat(f"{proc}/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
+def scan_fds(only: Iterable[int] | None = None, proc: str = PROC, max_fds: int = MAX_FDS_TOTAL) -> FdScan:
+    """Walk /proc/PID/fd of every process (or of ``only``).
+
+    Maps each socket inode to the (pid, fd) pairs holding it (a socket shared
+    after fork() has several), counts open fds per process, notes each
+    process's netns and any netns fds held open.  Stops after ``max_fds``
+    links and says so (``truncated``).
+    """
+    out = FdScan()
+    targets = sorted(set(only)) if only is not None else pids(proc)
+    for pid in targets:
+        if out.fds >= max_fds:
+            out.truncated = True
+            break
+        base = f"{proc}/{pid}/fd"
+        try:
+            it = os.scandir(base)
+        except OSError:
+            if os.path.isdir(f"{proc}/{pid}"):
+                out.unreadable += 1
+            continue
+        n = 0
+        with it:
+            for entry in it:
+                n += 1
+                out.fds += 1
+                try:
+                    link = os.readlink(entry.path)
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    m = _SOCKET_LINK.match(link)
+                    if m and entry.name.isdigit():
+                        out.sockets.setdefault(int(m.group(1)), []).append((pid, int(entry.name)))
+                elif link.startswith("net:["):
+                    m = _NET_LINK.match(link)
+                    if m:
+                        out.netns_fds.setdefault(int(m.group(1)), entry.path)
+                if out.fds >= max_fds:
+                    out.truncated = True
+                    break
+        out.processes += 1
+        out.fd_counts[pid] = n
+        ino = netns_ino(pid, proc)
+        if ino is not None:
+            out.netns_of[pid] = ino
+    return out
+
+
+def netns_refs(scan: FdScan | None = None, proc: str = PROC, run_dirs: Iterable[str] = NETNS_RUN_DIRS,
+               max_netns: int = 4096) -> list[NetnsRef]:
+    """Every network namespace we can find, host first, each once.
+
+    Covered: the namespace of this process ("host"), of every process in the
+    scan, every netns fd a process holds open, and every ``ip netns`` bind
+    mount.  Not covered: a namespace kept alive only by a bind mount
+    elsewhere or by a socket, with no process in it.
+    """
+    refs: list[NetnsRef] = []
+    seen: set[int] = set()
+    try:
+        nsfs_dev: int | None = os.stat(f"{proc}/self/ns/net").st_dev
+    except OSError:
+        nsfs_dev = None
+
+    def add(path: str, label: str) -> None:
+        if len(refs) >= max_netns:
+            return
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        # Only nsfs objects: a stale /var/run/netns file left by a failed
+        # `ip netns del` is a plain file on another device.
+        if st.st_ino in seen or (nsfs_dev is not None and st.st_dev != nsfs_dev):
+            return
+        seen.add(st.st_ino)
+        refs.append(NetnsRef(st.st_ino, path, label))
+
+    add(f"{proc}/self/ns/net", "host")
+    for d in run_dirs:
+        try:
+            names = sorted(os.listdir(d))
+        except OSError:
+            continue
+        for name in names:
+            add(os.path.join(d, name), f"netns {name}")
+    if scan is not None:
+        for pid, ino in sorted(scan.netns_of.items()):
+            if ino not in seen:
+                add(f"{proc}/{pid}/ns/net", f"pid {pid}")
+        for ino, path in sorted(scan.netns_fds.items()):
+            if ino not in seen:
+                add(path, f"fd {path}")
+    return refs
