@@ -166,6 +166,9 @@ class Scanner:
         self._seen_state = np.zeros(0, np.uint8)
         self._seen_since = np.zeros(0, np.float64)
         self.scans = 0
+        # The facts the last scan judged (for debugging and recording fixtures).
+        self.last_facts: list[SockFacts] = []
+        self.last_procs: dict[int, procs.ProcFacts] = {}
 
     # -- the scan ----------------------------------------------------------
 
@@ -245,6 +248,7 @@ class Scanner:
             summaries, counts = self._processes(rows, relevant, inode_owner, listeners, rep)
             pfacts = {pid: self._proc_cache[pid] for pid in summaries if pid in self._proc_cache}
 
+            self.last_facts, self.last_procs = facts, pfacts
             flags = socket_flags(facts, pfacts, th)
             self._growth = update_growth(self._growth, now, counts, th)
             flags += growth_flags(self._growth, pfacts, th)
@@ -260,7 +264,8 @@ class Scanner:
             if self.pids:
                 scope = {fdscan.netns_of[p] for p in self.pids if p in fdscan.netns_of}
                 tw_rows = rows[np.isin(rows["netns"], np.array(sorted(scope), dtype=np.uint64))]
-            dests: list[TimeWaitDest] = time_wait_by_destination(tw_rows, port_ranges, host_ino)
+            dests: list[TimeWaitDest] = time_wait_by_destination(tw_rows, port_ranges, host_ino, th.top,
+                                                                 th.time_wait_warn_ratio)
             rep.time_wait = [(d.dest, d.count, d.range_size or 0) for d in dests[: th.top]]
             flags += time_wait_flags(dests, th, {ino: n.tw_reuse for ino, n in inv.netns.items()})
 
@@ -391,6 +396,13 @@ class Scanner:
                 thr[fw2 & (rows["netns"] == ino)] = ft if ft is not None else np.inf
         stuck = relevant & np.isin(state, [int(s) for s in STUCK_STATES])
         young = ~np.isnan(exact) & (exact < thr)
+        # FIN_WAIT2 orphans in timewait: the timer was armed with fin_timeout,
+        # so fin_timeout - remaining is how long they have waited.
+        if is_tw.any():
+            ft = np.array([fin_timeout.get(int(n)) or 0 for n in rows["netns"][is_tw].tolist()], dtype=np.float64)
+            waited = np.zeros(len(rows))
+            waited[is_tw] = ft - rows["expires_ms"][is_tw] / 1000.0
+            young |= is_tw & (waited < thr)
         for i in np.flatnonzero(stuck & ~young).tolist():
             facts_idx.append(i)
             if is_tw[i]:

@@ -558,20 +558,31 @@ class Session:
                 buf = sock.recv(1 << 18)
             except socket.timeout:
                 break
-            off = 0
-            while off + 16 <= len(buf):
-                length, typ, _f, mseq, _p = _NLMSGHDR.unpack_from(buf, off)
-                if length < 16 or off + length > len(buf):
-                    break
+            for mseq, info in parse_info_replies(buf).items():
                 if mseq in pending:
                     pending.discard(mseq)
-                    if typ == SOCK_DIAG_BY_FAMILY:
-                        attrs = _attrs(buf, off + 16 + MSG_DTYPE.itemsize, off + length)
-                        info = decode_tcp_info(attrs[INET_DIAG_INFO]) if INET_DIAG_INFO in attrs else None
-                        if info is not None:
-                            out[wanted[mseq]] = info
-                off += (length + 3) & ~3
+                    if info is not None:
+                        out[wanted[mseq]] = info
         return out, len(wanted) - len(out)
+
+
+def parse_info_replies(buf: bytes) -> dict[int, TcpInfo | None]:
+    """Replies to exact lookups in one datagram: sequence number -> tcp_info
+    (None for an error reply or a socket without tcp_info, e.g. timewait)."""
+    out: dict[int, TcpInfo | None] = {}
+    off = 0
+    while off + 16 <= len(buf):
+        length, typ, _f, mseq, _p = _NLMSGHDR.unpack_from(buf, off)
+        if length < 16 or off + length > len(buf):
+            break
+        info = None
+        if typ == SOCK_DIAG_BY_FAMILY and length >= 16 + MSG_DTYPE.itemsize:
+            attrs = _attrs(buf, off + 16 + MSG_DTYPE.itemsize, off + length)
+            if INET_DIAG_INFO in attrs:
+                info = decode_tcp_info(attrs[INET_DIAG_INFO])
+        out[mseq] = info
+        off += (length + 3) & ~3
+    return out
 
 
 def inventory(refs: Iterable[NetnsRef], states: int = ALL_STATES) -> Inventory:

@@ -6,13 +6,15 @@ import functools
 import json
 import sys
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
 from ..detectors import Flag, Thresholds, endpoint, human
-from ..leaks import LeakReport, Scanner, SeedResult, seed
 from .common import Context, make_tracer, max_sockets_option, pid_option, run, validate_pids
+
+if TYPE_CHECKING:
+    from ..leaks import LeakReport, SeedResult
 
 EXIT_FLAGGED = 1
 EXIT_ERROR = 2
@@ -184,6 +186,8 @@ def leaks(obj: Context, pids: tuple[int, ...], samples: int, interval: float, to
       sudo tracer leaks --pid $(pgrep -o nginx) --idle-after 60
       sudo tracer leaks --samples 5 --interval 2 --json   # growth trends too
     """
+    from ..leaks import Scanner, seed  # pyroute2 and numpy: only when used
+
     pids = validate_pids(pids)
     thresholds = thresholds_from(kw, top)
     tracer = make_tracer(obj, pids, max_sockets)

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator
 
 import click
 
-from .. import leaks, model, poller
+from .. import model, poller
 from ..loader import Tracer
 from .common import Context, make_tracer, max_sockets_option, pid_option, run, validate_pids
 from .leaks import threshold_options, thresholds_from
@@ -74,6 +74,8 @@ def watch(obj: Context, pids: tuple[int, ...], interval: float, duration: float 
       sudo tracer watch --pid $(pgrep -o nginx) --interval 2
       sudo tracer watch --json --duration 30 > sockets.jsonl
     """
+    from .. import leaks  # pyroute2: imported only when watching
+
     pids = validate_pids(pids)
     thresholds = thresholds_from(kw)
     tracer = make_tracer(obj, pids, max_sockets)

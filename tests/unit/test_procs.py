@@ -1,0 +1,72 @@
+"""/proc readers on a fixture tree (no root, no real processes)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pytracer import procs
+
+LIMITS = """\
+Limit                     Soft Limit           Hard Limit           Units
+Max cpu time              unlimited            unlimited            seconds
+Max open files            64                   1048576              files
+Max locked memory         8388608              8388608              bytes
+"""
+
+
+def make_proc(root: Path) -> Path:
+    p = root / "4242"
+    (p / "fd").mkdir(parents=True)
+    (p / "comm").write_text("leaky srv\n")
+    (p / "cmdline").write_bytes(b"python3\0server.py\0--port\x008080\0")
+    (p / "limits").write_text(LIMITS)
+    (p / "cgroup").write_text(
+        "0::/system.slice/docker-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope\n"
+    )
+    # comm with a space and a parenthesis; starttime is field 22.
+    fields = ["S"] + [str(i) for i in range(4, 22)] + ["987654"] + ["0"] * 10
+    (p / "stat").write_text("4242 (leaky) srv) " + " ".join(fields) + "\n")
+    os.symlink("socket:[555]", p / "fd" / "3")
+    os.symlink("socket:[556]", p / "fd" / "4")
+    os.symlink("/dev/null", p / "fd" / "0")
+    os.symlink("net:[4026532000]", p / "fd" / "7")
+    q = root / "77"
+    (q / "fd").mkdir(parents=True)
+    os.symlink("socket:[555]", q / "fd" / "9")  # shared after fork
+    (q / "limits").write_text(LIMITS.replace("64                   1048576", "unlimited            unlimited"))
+    (root / "not-a-pid").mkdir()
+    return root
+
+
+def test_facts(tmp_path: Path) -> None:
+    root = str(make_proc(tmp_path))
+    f = procs.facts(4242, root)
+    assert f.comm == "leaky srv"
+    assert f.cmdline == "python3 server.py --port 8080"
+    assert f.cgroup.startswith("/system.slice/docker-0123")
+    assert f.container == "0123456789ab"
+    assert (f.open_fds, f.max_fds, f.start_ticks) == (4, 64, 987654)
+    assert procs.nofile_limit(77, root) is None  # unlimited
+    assert procs.comm(99999, root) is None  # gone
+
+
+def test_scan_fds_maps_inodes_to_every_holder(tmp_path: Path) -> None:
+    root = str(make_proc(tmp_path))
+    scan = procs.scan_fds(proc=root)
+    assert scan.sockets == {555: [(77, 9), (4242, 3)], 556: [(4242, 4)]}
+    assert scan.fd_counts == {77: 1, 4242: 4}
+    assert scan.netns_fds == {4026532000: f"{root}/4242/fd/7"}
+    only = procs.scan_fds([4242], proc=root)
+    assert only.sockets == {555: [(4242, 3)], 556: [(4242, 4)]}
+
+
+def test_scan_fds_is_bounded(tmp_path: Path) -> None:
+    root = str(make_proc(tmp_path))
+    scan = procs.scan_fds(proc=root, max_fds=2)
+    assert scan.truncated and scan.fds == 2
+
+
+def test_cgroup_v1_and_no_container() -> None:
+    assert procs.container_id("/user.slice/user-0.slice/session-1.scope") is None
+    assert procs.container_id("/kubepods/besteffort/pod1/" + "a" * 64) == "a" * 12

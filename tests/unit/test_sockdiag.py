@@ -1,0 +1,104 @@
+"""The sock_diag wire format on recorded netlink bytes, against ss from the
+same moment (tests/fixtures/leaks/record.py made both).  No kernel."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import struct
+from pathlib import Path
+
+from pytracer import sockdiag
+from pytracer.tcp_states import TcpState
+
+FIX = Path(__file__).resolve().parent.parent / "fixtures" / "leaks"
+
+
+def ss_rows() -> list[dict]:
+    out = []
+    for line in (FIX / "ss.txt").read_text().splitlines():
+        parts = line.split()
+        kv = dict(tok.split(":", 1) for tok in parts[5:] if re.match(r"^(ino|sk):", tok))
+        rport = parts[4].rsplit(":", 1)[1]
+        out.append({
+            "state": int(TcpState.from_ss(parts[0])), "lport": int(parts[3].rsplit(":", 1)[1]),
+            "rport": 0 if rport == "*" else int(rport), "inode": int(kv["ino"]), "cookie": int(kv["sk"], 16),
+            "timewait": "timer:(timewait" in line, "rqueue": int(parts[1]), "wqueue": int(parts[2]),
+        })
+    return out
+
+
+def test_wire_layout_derived_from_pyroute2() -> None:
+    # struct inet_diag_msg is 72 bytes (include/uapi/linux/inet_diag.h).
+    assert sockdiag.MSG_DTYPE.itemsize == 72
+    # struct tcp_info offsets (include/uapi/linux/tcp.h).
+    assert sockdiag.TCP_INFO_OFFSETS["tcpi_rto"][0] == 8
+    assert sockdiag.TCP_INFO_OFFSETS["tcpi_last_data_sent"][0] == 44
+    assert sockdiag.TCP_INFO_OFFSETS["tcpi_last_data_recv"][0] == 52
+    assert sockdiag.TCP_INFO_OFFSETS["tcpi_last_ack_recv"][0] == 56
+    assert sockdiag.TCP_INFO_OFFSETS["tcpi_pacing_rate"][0] == 104
+
+
+def test_dump_request_always_names_family_and_states() -> None:
+    req = sockdiag._request(socket.AF_INET6, sockdiag.ALL_STATES, 0, 0x301, 9)
+    length, typ, flags, seq, _pid = struct.unpack_from("=IHHII", req)
+    fam, proto, ext, _pad, states = struct.unpack_from("=BBBBI", req, 16)
+    assert (length, typ, flags, seq) == (72, 20, 0x301, 9) == (len(req), 20, 0x301, 9)
+    assert (fam, proto, ext) == (socket.AF_INET6, socket.IPPROTO_TCP, 0)
+    # Every real state, 1..NEW_SYN_RECV; never the v6.9 BOUND_INACTIVE pseudo-state.
+    assert states == sum(1 << s for s in range(1, 13))
+
+
+def test_recorded_dump_matches_ss() -> None:
+    msgs, done, err = sockdiag.parse_dump((FIX / "dump.bin").read_bytes(), 77)
+    assert done and err == 0
+    inv = sockdiag.to_inventory(msgs, 4242)
+    got = {
+        (int(r["cookie"]), int(r["state"]), int(r["lport"]), int(r["rport"]), int(r["inode"]),
+         int(r["timer"]) == sockdiag.TIMER_TIMEWAIT)
+        for r in inv
+    }
+    truth = {(r["cookie"], r["state"], r["lport"], r["rport"], r["inode"], r["timewait"]) for r in ss_rows()}
+    assert len(truth) == 20 and got == truth  # 2 listeners, 18 connections
+    assert set(inv["netns"].tolist()) == {4242}
+    assert {bytes(r["laddr"])[:4] for r in inv} == {bytes([127, 0, 0, 1])}
+    # A listener's queues: accepted-queue length and limit (the backlog).
+    lst = {int(r["lport"]): (int(r["rqueue"]), int(r["wqueue"])) for r in inv if r["state"] == 10}
+    assert lst == {r["lport"]: (r["rqueue"], r["wqueue"]) for r in ss_rows() if r["state"] == 10}
+    assert lst[8002] == (2, 8)
+
+
+def test_parse_dump_ignores_other_sequences_and_reports_errors() -> None:
+    raw = (FIX / "dump.bin").read_bytes()
+    msgs, done, _ = sockdiag.parse_dump(raw, 12345)
+    assert len(msgs) == 0 and not done
+    err = struct.pack("=IHHII", 36, 2, 0, 5, 0) + struct.pack("=i", -13) + b"\0" * 16
+    msgs, done, code = sockdiag.parse_dump(err, 5)
+    assert done and code == 13 and len(msgs) == 0
+
+
+def test_recorded_tcp_info_matches_ss() -> None:
+    meta = json.loads((FIX / "info.json").read_text())
+    replies = sockdiag.parse_info_replies((FIX / "info.bin").read_bytes())
+    assert list(replies) == [78]
+    info = replies[78]
+    assert info is not None and info.state == int(TcpState.ESTABLISHED)
+    kv = dict(tok.split(":", 1) for tok in meta["ss"].split() if ":" in tok and not tok.startswith("users"))
+    # ss ran a few ms after the lookup: the idle clocks agree within that.
+    for ours, theirs in ((info.last_data_sent_ms, "lastsnd"), (info.last_data_recv_ms, "lastrcv"),
+                         (info.last_ack_recv_ms, "lastack")):
+        assert 0 <= int(kv[theirs]) - ours <= 100
+    assert info.rto_us == int(kv["rto"]) * 1000
+    assert (info.bytes_acked, info.bytes_received) == (int(kv["bytes_acked"]), int(kv["bytes_received"]))
+    assert info.idle_ms == min(info.last_data_sent_ms, info.last_data_recv_ms)
+
+
+def test_tcp_info_from_an_older_kernel_is_truncated_not_misread() -> None:
+    full = bytearray(200)
+    struct.pack_into("=I", full, 44, 1234)  # last_data_sent
+    struct.pack_into("=I", full, 52, 99)  # last_data_recv
+    old = sockdiag.decode_tcp_info(bytes(full[:104]))  # v3.x-sized struct
+    assert old is not None and old.last_data_sent_ms == 1234 and old.idle_ms == 99
+    assert old.bytes_acked is None
+    assert sockdiag.decode_tcp_info(bytes(full[:40])) is None
