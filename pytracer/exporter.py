@@ -103,9 +103,6 @@ def flag_kinds() -> tuple[str, ...]:
         return KNOWN_FLAG_KINDS
     return tuple(KINDS)
 
-# Minisockets the kernel table never holds; counted from the inventory.
-INVENTORY_ONLY_STATES = ("TIME_WAIT", "NEW_SYN_RECV")
-
 # Reads a scrape makes; their error counters exist from the start at 0.
 READS = ("agg", "socks", "maps", "programs", "leaks")
 
@@ -261,33 +258,46 @@ def build_families(inp: ScrapeInput, opts: ExportOptions) -> tuple[list[Metric],
 
 
 def _socket_families(inp: ScrapeInput, opts: ExportOptions) -> list[Metric]:
-    if inp.socks is None:
-        return []
-    socks = inp.socks
-    # Records that count: the kernel counted them, or they were seeded from
-    # the inventory at start (seeded records stay out of the histograms, as
-    # their birth is unknown, but they are live sockets).  Left out: records
-    # of other processes' sockets under --pid, kept only until accept().
-    live = (socks["counted"] != 0) | ((socks["flags"] & abi.PT_F_SEEDED) != 0)
-    by_state = np.bincount(socks["state"][live].astype(np.intp), minlength=abi.PT_STATES)
-    counts: dict[str, float] = {}
-    for s in range(len(by_state)):
-        if by_state[s] or s in STABLE_STATES:
-            counts[TcpState.name_of(s)] = float(by_state[s])
-    # TIME_WAIT and request sockets are minisockets: tcp_time_wait() replaces
-    # the full socket (which goes FIN_WAIT2 -> CLOSE and is destroyed), so the
-    # kernel table never holds them.  The inventory (sock_diag) counts them.
-    # They have no owning process, so under --pid they are left out here (as
-    # in `tracer watch`); pytracer_time_wait_sockets covers the watched
-    # processes' namespaces.
+    """pytracer_sockets{state}.
+
+    Whole host: from the socket inventory (sock_diag over every namespace,
+    what `ss` shows) when the leak layer provides it.  It includes the
+    minisockets the kernel table never holds: TIME_WAIT, request sockets,
+    and FIN_WAIT2 orphans, which tcp_time_wait() turns into timewait
+    minisockets while the full socket goes FIN_WAIT2 -> CLOSE and is
+    destroyed (net/ipv4/tcp.c, tcp_close(); net/ipv4/tcp_input.c).
+
+    Under --pid (or without the inventory): from the kernel table, the
+    sockets those processes own, seen since start or seeded at start.
+    Minisockets have no owner, so they are not attributed to the pids;
+    pytracer_time_wait_sockets covers TIME_WAIT in their namespaces.
+    """
     inv = getattr(inp.leaks, "inventory_states", None) if inp.leaks is not None else None
-    if inv is not None and not opts.pids:
-        for name in INVENTORY_ONLY_STATES:
-            counts[name] = float(inv.get(name, 0))
+    counts: dict[str, float] = {}
+    if inv and not opts.pids:
+        for name, n in inv.items():
+            counts[str(name)] = float(n)
+        for s in STABLE_STATES:
+            counts.setdefault(s.name, 0.0)
+        counts.setdefault("TIME_WAIT", 0.0)
+    elif inp.socks is not None:
+        socks = inp.socks
+        # Records that count: the kernel counted them, or they were seeded
+        # from the inventory at start (seeded records stay out of the
+        # histograms, their birth being unknown, but they are live sockets).
+        # Left out: other processes' passive sockets under --pid, kept only
+        # until accept() names their owner.
+        live = (socks["counted"] != 0) | ((socks["flags"] & abi.PT_F_SEEDED) != 0)
+        by_state = np.bincount(socks["state"][live].astype(np.intp), minlength=abi.PT_STATES)
+        for s in range(len(by_state)):
+            if by_state[s] or s in STABLE_STATES:
+                counts[TcpState.name_of(s)] = float(by_state[s])
+    else:
+        return []
     fam = GaugeMetricFamily(
         f"{NAMESPACE}_sockets",
-        "Live TCP sockets by state: the kernel table (sockets seen since start, plus those seeded at start); "
-        "TIME_WAIT and NEW_SYN_RECV from the socket inventory (whole host only).",
+        "Live TCP sockets by state.  Whole host: every namespace's sockets as sock_diag (ss) lists them, "
+        "minisockets included; with --pid: the sockets those processes own (no TIME_WAIT).",
         labels=["state"],
     )
     for name in sorted(counts):

@@ -140,28 +140,33 @@ def sock_table(rows: list[tuple[int, int]], flags: int = 0) -> np.ndarray:
     return socks
 
 
-def test_sockets_by_state_counts_live_records_and_minisockets_from_inventory() -> None:
+def test_sockets_by_state_from_the_table_under_pid_and_the_inventory_host_wide() -> None:
     rows = [(int(TcpState.ESTABLISHED), 1)] * 5 + [(int(TcpState.CLOSE_WAIT), 1)] * 2
     rows += [(int(TcpState.ESTABLISHED), 0)] * 3  # not ours (--pid): not counted
     seeded = sock_table([(int(TcpState.LISTEN), 0)] * 4, flags=abi.PT_F_SEEDED | abi.PT_F_BIRTH_UNKNOWN)
     table = np.concatenate([sock_table(rows), seeded])
-    report = SimpleNamespace(inventory_states={"TIME_WAIT": 42, "ESTABLISHED": 999})
-    reg, _ = render(ScrapeInput(socks=table, leaks=report))
+    report = SimpleNamespace(inventory_states={"TIME_WAIT": 42, "ESTABLISHED": 999, "FIN_WAIT2": 3})
+
+    # --pid: the table (counted or seeded records); ownerless TIME_WAIT absent.
+    reg, _ = render(ScrapeInput(socks=table, leaks=report), ExportOptions(pids=(1,)))
     got = {dict(lab)["state"]: v for lab, v in reg.series("pytracer_sockets").items()}
     assert got["ESTABLISHED"] == 5
     assert got["CLOSE_WAIT"] == 2
     assert got["LISTEN"] == 4  # seeded at start: live, though uncounted in histograms
-    assert got["TIME_WAIT"] == 42
-    assert got["NEW_SYN_RECV"] == 0
-    assert got["SYN_SENT"] == 0  # stable series for every real state
-    assert set(got) == {s.name for s in TcpState if s <= TcpState.CLOSING} | {"NEW_SYN_RECV"}
-    # Without the inventory, TIME_WAIT is unknown: absent, never a false 0.
-    reg, _ = render(ScrapeInput(socks=table))
-    assert reg.get("pytracer_sockets", state="TIME_WAIT") is None
-    # Under --pid, ownerless minisockets are not attributed to the pids.
-    reg, _ = render(ScrapeInput(socks=table, leaks=report), ExportOptions(pids=(1,)))
+    assert got["SYN_SENT"] == 0  # stable series for every real state...
+    assert "TIME_WAIT" not in got  # ...but never a false zero for what the table cannot hold
+    assert set(got) == {s.name for s in TcpState if s <= TcpState.CLOSING} - {"TIME_WAIT"}
+
+    # Whole host: the inventory, which is what ss lists (minisockets included).
+    reg, _ = render(ScrapeInput(socks=table, leaks=report))
     got = {dict(lab)["state"]: v for lab, v in reg.series("pytracer_sockets").items()}
-    assert "TIME_WAIT" not in got and got["ESTABLISHED"] == 5
+    assert got["ESTABLISHED"] == 999 and got["TIME_WAIT"] == 42 and got["FIN_WAIT2"] == 3
+    assert got["LISTEN"] == 0
+
+    # No inventory (leak layer absent): the table, host-wide too.
+    reg, _ = render(ScrapeInput(socks=table))
+    assert reg.get("pytracer_sockets", state="ESTABLISHED") == 5
+    assert reg.get("pytracer_sockets", state="TIME_WAIT") is None
 
 
 def test_fold_top_caps_and_counts() -> None:
