@@ -1,12 +1,24 @@
 #!/bin/bash
-# Runs inside the new guest root (chroot) at the end of vagrant/build-image.
-#   customize.sh KERNEL SUITE MIRROR
+# Runs inside the new guest root (chroot) at the end of vagrant/build-image,
+# or as root inside a stock Debian VM (the Vagrantfile's VirtualBox provisioner).
+#   customize.sh KERNEL SUITE MIRROR [--provision]
+# --provision (in a running VM) skips the image-only steps: fstab, hostname,
+# vagrant user, network and sshd host-key setup.
+# Reads guest-requirements.txt from its own directory or the one above, and
+# uses host-ca.crt from its own directory, if present, as pip's CA bundle.
 # Installs what Debian's suite lacks (libbpf.so.1 on bullseye, newer Python
 # packages from PyPI), writes the guest's environment file, and prepares the
 # vagrant login used when the same image is booted as a vagrant box.
 set -euo pipefail
-KERNEL="$1" SUITE="$2" MIRROR="$3"
+KERNEL="$1" SUITE="$2" MIRROR="$3" MODE="${4:-image}"
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8
+# The host's pip settings name host paths; use the host CA bundle that
+# build-image uploaded and nothing else from them.
+HERE="$(cd "$(dirname "$0")" && pwd)"
+unset PIP_FIND_LINKS
+if [ -f "$HERE/host-ca.crt" ]; then export PIP_CERT="$HERE/host-ca.crt"; else unset PIP_CERT; fi
+REQS="$HERE/guest-requirements.txt"
+[ -f "$REQS" ] || REQS="$HERE/../guest-requirements.txt"
 step() { echo "customize: $*"; }
 
 # --- libbpf.so.1 ------------------------------------------------------------
@@ -49,7 +61,7 @@ libbpf=$(ls /usr/lib/x86_64-linux-gnu/libbpf.so.1 2>/dev/null || true)
 
 # --- Python packages from PyPI where Debian's are too old --------------------
 step "checking Python requirements"
-need=$(python3 - /tmp/pytracer-image/guest-requirements.txt <<'PY'
+need=$(python3 - "$REQS" <<'PY'
 import sys
 import importlib.metadata as md
 from packaging.requirements import Requirement
@@ -90,6 +102,11 @@ ENV
 cat >/etc/profile.d/pytracer-vm.sh <<'ENV'
 set -a; . /etc/pytracer-vm.env; set +a
 ENV
+if [ "$MODE" = --provision ]; then
+    step "done (provisioned)"
+    exit 0
+fi
+
 echo "pytracer-$(echo "$KERNEL" | tr . -)" >/etc/hostname
 echo "127.0.1.1 $(cat /etc/hostname)" >>/etc/hosts
 cat >/etc/fstab <<'FSTAB'

@@ -1,0 +1,47 @@
+# Kernel test VM targets. Included by the top-level Makefile:
+#     include vagrant/vm.mk
+#
+#   make vm-image  [KERNEL=5.10|6.1|6.12]   build guest images (cached, idempotent)
+#   make vm-test   [KERNEL=...]              kernel-tier tests, once per attach mode
+#   make vm-smoke  [KERNEL=...]              quick CI check: kernel features only
+#
+# KERNEL defaults to all three, run one after the other. Each kernel boots
+# under QEMU TCG (vagrant/run-vm) and runs vagrant/guest-test inside; the
+# targets go on through the matrix and fail at the end if any kernel failed.
+# Set VM_TEST_DEPS to targets that must be built on the host first (e.g. the
+# BPF objects), VM_PYTEST_ARGS to pass extra pytest arguments in the guest
+# (e.g. -m "not slow"), VM_TIMEOUT for the per-kernel hard limit in seconds.
+
+VM_DIR := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
+VM_KERNELS := 5.10 6.1 6.12
+KERNEL ?= $(VM_KERNELS)
+VM_TIMEOUT ?= 1200
+VM_SMOKE_TIMEOUT ?= 600
+VM_TEST_DEPS ?=
+VM_PYTEST_ARGS ?=
+
+.PHONY: vm-image vm-test vm-smoke
+
+vm-image:
+	@set -e; for k in $(KERNEL); do $(VM_DIR)/build-image $$k; done
+
+# vm_matrix TIMEOUT GUEST-ARGS: run guest-test in each kernel, then a summary.
+define vm_matrix
+	@rc=0; summary=""; \
+	for k in $(KERNEL); do \
+	    start=$$(date +%s); \
+	    $(VM_DIR)/run-vm --no-build --timeout $(1) \
+	        --env PYTRACER_VM_PYTEST_ARGS='$(VM_PYTEST_ARGS)' \
+	        $$k -- $(VM_DIR)/guest-test $(2); r=$$?; \
+	    summary="$$summary  $$k: exit $$r in $$(( $$(date +%s) - start ))s\n"; \
+	    [ $$r -eq 0 ] || rc=1; \
+	done; \
+	printf "vm: results\n$$summary"; \
+	exit $$rc
+endef
+
+vm-test: vm-image $(VM_TEST_DEPS)
+	$(call vm_matrix,$(VM_TIMEOUT),)
+
+vm-smoke: vm-image
+	$(call vm_matrix,$(VM_SMOKE_TIMEOUT),--smoke)
