@@ -1,0 +1,310 @@
+"""Plumbing for the benchmark harness: processes, /proc readings, bpf_stats.
+
+Everything that starts a process here hands back an object whose ``stop()``
+ends exactly that process (by pid), and every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+HERE = Path(__file__).resolve().parent
+BUILD = HERE / "build"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+TRACER = shutil.which("tracer") or "/usr/local/bin/tracer"
+VENV_PY = "/opt/pytracer/venv/bin/python"
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- numbers ---------------------------------------------------------------
+
+
+def stats(values: list[float]) -> dict[str, Any]:
+    """Median, min, max and n of a list (empty-safe)."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+# -- build -----------------------------------------------------------------
+
+
+def build_churn() -> str:
+    BUILD.mkdir(exist_ok=True)
+    out = BUILD / "churn"
+    src = HERE / "churn.c"
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(out), str(src)], check=True)
+    return str(out)
+
+
+# -- processes -------------------------------------------------------------
+
+
+class Proc:
+    """A subprocess whose stdout lines are collected by a thread (JSON decoded
+    when they look like JSON).  stop() signals this pid only."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None, stdin: bool = True,
+                 stdout_file: str | None = None, name: str = "") -> None:
+        self.name = name or os.path.basename(argv[0])
+        self.argv = argv
+        self.t_start = time.monotonic()
+        out = open(stdout_file, "w") if stdout_file else subprocess.PIPE  # noqa: SIM115
+        self.p = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: queue.Queue[tuple[float, Any]] = queue.Queue()
+        self.all: list[tuple[float, Any]] = []
+        self.stderr = ""
+        if self.p.stdout is not None:
+            threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._read_err, daemon=True).start()
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            t = time.monotonic()
+            line = line.strip()
+            item: Any = line
+            if line.startswith("{"):
+                try:
+                    item = json.loads(line)
+                except ValueError:
+                    pass
+            self.all.append((t, item))
+            self.lines.put((t, item))
+        self.lines.put((time.monotonic(), None))
+
+    def _read_err(self) -> None:
+        assert self.p.stderr is not None
+        self.stderr = self.p.stderr.read()
+
+    def next(self, timeout: float) -> tuple[float, Any]:
+        try:
+            t, item = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise BenchError(f"{self.name}: no output within {timeout:.0f}s") from None
+        if item is None:
+            self.p.wait(timeout=5)
+            time.sleep(0.1)
+            raise BenchError(f"{self.name} exited ({self.p.returncode}): {self.stderr.strip()[-400:]}")
+        return t, item
+
+    def wait_for(self, pred, timeout: float) -> tuple[float, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"{self.name}: expected output not seen within {timeout:.0f}s")
+            t, item = self.next(left)
+            if pred(item):
+                return t, item
+
+    def send(self, text: str = "go\n") -> None:
+        assert self.p.stdin is not None
+        self.p.stdin.write(text)
+        self.p.stdin.flush()
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise BenchError(f"{self.name}: did not finish within {timeout:.0f}s") from None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
+        if self.p.poll() is None:
+            try:
+                os.kill(self.p.pid, sig)
+                self.p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.p.pid, signal.SIGKILL)
+                self.p.wait(timeout=5)
+            except ProcessLookupError:
+                pass
+        if self.p.stdin:
+            try:
+                self.p.stdin.close()
+            except OSError:
+                pass
+        return self.p.returncode
+
+    def json_lines(self) -> list[dict[str, Any]]:
+        return [x for _, x in self.all if isinstance(x, dict)]
+
+
+@contextmanager
+def running(*procs: Proc) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def start_tracer(*args: str, interval: float = 1.0, attach: str | None = None, timeout: float = 120) -> Proc:
+    """`tracer watch --json` (or another subcommand via args), attached on return."""
+    argv = [TRACER]
+    if attach:
+        argv += ["--attach", attach]
+    if args and args[0] == "export":
+        argv += list(args)
+        p = Proc(argv, name="tracer-export")
+        return p
+    argv += ["watch", "--json", "--interval", str(interval), "--top", "0", *args]
+    p = Proc(argv, name="tracer-watch")
+    try:
+        p.wait_for(lambda x: isinstance(x, dict), timeout)  # first report: attached
+    except BaseException:
+        p.stop()
+        raise
+    return p
+
+
+def start_bpftrace(script: Path, *args: str, timeout: float = 60, out: str | None = None) -> Proc:
+    """bpftrace with its BEGIN probe printing "ready"; returns once attached."""
+    argv = ["bpftrace", "-q", "-f", "json", str(script), *args] if out is None else \
+        ["bpftrace", "-q", str(script), *args]
+    p = Proc(argv, name="bpftrace", stdout_file=None)
+    try:
+        p.wait_for(lambda x: x == "ready" or (isinstance(x, dict) and x.get("data") == "ready\n")
+                   or (isinstance(x, dict) and x.get("type") == "printf" and "ready" in str(x.get("data"))),
+                   timeout)
+    except BaseException:
+        p.stop()
+        raise
+    return p
+
+
+# -- /proc and bpf ---------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all threads), seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_kib(pid: int) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1])
+    return out
+
+
+def bpf_ids(pid: int, kind: str = "prog") -> list[int]:
+    """The BPF program (or map) ids a process holds open, from fdinfo."""
+    ids = []
+    key = f"{kind}_id:"
+    try:
+        fds = os.listdir(f"/proc/{pid}/fdinfo")
+    except OSError:
+        return ids
+    for fd in fds:
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                for line in f:
+                    if line.startswith(key):
+                        ids.append(int(line.split()[1]))
+        except OSError:
+            continue
+    return sorted(set(ids))
+
+
+def _bpftool_json(*args: str) -> Any:
+    out = subprocess.run(["bpftool", "-j", *args], check=True, capture_output=True, text=True, timeout=30).stdout
+    return json.loads(out)
+
+
+def prog_stats(ids: list[int]) -> dict[int, dict[str, Any]]:
+    """id -> {name, run_time_ns, run_cnt} for those programs."""
+    out = {}
+    for p in _bpftool_json("prog", "show"):
+        if p["id"] in ids:
+            out[p["id"]] = {"name": p.get("name", ""), "run_time_ns": p.get("run_time_ns", 0),
+                            "run_cnt": p.get("run_cnt", 0)}
+    return out
+
+
+def map_memory(ids: list[int]) -> dict[str, int]:
+    return {m.get("name", str(m["id"])): m.get("bytes_memlock", 0) for m in _bpftool_json("map", "show")
+            if m["id"] in ids}
+
+
+@contextmanager
+def bpf_stats_enabled() -> Iterator[None]:
+    path = "/proc/sys/kernel/bpf_stats_enabled"
+    with open(path) as f:
+        old = f.read().strip()
+    with open(path, "w") as f:
+        f.write("1")
+    try:
+        yield
+    finally:
+        with open(path, "w") as f:
+            f.write(old)
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kib = int(f.readline().split()[1])
+    libbpf = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "libbpf1"], capture_output=True, text=True).stdout
+    bpftrace = subprocess.run(["bpftrace", "--version"], capture_output=True, text=True).stdout.strip()
+    return {
+        "kernel": os.uname().release,
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "mem_gib": round(mem_kib / 2**20, 1),
+        "os": _os_release(),
+        "libbpf": libbpf,
+        "bpftrace": bpftrace,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
+
+
+def _os_release() -> str:
+    try:
+        text = Path("/etc/os-release").read_text()
+        return re.search(r'PRETTY_NAME="([^"]+)"', text).group(1)  # type: ignore[union-attr]
+    except (OSError, AttributeError):
+        return "?"

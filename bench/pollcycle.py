@@ -1,0 +1,59 @@
+"""Time one poll cycle of `tracer watch` at scale, in-process.
+
+Run with the pytracer venv's Python.  Loads and attaches the tracer, prints
+{"attached": true}, then waits for a line N on stdin, times N cycles of
+exactly what each `tracer watch` interval does (poller.snapshot + the
+report), and prints the times, the map size and this process's RSS; then
+times seeding every live socket into a second, fresh tracer.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from pytracer import leaks, model, poller
+from pytracer.loader import Tracer
+
+
+def rss_kib() -> dict[str, int]:
+    with open("/proc/self/status") as f:
+        return {ln.split(":")[0]: int(ln.split()[1]) for ln in f if ln.startswith(("VmRSS:", "VmHWM:"))}
+
+
+def main() -> int:
+    cap = int(sys.argv[1]) if len(sys.argv) > 1 else 262144
+    start_ns = time.monotonic_ns()
+    with Tracer(max_sockets=cap) as tracer:
+        print(json.dumps({"attached": True}), flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            return 0
+        opts = model.ReportOptions(top=10, start_mono_ns=start_ns, max_sockets=cap)
+        prev = poller.snapshot(tracer)
+        polls, reads, entries = [], [], 0
+        for _ in range(max(1, min(int(line), 100))):
+            t0 = time.perf_counter()
+            snap = poller.snapshot(tracer)
+            report = model.build_report(snap, prev, opts)
+            json.dumps(report)
+            polls.append(time.perf_counter() - t0)
+            reads.append(snap.read_seconds)
+            entries = len(snap.socks)
+            prev = snap
+        rss = rss_kib()
+        # Seeding: a second, fresh tracer finds every socket alive now.
+        with Tracer(max_sockets=cap) as fresh:
+            t0 = time.perf_counter()
+            res = leaks.seed(fresh, ())
+            seed_s = time.perf_counter() - t0
+        print(json.dumps({"poll_s": polls, "read_s": reads, "map_entries": entries, "rss_kib": rss,
+                          "seed_s": seed_s, "seeded": res.seeded + res.existed, "seed_failed": res.failed}),
+              flush=True)
+        sys.stdin.readline()  # hold until told (or EOF / SIGTERM)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
