@@ -61,6 +61,7 @@ NAMESPACE = "pytracer"
 DEFAULT_LISTEN = "127.0.0.1:9808"
 DEFAULT_MAX_COMMS = 20
 DEFAULT_TIME_WAIT_TOP = 10
+DEFAULT_LEAK_INTERVAL = 15.0
 OTHER = "other"
 
 # Powers of two in microseconds from 32 us to 2^36 us (19 h): exact slot
@@ -530,6 +531,15 @@ class TracerCollector(Collector):
     with ``map()``, ``ncpus``, ``programs()``, ``choices`` and ``backend``).
     ``scanner`` is ``"auto"`` to use :mod:`pytracer.leaks` when it imports,
     ``None`` to skip leak metrics, or an object with ``scan(snapshot)``.
+
+    The kernel maps are read during every scrape.  The leak scan (sock_diag
+    over every namespace, /proc, tcp_info) costs far more on a busy host
+    (seconds at 100,000 sockets), so after :meth:`start` it runs in a thread
+    of its own every ``leak_interval`` seconds (stretched to four times its
+    own duration, so it never takes more than a quarter of a CPU), and a
+    scrape uses its latest report; ``pytracer_leak_scan_age_seconds`` says
+    how old that is.  Without :meth:`start` (or with ``leak_interval=0``)
+    each scrape scans.
     """
 
     def __init__(
@@ -539,8 +549,19 @@ class TracerCollector(Collector):
         scanner: Any = "auto",
         thresholds: Mapping[str, Any] | None = None,
         bpf_stats: bool = False,
+        leak_interval: float = DEFAULT_LEAK_INTERVAL,
     ) -> None:
         self.tracer = tracer
+        self.leak_interval = leak_interval
+        # Held around every read of the tracer's maps (scrape and scan thread)
+        # so close() can wait for them before the tracer frees its maps.
+        self._maps_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._report: Any = None
+        self._report_mono = 0.0
+        self.leak_scans = 0
+        self.leak_scan_seconds: float | None = None
         self.opts = opts or ExportOptions()
         self.thresholds = dict(thresholds or {})
         self.bpf_stats_held = bpf_stats
@@ -558,13 +579,59 @@ class TracerCollector(Collector):
         # Registering must not scrape the kernel.
         return []
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Refuse further reads; waits for a scrape in flight (the tracer is
-        about to be closed and its map fds with it)."""
-        got = self._lock.acquire(timeout=timeout)
+    def start(self) -> None:
+        """Run leak scans in the background (see the class docstring)."""
+        if self.leak_interval <= 0 or self._thread is not None or self._scanner_obj() is None:
+            return
+        self._thread = threading.Thread(target=self._scan_loop, name="pytracer-leak-scan", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Refuse further reads; waits for a scrape or scan in flight (the
+        tracer is about to be closed and its map fds with it)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        got = self._maps_lock.acquire(timeout=timeout)
         self._closed = True
         if got:
-            self._lock.release()
+            self._maps_lock.release()
+
+    def _scan_loop(self) -> None:
+        from . import poller
+
+        scanner = self._scanner
+        # Ends with close(); each round waits at least 50 ms.
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            snap = None
+            with self._maps_lock:
+                if self._closed:
+                    return
+                try:
+                    snap = poller.snapshot(self.tracer)
+                except Exception as exc:  # noqa: BLE001
+                    self._failed("leaks", exc)
+            if snap is not None:
+                self._scan_once(scanner, snap, t0)
+            spent = time.monotonic() - t0
+            period = max(self.leak_interval, 4 * spent)
+            self._stop.wait(max(period - spent, 0.05))
+
+    def _scan_once(self, scanner: Any, snap: Any, t0: float) -> Any:
+        try:
+            rep = scanner.scan(snap)
+        except Exception as exc:  # noqa: BLE001 - a broken layer must not stop the exporter
+            self._failed("leaks", exc)
+            return None
+        errors = list(getattr(rep, "errors", None) or [])
+        if errors:
+            self._failed("leaks", RuntimeError("; ".join(errors[:3])))
+        self._report = rep
+        self._report_mono = time.monotonic()
+        self.leak_scan_seconds = self._report_mono - t0
+        self.leak_scans += 1
+        return rep
 
     # -- error accounting --
 
@@ -616,6 +683,8 @@ class TracerCollector(Collector):
         from . import poller
 
         inp = ScrapeInput()
+        if self._closed:
+            return inp
         t0 = time.perf_counter()
         totals = socks = keys = None
         try:
@@ -646,12 +715,11 @@ class TracerCollector(Collector):
         inp.bpf_stats = self.bpf_stats_held or bpf_stats_enabled()
 
         scanner = self._scanner_obj()
-        if scanner is not None and totals is not None and socks is not None:
+        if self._thread is not None:
+            inp.leaks = self._report
+        elif scanner is not None and totals is not None and socks is not None:
             snap = poller.Snapshot(mono, time.time(), totals, keys, socks, inp.poll_seconds)
-            try:
-                inp.leaks = scanner.scan(snap)
-            except Exception as exc:  # noqa: BLE001
-                self._failed("leaks", exc)
+            inp.leaks = self._scan_once(scanner, snap, time.monotonic())
 
         inp.build = {
             "version": __version__,
@@ -671,7 +739,9 @@ class TracerCollector(Collector):
             fams: list[Metric] = []
             if not self._closed:
                 try:
-                    fams, folded = build_families(self.read(), self.opts)
+                    with self._maps_lock:
+                        inp = self.read()
+                    fams, folded = build_families(inp, self.opts)
                     for label, n in folded.items():
                         self.label_overflow[label] = self.label_overflow.get(label, 0) + n
                 except Exception as exc:  # noqa: BLE001 - a scrape never raises
@@ -698,7 +768,20 @@ class TracerCollector(Collector):
         dur = GaugeMetricFamily(f"{ns}_scrape_duration_seconds", "Time this scrape took to read and build.")
         dur.add_metric([], seconds)
         self.last_scrape_seconds = seconds
-        return [errs, over, dur]
+        out = [errs, over, dur]
+        if self._scanner not in (None, "auto"):
+            scans = CounterMetricFamily(f"{ns}_leak_scans", "Leak detector scans completed.")
+            scans.add_metric([], float(self.leak_scans))
+            out.append(scans)
+        if self.leak_scan_seconds is not None:
+            sd = GaugeMetricFamily(f"{ns}_leak_scan_duration_seconds", "Time the last leak scan took.")
+            sd.add_metric([], self.leak_scan_seconds)
+            age = GaugeMetricFamily(
+                f"{ns}_leak_scan_age_seconds", "Age of the leak report the leak metrics come from."
+            )
+            age.add_metric([], time.monotonic() - self._report_mono)
+            out += [sd, age]
+        return out
 
 
 # --- web config (exporter-toolkit format) --------------------------------------

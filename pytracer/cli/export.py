@@ -59,6 +59,15 @@ from .common import Context, make_tracer, max_sockets_option, pid_option, run, v
 @click.option("--idle-after", type=click.FloatRange(0, None), default=None, metavar="SECONDS",
               help="Flag ESTABLISHED sockets idle longer than this (leak detector default if unset).")
 @click.option(
+    "--leak-interval",
+    type=click.FloatRange(0, 3600),
+    default=exporter.DEFAULT_LEAK_INTERVAL,
+    show_default=True,
+    metavar="SECONDS",
+    help="Run the leak scan this often in the background (0: during each scrape). Kernel maps are "
+    "always read at scrape time.",
+)
+@click.option(
     "--bpf-stats",
     is_flag=True,
     help="Turn on kernel BPF run-time statistics while running (BPF_ENABLE_STATS; needs CAP_SYS_ADMIN).",
@@ -78,6 +87,7 @@ def export(
     label_addresses: bool,
     close_wait_after: float | None,
     idle_after: float | None,
+    leak_interval: float,
     bpf_stats: bool,
     duration: float | None,
     verbose: bool,
@@ -109,13 +119,14 @@ def export(
     except exporter.ExportError as exc:
         raise click.ClickException(str(exc)) from None
     try:
-        _serve(obj, server, registry, opts, thresholds, max_sockets, bpf_stats, duration)
+        _serve(obj, server, registry, opts, thresholds, max_sockets, bpf_stats, duration, leak_interval)
     finally:
         server.server_close()
 
 
 def _serve(obj: Context, server: exporter.ExporterServer, registry, opts: exporter.ExportOptions,
-           thresholds: dict, max_sockets: int, bpf_stats: bool, duration: float | None) -> None:
+           thresholds: dict, max_sockets: int, bpf_stats: bool, duration: float | None,
+           leak_interval: float) -> None:
     log = exporter.log
     stats = None
     tracer = make_tracer(obj, opts.pids, max_sockets)
@@ -126,14 +137,17 @@ def _serve(obj: Context, server: exporter.ExporterServer, registry, opts: export
             except exporter.ExportError as exc:
                 log.warning("%s; continuing without", exc)
         _seed(tracer, opts.pids)
-        collector = exporter.TracerCollector(tracer, opts, thresholds=thresholds, bpf_stats=stats is not None)
-        registry.register(collector)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
-        thread.start()
-        hooks = ", ".join(f"{h}={c.kind}" for h, c in tracer.choices.items() if c.kind)
-        scope = "pids " + ",".join(map(str, opts.pids)) if opts.pids else "whole host"
-        log.info("serving %s (%s; hooks %s)", server.url, scope, hooks)
+        collector = exporter.TracerCollector(tracer, opts, thresholds=thresholds, bpf_stats=stats is not None,
+                                             leak_interval=leak_interval)
+        thread = None
         try:
+            collector.start()
+            registry.register(collector)
+            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+            thread.start()
+            hooks = ", ".join(f"{h}={c.kind}" for h, c in tracer.choices.items() if c.kind)
+            scope = "pids " + ",".join(map(str, opts.pids)) if opts.pids else "whole host"
+            log.info("serving %s (%s; hooks %s)", server.url, scope, hooks)
             stop = threading.Event()
             deadline = None if duration is None else time.monotonic() + duration
             # Runs until a signal (SIGTERM/SIGINT unwind from here) or --duration.
@@ -143,7 +157,10 @@ def _serve(obj: Context, server: exporter.ExporterServer, registry, opts: export
                     break
                 stop.wait(left)
         finally:
-            server.shutdown()
+            # Order matters: no scrape or scan may touch the maps once the
+            # tracer closes them (leaving the `with`).
+            if thread is not None:
+                server.shutdown()
             collector.close()
             if stats is not None:
                 stats.close()
