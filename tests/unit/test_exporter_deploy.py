@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -66,7 +67,9 @@ def exported_metric_names() -> set[str]:
         hooks=[("state", "tp_btf", "p")], build={"version": "v"},
     )
     fams, _ = build_families(inp, ExportOptions())
-    fams += TracerCollector(None, scanner=None)._self_families(0.1)
+    collector = TracerCollector(None, scanner=SimpleNamespace(scan=None))
+    collector.leak_scan_seconds = 1.0
+    fams += collector._self_families(0.1)
     names = set()
     for f in fams:
         for s in f.samples:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import random
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -302,3 +303,27 @@ def test_closed_collector_reads_nothing() -> None:
     names = {f.name for f in fams}
     assert names == {"pytracer_read_errors", "pytracer_label_overflow", "pytracer_scrape_duration_seconds"}
     assert c.read_errors["agg"] == 0
+
+
+class RecordingScanner:
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        self.snapshots: list = []
+
+    def scan(self, snapshot):
+        self.snapshots.append(snapshot)
+        return SimpleNamespace(flags=[flag("close_wait", "api", 5.0)], errors=self.errors)
+
+
+def test_leak_scan_report_is_kept_and_its_errors_counted() -> None:
+    scanner = RecordingScanner(errors=["netns 4026532999: Permission denied"])
+    c = TracerCollector(BrokenTracer(), scanner=scanner)
+    rep = c._scan_once(scanner, "snap", time.monotonic())
+    assert rep is c._report and scanner.snapshots == ["snap"]
+    assert c.read_errors["leaks"] == 1 and c.leak_scans == 1
+    names = {f.name for f in c._self_families(0.0)}
+    assert {"pytracer_leak_scans", "pytracer_leak_scan_duration_seconds", "pytracer_leak_scan_age_seconds"} <= names
+    # Without a background thread a scrape scans itself; with a broken tracer
+    # there is no snapshot to scan, and that is counted, not raised.
+    c.collect()
+    assert c.read_errors["agg"] == 1 and len(scanner.snapshots) == 1
