@@ -154,8 +154,29 @@ static __always_inline bool is_tcp(struct sock *sk)
 	return sk_protocol_of(sk) == IPPROTO_TCP;
 }
 
-static __always_inline void read_addrs(struct pt_sock *rec, struct sock *sk)
+/*
+ * Socket facts for a record.  `btf` is a compile-time constant: programs
+ * with BTF pointers (tp_btf, fentry) load fields directly, which the JIT
+ * turns into plain guarded loads; kprobe and tracepoint programs go
+ * through bpf_probe_read_kernel().  The walk to the inode is for sockets
+ * that already have a struct socket (connect, listen).
+ */
+static __always_inline void read_addrs(struct pt_sock *rec, struct sock *sk,
+				       bool btf)
 {
+	if (btf) {
+		rec->family = sk->__sk_common.skc_family;
+		rec->lport = sk->__sk_common.skc_num;
+		rec->rport = bpf_ntohs(sk->__sk_common.skc_dport);
+		if (rec->family == AF_INET) {
+			*(__u32 *)rec->laddr = sk->__sk_common.skc_rcv_saddr;
+			*(__u32 *)rec->raddr = sk->__sk_common.skc_daddr;
+		} else {
+			__builtin_memcpy(rec->laddr, &sk->__sk_common.skc_v6_rcv_saddr, 16);
+			__builtin_memcpy(rec->raddr, &sk->__sk_common.skc_v6_daddr, 16);
+		}
+		return;
+	}
 	rec->family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	rec->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
 	rec->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
@@ -168,9 +189,18 @@ static __always_inline void read_addrs(struct pt_sock *rec, struct sock *sk)
 	}
 }
 
-static __always_inline __u64 socket_ino(struct socket *sock)
+static __always_inline __u32 netns_of(struct sock *sk, bool btf)
 {
-	return BPF_CORE_READ(sock, file, f_inode, i_ino);
+	if (btf)
+		return sk->__sk_common.skc_net.net->ns.inum;
+	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+}
+
+static __always_inline __u64 sk_ino(struct sock *sk, bool btf)
+{
+	if (btf)
+		return sk->sk_socket->file->f_inode->i_ino;
+	return BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
 }
 
 /* The owner is whoever runs now: only call from connect/listen/accept. */
@@ -240,7 +270,7 @@ static __always_inline void note_app_close(struct pt_agg *a,
 }
 
 static __always_inline void birth(struct pt_agg *a, struct sock *sk, __u64 key,
-				  int dir, int old, int new, __u64 now)
+				  int dir, int old, int new, __u64 now, bool btf)
 {
 	struct pt_sock rec = {};
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -252,8 +282,8 @@ static __always_inline void birth(struct pt_agg *a, struct sock *sk, __u64 key,
 	rec.owner_fd = -1;
 	rec.transitions = 1;
 	rec.history[0] = new;
-	rec.netns_ino = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
-	read_addrs(&rec, sk);
+	rec.netns_ino = netns_of(sk, btf);
+	read_addrs(&rec, sk, btf);
 	if (dir == PT_DIR_PASSIVE) {
 		struct pt_listen_key lk = {
 			.netns_ino = rec.netns_ino,
@@ -271,7 +301,7 @@ static __always_inline void birth(struct pt_agg *a, struct sock *sk, __u64 key,
 			return;
 		}
 		set_owner(&rec, tgid);
-		rec.ino = socket_ino(BPF_CORE_READ(sk, sk_socket));
+		rec.ino = sk_ino(sk, btf);
 	}
 	/* Under --pid, a child counts from birth when its listener is ours,
 	 * else once accept() names an owner that is. */
@@ -299,7 +329,7 @@ static __always_inline void birth(struct pt_agg *a, struct sock *sk, __u64 key,
 
 /* First sight of a socket that was born before we attached. */
 static __always_inline void midlife(struct pt_agg *a, struct sock *sk,
-				    __u64 key, int old, int new, __u64 now)
+				    __u64 key, int old, int new, __u64 now, bool btf)
 {
 	struct pt_sock rec = {};
 
@@ -311,8 +341,8 @@ static __always_inline void midlife(struct pt_agg *a, struct sock *sk,
 	rec.history[0] = new;
 	rec.flags = PT_F_BIRTH_UNKNOWN;
 	rec.counted = !cfg.filter_owner;
-	rec.netns_ino = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
-	read_addrs(&rec, sk);
+	rec.netns_ino = netns_of(sk, btf);
+	read_addrs(&rec, sk, btf);
 	stat_add(a, PT_S_MIDLIFE);
 	if (bpf_map_update_elem(&socks, &key, &rec, BPF_ANY)) {
 		stat_add(a, PT_S_INSERT_FAILED);
@@ -323,7 +353,7 @@ static __always_inline void midlife(struct pt_agg *a, struct sock *sk,
 }
 
 static __always_inline void handle_state(struct sock *sk, __u64 key, int old,
-					 int new)
+					 int new, bool btf)
 {
 	struct pt_agg *a = agg_get();
 	struct pt_sock *rec;
@@ -338,11 +368,11 @@ static __always_inline void handle_state(struct sock *sk, __u64 key, int old,
 	if (dir >= 0) {
 		if (rec)	/* a reused socket: the old life ends here */
 			finish(a, rec, now);
-		birth(a, sk, key, dir, old, new, now);
+		birth(a, sk, key, dir, old, new, now, btf);
 		return;
 	}
 	if (!rec) {
-		midlife(a, sk, key, old, new, now);
+		midlife(a, sk, key, old, new, now, btf);
 		return;
 	}
 	if (rec->counted) {
@@ -370,7 +400,7 @@ static __always_inline void handle_state(struct sock *sk, __u64 key, int old,
 	}
 	/* connect() binds the local port after CLOSE -> SYN_SENT. */
 	if (!rec->lport)
-		read_addrs(rec, sk);
+		read_addrs(rec, sk, btf);
 	if (old == TCP_ESTABLISHED && new == TCP_CLOSE_WAIT &&
 	    !rec->app_closed)
 		rec->flags |= PT_F_PEER_FIN;
@@ -452,7 +482,7 @@ int BPF_PROG(state_tp_btf, struct sock *sk, int old, int new)
 {
 	if (sk->sk_protocol != IPPROTO_TCP)
 		return 0;
-	handle_state(sk, key_btf(sk), old, new);
+	handle_state(sk, key_btf(sk), old, new, true);
 	return 0;
 }
 
@@ -463,14 +493,14 @@ int state_tracepoint(struct trace_event_raw_inet_sock_set_state *ctx)
 
 	if (ctx->protocol != IPPROTO_TCP)
 		return 0;
-	handle_state(sk, key_raw(sk), ctx->oldstate, ctx->newstate);
+	handle_state(sk, key_raw(sk), ctx->oldstate, ctx->newstate, false);
 	return 0;
 }
 
 SEC("fentry/tcp_set_state")
 int BPF_PROG(state_fentry, struct sock *sk, int state)
 {
-	handle_state(sk, key_btf(sk), sk->__sk_common.skc_state, state);
+	handle_state(sk, key_btf(sk), sk->__sk_common.skc_state, state, true);
 	return 0;
 }
 
@@ -478,7 +508,7 @@ SEC("kprobe/tcp_set_state")
 int BPF_KPROBE(state_kprobe, struct sock *sk, int state)
 {
 	handle_state(sk, key_raw(sk), BPF_CORE_READ(sk, __sk_common.skc_state),
-		     state);
+		     state, false);
 	return 0;
 }
 
