@@ -183,13 +183,11 @@ def test_exported_states_agree_with_ss(tmp_path: Path, netns: str, cleanup: list
     cleanup.extend(procs)
     pid_args = [a for p in procs for a in ("--pid", str(p.pid))]
     # --leak-interval 0: the leak scan runs inside the scrape, same moment as the maps.
-    exp = Exporter(*pid_args, "--close-wait-after", "1", "--label-addresses", "--time-wait-top", "50",
-                   "--leak-interval", "0", tmp=tmp_path)
+    exp = Exporter(*pid_args, "--close-wait-after", "1", "--leak-interval", "0", tmp=tmp_path)
     cleanup.append(exp)
     exp.wait_ready()
     for p in procs:
         p.send()
-    ports = {p.name: p.expect("listening")["port"] for p in procs}
     for p in procs:
         p.expect("done", timeout=60)
     time.sleep(1.5)  # past --close-wait-after; nothing moves from here on
@@ -213,17 +211,39 @@ def test_exported_states_agree_with_ss(tmp_path: Path, netns: str, cleanup: list
     assert full == {"CLOSE_WAIT": 7, "ESTABLISHED": 10, "LISTEN": 3}
     assert ss_states(netns, minisocks=True) == {"TIME_WAIT": 25, "FIN_WAIT2": 7}
 
-    # TIME_WAIT per destination (the churn clients closed first).
-    tw_exp = sum(v for lab, v in series(samples, "pytracer_time_wait_sockets").items()
-                 if f":{ports['churn']}" in dict(lab)["destination"])
-    assert tw_exp == ss_states(netns, f"dport = :{ports['churn']}").get("TIME_WAIT") == 25
-
     # Per process, against ss and /proc.
     assert value(samples, "pytracer_close_wait_sockets", comm="leakysrv") == 7
     assert value(samples, "pytracer_flagged_sockets", kind="close_wait", comm="leakysrv") == 7
     fds = len(os.listdir(f"/proc/{idle.pid}/fd"))
     limit = int(re.search(r"Max open files\s+(\d+)", Path(f"/proc/{idle.pid}/limits").read_text()).group(1))
     assert value(samples, "pytracer_process_fd_usage_ratio", comm="idlepool") == pytest.approx(fds / limit)
+
+
+def test_time_wait_per_destination_agrees_with_ss(tmp_path: Path, netns: str, cleanup: list) -> None:
+    """TIME_WAIT has no owner, so this is the whole-host exporter; with
+    --label-addresses the destination names our namespace, which makes the
+    count ours alone however busy the host is."""
+    churn = start_workload("churn", "127.0.0.1", 60, 0, 0, netns=netns)
+    cleanup.append(churn)
+    exp = Exporter("--label-addresses", "--time-wait-top", "1000", "--leak-interval", "0", tmp=tmp_path)
+    cleanup.append(exp)
+    exp.wait_ready()
+    churn.send()
+    port = churn.expect("listening")["port"]
+    churn.expect("done", timeout=60)
+    ino = os.stat(f"/run/netns/{netns}").st_ino
+    samples, _, text = exp.scrape()
+    ss_tw = ss_states(netns, f"dport = :{port}").get("TIME_WAIT")
+    mine = {dict(lab)["destination"]: v for lab, v in series(samples, "pytracer_time_wait_sockets").items()
+            if dict(lab)["destination"].startswith(f"127.0.0.1:{port}@")}
+    report("scrape-time-wait.txt", f"ss: {ss_tw} TIME_WAIT to 127.0.0.1:{port} in {netns} (netns inode {ino})\n"
+           f"exported: {mine}\n")
+    assert ss_tw == 60
+    assert mine == {f"127.0.0.1:{port}@netns:{ino}": 60}
+    ratio = value(samples, "pytracer_time_wait_port_usage_ratio", destination=f"127.0.0.1:{port}@netns:{ino}")
+    lo, hi = map(int, subprocess.run(["ip", "netns", "exec", netns, "cat", "/proc/sys/net/ipv4/ip_local_port_range"],
+                                     capture_output=True, text=True, check=True).stdout.split())
+    assert ratio == pytest.approx(60 / (hi - lo + 1))
 
 
 @pytest.fixture(scope="module")
