@@ -74,7 +74,9 @@ class Thresholds:
     growth_polls: int = 3  # successive polls the CLOSE_WAIT count must not fall over
     growth_min: int = 3  # and rise by at least this much
     top: int = 10  # TIME_WAIT destinations reported
-    max_info_queries: int = 2048  # tcp_info lookups per scan
+    # tcp_info: exact lookups per namespace per scan; a namespace with more
+    # candidates gets one dump with tcp_info instead (cheaper per socket).
+    max_exact_lookups: int = 256
 
     def validate(self) -> None:
         for name in ("close_wait_after", "idle_after", "last_ack_after"):

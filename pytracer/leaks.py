@@ -129,15 +129,25 @@ class LeakReport:
         }
 
 
-@dataclass
-class _Memo:
-    """What a Scanner remembers about one socket between scans."""
+def scope_mask(rows: np.ndarray, owners: dict[int, list[tuple[int, int]]], pids: Iterable[int]) -> np.ndarray:
+    """Sockets in scope: all, or those ``pids`` hold an fd for, plus the
+    unaccepted (and orphaned) sockets on the ports of their listeners."""
+    wanted = set(pids)
+    if not wanted:
+        return np.ones(len(rows), dtype=bool)
+    held = np.array(sorted(ino for ino, own in owners.items() if any(p in wanted for p, _ in own)), dtype=np.uint64)
+    mask = np.isin(rows["inode"].astype(np.uint64), held) & (rows["inode"] != 0)
+    lst = rows[mask & (rows["state"] == int(S.LISTEN))]
+    if len(lst):
+        key = rows["netns"].astype(np.uint64) * np.uint64(65536) + rows["lport"].astype(np.uint64)
+        lkey = lst["netns"].astype(np.uint64) * np.uint64(65536) + lst["lport"].astype(np.uint64)
+        mask |= (rows["inode"] == 0) & np.isin(key, lkey)
+    return mask
 
-    state: int
-    floor_seconds: float | None = None  # a kernel lower bound on time in state...
-    floor_mono: float = 0.0  # ...measured at this time
-    not_before: float = 0.0  # ESTABLISHED: cannot reach idle_after before this
-    checked: float = 0.0  # last tcp_info query
+
+# Per-socket history a Scanner carries between scans, one array each,
+# aligned with the sorted cookies (see Scanner._carry).
+_HISTORY = (("since", np.nan), ("not_before", 0.0), ("checked", 0.0), ("floor", np.nan), ("floor_at", np.nan))
 
 
 class Scanner:
@@ -146,7 +156,15 @@ class Scanner:
     ``tracer`` may be None (or keyed by pointer): then time in state comes
     only from the kernel's clocks and from how long this Scanner has seen the
     socket in its state.  ``pids`` restricts flags to sockets those processes
-    hold (and unaccepted sockets in their listeners' queues).
+    hold (and unaccepted sockets in their listeners' queues); TIME_WAIT
+    sockets belong to no process, so with ``pids`` they are neither dumped nor
+    judged.
+
+    What a Scanner remembers per socket (in numpy arrays, not per-socket
+    objects): since when it has been seen in its current state, the last
+    kernel lower bound on its time in state, when tcp_info was last asked
+    for, and, for ESTABLISHED sockets, the earliest time it could possibly
+    be idle for ``idle_after`` (so it is not asked again before then).
     """
 
     def __init__(self, tracer: Any = None, thresholds: Thresholds | None = None, pids: Iterable[int] = (),
@@ -159,12 +177,10 @@ class Scanner:
         self.max_socket_facts = max_socket_facts
         self._lock = threading.Lock()
         self._growth: dict[tuple, list[GrowthSample]] = {}
-        self._memo: dict[int, _Memo] = {}
         self._proc_cache: dict[int, procs.ProcFacts] = {}
-        # Sockets seen in their current state since (monotonic seconds): sorted cookies.
-        self._seen_cookies = np.zeros(0, np.uint64)
-        self._seen_state = np.zeros(0, np.uint8)
-        self._seen_since = np.zeros(0, np.float64)
+        self._hist_cookie = np.zeros(0, np.uint64)
+        self._hist_state = np.zeros(0, np.uint8)
+        self._hist: dict[str, np.ndarray] = {name: np.zeros(0) for name, _ in _HISTORY}
         self.scans = 0
         # The facts the last scan judged (for debugging and recording fixtures).
         self.last_facts: list[SockFacts] = []
@@ -200,13 +216,15 @@ class Scanner:
         rep.stats.update(processes_scanned=fdscan.processes, fds_scanned=fdscan.fds,
                          fd_scan_truncated=fdscan.truncated, fd_tables_unreadable=fdscan.unreadable)
         refs = procs.netns_refs(fdscan, self.proc)
+        states = sockdiag.ALL_STATES
         if self.pids:
             # Only the namespaces the watched processes live in (and ours).
             wanted = {fdscan.netns_of[p] for p in self.pids if p in fdscan.netns_of}
             refs = [r for r in refs if r.label == "host" or r.ino in wanted]
+            states &= ~((1 << int(S.TIME_WAIT)) | (1 << int(S.NEW_SYN_RECV)))
 
         with sockdiag.Session(refs) as sess:
-            inv = sess.dump()
+            inv = sess.dump(states=states)
             now = time.monotonic()
             now_ns = time.monotonic_ns()
             rep.errors.extend(inv.errors)
@@ -218,34 +236,33 @@ class Scanner:
             host_ino = next((r.ino for r in refs if r.label == "host"), None)
 
             # Which sockets are ours to judge.
-            inode_owner = fdscan.sockets
-            relevant = self._relevant(rows, inode_owner)
-            listeners = self._listeners(rows, inode_owner)
+            owners = fdscan.sockets
+            relevant = self._relevant(rows, owners)
+            listeners = self._listeners(rows, owners)
 
             # Time in state: exact from the BPF table, else lower bounds.
             exact_s, table_bound_s, accepted, matched = self._join_table(rows, snapshot, now_ns)
-            seen_s = self._seen(rows, now)
+            hist = self._carry(rows, now)
             rep.stats["table_records"] = int(len(snapshot.keys)) if snapshot is not None else None
             rep.stats["table_matched"] = int(matched.sum())
 
             fin_timeout = {ino: n.fin_timeout for ino, n in inv.netns.items()}
-            cands, deferred = self._candidates(rows, relevant, exact_s, table_bound_s, seen_s, fin_timeout, now)
+            stuck_idx, est_idx, query = self._candidates(rows, relevant, exact_s, table_bound_s, hist,
+                                                         fin_timeout, now)
             infos: dict[int, sockdiag.TcpInfo] = {}
             missed = 0
-            to_query = cands["query"]
-            if len(to_query):
-                infos, missed = sess.tcp_info(rows[to_query], th.max_info_queries)
-                for i in to_query.tolist():
-                    memo = self._memo_for(int(rows["cookie"][i]), int(rows["state"][i]))
-                    memo.checked = now
-            rep.stats.update(candidates=int(len(cands["facts"])), info_queries=int(len(to_query)),
-                             info_missed=int(missed), info_deferred=int(deferred))
+            if len(query):
+                infos, missed = sess.tcp_info(rows[query], th.max_exact_lookups)
+                hist["checked"][query] = now
+            rep.stats.update(candidates=int(len(stuck_idx) + len(est_idx)), info_queries=int(len(query)),
+                             info_missed=int(missed))
 
-            facts = self._facts(rows, cands["facts"], exact_s, table_bound_s, seen_s, accepted, infos,
-                                inode_owner, listeners, fin_timeout, now, rep)
+            facts = self._facts(rows, stuck_idx, est_idx, exact_s, table_bound_s, hist, accepted, infos, owners,
+                                listeners, fin_timeout, now, rep)
+            self._store(rows, hist)
 
             # Processes: who holds TCP sockets (or the --pid set).
-            summaries, counts = self._processes(rows, relevant, inode_owner, listeners, rep)
+            summaries, counts = self._processes(rows, relevant, owners, listeners)
             pfacts = {pid: self._proc_cache[pid] for pid in summaries if pid in self._proc_cache}
 
             self.last_facts, self.last_procs = facts, pfacts
@@ -258,39 +275,21 @@ class Scanner:
                     summaries[key[0]].close_wait_per_second = round(rate, 4)
             flags += fd_flags(pfacts, th)
 
-            # TIME_WAIT per destination, in the namespaces in scope.
-            port_ranges = {ino: n.port_range for ino, n in inv.netns.items()}
-            tw_rows = rows
-            if self.pids:
-                scope = {fdscan.netns_of[p] for p in self.pids if p in fdscan.netns_of}
-                tw_rows = rows[np.isin(rows["netns"], np.array(sorted(scope), dtype=np.uint64))]
-            dests: list[TimeWaitDest] = time_wait_by_destination(tw_rows, port_ranges, host_ino, th.top,
-                                                                 th.time_wait_warn_ratio)
-            rep.time_wait = [(d.dest, d.count, d.range_size or 0) for d in dests[: th.top]]
-            flags += time_wait_flags(dests, th, {ino: n.tw_reuse for ino, n in inv.netns.items()})
+            # TIME_WAIT per destination (not under --pid: TIME_WAIT has no owner).
+            if not self.pids:
+                port_ranges = {ino: n.port_range for ino, n in inv.netns.items()}
+                dests: list[TimeWaitDest] = time_wait_by_destination(rows, port_ranges, host_ino, th.top,
+                                                                     th.time_wait_warn_ratio)
+                rep.time_wait = [(d.dest, d.count, d.range_size or 0) for d in dests[: th.top]]
+                flags += time_wait_flags(dests, th, {ino: n.tw_reuse for ino, n in inv.netns.items()})
 
             rep.flags = ordered(flags)
             rep.processes = summaries
-            self._forget(rows)
 
     # -- pieces ------------------------------------------------------------
 
     def _relevant(self, rows: np.ndarray, owners: dict[int, list[tuple[int, int]]]) -> np.ndarray:
-        """Mask of sockets in scope: all, or those the --pid set holds, plus
-        unaccepted sockets queued on their listeners."""
-        if not self.pids:
-            return np.ones(len(rows), dtype=bool)
-        pids = set(self.pids)
-        held = np.array(sorted(ino for ino, own in owners.items() if any(p in pids for p, _ in own)), dtype=np.uint64)
-        mask = np.isin(rows["inode"].astype(np.uint64), held) & (rows["inode"] != 0)
-        lst = rows[mask & (rows["state"] == int(S.LISTEN))]
-        if len(lst):
-            ports = {(int(r["netns"]), int(r["lport"])) for r in lst}
-            orphan = np.flatnonzero((rows["inode"] == 0) & (rows["state"] != int(S.TIME_WAIT)))
-            for i in orphan.tolist():
-                if (int(rows["netns"][i]), int(rows["lport"][i])) in ports:
-                    mask[i] = True
-        return mask
+        return scope_mask(rows, owners, self.pids)
 
     def _listeners(self, rows: np.ndarray, owners: dict[int, list[tuple[int, int]]]) -> dict[tuple[int, int], list]:
         """(netns, port) -> [(laddr raw, family, holders, (queued, limit))]."""
@@ -316,8 +315,8 @@ class Scanner:
     def _join_table(self, rows: np.ndarray, snap: Snapshot | None, now_ns: int
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per inventory row: exact seconds in state (NaN if unknown), seconds
-        since the table first saw it in this state (NaN), accepted (-1 unknown),
-        and whether the table has it."""
+        since a seeded record was put in (NaN), accepted (-1 unknown), and
+        whether the table has it."""
         n = len(rows)
         exact = np.full(n, np.nan)
         bound = np.full(n, np.nan)
@@ -327,123 +326,105 @@ class Scanner:
             return exact, bound, accepted, matched
         order = np.argsort(snap.keys, kind="stable")
         keys = snap.keys[order]
-        pos = np.searchsorted(keys, rows["cookie"])
-        pos_c = np.minimum(pos, len(keys) - 1)
-        matched = keys[pos_c] == rows["cookie"]
-        recs = snap.socks[order[pos_c]]
-        same = matched & (recs["state"] == rows["state"])
-        seeded_untouched = ((recs["flags"] & abi.PT_F_SEEDED) != 0) & (recs["transitions"] == 0)
-        age = (np.int64(now_ns) - recs["state_ns"].astype(np.int64)) / 1e9
-        age = np.maximum(age, 0.0)
+        pos = np.minimum(np.searchsorted(keys, rows["cookie"]), len(keys) - 1)
+        matched = keys[pos] == rows["cookie"]
+        idx = order[pos]
+        socks = snap.socks
+        same = matched & (socks["state"][idx] == rows["state"])
+        seeded_untouched = ((socks["flags"][idx] & abi.PT_F_SEEDED) != 0) & (socks["transitions"][idx] == 0)
+        age = np.maximum((np.int64(now_ns) - socks["state_ns"][idx].astype(np.int64)) / 1e9, 0.0)
         exact = np.where(same & ~seeded_untouched, age, np.nan)
         bound = np.where(same & seeded_untouched, age, np.nan)
-        accepted = np.where(matched, recs["accepted"].astype(np.int8), -1).astype(np.int8)
+        accepted = np.where(matched, socks["accepted"][idx].astype(np.int8), -1).astype(np.int8)
         return exact, bound, accepted, matched
 
-    def _seen(self, rows: np.ndarray, now: float) -> np.ndarray:
-        """Seconds this Scanner has seen each socket in its current state."""
-        since = np.full(len(rows), now)
-        if len(self._seen_cookies) and len(rows):
-            pos = np.searchsorted(self._seen_cookies, rows["cookie"])
-            pos_c = np.minimum(pos, len(self._seen_cookies) - 1)
-            same = (self._seen_cookies[pos_c] == rows["cookie"]) & (self._seen_state[pos_c] == rows["state"])
-            since = np.where(same, self._seen_since[pos_c], now)
+    def _carry(self, rows: np.ndarray, now: float) -> dict[str, np.ndarray]:
+        """History aligned with ``rows``: carried over for sockets still in the
+        state they were in last scan, fresh otherwise."""
+        n = len(rows)
+        out = {name: np.full(n, default) for name, default in _HISTORY}
+        out["since"][:] = now
+        if len(self._hist_cookie) and n:
+            pos = np.minimum(np.searchsorted(self._hist_cookie, rows["cookie"]), len(self._hist_cookie) - 1)
+            same = (self._hist_cookie[pos] == rows["cookie"]) & (self._hist_state[pos] == rows["state"])
+            for name, _ in _HISTORY:
+                out[name] = np.where(same, self._hist[name][pos], out[name])
+        # Seconds seen in this state (the first sighting proves nothing), and
+        # the last kernel floor, grown by the time since it was measured.
+        out["seen"] = np.where(out["since"] < now, now - out["since"], np.nan)
+        out["floor_now"] = out["floor"] + (now - out["floor_at"])
+        return out
+
+    def _store(self, rows: np.ndarray, hist: dict[str, np.ndarray]) -> None:
         order = np.argsort(rows["cookie"], kind="stable")
-        self._seen_cookies = rows["cookie"][order].copy()
-        self._seen_state = rows["state"][order].copy()
-        self._seen_since = since[order]
-        # The first sighting proves nothing about time in state.
-        return np.where(since < now, now - since, np.nan)
-
-    def _memo_for(self, cookie: int, state: int) -> _Memo:
-        m = self._memo.get(cookie)
-        if m is None or m.state != state:
-            m = _Memo(state)
-            self._memo[cookie] = m
-        return m
-
-    def _forget(self, rows: np.ndarray) -> None:
-        if not self._memo:
-            return
-        live = set(rows["cookie"][np.isin(rows["state"], [int(s) for s in (S.ESTABLISHED, *STUCK_STATES)])].tolist())
-        for c in [c for c in self._memo if c not in live]:
-            del self._memo[c]
-
-    def _floor_memo(self, cookie: int, state: int, now: float) -> float | None:
-        m = self._memo.get(cookie)
-        if m is None or m.state != state or m.floor_seconds is None:
-            return None
-        return m.floor_seconds + (now - m.floor_mono)
+        self._hist_cookie = rows["cookie"][order].copy()
+        self._hist_state = rows["state"][order].copy()
+        self._hist = {name: hist[name][order].copy() for name, _ in _HISTORY}
 
     def _candidates(self, rows: np.ndarray, relevant: np.ndarray, exact: np.ndarray, table_bound: np.ndarray,
-                    seen: np.ndarray, fin_timeout: dict[int, int | None], now: float) -> tuple[dict, int]:
-        """Which sockets to look at, and which of those need tcp_info."""
+                    hist: dict[str, np.ndarray], fin_timeout: dict[int, int | None], now: float
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(stuck-state rows to judge, ESTABLISHED rows to judge, rows to ask
+        tcp_info for).  Vectorized."""
         th = self.thresholds
         state = rows["state"]
         is_tw = rows["timer"] == sockdiag.TIMER_TIMEWAIT
-        facts_idx: list[int] = []
-        query: list[tuple[float, int]] = []  # (priority, row)
+        ns_fin = np.full(len(rows), np.nan)
+        for ino, ft in fin_timeout.items():
+            if ft is not None:
+                ns_fin[rows["netns"] == ino] = ft
 
-        # Stuck states: every one is a candidate unless exactly known to be young.
+        # Stuck states: every one is a candidate unless known to be young.
         thr = np.full(len(rows), np.inf)
         thr[state == int(S.CLOSE_WAIT)] = th.close_wait_after
         thr[state == int(S.LAST_ACK)] = th.last_ack_after
         fw2 = state == int(S.FIN_WAIT2)
-        if th.fin_wait2_after is not None:
-            thr[fw2] = th.fin_wait2_after
-        else:
-            for ino, ft in fin_timeout.items():
-                thr[fw2 & (rows["netns"] == ino)] = ft if ft is not None else np.inf
+        thr[fw2] = th.fin_wait2_after if th.fin_wait2_after is not None else np.where(np.isnan(ns_fin), np.inf,
+                                                                                       ns_fin)[fw2]
         stuck = relevant & np.isin(state, [int(s) for s in STUCK_STATES])
         young = ~np.isnan(exact) & (exact < thr)
         # FIN_WAIT2 orphans in timewait: the timer was armed with fin_timeout,
         # so fin_timeout - remaining is how long they have waited.
-        if is_tw.any():
-            ft = np.array([fin_timeout.get(int(n)) or 0 for n in rows["netns"][is_tw].tolist()], dtype=np.float64)
-            waited = np.zeros(len(rows))
-            waited[is_tw] = ft - rows["expires_ms"][is_tw] / 1000.0
-            young |= is_tw & (waited < thr)
-        for i in np.flatnonzero(stuck & ~young).tolist():
-            facts_idx.append(i)
-            if is_tw[i]:
-                continue  # minisockets have no tcp_info; the timer says enough
-            cookie, st = int(rows["cookie"][i]), int(state[i])
-            known = exact[i] if not np.isnan(exact[i]) else None
-            bound = max([b for b in (table_bound[i], seen[i], self._floor_memo(cookie, st, now) or np.nan)
-                         if not np.isnan(b)], default=None)
-            # Query when it may be flagged (evidence: idle clocks) or its
-            # floor is unknown; skip when a known floor keeps it young.
-            if known is not None or bound is None or bound >= thr[i] or self._floor_memo(cookie, st, now) is None:
-                query.append((0.0, i))
+        waited = np.where(is_tw, ns_fin - rows["expires_ms"] / 1000.0, np.nan)
+        young |= is_tw & ~(waited >= thr)
+        stuck &= ~young
+        bound = np.fmax(np.fmax(table_bound, hist["seen"]), hist["floor_now"])
+        # Ask tcp_info when the socket may be flagged (the idle clocks are
+        # evidence) or no kernel floor is known yet; minisockets have none.
+        ask_stuck = stuck & ~is_tw & (~np.isnan(exact) | np.isnan(hist["floor_now"]) | (bound >= thr))
 
-        # ESTABLISHED: idle candidates, unless exactly known to be younger than
-        # idle_after, or checked recently enough to know they cannot be idle yet.
-        est = relevant & (state == int(S.ESTABLISHED))
-        est &= ~(~np.isnan(exact) & (exact < th.idle_after))
-        for i in np.flatnonzero(est).tolist():
-            m = self._memo.get(int(rows["cookie"][i]))
-            if m is not None and m.state == int(S.ESTABLISHED) and m.not_before > now:
+        # ESTABLISHED: idle candidates, unless known to be younger than
+        # idle_after, or checked recently enough that they cannot be idle yet.
+        est = relevant & (state == int(S.ESTABLISHED)) & ~(~np.isnan(exact) & (exact < th.idle_after))
+        est &= hist["not_before"] <= now
+
+        q_est = np.flatnonzero(est)
+        query = np.concatenate([np.flatnonzero(ask_stuck), q_est]).astype(np.intp)
+        return np.flatnonzero(stuck).astype(np.intp), q_est.astype(np.intp), query
+
+    def _facts(self, rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, exact: np.ndarray,
+               table_bound: np.ndarray, hist: dict[str, np.ndarray], accepted: np.ndarray,
+               infos: dict[int, sockdiag.TcpInfo], owners: dict[int, list[tuple[int, int]]], listeners: dict,
+               fin_timeout: dict[int, int | None], now: float, rep: LeakReport) -> list[SockFacts]:
+        # ESTABLISHED: only the idle ones become objects; the rest just learn
+        # when they could be idle at the earliest.
+        idle_after = self.thresholds.idle_after
+        cookies = rows["cookie"]
+        idle_idx = []
+        for i in est_idx.tolist():
+            info = infos.get(int(cookies[i]))
+            if info is None:
                 continue
-            facts_idx.append(i)
-            query.append((1.0 + (m.checked if m else 0.0) / 1e12, i))
-
-        query.sort()
-        cap = th.max_info_queries
-        deferred = max(0, len(query) - cap)
-        q = np.array([i for _, i in query[:cap]], dtype=np.intp)
-        keep = set(q.tolist())
-        # ESTABLISHED sockets we cannot query this time are not judged this time.
-        facts_final = [i for i in facts_idx if state[i] != int(S.ESTABLISHED) or i in keep]
-        return {"facts": facts_final, "query": q}, deferred
-
-    def _facts(self, rows: np.ndarray, idx: list[int], exact: np.ndarray, table_bound: np.ndarray, seen: np.ndarray,
-               accepted: np.ndarray, infos: dict[int, sockdiag.TcpInfo], owners: dict[int, list[tuple[int, int]]],
-               listeners: dict, fin_timeout: dict[int, int | None], now: float, rep: LeakReport) -> list[SockFacts]:
-        out = []
+            idle = info.idle_ms / 1000
+            hist["not_before"][i] = now + max(0.0, idle_after - idle)
+            if idle >= idle_after:
+                idle_idx.append(i)
+        idx = stuck_idx.tolist() + idle_idx  # stuck sockets first
         if len(idx) > self.max_socket_facts:
-            rep.errors.append(f"{len(idx) - self.max_socket_facts} candidate sockets not judged this scan "
+            rep.errors.append(f"{len(idx) - self.max_socket_facts} flagged-looking sockets not judged this scan "
                               f"(more than {self.max_socket_facts})")
             idx = idx[: self.max_socket_facts]
+        out = []
         for i in idx:
             r = rows[i]
             cookie, st, fam = int(r["cookie"]), int(r["state"]), int(r["family"])
@@ -452,27 +433,21 @@ class Scanner:
             ft = fin_timeout.get(int(r["netns"]))
             floor = None
             if info is not None:
-                floor = kernel_state_floor(
-                    state_name, last_ack_recv_seconds=info.last_ack_recv_ms / 1000, backoff=info.backoff,
-                    rto_seconds=info.rto_us / 1e6,
-                )
-                if floor is not None:
-                    m = self._memo_for(cookie, st)
-                    prev = self._floor_memo(cookie, st, now)
-                    m.floor_seconds, m.floor_mono = max(floor, prev or 0.0), now
+                floor = kernel_state_floor(state_name, last_ack_recv_seconds=info.last_ack_recv_ms / 1000,
+                                           backoff=info.backoff, rto_seconds=info.rto_us / 1e6)
             elif int(r["timer"]) == sockdiag.TIMER_TIMEWAIT:
                 floor = kernel_state_floor(state_name, timer=int(r["timer"]),
                                            expires_seconds=int(r["expires_ms"]) / 1000, fin_timeout=ft)
-            memo_floor = self._floor_memo(cookie, st, now)
-            floors = [x for x in (floor, memo_floor) if x is not None]
-            seen_bounds = [x for x in (table_bound[i], seen[i]) if not np.isnan(x)]
-            secs, is_exact = combine_state_time(
-                None if np.isnan(exact[i]) else float(exact[i]),
-                float(max(seen_bounds)) if seen_bounds else None,
-                float(max(floors)) if floors else None,
-            )
+            if floor is not None:
+                prev = hist["floor_now"][i]
+                hist["floor"][i] = floor if np.isnan(prev) else max(floor, float(prev))
+                hist["floor_at"][i] = now
+                hist["floor_now"][i] = hist["floor"][i]
+            floor_now = None if np.isnan(hist["floor_now"][i]) else float(hist["floor_now"][i])
+            seen_bounds = [float(x) for x in (table_bound[i], hist["seen"][i]) if not np.isnan(x)]
+            secs, is_exact = combine_state_time(None if np.isnan(exact[i]) else float(exact[i]),
+                                                max(seen_bounds) if seen_bounds else None, floor_now)
             inode = int(r["inode"])
-            laddr_raw = bytes(r["laddr"])
             f = SockFacts(
                 cookie=cookie, netns=int(r["netns"]), family=fam, state=state_name,
                 laddr=_addr(fam, r["laddr"]), lport=int(r["lport"]), raddr=_addr(fam, r["raddr"]),
@@ -485,45 +460,40 @@ class Scanner:
                 f.idle_seconds = info.idle_ms / 1000
                 f.last_ack_recv_seconds = info.last_ack_recv_ms / 1000
                 f.retransmits, f.backoff, f.rto_seconds = info.retransmits, info.backoff, info.rto_us / 1e6
-                if st == int(S.ESTABLISHED):
-                    m = self._memo_for(cookie, st)
-                    m.not_before = now + max(0.0, self.thresholds.idle_after - f.idle_seconds)
             if inode == 0:
-                lst = self._listener_of(listeners, f.netns, f.lport, laddr_raw, fam)
+                lst = self._listener_of(listeners, f.netns, f.lport, bytes(r["laddr"]), fam)
                 if lst is not None:
                     f.listener_owners = list(lst[2])
                     f.listener_backlog = lst[3]
             out.append(f)
         return out
 
-    def _proc_facts(self, pid: int, open_fds: int | None) -> procs.ProcFacts | None:
+    def _proc_facts(self, pid: int) -> procs.ProcFacts | None:
         start = procs.start_ticks(pid, self.proc)
         if start is None:
             return None
         cached = self._proc_cache.get(pid)
         if cached is not None and cached.start_ticks == start:
-            cached.open_fds = open_fds if open_fds is not None else procs.count_fds(pid, self.proc)
+            cached.open_fds = procs.count_fds(pid, self.proc)
             cached.max_fds = procs.nofile_limit(pid, self.proc)
             return cached
-        pf = procs.facts(pid, self.proc, open_fds)
+        pf = procs.facts(pid, self.proc)
         pf.start_ticks = start
         self._proc_cache[pid] = pf
         return pf
 
     def _processes(self, rows: np.ndarray, relevant: np.ndarray, owners: dict[int, list[tuple[int, int]]],
-                   listeners: dict, rep: LeakReport) -> tuple[dict[int, ProcessSummary], dict[tuple, int]]:
-        tcp_inodes = rows["inode"][relevant & (rows["inode"] != 0)]
+                   listeners: dict) -> tuple[dict[int, ProcessSummary], dict[tuple, int]]:
         per_pid_tcp: dict[int, int] = {}
+        tcp_inodes = rows["inode"][relevant & (rows["inode"] != 0)]
         if len(tcp_inodes) and owners:
             fd_inodes = np.fromiter(owners.keys(), dtype=np.uint64, count=len(owners))
-            hit = fd_inodes[np.isin(fd_inodes, tcp_inodes.astype(np.uint64))]
-            for ino in hit.tolist():
+            for ino in fd_inodes[np.isin(fd_inodes, tcp_inodes.astype(np.uint64))].tolist():
                 for pid in {p for p, _ in owners[ino]}:
                     per_pid_tcp[pid] = per_pid_tcp.get(pid, 0) + 1
         cw_fd: dict[int, int] = {}
         cw_bl: dict[int, int] = {}
-        cw = relevant & (rows["state"] == int(S.CLOSE_WAIT))
-        for i in np.flatnonzero(cw).tolist():
+        for i in np.flatnonzero(relevant & (rows["state"] == int(S.CLOSE_WAIT))).tolist():
             ino = int(rows["inode"][i])
             if ino:
                 for pid in {p for p, _ in owners.get(ino, [])}:
@@ -534,13 +504,11 @@ class Scanner:
                                         int(r["family"]))
                 for pid in {p for p, _ in (lst[2] if lst else [])}:
                     cw_bl[pid] = cw_bl.get(pid, 0) + 1
-        wanted = set(per_pid_tcp) | set(cw_bl)
-        if self.pids:
-            wanted = set(self.pids)
+        wanted = set(self.pids) if self.pids else set(per_pid_tcp) | set(cw_bl)
         summaries: dict[int, ProcessSummary] = {}
         counts: dict[tuple, int] = {}
         for pid in sorted(wanted):
-            pf = self._proc_facts(pid, None)
+            pf = self._proc_facts(pid)
             if pf is None:
                 continue
             summaries[pid] = ProcessSummary(
@@ -628,20 +596,20 @@ def seed(tracer: Any, pids: Iterable[int] | None = None, proc: str = procs.PROC)
                        "`tracer leaks` through sock_diag")
         return res
     pids = tuple(sorted(set(pids if pids is not None else getattr(tracer, "pids", ()) or ())))
+    states = sum(1 << int(s) for s in SEED_STATES)
     try:
-        fdscan = procs.scan_fds(proc=proc)
+        fdscan = procs.scan_fds(pids or None, proc)
         refs = procs.netns_refs(fdscan, proc)
+        if pids:
+            wanted = {fdscan.netns_of[p] for p in pids if p in fdscan.netns_of}
+            refs = [r for r in refs if r.label == "host" or r.ino in wanted]
         with sockdiag.Session(refs) as sess:
-            inv = sess.dump()
+            inv = sess.dump(states=states)
         seen_ns = time.monotonic_ns()  # after the dump: a valid "at least" origin
         res.errors.extend(inv.errors)
         rows = inv.rows
         mask = np.isin(rows["state"], [int(s) for s in SEED_STATES]) & (rows["timer"] != sockdiag.TIMER_TIMEWAIT)
-        if pids:
-            wanted = set(pids)
-            held = np.array(sorted(i for i, o in fdscan.sockets.items() if any(p in wanted for p, _ in o)),
-                            dtype=np.uint64)
-            mask &= np.isin(rows["inode"].astype(np.uint64), held) & (rows["inode"] != 0)
+        mask &= scope_mask(rows, fdscan.sockets, pids)
         rows = rows[mask]
         recs = np.zeros(len(rows), SOCK_DTYPE)
         recs["state_ns"] = seen_ns
@@ -697,7 +665,7 @@ def seed(tracer: Any, pids: Iterable[int] | None = None, proc: str = procs.PROC)
         # destroy event will remove: dump again and take back the untouched ones.
         if inserted:
             with sockdiag.Session(refs) as sess:
-                live = sess.dump().rows["cookie"]
+                live = sess.dump(states=states).rows["cookie"]
             ins = np.array(inserted, dtype=np.intp)
             for i in ins[~np.isin(keys[ins], live)].tolist():
                 key = struct.pack("=Q", int(keys[i]))
@@ -721,16 +689,28 @@ def seed(tracer: Any, pids: Iterable[int] | None = None, proc: str = procs.PROC)
 # --- tracer watch integration -------------------------------------------------
 
 
-def watch_enricher(thresholds: Thresholds):
+def watch_enricher(thresholds: Thresholds, duty: float = 0.25):
     """An enricher for ``tracer watch`` (see pytracer/cli/watch.py): each report
     gets ``flags``, the TIME_WAIT / NEW_SYN_RECV counts the table cannot hold,
-    and a ``leaks`` summary."""
+    and a ``leaks`` summary.
+
+    A scan walks /proc and dumps every socket; on a busy host that takes a
+    noticeable part of a second.  To keep it under ``duty`` of the wall clock,
+    a new scan starts only once (1/duty - 1) times the last scan's duration
+    has passed; reports in between repeat the last findings, and
+    ``leaks.age_seconds`` says how old they are.
+    """
 
     def enrich(report: dict[str, Any], snap: Snapshot, tracer: Any, opts: Any, state: dict[str, Any]) -> None:
         scanner = state.get("leak_scanner")
         if scanner is None:
             scanner = state["leak_scanner"] = Scanner(tracer, thresholds, pids=getattr(opts, "pids", ()))
-        lr = scanner.scan(snap)
+        last = state.get("leak_last")  # (report, monotonic end, cost)
+        now = time.monotonic()
+        if last is None or now - last[1] >= last[2] * (1.0 / duty - 1.0):
+            lr = scanner.scan(snap)
+            last = state["leak_last"] = (lr, time.monotonic(), float(lr.stats.get("scan_seconds") or 0.0))
+        lr = last[0]
         report["flags"] = [f.to_json() for f in lr.flags]
         if not scanner.pids:
             for name in ("TIME_WAIT", "NEW_SYN_RECV"):
@@ -740,6 +720,7 @@ def watch_enricher(thresholds: Thresholds):
             "time_wait": [{"dest": d, "count": n, "range_size": r} for d, n, r in lr.time_wait],
             "errors": lr.errors,
             "scan_seconds": lr.stats.get("scan_seconds"),
+            "age_seconds": round(max(0.0, now - lr.mono_ns / 1e9), 3),
             "netns_covered": lr.stats.get("netns_covered"),
         }
 

@@ -35,7 +35,6 @@ CGROUP2_ROOT = "/sys/fs/cgroup"
 MAX_FDS_TOTAL = 4_000_000
 MAX_PROCESSES = 1_000_000
 
-_SOCKET_LINK = re.compile(r"^socket:\[(\d+)\]$")
 _NET_LINK = re.compile(r"^net:\[(\d+)\]$")
 # docker/containerd/cri-o/podman put a 64-hex id in the cgroup path.
 _CONTAINER_ID = re.compile(r"(?:^|[/-])(?:docker-|cri-containerd-|crio-|libpod-)?([0-9a-f]{64})(?:\.scope)?(?:/|$)")
@@ -206,42 +205,47 @@ def scan_fds(only: Iterable[int] | None = None, proc: str = PROC, max_fds: int =
     """
     out = FdScan()
     targets = sorted(set(only)) if only is not None else pids(proc)
+    sockets = out.sockets
     for pid in targets:
         if out.fds >= max_fds:
             out.truncated = True
             break
-        base = f"{proc}/{pid}/fd"
         try:
-            it = os.scandir(base)
+            dfd = os.open(f"{proc}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             if os.path.isdir(f"{proc}/{pid}"):
                 out.unreadable += 1
             continue
-        n = 0
-        with it:
-            for entry in it:
-                n += 1
-                out.fds += 1
-                try:
-                    link = os.readlink(entry.path)
-                except OSError:
-                    continue
-                if link.startswith("socket:["):
-                    m = _SOCKET_LINK.match(link)
-                    if m and entry.name.isdigit():
-                        out.sockets.setdefault(int(m.group(1)), []).append((pid, int(entry.name)))
-                elif link.startswith("net:["):
-                    m = _NET_LINK.match(link)
-                    if m:
-                        out.netns_fds.setdefault(int(m.group(1)), entry.path)
+        try:
+            names = os.listdir(dfd)
+        except OSError:
+            names = []
+        try:
+            n = 0
+            for name in names:
                 if out.fds >= max_fds:
                     out.truncated = True
                     break
+                n += 1
+                out.fds += 1
+                try:
+                    link = os.readlink(name, dir_fd=dfd)
+                except OSError:
+                    continue
+                # "socket:[INODE]" (net/socket.c sockfs_dname), "net:[INODE]" (nsfs).
+                if link[:8] == "socket:[" and link[-1:] == "]":
+                    sockets.setdefault(int(link[8:-1]), []).append((pid, int(name)))
+                elif link[:5] == "net:[" and _NET_LINK.match(link):
+                    out.netns_fds.setdefault(int(link[5:-1]), f"{proc}/{pid}/fd/{name}")
+        finally:
+            os.close(dfd)
         out.processes += 1
         out.fd_counts[pid] = n
         ino = netns_ino(pid, proc)
         if ino is not None:
             out.netns_of[pid] = ino
+    for holders in sockets.values():
+        holders.sort()
     return out
 
 

@@ -186,12 +186,12 @@ def leaks(obj: Context, pids: tuple[int, ...], samples: int, interval: float, to
       sudo tracer leaks --pid $(pgrep -o nginx) --idle-after 60
       sudo tracer leaks --samples 5 --interval 2 --json   # growth trends too
     """
-    from ..leaks import Scanner, seed  # pyroute2 and numpy: only when used
-
     pids = validate_pids(pids)
     thresholds = thresholds_from(kw, top)
     tracer = make_tracer(obj, pids, max_sockets)
     with tracer:
+        from ..leaks import Scanner, seed  # pyroute2: imported once attached
+
         sr = seed(tracer, pids)
         if sr.errors and not sr.seeded and not sr.skipped:
             raise click.ClickException("; ".join(sr.errors[:3]))

@@ -74,13 +74,15 @@ def watch(obj: Context, pids: tuple[int, ...], interval: float, duration: float 
       sudo tracer watch --pid $(pgrep -o nginx) --interval 2
       sudo tracer watch --json --duration 30 > sockets.jsonl
     """
-    from .. import leaks  # pyroute2: imported only when watching
-
     pids = validate_pids(pids)
     thresholds = thresholds_from(kw)
     tracer = make_tracer(obj, pids, max_sockets)
     start_ns = time.monotonic_ns()
     with tracer:
+        # Imported once attached (pyroute2 takes a moment), so the first
+        # connections after start are not missed.
+        from .. import leaks
+
         # Sockets that exist already go into the table as "present at start".
         seeded = leaks.seed(tracer, pids)
         if not as_json:

@@ -102,3 +102,17 @@ def test_tcp_info_from_an_older_kernel_is_truncated_not_misread() -> None:
     assert old is not None and old.last_data_sent_ms == 1234 and old.idle_ms == 99
     assert old.bytes_acked is None
     assert sockdiag.decode_tcp_info(bytes(full[:40])) is None
+
+
+def test_recorded_dump_with_info_decodes_only_wanted() -> None:
+    raw = (FIX / "dump_info.bin").read_bytes()
+    rows = {r["cookie"]: r for r in ss_rows() if r["state"] in (1, 8)}
+    everything, done, err = sockdiag.parse_info_dump(raw, 79, set(rows))
+    assert done and err == 0
+    assert set(everything) == set(rows)  # every ESTABLISHED and CLOSE_WAIT socket, with tcp_info
+    for cookie, info in everything.items():
+        assert info.state == rows[cookie]["state"]
+    some = sorted(rows)[:3]
+    got, _, _ = sockdiag.parse_info_dump(raw, 79, set(some))
+    assert set(got) == set(some) and all(got[c] == everything[c] for c in some)
+    assert sockdiag.parse_info_dump(raw, 80, set(rows))[0] == {}  # another request's sequence
