@@ -16,7 +16,15 @@ export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8
 # build-image uploaded and nothing else from them.
 HERE="$(cd "$(dirname "$0")" && pwd)"
 unset PIP_FIND_LINKS
-if [ -f "$HERE/host-ca.crt" ]; then export PIP_CERT="$HERE/host-ca.crt"; else unset PIP_CERT; fi
+# requests (inside pip) prefers REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE over PIP_CERT,
+# and the host's values name host paths: point them all at one bundle.
+ca_vars="PIP_CERT SSL_CERT_FILE REQUESTS_CA_BUNDLE CURL_CA_BUNDLE"
+if [ -f "$HERE/host-ca.crt" ]; then
+    for v in $ca_vars; do export "$v=$HERE/host-ca.crt"; done
+else
+    # shellcheck disable=SC2086
+    unset $ca_vars
+fi
 REQS="$HERE/guest-requirements.txt"
 [ -f "$REQS" ] || REQS="$HERE/../guest-requirements.txt"
 step() { echo "customize: $*"; }
@@ -62,24 +70,31 @@ libbpf=$(ls /usr/lib/x86_64-linux-gnu/libbpf.so.1 2>/dev/null || true)
 # --- Python packages from PyPI where Debian's are too old --------------------
 step "checking Python requirements"
 need=$(python3 - "$REQS" <<'PY'
-import sys
+# Print one requirement per distribution whose installed version misses the
+# combined specifiers of every line naming it (or that is not installed).
 import importlib.metadata as md
-from packaging.requirements import Requirement
+import sys
 
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+
+wanted: dict = {}
 for line in open(sys.argv[1]):
     line = line.split("#")[0].strip()
-    if not line:
-        continue
-    req = Requirement(line)
+    if line:
+        req = Requirement(line)
+        key = req.name.lower().replace("_", "-")
+        wanted[key] = wanted.get(key, SpecifierSet()) & req.specifier
+for name, spec in wanted.items():
     version = None
-    for name in (req.name, req.name.replace("-", "_")):
+    for candidate in (name, name.replace("-", "_")):
         try:
-            version = md.version(name)
+            version = md.version(candidate)
             break
         except md.PackageNotFoundError:
             pass
-    if version is None or not req.specifier.contains(version, prereleases=True):
-        print(line)
+    if version is None or not spec.contains(version, prereleases=True):
+        print(f"{name}{spec}")
 PY
 )
 if [ -n "$need" ]; then
