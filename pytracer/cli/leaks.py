@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -62,6 +64,15 @@ def thresholds_from(kw: dict[str, Any], top: int | None = None) -> Thresholds:
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     return th
+
+
+def preload_leaks() -> threading.Thread:
+    """Import the leak layer (pyroute2 takes 0.4 s or more) in the background
+    while the BPF programs load and attach; ``import`` waits for it after."""
+    t = threading.Thread(target=importlib.import_module, args=("pytracer.leaks",), name="pytracer-preload",
+                         daemon=True)
+    t.start()
+    return t
 
 
 def _exit_codes(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -188,6 +199,7 @@ def leaks(obj: Context, pids: tuple[int, ...], samples: int, interval: float, to
     """
     pids = validate_pids(pids)
     thresholds = thresholds_from(kw, top)
+    preload_leaks()
     tracer = make_tracer(obj, pids, max_sockets)
     with tracer:
         from ..leaks import Scanner, seed  # pyroute2: imported once attached

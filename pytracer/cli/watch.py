@@ -13,7 +13,7 @@ import click
 from .. import model, poller
 from ..loader import Tracer
 from .common import Context, make_tracer, max_sockets_option, pid_option, run, validate_pids
-from .leaks import threshold_options, thresholds_from
+from .leaks import preload_leaks, threshold_options, thresholds_from
 
 # Optional enrichment of each report (the leak detectors plug in here).
 Enricher = Callable[[dict[str, Any], "poller.Snapshot", Any], None]
@@ -76,11 +76,13 @@ def watch(obj: Context, pids: tuple[int, ...], interval: float, duration: float 
     """
     pids = validate_pids(pids)
     thresholds = thresholds_from(kw)
+    if not no_leaks:
+        preload_leaks()
     tracer = make_tracer(obj, pids, max_sockets)
     start_ns = time.monotonic_ns()
     with tracer:
-        # Imported once attached (pyroute2 takes a moment), so the first
-        # connections after start are not missed.
+        # Imported once attached (pyroute2 takes a moment, preloaded in the
+        # background meanwhile), so the first connections are not missed.
         from .. import leaks
 
         # Sockets that exist already go into the table as "present at start".
