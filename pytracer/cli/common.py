@@ -101,12 +101,11 @@ def make_tracer(ctx: Context, pids: Iterable[int] = (), max_sockets: int = DEFAU
 
         return BccTracer(max_sockets=max_sockets, pids=pids, attach=ctx.attach)  # type: ignore[return-value]
     if backend == "auto" and not os.path.exists("/sys/kernel/btf/vmlinux"):
-        try:
-            from ..bcc_backend import BccTracer  # noqa: PLC0415
-        except ImportError:
-            raise EnvironmentProblem(
-                "this kernel has no BTF (/sys/kernel/btf/vmlinux) and the bcc backend is not available: "
-                "use a kernel with CONFIG_DEBUG_INFO_BTF=y, or install python3-bpfcc and kernel headers"
-            ) from None
-        return BccTracer(max_sockets=max_sockets, pids=pids, attach=ctx.attach)  # type: ignore[return-value]
+        from ..bcc_backend import BccTracer  # noqa: PLC0415
+
+        # bcc itself is imported at open(), which says in one line what is missing.
+        return BccTracer(  # type: ignore[return-value]
+            max_sockets=max_sockets, pids=pids, attach=ctx.attach,
+            reason="auto: this kernel has no BTF (/sys/kernel/btf/vmlinux) for the CO-RE backend",
+        )
     return Tracer(max_sockets=max_sockets, pids=pids, attach=ctx.attach)

@@ -49,6 +49,8 @@ def gather(obj: Context) -> dict:
     out["backend"] = {"name": tracer.backend, "why": "BTF present" if out["btf"] else "no BTF"}
     if obj.backend != "auto":
         out["backend"]["why"] = f"--backend {obj.backend}"
+    elif tracer.backend == "bcc":
+        out["backend"]["why"] = getattr(tracer, "reason", "no BTF")
     try:
         with tracer:
             out["attach_mode"] = tracer.attach_mode
@@ -64,6 +66,12 @@ def gather(obj: Context) -> dict:
                 }
                 for h, c in tracer.choices.items()
             }
+            if tracer.backend == "bcc":
+                out["backend"].update(
+                    bcc=getattr(tracer, "bcc_version", None),
+                    headers=getattr(tracer, "headers", None),
+                    compile_seconds=round(getattr(tracer, "compile_seconds", None) or 0.0, 1),
+                )
             out["status"] = "ok: loaded, attached and detached cleanly"
     except (TracerError, env.EnvironmentProblem, libbpf.LibbpfError) as exc:
         out["status"] = f"failed: {exc}"
@@ -102,6 +110,9 @@ def doctor(obj: Context, as_json: bool) -> None:
         click.echo("tracepoints   " + ("all present" if not missing else "missing: " + ", ".join(missing)))
         click.echo(f"libbpf        {info['libbpf']}")
         click.echo(f"backend       {info['backend']['name']} ({info['backend']['why']})")
+        if info["backend"].get("headers"):
+            b = info["backend"]
+            click.echo(f"bcc           {b['bcc']}, headers {b['headers']}, compiled in {b['compile_seconds']} s")
         if "hooks" in info:
             click.echo(f"attach mode   {info['attach_mode']}; records keyed by {info['key']}; "
                        f"{info['load_attempts']} load attempt(s)")

@@ -1,0 +1,135 @@
+"""The bcc backend's pure parts: hook planning, error lines, backend choice.
+
+No root, no bcc and no kernel headers needed; the kernel side is proved in
+tests/kernel/test_bcc_backend.py (in the VM).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from pytracer import bcc_backend as bb
+from pytracer.cli.common import Context, make_tracer
+from pytracer.environment import EnvironmentProblem, Features
+from pytracer.loader import Tracer, TracerError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def features(kprobes: bool = True, tracefs: bool = True) -> Features:
+    return Features(release="5.10.0-test", version=(5, 10), btf=False, tracefs=tracefs, kprobes=kprobes)
+
+
+def test_the_c_program_uses_the_abi_header_and_the_core_map_names() -> None:
+    src = (ROOT / "bpf" / bb.SOURCE_NAME).read_text()
+    assert '#include "pytracer.h"' in src
+    for decl in (
+        'BPF_F_TABLE("hash", u64, struct pt_sock, socks,',
+        "BPF_PERCPU_ARRAY(agg, struct pt_agg, 1)",
+        "BPF_HASH(owners, u32, u8,",
+        "BPF_HASH(listeners, struct pt_listen_key, u32,",
+    ):
+        assert decl in src
+    # Every program the planner can attach exists in the source.
+    for cands in bb.HOOKS.values():
+        for c in cands:
+            for p in c.programs:
+                assert f"int {p}(" in src, p
+
+
+def test_source_is_found_in_the_tree() -> None:
+    assert bb.source_path() == ROOT / "bpf" / bb.SOURCE_NAME
+
+
+def test_plan_prefers_tracepoint_then_kprobe(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bb, "_tp_exists", lambda target: True)
+    monkeypatch.setattr(bb, "_tp_has_field", lambda target, field: True)
+    t = bb.BccTracer()
+    plan = t._plan(features())
+    assert [c.kind for c in plan["state"]] == ["tracepoint", "kprobe"]
+    assert [c.kind for c in plan["accept"]] == ["kprobe", "syscall"]
+    assert [c.kind for c in plan["close"]] == ["kprobe", "syscall"]
+    assert [c.kind for c in plan["destroy"]] == ["tracepoint"]
+
+
+def test_plan_without_kprobes_falls_back_with_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bb, "_tp_exists", lambda target: True)
+    monkeypatch.setattr(bb, "_tp_has_field", lambda target, field: True)
+    t = bb.BccTracer()
+    plan = t._plan(features(kprobes=False))
+    assert [c.kind for c in plan["accept"]] == ["syscall"]
+    assert t.choices["accept"].rejected[0][0] == "kprobe"
+    assert "kprobes unavailable" in t.choices["accept"].rejected[0][1]
+
+
+def test_forced_mode_keeps_only_its_kinds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bb, "_tp_exists", lambda target: True)
+    monkeypatch.setattr(bb, "_tp_has_field", lambda target, field: True)
+    plan = bb.BccTracer(attach="kprobe")._plan(features())
+    assert {h: [c.kind for c in cs] for h, cs in plan.items()} == {
+        "state": ["kprobe"], "accept": ["kprobe"], "close": ["kprobe"], "destroy": ["tracepoint"],
+        "reset": ["tracepoint"],
+    }
+    with pytest.raises(TracerError, match="cannot hook inet_sock_set_state / tcp_set_state"):
+        bb.BccTracer(attach="kprobe")._plan(features(kprobes=False))
+
+
+def test_missing_destroy_tracepoint_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bb, "_tp_exists", lambda target: target != "tcp:tcp_destroy_sock")
+    monkeypatch.setattr(bb, "_tp_has_field", lambda target, field: True)
+    with pytest.raises(TracerError) as exc:
+        bb.BccTracer()._plan(features())
+    assert str(exc.value) == (
+        "cannot hook tcp_destroy_sock (tracepoint: tracepoint tcp/tcp_destroy_sock does not exist on this kernel)"
+    )
+
+
+def test_btf_only_modes_are_refused_before_anything_loads() -> None:
+    with pytest.raises(TracerError, match="no fentry programs"):
+        bb.BccTracer(attach="fentry").open()
+
+
+def test_missing_bcc_module_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "bcc", None)  # makes `import bcc` raise ImportError
+    monkeypatch.setattr(bb.os.path, "isdir", lambda p: False)
+    with pytest.raises(EnvironmentProblem, match="apt install python3-bpfcc"):
+        bb.import_bcc()
+
+
+def test_missing_headers_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BCC_KERNEL_SOURCE", raising=False)
+    with pytest.raises(EnvironmentProblem) as exc:
+        bb.find_headers("0.0.0-nonexistent")
+    assert str(exc.value).endswith("apt install linux-headers-0.0.0-nonexistent")
+    assert "\n" not in str(exc.value)
+
+
+def test_auto_without_btf_says_why_in_the_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    t = bb.BccTracer(reason="auto: this kernel has no BTF (/sys/kernel/btf/vmlinux) for the CO-RE backend")
+    msg = str(t._problem(EnvironmentProblem("the bcc backend needs X: apt install python3-bpfcc")))
+    assert msg.startswith("this kernel has no BTF")
+    assert msg.endswith("apt install python3-bpfcc")
+
+
+def test_make_tracer_picks_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_exists = bb.os.path.exists
+    assert isinstance(make_tracer(Context(backend="bcc")), bb.BccTracer)
+    assert isinstance(make_tracer(Context(backend="core")), Tracer)
+    monkeypatch.setattr("pytracer.cli.common.os.path.exists",
+                        lambda p: False if p == "/sys/kernel/btf/vmlinux" else real_exists(p))
+    t = make_tracer(Context(backend="auto"))
+    assert isinstance(t, bb.BccTracer) and t.reason.startswith("auto: this kernel has no BTF")
+
+
+def test_first_error_is_one_line() -> None:
+    lines = [
+        "In file included from /virtual/main.c:2:",
+        "/usr/src/pytracer_bcc.c:120:9: warning: unused variable 'x'",
+        "/usr/src/pytracer_bcc.c:133:2: error: use of undeclared identifier 'sk_protocol'",
+        "        READ(protocol, sk->sk_protocol);",
+        "1 error generated.",
+    ]
+    assert bb.first_error(lines) == "pytracer_bcc.c:133:2: use of undeclared identifier 'sk_protocol'"
