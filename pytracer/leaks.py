@@ -108,7 +108,8 @@ class ProcessSummary:
 class LeakReport:
     flags: list[Flag] = field(default_factory=list)
     time_wait: list[tuple[str, int, int]] = field(default_factory=list)  # (dest, count, ephemeral range size)
-    inventory_states: dict[str, int] = field(default_factory=dict)  # all covered namespaces
+    # Sockets by state in every covered namespace (with pids: theirs only).
+    inventory_states: dict[str, int] = field(default_factory=dict)
     processes: dict[int, ProcessSummary] = field(default_factory=dict)
     netns: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -229,7 +230,6 @@ class Scanner:
             now_ns = time.monotonic_ns()
             rep.errors.extend(inv.errors)
             rep.netns = [n.to_json() for n in inv.netns.values()]
-            rep.inventory_states = inv.state_counts()
             rows = inv.rows
             rep.stats.update(sockets=int(len(rows)), netns_covered=len(sess.socks),
                              netns_failed=len(refs) - len(sess.socks), dump_seconds=round(inv.seconds, 6))
@@ -239,6 +239,8 @@ class Scanner:
             owners = fdscan.sockets
             relevant = self._relevant(rows, owners)
             listeners = self._listeners(rows, owners)
+            counts_by_state = np.bincount(rows["state"][relevant], minlength=16)
+            rep.inventory_states = {TcpState.name_of(s): int(n) for s, n in enumerate(counts_by_state) if n}
 
             # Time in state: exact from the BPF table, else lower bounds.
             exact_s, table_bound_s, accepted, matched = self._join_table(rows, snapshot, now_ns)

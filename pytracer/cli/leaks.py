@@ -127,7 +127,8 @@ def render_text(rep: LeakReport, sr: SeedResult | None, scope: str) -> str:
     lines = []
     states = ", ".join(f"{k} {v}" for k, v in sorted(rep.inventory_states.items())) or "none"
     ns = rep.stats.get("netns_covered", 0)
-    lines.append(f"tracer leaks: {scope}; {rep.stats.get('sockets', 0)} TCP sockets in {ns} network "
+    total = sum(rep.inventory_states.values())
+    lines.append(f"tracer leaks: {scope}; {total} TCP sockets in {ns} network "
                  f"namespace{'s' if ns != 1 else ''} ({states})")
     if sr is not None:
         lines.append(sr.summary())

@@ -50,7 +50,10 @@ def main() -> None:
     sel = selectors.DefaultSelector()
     if args.mode != "noaccept":
         sel.register(lsock, selectors.EVENT_READ, "listen")
-    sel.register(sys.stdin, selectors.EVENT_READ, "stdin")
+    try:
+        sel.register(sys.stdin, selectors.EVENT_READ, "stdin")
+    except (PermissionError, ValueError):  # /dev/null or closed: no commands
+        pass
     emit(event="listening", port=lsock.getsockname()[1], fd=lsock.fileno())
 
     held: list[socket.socket] = []
