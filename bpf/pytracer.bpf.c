@@ -294,6 +294,13 @@ static __always_inline void birth(struct pt_agg *a, struct sock *sk, __u64 key,
 
 		if (ltgid)
 			rec.listener_tgid = *ltgid;
+		/* Under --pid, keep only children of listeners we watch: the
+		 * rest would fill the table with sockets nobody asked for. */
+		if (cfg.filter_owner &&
+		    !(rec.listener_tgid && owner_wanted(rec.listener_tgid))) {
+			stat_add(a, PT_S_FILTER_SKIPPED);
+			return;
+		}
 	} else {
 		/* connect() and listen() run in the owner's context. */
 		if (!owner_wanted(tgid)) {
@@ -303,11 +310,7 @@ static __always_inline void birth(struct pt_agg *a, struct sock *sk, __u64 key,
 		set_owner(&rec, tgid);
 		rec.ino = sk_ino(sk, btf);
 	}
-	/* Under --pid, a child counts from birth when its listener is ours,
-	 * else once accept() names an owner that is. */
-	if (!cfg.filter_owner || dir != PT_DIR_PASSIVE ||
-	    (rec.listener_tgid && owner_wanted(rec.listener_tgid)))
-		rec.counted = 1;
+	rec.counted = 1;
 	if (dir == PT_DIR_LISTEN) {
 		struct pt_listen_key lk = {
 			.netns_ino = rec.netns_ino,
@@ -315,7 +318,8 @@ static __always_inline void birth(struct pt_agg *a, struct sock *sk, __u64 key,
 			.family = rec.family,
 		};
 
-		bpf_map_update_elem(&listeners, &lk, &tgid, BPF_ANY);
+		if (bpf_map_update_elem(&listeners, &lk, &tgid, BPF_ANY))
+			stat_add(a, PT_S_LISTENER_FAILED);
 	}
 	if (bpf_map_update_elem(&socks, &key, &rec, BPF_ANY)) {
 		stat_add(a, PT_S_INSERT_FAILED);
@@ -333,6 +337,13 @@ static __always_inline void midlife(struct pt_agg *a, struct sock *sk,
 {
 	struct pt_sock rec = {};
 
+	stat_add(a, PT_S_MIDLIFE);
+	/* Under --pid nothing here names an owner: seeding at start covers
+	 * the watched processes' pre-existing sockets. */
+	if (cfg.filter_owner) {
+		stat_add(a, PT_S_FILTER_SKIPPED);
+		return;
+	}
 	rec.state_ns = now;
 	rec.state = new;
 	rec.direction = PT_DIR_UNKNOWN;
@@ -340,10 +351,9 @@ static __always_inline void midlife(struct pt_agg *a, struct sock *sk,
 	rec.transitions = 1;
 	rec.history[0] = new;
 	rec.flags = PT_F_BIRTH_UNKNOWN;
-	rec.counted = !cfg.filter_owner;
+	rec.counted = 1;
 	rec.netns_ino = netns_of(sk, btf);
 	read_addrs(&rec, sk, btf);
-	stat_add(a, PT_S_MIDLIFE);
 	if (bpf_map_update_elem(&socks, &key, &rec, BPF_ANY)) {
 		stat_add(a, PT_S_INSERT_FAILED);
 		return;
@@ -420,7 +430,8 @@ static __always_inline void handle_accept(struct sock *sk, __u64 key, int fd,
 		return;
 	rec = bpf_map_lookup_elem(&socks, &key);
 	if (!rec) {
-		stat_add(a, PT_S_ACCEPT_UNTRACKED);
+		if (owner_wanted(tgid))
+			stat_add(a, PT_S_ACCEPT_UNTRACKED);
 		return;
 	}
 	if (cfg.filter_owner && !owner_wanted(tgid)) {

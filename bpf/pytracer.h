@@ -61,6 +61,7 @@ enum pt_stat {
 	PT_S_APP_CLOSE		= 44,	/* close() of a tracked socket */
 	PT_S_DESTROYED		= 45,	/* tracked sockets destroyed */
 	PT_S_FILTER_FULL	= 46,	/* owner filter insert failed */
+	PT_S_LISTENER_FAILED	= 47,	/* listeners map full */
 	PT_STATS		= 48,
 };
 

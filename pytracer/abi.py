@@ -47,6 +47,7 @@ class Stat(enum.IntEnum):
     APP_CLOSE = 44
     DESTROYED = 45
     FILTER_FULL = 46
+    LISTENER_FAILED = 47
 
 
 PT_STATS = 48

@@ -81,7 +81,7 @@ STABLE_STATES = tuple(s for s in TcpState if s <= TcpState.CLOSING and s != TcpS
 # Hash maps whose fill level is worth watching; missing ones are skipped.
 WATCHED_MAPS = ("socks", "owners", "listeners")
 # Which kernel counter counts failed inserts into which map.
-INSERT_FAILURE_STATS = {"socks": Stat.INSERT_FAILED, "owners": Stat.FILTER_FULL}
+INSERT_FAILURE_STATS = {"socks": Stat.INSERT_FAILED, "owners": Stat.FILTER_FULL, "listeners": Stat.LISTENER_FAILED}
 
 # Kernel counters exported as pytracer_kernel_events_total{event}.
 KERNEL_EVENTS = {

@@ -284,6 +284,18 @@ class Tracer:
 
     # -- access ----------------------------------------------------------
 
+    def add_listener(self, netns_ino: int, port: int, family: int, tgid: int) -> bool:
+        """Record who listens on a port (for listeners that predate us), so
+        their accepted children are attributed, and kept under --pid."""
+        key = bytes(abi.PtListenKey(netns_ino=netns_ino, port=port, family=family))
+        try:
+            self.map("listeners").update(key, struct.pack("=I", tgid), 1)  # BPF_NOEXIST
+        except libbpf.LibbpfError as exc:
+            if exc.errno == 17:  # EEXIST: the kernel saw this listen() itself
+                return True
+            return False
+        return True
+
     def add_pids(self, pids: Iterable[int]) -> None:
         """Widen a --pid filter after load (e.g. a process started later)."""
         if not self.pids:

@@ -66,12 +66,13 @@ def client(host: str, port: int, holds: list[float]) -> None:
         c = socket.socket(family_of(host), socket.SOCK_STREAM)
         t0 = time.monotonic()
         c.connect((host, port))
+        t1 = time.monotonic()
         lport = c.getsockname()[1]
-        emit(event="connected", lport=lport, fd=c.fileno(), t=t0)
+        emit(event="connected", lport=lport, fd=c.fileno(), t=t0, t_established=t1)
         c.sendall(b"x")
         time.sleep(hold)
         c.close()
-        emit(event="conn", lport=lport, t_connect=t0, t_close=time.monotonic(), hold=hold)
+        emit(event="conn", lport=lport, t_connect=t0, t_established=t1, t_close=time.monotonic(), hold=hold)
         time.sleep(0.05)
     emit(event="done")
 
