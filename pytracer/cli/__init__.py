@@ -6,13 +6,31 @@ become one line on stderr and a non-zero exit (see :func:`common.run`).
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
 from .. import __version__
 from .common import ATTACH_CHOICES, BACKEND_CHOICES, Context
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class LazyGroup(click.Group):
+    """Imports a command's module only when that command runs, so `watch`
+    does not pay for the exporter's HTTP stack or pyroute2."""
+
+    commands_by_module = {"watch": "watch", "leaks": "leaks", "export": "export", "doctor": "doctor"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(self.commands_by_module)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        module = self.commands_by_module.get(name)
+        if module is None:
+            return None
+        return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option(
     "--attach",
     type=click.Choice(ATTACH_CHOICES),
@@ -42,19 +60,3 @@ def cli(ctx: click.Context, attach: str, backend: str) -> None:
       sudo tracer doctor                # kernel features and the hooks chosen
     """
     ctx.obj = Context(attach=attach, backend=backend)
-
-
-def _register() -> None:
-    from . import doctor, watch
-
-    cli.add_command(watch.watch)
-    cli.add_command(doctor.doctor)
-    for mod in ("leaks", "export"):
-        try:
-            module = __import__(f"{__name__}.{mod}", fromlist=[mod])
-        except ImportError:
-            continue
-        cli.add_command(getattr(module, mod))
-
-
-_register()
