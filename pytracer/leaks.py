@@ -254,7 +254,9 @@ class Scanner:
             infos: dict[int, sockdiag.TcpInfo] = {}
             missed = 0
             if len(query):
+                errors_before = len(sess.errors)
                 infos, missed = sess.tcp_info(rows[query], th.max_exact_lookups)
+                rep.errors.extend(sess.errors[errors_before:])
                 hist["checked"][query] = now
             rep.stats.update(candidates=int(len(stuck_idx) + len(est_idx)), info_queries=int(len(query)),
                              info_missed=int(missed))
@@ -548,6 +550,8 @@ class SeedResult:
         states = ", ".join(f"{k} {v}" for k, v in sorted(self.by_state.items())) or "none"
         text = (f"seeded {self.seeded} pre-existing sockets ({states}; {self.with_owner} with an owning process), "
                 f"{self.existed} already tracked")
+        if self.errors:
+            text += "; problems: " + "; ".join(self.errors[:3])
         if self.failed:
             text += f", {self.failed} NOT inserted (socket table full: raise --max-sockets)"
         if self.vanished:
@@ -682,8 +686,9 @@ def seed(tracer: Any, pids: Iterable[int] | None = None, proc: str = procs.PROC)
                     res.by_state[name] -= 1
                     if not res.by_state[name]:
                         del res.by_state[name]
-    except (OSError, LibbpfError) as exc:
-        res.errors.append(f"seeding: {exc}")
+    except Exception as exc:  # seeding is best effort: the scan finds these sockets anyway
+        log.warning("seeding pre-existing sockets failed: %s", exc)
+        res.errors.append(f"seeding: {type(exc).__name__}: {exc}")
     res.seconds = round(time.perf_counter() - t0, 6)
     return res
 

@@ -536,15 +536,16 @@ class Session:
             if sock is None:
                 missed += len(sel)
                 continue
-            if len(sel) > exact_max:
-                got = self._dump_info(sock, sel)
-                out.update(got)
-                missed += len(sel) - len(got)
-                continue
-            for start in range(0, len(sel), _BATCH):
-                got, lost = self._lookup_batch(sock, sel[start : start + _BATCH])
-                out.update(got)
-                missed += lost
+            before = len(out)
+            try:
+                if len(sel) > exact_max:
+                    out.update(self._dump_info(sock, sel))
+                else:
+                    for start in range(0, len(sel), _BATCH):
+                        out.update(self._lookup_batch(sock, sel[start : start + _BATCH])[0])
+            except OSError as exc:  # e.g. ENOBUFS: replies were dropped
+                self.errors.append(f"{self.netns[int(ino)].label} (netns {ino}) tcp_info: {exc}")
+            missed += len(sel) - (len(out) - before)
         return out, missed
 
     def _dump_info(self, sock: socket.socket, rows: np.ndarray) -> dict[int, TcpInfo]:
