@@ -87,8 +87,10 @@ def watch(obj: Context, pids: tuple[int, ...], interval: float, duration: float 
 
         # Sockets that exist already go into the table as "present at start".
         seeded = leaks.seed(tracer, pids)
-        if not as_json:
-            click.echo(seeded.summary(), err=True)
+        # One line on stderr (stdout stays JSON): from here on nothing is missed.
+        scope = "pids " + ",".join(map(str, pids)) if pids else "the whole host"
+        hooks = " ".join(f"{h}={c.kind}" for h, c in tracer.choices.items() if c.kind)
+        click.echo(f"tracer: attached, watching {scope} ({hooks}); {seeded.summary()}", err=True)
         extra = {"seeded": seeded.seeded, "seed_failed": seeded.failed}
         if seeded.skipped:
             extra["seed_skipped"] = seeded.skipped

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from typing import Any
 
@@ -25,21 +26,34 @@ def run_tracer(*args: str, timeout: float = 60, env: dict[str, str] | None = Non
                           env={**os.environ, **(env or {})}, **kw)
 
 
-def start_watch(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([*tracer_cmd(), "watch", "--json", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def start_watch(*args: str, wait_attached: bool = True) -> subprocess.Popen:
+    """`tracer watch --json`, returned once it says it is attached."""
+    p = subprocess.Popen([*tracer_cmd(), "watch", "--json", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    if wait_attached:
+        got: list[str] = []
+        reader = threading.Thread(target=lambda: got.append(p.stderr.readline()), daemon=True)  # type: ignore[union-attr]
+        reader.start()
+        reader.join(60)
+        if not got or not got[0].startswith("tracer: attached"):
+            p.kill()
+            pytest.fail(f"tracer watch did not report attaching within 60s: {got}")
+    return p
 
 
 def test_watch_json_lines_during_workload(procs: Any) -> None:
     server = procs("server", "127.0.0.1", 0, 2)
-    watch = start_watch("--interval", "0.5", "--duration", "2.2", "--pid", str(server.pid), "--top", "50")
-    time.sleep(0.8)  # attached (startup is well under this)
+    watch = start_watch("--interval", "0.5", "--duration", "2.5", "--pid", str(server.pid), "--top", "50")
     server.send()
     port = server.expect("listening")["port"]
     # The client is not in --pid: only the server's end (via its listener) shows.
     client = procs("client", "127.0.0.1", port, "2.5,0.1")
     client.send()
     conn = client.expect("connected")
+    # ss agrees on the connection's state while it is held.
+    ss = subprocess.run(["ss", "-tanH", f"sport = :{conn['lport']} and dport = :{port}"], capture_output=True,
+                        text=True).stdout
+    assert ss.split()[0] == "ESTAB"
     out, err = watch.communicate(timeout=30)
     assert watch.returncode == 0, err
     lines = [json.loads(x) for x in out.splitlines()]
@@ -56,9 +70,7 @@ def test_watch_json_lines_during_workload(procs: Any) -> None:
     mine = [s for s in last["sockets"] if conn["lport"] in (s["lport"], s["rport"])]
     assert {s["direction"]: s["pid"] for s in mine} == {"passive": server.pid}
     assert 1.0 < mine[0]["age_seconds"] < 2.5
-    # ss agrees on the connection's state.
-    ss = subprocess.run(["ss", "-tanH", f"sport = :{conn['lport']}"], capture_output=True, text=True).stdout
-    assert ss.split()[0] == "ESTAB"
+
 
 
 def test_pid_filter_shows_only_those_processes(procs: Any) -> None:
@@ -70,7 +82,6 @@ def test_pid_filter_shows_only_those_processes(procs: Any) -> None:
     c1 = procs("client", "127.0.0.1", p1, "2.0")
     c2 = procs("client", "127.0.0.1", p2, "2.0")
     watch = start_watch("--interval", "0.5", "--duration", "1.6", "--pid", str(s1.pid), "--pid", str(c1.pid))
-    time.sleep(0.8)
     c1.send()
     c2.send()
     out, err = watch.communicate(timeout=30)
@@ -116,11 +127,7 @@ def test_forced_unavailable_mode_fails_cleanly() -> None:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_exits_cleanly_and_detaches(sig: signal.Signals) -> None:
     watch = start_watch("--interval", "0.2")
-    deadline = time.monotonic() + 20
-    ids: set[int] = set()
-    while time.monotonic() < deadline and not ids:
-        time.sleep(0.1)
-        ids = prog_ids_of(watch.pid)
+    ids = prog_ids_of(watch.pid)
     assert ids, "tracer did not load its programs"
     assert ids <= live_prog_ids()
     watch.send_signal(sig)
