@@ -321,6 +321,13 @@ static __always_inline void birth(struct pt_agg *a, struct sock *sk, u64 key,
 
 		if (ltgid)
 			rec.listener_tgid = *ltgid;
+		/* Under --pid, keep only children of listeners we watch: the
+		 * rest would fill the table with sockets nobody asked for. */
+		if (PT_FILTER_OWNER &&
+		    !(rec.listener_tgid && owner_wanted(rec.listener_tgid))) {
+			stat_add(a, PT_S_FILTER_SKIPPED);
+			return;
+		}
 	} else {
 		/* connect() and listen() run in the owner's context. */
 		if (!owner_wanted(tgid)) {
@@ -330,11 +337,7 @@ static __always_inline void birth(struct pt_agg *a, struct sock *sk, u64 key,
 		set_owner(&rec, tgid);
 		rec.ino = sk_socket_ino(sk);
 	}
-	/* Under --pid, a child counts from birth when its listener is ours,
-	 * else once accept() names an owner that is. */
-	if (!PT_FILTER_OWNER || dir != PT_DIR_PASSIVE ||
-	    (rec.listener_tgid && owner_wanted(rec.listener_tgid)))
-		rec.counted = 1;
+	rec.counted = 1;
 	if (dir == PT_DIR_LISTEN) {
 		struct pt_listen_key lk = {
 			.netns_ino = rec.netns_ino,
@@ -342,7 +345,8 @@ static __always_inline void birth(struct pt_agg *a, struct sock *sk, u64 key,
 			.family = rec.family,
 		};
 
-		listeners.update(&lk, &tgid);
+		if (listeners.update(&lk, &tgid))
+			stat_add(a, PT_S_LISTENER_FAILED);
 	}
 	if (socks.update(&key, &rec)) {
 		stat_add(a, PT_S_INSERT_FAILED);
@@ -360,6 +364,13 @@ static __always_inline void midlife(struct pt_agg *a, struct sock *sk,
 {
 	struct pt_sock rec = {};
 
+	stat_add(a, PT_S_MIDLIFE);
+	/* Under --pid nothing here names an owner: seeding at start covers
+	 * the watched processes' pre-existing sockets. */
+	if (PT_FILTER_OWNER) {
+		stat_add(a, PT_S_FILTER_SKIPPED);
+		return;
+	}
 	rec.state_ns = now;
 	rec.state = new;
 	rec.direction = PT_DIR_UNKNOWN;
@@ -367,10 +378,9 @@ static __always_inline void midlife(struct pt_agg *a, struct sock *sk,
 	rec.transitions = 1;
 	rec.history[0] = new;
 	rec.flags = PT_F_BIRTH_UNKNOWN;
-	rec.counted = !PT_FILTER_OWNER;
+	rec.counted = 1;
 	rec.netns_ino = sk_netns_ino(sk);
 	read_addrs(&rec, sk);
-	stat_add(a, PT_S_MIDLIFE);
 	if (socks.update(&key, &rec)) {
 		stat_add(a, PT_S_INSERT_FAILED);
 		return;
@@ -451,7 +461,8 @@ static __always_inline void handle_accept(struct sock *sk, u64 key, int fd,
 		return;
 	rec = socks.lookup(&key);
 	if (!rec) {
-		stat_add(a, PT_S_ACCEPT_UNTRACKED);
+		if (owner_wanted(tgid))
+			stat_add(a, PT_S_ACCEPT_UNTRACKED);
 		return;
 	}
 	if (PT_FILTER_OWNER && !owner_wanted(tgid)) {

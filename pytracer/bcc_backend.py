@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from . import libbpf
+from . import abi, libbpf
 from .environment import (
     TRACEFS,
     EnvironmentProblem,
@@ -538,6 +538,16 @@ class BccTracer:
         self.close()
 
     # -- access ----------------------------------------------------------
+
+    def add_listener(self, netns_ino: int, port: int, family: int, tgid: int) -> bool:
+        """Record who listens on a port (for listeners that predate us), so
+        their accepted children are attributed, and kept under --pid."""
+        key = bytes(abi.PtListenKey(netns_ino=netns_ino, port=port, family=family))
+        try:
+            self.map("listeners").update(key, struct.pack("=I", tgid), 1)  # BPF_NOEXIST
+        except libbpf.LibbpfError as exc:
+            return exc.errno == errno_mod.EEXIST  # the kernel saw this listen() itself
+        return True
 
     def add_pids(self, pids: Iterable[int]) -> None:
         """Widen a --pid filter after load (e.g. a process started later)."""

@@ -104,6 +104,19 @@ def add_pids(tracers: dict[str, Any], pids: list[int]) -> None:
         t.add_pids(pids)
 
 
+def register_listener(tracers: dict[str, Any], mode: str, pid: int, port: int) -> None:
+    """kprobe mode only.  listen() sets LISTEN with inet_sk_state_store(),
+    not tcp_set_state(), so a kprobe never sees a listener's birth; under
+    --pid its children are kept only when something registers the listener
+    (Tracer.add_listener, meant for listeners that predate the tracer).  Do
+    that here, on both backends, as a seeding layer would."""
+    if mode != "kprobe":
+        return
+    netns_ino = os.stat(f"/proc/{pid}/ns/net").st_ino
+    for t in tracers.values():
+        assert t.add_listener(netns_ino, port, 2, pid)  # AF_INET
+
+
 def records(t: Any, port: int) -> dict[int, np.void]:
     """This test's socket records (either end of `port`), by key."""
     keys, socks = poller.read_socks(t)
@@ -159,6 +172,7 @@ def test_lifetimes_and_owners_match_core(procs: Any, pair: dict[str, Any]) -> No
         before = {n: poller.read_totals(t) for n, t in tracers.items()}
         server.send()
         port = server.expect("listening")["port"]
+        register_listener(tracers, mode, server.pid, port)
         client = procs("client", "127.0.0.1", port, ",".join(map(str, holds)))
         add_pids(tracers, [client.pid])
         client.send()
@@ -177,19 +191,16 @@ def test_lifetimes_and_owners_match_core(procs: Any, pair: dict[str, Any]) -> No
         by_dir = {r["direction"]: r for r in rows if conn["lport"] in (r["lport"], r["rport"])}
         assert by_dir["active"]["pid"] == client.pid != os.getpid()
         assert by_dir["passive"]["pid"] == server.pid != os.getpid()
-        if mode == "tracepoint":
-            assert by_dir["passive"]["listener_pid"] == server.pid
+        assert by_dir["passive"]["listener_pid"] == server.pid
         assert by_dir["passive"]["rport"] == conn["lport"] and by_dir["passive"]["raddr"] == "127.0.0.1"
         listeners = [r for r in rows if r["direction"] == "listen" and r["lport"] == port]
-        if mode == "tracepoint":
-            assert [r["pid"] for r in listeners] == [server.pid]
-        else:
-            # listen() sets LISTEN with inet_sk_state_store(), not
-            # tcp_set_state(): a kprobe never sees a listener's birth, so
-            # children are attributed at accept() only (CO-RE: the same).
-            assert listeners == [] and by_dir["passive"]["listener_pid"] is None
+        # A kprobe never sees the listener's birth (see register_listener).
+        assert [r["pid"] for r in listeners] == ([server.pid] if mode == "tracepoint" else [])
         assert by_dir["active"]["comm"].startswith("python")
-        assert abs(by_dir["active"]["age_seconds"] - (now_ns / 1e9 - conn["t"])) < TOLERANCE_S + 0.002
+        # Born inside connect(), so after the client's stamp taken just before
+        # it; how much after is how long connect() took (ms under TCG).
+        since_stamp = now_ns / 1e9 - conn["t"]
+        assert -0.002 < since_stamp - by_dir["active"]["age_seconds"] < 0.050, (since_stamp, by_dir["active"])
         assert links["active"] == f"socket:[{by_dir['active']['inode']}]"
         if mode == "tracepoint":  # accept(2)'s exit knows the fd and the file
             assert by_dir["passive"]["fd"] == acc["fd"]
@@ -266,6 +277,7 @@ def test_transitions_and_histories_match_core(procs: Any, pair: dict[str, Any]) 
         before = {n: poller.read_totals(t) for n, t in tracers.items()}
         step.send()
         port = step.expect("listening")["port"]
+        register_listener(tracers, mode, step.pid, port)
         step.send()
         est = step.expect("established")
         cport = est["client_lport"]
@@ -320,7 +332,7 @@ def test_transitions_and_histories_match_core(procs: Any, pair: dict[str, Any]) 
     }
     if mode == "tracepoint":
         expected[("LISTEN", "SYN_RECV")] = 1
-    else:  # listen() does not go through tcp_set_state() (see above)
+    else:  # listen() does not go through tcp_set_state() (register_listener)
         del expected[("CLOSE", "LISTEN")]
     for n in after:
         dn = delta(after[n], before[n])
