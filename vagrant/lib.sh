@@ -6,9 +6,13 @@
 
 set -euo pipefail
 
+# The variables below are used by the scripts that source this file.
 VM_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck disable=SC2034
 REPO_ROOT="$(cd "$VM_DIR/.." && pwd)"
+# shellcheck disable=SC2034
 VM_CACHE="${PYTRACER_VM_CACHE:-/var/cache/pytracer-vm}"
+# shellcheck disable=SC2034
 DEBIAN_MIRROR="${PYTRACER_VM_MIRROR:-http://deb.debian.org/debian}"
 PROG="$(basename "$0")"
 
