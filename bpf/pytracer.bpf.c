@@ -61,6 +61,22 @@ struct {
 	__type(value, __u32);
 } listeners SEC(".maps");
 
+/*
+ * Accepted children between their birth (LISTEN -> SYN_RECV) and their next
+ * event, keyed by sk pointer.  inet_csk_clone_lock() reports SYN_RECV and
+ * only then sets the child's cookie from the request socket (v5.10 .. v6.12
+ * at least), so a cookie taken at SYN_RECV would not be the socket's cookie
+ * for the rest of its life.  The record is made at the next event, under
+ * the stable cookie, with the birth time kept here.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u64);
+	__type(value, __u64);
+} embryos SEC(".maps");
+
 const volatile struct pt_config cfg = {};
 
 /* --- aggregation --------------------------------------------------------- */
@@ -374,6 +390,21 @@ static __always_inline void handle_state(struct sock *sk, __u64 key, int old,
 		return;
 	now = bpf_ktime_get_ns();
 	rec = bpf_map_lookup_elem(&socks, &key);
+	if (!rec && !cfg.key_by_ptr) {
+		__u64 ptr = (__u64)sk;
+		__u64 *born = bpf_map_lookup_elem(&embryos, &ptr);
+
+		if (born) {
+			__u64 born_ns = *born;
+
+			bpf_map_delete_elem(&embryos, &ptr);
+			birth(a, sk, key, PT_DIR_PASSIVE, TCP_LISTEN, TCP_SYN_RECV,
+			      born_ns, btf);
+			rec = bpf_map_lookup_elem(&socks, &key);
+			if (!rec)	/* filtered out, or the table is full */
+				return;
+		}
+	}
 	dir = birth_direction(old, new, rec != NULL);
 	if (dir >= 0) {
 		if (rec)	/* a reused socket: the old life ends here */
@@ -408,8 +439,9 @@ static __always_inline void handle_state(struct sock *sk, __u64 key, int old,
 
 		bpf_map_delete_elem(&listeners, &lk);
 	}
-	/* connect() binds the local port after CLOSE -> SYN_SENT. */
-	if (!rec->lport)
+	/* connect() binds the local port after CLOSE -> SYN_SENT; a child's
+	 * peer address can arrive after its SYN_RECV. */
+	if (!rec->lport || (!rec->rport && rec->direction != PT_DIR_LISTEN))
 		read_addrs(rec, sk, btf);
 	if (old == TCP_ESTABLISHED && new == TCP_CLOSE_WAIT &&
 	    !rec->app_closed)
@@ -473,15 +505,22 @@ static __always_inline void handle_reset(__u64 key)
 		rec->flags |= PT_F_RESET;
 }
 
-static __always_inline void handle_destroy(__u64 key)
+static __always_inline void handle_destroy(struct sock *sk, __u64 key)
 {
 	struct pt_sock *rec;
 
 	if (!key)
 		return;
 	rec = bpf_map_lookup_elem(&socks, &key);
-	if (!rec)
+	if (!rec) {
+		/* A child destroyed before its first event after SYN_RECV. */
+		if (!cfg.key_by_ptr) {
+			__u64 ptr = (__u64)sk;
+
+			bpf_map_delete_elem(&embryos, &ptr);
+		}
 		return;
+	}
 	finish(agg_get(), rec, bpf_ktime_get_ns());
 	bpf_map_delete_elem(&socks, &key);
 }
@@ -493,6 +532,14 @@ int BPF_PROG(state_tp_btf, struct sock *sk, int old, int new)
 {
 	if (sk->sk_protocol != IPPROTO_TCP)
 		return 0;
+	if (!cfg.key_by_ptr && old == TCP_LISTEN && new == TCP_SYN_RECV) {
+		/* Not the child's final cookie yet: see "embryos". */
+		__u64 ptr = (__u64)sk, now = bpf_ktime_get_ns();
+
+		if (bpf_map_update_elem(&embryos, &ptr, &now, BPF_ANY))
+			stat_add(agg_get(), PT_S_INSERT_FAILED);
+		return 0;
+	}
 	handle_state(sk, key_btf(sk), old, new, true);
 	return 0;
 }
@@ -657,14 +704,14 @@ int BPF_PROG(reset_tp_btf, struct sock *sk)
 SEC("tp_btf/tcp_destroy_sock")
 int BPF_PROG(destroy_tp_btf, struct sock *sk)
 {
-	handle_destroy(key_btf(sk));
+	handle_destroy(sk, key_btf(sk));
 	return 0;
 }
 
 SEC("tracepoint/tcp/tcp_destroy_sock")
 int destroy_tracepoint(struct trace_event_raw_tcp_event_sk *ctx)
 {
-	handle_destroy(key_raw((struct sock *)ctx->skaddr));
+	handle_destroy((struct sock *)ctx->skaddr, key_raw((struct sock *)ctx->skaddr));
 	return 0;
 }
 

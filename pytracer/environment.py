@@ -73,7 +73,7 @@ def _mounted(path: str, fstype: str) -> bool:
 
 def _mount(source: str, target: str, fstype: str) -> str | None:
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = [ctypes.c_char_p] * 4 + [ctypes.c_ulong, ctypes.c_void_p]
+    libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
     if libc.mount(source.encode(), target.encode(), fstype.encode(), 0, None) != 0:
         return os.strerror(ctypes.get_errno())
     return None
