@@ -19,7 +19,14 @@ BPF_HDRS  := bpf/pytracer.h bpf/core_fixes.bpf.h bpf/vmlinux.h
 
 all: bpf
 
-bpf: $(BPF_OBJ)
+# The bcc backend compiles its C at start-up: ship it beside the object.
+BCC_SRC := pytracer/bpf/pytracer_bcc.c pytracer/bpf/pytracer.h
+
+bpf: $(BPF_OBJ) $(BCC_SRC)
+
+pytracer/bpf/%: bpf/%
+	@mkdir -p $(dir $@)
+	cp $< $@
 
 $(BPF_OBJ): $(BPF_SRC) $(BPF_HDRS)
 	@mkdir -p $(dir $@)
@@ -57,7 +64,7 @@ lint:
 	$(VENV)/bin/ruff check pytracer tests
 
 clean:
-	rm -f $(BPF_OBJ)
+	rm -f $(BPF_OBJ) $(BCC_SRC)
 
 -include vagrant/vm.mk
 -include bench/bench.mk
