@@ -40,8 +40,13 @@ def test_the_c_program_uses_the_abi_header_and_the_core_map_names() -> None:
                 assert f"int {p}(" in src, p
 
 
-def test_source_is_found_in_the_tree() -> None:
-    assert bb.source_path() == ROOT / "bpf" / bb.SOURCE_NAME
+def test_source_is_found_and_matches_the_tree() -> None:
+    # `make` copies the source into the package (pytracer/bpf/) so an
+    # installed tracer has it; either copy must be today's bpf/ source.
+    found = bb.source_path()
+    assert found in (ROOT / "bpf" / bb.SOURCE_NAME, ROOT / "pytracer" / "bpf" / bb.SOURCE_NAME)
+    assert found.read_text() == (ROOT / "bpf" / bb.SOURCE_NAME).read_text()
+    assert (found.parent / "pytracer.h").read_text() == (ROOT / "bpf" / "pytracer.h").read_text()
 
 
 def test_plan_prefers_tracepoint_then_kprobe(monkeypatch: pytest.MonkeyPatch) -> None:
