@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from . import abi, libbpf
+from . import libbpf
 from .environment import (
     TRACEFS,
     EnvironmentProblem,
@@ -42,7 +42,15 @@ from .environment import (
     probe_features,
     require_privileges,
 )
-from .loader import ATTACH_MODES, DEFAULT_MAX_SOCKETS, HOOK_TARGETS, OPTIONAL_HOOKS, Choice, TracerError
+from .loader import (
+    ATTACH_MODES,
+    DEFAULT_MAX_SOCKETS,
+    HOOK_TARGETS,
+    OPTIONAL_HOOKS,
+    Choice,
+    TracerError,
+    TracerHandle,
+)
 
 SOURCE_NAME = "pytracer_bcc.c"
 
@@ -329,7 +337,7 @@ def static_veto(c: BccCandidate, f: Features) -> str | None:
 # --- the tracer ------------------------------------------------------------------
 
 
-class BccTracer:
+class BccTracer(TracerHandle):
     """The bcc-compiled kernel side, loaded and attached.  A context manager.
 
     ``reason`` says why this backend was picked (for messages and doctor).
@@ -527,36 +535,7 @@ class BccTracer:
             self._bpf = None
         self._attached = []
 
-    def __enter__(self) -> BccTracer:
-        try:
-            return self.open()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- access ----------------------------------------------------------
-
-    def add_listener(self, netns_ino: int, port: int, family: int, tgid: int) -> bool:
-        """Record who listens on a port (for listeners that predate us), so
-        their accepted children are attributed, and kept under --pid."""
-        key = bytes(abi.PtListenKey(netns_ino=netns_ino, port=port, family=family))
-        try:
-            self.map("listeners").update(key, struct.pack("=I", tgid), 1)  # BPF_NOEXIST
-        except libbpf.LibbpfError as exc:
-            return exc.errno == errno_mod.EEXIST  # the kernel saw this listen() itself
-        return True
-
-    def add_pids(self, pids: Iterable[int]) -> None:
-        """Widen a --pid filter after load (e.g. a process started later)."""
-        if not self.pids:
-            raise TracerError("this tracer watches the whole host; there is no pid filter to widen")
-        owners = self.map("owners")
-        for pid in pids:
-            owners.update(struct.pack("=I", pid), b"\x01")
-            self.pids.append(pid)
 
     def map(self, name: str) -> FdMap:
         if self._bpf is None:

@@ -15,6 +15,7 @@ turns fallback off, so a test can prove each kind on its own.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import re
 import struct
@@ -131,7 +132,53 @@ def _program_bytes() -> bytes:
 _FAILED_PROG = re.compile(r"prog '(\w+)': (?:BPF program load failed|failed to load)")
 
 
-class Tracer:
+class TracerHandle:
+    """What both backends share once their programs are loaded: context
+    management and the writes user space makes into the kernel's filter and
+    listener maps.  Subclasses provide open(), close(), map() and pids."""
+
+    pids: list[int]
+
+    def open(self) -> TracerHandle:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def map(self, name: str) -> libbpf.Map:
+        raise NotImplementedError
+
+    def __enter__(self):  # noqa: ANN204 - returns the subclass
+        try:
+            return self.open()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add_listener(self, netns_ino: int, port: int, family: int, tgid: int) -> bool:
+        """Record who listens on a port (for listeners that predate us), so
+        their accepted children are attributed, and kept under --pid."""
+        key = bytes(abi.PtListenKey(netns_ino=netns_ino, port=port, family=family))
+        try:
+            self.map("listeners").update(key, struct.pack("=I", tgid), 1)  # BPF_NOEXIST
+        except libbpf.LibbpfError as exc:
+            return exc.errno == errno.EEXIST  # the kernel saw this listen() itself
+        return True
+
+    def add_pids(self, pids: Iterable[int]) -> None:
+        """Widen a --pid filter after load (e.g. a process started later)."""
+        if not self.pids:
+            raise TracerError("this tracer watches the whole host; there is no pid filter to widen")
+        owners = self.map("owners")
+        for pid in pids:
+            owners.update(struct.pack("=I", pid), b"\x01")
+            self.pids.append(pid)
+
+
+class Tracer(TracerHandle):
     """The loaded and attached kernel side.  Use as a context manager."""
 
     def __init__(
@@ -272,38 +319,7 @@ class Tracer:
             self.obj.close()
             self.obj = None
 
-    def __enter__(self) -> Tracer:
-        try:
-            return self.open()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- access ----------------------------------------------------------
-
-    def add_listener(self, netns_ino: int, port: int, family: int, tgid: int) -> bool:
-        """Record who listens on a port (for listeners that predate us), so
-        their accepted children are attributed, and kept under --pid."""
-        key = bytes(abi.PtListenKey(netns_ino=netns_ino, port=port, family=family))
-        try:
-            self.map("listeners").update(key, struct.pack("=I", tgid), 1)  # BPF_NOEXIST
-        except libbpf.LibbpfError as exc:
-            if exc.errno == 17:  # EEXIST: the kernel saw this listen() itself
-                return True
-            return False
-        return True
-
-    def add_pids(self, pids: Iterable[int]) -> None:
-        """Widen a --pid filter after load (e.g. a process started later)."""
-        if not self.pids:
-            raise TracerError("this tracer watches the whole host; there is no pid filter to widen")
-        owners = self.map("owners")
-        for pid in pids:
-            owners.update(struct.pack("=I", pid), b"\x01")
-            self.pids.append(pid)
 
     def map(self, name: str) -> libbpf.Map:
         if self.obj is None:

@@ -268,8 +268,8 @@ def attached_prog_ids() -> set[int]:
     return ids
 
 
-def prog_ids_of(pid: int) -> set[int]:
-    """BPF program ids held by a process, from /proc/PID/fdinfo."""
+def fdinfo_ids(pid: int, key: str) -> set[int]:
+    """prog_id / link_id values in /proc/PID/fdinfo (what the process holds)."""
     ids = set()
     base = f"/proc/{pid}/fdinfo"
     try:
@@ -280,11 +280,16 @@ def prog_ids_of(pid: int) -> set[int]:
         try:
             with open(f"{base}/{name}") as f:
                 for line in f:
-                    if line.startswith("prog_id:"):
+                    if line.startswith(key + ":"):
                         ids.add(int(line.split()[1]))
         except OSError:
             continue
     return ids
+
+
+def prog_ids_of(pid: int) -> set[int]:
+    """BPF program ids held by a process."""
+    return fdinfo_ids(pid, "prog_id")
 
 
 def live_prog_ids() -> set[int]:

@@ -7,7 +7,6 @@ Ports come from bind(0); every wait has a deadline.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -23,7 +22,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import Proc, tracer_cmd
+from .conftest import Proc, fdinfo_ids, tracer_cmd  # noqa: F401 - fdinfo_ids re-exported for test_exporter
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -214,25 +213,6 @@ def ss_states(netns: str | None = None, filt: str = "", minisocks: bool | None =
         name = names.get(st, st.replace("-", "_"))
         counts[name] = counts.get(name, 0) + 1
     return counts
-
-
-def fdinfo_ids(pid: int, key: str) -> set[int]:
-    """prog_id / link_id values in /proc/PID/fdinfo (what the process holds)."""
-    ids = set()
-    base = f"/proc/{pid}/fdinfo"
-    try:
-        names = os.listdir(base)
-    except OSError:
-        return ids
-    for name in names:
-        try:
-            with open(f"{base}/{name}") as f:
-                for line in f:
-                    if line.startswith(key + ":"):
-                        ids.add(int(line.split()[1]))
-        except OSError:
-            continue
-    return ids
 
 
 def bpftool_ids(what: str) -> set[int]:
