@@ -204,28 +204,28 @@ def clear_log() -> None:
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    P, I = _check_ptr, _check_int
+    P, N = _check_ptr, _check_int  # NULL means errno; negative int is -errno
     _libc.vsnprintf.argtypes = [c_char_p, c_size_t, c_char_p, c_void_p]
     _fn(lib, "libbpf_set_print", c_void_p, [_PRINT_FN], None)
     _fn(lib, "bpf_object__open_mem", c_void_p, [c_void_p, c_size_t, ctypes.POINTER(BpfObjectOpenOpts)], P)
-    _fn(lib, "bpf_object__load", c_int, [c_void_p], I)
+    _fn(lib, "bpf_object__load", c_int, [c_void_p], N)
     _fn(lib, "bpf_object__close", None, [c_void_p], None)
     _fn(lib, "bpf_object__find_program_by_name", c_void_p, [c_void_p, c_char_p], P)
     _fn(lib, "bpf_object__find_map_by_name", c_void_p, [c_void_p, c_char_p], P)
     _fn(lib, "bpf_object__next_program", c_void_p, [c_void_p, c_void_p], None)
     _fn(lib, "bpf_program__name", c_char_p, [c_void_p], None)
     _fn(lib, "bpf_program__section_name", c_char_p, [c_void_p], None)
-    _fn(lib, "bpf_program__set_autoload", c_int, [c_void_p, c_bool], I)
+    _fn(lib, "bpf_program__set_autoload", c_int, [c_void_p, c_bool], N)
     _fn(lib, "bpf_program__autoload", c_bool, [c_void_p], None)
-    _fn(lib, "bpf_program__fd", c_int, [c_void_p], I)
+    _fn(lib, "bpf_program__fd", c_int, [c_void_p], N)
     _fn(lib, "bpf_program__attach", c_void_p, [c_void_p], P)
     _fn(lib, "bpf_link__destroy", c_int, [c_void_p], None)
-    _fn(lib, "bpf_map__fd", c_int, [c_void_p], I)
-    _fn(lib, "bpf_map__set_max_entries", c_int, [c_void_p, c_uint32], I)
+    _fn(lib, "bpf_map__fd", c_int, [c_void_p], N)
+    _fn(lib, "bpf_map__set_max_entries", c_int, [c_void_p, c_uint32], N)
     _fn(lib, "bpf_map__max_entries", c_uint32, [c_void_p], None)
     _fn(lib, "bpf_map__value_size", c_uint32, [c_void_p], None)
     _fn(lib, "bpf_map__key_size", c_uint32, [c_void_p], None)
-    _fn(lib, "bpf_map__set_initial_value", c_int, [c_void_p, c_void_p, c_size_t], I)
+    _fn(lib, "bpf_map__set_initial_value", c_int, [c_void_p, c_void_p, c_size_t], N)
     _fn(lib, "bpf_map__initial_value", c_void_p, [c_void_p, ctypes.POINTER(c_size_t)], None)
     _fn(lib, "bpf_map_lookup_elem", c_int, [c_int, c_void_p, c_void_p], None)
     _fn(lib, "bpf_map_update_elem", c_int, [c_int, c_void_p, c_void_p, c_uint64], None)
@@ -235,7 +235,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         None)
     _fn(lib, "bpf_map_get_next_key", c_int, [c_int, c_void_p, c_void_p], None)
     _fn(lib, "bpf_obj_get_info_by_fd", c_int, [c_int, c_void_p, ctypes.POINTER(c_uint32)], None)
-    _fn(lib, "libbpf_num_possible_cpus", c_int, [], I)
+    _fn(lib, "libbpf_num_possible_cpus", c_int, [], N)
     _fn(lib, "libbpf_probe_bpf_prog_type", c_int, [c_int, c_void_p], None)
     lib.libbpf_set_print(_print_cb)
 

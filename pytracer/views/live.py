@@ -53,7 +53,8 @@ def _flags(report: dict[str, Any]) -> Table | None:
         t.add_column(h)
     for f in flags[:15]:
         t.add_row(
-            f["kind"], str(f.get("pid") or "-"), f.get("comm") or "-", str(f.get("fd") if f.get("fd") is not None else "-"),
+            f["kind"], str(f.get("pid") or "-"), f.get("comm") or "-",
+            str(f.get("fd") if f.get("fd") is not None else "-"),
             f.get("state") or "-", human_seconds(f.get("seconds")), f.get("detail") or "",
         )
     return t
