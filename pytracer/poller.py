@@ -51,12 +51,6 @@ class Totals:
     def state_hist(self, state: int) -> Histogram:
         return self.hist(abi.PT_HIST_STATE + state)
 
-    def live_by_state(self) -> dict[int, int]:
-        entered = self.stats[abi.Stat.ENTERED : abi.Stat.ENTERED + abi.PT_STATES].astype(np.int64)
-        left = self.stats[abi.Stat.LEFT : abi.Stat.LEFT + abi.PT_STATES].astype(np.int64)
-        live = entered - left
-        return {s: int(n) for s, n in enumerate(live) if n}
-
     @classmethod
     def from_percpu(cls, raw: bytes, ncpus: int) -> Totals:
         stride = abi.percpu_stride(ctypes.sizeof(abi.PtAgg)) // 8

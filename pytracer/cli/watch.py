@@ -6,7 +6,7 @@ import json
 import math
 import sys
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import click
 
@@ -14,10 +14,6 @@ from .. import model, poller
 from ..loader import Tracer
 from .common import Context, make_tracer, max_sockets_option, pid_option, run, validate_pids
 from .leaks import preload_leaks, threshold_options, thresholds_from
-
-# Optional enrichment of each report (the leak detectors plug in here).
-Enricher = Callable[[dict[str, Any], "poller.Snapshot", Any], None]
-ENRICHERS: list[Callable[..., Any]] = []
 
 
 def intervals(interval: float, duration: float | None) -> Iterator[int]:
@@ -37,7 +33,7 @@ def intervals(interval: float, duration: float | None) -> Iterator[int]:
 
 
 def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: float | None, top: int,
-            start_ns: int, enrichers: list[Callable[..., Any]] | None = None,
+            start_ns: int, enrichers: Iterable[Callable[..., Any]] = (),
             extra: dict[str, Any] | None = None) -> Iterator[tuple[dict[str, Any], poller.Snapshot]]:
     opts = model.ReportOptions(pids=pids, top=top, start_mono_ns=start_ns, max_sockets=tracer.max_sockets,
                                extra=dict(extra or {}))
@@ -46,7 +42,8 @@ def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: fl
     for _ in intervals(interval, duration):
         snap = poller.snapshot(tracer)
         report = model.build_report(snap, prev, opts)
-        for enrich in (ENRICHERS if enrichers is None else enrichers):
+        # Each enricher adds to the report (the leak detectors' flags).
+        for enrich in enrichers:
             enrich(report, snap, tracer, opts, state)
         yield report, snap
         prev = snap
@@ -94,7 +91,7 @@ def watch(obj: Context, pids: tuple[int, ...], interval: float, duration: float 
         extra = {"seeded": seeded.seeded, "seed_failed": seeded.failed}
         if seeded.skipped:
             extra["seed_skipped"] = seeded.skipped
-        enrichers = list(ENRICHERS) if no_leaks else [*ENRICHERS, leaks.watch_enricher(thresholds)]
+        enrichers = [] if no_leaks else [leaks.watch_enricher(thresholds)]
         stream = reports(tracer, pids, interval, duration, top, start_ns, enrichers, extra)
         if as_json:
             for report, _ in stream:
