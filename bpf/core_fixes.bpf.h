@@ -30,10 +30,18 @@ static __always_inline struct sock *accept_ret_of(__u64 *ctx)
 {
 	__u64 ret = 0;
 
-	if (bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_get_func_ret))
+	if (bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_get_func_ret)) {
 		bpf_get_func_ret(ctx, &ret);
-	else
+	} else {
 		ret = ctx[4];
+		/*
+		 * Load ctx[4] here, as a fixed-offset ctx access.  Without this,
+		 * clang merges both branches into one load through a pointer that
+		 * is either &ret or ctx + 32, and the verifier rejects the
+		 * latter ("dereference of modified ctx ptr").
+		 */
+		asm volatile("" : "+r"(ret));
+	}
 	return (struct sock *)ret;
 }
 
