@@ -11,6 +11,8 @@
  *   state change   tp_btf/inet_sock_set_state > tracepoint > fentry > kprobe
  *   accept owner   fexit/inet_csk_accept > kretprobe > sys_exit_accept{,4}
  *   connect owner  the CLOSE -> SYN_SENT transition runs in connect()
+ *   listen         fexit/inet_csk_listen_start > kretprobe (only with the
+ *                  tcp_set_state() hooks, which never see CLOSE -> LISTEN)
  *   app close      fentry/tcp_close > kprobe > sys_enter_close
  *   destroy        tp_btf/tcp_destroy_sock > tracepoint
  */
@@ -409,8 +411,19 @@ static __always_inline void handle_state(struct sock *sk, __u64 key, int old,
 	if (dir >= 0) {
 		if (rec)	/* a reused socket: the old life ends here */
 			finish(a, rec, now);
-		birth(a, sk, key, dir, old, new, now, btf);
-		return;
+		if (old != TCP_SYN_RECV) {
+			birth(a, sk, key, dir, old, new, now, btf);
+			return;
+		}
+		/* tcp_set_state() hooks: the child's LISTEN -> SYN_RECV went
+		 * through inet_sk_set_state() while the kernel handled the
+		 * very ACK that completes the handshake now (only a Fast Open
+		 * child waits a round trip in SYN_RECV).  Record that birth,
+		 * then this transition, as the tracepoint modes do. */
+		birth(a, sk, key, dir, TCP_LISTEN, TCP_SYN_RECV, now, btf);
+		rec = bpf_map_lookup_elem(&socks, &key);
+		if (!rec)	/* filtered out, or the table is full */
+			return;
 	}
 	if (!rec) {
 		midlife(a, sk, key, old, new, now, btf);
@@ -587,6 +600,56 @@ int BPF_KRETPROBE(accept_kretprobe, struct sock *sk)
 {
 	if (sk && is_tcp(sk))
 		handle_accept(sk, key_raw(sk), -1, 0);
+	return 0;
+}
+
+/* --- listen (for the tcp_set_state() hooks) ----------------------------- */
+
+/*
+ * listen() moves a socket to LISTEN with inet_sk_state_store(), which the
+ * tcp_set_state() hooks never see; the tracepoint modes need none of this.
+ * inet_csk_listen_start() puts the socket back to CLOSE when it fails, so
+ * on return the state says whether it listens.
+ */
+SEC("fexit/inet_csk_listen_start")
+int BPF_PROG(listen_fexit, struct sock *sk)
+{
+	if (sk->__sk_common.skc_state == TCP_LISTEN && is_tcp(sk))
+		handle_state(sk, key_btf(sk), TCP_CLOSE, TCP_LISTEN, true);
+	return 0;
+}
+
+/* kretprobe sees no arguments: the socket waits here, by thread. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u64);
+} listening SEC(".maps");
+
+SEC("kprobe/inet_csk_listen_start")
+int BPF_KPROBE(listen_kprobe, struct sock *sk)
+{
+	__u64 tid = bpf_get_current_pid_tgid(), ptr = (__u64)sk;
+
+	if (bpf_map_update_elem(&listening, &tid, &ptr, BPF_ANY))
+		stat_add(agg_get(), PT_S_INSERT_FAILED);
+	return 0;
+}
+
+SEC("kretprobe/inet_csk_listen_start")
+int BPF_KRETPROBE(listen_kretprobe, int ret)
+{
+	__u64 tid = bpf_get_current_pid_tgid();
+	__u64 *ptr = bpf_map_lookup_elem(&listening, &tid);
+	struct sock *sk;
+
+	if (!ptr)
+		return 0;
+	sk = (struct sock *)*ptr;
+	bpf_map_delete_elem(&listening, &tid);
+	if (ret == 0 && is_tcp(sk))
+		handle_state(sk, key_raw(sk), TCP_CLOSE, TCP_LISTEN, false);
 	return 0;
 }
 

@@ -405,8 +405,18 @@ static __always_inline void handle_state(struct sock *sk, u64 key, int old,
 	if (dir >= 0) {
 		if (rec)	/* a reused socket: the old life ends here */
 			finish(a, rec, now);
-		birth(a, sk, key, dir, old, new, now);
-		return;
+		if (old != TCP_SYN_RECV) {
+			birth(a, sk, key, dir, old, new, now);
+			return;
+		}
+		/* tcp_set_state() hook: the child's LISTEN -> SYN_RECV went
+		 * through inet_sk_set_state() while the kernel handled the
+		 * very ACK that completes the handshake now.  Record that
+		 * birth, then this transition, as the tracepoint does. */
+		birth(a, sk, key, dir, TCP_LISTEN, TCP_SYN_RECV, now);
+		rec = socks.lookup(&key);
+		if (!rec)	/* filtered out, or the table is full */
+			return;
 	}
 	if (!rec) {
 		midlife(a, sk, key, old, new, now);
@@ -534,6 +544,37 @@ int state_tracepoint(struct tracepoint__sock__inet_sock_set_state *args)
 int state_kprobe(struct pt_regs *ctx, struct sock *sk, int state)
 {
 	handle_state(sk, key_of(sk), sk_state_of(sk), state);
+	return 0;
+}
+
+/* --- listen (for the tcp_set_state() kprobe) ------------------------------ */
+
+/* listen() moves a socket to LISTEN with inet_sk_state_store(), which
+ * tcp_set_state() never sees.  The kretprobe sees no arguments, so the
+ * socket waits in "listening", by thread. */
+BPF_HASH(listening, u64, u64, 4096);
+
+int listen_kprobe(struct pt_regs *ctx, struct sock *sk)
+{
+	u64 tid = bpf_get_current_pid_tgid(), ptr = (u64)sk;
+
+	if (listening.update(&tid, &ptr))
+		stat_add(agg_get(), PT_S_INSERT_FAILED);
+	return 0;
+}
+
+int listen_kretprobe(struct pt_regs *ctx)
+{
+	u64 tid = bpf_get_current_pid_tgid();
+	u64 *ptr = listening.lookup(&tid);
+	struct sock *sk;
+
+	if (!ptr)
+		return 0;
+	sk = (struct sock *)*ptr;
+	listening.delete(&tid);
+	if (PT_REGS_RC(ctx) == 0 && is_tcp(sk))
+		handle_state(sk, key_of(sk), TCP_CLOSE, TCP_LISTEN);
 	return 0;
 }
 

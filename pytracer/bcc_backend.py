@@ -46,6 +46,7 @@ from .loader import (
     ATTACH_MODES,
     DEFAULT_MAX_SOCKETS,
     HOOK_TARGETS,
+    LISTEN_NEEDED_BY,
     OPTIONAL_HOOKS,
     Choice,
     TracerError,
@@ -97,6 +98,16 @@ HOOKS: dict[str, tuple[BccCandidate, ...]] = {
     ),
     "destroy": (BccCandidate("tracepoint", (Probe("tracepoint", "tcp:tcp_destroy_sock", "destroy_tracepoint"),)),),
     "reset": (BccCandidate("tracepoint", (Probe("tracepoint", "tcp:tcp_receive_reset", "reset_tracepoint"),)),),
+    # Only with the tcp_set_state() kprobe, which never sees CLOSE -> LISTEN.
+    "listen": (
+        BccCandidate(
+            "kprobe",
+            (
+                Probe("kprobe", "inet_csk_listen_start", "listen_kprobe"),
+                Probe("kretprobe", "inet_csk_listen_start", "listen_kretprobe"),
+            ),
+        ),
+    ),
 }
 
 # With a forced attach mode, the kind each hook uses (loader.FORCED's
@@ -105,7 +116,7 @@ FORCED = {
     "tracepoint": {"state": "tracepoint", "accept": "syscall", "close": "syscall", "destroy": "tracepoint",
                    "reset": "tracepoint"},
     "kprobe": {"state": "kprobe", "accept": "kprobe", "close": "kprobe", "destroy": "tracepoint",
-               "reset": "tracepoint"},
+               "reset": "tracepoint", "listen": "kprobe"},
 }
 
 # -D define that compiles each tracepoint program in (bcc builds a
@@ -426,7 +437,8 @@ class BccTracer(TracerHandle):
                     ch.rejected.append((c.kind, veto))
                 else:
                     left.append(c)
-            if not left and hook not in OPTIONAL_HOOKS:
+            # "listen" is needed only if the state hook ends up a kprobe (see _attach).
+            if not left and hook not in OPTIONAL_HOOKS and hook != "listen":
                 why = "; ".join(f"{k}: {r}" for k, r in ch.rejected) or "no candidate for this attach mode"
                 raise TracerError(f"cannot hook {HOOK_TARGETS[hook]} ({why})")
             self.choices[hook] = ch
@@ -492,6 +504,10 @@ class BccTracer(TracerHandle):
         assert self.features is not None
         for hook, cands in plan.items():
             ch = self.choices[hook]
+            state_kind = self.choices["state"].kind
+            if hook == "listen" and state_kind not in LISTEN_NEEDED_BY:
+                ch.reason = f"not needed: the {state_kind} state hook sees CLOSE -> LISTEN"
+                continue
             for c in cands:
                 done: list[Probe] = []
                 diag: list[str] = []

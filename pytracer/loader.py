@@ -62,8 +62,15 @@ HOOKS: dict[str, tuple[Candidate, ...]] = {
         Candidate("tracepoint", ("destroy_tracepoint",)),
     ),
     "reset": (Candidate("tp_btf", ("reset_tp_btf",)),),
+    # Only with the tcp_set_state() hooks, which never see CLOSE -> LISTEN.
+    "listen": (
+        Candidate("fentry", ("listen_fexit",)),
+        Candidate("kprobe", ("listen_kprobe", "listen_kretprobe")),
+    ),
 }
 OPTIONAL_HOOKS = {"reset"}
+# Hooks a state-hook kind needs on top of the others.
+LISTEN_NEEDED_BY = {"fentry", "kprobe"}
 
 # What each hook's program is called in the kernel, for messages.
 HOOK_TARGETS = {
@@ -72,14 +79,18 @@ HOOK_TARGETS = {
     "close": "tcp_close / close(2)",
     "destroy": "tcp_destroy_sock",
     "reset": "tcp_receive_reset",
+    "listen": "inet_csk_listen_start",
 }
 
 # With a forced mode, the kind each hook uses.
 FORCED = {
     "tp_btf": {"state": "tp_btf", "accept": "syscall", "close": "syscall", "destroy": "tp_btf", "reset": "tp_btf"},
     "tracepoint": {"state": "tracepoint", "accept": "syscall", "close": "syscall", "destroy": "tracepoint"},
-    "fentry": {"state": "fentry", "accept": "fentry", "close": "fentry", "destroy": "tp_btf", "reset": "tp_btf"},
-    "kprobe": {"state": "kprobe", "accept": "kprobe", "close": "kprobe", "destroy": "tracepoint"},
+    "fentry": {
+        "state": "fentry", "accept": "fentry", "close": "fentry", "destroy": "tp_btf", "reset": "tp_btf",
+        "listen": "fentry",
+    },
+    "kprobe": {"state": "kprobe", "accept": "kprobe", "close": "kprobe", "destroy": "tracepoint", "listen": "kprobe"},
 }
 
 
@@ -209,6 +220,10 @@ class Tracer(TracerHandle):
         plan: dict[str, Choice] = {}
         for hook, cands in HOOKS.items():
             ch = Choice(hook)
+            if hook == "listen" and plan["state"].kind not in LISTEN_NEEDED_BY:
+                ch.reason = f"not needed: the {plan['state'].kind} state hook sees CLOSE -> LISTEN"
+                plan[hook] = ch
+                continue
             forced = FORCED.get(self.attach_mode)
             for c in cands:
                 if forced is not None and forced.get(hook) != c.kind:
@@ -283,7 +298,8 @@ class Tracer(TracerHandle):
         if names:
             what = "loading " + ", ".join(sorted(names))
         hint = ""
-        if exc.errno in (1, 13) and "ulimit" in exc.log:
+        old_kernel = self.features is not None and self.features.version < (5, 11)
+        if exc.errno in (1, 13) and "ulimit" in exc.log and old_kernel:
             hint = " (kernel refused; on kernels before 5.11 raise `ulimit -l`)"
         return f"{what} failed: {os.strerror(exc.errno)}{hint}"
 

@@ -61,7 +61,7 @@ def gather(obj: Context) -> dict:
                     "target": HOOK_TARGETS[h],
                     "kind": c.kind,
                     "programs": list(c.programs),
-                    "why": c.reason if c.kind else "not available (optional)",
+                    "why": c.reason if c.kind or c.reason else "not available (optional)",
                     "rejected": [{"kind": k, "why": r} for k, r in c.rejected],
                 }
                 for h, c in tracer.choices.items()

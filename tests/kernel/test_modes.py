@@ -1,0 +1,240 @@
+"""Every attach mode this kernel supports, side by side on the same workload.
+
+One tracer per mode -- CO-RE tp_btf, tracepoint, fentry and kprobe, and
+bcc's tracepoint and kprobe where bcc can compile -- all attached at once and
+filtered on the workload's processes, so every mode sees the very same
+connections.  Each mode is checked against ground truth (the processes' own
+CLOCK_MONOTONIC readings, pids and fds, and a bpftrace script on the
+tracepoint), and so the modes must give the same answers: lifetimes,
+transitions, histories and owners.
+
+Which modes must load comes from ``PYTRACER_EXPECT_MODES`` (vagrant/guest-test
+sets it from what its own prober saw working in that kernel); without it,
+tp_btf and tracepoint where the kernel has BTF.  A mode that should load and
+does not is a failure; any other mode that does not load is reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+from pytracer import poller
+from pytracer.abi import Direction, Stat
+from pytracer.environment import EnvironmentProblem
+from pytracer.loader import Tracer, TracerError
+from pytracer.model import socket_row
+from pytracer.tcp_states import TcpState as S
+
+from .conftest import CLOCK_TOLERANCE_S, IN_VM
+
+CORE_MODES = ("tp_btf", "tracepoint", "fentry", "kprobe")
+BCC_MODES = ("bcc:tracepoint", "bcc:kprobe")
+
+
+def expected_modes() -> set[str]:
+    env = os.environ.get("PYTRACER_EXPECT_MODES")
+    if env is not None:
+        return set(env.split())
+    return {"tp_btf", "tracepoint"} if os.path.exists("/sys/kernel/btf/vmlinux") else set()
+
+
+def make_tracer(mode: str, pids: list[int]) -> Any:
+    if mode.startswith("bcc:"):
+        from pytracer.bcc_backend import BccTracer  # noqa: PLC0415 - optional backend
+
+        return BccTracer(pids=pids, attach=mode.split(":", 1)[1])
+    return Tracer(pids=pids, attach=mode)
+
+
+class Modes:
+    """The tracers that loaded, by mode, and why the others did not."""
+
+    def __init__(self, placeholder_pid: int) -> None:
+        self.tracers: dict[str, Any] = {}
+        self.failed: dict[str, str] = {}
+        self.stack = contextlib.ExitStack()
+        for mode in CORE_MODES + BCC_MODES:
+            try:
+                self.tracers[mode] = self.stack.enter_context(make_tracer(mode, [placeholder_pid]))
+            except (TracerError, EnvironmentProblem, OSError, ImportError) as exc:
+                self.failed[mode] = str(exc)
+
+    def add_pids(self, pids: list[int]) -> None:
+        for t in self.tracers.values():
+            t.add_pids(pids)
+
+    def totals(self) -> dict[str, poller.Totals]:
+        return {m: poller.read_totals(t) for m, t in self.tracers.items()}
+
+    def rows(self) -> dict[str, list[dict[str, Any]]]:
+        return {m: self.snap_rows(m)[1] for m in self.tracers}
+
+    def snap_rows(self, mode: str) -> tuple[float, list[dict[str, Any]]]:
+        """(the snapshot's CLOCK_MONOTONIC in seconds, its socket rows)."""
+        snap = poller.snapshot(self.tracers[mode])
+        return snap.mono_ns / 1e9, [socket_row(int(k), r, snap.mono_ns, 0) for k, r in zip(snap.keys, snap.socks)]
+
+
+@pytest.fixture(scope="module")
+def modes() -> Iterator[Modes]:
+    # The filter starts on a process that makes no connections; each test
+    # adds its own workload's pids.
+    placeholder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+    try:
+        m = Modes(placeholder.pid)
+        with m.stack:
+            print("attach modes loaded:", ", ".join(m.tracers))
+            for mode, why in m.failed.items():
+                print(f"attach mode {mode} not loaded: {why}")
+            yield m
+    finally:
+        placeholder.kill()
+        placeholder.wait(10)
+
+
+def test_every_expected_mode_loads(modes: Modes) -> None:
+    missing = {m: modes.failed.get(m, "?") for m in expected_modes() if m not in modes.tracers}
+    assert not missing, missing
+    assert len(modes.tracers) >= 2 or not expected_modes(), (modes.tracers, modes.failed)
+
+
+def transitions_delta(before: poller.Totals, after: poller.Totals) -> Counter[tuple[str, str]]:
+    delta = after.transitions.astype(np.int64) - before.transitions.astype(np.int64)
+    return Counter({(S(o).name, S(n).name): int(delta[o, n]) for o, n in zip(*np.nonzero(delta))})
+
+
+def test_lifetimes_transitions_and_owners_agree(modes: Modes, procs: Any, oracle: Any) -> None:
+    holds = [0.2, 0.5, 0.3]
+    server = procs("server", "127.0.0.1", 0, len(holds))
+    modes.add_pids([server.pid])
+    before = modes.totals()
+    server.send()
+    port = server.expect("listening")["port"]
+    orc = oracle(port)
+    client = procs("client", "127.0.0.1", port, ",".join(map(str, holds)))
+    modes.add_pids([client.pid])
+    client.send()
+
+    # While the first connection is held: each mode's two records name the
+    # right processes, fds and inodes, and their ages match the clocks.
+    conn = client.expect("connected")
+    acc = server.expect("accepted")
+    time.sleep(0.1)
+    for mode in modes.tracers:
+        now, rs = modes.snap_rows(mode)
+        ends = {r["direction"]: r for r in rs if conn["lport"] in (r["lport"], r["rport"])}
+        assert set(ends) == {"active", "passive"}, (mode, rs)
+        act, pas = ends["active"], ends["passive"]
+        assert act["pid"] == client.pid, (mode, act)  # connect() gives no fd: the inode names it
+        assert pas["pid"] == server.pid and pas["fd"] == acc["fd"], (mode, pas)
+        assert pas["listener_pid"] == server.pid, (mode, pas)
+        assert os.readlink(f"/proc/{client.pid}/fd/{conn['fd']}") == f"socket:[{act['inode']}]", mode
+        assert os.readlink(f"/proc/{server.pid}/fd/{acc['fd']}") == f"socket:[{pas['inode']}]", mode
+        assert act["history"] == ["SYN_SENT", "ESTABLISHED"], (mode, act)
+        assert pas["history"] == ["SYN_RECV", "ESTABLISHED"], (mode, pas)
+        # The kernel stamps the birth inside connect(), just after the
+        # client's clock reading; both are CLOCK_MONOTONIC.
+        assert 0 <= (now - conn["t"]) - act["age_seconds"] < CLOCK_TOLERANCE_S, (mode, now, conn, act)
+
+    conns = [client.expect("conn", timeout=60) for _ in holds]
+    client.expect("done", timeout=60)
+    server.wait(60)
+    server.drain()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        after = modes.totals()
+        if all(a.stat(Stat.CLOSED, Direction.PASSIVE) - before[m].stat(Stat.CLOSED, Direction.PASSIVE) >= len(holds)
+               for m, a in after.items()):
+            break
+        time.sleep(0.1)
+    seen = orc.stop()
+
+    # Ground truth: the processes' clocks (see test_capture.lifetime_case).
+    closed = {e["rport"]: e["t"] for e in server.events if e.get("event") == "closed"}
+    measured = {
+        Direction.ACTIVE: [closed[c["lport"]] - c["t_connect"] for c in conns],
+        Direction.PASSIVE: [closed[c["lport"]] - c["t_established"] for c in conns],
+    }
+    # bpftrace saw these transitions on the port (it attached after listen()).
+    oracle_pairs = Counter((S(o).name, S(n).name) for _, o, n, _, _ in seen)
+    oracle_pairs[("CLOSE", "LISTEN")] += 1
+    for mode, a in after.items():
+        b = before[mode]
+        for d, m in measured.items():
+            h = a.lifetime(d) - b.lifetime(d)
+            assert h.count == len(holds), (mode, d, h.count)
+            assert abs(h.sum_us / 1e6 - sum(m)) < CLOCK_TOLERANCE_S * len(holds), (mode, d, h.sum_us, m)
+            assert a.stat(Stat.OPENED, d) - b.stat(Stat.OPENED, d) == len(holds), (mode, d)
+            assert a.stat(Stat.CLOSED, d) - b.stat(Stat.CLOSED, d) == len(holds), (mode, d)
+        assert a.stat(Stat.INSERT_FAILED) == b.stat(Stat.INSERT_FAILED), mode
+        assert transitions_delta(b, a) == oracle_pairs, (mode, transitions_delta(b, a), oracle_pairs)
+
+
+def test_scripted_exchange_same_histories(modes: Modes, procs: Any) -> None:
+    step = procs("stepper", "127.0.0.1", 0)
+    modes.add_pids([step.pid])
+    step.send()
+    port = step.expect("listening")["port"]
+    step.send()
+    cport = step.expect("established")["client_lport"]
+    step.send()
+    step.expect("half_closed")
+    for mode, rs in modes.rows().items():
+        ends = {}
+        for r in rs:
+            if r["direction"] == "active" and r["lport"] == cport:
+                ends["client"] = r
+            elif r["direction"] == "passive" and r["rport"] == cport:
+                ends["server"] = r
+            elif r["direction"] == "listen" and r["lport"] == port:
+                ends["listener"] = r
+        assert ends["client"]["history"] == ["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2"], (mode, ends)
+        assert ends["server"]["history"] == ["SYN_RECV", "ESTABLISHED", "CLOSE_WAIT"], (mode, ends)
+        assert ends["server"]["peer_closed_first"] and not ends["server"]["app_closed"], (mode, ends)
+        assert ends["client"]["app_closed"], (mode, ends)
+        assert ends["listener"]["pid"] == step.pid and ends["listener"]["state"] == "LISTEN", (mode, ends)
+    step.send()
+    step.expect("closed")
+    step.send()
+    step.expect("done")
+
+
+def test_burst_counts_agree(modes: Modes, procs: Any, oracle: Any) -> None:
+    n = 300 if IN_VM else 2000
+    server = procs("burst-server", "127.0.0.1", 0, n)
+    modes.add_pids([server.pid])
+    before = modes.totals()
+    server.send()
+    port = server.expect("listening")["port"]
+    orc = oracle(port, count_only=True)
+    client = procs("burst-client", "127.0.0.1", port, n)
+    modes.add_pids([client.pid])
+    client.send()
+    client.expect("done", timeout=300)
+    server.expect("done", timeout=60)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        after = modes.totals()
+        if all(a.stat(Stat.CLOSED, Direction.PASSIVE) - before[m].stat(Stat.CLOSED, Direction.PASSIVE) >= n
+               for m, a in after.items()):
+            break
+        time.sleep(0.2)
+    births = Counter((o, nw) for _, o, nw, _, _ in orc.stop())
+    assert births[(S.CLOSE, S.SYN_SENT)] == n and births[(S.LISTEN, S.SYN_RECV)] == n
+    for mode, a in after.items():
+        b = before[mode]
+        got = {
+            f"{what.name.lower()}_{d.name.lower()}": a.stat(what, d) - b.stat(what, d)
+            for what in (Stat.OPENED, Stat.CLOSED) for d in (Direction.ACTIVE, Direction.PASSIVE)
+        }
+        assert got == dict.fromkeys(got, n), (mode, got)
+        assert a.stat(Stat.INSERT_FAILED) == b.stat(Stat.INSERT_FAILED), mode
