@@ -3,7 +3,9 @@
 #
 #   make vm-image  [KERNEL=5.10|6.1|6.12]   build guest images (cached, idempotent)
 #   make vm-test   [KERNEL=...]              kernel-tier tests, once per attach mode
-#   make vm-smoke  [KERNEL=...]              quick CI check: kernel features only
+#   make vm-smoke  [KERNEL=...]              quick check: kernel features only
+#   make vm-vagrant [VAGRANT_KERNEL=6.1]     one kernel through the Vagrantfile
+#                                            (vagrant-libvirt), smoke checks
 #
 # KERNEL defaults to all three, run one after the other. Each kernel boots
 # under QEMU TCG (vagrant/run-vm) and runs vagrant/guest-test inside; the
@@ -11,8 +13,11 @@
 # VM_TEST_DEPS: host targets vm-test needs first (default: the top-level
 #   `bpf` target when bpf/*.bpf.c exist, since the guest has no clang and
 #   uses the CO-RE object built on the host).
-# VM_PYTEST_ARGS: extra pytest arguments in the guest, e.g. -m "not slow"
+# VM_PYTEST_ARGS: extra pytest arguments in the guest, e.g. -k "lifetimes"
 #   (use double quotes inside).
+# VM_TESTS / VM_BCC_TESTS: the test files run once per attach mode / for the
+#   bcc backend (defaults in vagrant/guest-test); tests/kernel/test_modes.py
+#   (every mode side by side) always runs first.
 # VM_MODES: attach modes to run (default: all of tp_btf tracepoint fentry
 #   kprobe bcc); e.g. VM_MODES="fentry kprobe bcc" for the paths the dev
 #   host cannot run.
@@ -25,9 +30,13 @@ VM_TIMEOUT ?= 1200
 VM_SMOKE_TIMEOUT ?= 600
 VM_TEST_DEPS ?= $(if $(wildcard bpf/*.bpf.c),bpf)
 VM_PYTEST_ARGS ?=
+VM_TESTS ?=
+VM_BCC_TESTS ?=
 VM_MODES ?=
 
-.PHONY: vm-image vm-test vm-smoke
+VAGRANT_KERNEL ?= 6.1
+
+.PHONY: vm-image vm-test vm-smoke vm-vagrant
 
 vm-image:
 	@set -e; for k in $(KERNEL); do $(VM_DIR)/build-image $$k; done
@@ -39,6 +48,8 @@ define vm_matrix
 	    start=$$(date +%s); \
 	    $(VM_DIR)/run-vm --no-build --timeout $(1) \
 	        --env PYTRACER_VM_PYTEST_ARGS='$(VM_PYTEST_ARGS)' \
+	        $(if $(VM_TESTS),--env PYTRACER_VM_TESTS='$(VM_TESTS)') \
+	        $(if $(VM_BCC_TESTS),--env PYTRACER_VM_BCC_TESTS='$(VM_BCC_TESTS)') \
 	        $$k -- $(VM_DIR)/guest-test $(2); r=$$?; \
 	    summary="$$summary  $$k: exit $$r in $$(( $$(date +%s) - start ))s\n"; \
 	    [ $$r -eq 0 ] || rc=1; \
@@ -52,3 +63,6 @@ vm-test: vm-image $(VM_TEST_DEPS)
 
 vm-smoke: vm-image
 	$(call vm_matrix,$(VM_SMOKE_TIMEOUT),--smoke $(VM_MODES))
+
+vm-vagrant:
+	$(VM_DIR)/vagrant-smoke $(VAGRANT_KERNEL)

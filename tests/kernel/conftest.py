@@ -302,3 +302,16 @@ def prog_ids_of(pid: int) -> set[int]:
 def live_prog_ids() -> set[int]:
     out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, timeout=30)
     return {p["id"] for p in json.loads(out.stdout or "[]")}
+
+
+@pytest.fixture
+def bpf_stats() -> Any:
+    """kernel.bpf_stats_enabled=1 for the test (run_time_ns, run_cnt)."""
+    path = "/proc/sys/kernel/bpf_stats_enabled"
+    with open(path) as f:
+        old = f.read().strip()
+    with open(path, "w") as f:
+        f.write("1")
+    yield
+    with open(path, "w") as f:
+        f.write(old)

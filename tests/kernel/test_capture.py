@@ -220,19 +220,6 @@ def test_owner_is_the_process_not_pytest(procs: Any) -> None:
     assert link == f"socket:[{by_dir['active']['inode']}]"
 
 
-@pytest.fixture
-def bpf_stats() -> Any:
-    """kernel.bpf_stats_enabled=1 for the test (run_time_ns, run_cnt)."""
-    path = "/proc/sys/kernel/bpf_stats_enabled"
-    with open(path) as f:
-        old = f.read().strip()
-    with open(path, "w") as f:
-        f.write("1")
-    yield
-    with open(path, "w") as f:
-        f.write(old)
-
-
 @pytest.mark.slow
 def test_burst_counts_exact_with_zero_loss(procs: Any, oracle: Any, bpf_stats: Any, record_property: Any) -> None:
     n = 1_000 if IN_VM else 10_000

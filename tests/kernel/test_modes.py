@@ -17,6 +17,7 @@ does not is a failure; any other mode that does not load is reported.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -208,8 +209,11 @@ def test_scripted_exchange_same_histories(modes: Modes, procs: Any) -> None:
     step.expect("done")
 
 
-def test_burst_counts_agree(modes: Modes, procs: Any, oracle: Any) -> None:
+def test_burst_counts_agree(modes: Modes, procs: Any, oracle: Any, bpf_stats: Any) -> None:
+    """Counts under a burst, and each mode's BPF cost on the very same events
+    (bpf_stats run_time_ns / run_cnt), written to $PYTRACER_BPF_STATS_OUT."""
     n = 300 if IN_VM else 2000
+    runs_before = {m: {p.name: p.info() for p in t.programs()} for m, t in modes.tracers.items()}
     server = procs("burst-server", "127.0.0.1", 0, n)
     modes.add_pids([server.pid])
     before = modes.totals()
@@ -228,6 +232,7 @@ def test_burst_counts_agree(modes: Modes, procs: Any, oracle: Any) -> None:
                for m, a in after.items()):
             break
         time.sleep(0.2)
+    runs_after = {m: {p.name: p.info() for p in t.programs()} for m, t in modes.tracers.items()}
     births = Counter((o, nw) for _, o, nw, _, _ in orc.stop())
     assert births[(S.CLOSE, S.SYN_SENT)] == n and births[(S.LISTEN, S.SYN_RECV)] == n
     for mode, a in after.items():
@@ -238,3 +243,20 @@ def test_burst_counts_agree(modes: Modes, procs: Any, oracle: Any) -> None:
         }
         assert got == dict.fromkeys(got, n), (mode, got)
         assert a.stat(Stat.INSERT_FAILED) == b.stat(Stat.INSERT_FAILED), mode
+        misses = {p: i.recursion_misses - runs_before[mode][p].recursion_misses for p, i in runs_after[mode].items()}
+        assert not any(misses.values()), (mode, misses)
+
+    cost = {}
+    for mode, progs in runs_after.items():
+        cost[mode] = {}
+        for name, info in progs.items():
+            cnt = info.run_cnt - runs_before[mode][name].run_cnt
+            ns = info.run_time_ns - runs_before[mode][name].run_time_ns
+            cost[mode][name] = {"runs": cnt, "ns_per_run": round(ns / cnt, 1) if cnt else None,
+                                "ns_per_connection": round(ns / n, 1)}
+        print(f"{mode}: {sum(c['ns_per_connection'] for c in cost[mode].values()):.0f} ns of BPF time per connection",
+              {k: v["ns_per_run"] for k, v in cost[mode].items()})
+    out = os.environ.get("PYTRACER_BPF_STATS_OUT")
+    if out:
+        with open(out, "w") as f:
+            json.dump({"kernel": os.uname().release, "connections": n, "modes": cost}, f, indent=1)
