@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -21,7 +20,9 @@ SOCKET_KEYS = {
 }
 
 
-def run_tracer(*args: str, timeout: float = 60, env: dict[str, str] | None = None, **kw: Any) -> subprocess.CompletedProcess:
+def run_tracer(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None, **kw: Any
+) -> subprocess.CompletedProcess:
     return subprocess.run([*tracer_cmd(), *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, **kw)
 

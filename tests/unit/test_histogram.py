@@ -22,7 +22,9 @@ def reference_slot(us: int) -> int:
     return min(4 * (p - 1) + sub, PT_HIST_SLOTS - 1)
 
 
-@pytest.mark.parametrize("us", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 16, 17, 1023, 1024, 1025, 999_999, 10**6, 2**40, 2**62])
+@pytest.mark.parametrize(
+    "us", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 16, 17, 1023, 1024, 1025, 999_999, 10**6, 2**40, 2**62]
+)
 def test_slot_matches_reference(us: int) -> None:
     assert slot_of(us) == reference_slot(us)
 
