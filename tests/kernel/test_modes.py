@@ -241,10 +241,18 @@ def test_burst_counts_agree(modes: Modes, procs: Any, oracle: Any, bpf_stats: An
             f"{what.name.lower()}_{d.name.lower()}": a.stat(what, d) - b.stat(what, d)
             for what in (Stat.OPENED, Stat.CLOSED) for d in (Direction.ACTIVE, Direction.PASSIVE)
         }
-        assert got == dict.fromkeys(got, n), (mode, got)
         assert a.stat(Stat.INSERT_FAILED) == b.stat(Stat.INSERT_FAILED), mode
-        misses = {p: i.recursion_misses - runs_before[mode][p].recursion_misses for p, i in runs_after[mode].items()}
-        assert not any(misses.values()), (mode, misses)
+        missed = sum(i.recursion_misses - runs_before[mode][p].recursion_misses for p, i in runs_after[mode].items())
+        if missed:
+            # Classic tracepoint and kprobe programs are skipped when their
+            # event fires in an interrupt while any BPF program (here: six
+            # tracers and bpftrace) runs on that CPU; 6.7+ counts each skip.
+            # Counted is not silent: what was skipped must explain the gap.
+            assert mode.endswith(("tracepoint", "kprobe")), (mode, missed, got)
+            print(f"{mode}: kernel skipped {missed} program runs (counted): {got}")
+            assert all(n - missed <= v <= n for v in got.values()), (mode, missed, got)
+        else:
+            assert got == dict.fromkeys(got, n), (mode, got)
 
     cost = {}
     for mode, progs in runs_after.items():
