@@ -63,11 +63,14 @@ class Modes:
         self.tracers: dict[str, Any] = {}
         self.failed: dict[str, str] = {}
         self.stack = contextlib.ExitStack()
+        self.open_seconds: dict[str, float] = {}
         for mode in CORE_MODES + BCC_MODES:
+            t0 = time.monotonic()
             try:
                 self.tracers[mode] = self.stack.enter_context(make_tracer(mode, [placeholder_pid]))
             except (TracerError, EnvironmentProblem, OSError, ImportError) as exc:
                 self.failed[mode] = str(exc)
+            self.open_seconds[mode] = round(time.monotonic() - t0, 1)
 
     def add_pids(self, pids: list[int]) -> None:
         for t in self.tracers.values():
@@ -93,7 +96,7 @@ def modes() -> Iterator[Modes]:
     try:
         m = Modes(placeholder.pid)
         with m.stack:
-            print("attach modes loaded:", ", ".join(m.tracers))
+            print("attach modes loaded:", ", ".join(f"{k} ({m.open_seconds[k]}s)" for k in m.tracers))
             for mode, why in m.failed.items():
                 print(f"attach mode {mode} not loaded: {why}")
             yield m
