@@ -7,9 +7,10 @@
 #   make vm-vagrant [VAGRANT_KERNEL=6.1]     one kernel through the Vagrantfile
 #                                            (vagrant-libvirt), smoke checks
 #
-# KERNEL defaults to all three, run one after the other. Each kernel boots
-# under QEMU TCG (vagrant/run-vm) and runs vagrant/guest-test inside; the
-# targets go on through the matrix and fail at the end if any kernel failed.
+# KERNEL defaults to all three, run one after the other (or VM_JOBS at once).
+# Each kernel boots under QEMU TCG (vagrant/run-vm) and runs
+# vagrant/guest-test inside (vagrant/vm-matrix); the targets go on through
+# the matrix and fail at the end if any kernel failed.
 # VM_TEST_DEPS: host targets vm-test needs first (default: the top-level
 #   `bpf` target when bpf/*.bpf.c exist, since the guest has no clang and
 #   uses the CO-RE object built on the host).
@@ -22,15 +23,17 @@
 #   kprobe bcc); e.g. VM_MODES="fentry kprobe bcc" for the paths the dev
 #   host cannot run.
 # VM_TIMEOUT / VM_SMOKE_TIMEOUT: hard limit per kernel in seconds.
+# VM_JOBS: kernels run side by side (default 1; CI uses 3, see .ci/run).
 
 VM_DIR := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
 VM_KERNELS := 5.10 6.1 6.12
 KERNEL ?= $(VM_KERNELS)
-VM_TIMEOUT ?= 1200
+VM_TIMEOUT ?= 2400
 VM_SMOKE_TIMEOUT ?= 600
 VM_TEST_DEPS ?= $(if $(wildcard bpf/*.bpf.c),bpf)
 VM_PYTEST_ARGS ?=
 VM_TESTS ?=
+VM_JOBS ?= 1
 VM_BCC_TESTS ?=
 VM_MODES ?=
 
@@ -43,19 +46,11 @@ vm-image:
 
 # vm_matrix TIMEOUT GUEST-ARGS: run guest-test in each kernel, then a summary.
 define vm_matrix
-	@rc=0; summary=""; \
-	for k in $(KERNEL); do \
-	    start=$$(date +%s); \
-	    $(VM_DIR)/run-vm --no-build --timeout $(1) \
-	        --env PYTRACER_VM_PYTEST_ARGS='$(VM_PYTEST_ARGS)' \
-	        $(if $(VM_TESTS),--env PYTRACER_VM_TESTS='$(VM_TESTS)') \
-	        $(if $(VM_BCC_TESTS),--env PYTRACER_VM_BCC_TESTS='$(VM_BCC_TESTS)') \
-	        $$k -- $(VM_DIR)/guest-test $(2); r=$$?; \
-	    summary="$$summary  $$k: exit $$r in $$(( $$(date +%s) - start ))s\n"; \
-	    [ $$r -eq 0 ] || rc=1; \
-	done; \
-	printf "vm: results\n$$summary"; \
-	exit $$rc
+	$(VM_DIR)/vm-matrix -t $(1) -j $(VM_JOBS) \
+	    -e PYTRACER_VM_PYTEST_ARGS='$(VM_PYTEST_ARGS)' \
+	    $(if $(VM_TESTS),-e PYTRACER_VM_TESTS='$(VM_TESTS)') \
+	    $(if $(VM_BCC_TESTS),-e PYTRACER_VM_BCC_TESTS='$(VM_BCC_TESTS)') \
+	    $(KERNEL) -- $(2)
 endef
 
 vm-test: vm-image $(VM_TEST_DEPS)
