@@ -546,7 +546,7 @@ class SeedResult:
 
     def summary(self) -> str:
         if self.skipped:
-            return f"pre-existing sockets not seeded: {self.skipped}"
+            return f"pre-existing sockets not seeded: {self.skipped}; {self.listeners} listeners' owners recorded"
         states = ", ".join(f"{k} {v}" for k, v in sorted(self.by_state.items())) or "none"
         text = (f"seeded {self.seeded} pre-existing sockets ({states}; {self.with_owner} with an owning process), "
                 f"{self.existed} already tracked")
@@ -596,11 +596,14 @@ def seed(tracer: Any, pids: Iterable[int] | None = None, proc: str = procs.PROC)
     """
     res = SeedResult()
     t0 = time.perf_counter()
-    if getattr(tracer, "key_by_ptr", False):
+    # Keyed by pointer, records can't be named from sock_diag; listeners can
+    # (by netns, port and family), and their owners let --pid keep the
+    # children accepted from now on.
+    by_ptr = bool(getattr(tracer, "key_by_ptr", False))
+    if by_ptr:
         res.skipped = ("this kernel keys socket records by pointer (no socket cookie in tracing programs), "
                        "which sock_diag cannot name; sockets older than the tracer are still found by "
                        "`tracer leaks` through sock_diag")
-        return res
     pids = tuple(sorted(set(pids if pids is not None else getattr(tracer, "pids", ()) or ())))
     states = sum(1 << int(s) for s in SEED_STATES)
     try:
@@ -616,6 +619,8 @@ def seed(tracer: Any, pids: Iterable[int] | None = None, proc: str = procs.PROC)
         rows = inv.rows
         mask = np.isin(rows["state"], [int(s) for s in SEED_STATES]) & (rows["timer"] != sockdiag.TIMER_TIMEWAIT)
         mask &= scope_mask(rows, fdscan.sockets, pids)
+        if by_ptr:
+            mask &= rows["state"] == int(S.LISTEN)
         rows = rows[mask]
         recs = np.zeros(len(rows), SOCK_DTYPE)
         recs["state_ns"] = seen_ns
@@ -645,6 +650,10 @@ def seed(tracer: Any, pids: Iterable[int] | None = None, proc: str = procs.PROC)
             recs["owner_comm"][i] = np.frombuffer(comms[pid][0].ljust(16, b"\0"), dtype=recs["owner_comm"].dtype.base)
             recs["cgroup_id"][i] = comms[pid][1]
             res.with_owner += 1
+        if by_ptr:
+            res.listeners = _seed_listeners(tracer, rows, recs, res)
+            res.seconds = round(time.perf_counter() - t0, 6)
+            return res
         socks = tracer.map("socks")
         keys = rows["cookie"]
         inserted = []
