@@ -98,6 +98,17 @@ HOOKS: dict[str, tuple[BccCandidate, ...]] = {
     ),
     "destroy": (BccCandidate("tracepoint", (Probe("tracepoint", "tcp:tcp_destroy_sock", "destroy_tracepoint"),)),),
     "reset": (BccCandidate("tracepoint", (Probe("tracepoint", "tcp:tcp_receive_reset", "reset_tracepoint"),)),),
+    # Only when "accept" is the kretprobe: inet_csk_accept() runs before the
+    # new socket has a file or an fd; accept(2)'s exit has both.
+    "accept_fd": (
+        BccCandidate(
+            "syscall",
+            (
+                Probe("tracepoint", "syscalls:sys_exit_accept4", "accept4_sys_exit"),
+                Probe("tracepoint", "syscalls:sys_exit_accept", "accept_sys_exit", required=False),
+            ),
+        ),
+    ),
     # Only with the tcp_set_state() kprobe, which never sees CLOSE -> LISTEN.
     "listen": (
         BccCandidate(
@@ -116,7 +127,7 @@ FORCED = {
     "tracepoint": {"state": "tracepoint", "accept": "syscall", "close": "syscall", "destroy": "tracepoint",
                    "reset": "tracepoint"},
     "kprobe": {"state": "kprobe", "accept": "kprobe", "close": "kprobe", "destroy": "tracepoint",
-               "reset": "tracepoint", "listen": "kprobe"},
+               "reset": "tracepoint", "accept_fd": "syscall", "listen": "kprobe"},
 }
 
 # -D define that compiles each tracepoint program in (bcc builds a
@@ -507,6 +518,9 @@ class BccTracer(TracerHandle):
             state_kind = self.choices["state"].kind
             if hook == "listen" and state_kind not in LISTEN_NEEDED_BY:
                 ch.reason = f"not needed: the {state_kind} state hook sees CLOSE -> LISTEN"
+                continue
+            if hook == "accept_fd" and self.choices["accept"].kind == "syscall":
+                ch.reason = "not needed: the accept hook is accept(2)'s exit"
                 continue
             for c in cands:
                 done: list[Probe] = []

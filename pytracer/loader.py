@@ -62,13 +62,16 @@ HOOKS: dict[str, tuple[Candidate, ...]] = {
         Candidate("tracepoint", ("destroy_tracepoint",)),
     ),
     "reset": (Candidate("tp_btf", ("reset_tp_btf",)),),
+    # Only when "accept" is not the syscall: inet_csk_accept() runs before
+    # the new socket has a file or an fd; accept(2)'s exit has both.
+    "accept_fd": (Candidate("syscall", ("accept4_sys_exit", "accept_sys_exit")),),
     # Only with the tcp_set_state() hooks, which never see CLOSE -> LISTEN.
     "listen": (
         Candidate("fentry", ("listen_fexit",)),
         Candidate("kprobe", ("listen_kprobe", "listen_kretprobe")),
     ),
 }
-OPTIONAL_HOOKS = {"reset"}
+OPTIONAL_HOOKS = {"reset", "accept_fd"}
 # Hooks a state-hook kind needs on top of the others.
 LISTEN_NEEDED_BY = {"fentry", "kprobe"}
 
@@ -79,6 +82,7 @@ HOOK_TARGETS = {
     "close": "tcp_close / close(2)",
     "destroy": "tcp_destroy_sock",
     "reset": "tcp_receive_reset",
+    "accept_fd": "accept(2) exit, for the fd",
     "listen": "inet_csk_listen_start",
 }
 
@@ -88,9 +92,12 @@ FORCED = {
     "tracepoint": {"state": "tracepoint", "accept": "syscall", "close": "syscall", "destroy": "tracepoint"},
     "fentry": {
         "state": "fentry", "accept": "fentry", "close": "fentry", "destroy": "tp_btf", "reset": "tp_btf",
-        "listen": "fentry",
+        "accept_fd": "syscall", "listen": "fentry",
     },
-    "kprobe": {"state": "kprobe", "accept": "kprobe", "close": "kprobe", "destroy": "tracepoint", "listen": "kprobe"},
+    "kprobe": {
+        "state": "kprobe", "accept": "kprobe", "close": "kprobe", "destroy": "tracepoint",
+        "accept_fd": "syscall", "listen": "kprobe",
+    },
 }
 
 
@@ -117,6 +124,7 @@ def _static_veto(c: Candidate, hook: str, f: Features) -> str | None:
             "destroy": "tcp/tcp_destroy_sock",
             "reset": "tcp/tcp_receive_reset",
             "accept": "syscalls/sys_exit_accept4",
+            "accept_fd": "syscalls/sys_exit_accept4",
             "close": "syscalls/sys_enter_close",
         }[hook]
         if not f.tracefs:
@@ -222,6 +230,10 @@ class Tracer(TracerHandle):
             ch = Choice(hook)
             if hook == "listen" and plan["state"].kind not in LISTEN_NEEDED_BY:
                 ch.reason = f"not needed: the {plan['state'].kind} state hook sees CLOSE -> LISTEN"
+                plan[hook] = ch
+                continue
+            if hook == "accept_fd" and plan["accept"].kind == "syscall":
+                ch.reason = "not needed: the accept hook is accept(2)'s exit"
                 plan[hook] = ch
                 continue
             forced = FORCED.get(self.attach_mode)

@@ -119,8 +119,8 @@ def doctor(obj: Context, as_json: bool) -> None:
             click.echo("hooks:")
             for h, d in info["hooks"].items():
                 progs = ",".join(d["programs"]) or "-"
-                click.echo(f"  {h:<8} {d['target']:<38} -> {d['kind'] or '-':<10} {progs}")
-                click.echo(f"  {'':<8} why: {d['why']}")
+                click.echo(f"  {h:<9} {d['target']:<38} -> {d['kind'] or '-':<10} {progs}")
+                click.echo(f"  {'':<9} why: {d['why']}")
         click.echo(f"status        {info['status']}")
     if not str(info["status"]).startswith("ok"):
         raise SystemExit(1)

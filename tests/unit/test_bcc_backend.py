@@ -76,7 +76,7 @@ def test_forced_mode_keeps_only_its_kinds(monkeypatch: pytest.MonkeyPatch) -> No
     plan = bb.BccTracer(attach="kprobe")._plan(features())
     assert {h: [c.kind for c in cs] for h, cs in plan.items()} == {
         "state": ["kprobe"], "accept": ["kprobe"], "close": ["kprobe"], "destroy": ["tracepoint"],
-        "reset": ["tracepoint"], "listen": ["kprobe"],
+        "reset": ["tracepoint"], "accept_fd": ["syscall"], "listen": ["kprobe"],
     }
     with pytest.raises(TracerError, match="cannot hook inet_sock_set_state / tcp_set_state"):
         bb.BccTracer(attach="kprobe")._plan(features(kprobes=False))
