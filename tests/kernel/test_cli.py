@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import live_prog_ids, prog_ids_of, tracer_cmd
+from .conftest import IN_VM, live_prog_ids, prog_ids_of, tracer_cmd
 
 REQUIRED = {"ts", "states", "opened", "closed", "lifetime_histogram", "sockets"}
 SOCKET_KEYS = {
@@ -132,7 +132,7 @@ def test_signal_exits_cleanly_and_detaches(sig: signal.Signals) -> None:
     assert ids, "tracer did not load its programs"
     assert ids <= live_prog_ids()
     watch.send_signal(sig)
-    watch.communicate(timeout=20)
+    watch.communicate(timeout=90 if IN_VM else 20)
     assert watch.returncode == 0
     assert not (ids & live_prog_ids()), "programs left loaded after exit"
 

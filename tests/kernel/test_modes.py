@@ -8,10 +8,11 @@ CLOCK_MONOTONIC readings, pids and fds, and a bpftrace script on the
 tracepoint), and so the modes must give the same answers: lifetimes,
 transitions, histories and owners.
 
-Which modes must load comes from ``PYTRACER_EXPECT_MODES`` (vagrant/guest-test
-sets it from what its own prober saw working in that kernel); without it,
-tp_btf and tracepoint where the kernel has BTF.  A mode that should load and
-does not is a failure; any other mode that does not load is reported.
+Which modes run and must load comes from ``PYTRACER_EXPECT_MODES``
+(vagrant/guest-test sets it from what its own prober saw working in that
+kernel); without it, every mode is tried and tp_btf and tracepoint must load
+where the kernel has BTF.  A mode that should load and does not is a
+failure; any other mode that does not load is reported.
 """
 
 from __future__ import annotations
@@ -64,7 +65,10 @@ class Modes:
         self.failed: dict[str, str] = {}
         self.stack = contextlib.ExitStack()
         self.open_seconds: dict[str, float] = {}
+        wanted = os.environ.get("PYTRACER_EXPECT_MODES")
         for mode in CORE_MODES + BCC_MODES:
+            if wanted is not None and mode not in wanted.split():
+                continue  # e.g. one bcc mode only: each compiles for minutes under emulation
             t0 = time.monotonic()
             try:
                 self.tracers[mode] = self.stack.enter_context(make_tracer(mode, [placeholder_pid]))
@@ -117,7 +121,8 @@ def transitions_delta(before: poller.Totals, after: poller.Totals) -> Counter[tu
 
 
 def test_lifetimes_transitions_and_owners_agree(modes: Modes, procs: Any, oracle: Any) -> None:
-    holds = [0.2, 0.5, 0.3]
+    # The first connection stays open while every mode's table is read.
+    holds = [3.0 if IN_VM else 1.0, 0.5, 0.2]
     server = procs("server", "127.0.0.1", 0, len(holds))
     modes.add_pids([server.pid])
     before = modes.totals()
@@ -133,21 +138,34 @@ def test_lifetimes_transitions_and_owners_agree(modes: Modes, procs: Any, oracle
     conn = client.expect("connected")
     acc = server.expect("accepted")
     time.sleep(0.1)
+    client_ino = os.readlink(f"/proc/{client.pid}/fd/{conn['fd']}")
+    server_ino = os.readlink(f"/proc/{server.pid}/fd/{acc['fd']}")
+    problems = []  # every mode's disagreements, then one assertion
     for mode in modes.tracers:
         now, rs = modes.snap_rows(mode)
         ends = {r["direction"]: r for r in rs if conn["lport"] in (r["lport"], r["rport"])}
-        assert set(ends) == {"active", "passive"}, (mode, rs)
+        if set(ends) != {"active", "passive"}:
+            problems.append((mode, "records", rs))
+            continue
         act, pas = ends["active"], ends["passive"]
-        assert act["pid"] == client.pid, (mode, act)  # connect() gives no fd: the inode names it
-        assert pas["pid"] == server.pid and pas["fd"] == acc["fd"], (mode, pas)
-        assert pas["listener_pid"] == server.pid, (mode, pas)
-        assert os.readlink(f"/proc/{client.pid}/fd/{conn['fd']}") == f"socket:[{act['inode']}]", mode
-        assert os.readlink(f"/proc/{server.pid}/fd/{acc['fd']}") == f"socket:[{pas['inode']}]", mode
-        assert act["history"] == ["SYN_SENT", "ESTABLISHED"], (mode, act)
-        assert pas["history"] == ["SYN_RECV", "ESTABLISHED"], (mode, pas)
+        # connect() gives no fd: the inode names the client's socket.
+        want = {
+            "active pid": (act["pid"], client.pid),
+            "active inode": (f"socket:[{act['inode']}]", client_ino),
+            "active history": (act["history"], ["SYN_SENT", "ESTABLISHED"]),
+            "passive pid": (pas["pid"], server.pid),
+            "passive fd": (pas["fd"], acc["fd"]),
+            "passive inode": (f"socket:[{pas['inode']}]", server_ino),
+            "listener pid": (pas["listener_pid"], server.pid),
+            "passive history": (pas["history"], ["SYN_RECV", "ESTABLISHED"]),
+        }
+        problems += [(mode, k, got, exp) for k, (got, exp) in want.items() if got != exp]
         # The kernel stamps the birth inside connect(), just after the
         # client's clock reading; both are CLOCK_MONOTONIC.
-        assert 0 <= (now - conn["t"]) - act["age_seconds"] < CLOCK_TOLERANCE_S, (mode, now, conn, act)
+        lag = (now - conn["t"]) - act["age_seconds"]
+        if not 0 <= lag < CLOCK_TOLERANCE_S:
+            problems.append((mode, "active age vs clock", lag))
+    assert not problems, problems
 
     conns = [client.expect("conn", timeout=60) for _ in holds]
     client.expect("done", timeout=60)
