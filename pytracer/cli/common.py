@@ -25,8 +25,11 @@ class Context:
     backend: str = "auto"
 
 
-class Terminated(Exception):
-    """SIGTERM arrived; unwinds like Ctrl-C so everything is detached."""
+class Terminated(BaseException):
+    """SIGTERM arrived; unwinds like Ctrl-C so everything is detached.
+
+    A BaseException, like KeyboardInterrupt: best-effort code that catches
+    Exception (the leak scan, seeding) must not swallow it."""
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
