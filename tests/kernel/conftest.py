@@ -333,3 +333,52 @@ def bpf_stats() -> Any:
     yield
     with open(path, "w") as f:
         f.write(old)
+
+
+def lifetime_ranges(
+    conns: list[dict[str, Any]], server_events: list[dict[str, Any]]
+) -> dict[Any, list[tuple[float, float]]]:
+    """Ground truth for the client/server workload, from the processes'
+    clocks (CLOCK_MONOTONIC, one clock for the machine): for each connection
+    and direction, the (shortest, longest) lifetime the kernel can report.
+
+    The client closes first.  The passive child is destroyed once the server
+    closes it (its FIN is ACKed at once on loopback and veth); it was born
+    when the handshake completed, just before connect() returned
+    (t_established).  The active socket was born inside connect() (just after
+    t_connect); it is destroyed when its FIN is ACKed and it turns into a
+    timewait socket -- right after the client's close() (t_close) -- or at
+    the latest when the server's FIN arrives.  On a fast machine the two are
+    microseconds apart; under emulation, the server's close can lag."""
+    from pytracer.abi import Direction  # noqa: PLC0415 - conftest stays light
+
+    closed = {e["rport"]: e["t"] for e in server_events if e.get("event") == "closed"}
+    return {
+        Direction.ACTIVE: [(c["t_close"] - c["t_connect"], closed[c["lport"]] - c["t_connect"]) for c in conns],
+        Direction.PASSIVE: [(closed[c["lport"]] - c["t_established"],) * 2 for c in conns],
+    }
+
+
+def check_lifetimes(h: Any, ranges: list[tuple[float, float]], tol: float) -> list[str]:
+    """Problems with histogram ``h`` against the (shortest, longest) ground
+    truth of each connection: its count, its exact sum, and each lifetime's
+    slot (matched greedily, one slot per connection, a slot's neighbours
+    allowed for the clocks' tolerance)."""
+    from pytracer.histogram import slot_of  # noqa: PLC0415
+
+    out = []
+    if h.count != len(ranges):
+        out.append(f"count {h.count}, want {len(ranges)}")
+    lo = sum(a for a, _ in ranges) - tol * len(ranges)
+    hi = sum(b for _, b in ranges) + tol * len(ranges)
+    if not lo <= h.sum_us / 1e6 <= hi:
+        out.append(f"sum {h.sum_us / 1e6:.6f}s outside [{lo:.6f}, {hi:.6f}]")
+    slots = sorted(i for i, c in enumerate(h.slots) for _ in range(c))
+    for a, b in sorted(ranges, key=lambda r: r[1]):
+        lo_s, hi_s = slot_of(int(max(a - tol, 0) * 1e6)) - 1, slot_of(int((b + tol) * 1e6)) + 1
+        match = next((s for s in slots if lo_s <= s <= hi_s), None)
+        if match is None:
+            out.append(f"no lifetime in slots {lo_s}..{hi_s} for ({a:.6f}, {b:.6f})s; slots {slots}")
+        else:
+            slots.remove(match)
+    return out

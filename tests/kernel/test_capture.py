@@ -18,12 +18,11 @@ import pytest
 
 from pytracer import poller
 from pytracer.abi import Direction, Stat
-from pytracer.histogram import slot_of
 from pytracer.loader import Tracer
 from pytracer.model import socket_row
 from pytracer.tcp_states import TcpState as S
 
-from .conftest import CLOCK_TOLERANCE_S, IN_VM, skip_allowance
+from .conftest import CLOCK_TOLERANCE_S, IN_VM, check_lifetimes, lifetime_ranges, skip_allowance
 
 ENDS = (Direction.ACTIVE, Direction.PASSIVE)
 
@@ -52,7 +51,7 @@ def lifetime_case(procs: Any, server_host: str, client_host: str | None, netns: 
 
         # While the first connection is held, its record's age matches the clock.
         conn = client.expect("connected")
-        time.sleep(min(holds[0] / 2, 0.5))
+        time.sleep(0.05)
         snap = poller.snapshot(tracer)
         rows = [r for r in (socket_row(int(k), r, snap.mono_ns, 0) for k, r in zip(snap.keys, snap.socks))
                 if r["direction"] == "active" and r["lport"] == conn["lport"]]
@@ -72,47 +71,34 @@ def lifetime_case(procs: Any, server_host: str, client_host: str | None, netns: 
                 break
             time.sleep(0.05)
 
-    # Ground truth from the processes' clocks (CLOCK_MONOTONIC, one clock for
-    # the whole machine).  The client closes first; both sockets are
-    # destroyed once the server's FIN has gone out, i.e. when the server's
-    # close() returns.  The active socket was born inside connect() (just
-    # after t_connect), the passive child when the handshake completed (just
-    # before connect() returned at t_established).
-    closed = {e["rport"]: e["t"] for e in server.events if e.get("event") == "closed"}
-    by_dir = {
-        Direction.ACTIVE: [closed[c["lport"]] - c["t_connect"] for c in conns],
-        Direction.PASSIVE: [closed[c["lport"]] - c["t_established"] for c in conns],
-    }
-    for d, measured in by_dir.items():
-        assert len(measured) == len(holds)
-        h = after.lifetime(d) - before.lifetime(d)
-        assert h.count == len(holds), (d, h.count)
-        # The sum is exact in microseconds: compare it with the clocks.
-        assert abs(h.sum_us / 1e6 - sum(measured)) < TOLERANCE_S * len(holds), (d, h.sum_us, measured)
-        # And each lifetime sits in the slot of its measured duration.
-        got = Counter({i: c for i, c in enumerate(h.slots) if c})
-        want = Counter(slot_of(int(m * 1e6)) for m in measured)
-        for slot, n in want.items():
-            near = got[slot] + got[slot - 1] + got[slot + 1]
-            assert near >= n, (d, dict(got), dict(want))
+    # Ground truth from the processes' clocks: see conftest.lifetime_ranges.
+    for d, ranges in lifetime_ranges(conns, server.events).items():
+        assert len(ranges) == len(holds)
+        problems = check_lifetimes(after.lifetime(d) - before.lifetime(d), ranges, TOLERANCE_S)
+        assert not problems, (d, problems)
     opened = [after.stat(Stat.OPENED, d) - before.stat(Stat.OPENED, d) for d in (Direction.ACTIVE, Direction.PASSIVE)]
     assert opened == [len(holds), len(holds)]
 
 
+# The first connection stays open while the table is read (longer under
+# emulation, where a read can take a second).
+FIRST = 2.0 if IN_VM else 0.2
+
+
 def test_lifetimes_loopback_ipv4(procs: Any) -> None:
-    lifetime_case(procs, "127.0.0.1", None, None, [0.2, 0.45, 0.8])
+    lifetime_case(procs, "127.0.0.1", None, None, [FIRST, 0.45, 0.8])
 
 
 def test_lifetimes_loopback_ipv6(procs: Any) -> None:
-    lifetime_case(procs, "::1", None, None, [0.3, 0.6])
+    lifetime_case(procs, "::1", None, None, [FIRST + 0.1, 0.6])
 
 
 def test_lifetimes_across_netns_ipv4(procs: Any, netns_pair: Any) -> None:
-    lifetime_case(procs, netns_pair.b4, None, (netns_pair.b, netns_pair.a), [0.25, 0.5])
+    lifetime_case(procs, netns_pair.b4, None, (netns_pair.b, netns_pair.a), [FIRST + 0.05, 0.5])
 
 
 def test_lifetimes_across_netns_ipv6(procs: Any, netns_pair: Any) -> None:
-    lifetime_case(procs, netns_pair.b6, None, (netns_pair.b, netns_pair.a), [0.25, 0.5])
+    lifetime_case(procs, netns_pair.b6, None, (netns_pair.b, netns_pair.a), [FIRST + 0.05, 0.5])
 
 
 def ss_states(port: int, netns: str | None = None) -> dict[tuple[int, int], str]:
