@@ -43,12 +43,23 @@ CLOCK_TOLERANCE_S = 0.060 if IN_VM else 0.005
 CLASSIC_SKIPS_COUNTED = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2]) >= (6, 7)
 
 
+# Open issue: about once in 2,000-60,000 connections under heavy load on the
+# dev host (6.18, tp_btf), a passive socket's last events (FIN_WAIT1 ->
+# FIN_WAIT2 -> CLOSE, destroy) never reach any program, with no recursion
+# miss counted, and its record stays; bpftrace's own tracepoint program
+# misses the same pair.  Until it is explained, a burst may leave one such
+# record per 1,000 connections, and the tests print it.
+STALE_PER_BURST = 1
+
+
 def skip_allowance(classic: bool, n: int, counted_misses: int = 0, fraction: float = 0.005) -> int:
     """How far below n a count of n events may fall: the skips the kernel
-    counted, plus, on kernels that don't count them, ``fraction`` of n."""
+    counted, plus, on kernels that don't count them, ``fraction`` of n, plus
+    the open issue above for bursts of 1,000 or more."""
+    stale = STALE_PER_BURST if n >= 1000 else 0
     if not classic or CLASSIC_SKIPS_COUNTED:
-        return counted_misses
-    return counted_misses + int(n * fraction)
+        return counted_misses + stale
+    return counted_misses + stale + int(n * fraction)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent

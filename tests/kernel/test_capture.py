@@ -245,8 +245,11 @@ def test_burst_counts_exact_with_zero_loss(procs: Any, oracle: Any, bpf_stats: A
     assert d(Stat.INSERT_FAILED) == 0
     got = {f"{what.name}_{dr.name}": d(what, dr) for what in (Stat.OPENED, Stat.CLOSED) for dr in ENDS}
     assert all(n - slack <= v <= n for v in got.values()), (got, slack, misses, leftovers)
-    if slack:
-        print(f"classic {tracer.choices['state'].kind} mode: counts {got}, allowed {slack} short ({misses})")
+    # Opens happen in process context or at the handshake: never lost here.
+    assert got["OPENED_ACTIVE"] == n or classic, got
+    if got != dict.fromkeys(got, n):
+        print(f"{tracer.choices['state'].kind} mode: counts {got}, allowed {slack} short "
+              f"({misses}); records left: {leftovers}")
     # The oracle (a classic tracepoint program too) counts the same births.
     births = Counter((o, nw) for _, o, nw, _, _ in seen)
     oracle_slack = skip_allowance(True, n)
