@@ -93,11 +93,19 @@ static __always_inline struct pt_agg *agg_get(void)
 /* Keep the compiler from folding a bounds check into a later access. */
 #define opaque(x) asm volatile("" : "+r"(x))
 
+/*
+ * Every counter update.  agg is per-CPU, but a program running in process
+ * context can be interrupted by a softirq that runs another of these
+ * programs on the same CPU and bumps the same word, so the add stays atomic:
+ * a plain load/add/store would lose that update.
+ */
+#define agg_add(p, v) __sync_fetch_and_add(p, v)
+
 static __always_inline void stat_add(struct pt_agg *a, __u64 idx)
 {
 	opaque(idx);
 	if (a && idx < PT_STATS)
-		__sync_fetch_and_add(&a->stats[idx], 1);
+		agg_add(&a->stats[idx], 1);
 }
 
 static __always_inline __u32 log2_u64(__u64 v)
@@ -134,8 +142,8 @@ static __always_inline void observe(struct pt_agg *a, __u64 hist, __u64 ns)
 	opaque(hist);
 	if (!a || hist >= PT_HISTS || slot >= PT_HIST_SLOTS)
 		return;
-	__sync_fetch_and_add(&a->hists[hist].slots[slot], 1);
-	__sync_fetch_and_add(&a->hists[hist].sum_us, us);
+	agg_add(&a->hists[hist].slots[slot], 1);
+	agg_add(&a->hists[hist].sum_us, us);
 }
 
 static __always_inline bool owner_wanted(__u32 tgid)
@@ -264,8 +272,7 @@ static __always_inline void finish(struct pt_agg *a, struct pt_sock *rec,
 	stat_add(a, PT_S_DESTROYED);
 }
 
-static __always_inline void count_entry(struct pt_agg *a, struct pt_sock *rec,
-					int old, int new)
+static __always_inline void count_entry(struct pt_agg *a, int old, int new)
 {
 	__u64 n = new & (PT_STATES - 1);
 	__u64 idx = (__u64)(old & (PT_STATES - 1)) * PT_STATES + n;
@@ -273,18 +280,87 @@ static __always_inline void count_entry(struct pt_agg *a, struct pt_sock *rec,
 	stat_add(a, PT_S_ENTERED + n);
 	opaque(idx);
 	if (a && idx < PT_STATES * PT_STATES)
-		__sync_fetch_and_add(&a->transitions[0][0] + idx, 1);
+		agg_add(&a->transitions[0][0] + idx, 1);
+}
+
+/* Leaving `old` (entered at old_ns) for `new`: the aggregates' side. */
+static __always_inline void count_step(struct pt_agg *a, int old, __u64 old_ns,
+				       int new, __u64 now)
+{
+	__u32 o = old & (PT_STATES - 1);
+
+	observe(a, PT_HIST_STATE + o, now - old_ns);
+	stat_add(a, PT_S_LEFT + o);
+	count_entry(a, old, new);
 }
 
 static __always_inline void note_app_close(struct pt_agg *a,
-					   struct pt_sock *rec, __u32 tgid)
+					   struct pt_sock *rec, __u32 tgid,
+					   __u64 now)
 {
 	if (rec->close_ns)
 		return;
-	rec->close_ns = bpf_ktime_get_ns();
+	rec->close_ns = now;
 	rec->closer_tgid = tgid;
 	rec->app_closed = 1;
 	stat_add(a, PT_S_APP_CLOSE);
+}
+
+/*
+ * Fill a new record for a socket born now in direction `dir`, entering
+ * `new`.  False when the owner filter rejects it (counted here).
+ */
+static __always_inline bool fill_birth(struct pt_agg *a, struct pt_sock *rec,
+				       struct sock *sk, int dir, int new,
+				       __u64 now, __u32 tgid, bool btf)
+{
+	rec->birth_ns = now;
+	rec->state_ns = now;
+	rec->state = new;
+	rec->direction = dir;
+	rec->owner_fd = -1;
+	rec->transitions = 1;
+	rec->history[0] = new;
+	rec->netns_ino = netns_of(sk, btf);
+	read_addrs(rec, sk, btf);
+	if (dir == PT_DIR_PASSIVE) {
+		struct pt_listen_key lk = {
+			.netns_ino = rec->netns_ino,
+			.port = rec->lport,
+			.family = rec->family,
+		};
+		__u32 *ltgid = bpf_map_lookup_elem(&listeners, &lk);
+
+		if (ltgid)
+			rec->listener_tgid = *ltgid;
+		/* Under --pid, keep only children of listeners we watch: the
+		 * rest would fill the table with sockets nobody asked for. */
+		if (cfg.filter_owner &&
+		    !(rec->listener_tgid && owner_wanted(rec->listener_tgid))) {
+			stat_add(a, PT_S_FILTER_SKIPPED);
+			return false;
+		}
+	} else {
+		/* connect() and listen() run in the owner's context. */
+		if (!owner_wanted(tgid)) {
+			stat_add(a, PT_S_FILTER_SKIPPED);
+			return false;
+		}
+		set_owner(rec, tgid);
+		rec->ino = sk_ino(sk, btf);
+	}
+	rec->counted = 1;
+	return true;
+}
+
+static __always_inline bool insert(struct pt_agg *a, __u64 key,
+				   struct pt_sock *rec)
+{
+	if (bpf_map_update_elem(&socks, &key, rec, BPF_ANY)) {
+		stat_add(a, PT_S_INSERT_FAILED);
+		return false;
+	}
+	return true;
 }
 
 static __always_inline void birth(struct pt_agg *a, struct sock *sk, __u64 key,
@@ -293,42 +369,8 @@ static __always_inline void birth(struct pt_agg *a, struct sock *sk, __u64 key,
 	struct pt_sock rec = {};
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 
-	rec.birth_ns = now;
-	rec.state_ns = now;
-	rec.state = new;
-	rec.direction = dir;
-	rec.owner_fd = -1;
-	rec.transitions = 1;
-	rec.history[0] = new;
-	rec.netns_ino = netns_of(sk, btf);
-	read_addrs(&rec, sk, btf);
-	if (dir == PT_DIR_PASSIVE) {
-		struct pt_listen_key lk = {
-			.netns_ino = rec.netns_ino,
-			.port = rec.lport,
-			.family = rec.family,
-		};
-		__u32 *ltgid = bpf_map_lookup_elem(&listeners, &lk);
-
-		if (ltgid)
-			rec.listener_tgid = *ltgid;
-		/* Under --pid, keep only children of listeners we watch: the
-		 * rest would fill the table with sockets nobody asked for. */
-		if (cfg.filter_owner &&
-		    !(rec.listener_tgid && owner_wanted(rec.listener_tgid))) {
-			stat_add(a, PT_S_FILTER_SKIPPED);
-			return;
-		}
-	} else {
-		/* connect() and listen() run in the owner's context. */
-		if (!owner_wanted(tgid)) {
-			stat_add(a, PT_S_FILTER_SKIPPED);
-			return;
-		}
-		set_owner(&rec, tgid);
-		rec.ino = sk_ino(sk, btf);
-	}
-	rec.counted = 1;
+	if (!fill_birth(a, &rec, sk, dir, new, now, tgid, btf))
+		return;
 	if (dir == PT_DIR_LISTEN) {
 		struct pt_listen_key lk = {
 			.netns_ino = rec.netns_ino,
@@ -339,103 +381,22 @@ static __always_inline void birth(struct pt_agg *a, struct sock *sk, __u64 key,
 		if (bpf_map_update_elem(&listeners, &lk, &tgid, BPF_ANY))
 			stat_add(a, PT_S_LISTENER_FAILED);
 	}
-	if (bpf_map_update_elem(&socks, &key, &rec, BPF_ANY)) {
-		stat_add(a, PT_S_INSERT_FAILED);
+	if (!insert(a, key, &rec))
 		return;
-	}
-	if (rec.counted) {
-		stat_add(a, PT_S_OPENED + dir);
-		count_entry(a, &rec, old, new);
-	}
+	stat_add(a, PT_S_OPENED + dir);
+	count_entry(a, old, new);
 }
 
-/* First sight of a socket that was born before we attached. */
-static __always_inline void midlife(struct pt_agg *a, struct sock *sk,
-				    __u64 key, int old, int new, __u64 now, bool btf)
+/*
+ * What a transition does to a record, whether it lives in the map or is
+ * still being built on the stack.  The aggregates' side is count_step().
+ */
+static __always_inline void step(struct pt_agg *a, struct pt_sock *rec,
+				 struct sock *sk, int old, int new, __u64 now,
+				 bool btf)
 {
-	struct pt_sock rec = {};
+	__u64 hist_idx;
 
-	stat_add(a, PT_S_MIDLIFE);
-	/* Under --pid nothing here names an owner: seeding at start covers
-	 * the watched processes' pre-existing sockets. */
-	if (cfg.filter_owner) {
-		stat_add(a, PT_S_FILTER_SKIPPED);
-		return;
-	}
-	rec.state_ns = now;
-	rec.state = new;
-	rec.direction = PT_DIR_UNKNOWN;
-	rec.owner_fd = -1;
-	rec.transitions = 1;
-	rec.history[0] = new;
-	rec.flags = PT_F_BIRTH_UNKNOWN;
-	rec.counted = 1;
-	rec.netns_ino = netns_of(sk, btf);
-	read_addrs(&rec, sk, btf);
-	if (bpf_map_update_elem(&socks, &key, &rec, BPF_ANY)) {
-		stat_add(a, PT_S_INSERT_FAILED);
-		return;
-	}
-	if (rec.counted)
-		count_entry(a, &rec, old, new);
-}
-
-static __always_inline void handle_state(struct sock *sk, __u64 key, int old,
-					 int new, bool btf)
-{
-	struct pt_agg *a = agg_get();
-	struct pt_sock *rec;
-	__u64 now, hist_idx;
-	int dir;
-
-	if (!key)
-		return;
-	now = bpf_ktime_get_ns();
-	rec = bpf_map_lookup_elem(&socks, &key);
-	if (!rec && !cfg.key_by_ptr) {
-		__u64 ptr = (__u64)sk;
-		__u64 *born = bpf_map_lookup_elem(&embryos, &ptr);
-
-		if (born) {
-			__u64 born_ns = *born;
-
-			bpf_map_delete_elem(&embryos, &ptr);
-			birth(a, sk, key, PT_DIR_PASSIVE, TCP_LISTEN, TCP_SYN_RECV,
-			      born_ns, btf);
-			rec = bpf_map_lookup_elem(&socks, &key);
-			if (!rec)	/* filtered out, or the table is full */
-				return;
-		}
-	}
-	dir = birth_direction(old, new, rec != NULL);
-	if (dir >= 0) {
-		if (rec)	/* a reused socket: the old life ends here */
-			finish(a, rec, now);
-		if (old != TCP_SYN_RECV) {
-			birth(a, sk, key, dir, old, new, now, btf);
-			return;
-		}
-		/* tcp_set_state() hooks: the child's LISTEN -> SYN_RECV went
-		 * through inet_sk_set_state() while the kernel handled the
-		 * very ACK that completes the handshake now (only a Fast Open
-		 * child waits a round trip in SYN_RECV).  Record that birth,
-		 * then this transition, as the tracepoint modes do. */
-		birth(a, sk, key, dir, TCP_LISTEN, TCP_SYN_RECV, now, btf);
-		rec = bpf_map_lookup_elem(&socks, &key);
-		if (!rec)	/* filtered out, or the table is full */
-			return;
-	}
-	if (!rec) {
-		midlife(a, sk, key, old, new, now, btf);
-		return;
-	}
-	if (rec->counted) {
-		__u32 o = rec->state & (PT_STATES - 1);
-
-		observe(a, PT_HIST_STATE + o, now - rec->state_ns);
-		stat_add(a, PT_S_LEFT + o);
-		count_entry(a, rec, old, new);
-	}
 	rec->state = new;
 	rec->state_ns = now;
 	hist_idx = rec->transitions & (PT_HISTORY - 1);
@@ -461,7 +422,106 @@ static __always_inline void handle_state(struct sock *sk, __u64 key, int old,
 		rec->flags |= PT_F_PEER_FIN;
 	/* Only tcp_close()/tcp_shutdown() send our FIN, in process context. */
 	if (new == TCP_FIN_WAIT1 || new == TCP_LAST_ACK)
-		note_app_close(a, rec, bpf_get_current_pid_tgid() >> 32);
+		note_app_close(a, rec, bpf_get_current_pid_tgid() >> 32, now);
+}
+
+/*
+ * An accepted child's first event after SYN_RECV (see "embryos"): its birth
+ * and this transition go into one new record, inserted once.
+ */
+static __always_inline void child_birth(struct pt_agg *a, struct sock *sk,
+					__u64 key, int new, __u64 born_ns,
+					__u64 now, bool btf)
+{
+	struct pt_sock rec = {};
+
+	if (!fill_birth(a, &rec, sk, PT_DIR_PASSIVE, TCP_SYN_RECV, born_ns, 0,
+			btf))
+		return;
+	step(a, &rec, sk, TCP_SYN_RECV, new, now, btf);
+	if (!insert(a, key, &rec))
+		return;
+	stat_add(a, PT_S_OPENED + PT_DIR_PASSIVE);
+	count_entry(a, TCP_LISTEN, TCP_SYN_RECV);
+	count_step(a, TCP_SYN_RECV, born_ns, new, now);
+}
+
+/* First sight of a socket that was born before we attached. */
+static __always_inline void midlife(struct pt_agg *a, struct sock *sk,
+				    __u64 key, int old, int new, __u64 now, bool btf)
+{
+	struct pt_sock rec = {};
+
+	stat_add(a, PT_S_MIDLIFE);
+	/* Under --pid nothing here names an owner: seeding at start covers
+	 * the watched processes' pre-existing sockets. */
+	if (cfg.filter_owner) {
+		stat_add(a, PT_S_FILTER_SKIPPED);
+		return;
+	}
+	rec.state_ns = now;
+	rec.state = new;
+	rec.direction = PT_DIR_UNKNOWN;
+	rec.owner_fd = -1;
+	rec.transitions = 1;
+	rec.history[0] = new;
+	rec.flags = PT_F_BIRTH_UNKNOWN;
+	rec.counted = 1;
+	rec.netns_ino = netns_of(sk, btf);
+	read_addrs(&rec, sk, btf);
+	if (insert(a, key, &rec))
+		count_entry(a, old, new);
+}
+
+static __always_inline void handle_state(struct sock *sk, __u64 key, int old,
+					 int new, bool btf)
+{
+	struct pt_agg *a;
+	struct pt_sock *rec;
+	__u64 now;
+	int dir;
+
+	if (!key)
+		return;
+	a = agg_get();
+	now = bpf_ktime_get_ns();
+	rec = bpf_map_lookup_elem(&socks, &key);
+	/* Only a child's first event after SYN_RECV can find an embryo. */
+	if (!rec && !cfg.key_by_ptr && old == TCP_SYN_RECV) {
+		__u64 ptr = (__u64)sk;
+		__u64 *born = bpf_map_lookup_elem(&embryos, &ptr);
+
+		if (born) {
+			__u64 born_ns = *born;
+
+			bpf_map_delete_elem(&embryos, &ptr);
+			child_birth(a, sk, key, new, born_ns, now, btf);
+			return;
+		}
+	}
+	dir = birth_direction(old, new, rec != NULL);
+	if (dir >= 0) {
+		if (rec)	/* a reused socket: the old life ends here */
+			finish(a, rec, now);
+		if (old != TCP_SYN_RECV) {
+			birth(a, sk, key, dir, old, new, now, btf);
+			return;
+		}
+		/* tcp_set_state() hooks: the child's LISTEN -> SYN_RECV went
+		 * through inet_sk_set_state() while the kernel handled the
+		 * very ACK that completes the handshake now (only a Fast Open
+		 * child waits a round trip in SYN_RECV).  Record that birth,
+		 * then this transition, as the tracepoint modes do. */
+		child_birth(a, sk, key, new, now, now, btf);
+		return;
+	}
+	if (!rec) {
+		midlife(a, sk, key, old, new, now, btf);
+		return;
+	}
+	if (rec->counted)
+		count_step(a, rec->state, rec->state_ns, new, now);
+	step(a, rec, sk, old, new, now, btf);
 }
 
 static __always_inline void handle_accept(struct sock *sk, __u64 key, int fd,
@@ -499,15 +559,16 @@ static __always_inline void handle_accept(struct sock *sk, __u64 key, int fd,
 	}
 }
 
-static __always_inline void handle_close(struct sock *sk, __u64 key)
+static __always_inline void handle_close(__u64 key)
 {
 	struct pt_sock *rec;
 
 	if (!key)
 		return;
 	rec = bpf_map_lookup_elem(&socks, &key);
-	if (rec)
-		note_app_close(agg_get(), rec, bpf_get_current_pid_tgid() >> 32);
+	if (rec && !rec->close_ns)
+		note_app_close(agg_get(), rec, bpf_get_current_pid_tgid() >> 32,
+			       bpf_ktime_get_ns());
 }
 
 static __always_inline void handle_reset(__u64 key)
@@ -666,18 +727,37 @@ struct sys_enter_ctx {
 	unsigned long args[6];
 };
 
-/* fd -> file -> socket of the current task, if the fd is a socket. */
+/*
+ * fd -> file of the current task, if the fd is a socket.  From v5.11
+ * (bpf_get_current_task_btf) the walk to the fd array is plain BTF loads;
+ * before, and for the rest, one bpf_probe_read_kernel() per pointer.
+ */
 static __always_inline struct file *socket_file_of_fd(long fd)
 {
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
 	struct file **fds;
 	struct file *file = NULL;
+	unsigned int max_fds;
 	umode_t mode;
 
-	if (fd < 0 || !fdt || fd >= BPF_CORE_READ(fdt, max_fds))
+	if (fd < 0)
 		return NULL;
-	fds = BPF_CORE_READ(fdt, fd);
+	if (bpf_core_enum_value_exists(enum bpf_func_id,
+				       BPF_FUNC_get_current_task_btf)) {
+		struct fdtable *fdt = bpf_get_current_task_btf()->files->fdt;
+
+		max_fds = fdt->max_fds;
+		fds = fdt->fd;
+	} else {
+		struct task_struct *task = (void *)bpf_get_current_task();
+		struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+
+		if (!fdt)
+			return NULL;
+		max_fds = BPF_CORE_READ(fdt, max_fds);
+		fds = BPF_CORE_READ(fdt, fd);
+	}
+	if (fd >= max_fds)
+		return NULL;
 	bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]);
 	if (!file)
 		return NULL;
@@ -687,16 +767,22 @@ static __always_inline struct file *socket_file_of_fd(long fd)
 	return file;
 }
 
+/* The sock of a socket file (file->private_data is its struct socket). */
+static __always_inline struct sock *sock_of_file(struct file *file)
+{
+	struct socket *sock = BPF_CORE_READ(file, private_data);
+
+	return BPF_CORE_READ(sock, sk);
+}
+
 static __always_inline int accept_exit(struct sys_exit_ctx *ctx)
 {
 	struct file *file = socket_file_of_fd(ctx->ret);
-	struct socket *sock;
 	struct sock *sk;
 
 	if (!file)
 		return 0;
-	sock = BPF_CORE_READ(file, private_data);
-	sk = BPF_CORE_READ(sock, sk);
+	sk = sock_of_file(file);
 	if (sk && is_tcp(sk))
 		handle_accept(sk, key_raw(sk), ctx->ret,
 			      BPF_CORE_READ(file, f_inode, i_ino));
@@ -720,14 +806,14 @@ int accept_sys_exit(struct sys_exit_ctx *ctx)
 SEC("fentry/tcp_close")
 int BPF_PROG(close_fentry, struct sock *sk)
 {
-	handle_close(sk, key_btf(sk));
+	handle_close(key_btf(sk));
 	return 0;
 }
 
 SEC("kprobe/tcp_close")
 int BPF_KPROBE(close_kprobe, struct sock *sk)
 {
-	handle_close(sk, key_raw(sk));
+	handle_close(key_raw(sk));
 	return 0;
 }
 
@@ -741,15 +827,15 @@ SEC("tracepoint/syscalls/sys_enter_close")
 int close_sys_enter(struct sys_enter_ctx *ctx)
 {
 	struct file *file = socket_file_of_fd((long)(int)ctx->args[0]);
-	struct socket *sock;
 	struct sock *sk;
 
 	if (!file)
 		return 0;
-	sock = BPF_CORE_READ(file, private_data);
-	sk = BPF_CORE_READ(sock, sk);
-	if (sk && is_tcp(sk))
-		handle_close(sk, key_raw(sk));
+	/* No protocol check: only TCP sockets have records, and the key
+	 * (a cookie, or the sk pointer itself) of any other socket misses. */
+	sk = sock_of_file(file);
+	if (sk)
+		handle_close(key_raw(sk));
 	return 0;
 }
 
