@@ -41,10 +41,18 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, PT_AGG_ENTRIES);
 	__type(key, __u32);
 	__type(value, struct pt_agg);
 } agg SEC(".maps");
+
+/* How many of our programs are running on this CPU (see agg_get). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} depth SEC(".maps");
 
 /* Owner filter (--pid): tgids whose sockets are counted. */
 struct {
@@ -83,29 +91,73 @@ const volatile struct pt_config cfg = {};
 
 /* --- aggregation --------------------------------------------------------- */
 
+/*
+ * Programs run with migration off, but a program in process context can be
+ * interrupted by a softirq that runs another of ours on the same CPU.  So
+ * each program brackets its run with enter()/leave(), and a run that starts
+ * inside another writes agg[1] instead of agg[0].  Our programs never run in
+ * hard interrupts, so neither entry ever has two writers at once and plain
+ * adds are exact (a lock-prefixed add costs several times more).  A run
+ * interrupted between its load and store of depth sees the nested run undo
+ * its own increment before it resumes.
+ */
+static __always_inline __u32 enter(void)
+{
+	__u32 zero = 0, *d = bpf_map_lookup_elem(&depth, &zero), was;
+
+	if (!d)
+		return 0;
+	was = *d;
+	*d = was + 1;
+	return was;
+}
+
+static __always_inline void leave(__u32 was)
+{
+	__u32 zero = 0, *d = bpf_map_lookup_elem(&depth, &zero);
+
+	if (d)
+		*d = was;
+}
+
 static __always_inline struct pt_agg *agg_get(void)
 {
-	__u32 zero = 0;
+	__u32 zero = 0, *d = bpf_map_lookup_elem(&depth, &zero);
+	__u32 entry = d && *d > 1 ? 1 : 0;
 
-	return bpf_map_lookup_elem(&agg, &zero);
+	return bpf_map_lookup_elem(&agg, &entry);
 }
 
 /* Keep the compiler from folding a bounds check into a later access. */
 #define opaque(x) asm volatile("" : "+r"(x))
 
-/*
- * Every counter update.  agg is per-CPU, but a program running in process
- * context can be interrupted by a softirq that runs another of these
- * programs on the same CPU and bumps the same word, so the add stays atomic:
- * a plain load/add/store would lose that update.
- */
-#define agg_add(p, v) __sync_fetch_and_add(p, v)
+#define agg_add(p, v) (*(p) += (v))
 
 static __always_inline void stat_add(struct pt_agg *a, __u64 idx)
 {
 	opaque(idx);
 	if (a && idx < PT_STATS)
 		agg_add(&a->stats[idx], 1);
+}
+
+/*
+ * The accept, close and listen hooks only ever run at the top level, in
+ * process context: none of ours can be under them, and a run nested inside
+ * them finishes before they resume.  So they skip enter()/leave() and bump
+ * their one or two counters in agg[0] with an atomic add instead.
+ */
+static __always_inline struct pt_agg *agg_top(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&agg, &zero);
+}
+
+static __always_inline void stat_add_top(struct pt_agg *a, __u64 idx)
+{
+	opaque(idx);
+	if (a && idx < PT_STATS)
+		__sync_fetch_and_add(&a->stats[idx], 1);
 }
 
 static __always_inline __u32 log2_u64(__u64 v)
@@ -296,14 +348,17 @@ static __always_inline void count_step(struct pt_agg *a, int old, __u64 old_ns,
 
 static __always_inline void note_app_close(struct pt_agg *a,
 					   struct pt_sock *rec, __u32 tgid,
-					   __u64 now)
+					   __u64 now, bool top)
 {
 	if (rec->close_ns)
 		return;
 	rec->close_ns = now;
 	rec->closer_tgid = tgid;
 	rec->app_closed = 1;
-	stat_add(a, PT_S_APP_CLOSE);
+	if (top)
+		stat_add_top(a, PT_S_APP_CLOSE);
+	else
+		stat_add(a, PT_S_APP_CLOSE);
 }
 
 /*
@@ -422,7 +477,8 @@ static __always_inline void step(struct pt_agg *a, struct pt_sock *rec,
 		rec->flags |= PT_F_PEER_FIN;
 	/* Only tcp_close()/tcp_shutdown() send our FIN, in process context. */
 	if (new == TCP_FIN_WAIT1 || new == TCP_LAST_ACK)
-		note_app_close(a, rec, bpf_get_current_pid_tgid() >> 32, now);
+		note_app_close(a, rec, bpf_get_current_pid_tgid() >> 32, now,
+			       false);
 }
 
 /*
@@ -473,8 +529,8 @@ static __always_inline void midlife(struct pt_agg *a, struct sock *sk,
 		count_entry(a, old, new);
 }
 
-static __always_inline void handle_state(struct sock *sk, __u64 key, int old,
-					 int new, bool btf)
+static __always_inline void do_state(struct sock *sk, __u64 key, int old,
+				     int new, bool btf)
 {
 	struct pt_agg *a;
 	struct pt_sock *rec;
@@ -485,9 +541,9 @@ static __always_inline void handle_state(struct sock *sk, __u64 key, int old,
 		return;
 	a = agg_get();
 	now = bpf_ktime_get_ns();
-	rec = bpf_map_lookup_elem(&socks, &key);
-	/* Only a child's first event after SYN_RECV can find an embryo. */
-	if (!rec && !cfg.key_by_ptr && old == TCP_SYN_RECV) {
+	/* Only a child's first event after SYN_RECV can find an embryo, and
+	 * a child that has one has no record yet. */
+	if (!cfg.key_by_ptr && old == TCP_SYN_RECV) {
 		__u64 ptr = (__u64)sk;
 		__u64 *born = bpf_map_lookup_elem(&embryos, &ptr);
 
@@ -499,6 +555,7 @@ static __always_inline void handle_state(struct sock *sk, __u64 key, int old,
 			return;
 		}
 	}
+	rec = bpf_map_lookup_elem(&socks, &key);
 	dir = birth_direction(old, new, rec != NULL);
 	if (dir >= 0) {
 		if (rec)	/* a reused socket: the old life ends here */
@@ -524,10 +581,19 @@ static __always_inline void handle_state(struct sock *sk, __u64 key, int old,
 	step(a, rec, sk, old, new, now, btf);
 }
 
+static __always_inline void handle_state(struct sock *sk, __u64 key, int old,
+					 int new, bool btf)
+{
+	__u32 was = enter();
+
+	do_state(sk, key, old, new, btf);
+	leave(was);
+}
+
 static __always_inline void handle_accept(struct sock *sk, __u64 key, int fd,
 					  __u64 ino)
 {
-	struct pt_agg *a = agg_get();
+	struct pt_agg *a = agg_top();
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	struct pt_sock *rec;
 
@@ -536,7 +602,7 @@ static __always_inline void handle_accept(struct sock *sk, __u64 key, int fd,
 	rec = bpf_map_lookup_elem(&socks, &key);
 	if (!rec) {
 		if (owner_wanted(tgid))
-			stat_add(a, PT_S_ACCEPT_UNTRACKED);
+			stat_add_top(a, PT_S_ACCEPT_UNTRACKED);
 		return;
 	}
 	if (cfg.filter_owner && !owner_wanted(tgid)) {
@@ -554,8 +620,8 @@ static __always_inline void handle_accept(struct sock *sk, __u64 key, int fd,
 		rec->counted = 1;
 		/* A socket seeded mid-life was opened before we watched. */
 		if (!(rec->flags & PT_F_BIRTH_UNKNOWN))
-			stat_add(a, PT_S_OPENED + (rec->direction & (PT_DIRS - 1)));
-		stat_add(a, PT_S_ENTERED + (rec->state & (PT_STATES - 1)));
+			stat_add_top(a, PT_S_OPENED + (rec->direction & (PT_DIRS - 1)));
+		stat_add_top(a, PT_S_ENTERED + (rec->state & (PT_STATES - 1)));
 	}
 }
 
@@ -567,8 +633,8 @@ static __always_inline void handle_close(__u64 key)
 		return;
 	rec = bpf_map_lookup_elem(&socks, &key);
 	if (rec && !rec->close_ns)
-		note_app_close(agg_get(), rec, bpf_get_current_pid_tgid() >> 32,
-			       bpf_ktime_get_ns());
+		note_app_close(agg_top(), rec, bpf_get_current_pid_tgid() >> 32,
+			       bpf_ktime_get_ns(), true);
 }
 
 static __always_inline void handle_reset(__u64 key)
@@ -579,7 +645,7 @@ static __always_inline void handle_reset(__u64 key)
 		rec->flags |= PT_F_RESET;
 }
 
-static __always_inline void handle_destroy(struct sock *sk, __u64 key)
+static __always_inline void do_destroy(struct sock *sk, __u64 key)
 {
 	struct pt_sock *rec;
 
@@ -599,6 +665,14 @@ static __always_inline void handle_destroy(struct sock *sk, __u64 key)
 	bpf_map_delete_elem(&socks, &key);
 }
 
+static __always_inline void handle_destroy(struct sock *sk, __u64 key)
+{
+	__u32 was = enter();
+
+	do_destroy(sk, key);
+	leave(was);
+}
+
 /* --- state change -------------------------------------------------------- */
 
 SEC("tp_btf/inet_sock_set_state")
@@ -610,8 +684,12 @@ int BPF_PROG(state_tp_btf, struct sock *sk, int old, int new)
 		/* Not the child's final cookie yet: see "embryos". */
 		__u64 ptr = (__u64)sk, now = bpf_ktime_get_ns();
 
-		if (bpf_map_update_elem(&embryos, &ptr, &now, BPF_ANY))
+		if (bpf_map_update_elem(&embryos, &ptr, &now, BPF_ANY)) {
+			__u32 was = enter();
+
 			stat_add(agg_get(), PT_S_INSERT_FAILED);
+			leave(was);
+		}
 		return 0;
 	}
 	handle_state(sk, key_btf(sk), old, new, true);
@@ -694,7 +772,7 @@ int BPF_KPROBE(listen_kprobe, struct sock *sk)
 	__u64 tid = bpf_get_current_pid_tgid(), ptr = (__u64)sk;
 
 	if (bpf_map_update_elem(&listening, &tid, &ptr, BPF_ANY))
-		stat_add(agg_get(), PT_S_INSERT_FAILED);
+		stat_add_top(agg_top(), PT_S_INSERT_FAILED);
 	return 0;
 }
 
