@@ -41,10 +41,18 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, PT_AGG_ENTRIES);
 	__type(key, __u32);
 	__type(value, struct pt_agg);
 } agg SEC(".maps");
+
+/* How many of our programs are running on this CPU (see agg_get). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} depth SEC(".maps");
 
 /* Owner filter (--pid): tgids whose sockets are counted. */
 struct {
@@ -83,17 +91,69 @@ const volatile struct pt_config cfg = {};
 
 /* --- aggregation --------------------------------------------------------- */
 
+/*
+ * Programs run with migration off, but a program in process context can be
+ * interrupted by a softirq that runs another of ours on the same CPU.  So
+ * each program brackets its run with enter()/leave(), and a run that starts
+ * inside another writes agg[1] instead of agg[0].  Our programs never run in
+ * hard interrupts, so neither entry ever has two writers at once and plain
+ * adds are exact (a lock-prefixed add costs several times more).  A run
+ * interrupted between its load and store of depth sees the nested run undo
+ * its own increment before it resumes.
+ */
+static __always_inline __u32 enter(void)
+{
+	__u32 zero = 0, *d = bpf_map_lookup_elem(&depth, &zero), was;
+
+	if (!d)
+		return 0;
+	was = *d;
+	*d = was + 1;
+	return was;
+}
+
+static __always_inline void leave(__u32 was)
+{
+	__u32 zero = 0, *d = bpf_map_lookup_elem(&depth, &zero);
+
+	if (d)
+		*d = was;
+}
+
 static __always_inline struct pt_agg *agg_get(void)
+{
+	__u32 zero = 0, *d = bpf_map_lookup_elem(&depth, &zero);
+	__u32 entry = d && *d > 1 ? 1 : 0;
+
+	return bpf_map_lookup_elem(&agg, &entry);
+}
+
+/* Keep the compiler from folding a bounds check into a later access. */
+#define opaque(x) asm volatile("" : "+r"(x))
+
+#define agg_add(p, v) (*(p) += (v))
+
+static __always_inline void stat_add(struct pt_agg *a, __u64 idx)
+{
+	opaque(idx);
+	if (a && idx < PT_STATS)
+		agg_add(&a->stats[idx], 1);
+}
+
+/*
+ * The accept, close and listen hooks only ever run at the top level, in
+ * process context: none of ours can be under them, and a run nested inside
+ * them finishes before they resume.  So they skip enter()/leave() and bump
+ * their one or two counters in agg[0] with an atomic add instead.
+ */
+static __always_inline struct pt_agg *agg_top(void)
 {
 	__u32 zero = 0;
 
 	return bpf_map_lookup_elem(&agg, &zero);
 }
 
-/* Keep the compiler from folding a bounds check into a later access. */
-#define opaque(x) asm volatile("" : "+r"(x))
-
-static __always_inline void stat_add(struct pt_agg *a, __u64 idx)
+static __always_inline void stat_add_top(struct pt_agg *a, __u64 idx)
 {
 	opaque(idx);
 	if (a && idx < PT_STATS)
@@ -134,8 +194,8 @@ static __always_inline void observe(struct pt_agg *a, __u64 hist, __u64 ns)
 	opaque(hist);
 	if (!a || hist >= PT_HISTS || slot >= PT_HIST_SLOTS)
 		return;
-	__sync_fetch_and_add(&a->hists[hist].slots[slot], 1);
-	__sync_fetch_and_add(&a->hists[hist].sum_us, us);
+	agg_add(&a->hists[hist].slots[slot], 1);
+	agg_add(&a->hists[hist].sum_us, us);
 }
 
 static __always_inline bool owner_wanted(__u32 tgid)
@@ -264,8 +324,7 @@ static __always_inline void finish(struct pt_agg *a, struct pt_sock *rec,
 	stat_add(a, PT_S_DESTROYED);
 }
 
-static __always_inline void count_entry(struct pt_agg *a, struct pt_sock *rec,
-					int old, int new)
+static __always_inline void count_entry(struct pt_agg *a, int old, int new)
 {
 	__u64 n = new & (PT_STATES - 1);
 	__u64 idx = (__u64)(old & (PT_STATES - 1)) * PT_STATES + n;
@@ -273,18 +332,90 @@ static __always_inline void count_entry(struct pt_agg *a, struct pt_sock *rec,
 	stat_add(a, PT_S_ENTERED + n);
 	opaque(idx);
 	if (a && idx < PT_STATES * PT_STATES)
-		__sync_fetch_and_add(&a->transitions[0][0] + idx, 1);
+		agg_add(&a->transitions[0][0] + idx, 1);
+}
+
+/* Leaving `old` (entered at old_ns) for `new`: the aggregates' side. */
+static __always_inline void count_step(struct pt_agg *a, int old, __u64 old_ns,
+				       int new, __u64 now)
+{
+	__u32 o = old & (PT_STATES - 1);
+
+	observe(a, PT_HIST_STATE + o, now - old_ns);
+	stat_add(a, PT_S_LEFT + o);
+	count_entry(a, old, new);
 }
 
 static __always_inline void note_app_close(struct pt_agg *a,
-					   struct pt_sock *rec, __u32 tgid)
+					   struct pt_sock *rec, __u32 tgid,
+					   __u64 now, bool top)
 {
 	if (rec->close_ns)
 		return;
-	rec->close_ns = bpf_ktime_get_ns();
+	rec->close_ns = now;
 	rec->closer_tgid = tgid;
 	rec->app_closed = 1;
-	stat_add(a, PT_S_APP_CLOSE);
+	if (top)
+		stat_add_top(a, PT_S_APP_CLOSE);
+	else
+		stat_add(a, PT_S_APP_CLOSE);
+}
+
+/*
+ * Fill a new record for a socket born now in direction `dir`, entering
+ * `new`.  False when the owner filter rejects it (counted here).
+ */
+static __always_inline bool fill_birth(struct pt_agg *a, struct pt_sock *rec,
+				       struct sock *sk, int dir, int new,
+				       __u64 now, __u32 tgid, bool btf)
+{
+	rec->birth_ns = now;
+	rec->state_ns = now;
+	rec->state = new;
+	rec->direction = dir;
+	rec->owner_fd = -1;
+	rec->transitions = 1;
+	rec->history[0] = new;
+	rec->netns_ino = netns_of(sk, btf);
+	read_addrs(rec, sk, btf);
+	if (dir == PT_DIR_PASSIVE) {
+		struct pt_listen_key lk = {
+			.netns_ino = rec->netns_ino,
+			.port = rec->lport,
+			.family = rec->family,
+		};
+		__u32 *ltgid = bpf_map_lookup_elem(&listeners, &lk);
+
+		if (ltgid)
+			rec->listener_tgid = *ltgid;
+		/* Under --pid, keep only children of listeners we watch: the
+		 * rest would fill the table with sockets nobody asked for. */
+		if (cfg.filter_owner &&
+		    !(rec->listener_tgid && owner_wanted(rec->listener_tgid))) {
+			stat_add(a, PT_S_FILTER_SKIPPED);
+			return false;
+		}
+	} else {
+		/* connect() and listen() run in the owner's context. */
+		if (!owner_wanted(tgid)) {
+			stat_add(a, PT_S_FILTER_SKIPPED);
+			return false;
+		}
+		set_owner(rec, tgid);
+		rec->ino = sk_ino(sk, btf);
+	}
+	rec->counted = 1;
+	return true;
+}
+
+static __always_inline bool insert(struct pt_agg *a, __u64 key,
+				   struct pt_sock *rec)
+{
+	if (bpf_map_update_elem(&socks, &key, rec, BPF_ANY)) {
+		stat_add(a, PT_S_INSERT_FAILED);
+		return false;
+	}
+	return true;
 }
 
 static __always_inline void birth(struct pt_agg *a, struct sock *sk, __u64 key,
@@ -293,42 +424,8 @@ static __always_inline void birth(struct pt_agg *a, struct sock *sk, __u64 key,
 	struct pt_sock rec = {};
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 
-	rec.birth_ns = now;
-	rec.state_ns = now;
-	rec.state = new;
-	rec.direction = dir;
-	rec.owner_fd = -1;
-	rec.transitions = 1;
-	rec.history[0] = new;
-	rec.netns_ino = netns_of(sk, btf);
-	read_addrs(&rec, sk, btf);
-	if (dir == PT_DIR_PASSIVE) {
-		struct pt_listen_key lk = {
-			.netns_ino = rec.netns_ino,
-			.port = rec.lport,
-			.family = rec.family,
-		};
-		__u32 *ltgid = bpf_map_lookup_elem(&listeners, &lk);
-
-		if (ltgid)
-			rec.listener_tgid = *ltgid;
-		/* Under --pid, keep only children of listeners we watch: the
-		 * rest would fill the table with sockets nobody asked for. */
-		if (cfg.filter_owner &&
-		    !(rec.listener_tgid && owner_wanted(rec.listener_tgid))) {
-			stat_add(a, PT_S_FILTER_SKIPPED);
-			return;
-		}
-	} else {
-		/* connect() and listen() run in the owner's context. */
-		if (!owner_wanted(tgid)) {
-			stat_add(a, PT_S_FILTER_SKIPPED);
-			return;
-		}
-		set_owner(&rec, tgid);
-		rec.ino = sk_ino(sk, btf);
-	}
-	rec.counted = 1;
+	if (!fill_birth(a, &rec, sk, dir, new, now, tgid, btf))
+		return;
 	if (dir == PT_DIR_LISTEN) {
 		struct pt_listen_key lk = {
 			.netns_ino = rec.netns_ino,
@@ -339,103 +436,22 @@ static __always_inline void birth(struct pt_agg *a, struct sock *sk, __u64 key,
 		if (bpf_map_update_elem(&listeners, &lk, &tgid, BPF_ANY))
 			stat_add(a, PT_S_LISTENER_FAILED);
 	}
-	if (bpf_map_update_elem(&socks, &key, &rec, BPF_ANY)) {
-		stat_add(a, PT_S_INSERT_FAILED);
+	if (!insert(a, key, &rec))
 		return;
-	}
-	if (rec.counted) {
-		stat_add(a, PT_S_OPENED + dir);
-		count_entry(a, &rec, old, new);
-	}
+	stat_add(a, PT_S_OPENED + dir);
+	count_entry(a, old, new);
 }
 
-/* First sight of a socket that was born before we attached. */
-static __always_inline void midlife(struct pt_agg *a, struct sock *sk,
-				    __u64 key, int old, int new, __u64 now, bool btf)
+/*
+ * What a transition does to a record, whether it lives in the map or is
+ * still being built on the stack.  The aggregates' side is count_step().
+ */
+static __always_inline void step(struct pt_agg *a, struct pt_sock *rec,
+				 struct sock *sk, int old, int new, __u64 now,
+				 bool btf)
 {
-	struct pt_sock rec = {};
+	__u64 hist_idx;
 
-	stat_add(a, PT_S_MIDLIFE);
-	/* Under --pid nothing here names an owner: seeding at start covers
-	 * the watched processes' pre-existing sockets. */
-	if (cfg.filter_owner) {
-		stat_add(a, PT_S_FILTER_SKIPPED);
-		return;
-	}
-	rec.state_ns = now;
-	rec.state = new;
-	rec.direction = PT_DIR_UNKNOWN;
-	rec.owner_fd = -1;
-	rec.transitions = 1;
-	rec.history[0] = new;
-	rec.flags = PT_F_BIRTH_UNKNOWN;
-	rec.counted = 1;
-	rec.netns_ino = netns_of(sk, btf);
-	read_addrs(&rec, sk, btf);
-	if (bpf_map_update_elem(&socks, &key, &rec, BPF_ANY)) {
-		stat_add(a, PT_S_INSERT_FAILED);
-		return;
-	}
-	if (rec.counted)
-		count_entry(a, &rec, old, new);
-}
-
-static __always_inline void handle_state(struct sock *sk, __u64 key, int old,
-					 int new, bool btf)
-{
-	struct pt_agg *a = agg_get();
-	struct pt_sock *rec;
-	__u64 now, hist_idx;
-	int dir;
-
-	if (!key)
-		return;
-	now = bpf_ktime_get_ns();
-	rec = bpf_map_lookup_elem(&socks, &key);
-	if (!rec && !cfg.key_by_ptr) {
-		__u64 ptr = (__u64)sk;
-		__u64 *born = bpf_map_lookup_elem(&embryos, &ptr);
-
-		if (born) {
-			__u64 born_ns = *born;
-
-			bpf_map_delete_elem(&embryos, &ptr);
-			birth(a, sk, key, PT_DIR_PASSIVE, TCP_LISTEN, TCP_SYN_RECV,
-			      born_ns, btf);
-			rec = bpf_map_lookup_elem(&socks, &key);
-			if (!rec)	/* filtered out, or the table is full */
-				return;
-		}
-	}
-	dir = birth_direction(old, new, rec != NULL);
-	if (dir >= 0) {
-		if (rec)	/* a reused socket: the old life ends here */
-			finish(a, rec, now);
-		if (old != TCP_SYN_RECV) {
-			birth(a, sk, key, dir, old, new, now, btf);
-			return;
-		}
-		/* tcp_set_state() hooks: the child's LISTEN -> SYN_RECV went
-		 * through inet_sk_set_state() while the kernel handled the
-		 * very ACK that completes the handshake now (only a Fast Open
-		 * child waits a round trip in SYN_RECV).  Record that birth,
-		 * then this transition, as the tracepoint modes do. */
-		birth(a, sk, key, dir, TCP_LISTEN, TCP_SYN_RECV, now, btf);
-		rec = bpf_map_lookup_elem(&socks, &key);
-		if (!rec)	/* filtered out, or the table is full */
-			return;
-	}
-	if (!rec) {
-		midlife(a, sk, key, old, new, now, btf);
-		return;
-	}
-	if (rec->counted) {
-		__u32 o = rec->state & (PT_STATES - 1);
-
-		observe(a, PT_HIST_STATE + o, now - rec->state_ns);
-		stat_add(a, PT_S_LEFT + o);
-		count_entry(a, rec, old, new);
-	}
 	rec->state = new;
 	rec->state_ns = now;
 	hist_idx = rec->transitions & (PT_HISTORY - 1);
@@ -461,13 +477,123 @@ static __always_inline void handle_state(struct sock *sk, __u64 key, int old,
 		rec->flags |= PT_F_PEER_FIN;
 	/* Only tcp_close()/tcp_shutdown() send our FIN, in process context. */
 	if (new == TCP_FIN_WAIT1 || new == TCP_LAST_ACK)
-		note_app_close(a, rec, bpf_get_current_pid_tgid() >> 32);
+		note_app_close(a, rec, bpf_get_current_pid_tgid() >> 32, now,
+			       false);
+}
+
+/*
+ * An accepted child's first event after SYN_RECV (see "embryos"): its birth
+ * and this transition go into one new record, inserted once.
+ */
+static __always_inline void child_birth(struct pt_agg *a, struct sock *sk,
+					__u64 key, int new, __u64 born_ns,
+					__u64 now, bool btf)
+{
+	struct pt_sock rec = {};
+
+	if (!fill_birth(a, &rec, sk, PT_DIR_PASSIVE, TCP_SYN_RECV, born_ns, 0,
+			btf))
+		return;
+	step(a, &rec, sk, TCP_SYN_RECV, new, now, btf);
+	if (!insert(a, key, &rec))
+		return;
+	stat_add(a, PT_S_OPENED + PT_DIR_PASSIVE);
+	count_entry(a, TCP_LISTEN, TCP_SYN_RECV);
+	count_step(a, TCP_SYN_RECV, born_ns, new, now);
+}
+
+/* First sight of a socket that was born before we attached. */
+static __always_inline void midlife(struct pt_agg *a, struct sock *sk,
+				    __u64 key, int old, int new, __u64 now, bool btf)
+{
+	struct pt_sock rec = {};
+
+	stat_add(a, PT_S_MIDLIFE);
+	/* Under --pid nothing here names an owner: seeding at start covers
+	 * the watched processes' pre-existing sockets. */
+	if (cfg.filter_owner) {
+		stat_add(a, PT_S_FILTER_SKIPPED);
+		return;
+	}
+	rec.state_ns = now;
+	rec.state = new;
+	rec.direction = PT_DIR_UNKNOWN;
+	rec.owner_fd = -1;
+	rec.transitions = 1;
+	rec.history[0] = new;
+	rec.flags = PT_F_BIRTH_UNKNOWN;
+	rec.counted = 1;
+	rec.netns_ino = netns_of(sk, btf);
+	read_addrs(&rec, sk, btf);
+	if (insert(a, key, &rec))
+		count_entry(a, old, new);
+}
+
+static __always_inline void do_state(struct sock *sk, __u64 key, int old,
+				     int new, bool btf)
+{
+	struct pt_agg *a;
+	struct pt_sock *rec;
+	__u64 now;
+	int dir;
+
+	if (!key)
+		return;
+	a = agg_get();
+	now = bpf_ktime_get_ns();
+	/* Only a child's first event after SYN_RECV can find an embryo, and
+	 * a child that has one has no record yet. */
+	if (!cfg.key_by_ptr && old == TCP_SYN_RECV) {
+		__u64 ptr = (__u64)sk;
+		__u64 *born = bpf_map_lookup_elem(&embryos, &ptr);
+
+		if (born) {
+			__u64 born_ns = *born;
+
+			bpf_map_delete_elem(&embryos, &ptr);
+			child_birth(a, sk, key, new, born_ns, now, btf);
+			return;
+		}
+	}
+	rec = bpf_map_lookup_elem(&socks, &key);
+	dir = birth_direction(old, new, rec != NULL);
+	if (dir >= 0) {
+		if (rec)	/* a reused socket: the old life ends here */
+			finish(a, rec, now);
+		if (old != TCP_SYN_RECV) {
+			birth(a, sk, key, dir, old, new, now, btf);
+			return;
+		}
+		/* tcp_set_state() hooks: the child's LISTEN -> SYN_RECV went
+		 * through inet_sk_set_state() while the kernel handled the
+		 * very ACK that completes the handshake now (only a Fast Open
+		 * child waits a round trip in SYN_RECV).  Record that birth,
+		 * then this transition, as the tracepoint modes do. */
+		child_birth(a, sk, key, new, now, now, btf);
+		return;
+	}
+	if (!rec) {
+		midlife(a, sk, key, old, new, now, btf);
+		return;
+	}
+	if (rec->counted)
+		count_step(a, rec->state, rec->state_ns, new, now);
+	step(a, rec, sk, old, new, now, btf);
+}
+
+static __always_inline void handle_state(struct sock *sk, __u64 key, int old,
+					 int new, bool btf)
+{
+	__u32 was = enter();
+
+	do_state(sk, key, old, new, btf);
+	leave(was);
 }
 
 static __always_inline void handle_accept(struct sock *sk, __u64 key, int fd,
 					  __u64 ino)
 {
-	struct pt_agg *a = agg_get();
+	struct pt_agg *a = agg_top();
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	struct pt_sock *rec;
 
@@ -476,7 +602,7 @@ static __always_inline void handle_accept(struct sock *sk, __u64 key, int fd,
 	rec = bpf_map_lookup_elem(&socks, &key);
 	if (!rec) {
 		if (owner_wanted(tgid))
-			stat_add(a, PT_S_ACCEPT_UNTRACKED);
+			stat_add_top(a, PT_S_ACCEPT_UNTRACKED);
 		return;
 	}
 	if (cfg.filter_owner && !owner_wanted(tgid)) {
@@ -494,20 +620,21 @@ static __always_inline void handle_accept(struct sock *sk, __u64 key, int fd,
 		rec->counted = 1;
 		/* A socket seeded mid-life was opened before we watched. */
 		if (!(rec->flags & PT_F_BIRTH_UNKNOWN))
-			stat_add(a, PT_S_OPENED + (rec->direction & (PT_DIRS - 1)));
-		stat_add(a, PT_S_ENTERED + (rec->state & (PT_STATES - 1)));
+			stat_add_top(a, PT_S_OPENED + (rec->direction & (PT_DIRS - 1)));
+		stat_add_top(a, PT_S_ENTERED + (rec->state & (PT_STATES - 1)));
 	}
 }
 
-static __always_inline void handle_close(struct sock *sk, __u64 key)
+static __always_inline void handle_close(__u64 key)
 {
 	struct pt_sock *rec;
 
 	if (!key)
 		return;
 	rec = bpf_map_lookup_elem(&socks, &key);
-	if (rec)
-		note_app_close(agg_get(), rec, bpf_get_current_pid_tgid() >> 32);
+	if (rec && !rec->close_ns)
+		note_app_close(agg_top(), rec, bpf_get_current_pid_tgid() >> 32,
+			       bpf_ktime_get_ns(), true);
 }
 
 static __always_inline void handle_reset(__u64 key)
@@ -518,7 +645,7 @@ static __always_inline void handle_reset(__u64 key)
 		rec->flags |= PT_F_RESET;
 }
 
-static __always_inline void handle_destroy(struct sock *sk, __u64 key)
+static __always_inline void do_destroy(struct sock *sk, __u64 key)
 {
 	struct pt_sock *rec;
 
@@ -538,6 +665,14 @@ static __always_inline void handle_destroy(struct sock *sk, __u64 key)
 	bpf_map_delete_elem(&socks, &key);
 }
 
+static __always_inline void handle_destroy(struct sock *sk, __u64 key)
+{
+	__u32 was = enter();
+
+	do_destroy(sk, key);
+	leave(was);
+}
+
 /* --- state change -------------------------------------------------------- */
 
 SEC("tp_btf/inet_sock_set_state")
@@ -549,8 +684,12 @@ int BPF_PROG(state_tp_btf, struct sock *sk, int old, int new)
 		/* Not the child's final cookie yet: see "embryos". */
 		__u64 ptr = (__u64)sk, now = bpf_ktime_get_ns();
 
-		if (bpf_map_update_elem(&embryos, &ptr, &now, BPF_ANY))
+		if (bpf_map_update_elem(&embryos, &ptr, &now, BPF_ANY)) {
+			__u32 was = enter();
+
 			stat_add(agg_get(), PT_S_INSERT_FAILED);
+			leave(was);
+		}
 		return 0;
 	}
 	handle_state(sk, key_btf(sk), old, new, true);
@@ -633,7 +772,7 @@ int BPF_KPROBE(listen_kprobe, struct sock *sk)
 	__u64 tid = bpf_get_current_pid_tgid(), ptr = (__u64)sk;
 
 	if (bpf_map_update_elem(&listening, &tid, &ptr, BPF_ANY))
-		stat_add(agg_get(), PT_S_INSERT_FAILED);
+		stat_add_top(agg_top(), PT_S_INSERT_FAILED);
 	return 0;
 }
 
@@ -666,18 +805,37 @@ struct sys_enter_ctx {
 	unsigned long args[6];
 };
 
-/* fd -> file -> socket of the current task, if the fd is a socket. */
+/*
+ * fd -> file of the current task, if the fd is a socket.  From v5.11
+ * (bpf_get_current_task_btf) the walk to the fd array is plain BTF loads;
+ * before, and for the rest, one bpf_probe_read_kernel() per pointer.
+ */
 static __always_inline struct file *socket_file_of_fd(long fd)
 {
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
 	struct file **fds;
 	struct file *file = NULL;
+	unsigned int max_fds;
 	umode_t mode;
 
-	if (fd < 0 || !fdt || fd >= BPF_CORE_READ(fdt, max_fds))
+	if (fd < 0)
 		return NULL;
-	fds = BPF_CORE_READ(fdt, fd);
+	if (bpf_core_enum_value_exists(enum bpf_func_id,
+				       BPF_FUNC_get_current_task_btf)) {
+		struct fdtable *fdt = bpf_get_current_task_btf()->files->fdt;
+
+		max_fds = fdt->max_fds;
+		fds = fdt->fd;
+	} else {
+		struct task_struct *task = (void *)bpf_get_current_task();
+		struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+
+		if (!fdt)
+			return NULL;
+		max_fds = BPF_CORE_READ(fdt, max_fds);
+		fds = BPF_CORE_READ(fdt, fd);
+	}
+	if (fd >= max_fds)
+		return NULL;
 	bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]);
 	if (!file)
 		return NULL;
@@ -687,16 +845,22 @@ static __always_inline struct file *socket_file_of_fd(long fd)
 	return file;
 }
 
+/* The sock of a socket file (file->private_data is its struct socket). */
+static __always_inline struct sock *sock_of_file(struct file *file)
+{
+	struct socket *sock = BPF_CORE_READ(file, private_data);
+
+	return BPF_CORE_READ(sock, sk);
+}
+
 static __always_inline int accept_exit(struct sys_exit_ctx *ctx)
 {
 	struct file *file = socket_file_of_fd(ctx->ret);
-	struct socket *sock;
 	struct sock *sk;
 
 	if (!file)
 		return 0;
-	sock = BPF_CORE_READ(file, private_data);
-	sk = BPF_CORE_READ(sock, sk);
+	sk = sock_of_file(file);
 	if (sk && is_tcp(sk))
 		handle_accept(sk, key_raw(sk), ctx->ret,
 			      BPF_CORE_READ(file, f_inode, i_ino));
@@ -720,14 +884,14 @@ int accept_sys_exit(struct sys_exit_ctx *ctx)
 SEC("fentry/tcp_close")
 int BPF_PROG(close_fentry, struct sock *sk)
 {
-	handle_close(sk, key_btf(sk));
+	handle_close(key_btf(sk));
 	return 0;
 }
 
 SEC("kprobe/tcp_close")
 int BPF_KPROBE(close_kprobe, struct sock *sk)
 {
-	handle_close(sk, key_raw(sk));
+	handle_close(key_raw(sk));
 	return 0;
 }
 
@@ -741,15 +905,15 @@ SEC("tracepoint/syscalls/sys_enter_close")
 int close_sys_enter(struct sys_enter_ctx *ctx)
 {
 	struct file *file = socket_file_of_fd((long)(int)ctx->args[0]);
-	struct socket *sock;
 	struct sock *sk;
 
 	if (!file)
 		return 0;
-	sock = BPF_CORE_READ(file, private_data);
-	sk = BPF_CORE_READ(sock, sk);
-	if (sk && is_tcp(sk))
-		handle_close(sk, key_raw(sk));
+	/* No protocol check: only TCP sockets have records, and the key
+	 * (a cookie, or the sk pointer itself) of any other socket misses. */
+	sk = sock_of_file(file);
+	if (sk)
+		handle_close(key_raw(sk));
 	return 0;
 }
 

@@ -111,9 +111,15 @@ struct pt_hist {
 };
 
 /*
- * Everything the kernel aggregates, in the single entry of the per-CPU
- * "agg" array, so each event costs one lookup.  Readers sum the CPUs.
+ * Everything the kernel aggregates, in the per-CPU "agg" array, so each
+ * event costs one lookup.  Entry 0 takes the runs that started while none
+ * of our programs was running on that CPU; entry 1 the runs nested inside
+ * one (a softirq interrupting a program in process context).  Each entry
+ * then has one writer at a time and takes plain, non-atomic adds.  Readers
+ * sum every CPU of every entry that exists (the bcc backend has only 0).
  */
+#define PT_AGG_ENTRIES		2
+
 struct pt_agg {
 	__u64 stats[PT_STATS];
 	__u64 transitions[PT_STATES][PT_STATES];	/* [old][new] */

@@ -26,6 +26,9 @@
  *   - A record's addresses are read again while its peer port is 0 (see
  *     handle_state()): on 6.1 a passive child is born before the kernel
  *     fills in its peer.
+ *   - agg has only its entry 0, updated with atomic adds; the CO-RE
+ *     program's second entry for nested runs (and its plain adds) is a cost
+ *     optimisation, and readers sum whatever entries exist.
  *
  *   state change   tracepoint sock/inet_sock_set_state > kprobe tcp_set_state
  *   accept owner   kretprobe inet_csk_accept > sys_exit_accept{,4}

@@ -17,6 +17,7 @@ PT_HIST_SLOTS = 160
 PT_HIST_LIFETIME = 0
 PT_HIST_STATE = 4
 PT_HISTS = PT_HIST_STATE + PT_STATES
+PT_AGG_ENTRIES = 2  # agg[0]: outermost runs, agg[1]: nested runs (pytracer.h)
 
 
 class Direction(enum.IntEnum):

@@ -8,6 +8,7 @@ comes from :class:`pytracer.abi.PtSock`.
 from __future__ import annotations
 
 import ctypes
+import struct
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -76,11 +77,14 @@ class Snapshot:
 
 
 def read_totals(src: MapSource) -> Totals:
+    """Sum of every CPU of every agg entry (see pt_agg in pytracer.h)."""
     size = abi.percpu_stride(ctypes.sizeof(abi.PtAgg)) * src.ncpus
-    raw = src.map("agg").lookup(b"\0\0\0\0", size)
-    if raw is None:
+    agg = src.map("agg")
+    raws = [agg.lookup(struct.pack("=I", i), size) for i in range(abi.PT_AGG_ENTRIES)]
+    if raws[0] is None:
         raise RuntimeError("the agg map has no entry 0")
-    return Totals.from_percpu(raw, src.ncpus)
+    present = [r for r in raws if r is not None]
+    return Totals.from_percpu(b"".join(present), src.ncpus * len(present))
 
 
 def read_socks(src: MapSource) -> tuple[np.ndarray, np.ndarray]:

@@ -41,7 +41,8 @@ def test_struct_layout_matches_btf(cname: str, pytype: type[ctypes.Structure]) -
 
 def test_constants_match_header() -> None:
     header = (Path(__file__).resolve().parents[2] / "bpf" / "pytracer.h").read_text()
-    for name in ("PT_STATES", "PT_HIST_SLOTS", "PT_HISTORY", "PT_HIST_STATE", "PT_HIST_LIFETIME"):
+    for name in ("PT_STATES", "PT_HIST_SLOTS", "PT_HISTORY", "PT_HIST_STATE", "PT_HIST_LIFETIME",
+                 "PT_AGG_ENTRIES"):
         line = next(x for x in header.splitlines() if x.startswith((f"#define {name}\t", f"#define {name} ")))
         assert int(line.split()[2]) == getattr(abi, name), name
     for stat in abi.Stat:
