@@ -31,11 +31,12 @@ def main() -> int:
         if not line.strip():
             return 0
         opts = model.ReportOptions(top=10, start_mono_ns=start_ns, max_sockets=cap)
-        prev = poller.snapshot(tracer)
+        buffers = poller.SockBuffers()  # as `tracer watch` reads it
+        prev = poller.snapshot(tracer, buffers=buffers)
         polls, reads, entries = [], [], 0
         for _ in range(max(1, min(int(line), 100))):
             t0 = time.perf_counter()
-            snap = poller.snapshot(tracer)
+            snap = poller.snapshot(tracer, buffers=buffers)
             report = model.build_report(snap, prev, opts)
             json.dumps(report)
             polls.append(time.perf_counter() - t0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -39,14 +40,16 @@ def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: fl
                                extra=dict(extra or {}))
     prev = None
     state: dict[str, Any] = {}
+    buffers = poller.SockBuffers()  # the table is read into the same arrays every interval
     for _ in intervals(interval, duration):
-        snap = poller.snapshot(tracer)
+        snap = poller.snapshot(tracer, buffers=buffers)
         report = model.build_report(snap, prev, opts)
         # Each enricher adds to the report (the leak detectors' flags).
         for enrich in enrichers:
             enrich(report, snap, tracer, opts, state)
         yield report, snap
-        prev = snap
+        # The next read reuses snap's table arrays: keep only its totals.
+        prev = dataclasses.replace(snap, keys=snap.keys[:0], socks=snap.socks[:0])
 
 
 @click.command()
