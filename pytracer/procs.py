@@ -264,6 +264,13 @@ def netns_ino(pid: int, proc: str = PROC) -> int | None:
         return None
 
 
+def _readlink_or_empty(name: str, dfd: int) -> str:
+    try:
+        return os.readlink(name, dir_fd=dfd)
+    except OSError:
+        return ""
+
+
 def scan_fds(only: Iterable[int] | None = None, proc: str = PROC, max_fds: int = MAX_FDS_TOTAL) -> FdScan:
     """Walk /proc/PID/fd of every process (or of ``only``).
 
@@ -291,27 +298,26 @@ def scan_fds(only: Iterable[int] | None = None, proc: str = PROC, max_fds: int =
             names = os.listdir(dfd)
         except OSError:
             names = []
+        if out.fds + len(names) > max_fds:
+            names = names[: max(0, max_fds - out.fds)]
+            out.truncated = True
+        n = len(names)
+        out.fds += n
         try:
-            n = 0
-            for name in names:
-                if out.fds >= max_fds:
-                    out.truncated = True
-                    break
-                n += 1
-                out.fds += 1
-                try:
-                    link = readlink(name, dir_fd=dfd)
-                except OSError:
-                    continue
-                # "socket:[INODE]" (net/socket.c sockfs_dname), "net:[INODE]" (nsfs).
-                if link[:8] == "socket:[" and link[-1:] == "]":
-                    s_ino.append(int(link[8:-1]))
-                    s_pid.append(pid)
-                    s_fd.append(int(name))
-                elif link[:5] == "net:[" and _NET_LINK.match(link):
-                    out.netns_fds.setdefault(int(link[5:-1]), f"{proc}/{pid}/fd/{name}")
+            try:
+                links = [readlink(name, dir_fd=dfd) for name in names]
+            except OSError:  # an fd closed while we read: one at a time
+                links = [_readlink_or_empty(name, dfd) for name in names]
         finally:
             os.close(dfd)
+        # "socket:[INODE]" (net/socket.c sockfs_dname), "net:[INODE]" (nsfs).
+        for name, link in zip(names, links):
+            if link[:8] == "socket:[" and link[-1:] == "]":
+                s_ino.append(int(link[8:-1]))
+                s_pid.append(pid)
+                s_fd.append(int(name))
+            elif link[:5] == "net:[" and _NET_LINK.match(link):
+                out.netns_fds.setdefault(int(link[5:-1]), f"{proc}/{pid}/fd/{name}")
         out.processes += 1
         out.fd_counts[pid] = n
         ino = netns_ino(pid, proc)
