@@ -621,18 +621,20 @@ def _midlife_count(tracer: Any) -> int | None:
 
 
 def _insert_new(tracer: Any, socks: Any, keys: np.ndarray, recs: np.ndarray, res: SeedResult) -> np.ndarray:
-    """Insert the records whose keys the kernel does not have yet; returns
-    which went in.
+    """Insert the records whose keys the kernel does not have yet, never
+    overwriting one the kernel made; returns which went in.
 
     BPF_MAP_UPDATE_BATCH cannot take BPF_NOEXIST (the kernel accepts only
     BPF_F_LOCK per element), and one BPF_NOEXIST update per socket costs a
     syscall each (0.4 s per 100k sockets here).  So: read which keys exist
     (one batch lookup), write the others in one batch, and bracket both
-    with the kernel's MIDLIFE counter.  The only record the kernel can
-    create for a socket older than the tracer is a mid-life one, and
-    midlife() counts before it inserts; an unchanged counter proves no
-    kernel record was overwritten.  When it moved, :func:`_repair` checks
-    the seeded records against a fresh dump.
+    with the kernel's MIDLIFE counter.  For a socket that existed at the
+    dump, the kernel makes a record in two ways only: midlife(), which
+    counts before it inserts, and the deferred birth of an accepted child
+    still in SYN_RECV (its "embryo"), so those few go in one by one with
+    BPF_NOEXIST.  An unchanged counter then proves nothing was overwritten;
+    when it moved, :func:`_repair` checks the seeded records against a
+    fresh dump.
     """
     from . import poller
 
@@ -641,8 +643,10 @@ def _insert_new(tracer: Any, socks: Any, keys: np.ndarray, recs: np.ndarray, res
     have = np.isin(keys, existing)
     del existing
     res.existed = int(have.sum())
-    todo = np.flatnonzero(~have)
+    one_by_one = ~have & (recs["state"] == int(S.SYN_RECV))
+    todo = np.flatnonzero(~have & ~one_by_one)
     ok = np.zeros(len(keys), dtype=bool)
+    errs: list[int] = []
     if len(todo) == len(keys):
         k, v = keys, recs
     else:
@@ -651,10 +655,21 @@ def _insert_new(tracer: Any, socks: Any, keys: np.ndarray, recs: np.ndarray, res
     ok[todo] = True
     for j, err in failures:
         ok[todo[j]] = False
+        errs.append(err)
+    after = _midlife_count(tracer)
+    for i in np.flatnonzero(one_by_one).tolist():
+        try:
+            socks.update(keys[i].tobytes(), recs[i].tobytes(), BPF_NOEXIST)
+            ok[i] = True
+        except LibbpfError as exc:
+            if exc.errno == errno.EEXIST:
+                res.existed += 1
+            else:
+                errs.append(exc.errno)
+    for err in errs:
         res.failed += 1
         if not _is_full(err) and len(res.errors) < 10:
             res.errors.append(f"insert: {os.strerror(err)}")
-    after = _midlife_count(tracer)
     res.midlife_during = -1 if before is None or after is None else after - before
     return ok
 

@@ -1,6 +1,6 @@
 """The TCP socket inventory, from the kernel's sock_diag netlink interface.
 
-This is the only module that imports pyroute2.  It answers two questions:
+It answers two questions:
 
 * **What TCP sockets exist** (every state, IPv4 and IPv6, in every network
   namespace we can enter): one ``SOCK_DIAG_BY_FAMILY`` dump per family and
@@ -15,14 +15,17 @@ This is the only module that imports pyroute2.  It answers two questions:
   ``last_data_recv`` / ``last_data_sent`` / ``last_ack_recv`` clocks.  Only the
   sockets the detectors care about are queried.
 
-Messages are pyroute2's declarations (``inet_diag_req``, ``inet_diag_msg``
-and its ``tcp_info``): requests are encoded with them, and the numpy dtype and
-tcp_info offsets are derived from their field lists, so there is one
-description of the wire format.  The transport is a plain netlink socket,
-parsed in bulk, because pyroute2's per-message objects cost 30-115 us per
-socket (measured with pyroute2 0.9.7: 0.35 s for 3,000 sockets), which a
-TIME_WAIT storm of 30,000 sockets turns into seconds per scan; the bulk parser
-takes about 1 us per socket.
+Messages are declared here as data, field lists in pyroute2's notation
+(``inet_diag_req``, ``inet_diag_msg`` and its ``tcp_info``, mirroring
+include/uapi/linux/inet_diag.h and tcp.h); requests are encoded from them,
+and the numpy dtype and tcp_info offsets are derived from them, so there is
+one description of the wire format.  tests/unit/test_sockdiag.py checks it
+field by field against pyroute2's own declarations.  pyroute2 itself is not
+imported at run time: the whole package costs about 20 MB of memory and
+0.3 s of start-up, and its per-message objects cost 30-115 us per socket
+(measured with pyroute2 0.9.7: 0.35 s for 3,000 sockets), which a
+TIME_WAIT storm of 30,000 sockets turns into seconds per scan.  The
+transport is a plain netlink socket, parsed in bulk (about 1 us per socket).
 
 Network namespaces: a netlink socket answers for the namespace it was
 created in.  For each other namespace (found by :mod:`pytracer.procs`), a
@@ -48,11 +51,50 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
-from pyroute2.netlink import NETLINK_SOCK_DIAG, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
-from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY, inet_diag_msg, inet_diag_req
 
 from .procs import NetnsRef
 from .tcp_states import TcpState
+
+# include/uapi/linux/netlink.h, sock_diag.h
+NETLINK_SOCK_DIAG = 4
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
+SOCK_DIAG_BY_FAMILY = 20
+
+# struct inet_diag_req_v2 (include/uapi/linux/inet_diag.h), after the nlmsghdr.
+INET_DIAG_REQ_FIELDS = (
+    ("sdiag_family", "B"), ("sdiag_protocol", "B"), ("idiag_ext", "B"), ("__pad", "B"), ("idiag_states", "I"),
+    # struct inet_diag_sockid
+    ("idiag_sport", ">H"), ("idiag_dport", ">H"), ("idiag_src", ">4I"), ("idiag_dst", ">4I"), ("idiag_if", "I"),
+    ("idiag_cookie", "Q"),
+)
+# struct inet_diag_msg
+INET_DIAG_MSG_FIELDS = (
+    ("idiag_family", "B"), ("idiag_state", "B"), ("idiag_timer", "B"), ("idiag_retrans", "B"),
+    ("idiag_sport", ">H"), ("idiag_dport", ">H"), ("idiag_src", ">4I"), ("idiag_dst", ">4I"), ("idiag_if", "I"),
+    ("idiag_cookie", "Q"),
+    ("idiag_expires", "I"), ("idiag_rqueue", "I"), ("idiag_wqueue", "I"), ("idiag_uid", "I"), ("idiag_inode", "I"),
+)
+# struct tcp_info (include/uapi/linux/tcp.h); the bitfield bytes
+# (snd/rcv_wscale, delivery_rate_app_limited + fastopen_client_fail) as whole bytes.
+TCP_INFO_FIELDS = (
+    ("tcpi_state", "B"), ("tcpi_ca_state", "B"), ("tcpi_retransmits", "B"), ("tcpi_probes", "B"),
+    ("tcpi_backoff", "B"), ("tcpi_options", "B"), ("tcpi_snd_wscale", "B"), ("tcpi_delivery_rate_app_limited", "B"),
+    ("tcpi_rto", "I"), ("tcpi_ato", "I"), ("tcpi_snd_mss", "I"), ("tcpi_rcv_mss", "I"),
+    ("tcpi_unacked", "I"), ("tcpi_sacked", "I"), ("tcpi_lost", "I"), ("tcpi_retrans", "I"), ("tcpi_fackets", "I"),
+    ("tcpi_last_data_sent", "I"), ("tcpi_last_ack_sent", "I"), ("tcpi_last_data_recv", "I"),
+    ("tcpi_last_ack_recv", "I"),
+    ("tcpi_pmtu", "I"), ("tcpi_rcv_ssthresh", "I"), ("tcpi_rtt", "I"), ("tcpi_rttvar", "I"),
+    ("tcpi_snd_ssthresh", "I"), ("tcpi_snd_cwnd", "I"), ("tcpi_advmss", "I"), ("tcpi_reordering", "I"),
+    ("tcpi_rcv_rtt", "I"), ("tcpi_rcv_space", "I"), ("tcpi_total_retrans", "I"),
+    ("tcpi_pacing_rate", "Q"), ("tcpi_max_pacing_rate", "Q"), ("tcpi_bytes_acked", "Q"),
+    ("tcpi_bytes_received", "Q"), ("tcpi_segs_out", "I"), ("tcpi_segs_in", "I"), ("tcpi_notsent_bytes", "I"),
+    ("tcpi_min_rtt", "I"), ("tcpi_data_segs_in", "I"), ("tcpi_data_segs_out", "I"), ("tcpi_delivery_rate", "Q"),
+    ("tcpi_busy_time", "Q"), ("tcpi_rwnd_limited", "Q"), ("tcpi_sndbuf_limited", "Q"), ("tcpi_delivered", "I"),
+    ("tcpi_delivered_ce", "I"), ("tcpi_bytes_sent", "Q"), ("tcpi_bytes_retrans", "Q"), ("tcpi_dsack_dups", "I"),
+    ("tcpi_reord_seen", "I"), ("tcpi_rcv_ooopack", "I"), ("tcpi_snd_wnd", "I"),
+)
 
 AF_INET = socket.AF_INET
 AF_INET6 = socket.AF_INET6
@@ -86,11 +128,11 @@ class SockDiagError(OSError):
     """A sock_diag request failed; ``errno`` holds the kernel's reason."""
 
 
-# --- the wire format, derived from pyroute2's declarations ------------------
+# --- the wire format, derived from the declarations above -------------------
 
 
 def _dtype_from_fields(fields: Iterable[tuple[str, str]]) -> np.dtype:
-    """numpy dtype for a pyroute2 ``fields`` tuple.  Multi-word big-endian
+    """numpy dtype for a ``fields`` tuple (pyroute2's notation).  Multi-word big-endian
     fields (addresses) stay raw network-order bytes."""
     out = []
     for name, fmt in fields:
@@ -107,7 +149,7 @@ def _dtype_from_fields(fields: Iterable[tuple[str, str]]) -> np.dtype:
     return np.dtype(out)
 
 
-MSG_DTYPE = _dtype_from_fields(inet_diag_msg.fields)
+MSG_DTYPE = _dtype_from_fields(INET_DIAG_MSG_FIELDS)
 
 
 def _c_offsets(fields: Iterable[tuple[str, str]]) -> dict[str, tuple[int, str]]:
@@ -122,7 +164,7 @@ def _c_offsets(fields: Iterable[tuple[str, str]]) -> dict[str, tuple[int, str]]:
     return out
 
 
-TCP_INFO_OFFSETS = _c_offsets(inet_diag_msg.tcp_info.fields)
+TCP_INFO_OFFSETS = _c_offsets(TCP_INFO_FIELDS)
 
 # The inventory: one row per socket, host-order fields, plus its namespace.
 INV_DTYPE = np.dtype(
@@ -258,8 +300,8 @@ class TcpInfo:
 
 
 def decode_tcp_info(payload: bytes) -> TcpInfo | None:
-    """struct tcp_info (include/uapi/linux/tcp.h) at the offsets pyroute2
-    declares; fields past the end of an older kernel's struct are None."""
+    """struct tcp_info (include/uapi/linux/tcp.h) at the offsets
+    :data:`TCP_INFO_FIELDS` declares; fields past the end of an older kernel's struct are None."""
 
     def get(name: str) -> int | None:
         off, fmt = TCP_INFO_OFFSETS[name]
@@ -289,23 +331,11 @@ def _attrs(buf: bytes, start: int, end: int) -> dict[int, bytes]:
 
 
 def _request(family: int, states: int, ext: int, flags: int, seq: int) -> bytearray:
-    req = inet_diag_req()
-    req["header"]["type"] = SOCK_DIAG_BY_FAMILY
-    req["header"]["flags"] = flags
-    req["header"]["sequence_number"] = seq
-    req["header"]["pid"] = 0
-    req["sdiag_family"] = family
-    req["sdiag_protocol"] = IPPROTO_TCP
-    req["idiag_ext"] = ext
-    req["idiag_states"] = states
-    req["idiag_sport"] = 0
-    req["idiag_dport"] = 0
-    req["idiag_src"] = (0, 0, 0, 0)
-    req["idiag_dst"] = (0, 0, 0, 0)
-    req["idiag_if"] = 0
-    req["idiag_cookie"] = NOCOOKIE
-    req.encode()
-    return bytearray(req.data)
+    """An inet_diag_req_v2 for every socket of ``family`` in ``states``
+    (ports, addresses and interface zero: a dump, or a template that
+    :meth:`Session._lookup_batch` fills in for an exact lookup)."""
+    body = struct.pack("=BBBBI", family, IPPROTO_TCP, ext, 0, states) + bytes(4 + 32 + 4) + struct.pack("=Q", NOCOOKIE)
+    return bytearray(_NLMSGHDR.pack(16 + len(body), SOCK_DIAG_BY_FAMILY, flags, seq, 0) + body)
 
 
 def _sockid(row: np.void) -> bytes:

@@ -1,4 +1,10 @@
-"""``tracer watch``: the live view of the host's (or some pids') TCP sockets."""
+"""``tracer watch``: the live view of the host's (or some pids') TCP sockets.
+
+Start-up order matters here: the programs are attached first (numpy,
+pyroute2 and the rest load in a background thread meanwhile), the
+"attached" line goes to stderr at once, and only then are the sockets that
+already exist seeded into the table.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,16 @@ import json
 import math
 import sys
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import click
 
-from .. import model, poller
-from ..loader import Tracer
 from .common import Context, make_tracer, max_sockets_option, pid_option, run, validate_pids
 from .leaks import preload_leaks, threshold_options, thresholds_from
+
+if TYPE_CHECKING:
+    from .. import poller
+    from ..loader import Tracer
 
 
 def intervals(interval: float, duration: float | None) -> Iterator[int]:
@@ -36,6 +44,8 @@ def intervals(interval: float, duration: float | None) -> Iterator[int]:
 def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: float | None, top: int,
             start_ns: int, enrichers: Iterable[Callable[..., Any]] = (),
             extra: dict[str, Any] | None = None) -> Iterator[tuple[dict[str, Any], poller.Snapshot]]:
+    from .. import model, poller
+
     opts = model.ReportOptions(pids=pids, top=top, start_mono_ns=start_ns, max_sockets=tracer.max_sockets,
                                extra=dict(extra or {}))
     prev = None
@@ -76,21 +86,22 @@ def watch(obj: Context, pids: tuple[int, ...], interval: float, duration: float 
     """
     pids = validate_pids(pids)
     thresholds = thresholds_from(kw)
-    if not no_leaks:
-        preload_leaks()
+    preload_leaks()  # seeding needs it even with --no-leaks
     tracer = make_tracer(obj, pids, max_sockets)
     start_ns = time.monotonic_ns()
     with tracer:
-        # Imported once attached (pyroute2 takes a moment, preloaded in the
-        # background meanwhile), so the first connections are not missed.
-        from .. import leaks
-
-        # Sockets that exist already go into the table as "present at start".
-        seeded = leaks.seed(tracer, pids)
         # One line on stderr (stdout stays JSON): from here on nothing is missed.
         scope = "pids " + ",".join(map(str, pids)) if pids else "the whole host"
         hooks = " ".join(f"{h}={c.kind}" for h, c in tracer.choices.items() if c.kind)
-        click.echo(f"tracer: attached, watching {scope} ({hooks}); {seeded.summary()}", err=True)
+        click.echo(f"tracer: attached, watching {scope} ({hooks})", err=True)
+        # Imported once attached (pyroute2 and numpy take a moment, preloaded
+        # in the background meanwhile), so the first connections are not missed.
+        from .. import leaks, model
+
+        # Sockets that exist already go into the table as "present at start",
+        # before the first report.
+        seeded = leaks.seed(tracer, pids)
+        click.echo(f"tracer: {seeded.summary()}", err=True)
         extra = {"seeded": seeded.seeded, "seed_failed": seeded.failed}
         if seeded.skipped:
             extra["seed_skipped"] = seeded.skipped
@@ -113,6 +124,7 @@ def _live(stream: Iterator[tuple[dict[str, Any], poller.Snapshot]], tracer: Trac
     from rich.console import Console
     from rich.live import Live
 
+    from .. import model
     from ..views.live import render
 
     hooks = ", ".join(f"{h}={c.kind}" for h, c in tracer.choices.items() if c.kind)

@@ -9,6 +9,8 @@ import socket
 import struct
 from pathlib import Path
 
+import pytest
+
 from pytracer import sockdiag
 from pytracer.tcp_states import TcpState
 
@@ -29,7 +31,28 @@ def ss_rows() -> list[dict]:
     return out
 
 
-def test_wire_layout_derived_from_pyroute2() -> None:
+def test_wire_declarations_match_pyroute2() -> None:
+    # An independent description of the same kernel structs.
+    diag = pytest.importorskip("pyroute2.netlink.diag")
+    nl = pytest.importorskip("pyroute2.netlink")
+    assert sockdiag.INET_DIAG_MSG_FIELDS == tuple(diag.inet_diag_msg.fields)
+    assert sockdiag.TCP_INFO_FIELDS == tuple(diag.inet_diag_msg.tcp_info.fields)
+    assert sockdiag.INET_DIAG_REQ_FIELDS == tuple(diag.inet_diag_req.fields)
+    assert (sockdiag.NETLINK_SOCK_DIAG, sockdiag.NLM_F_DUMP, sockdiag.NLM_F_REQUEST, sockdiag.NLMSG_DONE,
+            sockdiag.NLMSG_ERROR, sockdiag.SOCK_DIAG_BY_FAMILY) == (
+        nl.NETLINK_SOCK_DIAG, nl.NLM_F_DUMP, nl.NLM_F_REQUEST, nl.NLMSG_DONE, nl.NLMSG_ERROR,
+        diag.SOCK_DIAG_BY_FAMILY)
+    # A request encodes to the same bytes as pyroute2's.
+    req = diag.inet_diag_req()
+    req["header"].update(type=diag.SOCK_DIAG_BY_FAMILY, flags=0x301, sequence_number=9, pid=0)
+    req.update(sdiag_family=socket.AF_INET6, sdiag_protocol=socket.IPPROTO_TCP, idiag_ext=2,
+               idiag_states=sockdiag.ALL_STATES, idiag_sport=0, idiag_dport=0, idiag_src=(0, 0, 0, 0),
+               idiag_dst=(0, 0, 0, 0), idiag_if=0, idiag_cookie=sockdiag.NOCOOKIE)
+    req.encode()
+    assert bytes(sockdiag._request(socket.AF_INET6, sockdiag.ALL_STATES, 2, 0x301, 9)) == bytes(req.data)
+
+
+def test_wire_layout_matches_the_kernel_headers() -> None:
     # struct inet_diag_msg is 72 bytes (include/uapi/linux/inet_diag.h).
     assert sockdiag.MSG_DTYPE.itemsize == 72
     # struct tcp_info offsets (include/uapi/linux/tcp.h).
