@@ -253,7 +253,7 @@ class Scanner:
             fin_timeout = {ino: n.fin_timeout for ino, n in inv.netns.items()}
             stuck_idx, est_idx, query = self._candidates(rows, relevant, exact_s, table_bound_s, hist,
                                                          fin_timeout, now)
-            infos: dict[int, sockdiag.TcpInfo] = {}
+            infos = sockdiag.TcpInfoTable()
             missed = 0
             if len(query):
                 errors_before = len(sess.errors)
@@ -410,21 +410,16 @@ class Scanner:
 
     def _facts(self, rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, exact: np.ndarray,
                table_bound: np.ndarray, hist: dict[str, np.ndarray], accepted: np.ndarray,
-               infos: dict[int, sockdiag.TcpInfo], owners: procs.SocketOwners, listeners: dict,
+               infos: sockdiag.TcpInfoTable, owners: procs.SocketOwners, listeners: dict,
                fin_timeout: dict[int, int | None], now: float, rep: LeakReport) -> list[SockFacts]:
         # ESTABLISHED: only the idle ones become objects; the rest just learn
         # when they could be idle at the earliest.
         idle_after = self.thresholds.idle_after
-        cookies = rows["cookie"]
-        idle_idx = []
-        for i in est_idx.tolist():
-            info = infos.get(int(cookies[i]))
-            if info is None:
-                continue
-            idle = info.idle_ms / 1000
-            hist["not_before"][i] = now + max(0.0, idle_after - idle)
-            if idle >= idle_after:
-                idle_idx.append(i)
+        found, idle_ms = infos.idle_ms(rows["cookie"][est_idx])
+        answered = est_idx[found]
+        idle = idle_ms[found] / 1000
+        hist["not_before"][answered] = now + np.maximum(0.0, idle_after - idle)
+        idle_idx = answered[idle >= idle_after].tolist()
         idx = stuck_idx.tolist() + idle_idx  # stuck sockets first
         if len(idx) > self.max_socket_facts:
             rep.errors.append(f"{len(idx) - self.max_socket_facts} flagged-looking sockets not judged this scan "
@@ -740,12 +735,14 @@ def seed(tracer: Any, pids: Iterable[int] | None = None, proc: str = procs.PROC)
             seen_ns = time.monotonic_ns()  # after the dump: a valid "at least" origin
             res.errors.extend(inv.errors)
             rows = inv.rows
+            del inv
             mask = np.isin(rows["state"], [int(s) for s in SEED_STATES]) & (rows["timer"] != sockdiag.TIMER_TIMEWAIT)
             mask &= scope_mask(rows, fdscan.sockets, pids)
             if by_ptr:
                 mask &= rows["state"] == int(S.LISTEN)
-            rows = rows[mask]
-            del inv, mask
+            if not mask.all():
+                rows = rows[mask]
+            del mask
             recs = np.zeros(len(rows), SOCK_DTYPE)
             recs["state_ns"] = seen_ns
             recs["ino"] = rows["inode"]
@@ -773,12 +770,16 @@ def seed(tracer: Any, pids: Iterable[int] | None = None, proc: str = procs.PROC)
             res.seeded = int(ok.sum())
             res.listeners = _seed_listeners(tracer, rows, recs, res)
             if res.seeded:
-                live = sess.dump(states=states).rows
                 if res.midlife_during:
-                    _repair(socks, keys, recs, ok, live, res)
+                    _repair(socks, keys, recs, ok, sess.dump(states=states).rows, res)
+                try:
+                    live = sess.cookies(states=states)
+                except OSError as exc:
+                    live = keys  # cannot tell what closed: take nothing back
+                    res.errors.append(f"re-checking seeded sockets: {exc}")
                 # A socket destroyed between the dump and its insert left a
                 # record no destroy event will remove: take back the untouched ones.
-                for i in np.flatnonzero(ok & ~np.isin(keys, live["cookie"])).tolist():
+                for i in np.flatnonzero(ok & ~np.isin(keys, live)).tolist():
                     key = struct.pack("=Q", int(keys[i]))
                     raw = socks.lookup(key, SOCK_DTYPE.itemsize)
                     if raw is None:

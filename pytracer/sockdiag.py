@@ -47,8 +47,10 @@ import struct
 import sys
 import threading
 import time
+from array import array
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -244,16 +246,20 @@ def parse_dump(buf: bytes, seq: int | None = None) -> tuple[np.ndarray, bool, in
     return np.concatenate(runs), done, err
 
 
+def _cookies_of(msgs: np.ndarray) -> np.ndarray:
+    cookie = msgs["idiag_cookie"].astype(np.uint64)
+    if sys.byteorder == "big":
+        cookie = (cookie << np.uint64(32)) | (cookie >> np.uint64(32))
+    return cookie
+
+
 def to_inventory(msgs: np.ndarray, netns: int) -> np.ndarray:
     """MSG_DTYPE rows -> INV_DTYPE rows of one namespace."""
     out = np.zeros(len(msgs), INV_DTYPE)
     if not len(msgs):
         return out
-    cookie = msgs["idiag_cookie"].astype(np.uint64)
-    if sys.byteorder == "big":
-        # The kernel sends cookie[0] = low 32 bits, cookie[1] = high (native u32s).
-        cookie = (cookie << np.uint64(32)) | (cookie >> np.uint64(32))
-    out["cookie"] = cookie
+    # The kernel sends cookie[0] = low 32 bits, cookie[1] = high (native u32s).
+    out["cookie"] = _cookies_of(msgs)
     out["netns"] = netns
     out["family"] = msgs["idiag_family"]
     out["state"] = msgs["idiag_state"]
@@ -316,6 +322,135 @@ def decode_tcp_info(payload: bytes) -> TcpInfo | None:
         return None
     return TcpInfo(*vals, rtt_us=get("tcpi_rtt"), bytes_acked=get("tcpi_bytes_acked"),  # type: ignore[arg-type]
                    bytes_received=get("tcpi_bytes_received"))
+
+
+# TcpInfo attribute -> struct tcp_info field; the last three are newer (None when absent).
+_INFO_FIELDS = (
+    ("state", "tcpi_state"), ("retransmits", "tcpi_retransmits"), ("probes", "tcpi_probes"),
+    ("backoff", "tcpi_backoff"), ("rto_us", "tcpi_rto"), ("unacked", "tcpi_unacked"),
+    ("last_data_sent_ms", "tcpi_last_data_sent"), ("last_data_recv_ms", "tcpi_last_data_recv"),
+    ("last_ack_recv_ms", "tcpi_last_ack_recv"), ("rtt_us", "tcpi_rtt"), ("bytes_acked", "tcpi_bytes_acked"),
+    ("bytes_received", "tcpi_bytes_received"),
+)
+_INFO_REQUIRED = 9  # the first nine: without them there is no answer
+
+
+def _field_end(name: str) -> int:
+    off, fmt = TCP_INFO_OFFSETS[name]
+    return off + struct.calcsize(fmt)
+
+
+_INFO_KEEP = max(_field_end(f) for _, f in _INFO_FIELDS)  # bytes of tcp_info kept per socket
+_INFO_NEED = max(_field_end(f) for _, f in _INFO_FIELDS[:_INFO_REQUIRED])
+_INFO_DTYPE = np.dtype({
+    "names": [a for a, _ in _INFO_FIELDS],
+    "formats": [TCP_INFO_OFFSETS[f][1] for _, f in _INFO_FIELDS],
+    "offsets": [TCP_INFO_OFFSETS[f][0] for _, f in _INFO_FIELDS],
+    "itemsize": _INFO_KEEP,
+})
+
+
+class TcpInfoTable(Mapping):
+    """cookie -> :class:`TcpInfo`, for many sockets at once.
+
+    A dump with tcp_info can answer for 100k sockets; one TcpInfo object
+    each would cost ~30 MB.  This keeps the first bytes of each struct
+    tcp_info in one buffer (under 150 bytes per socket), answers bulk
+    questions with numpy (:meth:`idle_ms`), and builds a TcpInfo only for
+    a socket that is looked up.
+    """
+
+    def __init__(self) -> None:
+        self._cookies = array("Q")
+        self._raw = bytearray()
+        self._lens = array("H")
+        self._frozen: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def add(self, cookie: int, payload: bytes) -> bool:
+        """Keep one socket's tcp_info; False (and nothing kept) when it is
+        too short to hold the fields every answer needs."""
+        if len(payload) < _INFO_NEED:
+            return False
+        n = min(len(payload), _INFO_KEEP)
+        self._cookies.append(cookie)
+        self._raw += payload[:n]
+        if n < _INFO_KEEP:
+            self._raw += bytes(_INFO_KEEP - n)
+        self._lens.append(n)
+        self._frozen = None
+        return True
+
+    def update(self, other: Mapping) -> None:  # type: ignore[override]
+        if isinstance(other, TcpInfoTable):
+            self._cookies.extend(other._cookies)
+            self._raw += other._raw
+            self._lens.extend(other._lens)
+            self._frozen = None
+            return
+        for cookie, info in other.items():
+            self.add_info(cookie, info)
+
+    def add_info(self, cookie: int, info: TcpInfo) -> None:
+        rec = np.zeros(1, _INFO_DTYPE)
+        for attr, _ in _INFO_FIELDS:
+            v = getattr(info, attr)
+            rec[attr] = 0 if v is None else v
+        n = _INFO_KEEP if info.bytes_received is not None else _INFO_NEED
+        self.add(cookie, rec.tobytes()[:n])
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._frozen is None:
+            cookies = np.frombuffer(self._cookies, np.uint64) if len(self._cookies) else np.zeros(0, np.uint64)
+            rows = np.frombuffer(self._raw, _INFO_DTYPE) if self._raw else np.zeros(0, _INFO_DTYPE)
+            lens = np.frombuffer(self._lens, np.uint16) if len(self._lens) else np.zeros(0, np.uint16)
+            # The last answer for a cookie wins.
+            order = np.argsort(cookies, kind="stable")[::-1]
+            _, first = np.unique(cookies[order], return_index=True)
+            keep = order[first]
+            self._frozen = (cookies[keep], rows[keep], lens[keep])
+        return self._frozen
+
+    def _pos(self, cookies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        keys = self._arrays()[0]
+        cookies = np.asarray(cookies, dtype=np.uint64)
+        if not len(keys):
+            return np.zeros(len(cookies), np.intp), np.zeros(len(cookies), bool)
+        pos = np.minimum(np.searchsorted(keys, cookies), len(keys) - 1)
+        return pos, keys[pos] == cookies
+
+    def idle_ms(self, cookies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found, ms without data either way) for each cookie."""
+        pos, found = self._pos(cookies)
+        rows = self._arrays()[1]
+        if not len(rows):
+            return found, np.zeros(len(found), np.int64)
+        idle = np.minimum(rows["last_data_sent_ms"][pos], rows["last_data_recv_ms"][pos]).astype(np.int64)
+        return found, idle
+
+    def __getitem__(self, cookie: int) -> TcpInfo:
+        if not isinstance(cookie, (int, np.integer)) or not 0 <= int(cookie) <= 0xFFFFFFFFFFFFFFFF:
+            raise KeyError(cookie)
+        pos, found = self._pos(np.array([int(cookie)], dtype=np.uint64))
+        if not found[0]:
+            raise KeyError(cookie)
+        _, rows, lens = self._arrays()
+        rec, n = rows[pos[0]], int(lens[pos[0]])
+        vals = {a: (int(rec[a]) if i < _INFO_REQUIRED or _field_end(f) <= n else None)
+                for i, (a, f) in enumerate(_INFO_FIELDS)}
+        return TcpInfo(**vals)
+
+    def __contains__(self, cookie: object) -> bool:
+        try:
+            self[cookie]  # type: ignore[index]
+        except KeyError:
+            return False
+        return True
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._arrays()[0].tolist())
+
+    def __len__(self) -> int:
+        return len(self._arrays()[0])
 
 
 def _attrs(buf: bytes, start: int, end: int) -> dict[int, bytes]:
@@ -525,7 +660,11 @@ class Session:
 
     # -- dumps -----------------------------------------------------------
 
-    def _dump_one(self, sock: socket.socket, family: int, states: int, max_rows: int) -> np.ndarray:
+    def _dump_one(self, sock: socket.socket, family: int, states: int, max_rows: int,
+                  convert: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """One dump; each datagram's messages go through ``convert`` as they
+        arrive, so only the converted rows are held (not every raw message
+        as well)."""
         seq = self._next_seq()
         sock.send(_request(family, states, 0, NLM_F_REQUEST | NLM_F_DUMP, seq))
         parts = []
@@ -538,13 +677,13 @@ class Session:
             if err:
                 raise SockDiagError(err, f"sock_diag dump: {os.strerror(err)}")
             if len(rows):
-                parts.append(rows)
+                parts.append(convert(rows))
                 total += len(rows)
             if done:
                 break
             if total > max_rows or time.monotonic() > deadline:
                 raise SockDiagError(errno.E2BIG, f"sock_diag dump exceeded {max_rows} sockets or its deadline")
-        return np.concatenate(parts) if parts else np.zeros(0, MSG_DTYPE)
+        return np.concatenate(parts) if parts else convert(np.zeros(0, MSG_DTYPE))
 
     def dump(self, families: Iterable[int] = (AF_INET, AF_INET6), states: int = ALL_STATES,
              max_rows: int = MAX_ROWS) -> Inventory:
@@ -555,15 +694,27 @@ class Session:
         for ino, sock in self.socks.items():
             for fam in families:
                 try:
-                    parts.append(to_inventory(self._dump_one(sock, fam, states, max_rows), ino))
+                    parts.append(self._dump_one(sock, fam, states, max_rows,
+                                                lambda msgs, ino=ino: to_inventory(msgs, ino)))
                 except OSError as exc:
                     errors.append(f"{self.netns[ino].label} (netns {ino}) family {fam}: {exc}")
-        rows = np.concatenate(parts) if parts else np.zeros(0, INV_DTYPE)
+        rows = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0, INV_DTYPE)
         return Inventory(rows, dict(self.netns), errors, time.perf_counter() - t0)
+
+    def cookies(self, families: Iterable[int] = (AF_INET, AF_INET6), states: int = ALL_STATES,
+                max_rows: int = MAX_ROWS) -> np.ndarray:
+        """The cookies of every socket :meth:`dump` would return (8 bytes a
+        socket instead of a full row).  Raises OSError if any namespace's
+        dump fails: a partial answer would look like closed sockets."""
+        parts = []
+        for sock in self.socks.values():
+            for fam in families:
+                parts.append(self._dump_one(sock, fam, states, max_rows, _cookies_of))
+        return np.concatenate(parts) if parts else np.zeros(0, np.uint64)
 
     # -- exact lookups ---------------------------------------------------
 
-    def tcp_info(self, rows: np.ndarray, exact_max: int = 256) -> tuple[dict[int, TcpInfo], int]:
+    def tcp_info(self, rows: np.ndarray, exact_max: int = 256) -> tuple[TcpInfoTable, int]:
         """tcp_info for each row (INV_DTYPE), in its namespace.
 
         Up to ``exact_max`` sockets of a namespace are looked up one by one
@@ -574,7 +725,7 @@ class Session:
         Returns (cookie -> TcpInfo, sockets without an answer: gone,
         timewait, or in a namespace we could not enter).
         """
-        out: dict[int, TcpInfo] = {}
+        out = TcpInfoTable()
         missed = 0
         for ino in np.unique(rows["netns"]).tolist() if len(rows) else []:
             sock = self.socks.get(int(ino))
@@ -594,8 +745,8 @@ class Session:
             missed += len(sel) - (len(out) - before)
         return out, missed
 
-    def _dump_info(self, sock: socket.socket, rows: np.ndarray) -> dict[int, TcpInfo]:
-        out: dict[int, TcpInfo] = {}
+    def _dump_info(self, sock: socket.socket, rows: np.ndarray) -> TcpInfoTable:
+        out = TcpInfoTable()
         wanted = set(rows["cookie"].tolist())
         deadline = time.monotonic() + self.timeout * 4
         for fam in np.unique(rows["family"]).tolist():
@@ -606,15 +757,14 @@ class Session:
             sock.send(_request(int(fam), states, INET_DIAG_EXT_INFO, NLM_F_REQUEST | NLM_F_DUMP, seq))
             # Bounded: a deadline, and every datagram carries at least one message.
             for _ in range(MAX_ROWS):
-                got, done, err = parse_info_dump(sock.recv(1 << 18), seq, wanted)
-                out.update(got)
+                _, done, err = parse_info_dump(sock.recv(1 << 18), seq, wanted, out)
                 if err:
                     raise SockDiagError(err, f"sock_diag dump: {os.strerror(err)}")
                 if done or time.monotonic() > deadline:
                     break
         return out
 
-    def _lookup_batch(self, sock: socket.socket, rows: np.ndarray) -> tuple[dict[int, TcpInfo], int]:
+    def _lookup_batch(self, sock: socket.socket, rows: np.ndarray) -> tuple[TcpInfoTable, int]:
         templates = {}
         wanted: dict[int, int] = {}  # seq -> cookie
         data = bytearray()
@@ -629,7 +779,7 @@ class Session:
             data += req
             wanted[seq] = int(row["cookie"])
         sock.send(bytes(data))
-        out: dict[int, TcpInfo] = {}
+        out = TcpInfoTable()
         pending = set(wanted)
         # Each request gets exactly one reply (the socket, or an error).
         for _ in range(len(wanted) + 1):
@@ -643,7 +793,7 @@ class Session:
                 if mseq in pending:
                     pending.discard(mseq)
                     if info is not None:
-                        out[wanted[mseq]] = info
+                        out.add_info(wanted[mseq], info)
         return out, len(wanted) - len(out)
 
 
@@ -651,11 +801,12 @@ _COOKIE_OFFSET = 16 + MSG_DTYPE.fields["idiag_cookie"][1]  # from the nlmsghdr
 _COOKIE = struct.Struct("=II")  # cookie[0] (low), cookie[1] (high)
 
 
-def parse_info_dump(buf: bytes, seq: int, wanted: set[int]) -> tuple[dict[int, TcpInfo], bool, int]:
+def parse_info_dump(buf: bytes, seq: int, wanted: set[int], into: TcpInfoTable | None = None
+                    ) -> tuple[TcpInfoTable, bool, int]:
     """One datagram of a dump with INET_DIAG_INFO: tcp_info of the ``wanted``
-    cookies only (the others are skipped without decoding).  Returns
-    (cookie -> TcpInfo, done, errno)."""
-    out: dict[int, TcpInfo] = {}
+    cookies only (the others are skipped without decoding), added to
+    ``into`` (or a new table).  Returns (the table, done, errno)."""
+    out = into if into is not None else TcpInfoTable()
     done = False
     err = 0
     off = 0
@@ -671,9 +822,8 @@ def parse_info_dump(buf: bytes, seq: int, wanted: set[int]) -> tuple[dict[int, T
                 cookie = lo | hi << 32
                 if cookie in wanted:
                     attrs = _attrs(buf, off + need, off + length)
-                    info = decode_tcp_info(attrs[INET_DIAG_INFO]) if INET_DIAG_INFO in attrs else None
-                    if info is not None:
-                        out[cookie] = info
+                    if INET_DIAG_INFO in attrs:
+                        out.add(cookie, attrs[INET_DIAG_INFO])
             elif typ == NLMSG_DONE:
                 done = True
             elif typ == NLMSG_ERROR:

@@ -9,6 +9,7 @@ import socket
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pytracer import sockdiag
@@ -139,3 +140,26 @@ def test_recorded_dump_with_info_decodes_only_wanted() -> None:
     got, _, _ = sockdiag.parse_info_dump(raw, 79, set(some))
     assert set(got) == set(some) and all(got[c] == everything[c] for c in some)
     assert sockdiag.parse_info_dump(raw, 80, set(rows))[0] == {}  # another request's sequence
+
+
+def test_tcp_info_table_answers_like_decode() -> None:
+    full = bytearray(232)
+    struct.pack_into("=BBBBB", full, 0, 8, 0, 2, 1, 3)  # state, ca_state, retransmits, probes, backoff
+    struct.pack_into("=I", full, 8, 204000)  # rto
+    struct.pack_into("=III", full, 44, 1234, 0, 99)  # last_data_sent, last_ack_sent, last_data_recv
+    struct.pack_into("=I", full, 56, 7)  # last_ack_recv
+    struct.pack_into("=Q", full, sockdiag.TCP_INFO_OFFSETS["tcpi_bytes_received"][0], 555)
+    table = sockdiag.TcpInfoTable()
+    assert table.add(11, bytes(full))
+    assert table.add(12, bytes(full[:104]))  # an older kernel's struct
+    assert not table.add(13, bytes(full[:40]))  # too short to answer
+    assert set(table) == {11, 12} and 13 not in table and len(table) == 2
+    assert table[11] == sockdiag.decode_tcp_info(bytes(full))
+    assert table[12] == sockdiag.decode_tcp_info(bytes(full[:104]))
+    assert table[12].bytes_received is None and table[11].bytes_received == 555
+    found, idle = table.idle_ms(np.array([12, 13, 11], np.uint64))
+    assert found.tolist() == [True, False, True] and idle[found].tolist() == [99, 99]
+    # The last answer for a socket wins.
+    struct.pack_into("=I", full, 52, 5)
+    table.add(11, bytes(full))
+    assert table[11].last_data_recv_ms == 5 and len(table) == 2
