@@ -1,9 +1,11 @@
 """``tracer watch``: the live view of the host's (or some pids') TCP sockets.
 
-Start-up order matters here: the programs are attached first (numpy,
-pyroute2 and the rest load in a background thread meanwhile), the
-"attached" line goes to stderr at once, and only then are the sockets that
-already exist seeded into the table.
+Start-up order matters here: the programs are attached first (numpy and
+the leak layer load in a background thread meanwhile), then the sockets
+that already exist are seeded into the table, and only then does the
+"attached" line go to stderr.  Seeding also names the owners of listeners
+that predate us in the kernel's "listeners" map; under --pid a child
+accepted before that would be filtered out, so "attached" has to mean both.
 """
 
 from __future__ import annotations
@@ -90,18 +92,16 @@ def watch(obj: Context, pids: tuple[int, ...], interval: float, duration: float 
     tracer = make_tracer(obj, pids, max_sockets)
     start_ns = time.monotonic_ns()
     with tracer:
+        # Imported once attached (numpy and the leak layer take a moment,
+        # preloaded in the background meanwhile).
+        from .. import leaks, model
+
+        # Sockets that exist already go into the table as "present at start".
+        seeded = leaks.seed(tracer, pids)
         # One line on stderr (stdout stays JSON): from here on nothing is missed.
         scope = "pids " + ",".join(map(str, pids)) if pids else "the whole host"
         hooks = " ".join(f"{h}={c.kind}" for h, c in tracer.choices.items() if c.kind)
-        click.echo(f"tracer: attached, watching {scope} ({hooks})", err=True)
-        # Imported once attached (pyroute2 and numpy take a moment, preloaded
-        # in the background meanwhile), so the first connections are not missed.
-        from .. import leaks, model
-
-        # Sockets that exist already go into the table as "present at start",
-        # before the first report.
-        seeded = leaks.seed(tracer, pids)
-        click.echo(f"tracer: {seeded.summary()}", err=True)
+        click.echo(f"tracer: attached, watching {scope} ({hooks}); {seeded.summary()}", err=True)
         extra = {"seeded": seeded.seeded, "seed_failed": seeded.failed}
         if seeded.skipped:
             extra["seed_skipped"] = seeded.skipped
