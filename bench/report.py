@@ -116,7 +116,8 @@ def markdown(r: dict[str, Any], plots: bool) -> str:
         "noisy VM: other engineers ran tests at the same time.",
         f"- libbpf {m['libbpf']}, {m['bpftrace']}; kprobes absent, fentry refused (so only tp_btf and "
         "tracepoint attach modes can be measured here).",
-        f"- Run on {m['date']}{' (SMOKE RUN: tiny sizes, not results)' if r.get('smoke') else ''}.",
+        f"- Run on {m['date']}{' (SMOKE RUN: tiny sizes, not results)' if r.get('smoke') else ''}"
+        + "".join(f"; section {k} re-run on {v}" for k, v in sorted((r.get("reruns") or {}).items())) + ".",
         "",
         "## Targets",
         "",
