@@ -198,14 +198,17 @@ def save_refused(data: bytes, refused: dict[str, str]) -> None:
     path = _cache_path()
     if not path:
         return
+    tmp = f"{path}.{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump({**_boot_key(data), "refused": refused}, f)
         os.replace(tmp, path)  # atomic: a concurrent reader sees old or new, never half
     except OSError:
-        pass
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
 
 
 _FAILED_PROG = re.compile(r"prog '(\w+)': (?:BPF program load failed|failed to load)")
