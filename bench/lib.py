@@ -23,7 +23,8 @@ from typing import Any, Iterator
 HERE = Path(__file__).resolve().parent
 BUILD = HERE / "build"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-TRACER = shutil.which("tracer") or "/usr/local/bin/tracer"
+# BENCH_TRACER runs another build (e.g. a source tree's wrapper) without installing it.
+TRACER = os.environ.get("BENCH_TRACER") or shutil.which("tracer") or "/usr/local/bin/tracer"
 VENV_PY = "/opt/pytracer/venv/bin/python"
 
 

@@ -32,6 +32,14 @@ def mmm(s: dict[str, Any] | None, unit: str = "", scale: float = 1.0, digits: in
             f"{fmt(s['max'], '', scale, digits)}, n={s['n']})")
 
 
+def _seeding(v: dict[str, Any]) -> str:
+    """Median seeding time with its spread; older results hold one run."""
+    runs = v.get("seed_runs_s")
+    if runs:
+        return mmm({"median": v.get("seed_s"), "min": min(runs), "max": max(runs), "n": len(runs)}, " s", digits=2)
+    return f"{fmt(v.get('seed_s'), ' s', digits=2)} (1 run)"
+
+
 def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("**met**" if ok else "**missed**")
 
@@ -108,7 +116,8 @@ def markdown(r: dict[str, Any], plots: bool) -> str:
         "noisy VM: other engineers ran tests at the same time.",
         f"- libbpf {m['libbpf']}, {m['bpftrace']}; kprobes absent, fentry refused (so only tp_btf and "
         "tracepoint attach modes can be measured here).",
-        f"- Run on {m['date']}{' (SMOKE RUN: tiny sizes, not results)' if r.get('smoke') else ''}.",
+        f"- Run on {m['date']}{' (SMOKE RUN: tiny sizes, not results)' if r.get('smoke') else ''}"
+        + "".join(f"; section {k} re-run on {v}" for k, v in sorted((r.get("reruns") or {}).items())) + ".",
         "",
         "## Targets",
         "",
@@ -201,7 +210,7 @@ def markdown(r: dict[str, Any], plots: bool) -> str:
                 "of real `tracer watch --json` / `tracer export` processes at that size. Seeding = `leaks.seed` "
                 "into a fresh tracer with every socket on the host alive (including other users' sockets).", "",
                 "| live sockets | map entries | poll cycle | map read | scrape | `watch` RSS (peak) | `export` RSS "
-                "| poll-loop RSS | seeding (1 run) | socks map memory |",
+                "| poll-loop RSS | seeding | socks map memory |",
                 "|---|---|---|---|---|---|---|---|---|---|"]
         for k, v in sc.items():
             if not k.isdigit():
@@ -212,7 +221,7 @@ def markdown(r: dict[str, Any], plots: bool) -> str:
                 f"{v['watch_rss_kib'].get('VmHWM', 0) / 1024:.1f} MiB | "
                 f"{v['export_rss_kib'].get('VmHWM', 0) / 1024:.1f} MiB | "
                 f"{v['pollcycle_rss_kib'].get('VmHWM', 0) / 1024:.1f} MiB | "
-                f"{fmt(v.get('seed_s'), ' s', digits=2)} ({v.get('seeded') or 0:,} sockets) | "
+                f"{_seeding(v)} ({v.get('seeded') or 0:,} sockets) | "
                 f"{v['map_bytes'].get('socks', 0) / 2**20:.1f} MiB ({v['max_sockets']:,} slots) |")
         out.append("")
         if plots:

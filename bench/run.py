@@ -469,6 +469,7 @@ http {{
                     "map_entries": pres["map_entries"],
                     "pollcycle_rss_kib": pres["rss_kib"],
                     "seed_s": pres.get("seed_s"),
+                    "seed_runs_s": pres.get("seed_runs_s"),
                     "seeded": pres.get("seeded"),
                     "watch_rss_kib": rss_kib(watch.pid),
                     "watch_read_seconds": wl["tracer"]["read_seconds"],

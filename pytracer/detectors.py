@@ -41,6 +41,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from .procs import ProcFacts
+from .thresholds import Thresholds
 
 KINDS = (
     "close_wait",
@@ -59,36 +60,6 @@ TCP_TIMEWAIT_LEN_SECONDS = 60
 TIMER_TIMEWAIT = 3
 AF_INET = 2
 AF_INET6 = 10
-
-
-@dataclass
-class Thresholds:
-    """When a socket or process is flagged.  Seconds unless named otherwise."""
-
-    close_wait_after: float = 60.0
-    idle_after: float = 300.0
-    last_ack_after: float = 60.0
-    fin_wait2_after: float | None = None  # None: the namespace's net.ipv4.tcp_fin_timeout
-    fd_warn_ratio: float = 0.8
-    time_wait_warn_ratio: float = 0.5
-    growth_polls: int = 3  # successive polls the CLOSE_WAIT count must not fall over
-    growth_min: int = 3  # and rise by at least this much
-    top: int = 10  # TIME_WAIT destinations reported
-    # tcp_info: exact lookups per namespace per scan; a namespace with more
-    # candidates gets one dump with tcp_info instead (cheaper per socket).
-    max_exact_lookups: int = 256
-
-    def validate(self) -> None:
-        for name in ("close_wait_after", "idle_after", "last_ack_after"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
-        if self.fin_wait2_after is not None and self.fin_wait2_after < 0:
-            raise ValueError("fin_wait2_after must be >= 0")
-        for name in ("fd_warn_ratio", "time_wait_warn_ratio"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in (0, 1]")
-        if self.growth_polls < 1 or self.growth_min < 1:
-            raise ValueError("growth_polls and growth_min must be >= 1")
 
 
 @dataclass

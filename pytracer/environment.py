@@ -157,6 +157,32 @@ def probe_features() -> Features:
     )
 
 
+# mallopt(3) parameters (glibc malloc.h).
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+
+def tune_malloc(threshold: int = 128 * 1024) -> bool:
+    """Give buffers of ``threshold`` bytes and more back to the kernel when
+    they are freed.
+
+    Each poll and leak scan allocates and frees arrays of a few hundred KB
+    to tens of MB (socket tables, sock_diag dumps).  glibc raises its mmap
+    threshold after the first such free (up to 32 MB), after which these
+    come from the heap and stay resident: RSS ratchets up to the largest
+    moment and stays there.  Setting the thresholds explicitly turns that
+    adjustment off.  Best effort: False where mallopt is missing (not glibc).
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, threshold))
+
+
 def memlock_limit() -> str:
     import resource
 

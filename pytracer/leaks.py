@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import os
 import struct
 import threading
 import time
@@ -64,6 +65,7 @@ log = logging.getLogger(__name__)
 
 S = TcpState
 BPF_NOEXIST = 1  # include/uapi/linux/bpf.h
+BPF_EXIST = 2
 # States a seeded record can be in: full sockets the BPF side will see
 # transition and be destroyed.  TIME_WAIT and request sockets are
 # minisockets (no tcp_destroy_sock), and so are FIN_WAIT2 orphans in
@@ -130,13 +132,13 @@ class LeakReport:
         }
 
 
-def scope_mask(rows: np.ndarray, owners: dict[int, list[tuple[int, int]]], pids: Iterable[int]) -> np.ndarray:
+def scope_mask(rows: np.ndarray, owners: procs.SocketOwners, pids: Iterable[int]) -> np.ndarray:
     """Sockets in scope: all, or those ``pids`` hold an fd for, plus the
     unaccepted (and orphaned) sockets on the ports of their listeners."""
     wanted = set(pids)
     if not wanted:
         return np.ones(len(rows), dtype=bool)
-    held = np.array(sorted(ino for ino, own in owners.items() if any(p in wanted for p, _ in own)), dtype=np.uint64)
+    held = owners.held_by(wanted)
     mask = np.isin(rows["inode"].astype(np.uint64), held) & (rows["inode"] != 0)
     lst = rows[mask & (rows["state"] == int(S.LISTEN))]
     if len(lst):
@@ -251,7 +253,7 @@ class Scanner:
             fin_timeout = {ino: n.fin_timeout for ino, n in inv.netns.items()}
             stuck_idx, est_idx, query = self._candidates(rows, relevant, exact_s, table_bound_s, hist,
                                                          fin_timeout, now)
-            infos: dict[int, sockdiag.TcpInfo] = {}
+            infos = sockdiag.TcpInfoTable()
             missed = 0
             if len(query):
                 errors_before = len(sess.errors)
@@ -292,10 +294,10 @@ class Scanner:
 
     # -- pieces ------------------------------------------------------------
 
-    def _relevant(self, rows: np.ndarray, owners: dict[int, list[tuple[int, int]]]) -> np.ndarray:
+    def _relevant(self, rows: np.ndarray, owners: procs.SocketOwners) -> np.ndarray:
         return scope_mask(rows, owners, self.pids)
 
-    def _listeners(self, rows: np.ndarray, owners: dict[int, list[tuple[int, int]]]) -> dict[tuple[int, int], list]:
+    def _listeners(self, rows: np.ndarray, owners: procs.SocketOwners) -> dict[tuple[int, int], list]:
         """(netns, port) -> [(laddr raw, family, holders, (queued, limit))]."""
         out: dict[tuple[int, int], list] = {}
         for i in np.flatnonzero(rows["state"] == int(S.LISTEN)).tolist():
@@ -408,21 +410,16 @@ class Scanner:
 
     def _facts(self, rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, exact: np.ndarray,
                table_bound: np.ndarray, hist: dict[str, np.ndarray], accepted: np.ndarray,
-               infos: dict[int, sockdiag.TcpInfo], owners: dict[int, list[tuple[int, int]]], listeners: dict,
+               infos: sockdiag.TcpInfoTable, owners: procs.SocketOwners, listeners: dict,
                fin_timeout: dict[int, int | None], now: float, rep: LeakReport) -> list[SockFacts]:
         # ESTABLISHED: only the idle ones become objects; the rest just learn
         # when they could be idle at the earliest.
         idle_after = self.thresholds.idle_after
-        cookies = rows["cookie"]
-        idle_idx = []
-        for i in est_idx.tolist():
-            info = infos.get(int(cookies[i]))
-            if info is None:
-                continue
-            idle = info.idle_ms / 1000
-            hist["not_before"][i] = now + max(0.0, idle_after - idle)
-            if idle >= idle_after:
-                idle_idx.append(i)
+        found, idle_ms = infos.idle_ms(rows["cookie"][est_idx])
+        answered = est_idx[found]
+        idle = idle_ms[found] / 1000
+        hist["not_before"][answered] = now + np.maximum(0.0, idle_after - idle)
+        idle_idx = answered[idle >= idle_after].tolist()
         idx = stuck_idx.tolist() + idle_idx  # stuck sockets first
         if len(idx) > self.max_socket_facts:
             rep.errors.append(f"{len(idx) - self.max_socket_facts} flagged-looking sockets not judged this scan "
@@ -486,15 +483,15 @@ class Scanner:
         self._proc_cache[pid] = pf
         return pf
 
-    def _processes(self, rows: np.ndarray, relevant: np.ndarray, owners: dict[int, list[tuple[int, int]]],
+    def _processes(self, rows: np.ndarray, relevant: np.ndarray, owners: procs.SocketOwners,
                    listeners: dict) -> tuple[dict[int, ProcessSummary], dict[tuple, int]]:
         per_pid_tcp: dict[int, int] = {}
         tcp_inodes = rows["inode"][relevant & (rows["inode"] != 0)]
-        if len(tcp_inodes) and owners:
-            fd_inodes = np.fromiter(owners.keys(), dtype=np.uint64, count=len(owners))
-            for ino in fd_inodes[np.isin(fd_inodes, tcp_inodes.astype(np.uint64))].tolist():
-                for pid in {p for p, _ in owners[ino]}:
-                    per_pid_tcp[pid] = per_pid_tcp.get(pid, 0) + 1
+        if len(tcp_inodes) and len(owners):
+            # Each (socket, process) pair once, however many fds it has.
+            _, holder = owners.pairs(tcp_inodes.astype(np.uint64))
+            pids, n = np.unique(holder, return_counts=True)
+            per_pid_tcp = dict(zip(pids.tolist(), n.tolist()))
         cw_fd: dict[int, int] = {}
         cw_bl: dict[int, int] = {}
         for i in np.flatnonzero(relevant & (rows["state"] == int(S.CLOSE_WAIT))).tolist():
@@ -537,6 +534,8 @@ class SeedResult:
     existed: int = 0  # the kernel had a record already (it wins)
     failed: int = 0  # could not insert: table full or out of memory
     vanished: int = 0  # destroyed while we seeded; their records removed again
+    repaired: int = 0  # changed state while we seeded; records rewritten from a fresh dump
+    midlife_during: int = 0  # kernel mid-life records made while we inserted (-1: unknown)
     skipped: str | None = None  # why nothing was seeded
     by_state: dict[str, int] = field(default_factory=dict)
     with_owner: int = 0
@@ -585,14 +584,133 @@ def _seed_listeners(tracer: Any, rows: np.ndarray, recs: np.ndarray, res: SeedRe
     return n
 
 
+def _owner_columns(recs: np.ndarray, rows: np.ndarray, owners: procs.SocketOwners, proc: str) -> int:
+    """Fill owner pid, fd, comm and cgroup id from the fd scan; /proc is read
+    once per owning process, not per socket.  Returns sockets with an owner."""
+    pid, fd = owners.first(rows["inode"].astype(np.uint64))
+    has = pid != 0
+    recs["owner_tgid"] = pid.astype(np.uint32)
+    recs["owner_fd"] = fd.astype(np.int32)
+    if not has.any():
+        return 0
+    uniq, inverse = np.unique(pid[has], return_inverse=True)
+    comms = np.zeros(len(uniq), np.dtype("S16"))
+    cgids = np.zeros(len(uniq), np.uint64)
+    for j, p in enumerate(uniq.tolist()):
+        comms[j] = (procs.comm(p, proc) or "").encode()[:15]
+        cgids[j] = procs.cgroup_id(procs.cgroup(p, proc))
+    recs["owner_comm"][has] = comms[inverse].view(np.dtype("S1")).reshape(-1, 16)
+    recs["cgroup_id"][has] = cgids[inverse]
+    return int(has.sum())
+
+
+def _midlife_count(tracer: Any) -> int | None:
+    """The kernel's count of sockets first seen mid-life (records it created
+    for sockets older than the tracer), or None if unreadable."""
+    try:
+        from . import poller
+
+        return poller.read_totals(tracer).stat(abi.Stat.MIDLIFE)
+    except Exception:
+        return None
+
+
+def _insert_new(tracer: Any, socks: Any, keys: np.ndarray, recs: np.ndarray, res: SeedResult) -> np.ndarray:
+    """Insert the records whose keys the kernel does not have yet, never
+    overwriting one the kernel made; returns which went in.
+
+    BPF_MAP_UPDATE_BATCH cannot take BPF_NOEXIST (the kernel accepts only
+    BPF_F_LOCK per element), and one BPF_NOEXIST update per socket costs a
+    syscall each (0.4 s per 100k sockets here).  So: read which keys exist
+    (one batch lookup), write the others in one batch, and bracket both
+    with the kernel's MIDLIFE counter.  For a socket that existed at the
+    dump, the kernel makes a record in two ways only: midlife(), which
+    counts before it inserts, and the deferred birth of an accepted child
+    still in SYN_RECV (its "embryo"), so those few go in one by one with
+    BPF_NOEXIST.  An unchanged counter then proves nothing was overwritten;
+    when it moved, :func:`_repair` checks the seeded records against a
+    fresh dump.
+    """
+    from . import poller
+
+    before = _midlife_count(tracer)
+    existing, _ = poller.read_socks(tracer)
+    have = np.isin(keys, existing)
+    del existing
+    res.existed = int(have.sum())
+    one_by_one = ~have & (recs["state"] == int(S.SYN_RECV))
+    todo = np.flatnonzero(~have & ~one_by_one)
+    ok = np.zeros(len(keys), dtype=bool)
+    errs: list[int] = []
+    if len(todo) == len(keys):
+        k, v = keys, recs
+    else:
+        k, v = np.ascontiguousarray(keys[todo]), np.ascontiguousarray(recs[todo])
+    _, failures = socks.update_batch(k, v, len(todo))
+    ok[todo] = True
+    for j, err in failures:
+        ok[todo[j]] = False
+        errs.append(err)
+    after = _midlife_count(tracer)
+    for i in np.flatnonzero(one_by_one).tolist():
+        try:
+            socks.update(keys[i].tobytes(), recs[i].tobytes(), BPF_NOEXIST)
+            ok[i] = True
+        except LibbpfError as exc:
+            if exc.errno == errno.EEXIST:
+                res.existed += 1
+            else:
+                errs.append(exc.errno)
+    for err in errs:
+        res.failed += 1
+        if not _is_full(err) and len(res.errors) < 10:
+            res.errors.append(f"insert: {os.strerror(err)}")
+    res.midlife_during = -1 if before is None or after is None else after - before
+    return ok
+
+
+def _repair(socks: Any, keys: np.ndarray, recs: np.ndarray, ok: np.ndarray, live: np.ndarray,
+            res: SeedResult) -> None:
+    """The kernel saw sockets change state while we seeded (see
+    :func:`_insert_new`): a seeded record that is still untouched but whose
+    socket is now in another state may have overwritten the kernel's own.
+    Rewrite those from the fresh dump (``live``), as seeded records."""
+    order = np.argsort(live["cookie"], kind="stable")
+    lk = live["cookie"][order]
+    if not len(lk):
+        return
+    pos = np.minimum(np.searchsorted(lk, keys), len(lk) - 1)
+    found = ok & (lk[pos] == keys)
+    now_state = live["state"][order][pos]
+    for i in np.flatnonzero(found & (now_state != recs["state"])).tolist():
+        key = struct.pack("=Q", int(keys[i]))
+        raw = socks.lookup(key, SOCK_DTYPE.itemsize)
+        if raw is None:
+            continue
+        rec = np.frombuffer(raw, SOCK_DTYPE)[0].copy()
+        if not (rec["flags"] & abi.PT_F_SEEDED) or rec["transitions"] != 0:
+            continue  # the kernel has moved it on since: its record is current
+        rec["state"] = now_state[i]
+        rec["state_ns"] = time.monotonic_ns()
+        try:
+            socks.update(key, rec.tobytes(), BPF_EXIST)
+            res.repaired += 1
+        except LibbpfError:
+            continue
+
+
 def seed(tracer: Any, pids: Iterable[int] | None = None, proc: str = procs.PROC) -> SeedResult:
     """Insert every existing TCP socket into the kernel table (see module doc).
 
     Records get ``PT_F_SEEDED | PT_F_BIRTH_UNKNOWN``, birth 0, ``counted`` 0
     (they stay out of the histograms: their lifetimes are unknown), the state
     sock_diag reports, ``state_ns`` the time of the dump (so "time in state"
-    reads "at least"), the owner found in /proc, and the inode.  Inserts use
-    BPF_NOEXIST: a record the kernel created meanwhile wins.
+    reads "at least"), the owner found in /proc, and the inode.  A record
+    the kernel created meanwhile wins (see :func:`_insert_new`).
+
+    The records are built as one numpy array and go in with one
+    BPF_MAP_UPDATE_BATCH; each element that fails (table full) is counted
+    and the batch carries on after it.
     """
     res = SeedResult()
     t0 = time.perf_counter()
@@ -614,87 +732,66 @@ def seed(tracer: Any, pids: Iterable[int] | None = None, proc: str = procs.PROC)
             refs = [r for r in refs if r.label == "host" or r.ino in wanted]
         with sockdiag.Session(refs) as sess:
             inv = sess.dump(states=states)
-        seen_ns = time.monotonic_ns()  # after the dump: a valid "at least" origin
-        res.errors.extend(inv.errors)
-        rows = inv.rows
-        mask = np.isin(rows["state"], [int(s) for s in SEED_STATES]) & (rows["timer"] != sockdiag.TIMER_TIMEWAIT)
-        mask &= scope_mask(rows, fdscan.sockets, pids)
-        if by_ptr:
-            mask &= rows["state"] == int(S.LISTEN)
-        rows = rows[mask]
-        recs = np.zeros(len(rows), SOCK_DTYPE)
-        recs["state_ns"] = seen_ns
-        recs["ino"] = rows["inode"]
-        recs["netns_ino"] = rows["netns"].astype(np.uint32)
-        recs["owner_fd"] = -1
-        recs["state"] = rows["state"]
-        recs["direction"] = np.where(rows["state"] == int(S.LISTEN), int(abi.Direction.LISTEN),
-                                     int(abi.Direction.UNKNOWN))
-        recs["flags"] = abi.PT_F_SEEDED | abi.PT_F_BIRTH_UNKNOWN
-        recs["family"] = rows["family"]
-        recs["lport"] = rows["lport"]
-        recs["rport"] = rows["rport"]
-        recs["laddr"] = rows["laddr"]
-        recs["raddr"] = rows["raddr"]
-        comms: dict[int, tuple[bytes, int]] = {}
-        for i in np.flatnonzero(rows["inode"] != 0).tolist():
-            holders = fdscan.sockets.get(int(rows["inode"][i]))
-            if not holders:
-                continue
-            pid, fd = min(holders)
-            if pid not in comms:
-                cg = procs.cgroup(pid, proc)
-                comms[pid] = ((procs.comm(pid, proc) or "").encode()[:15], procs.cgroup_id(cg))
-            recs["owner_tgid"][i] = pid
-            recs["owner_fd"][i] = fd
-            recs["owner_comm"][i] = np.frombuffer(comms[pid][0].ljust(16, b"\0"), dtype=recs["owner_comm"].dtype.base)
-            recs["cgroup_id"][i] = comms[pid][1]
-            res.with_owner += 1
-        if by_ptr:
+            seen_ns = time.monotonic_ns()  # after the dump: a valid "at least" origin
+            res.errors.extend(inv.errors)
+            rows = inv.rows
+            del inv
+            mask = np.isin(rows["state"], [int(s) for s in SEED_STATES]) & (rows["timer"] != sockdiag.TIMER_TIMEWAIT)
+            mask &= scope_mask(rows, fdscan.sockets, pids)
+            if by_ptr:
+                mask &= rows["state"] == int(S.LISTEN)
+            if not mask.all():
+                rows = rows[mask]
+            del mask
+            recs = np.zeros(len(rows), SOCK_DTYPE)
+            recs["state_ns"] = seen_ns
+            recs["ino"] = rows["inode"]
+            recs["netns_ino"] = rows["netns"].astype(np.uint32)
+            recs["state"] = rows["state"]
+            recs["direction"] = np.where(rows["state"] == int(S.LISTEN), int(abi.Direction.LISTEN),
+                                         int(abi.Direction.UNKNOWN))
+            recs["flags"] = abi.PT_F_SEEDED | abi.PT_F_BIRTH_UNKNOWN
+            recs["family"] = rows["family"]
+            recs["lport"] = rows["lport"]
+            recs["rport"] = rows["rport"]
+            recs["laddr"] = rows["laddr"]
+            recs["raddr"] = rows["raddr"]
+            res.with_owner = _owner_columns(recs, rows, fdscan.sockets, proc)
+            del fdscan
+            if by_ptr:
+                res.listeners = _seed_listeners(tracer, rows, recs, res)
+                res.seconds = round(time.perf_counter() - t0, 6)
+                return res
+            socks = tracer.map("socks")
+            keys = np.ascontiguousarray(rows["cookie"], dtype=np.uint64)
+            ok = _insert_new(tracer, socks, keys, recs, res)
+            counts = np.bincount(rows["state"][ok], minlength=abi.PT_STATES)
+            res.by_state = {TcpState.name_of(st): int(n) for st, n in enumerate(counts) if n}
+            res.seeded = int(ok.sum())
             res.listeners = _seed_listeners(tracer, rows, recs, res)
-            res.seconds = round(time.perf_counter() - t0, 6)
-            return res
-        socks = tracer.map("socks")
-        keys = rows["cookie"]
-        inserted = []
-        for i in range(len(rows)):
-            key = struct.pack("=Q", int(keys[i]))
-            try:
-                socks.update(key, recs[i].tobytes(), BPF_NOEXIST)
-            except LibbpfError as exc:
-                if exc.errno == errno.EEXIST:
-                    res.existed += 1
-                elif _is_full(exc.errno):
-                    res.failed += 1
-                else:
-                    res.failed += 1
-                    if len(res.errors) < 10:
-                        res.errors.append(f"insert: {exc}")
-                continue
-            inserted.append(i)
-            name = TcpState.name_of(int(rows["state"][i]))
-            res.by_state[name] = res.by_state.get(name, 0) + 1
-        res.seeded = len(inserted)
-        res.listeners = _seed_listeners(tracer, rows, recs, res)
-        # A socket destroyed between the dump and its insert left a record no
-        # destroy event will remove: dump again and take back the untouched ones.
-        if inserted:
-            with sockdiag.Session(refs) as sess:
-                live = sess.dump(states=states).rows["cookie"]
-            ins = np.array(inserted, dtype=np.intp)
-            for i in ins[~np.isin(keys[ins], live)].tolist():
-                key = struct.pack("=Q", int(keys[i]))
-                raw = socks.lookup(key, SOCK_DTYPE.itemsize)
-                if raw is None:
-                    continue
-                rec = np.frombuffer(raw, SOCK_DTYPE)[0]
-                if rec["flags"] & abi.PT_F_SEEDED and rec["transitions"] == 0 and socks.delete(key):
-                    res.vanished += 1
-                    res.seeded -= 1
-                    name = TcpState.name_of(int(rows["state"][i]))
-                    res.by_state[name] -= 1
-                    if not res.by_state[name]:
-                        del res.by_state[name]
+            if res.seeded:
+                if res.midlife_during:
+                    _repair(socks, keys, recs, ok, sess.dump(states=states).rows, res)
+                try:
+                    live = sess.cookies(states=states)
+                except OSError as exc:
+                    live = keys  # cannot tell what closed: take nothing back
+                    res.errors.append(f"re-checking seeded sockets: {exc}")
+                # A socket destroyed between the dump and its insert left a
+                # record no destroy event will remove: take back the untouched ones.
+                for i in np.flatnonzero(ok & ~np.isin(keys, live)).tolist():
+                    key = struct.pack("=Q", int(keys[i]))
+                    raw = socks.lookup(key, SOCK_DTYPE.itemsize)
+                    if raw is None:
+                        continue
+                    rec = np.frombuffer(raw, SOCK_DTYPE)[0]
+                    if rec["flags"] & abi.PT_F_SEEDED and rec["transitions"] == 0 and socks.delete(key):
+                        res.vanished += 1
+                        res.seeded -= 1
+                        name = TcpState.name_of(int(rows["state"][i]))
+                        res.by_state[name] -= 1
+                        if not res.by_state[name]:
+                            del res.by_state[name]
     except Exception as exc:  # seeding is best effort: the scan finds these sockets anyway
         log.warning("seeding pre-existing sockets failed: %s", exc)
         res.errors.append(f"seeding: {type(exc).__name__}: {exc}")

@@ -233,6 +233,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     _fn(lib, "bpf_map_lookup_batch", c_int,
         [c_int, c_void_p, c_void_p, c_void_p, c_void_p, ctypes.POINTER(c_uint32), ctypes.POINTER(BpfMapBatchOpts)],
         None)
+    _fn(lib, "bpf_map_update_batch", c_int,
+        [c_int, c_void_p, c_void_p, ctypes.POINTER(c_uint32), ctypes.POINTER(BpfMapBatchOpts)], None)
     _fn(lib, "bpf_map_get_next_key", c_int, [c_int, c_void_p, c_void_p], None)
     _fn(lib, "bpf_obj_get_info_by_fd", c_int, [c_int, c_void_p, ctypes.POINTER(c_uint32)], None)
     _fn(lib, "libbpf_num_possible_cpus", c_int, [], N)
@@ -385,11 +387,13 @@ class Map:
         return True
 
     def dump(self, value_size: int, chunk: int = 8192) -> tuple[bytes, bytes, int]:
-        """Every (key, value) with BPF_MAP_LOOKUP_BATCH.
+        """Every (key, value) with BPF_MAP_LOOKUP_BATCH, ``chunk`` at a time.
 
         Returns (keys, values, count) as packed buffers, so callers can view
-        them with numpy instead of decoding element by element.  Falls back
-        to get_next_key + lookup on kernels without batch ops (< 5.6).
+        them with numpy instead of decoding element by element.  A poll loop
+        should prefer :meth:`dump_into` (buffers kept between reads, one
+        call).  Falls back to get_next_key + lookup on kernels without batch
+        ops (< 5.6).
         """
         lib = library()
         ksz = self.key_size
@@ -410,7 +414,7 @@ class Map:
             )
             err = _errno_of(rc) if rc < 0 else 0
             if err and err not in (errno_mod.ENOENT, errno_mod.ENOSPC):
-                if first and err in (errno_mod.EINVAL, errno_mod.ENOTSUPP if hasattr(errno_mod, "ENOTSUPP") else 524):
+                if first and err in (errno_mod.EINVAL, 524):  # 524: ENOTSUPP (kernel-internal)
                     return self._dump_slow(value_size)
                 raise LibbpfError(err, f"batch lookup in {self.name}")
             if err == errno_mod.ENOSPC and count.value == 0:
@@ -421,8 +425,8 @@ class Map:
                 continue
             n = count.value
             if n:
-                keys_parts.append(kbuf.raw[: n * ksz])
-                vals_parts.append(vbuf.raw[: n * value_size])
+                keys_parts.append(ctypes.string_at(kbuf, n * ksz))
+                vals_parts.append(ctypes.string_at(vbuf, n * value_size))
                 total += n
             if err == errno_mod.ENOENT:
                 break
@@ -430,23 +434,120 @@ class Map:
             first = False
         return b"".join(keys_parts), b"".join(vals_parts), total
 
-    def _dump_slow(self, value_size: int) -> tuple[bytes, bytes, int]:
+    def dump_into(self, keys: Any, values: Any, value_size: int) -> tuple[bool, int]:
+        """Read every (key, value) into two writable buffers with
+        BPF_MAP_LOOKUP_BATCH; as few calls as the buffers allow.
+
+        Returns (complete, count): ``complete`` is False when the buffers
+        filled up before the walk ended (grow them and call again; a walk
+        always starts over, so the result is one pass over the table).
+
+        The kernel walks the hash table bucket by bucket and copies whole
+        buckets (kernel/bpf/hashtab.c, __htab_map_lookup_and_delete_batch),
+        so one call can return the whole table; it fails with ENOSPC only
+        when not even the next bucket fits.  Falls back to get_next_key +
+        lookup on kernels without batch ops (< 5.6).
+        """
         lib = library()
         ksz = self.key_size
-        keys: list[bytes] = []
-        vals: list[bytes] = []
-        prev = None
-        cur = ctypes.create_string_buffer(ksz)
-        vbuf = ctypes.create_string_buffer(value_size)
-        for _ in range(self.max_entries + 1):
-            rc = lib.bpf_map_get_next_key(self.fd, prev, cur)
-            if rc < 0:
+        kview = memoryview(keys).cast("B")
+        vview = memoryview(values).cast("B")
+        cap = min(len(kview) // ksz, len(vview) // value_size)
+        kaddr = ctypes.addressof(ctypes.c_char.from_buffer(kview)) if cap else 0
+        vaddr = ctypes.addressof(ctypes.c_char.from_buffer(vview)) if cap else 0
+        in_batch = ctypes.c_uint64(0)
+        out_batch = ctypes.c_uint64(0)
+        opts = BpfMapBatchOpts(ctypes.sizeof(BpfMapBatchOpts), 0, 0)
+        total = 0
+        first = True
+        # Bounded: each round consumes at least one bucket, or the buffer is full.
+        for _ in range(1 << 24):
+            if total >= cap:
+                return False, total
+            count = c_uint32(cap - total)
+            rc = lib.bpf_map_lookup_batch(
+                self.fd, None if first else ctypes.byref(in_batch), ctypes.byref(out_batch),
+                kaddr + total * ksz, vaddr + total * value_size, ctypes.byref(count), ctypes.byref(opts),
+            )
+            err = _errno_of(rc) if rc < 0 else 0
+            if err and err not in (errno_mod.ENOENT, errno_mod.ENOSPC):
+                if first and err in (errno_mod.EINVAL, 524):  # 524: ENOTSUPP (kernel-internal)
+                    return self._dump_slow_into(kview, vview, value_size, cap)
+                raise LibbpfError(err, f"batch lookup in {self.name}")
+            total += count.value
+            if err == errno_mod.ENOENT:
+                return True, total
+            if err == errno_mod.ENOSPC and count.value == 0:
+                return False, total  # the next bucket does not fit
+            in_batch.value = out_batch.value
+            first = False
+        raise LibbpfError(errno_mod.E2BIG, f"batch lookup in {self.name} did not end")
+
+    def _dump_slow_into(self, kview: memoryview, vview: memoryview, value_size: int, cap: int) -> tuple[bool, int]:
+        keys, vals, n = self._dump_slow(value_size)
+        if n > cap:
+            return False, 0
+        kview[: len(keys)] = keys
+        vview[: len(vals)] = vals
+        return True, n
+
+    def update_batch(self, keys: Any, values: Any, count: int, elem_flags: int = 0
+                     ) -> tuple[int, list[tuple[int, int]]]:
+        """Write ``count`` packed (key, value) pairs with BPF_MAP_UPDATE_BATCH.
+
+        The kernel accepts no BPF_NOEXIST/BPF_EXIST here: ``elem_flags`` may
+        only be BPF_F_LOCK (kernel/bpf/syscall.c, generic_map_update_batch
+        returns EINVAL otherwise), so every element is written as with
+        BPF_ANY.  A batch stops at the first element that fails and reports
+        how many went in before it; the failed element is recorded and the
+        batch resumes after it, so one failure never hides the rest.
+
+        ``keys`` and ``values`` are writable buffers (numpy arrays, bytearray).
+        Returns (written, [(index, errno), ...] of every element that failed).
+        Kernels without batch ops (< 5.6) get one update per element.
+        """
+        lib = library()
+        if count <= 0:
+            return 0, []
+        ksz, vsz = self.key_size, self.value_size
+        kview = memoryview(keys).cast("B")
+        vview = memoryview(values).cast("B")
+        if len(kview) < count * ksz or len(vview) < count * vsz:
+            raise ValueError("update_batch: buffers shorter than count elements")
+        kaddr = ctypes.addressof(ctypes.c_char.from_buffer(kview))
+        vaddr = ctypes.addressof(ctypes.c_char.from_buffer(vview))
+        opts = BpfMapBatchOpts(ctypes.sizeof(BpfMapBatchOpts), elem_flags, 0)
+        failed: list[tuple[int, int]] = []
+        done = 0
+        batch = True
+        # Bounded: every round writes or skips at least one element.
+        for _ in range(count + 1):
+            if done >= count:
                 break
-            if lib.bpf_map_lookup_elem(self.fd, cur, vbuf) == 0:
-                keys.append(cur.raw)
-                vals.append(vbuf.raw)
-            prev = ctypes.create_string_buffer(cur.raw, ksz)
-        return b"".join(keys), b"".join(vals), len(keys)
+            if not batch:
+                rc = lib.bpf_map_update_elem(self.fd, kaddr + done * ksz, vaddr + done * vsz, elem_flags)
+                if rc < 0:
+                    failed.append((done, _errno_of(rc)))
+                done += 1
+                continue
+            n = c_uint32(count - done)
+            rc = lib.bpf_map_update_batch(self.fd, kaddr + done * ksz, vaddr + done * vsz, ctypes.byref(n),
+                                          ctypes.byref(opts))
+            if rc >= 0:
+                done = count
+                break
+            err = _errno_of(rc)
+            if done == 0 and not failed and err in (errno_mod.EINVAL, 524) and n.value in (0, count):
+                if elem_flags:
+                    raise LibbpfError(err, f"batch update in {self.name} (elem_flags {elem_flags:#x})")
+                batch = False  # no batch ops for this map or kernel: one by one
+                continue
+            if n.value >= count - done:
+                raise LibbpfError(err, f"batch update in {self.name}")
+            done += n.value
+            failed.append((done, err))
+            done += 1
+        return count - len(failed), failed
 
 
 class BpfObject:

@@ -10,12 +10,21 @@ prints them.
 
 ``PYTRACER_ATTACH`` (or ``--attach``) forces one kind for every hook and
 turns fallback off, so a test can prove each kind on its own.
+
+A refusal costs a whole load (verifier runs included), and on a given boot
+of a given kernel it is the same every time, so the kinds refused are
+remembered in ``/run/pytracer/refused-kinds.json`` (tmpfs: gone at reboot),
+keyed by boot id, kernel release and a hash of the BPF object; any change
+of those, or a file that cannot be read or written, just means trying
+again.  ``PYTRACER_REFUSED_CACHE`` moves the file ("" turns it off).
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
+import json
 import os
 import re
 import struct
@@ -148,6 +157,60 @@ def _program_bytes() -> bytes:
         ) from None
 
 
+REFUSED_CACHE = "/run/pytracer/refused-kinds.json"
+# Refusals that say what the kernel allows (not a passing shortage): cacheable.
+_DEFINITE_ERRNOS = {errno.EPERM, errno.EACCES, errno.EINVAL, errno.ENOENT, errno.EOPNOTSUPP, 524}  # 524: ENOTSUPP
+
+
+def _boot_key(data: bytes) -> dict[str, str]:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return {"boot_id": boot, "release": os.uname().release, "object": hashlib.blake2b(data, digest_size=16).hexdigest()}
+
+
+def _cache_path() -> str:
+    return os.environ.get("PYTRACER_REFUSED_CACHE", REFUSED_CACHE)
+
+
+def load_refused(data: bytes) -> dict[str, str]:
+    """Attach kinds refused earlier on this boot, kernel and object: kind ->
+    reason.  Empty when unknown; never raises."""
+    path = _cache_path()
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            cached = json.load(f)
+        key = _boot_key(data)
+        if not key["boot_id"] or any(cached.get(k) != v for k, v in key.items()):
+            return {}
+        refused = cached.get("refused", {})
+        return {str(k): str(v) for k, v in refused.items() if k in {c.kind for cs in HOOKS.values() for c in cs}}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+
+
+def save_refused(data: bytes, refused: dict[str, str]) -> None:
+    """Remember refused kinds for the rest of this boot; best effort."""
+    path = _cache_path()
+    if not path:
+        return
+    tmp = f"{path}.{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump({**_boot_key(data), "refused": refused}, f)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees old or new, never half
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
 _FAILED_PROG = re.compile(r"prog '(\w+)': (?:BPF program load failed|failed to load)")
 
 
@@ -219,6 +282,7 @@ class Tracer(TracerHandle):
         self.links: list[libbpf.Link] = []
         self.ncpus = 1
         self.load_attempts = 0
+        self._ban_reasons: dict[str, str] = {}
 
     # -- planning --------------------------------------------------------
 
@@ -275,15 +339,29 @@ class Tracer(TracerHandle):
             raise EnvironmentProblem(str(exc)) from None
         self.ncpus = libbpf.num_possible_cpus()
         data = _program_bytes()
-        self._ban_reasons: dict[str, str] = {}
-        banned: set[str] = set()
+        cached = load_refused(data) if self.attach_mode == "auto" else {}
+        self._ban_reasons = {k: f"{why}; remembered for this boot ({_cache_path()})" for k, why in cached.items()}
+        banned: set[str] = set(cached)
+        refused_now: dict[str, str] = {}
         # Bounded: each failed round bans one more attach kind (there are 5).
         for _ in range(6):
             self.load_attempts += 1
-            plan = self._plan(banned)
+            try:
+                plan = self._plan(banned)
+            except TracerError:
+                if not cached:
+                    raise
+                # What was remembered leaves no way to hook: forget it, try for real.
+                banned -= set(cached)
+                for k in cached:
+                    self._ban_reasons.pop(k, None)
+                cached = {}
+                plan = self._plan(banned)
             try:
                 self._load_and_attach(data, plan)
                 self.choices = plan
+                if refused_now:
+                    save_refused(data, {**cached, **refused_now})
                 return self
             except libbpf.LibbpfError as exc:
                 self.close()
@@ -292,6 +370,8 @@ class Tracer(TracerHandle):
                     raise TracerError(self._explain(exc, plan)) from None
                 banned.add(kind)
                 self._ban_reasons[kind] = f"kernel refused it ({os.strerror(exc.errno)})"
+                if exc.errno in _DEFINITE_ERRNOS:
+                    refused_now[kind] = self._ban_reasons[kind]
         raise TracerError("could not find a working set of BPF programs for this kernel")
 
     def _culprit_kind(self, exc: libbpf.LibbpfError, plan: dict[str, Choice]) -> str | None:

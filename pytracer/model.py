@@ -65,9 +65,12 @@ def effective_birth(socks: np.ndarray, start_mono_ns: int) -> np.ndarray:
 
 
 def top_indices(values: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
-    """Indices of the n smallest values among mask, smallest first."""
+    """Indices of the n smallest values among mask, smallest first (none for
+    n <= 0: ``--top 0`` lists no sockets)."""
+    if n <= 0:
+        return np.zeros(0, np.intp)
     idx = np.flatnonzero(mask)
-    if n <= 0 or len(idx) <= n:
+    if len(idx) <= n:
         return idx[np.argsort(values[idx], kind="stable")]
     part = idx[np.argpartition(values[idx], n - 1)[:n]]
     return part[np.argsort(values[part], kind="stable")]

@@ -3,6 +3,11 @@
 The per-CPU aggregate is one lookup summed with numpy; the socket table is
 one BPF_MAP_LOOKUP_BATCH walk viewed as a numpy structured array whose dtype
 comes from :class:`pytracer.abi.PtSock`.
+
+A poll loop keeps one :class:`SockBuffers`: the kernel then writes the table
+straight into arrays sized for the map's capacity, allocated once, and a
+whole read is one batch call with no copy in Python.  Only the pages the
+table fills are resident.
 """
 
 from __future__ import annotations
@@ -87,19 +92,47 @@ def read_totals(src: MapSource) -> Totals:
     return Totals.from_percpu(b"".join(present), src.ncpus * len(present))
 
 
-def read_socks(src: MapSource) -> tuple[np.ndarray, np.ndarray]:
-    keys, vals, n = src.map("socks").dump(SOCK_DTYPE.itemsize)
-    return (
-        np.frombuffer(keys, dtype=np.uint64, count=n),
-        np.frombuffer(vals, dtype=SOCK_DTYPE, count=n),
-    )
+class SockBuffers:
+    """Reusable destination of socket-table reads.
+
+    The arrays a read returns are views into these buffers: they stay valid
+    until the next read through the same SockBuffers.  Sized for the map's
+    max_entries (a hash map never holds more), so one pass always fits;
+    they grow only if a map reports more.
+    """
+
+    def __init__(self) -> None:
+        self.keys = np.zeros(0, np.uint64)
+        self.socks = np.zeros(0, SOCK_DTYPE)
+
+    def read(self, src: MapSource) -> tuple[np.ndarray, np.ndarray]:
+        m = src.map("socks")
+        want = max(int(m.max_entries), 1)
+        # Bounded: each failed pass doubles the buffers.
+        for _ in range(32):
+            if len(self.keys) < want:
+                self.keys = np.empty(want, np.uint64)
+                self.socks = np.empty(want, SOCK_DTYPE)
+            done, n = m.dump_into(self.keys, self.socks, SOCK_DTYPE.itemsize)
+            if done:
+                return self.keys[:n], self.socks[:n]
+            want = len(self.keys) * 2
+        raise RuntimeError("the socket table kept outgrowing the read buffers")
 
 
-def snapshot(src: MapSource, with_socks: bool = True) -> Snapshot:
+def read_socks(src: MapSource, buffers: SockBuffers | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, records) of the whole table.  Without ``buffers`` the arrays
+    are the caller's own (fresh buffers for this read)."""
+    return (buffers or SockBuffers()).read(src)
+
+
+def snapshot(src: MapSource, with_socks: bool = True, buffers: SockBuffers | None = None) -> Snapshot:
+    """Aggregates and (``with_socks``) the socket table.  With ``buffers``
+    the table arrays are views valid until the next read through them."""
     t0 = time.perf_counter()
     totals = read_totals(src)
     if with_socks:
-        keys, socks = read_socks(src)
+        keys, socks = read_socks(src, buffers)
     else:
         keys, socks = np.zeros(0, np.uint64), np.zeros(0, SOCK_DTYPE)
     # Taken after the reads, so no record is younger than "now".

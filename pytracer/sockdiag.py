@@ -1,6 +1,6 @@
 """The TCP socket inventory, from the kernel's sock_diag netlink interface.
 
-This is the only module that imports pyroute2.  It answers two questions:
+It answers two questions:
 
 * **What TCP sockets exist** (every state, IPv4 and IPv6, in every network
   namespace we can enter): one ``SOCK_DIAG_BY_FAMILY`` dump per family and
@@ -15,14 +15,17 @@ This is the only module that imports pyroute2.  It answers two questions:
   ``last_data_recv`` / ``last_data_sent`` / ``last_ack_recv`` clocks.  Only the
   sockets the detectors care about are queried.
 
-Messages are pyroute2's declarations (``inet_diag_req``, ``inet_diag_msg``
-and its ``tcp_info``): requests are encoded with them, and the numpy dtype and
-tcp_info offsets are derived from their field lists, so there is one
-description of the wire format.  The transport is a plain netlink socket,
-parsed in bulk, because pyroute2's per-message objects cost 30-115 us per
-socket (measured with pyroute2 0.9.7: 0.35 s for 3,000 sockets), which a
-TIME_WAIT storm of 30,000 sockets turns into seconds per scan; the bulk parser
-takes about 1 us per socket.
+Messages are declared here as data, field lists in pyroute2's notation
+(``inet_diag_req``, ``inet_diag_msg`` and its ``tcp_info``, mirroring
+include/uapi/linux/inet_diag.h and tcp.h); requests are encoded from them,
+and the numpy dtype and tcp_info offsets are derived from them, so there is
+one description of the wire format.  tests/unit/test_sockdiag.py checks it
+field by field against pyroute2's own declarations.  pyroute2 itself is not
+imported at run time: the whole package costs about 20 MB of memory and
+0.3 s of start-up, and its per-message objects cost 30-115 us per socket
+(measured with pyroute2 0.9.7: 0.35 s for 3,000 sockets), which a
+TIME_WAIT storm of 30,000 sockets turns into seconds per scan.  The
+transport is a plain netlink socket, parsed in bulk (about 1 us per socket).
 
 Network namespaces: a netlink socket answers for the namespace it was
 created in.  For each other namespace (found by :mod:`pytracer.procs`), a
@@ -44,15 +47,56 @@ import struct
 import sys
 import threading
 import time
+from array import array
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
-from pyroute2.netlink import NETLINK_SOCK_DIAG, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
-from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY, inet_diag_msg, inet_diag_req
 
 from .procs import NetnsRef
 from .tcp_states import TcpState
+
+# include/uapi/linux/netlink.h, sock_diag.h
+NETLINK_SOCK_DIAG = 4
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
+SOCK_DIAG_BY_FAMILY = 20
+
+# struct inet_diag_req_v2 (include/uapi/linux/inet_diag.h), after the nlmsghdr.
+INET_DIAG_REQ_FIELDS = (
+    ("sdiag_family", "B"), ("sdiag_protocol", "B"), ("idiag_ext", "B"), ("__pad", "B"), ("idiag_states", "I"),
+    # struct inet_diag_sockid
+    ("idiag_sport", ">H"), ("idiag_dport", ">H"), ("idiag_src", ">4I"), ("idiag_dst", ">4I"), ("idiag_if", "I"),
+    ("idiag_cookie", "Q"),
+)
+# struct inet_diag_msg
+INET_DIAG_MSG_FIELDS = (
+    ("idiag_family", "B"), ("idiag_state", "B"), ("idiag_timer", "B"), ("idiag_retrans", "B"),
+    ("idiag_sport", ">H"), ("idiag_dport", ">H"), ("idiag_src", ">4I"), ("idiag_dst", ">4I"), ("idiag_if", "I"),
+    ("idiag_cookie", "Q"),
+    ("idiag_expires", "I"), ("idiag_rqueue", "I"), ("idiag_wqueue", "I"), ("idiag_uid", "I"), ("idiag_inode", "I"),
+)
+# struct tcp_info (include/uapi/linux/tcp.h); the bitfield bytes
+# (snd/rcv_wscale, delivery_rate_app_limited + fastopen_client_fail) as whole bytes.
+TCP_INFO_FIELDS = (
+    ("tcpi_state", "B"), ("tcpi_ca_state", "B"), ("tcpi_retransmits", "B"), ("tcpi_probes", "B"),
+    ("tcpi_backoff", "B"), ("tcpi_options", "B"), ("tcpi_snd_wscale", "B"), ("tcpi_delivery_rate_app_limited", "B"),
+    ("tcpi_rto", "I"), ("tcpi_ato", "I"), ("tcpi_snd_mss", "I"), ("tcpi_rcv_mss", "I"),
+    ("tcpi_unacked", "I"), ("tcpi_sacked", "I"), ("tcpi_lost", "I"), ("tcpi_retrans", "I"), ("tcpi_fackets", "I"),
+    ("tcpi_last_data_sent", "I"), ("tcpi_last_ack_sent", "I"), ("tcpi_last_data_recv", "I"),
+    ("tcpi_last_ack_recv", "I"),
+    ("tcpi_pmtu", "I"), ("tcpi_rcv_ssthresh", "I"), ("tcpi_rtt", "I"), ("tcpi_rttvar", "I"),
+    ("tcpi_snd_ssthresh", "I"), ("tcpi_snd_cwnd", "I"), ("tcpi_advmss", "I"), ("tcpi_reordering", "I"),
+    ("tcpi_rcv_rtt", "I"), ("tcpi_rcv_space", "I"), ("tcpi_total_retrans", "I"),
+    ("tcpi_pacing_rate", "Q"), ("tcpi_max_pacing_rate", "Q"), ("tcpi_bytes_acked", "Q"),
+    ("tcpi_bytes_received", "Q"), ("tcpi_segs_out", "I"), ("tcpi_segs_in", "I"), ("tcpi_notsent_bytes", "I"),
+    ("tcpi_min_rtt", "I"), ("tcpi_data_segs_in", "I"), ("tcpi_data_segs_out", "I"), ("tcpi_delivery_rate", "Q"),
+    ("tcpi_busy_time", "Q"), ("tcpi_rwnd_limited", "Q"), ("tcpi_sndbuf_limited", "Q"), ("tcpi_delivered", "I"),
+    ("tcpi_delivered_ce", "I"), ("tcpi_bytes_sent", "Q"), ("tcpi_bytes_retrans", "Q"), ("tcpi_dsack_dups", "I"),
+    ("tcpi_reord_seen", "I"), ("tcpi_rcv_ooopack", "I"), ("tcpi_snd_wnd", "I"),
+)
 
 AF_INET = socket.AF_INET
 AF_INET6 = socket.AF_INET6
@@ -86,11 +130,11 @@ class SockDiagError(OSError):
     """A sock_diag request failed; ``errno`` holds the kernel's reason."""
 
 
-# --- the wire format, derived from pyroute2's declarations ------------------
+# --- the wire format, derived from the declarations above -------------------
 
 
 def _dtype_from_fields(fields: Iterable[tuple[str, str]]) -> np.dtype:
-    """numpy dtype for a pyroute2 ``fields`` tuple.  Multi-word big-endian
+    """numpy dtype for a ``fields`` tuple (pyroute2's notation).  Multi-word big-endian
     fields (addresses) stay raw network-order bytes."""
     out = []
     for name, fmt in fields:
@@ -107,7 +151,7 @@ def _dtype_from_fields(fields: Iterable[tuple[str, str]]) -> np.dtype:
     return np.dtype(out)
 
 
-MSG_DTYPE = _dtype_from_fields(inet_diag_msg.fields)
+MSG_DTYPE = _dtype_from_fields(INET_DIAG_MSG_FIELDS)
 
 
 def _c_offsets(fields: Iterable[tuple[str, str]]) -> dict[str, tuple[int, str]]:
@@ -122,7 +166,7 @@ def _c_offsets(fields: Iterable[tuple[str, str]]) -> dict[str, tuple[int, str]]:
     return out
 
 
-TCP_INFO_OFFSETS = _c_offsets(inet_diag_msg.tcp_info.fields)
+TCP_INFO_OFFSETS = _c_offsets(TCP_INFO_FIELDS)
 
 # The inventory: one row per socket, host-order fields, plus its namespace.
 INV_DTYPE = np.dtype(
@@ -147,43 +191,66 @@ INV_DTYPE = np.dtype(
 )
 
 
+_HDR_DTYPE = np.dtype([("len", "=u4"), ("type", "=u2"), ("flags", "=u2"), ("seq", "=u4"), ("pid", "=u4")])
+
+
 def parse_dump(buf: bytes, seq: int | None = None) -> tuple[np.ndarray, bool, int]:
     """Parse one netlink datagram of a sock_diag reply.
 
     Returns (rows as MSG_DTYPE, done, error): ``done`` once NLMSG_DONE is
     seen, ``error`` the (positive) errno of an NLMSG_ERROR, else 0.
+
+    A dump's messages mostly have one length (same family, same
+    attributes), so runs of equal-length messages are checked and viewed
+    with numpy strides at once; only where the length changes (e.g. a
+    timewait socket among full ones) is a message read on its own.
     """
-    offsets: list[int] = []
-    add = offsets.append
+    runs: list[np.ndarray] = []
     done = False
     err = 0
     off = 0
     n = len(buf)
     need = 16 + MSG_DTYPE.itemsize
     unpack = _NLMSG_LTS.unpack_from
-    # Bounded by the buffer: every message is at least 16 bytes long.  This
-    # loop is the per-socket cost of a dump (about 2 us), so it stays lean.
+    # Bounded by the buffer: every round consumes at least one message.
     while off + 16 <= n:
         length, typ, mseq = unpack(buf, off)
         if length < 16 or off + length > n:
             break
+        step = (length + 3) & ~3
+        if typ == SOCK_DIAG_BY_FAMILY and (seq is None or mseq == seq):
+            if length < need:
+                off += step
+                continue
+            k = (n - off - length) // step + 1  # messages of this length that would fit
+            if k > 1:
+                hdr = np.ndarray((k,), dtype=_HDR_DTYPE, buffer=buf, offset=off, strides=(step,))
+                good = (hdr["len"] == length) & (hdr["type"] == SOCK_DIAG_BY_FAMILY)
+                if seq is not None:
+                    good &= hdr["seq"] == seq
+                k = k if good.all() else int(np.argmin(good))
+            runs.append(np.ndarray((k,), dtype=MSG_DTYPE, buffer=buf, offset=off + 16, strides=(step,)))
+            off += k * step
+            continue
         if seq is None or mseq == seq:
-            if typ == SOCK_DIAG_BY_FAMILY:
-                if length >= need:
-                    add(off + 16)
-            elif typ == NLMSG_DONE:
+            if typ == NLMSG_DONE:
                 done = True
             elif typ == NLMSG_ERROR:
                 code = struct.unpack_from("=i", buf, off + 16)[0]
                 if code:
                     err = -code
                 done = True
-        off += (length + 3) & ~3
-    if not offsets:
+        off += step
+    if not runs:
         return np.zeros(0, MSG_DTYPE), done, err
-    raw = np.frombuffer(buf, dtype=np.uint8)
-    idx = np.asarray(offsets, dtype=np.intp)[:, None] + np.arange(MSG_DTYPE.itemsize)
-    return raw[idx].reshape(-1).view(MSG_DTYPE), done, err
+    return np.concatenate(runs), done, err
+
+
+def _cookies_of(msgs: np.ndarray) -> np.ndarray:
+    cookie = msgs["idiag_cookie"].astype(np.uint64)
+    if sys.byteorder == "big":
+        cookie = (cookie << np.uint64(32)) | (cookie >> np.uint64(32))
+    return cookie
 
 
 def to_inventory(msgs: np.ndarray, netns: int) -> np.ndarray:
@@ -191,11 +258,8 @@ def to_inventory(msgs: np.ndarray, netns: int) -> np.ndarray:
     out = np.zeros(len(msgs), INV_DTYPE)
     if not len(msgs):
         return out
-    cookie = msgs["idiag_cookie"].astype(np.uint64)
-    if sys.byteorder == "big":
-        # The kernel sends cookie[0] = low 32 bits, cookie[1] = high (native u32s).
-        cookie = (cookie << np.uint64(32)) | (cookie >> np.uint64(32))
-    out["cookie"] = cookie
+    # The kernel sends cookie[0] = low 32 bits, cookie[1] = high (native u32s).
+    out["cookie"] = _cookies_of(msgs)
     out["netns"] = netns
     out["family"] = msgs["idiag_family"]
     out["state"] = msgs["idiag_state"]
@@ -242,8 +306,8 @@ class TcpInfo:
 
 
 def decode_tcp_info(payload: bytes) -> TcpInfo | None:
-    """struct tcp_info (include/uapi/linux/tcp.h) at the offsets pyroute2
-    declares; fields past the end of an older kernel's struct are None."""
+    """struct tcp_info (include/uapi/linux/tcp.h) at the offsets
+    :data:`TCP_INFO_FIELDS` declares; fields past the end of an older kernel's struct are None."""
 
     def get(name: str) -> int | None:
         off, fmt = TCP_INFO_OFFSETS[name]
@@ -260,6 +324,135 @@ def decode_tcp_info(payload: bytes) -> TcpInfo | None:
                    bytes_received=get("tcpi_bytes_received"))
 
 
+# TcpInfo attribute -> struct tcp_info field; the last three are newer (None when absent).
+_INFO_FIELDS = (
+    ("state", "tcpi_state"), ("retransmits", "tcpi_retransmits"), ("probes", "tcpi_probes"),
+    ("backoff", "tcpi_backoff"), ("rto_us", "tcpi_rto"), ("unacked", "tcpi_unacked"),
+    ("last_data_sent_ms", "tcpi_last_data_sent"), ("last_data_recv_ms", "tcpi_last_data_recv"),
+    ("last_ack_recv_ms", "tcpi_last_ack_recv"), ("rtt_us", "tcpi_rtt"), ("bytes_acked", "tcpi_bytes_acked"),
+    ("bytes_received", "tcpi_bytes_received"),
+)
+_INFO_REQUIRED = 9  # the first nine: without them there is no answer
+
+
+def _field_end(name: str) -> int:
+    off, fmt = TCP_INFO_OFFSETS[name]
+    return off + struct.calcsize(fmt)
+
+
+_INFO_KEEP = max(_field_end(f) for _, f in _INFO_FIELDS)  # bytes of tcp_info kept per socket
+_INFO_NEED = max(_field_end(f) for _, f in _INFO_FIELDS[:_INFO_REQUIRED])
+_INFO_DTYPE = np.dtype({
+    "names": [a for a, _ in _INFO_FIELDS],
+    "formats": [TCP_INFO_OFFSETS[f][1] for _, f in _INFO_FIELDS],
+    "offsets": [TCP_INFO_OFFSETS[f][0] for _, f in _INFO_FIELDS],
+    "itemsize": _INFO_KEEP,
+})
+
+
+class TcpInfoTable(Mapping):
+    """cookie -> :class:`TcpInfo`, for many sockets at once.
+
+    A dump with tcp_info can answer for 100k sockets; one TcpInfo object
+    each would cost ~30 MB.  This keeps the first bytes of each struct
+    tcp_info in one buffer (under 150 bytes per socket), answers bulk
+    questions with numpy (:meth:`idle_ms`), and builds a TcpInfo only for
+    a socket that is looked up.
+    """
+
+    def __init__(self) -> None:
+        self._cookies = array("Q")
+        self._raw = bytearray()
+        self._lens = array("H")
+        self._frozen: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def add(self, cookie: int, payload: bytes) -> bool:
+        """Keep one socket's tcp_info; False (and nothing kept) when it is
+        too short to hold the fields every answer needs."""
+        if len(payload) < _INFO_NEED:
+            return False
+        n = min(len(payload), _INFO_KEEP)
+        self._cookies.append(cookie)
+        self._raw += payload[:n]
+        if n < _INFO_KEEP:
+            self._raw += bytes(_INFO_KEEP - n)
+        self._lens.append(n)
+        self._frozen = None
+        return True
+
+    def update(self, other: Mapping) -> None:  # type: ignore[override]
+        if isinstance(other, TcpInfoTable):
+            self._cookies.extend(other._cookies)
+            self._raw += other._raw
+            self._lens.extend(other._lens)
+            self._frozen = None
+            return
+        for cookie, info in other.items():
+            self.add_info(cookie, info)
+
+    def add_info(self, cookie: int, info: TcpInfo) -> None:
+        rec = np.zeros(1, _INFO_DTYPE)
+        for attr, _ in _INFO_FIELDS:
+            v = getattr(info, attr)
+            rec[attr] = 0 if v is None else v
+        n = _INFO_KEEP if info.bytes_received is not None else _INFO_NEED
+        self.add(cookie, rec.tobytes()[:n])
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._frozen is None:
+            cookies = np.frombuffer(self._cookies, np.uint64) if len(self._cookies) else np.zeros(0, np.uint64)
+            rows = np.frombuffer(self._raw, _INFO_DTYPE) if self._raw else np.zeros(0, _INFO_DTYPE)
+            lens = np.frombuffer(self._lens, np.uint16) if len(self._lens) else np.zeros(0, np.uint16)
+            # The last answer for a cookie wins.
+            order = np.argsort(cookies, kind="stable")[::-1]
+            _, first = np.unique(cookies[order], return_index=True)
+            keep = order[first]
+            self._frozen = (cookies[keep], rows[keep], lens[keep])
+        return self._frozen
+
+    def _pos(self, cookies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        keys = self._arrays()[0]
+        cookies = np.asarray(cookies, dtype=np.uint64)
+        if not len(keys):
+            return np.zeros(len(cookies), np.intp), np.zeros(len(cookies), bool)
+        pos = np.minimum(np.searchsorted(keys, cookies), len(keys) - 1)
+        return pos, keys[pos] == cookies
+
+    def idle_ms(self, cookies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found, ms without data either way) for each cookie."""
+        pos, found = self._pos(cookies)
+        rows = self._arrays()[1]
+        if not len(rows):
+            return found, np.zeros(len(found), np.int64)
+        idle = np.minimum(rows["last_data_sent_ms"][pos], rows["last_data_recv_ms"][pos]).astype(np.int64)
+        return found, idle
+
+    def __getitem__(self, cookie: int) -> TcpInfo:
+        if not isinstance(cookie, (int, np.integer)) or not 0 <= int(cookie) <= 0xFFFFFFFFFFFFFFFF:
+            raise KeyError(cookie)
+        pos, found = self._pos(np.array([int(cookie)], dtype=np.uint64))
+        if not found[0]:
+            raise KeyError(cookie)
+        _, rows, lens = self._arrays()
+        rec, n = rows[pos[0]], int(lens[pos[0]])
+        vals = {a: (int(rec[a]) if i < _INFO_REQUIRED or _field_end(f) <= n else None)
+                for i, (a, f) in enumerate(_INFO_FIELDS)}
+        return TcpInfo(**vals)
+
+    def __contains__(self, cookie: object) -> bool:
+        try:
+            self[cookie]  # type: ignore[index]
+        except KeyError:
+            return False
+        return True
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._arrays()[0].tolist())
+
+    def __len__(self) -> int:
+        return len(self._arrays()[0])
+
+
 def _attrs(buf: bytes, start: int, end: int) -> dict[int, bytes]:
     out = {}
     off = start
@@ -273,23 +466,11 @@ def _attrs(buf: bytes, start: int, end: int) -> dict[int, bytes]:
 
 
 def _request(family: int, states: int, ext: int, flags: int, seq: int) -> bytearray:
-    req = inet_diag_req()
-    req["header"]["type"] = SOCK_DIAG_BY_FAMILY
-    req["header"]["flags"] = flags
-    req["header"]["sequence_number"] = seq
-    req["header"]["pid"] = 0
-    req["sdiag_family"] = family
-    req["sdiag_protocol"] = IPPROTO_TCP
-    req["idiag_ext"] = ext
-    req["idiag_states"] = states
-    req["idiag_sport"] = 0
-    req["idiag_dport"] = 0
-    req["idiag_src"] = (0, 0, 0, 0)
-    req["idiag_dst"] = (0, 0, 0, 0)
-    req["idiag_if"] = 0
-    req["idiag_cookie"] = NOCOOKIE
-    req.encode()
-    return bytearray(req.data)
+    """An inet_diag_req_v2 for every socket of ``family`` in ``states``
+    (ports, addresses and interface zero: a dump, or a template that
+    :meth:`Session._lookup_batch` fills in for an exact lookup)."""
+    body = struct.pack("=BBBBI", family, IPPROTO_TCP, ext, 0, states) + bytes(4 + 32 + 4) + struct.pack("=Q", NOCOOKIE)
+    return bytearray(_NLMSGHDR.pack(16 + len(body), SOCK_DIAG_BY_FAMILY, flags, seq, 0) + body)
 
 
 def _sockid(row: np.void) -> bytes:
@@ -479,7 +660,11 @@ class Session:
 
     # -- dumps -----------------------------------------------------------
 
-    def _dump_one(self, sock: socket.socket, family: int, states: int, max_rows: int) -> np.ndarray:
+    def _dump_one(self, sock: socket.socket, family: int, states: int, max_rows: int,
+                  convert: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """One dump; each datagram's messages go through ``convert`` as they
+        arrive, so only the converted rows are held (not every raw message
+        as well)."""
         seq = self._next_seq()
         sock.send(_request(family, states, 0, NLM_F_REQUEST | NLM_F_DUMP, seq))
         parts = []
@@ -492,13 +677,13 @@ class Session:
             if err:
                 raise SockDiagError(err, f"sock_diag dump: {os.strerror(err)}")
             if len(rows):
-                parts.append(rows)
+                parts.append(convert(rows))
                 total += len(rows)
             if done:
                 break
             if total > max_rows or time.monotonic() > deadline:
                 raise SockDiagError(errno.E2BIG, f"sock_diag dump exceeded {max_rows} sockets or its deadline")
-        return np.concatenate(parts) if parts else np.zeros(0, MSG_DTYPE)
+        return np.concatenate(parts) if parts else convert(np.zeros(0, MSG_DTYPE))
 
     def dump(self, families: Iterable[int] = (AF_INET, AF_INET6), states: int = ALL_STATES,
              max_rows: int = MAX_ROWS) -> Inventory:
@@ -509,15 +694,27 @@ class Session:
         for ino, sock in self.socks.items():
             for fam in families:
                 try:
-                    parts.append(to_inventory(self._dump_one(sock, fam, states, max_rows), ino))
+                    parts.append(self._dump_one(sock, fam, states, max_rows,
+                                                lambda msgs, ino=ino: to_inventory(msgs, ino)))
                 except OSError as exc:
                     errors.append(f"{self.netns[ino].label} (netns {ino}) family {fam}: {exc}")
-        rows = np.concatenate(parts) if parts else np.zeros(0, INV_DTYPE)
+        rows = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0, INV_DTYPE)
         return Inventory(rows, dict(self.netns), errors, time.perf_counter() - t0)
+
+    def cookies(self, families: Iterable[int] = (AF_INET, AF_INET6), states: int = ALL_STATES,
+                max_rows: int = MAX_ROWS) -> np.ndarray:
+        """The cookies of every socket :meth:`dump` would return (8 bytes a
+        socket instead of a full row).  Raises OSError if any namespace's
+        dump fails: a partial answer would look like closed sockets."""
+        parts = []
+        for sock in self.socks.values():
+            for fam in families:
+                parts.append(self._dump_one(sock, fam, states, max_rows, _cookies_of))
+        return np.concatenate(parts) if parts else np.zeros(0, np.uint64)
 
     # -- exact lookups ---------------------------------------------------
 
-    def tcp_info(self, rows: np.ndarray, exact_max: int = 256) -> tuple[dict[int, TcpInfo], int]:
+    def tcp_info(self, rows: np.ndarray, exact_max: int = 256) -> tuple[TcpInfoTable, int]:
         """tcp_info for each row (INV_DTYPE), in its namespace.
 
         Up to ``exact_max`` sockets of a namespace are looked up one by one
@@ -528,7 +725,7 @@ class Session:
         Returns (cookie -> TcpInfo, sockets without an answer: gone,
         timewait, or in a namespace we could not enter).
         """
-        out: dict[int, TcpInfo] = {}
+        out = TcpInfoTable()
         missed = 0
         for ino in np.unique(rows["netns"]).tolist() if len(rows) else []:
             sock = self.socks.get(int(ino))
@@ -548,8 +745,8 @@ class Session:
             missed += len(sel) - (len(out) - before)
         return out, missed
 
-    def _dump_info(self, sock: socket.socket, rows: np.ndarray) -> dict[int, TcpInfo]:
-        out: dict[int, TcpInfo] = {}
+    def _dump_info(self, sock: socket.socket, rows: np.ndarray) -> TcpInfoTable:
+        out = TcpInfoTable()
         wanted = set(rows["cookie"].tolist())
         deadline = time.monotonic() + self.timeout * 4
         for fam in np.unique(rows["family"]).tolist():
@@ -560,15 +757,14 @@ class Session:
             sock.send(_request(int(fam), states, INET_DIAG_EXT_INFO, NLM_F_REQUEST | NLM_F_DUMP, seq))
             # Bounded: a deadline, and every datagram carries at least one message.
             for _ in range(MAX_ROWS):
-                got, done, err = parse_info_dump(sock.recv(1 << 18), seq, wanted)
-                out.update(got)
+                _, done, err = parse_info_dump(sock.recv(1 << 18), seq, wanted, out)
                 if err:
                     raise SockDiagError(err, f"sock_diag dump: {os.strerror(err)}")
                 if done or time.monotonic() > deadline:
                     break
         return out
 
-    def _lookup_batch(self, sock: socket.socket, rows: np.ndarray) -> tuple[dict[int, TcpInfo], int]:
+    def _lookup_batch(self, sock: socket.socket, rows: np.ndarray) -> tuple[TcpInfoTable, int]:
         templates = {}
         wanted: dict[int, int] = {}  # seq -> cookie
         data = bytearray()
@@ -583,7 +779,7 @@ class Session:
             data += req
             wanted[seq] = int(row["cookie"])
         sock.send(bytes(data))
-        out: dict[int, TcpInfo] = {}
+        out = TcpInfoTable()
         pending = set(wanted)
         # Each request gets exactly one reply (the socket, or an error).
         for _ in range(len(wanted) + 1):
@@ -597,7 +793,7 @@ class Session:
                 if mseq in pending:
                     pending.discard(mseq)
                     if info is not None:
-                        out[wanted[mseq]] = info
+                        out.add_info(wanted[mseq], info)
         return out, len(wanted) - len(out)
 
 
@@ -605,11 +801,12 @@ _COOKIE_OFFSET = 16 + MSG_DTYPE.fields["idiag_cookie"][1]  # from the nlmsghdr
 _COOKIE = struct.Struct("=II")  # cookie[0] (low), cookie[1] (high)
 
 
-def parse_info_dump(buf: bytes, seq: int, wanted: set[int]) -> tuple[dict[int, TcpInfo], bool, int]:
+def parse_info_dump(buf: bytes, seq: int, wanted: set[int], into: TcpInfoTable | None = None
+                    ) -> tuple[TcpInfoTable, bool, int]:
     """One datagram of a dump with INET_DIAG_INFO: tcp_info of the ``wanted``
-    cookies only (the others are skipped without decoding).  Returns
-    (cookie -> TcpInfo, done, errno)."""
-    out: dict[int, TcpInfo] = {}
+    cookies only (the others are skipped without decoding), added to
+    ``into`` (or a new table).  Returns (the table, done, errno)."""
+    out = into if into is not None else TcpInfoTable()
     done = False
     err = 0
     off = 0
@@ -625,9 +822,8 @@ def parse_info_dump(buf: bytes, seq: int, wanted: set[int]) -> tuple[dict[int, T
                 cookie = lo | hi << 32
                 if cookie in wanted:
                     attrs = _attrs(buf, off + need, off + length)
-                    info = decode_tcp_info(attrs[INET_DIAG_INFO]) if INET_DIAG_INFO in attrs else None
-                    if info is not None:
-                        out[cookie] = info
+                    if INET_DIAG_INFO in attrs:
+                        out.add(cookie, attrs[INET_DIAG_INFO])
             elif typ == NLMSG_DONE:
                 done = True
             elif typ == NLMSG_ERROR:

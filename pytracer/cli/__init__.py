@@ -11,6 +11,7 @@ import importlib
 import click
 
 from .. import __version__
+from ..environment import tune_malloc
 from .common import ATTACH_CHOICES, BACKEND_CHOICES, Context
 
 
@@ -59,4 +60,5 @@ def cli(ctx: click.Context, attach: str, backend: str) -> None:
       sudo tracer watch --json --duration 10
       sudo tracer doctor                # kernel features and the hooks chosen
     """
+    tune_malloc()
     ctx.obj = Context(attach=attach, backend=backend)

@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
-from ..detectors import Flag, Thresholds, endpoint, human
+from ..thresholds import Thresholds
 from .common import Context, make_tracer, max_sockets_option, pid_option, run, validate_pids
 
 if TYPE_CHECKING:
+    from ..detectors import Flag
     from ..leaks import LeakReport, SeedResult
 
 EXIT_FLAGGED = 1
@@ -93,12 +94,16 @@ def _exit_codes(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _for(f: Flag) -> str:
+    from ..detectors import human
+
     if f.seconds is None:
         return "-"
     return (">=" if f.at_least else "") + human(f.seconds)
 
 
 def _cells(f: Flag) -> list[str]:
+    from ..detectors import endpoint, human
+
     local = endpoint(f.laddr, f.lport) if f.laddr is not None and f.lport is not None else "-"
     remote = endpoint(f.raddr, f.rport) if f.raddr is not None and f.rport is not None else "-"
     return [

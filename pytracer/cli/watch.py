@@ -1,19 +1,30 @@
-"""``tracer watch``: the live view of the host's (or some pids') TCP sockets."""
+"""``tracer watch``: the live view of the host's (or some pids') TCP sockets.
+
+Start-up order matters here: the programs are attached first (numpy and
+the leak layer load in a background thread meanwhile), then the sockets
+that already exist are seeded into the table, and only then does the
+"attached" line go to stderr.  Seeding also names the owners of listeners
+that predate us in the kernel's "listeners" map; under --pid a child
+accepted before that would be filtered out, so "attached" has to mean both.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import click
 
-from .. import model, poller
-from ..loader import Tracer
 from .common import Context, make_tracer, max_sockets_option, pid_option, run, validate_pids
 from .leaks import preload_leaks, threshold_options, thresholds_from
+
+if TYPE_CHECKING:
+    from .. import poller
+    from ..loader import Tracer
 
 
 def intervals(interval: float, duration: float | None) -> Iterator[int]:
@@ -35,18 +46,22 @@ def intervals(interval: float, duration: float | None) -> Iterator[int]:
 def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: float | None, top: int,
             start_ns: int, enrichers: Iterable[Callable[..., Any]] = (),
             extra: dict[str, Any] | None = None) -> Iterator[tuple[dict[str, Any], poller.Snapshot]]:
+    from .. import model, poller
+
     opts = model.ReportOptions(pids=pids, top=top, start_mono_ns=start_ns, max_sockets=tracer.max_sockets,
                                extra=dict(extra or {}))
     prev = None
     state: dict[str, Any] = {}
+    buffers = poller.SockBuffers()  # the table is read into the same arrays every interval
     for _ in intervals(interval, duration):
-        snap = poller.snapshot(tracer)
+        snap = poller.snapshot(tracer, buffers=buffers)
         report = model.build_report(snap, prev, opts)
         # Each enricher adds to the report (the leak detectors' flags).
         for enrich in enrichers:
             enrich(report, snap, tracer, opts, state)
         yield report, snap
-        prev = snap
+        # The next read reuses snap's table arrays: keep only its totals.
+        prev = dataclasses.replace(snap, keys=snap.keys[:0], socks=snap.socks[:0])
 
 
 @click.command()
@@ -73,14 +88,13 @@ def watch(obj: Context, pids: tuple[int, ...], interval: float, duration: float 
     """
     pids = validate_pids(pids)
     thresholds = thresholds_from(kw)
-    if not no_leaks:
-        preload_leaks()
+    preload_leaks()  # seeding needs it even with --no-leaks
     tracer = make_tracer(obj, pids, max_sockets)
     start_ns = time.monotonic_ns()
     with tracer:
-        # Imported once attached (pyroute2 takes a moment, preloaded in the
-        # background meanwhile), so the first connections are not missed.
-        from .. import leaks
+        # Imported once attached (numpy and the leak layer take a moment,
+        # preloaded in the background meanwhile).
+        from .. import leaks, model
 
         # Sockets that exist already go into the table as "present at start".
         seeded = leaks.seed(tracer, pids)
@@ -110,6 +124,7 @@ def _live(stream: Iterator[tuple[dict[str, Any], poller.Snapshot]], tracer: Trac
     from rich.console import Console
     from rich.live import Live
 
+    from .. import model
     from ..views.live import render
 
     hooks = ", ".join(f"{h}={c.kind}" for h, c in tracer.choices.items() if c.kind)

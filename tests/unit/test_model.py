@@ -83,6 +83,10 @@ def test_report_counts_states_and_filters_pids() -> None:
     rep2 = model.build_report(snap, None, model.ReportOptions(top=5, pids=(2,)))
     assert rep2["states"] == {"CLOSE_WAIT": 1, "LISTEN": 1}
     assert [s["cookie"] for s in rep2["sockets"]] == [2]
+    # --top 0 lists none (README), however many sockets there are.
+    rep0 = model.build_report(snap, None, model.ReportOptions(top=0))
+    assert rep0["sockets"] == [] and rep0["longest_lived"] == [] and rep0["longest_in_state"] == []
+    assert rep0["states"] == rep["states"] and rep0["tracked_sockets"] == 2
 
 
 def test_percpu_totals_are_summed() -> None:

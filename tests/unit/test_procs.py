@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 from pytracer import procs
 
 LIMITS = """\
@@ -70,3 +72,13 @@ def test_scan_fds_is_bounded(tmp_path: Path) -> None:
 def test_cgroup_v1_and_no_container() -> None:
     assert procs.container_id("/user.slice/user-0.slice/session-1.scope") is None
     assert procs.container_id("/kubepods/besteffort/pod1/" + "a" * 64) == "a" * 12
+
+
+def test_socket_owners_bulk_questions() -> None:
+    owners = procs.SocketOwners([556, 555, 555, 557], [4242, 4242, 77, 77], [4, 3, 9, 1])
+    pid, fd = owners.first(np.array([555, 556, 0, 999], np.uint64))
+    assert pid.tolist() == [77, 4242, 0, 0] and fd.tolist() == [9, 4, -1, -1]
+    assert owners.held_by([4242]).tolist() == [555, 556]
+    ino, holder = owners.pairs(np.array([555], np.uint64))
+    assert sorted(zip(ino.tolist(), holder.tolist())) == [(555, 77), (555, 4242)]
+    assert owners.get(999) is None and dict(owners)[557] == [(77, 1)]

@@ -9,6 +9,9 @@ import socket
 import struct
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from pytracer import sockdiag
 from pytracer.tcp_states import TcpState
 
@@ -29,7 +32,28 @@ def ss_rows() -> list[dict]:
     return out
 
 
-def test_wire_layout_derived_from_pyroute2() -> None:
+def test_wire_declarations_match_pyroute2() -> None:
+    # An independent description of the same kernel structs.
+    diag = pytest.importorskip("pyroute2.netlink.diag")
+    nl = pytest.importorskip("pyroute2.netlink")
+    assert sockdiag.INET_DIAG_MSG_FIELDS == tuple(diag.inet_diag_msg.fields)
+    assert sockdiag.TCP_INFO_FIELDS == tuple(diag.inet_diag_msg.tcp_info.fields)
+    assert sockdiag.INET_DIAG_REQ_FIELDS == tuple(diag.inet_diag_req.fields)
+    assert (sockdiag.NETLINK_SOCK_DIAG, sockdiag.NLM_F_DUMP, sockdiag.NLM_F_REQUEST, sockdiag.NLMSG_DONE,
+            sockdiag.NLMSG_ERROR, sockdiag.SOCK_DIAG_BY_FAMILY) == (
+        nl.NETLINK_SOCK_DIAG, nl.NLM_F_DUMP, nl.NLM_F_REQUEST, nl.NLMSG_DONE, nl.NLMSG_ERROR,
+        diag.SOCK_DIAG_BY_FAMILY)
+    # A request encodes to the same bytes as pyroute2's.
+    req = diag.inet_diag_req()
+    req["header"].update(type=diag.SOCK_DIAG_BY_FAMILY, flags=0x301, sequence_number=9, pid=0)
+    req.update(sdiag_family=socket.AF_INET6, sdiag_protocol=socket.IPPROTO_TCP, idiag_ext=2,
+               idiag_states=sockdiag.ALL_STATES, idiag_sport=0, idiag_dport=0, idiag_src=(0, 0, 0, 0),
+               idiag_dst=(0, 0, 0, 0), idiag_if=0, idiag_cookie=sockdiag.NOCOOKIE)
+    req.encode()
+    assert bytes(sockdiag._request(socket.AF_INET6, sockdiag.ALL_STATES, 2, 0x301, 9)) == bytes(req.data)
+
+
+def test_wire_layout_matches_the_kernel_headers() -> None:
     # struct inet_diag_msg is 72 bytes (include/uapi/linux/inet_diag.h).
     assert sockdiag.MSG_DTYPE.itemsize == 72
     # struct tcp_info offsets (include/uapi/linux/tcp.h).
@@ -116,3 +140,26 @@ def test_recorded_dump_with_info_decodes_only_wanted() -> None:
     got, _, _ = sockdiag.parse_info_dump(raw, 79, set(some))
     assert set(got) == set(some) and all(got[c] == everything[c] for c in some)
     assert sockdiag.parse_info_dump(raw, 80, set(rows))[0] == {}  # another request's sequence
+
+
+def test_tcp_info_table_answers_like_decode() -> None:
+    full = bytearray(232)
+    struct.pack_into("=BBBBB", full, 0, 8, 0, 2, 1, 3)  # state, ca_state, retransmits, probes, backoff
+    struct.pack_into("=I", full, 8, 204000)  # rto
+    struct.pack_into("=III", full, 44, 1234, 0, 99)  # last_data_sent, last_ack_sent, last_data_recv
+    struct.pack_into("=I", full, 56, 7)  # last_ack_recv
+    struct.pack_into("=Q", full, sockdiag.TCP_INFO_OFFSETS["tcpi_bytes_received"][0], 555)
+    table = sockdiag.TcpInfoTable()
+    assert table.add(11, bytes(full))
+    assert table.add(12, bytes(full[:104]))  # an older kernel's struct
+    assert not table.add(13, bytes(full[:40]))  # too short to answer
+    assert set(table) == {11, 12} and 13 not in table and len(table) == 2
+    assert table[11] == sockdiag.decode_tcp_info(bytes(full))
+    assert table[12] == sockdiag.decode_tcp_info(bytes(full[:104]))
+    assert table[12].bytes_received is None and table[11].bytes_received == 555
+    found, idle = table.idle_ms(np.array([12, 13, 11], np.uint64))
+    assert found.tolist() == [True, False, True] and idle[found].tolist() == [99, 99]
+    # The last answer for a socket wins.
+    struct.pack_into("=I", full, 52, 5)
+    table.add(11, bytes(full))
+    assert table[11].last_data_recv_ms == 5 and len(table) == 2
