@@ -239,8 +239,10 @@ def test_burst_counts_exact_with_zero_loss(procs: Any, oracle: Any, bpf_stats: A
     def d(s: Stat, off: int = 0) -> int:
         return after.stat(s, off) - before.stat(s, off)
 
+    # A program that fires again on the same CPU while it runs (a softirq
+    # interrupting it) is skipped and counted, in every mode: counted is not
+    # silent, and such skips may explain a gap, but no more than they count.
     misses = {k: v.recursion_misses for k, v in infos.items()}
-    assert classic or not any(misses.values()), misses
     slack = skip_allowance(classic, n, sum(misses.values()))
     assert d(Stat.INSERT_FAILED) == 0
     got = {f"{what.name}_{dr.name}": d(what, dr) for what in (Stat.OPENED, Stat.CLOSED) for dr in ENDS}

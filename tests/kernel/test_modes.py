@@ -264,9 +264,9 @@ def test_burst_counts_agree(modes: Modes, procs: Any, oracle: Any, bpf_stats: An
         # Classic tracepoint and kprobe programs are skipped when their event
         # fires in an interrupt while any BPF program (here: six tracers and
         # bpftrace) runs on that CPU (see conftest.skip_allowance); tp_btf
-        # and fentry are exact.
+        # and fentry only when the same program is interrupted by itself, and
+        # always counted.
         classic = mode.endswith(("tracepoint", "kprobe"))
-        assert classic or not missed, (mode, missed)
         slack = skip_allowance(classic, n, missed, fraction=0.02)
         assert all(n - slack <= v <= n for v in got.values()), (mode, missed, slack, got)
         if got != dict.fromkeys(got, n):
