@@ -24,6 +24,8 @@
 #   host cannot run.
 # VM_TIMEOUT / VM_SMOKE_TIMEOUT: hard limit per kernel in seconds.
 # VM_JOBS: kernels run side by side (default 1; CI uses 3, see .ci/run).
+# VM_RETRY_WITHIN: seconds; a kernel that failed runs once more, alone, if the
+#   matrix took less than that (default 0: no retry; CI: 2700).
 
 VM_DIR := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
 VM_KERNELS := 5.10 6.1 6.12
@@ -34,6 +36,7 @@ VM_TEST_DEPS ?= $(if $(wildcard bpf/*.bpf.c),bpf)
 VM_PYTEST_ARGS ?=
 VM_TESTS ?=
 VM_JOBS ?= 1
+VM_RETRY_WITHIN ?= 0
 VM_BCC_TESTS ?=
 VM_MODES ?=
 
@@ -46,7 +49,7 @@ vm-image:
 
 # vm_matrix TIMEOUT GUEST-ARGS: run guest-test in each kernel, then a summary.
 define vm_matrix
-	$(VM_DIR)/vm-matrix -t $(1) -j $(VM_JOBS) \
+	$(VM_DIR)/vm-matrix -t $(1) -j $(VM_JOBS) -r $(VM_RETRY_WITHIN) \
 	    -e PYTRACER_VM_PYTEST_ARGS='$(VM_PYTEST_ARGS)' \
 	    $(if $(VM_TESTS),-e PYTRACER_VM_TESTS='$(VM_TESTS)') \
 	    $(if $(VM_BCC_TESTS),-e PYTRACER_VM_BCC_TESTS='$(VM_BCC_TESTS)') \
