@@ -46,11 +46,11 @@ from .loader import (
     ATTACH_MODES,
     DEFAULT_MAX_SOCKETS,
     HOOK_TARGETS,
-    LISTEN_NEEDED_BY,
     OPTIONAL_HOOKS,
     Choice,
     TracerError,
     TracerHandle,
+    not_needed,
 )
 
 SOURCE_NAME = "pytracer_bcc.c"
@@ -515,12 +515,9 @@ class BccTracer(TracerHandle):
         assert self.features is not None
         for hook, cands in plan.items():
             ch = self.choices[hook]
-            state_kind = self.choices["state"].kind
-            if hook == "listen" and state_kind not in LISTEN_NEEDED_BY:
-                ch.reason = f"not needed: the {state_kind} state hook sees CLOSE -> LISTEN"
-                continue
-            if hook == "accept_fd" and self.choices["accept"].kind == "syscall":
-                ch.reason = "not needed: the accept hook is accept(2)'s exit"
+            why_not = not_needed(hook, self.choices)
+            if why_not:
+                ch.reason = why_not
                 continue
             for c in cands:
                 done: list[Probe] = []

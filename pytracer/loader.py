@@ -84,6 +84,16 @@ OPTIONAL_HOOKS = {"reset", "accept_fd"}
 # Hooks a state-hook kind needs on top of the others.
 LISTEN_NEEDED_BY = {"fentry", "kprobe"}
 
+
+def not_needed(hook: str, choices: dict[str, Choice]) -> str | None:
+    """Why ``hook`` need not be attached, given the kinds already chosen for
+    the hooks before it (both backends plan in HOOKS order), or None."""
+    if hook == "listen" and choices["state"].kind not in LISTEN_NEEDED_BY:
+        return f"not needed: the {choices['state'].kind} state hook sees CLOSE -> LISTEN"
+    if hook == "accept_fd" and choices["accept"].kind == "syscall":
+        return "not needed: the accept hook is accept(2)'s exit"
+    return None
+
 # What each hook's program is called in the kernel, for messages.
 HOOK_TARGETS = {
     "state": "inet_sock_set_state / tcp_set_state",
@@ -292,12 +302,9 @@ class Tracer(TracerHandle):
         plan: dict[str, Choice] = {}
         for hook, cands in HOOKS.items():
             ch = Choice(hook)
-            if hook == "listen" and plan["state"].kind not in LISTEN_NEEDED_BY:
-                ch.reason = f"not needed: the {plan['state'].kind} state hook sees CLOSE -> LISTEN"
-                plan[hook] = ch
-                continue
-            if hook == "accept_fd" and plan["accept"].kind == "syscall":
-                ch.reason = "not needed: the accept hook is accept(2)'s exit"
+            why_not = not_needed(hook, plan)
+            if why_not:
+                ch.reason = why_not
                 plan[hook] = ch
                 continue
             forced = FORCED.get(self.attach_mode)
