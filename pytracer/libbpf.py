@@ -58,9 +58,12 @@ def _load() -> ctypes.CDLL:
     if _lib is not None:
         return _lib
     override = os.environ.get("PYTRACER_LIBBPF")
-    candidates = [override] if override else ["libbpf.so.1", ctypes.util.find_library("bpf")]
+    # find_library runs `ldconfig -p` (a fork and exec): only when the soname fails.
+    candidates = [override] if override else ["libbpf.so.1", lambda: ctypes.util.find_library("bpf")]
     errors = []
     for name in candidates:
+        if callable(name):
+            name = name()
         if not name:
             continue
         try:
@@ -180,12 +183,22 @@ _log_lines: deque[str] = deque(maxlen=200)
 _log_lock = threading.Lock()
 
 
+LIBBPF_DEBUG = 2  # enum libbpf_print_level: WARN 0, INFO 1, DEBUG 2
+# libbpf prints ~1,000 debug lines per object load (CO-RE relocations, map
+# and program setup); crossing into Python for each costs ~15 ms of start-up
+# and would push the warnings that explain a failure out of the kept tail.
+# PYTRACER_LIBBPF_DEBUG=1 keeps them.
+_keep_debug = os.environ.get("PYTRACER_LIBBPF_DEBUG", "") not in ("", "0")
+_print_buf = ctypes.create_string_buffer(1 << 16)
+
+
 def _on_print(level: int, fmt: bytes, va_list: int) -> int:
+    if level >= LIBBPF_DEBUG and not _keep_debug:
+        return 0
     # va_list is passed by pointer on x86-64 and arm64; vsnprintf formats it.
-    buf = ctypes.create_string_buffer(1 << 16)
-    _libc.vsnprintf(buf, len(buf), fmt, c_void_p(va_list))
     with _log_lock:
-        for line in buf.value.decode(errors="replace").splitlines():
+        _libc.vsnprintf(_print_buf, len(_print_buf), fmt, c_void_p(va_list))
+        for line in _print_buf.value.decode(errors="replace").splitlines():
             _log_lines.append(line)
     return 0
 
