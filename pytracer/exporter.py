@@ -772,7 +772,13 @@ class TracerCollector(Collector):
         if self._scanner not in (None, "auto"):
             scans = CounterMetricFamily(f"{ns}_leak_scans", "Leak detector scans completed.")
             scans.add_metric([], float(self.leak_scans))
-            out.append(scans)
+            reaped = CounterMetricFamily(
+                f"{ns}_records_reaped",
+                "Table records deleted because their socket no longer existed and no destroy event was seen "
+                "(each is logged); their lifetimes are not in the histograms.",
+            )
+            reaped.add_metric([], float(getattr(self._scanner, "reaped", 0)))
+            out += [scans, reaped]
         if self.leak_scan_seconds is not None:
             sd = GaugeMetricFamily(f"{ns}_leak_scan_duration_seconds", "Time the last leak scan took.")
             sd.add_metric([], self.leak_scan_seconds)

@@ -75,6 +75,10 @@ SEED_STATES = (S.ESTABLISHED, S.SYN_SENT, S.SYN_RECV, S.FIN_WAIT1, S.FIN_WAIT2, 
 # States whose sockets the detectors look at one by one.
 STUCK_STATES = (S.CLOSE_WAIT, S.LAST_ACK, S.FIN_WAIT2)
 MAX_SOCKET_FACTS = 20000  # sockets built into Python objects per scan
+# A table record whose socket sock_diag has not listed for this long (in two
+# scans at least this far apart, record untouched between them) is reaped.
+REAP_AFTER_S = 30.0
+REAP_LOGGED = 5  # records described in the log per scan
 
 
 def _addr(family: int, raw: np.ndarray) -> str:
@@ -171,7 +175,8 @@ class Scanner:
     """
 
     def __init__(self, tracer: Any = None, thresholds: Thresholds | None = None, pids: Iterable[int] = (),
-                 proc: str = procs.PROC, max_socket_facts: int = MAX_SOCKET_FACTS) -> None:
+                 proc: str = procs.PROC, max_socket_facts: int = MAX_SOCKET_FACTS,
+                 reap_after: float = REAP_AFTER_S) -> None:
         self.tracer = tracer
         self.thresholds = thresholds or Thresholds()
         self.thresholds.validate()
@@ -185,6 +190,11 @@ class Scanner:
         self._hist_state = np.zeros(0, np.uint8)
         self._hist: dict[str, np.ndarray] = {name: np.zeros(0) for name, _ in _HISTORY}
         self.scans = 0
+        self.reap_after = reap_after
+        self.reaped = 0
+        # Records whose socket the last scan could not find: key -> (state_ns,
+        # transitions, monotonic seconds first missed).
+        self._missing: dict[int, tuple[int, int, float]] = {}
         # The facts the last scan judged (for debugging and recording fixtures).
         self.last_facts: list[SockFacts] = []
         self.last_procs: dict[int, procs.ProcFacts] = {}
@@ -249,6 +259,9 @@ class Scanner:
             hist = self._carry(rows, now)
             rep.stats["table_records"] = int(len(snapshot.keys)) if snapshot is not None else None
             rep.stats["table_matched"] = int(matched.sum())
+            if snapshot is not None:
+                self._reap(snapshot, rows, set(sess.socks), bool(inv.errors), now)
+            rep.stats["records_reaped"] = self.reaped
 
             fin_timeout = {ino: n.fin_timeout for ino, n in inv.netns.items()}
             stuck_idx, est_idx, query = self._candidates(rows, relevant, exact_s, table_bound_s, hist,
@@ -293,6 +306,61 @@ class Scanner:
             rep.processes = summaries
 
     # -- pieces ------------------------------------------------------------
+
+    def _reap(self, snap: Snapshot, rows: np.ndarray, covered: set[int], partial: bool, now: float) -> None:
+        """Delete table records whose socket no longer exists, and count them.
+
+        A record leaves the table when the kernel destroys its socket; if
+        that event never reaches a program, the record would stay forever,
+        hold a slot, and its lifetime would never be counted.  Such a record
+        is reaped when its socket's cookie is missing from two complete
+        sock_diag dumps at least ``reap_after`` apart, in a namespace both
+        dumps covered, while the record did not change.  Cookies are never
+        reused, and the states reaped are ones sock_diag always lists (not
+        CLOSE: an unhashed socket still held by an fd is not listed).
+        The count is ``records_reaped``; each is logged.
+        """
+        if partial or getattr(self.tracer, "key_by_ptr", False) or not len(snap.keys):
+            self._missing = {}
+            return
+        socks = snap.socks
+        netns = np.fromiter((ino & 0xFFFFFFFF for ino in covered), np.uint32, len(covered))
+        absent = ~np.isin(snap.keys, rows["cookie"])
+        absent &= np.isin(socks["state"], [int(st) for st in SEED_STATES])
+        absent &= np.isin(socks["netns_ino"], netns)
+        absent &= socks["state_ns"].astype(np.int64) < np.int64(time.monotonic_ns() - int(self.reap_after * 1e9))
+        missing: dict[int, tuple[int, int, float]] = {}
+        due = []
+        for i in np.flatnonzero(absent).tolist():
+            key = int(snap.keys[i])
+            mark = (int(socks["state_ns"][i]), int(socks["transitions"][i]))
+            first = self._missing.get(key)
+            if first is not None and first[:2] == mark and now - first[2] >= self.reap_after:
+                due.append(i)
+            else:
+                missing[key] = first if first is not None and first[:2] == mark else (*mark, now)
+        self._missing = missing
+        if not due:
+            return
+        table = self.tracer.map("socks")
+        logged = 0
+        for i in due:
+            key = struct.pack("=Q", int(snap.keys[i]))
+            raw = table.lookup(key, SOCK_DTYPE.itemsize)
+            if raw is None:
+                continue  # destroyed meanwhile: the kernel counted it
+            rec = np.frombuffer(raw, SOCK_DTYPE)[0]
+            if int(rec["state_ns"]) != int(socks["state_ns"][i]) or int(rec["transitions"]) != int(socks["transitions"][i]):
+                continue
+            if not table.delete(key):
+                continue
+            self.reaped += 1
+            if logged < REAP_LOGGED:
+                logged += 1
+                log.warning("reaped a table record whose socket is gone (no destroy event seen): cookie %d, %s, "
+                            "port %d -> %d, netns %d, last change %.1f s ago", int(snap.keys[i]),
+                            TcpState.name_of(int(rec["state"])), int(rec["lport"]), int(rec["rport"]),
+                            int(rec["netns_ino"]), (time.monotonic_ns() - int(rec["state_ns"])) / 1e9)
 
     def _relevant(self, rows: np.ndarray, owners: procs.SocketOwners) -> np.ndarray:
         return scope_mask(rows, owners, self.pids)
@@ -835,6 +903,7 @@ def watch_enricher(thresholds: Thresholds, duty: float = 0.25):
             "scan_seconds": lr.stats.get("scan_seconds"),
             "age_seconds": round(max(0.0, now - lr.mono_ns / 1e9), 3),
             "netns_covered": lr.stats.get("netns_covered"),
+            "records_reaped": lr.stats.get("records_reaped", 0),
         }
 
     return enrich

@@ -494,3 +494,65 @@ def test_tracer_leaks_and_watch_cli(leak_net: LeakNet, spawn: Any) -> None:
             assert {"kind", "cookie", "pid", "comm", "fd", "state", "seconds", "detail"} <= set(f)
             assert (f["pid"], f["fd"]) == held_by(r) and f["state"] == "CLOSE_WAIT" and f["seconds"] >= 1.0
         assert line["tracer"]["seeded"] >= 3
+
+
+# --- records of sockets that no longer exist ----------------------------------------------
+
+
+def test_gone_socket_record_is_reaped(leak_tracer: Any) -> None:
+    """A record whose socket sock_diag no longer lists (the kernel's destroy
+    event never reached us) is deleted after two scans ``reap_after`` apart
+    and counted; live sockets' records, CLOSE records (unhashed sockets are
+    not listed), records in namespaces not dumped and records that changed
+    in between are kept."""
+    import socket
+    import struct
+
+    lsn = socket.socket()
+    lsn.bind(("127.0.0.1", 0))
+    lsn.listen(4)
+    port = lsn.getsockname()[1]
+    cli = socket.create_connection(("127.0.0.1", port))
+    acc, _ = lsn.accept()
+    socks = leak_tracer.map("socks")
+    try:
+        live = wait_until(lambda: [r for r in ss(None, port) if r.state == "ESTAB" and r.lport == port and r.cookie]
+                          or None, 10, "the accepted socket in ss")
+        live_key = struct.pack("=Q", live[0].cookie)
+        raw = wait_until(lambda: socks.lookup(live_key, poller.SOCK_DTYPE.itemsize), 5, "its table record")
+        template = np.frombuffer(raw, poller.SOCK_DTYPE)[0].copy()
+        assert int(template["state"]) == 1  # ESTABLISHED
+        old_ns = time.monotonic_ns() - 5_000_000_000
+        base = (1 << 62) + (os.getpid() << 20)  # far beyond any cookie this boot will hand out
+        fakes = {"gone": base + 1, "close": base + 2, "other_netns": base + 3, "changed": base + 4}
+        for name, cookie in fakes.items():
+            rec = template.copy()
+            rec["state_ns"] = old_ns
+            if name == "close":
+                rec["state"] = 7  # TCP_CLOSE
+            if name == "other_netns":
+                rec["netns_ino"] = 1  # no namespace has inode 1
+            socks.update(struct.pack("=Q", cookie), rec.tobytes(), 1)  # BPF_NOEXIST
+        scanner = Scanner(leak_tracer, Thresholds(), reap_after=0.5)
+        first = scanner.scan()
+        assert not [e for e in first.errors if "scan:" in e], first.errors
+        assert all(socks.lookup(struct.pack("=Q", c), poller.SOCK_DTYPE.itemsize) for c in fakes.values()), \
+            "reaped on the first sighting"
+        before = scanner.reaped
+        changed = template.copy()
+        changed["state_ns"] = old_ns + 1
+        socks.update(struct.pack("=Q", fakes["changed"]), changed.tobytes(), 2)  # BPF_EXIST
+        time.sleep(0.7)
+        second = scanner.scan()
+        present = {n: socks.lookup(struct.pack("=Q", c), poller.SOCK_DTYPE.itemsize) is not None
+                   for n, c in fakes.items()}
+        assert present == {"gone": False, "close": True, "other_netns": True, "changed": True}, present
+        assert scanner.reaped - before >= 1 and second.stats["records_reaped"] == scanner.reaped
+        # The live socket (ss lists it) keeps its record.
+        assert socks.lookup(live_key, poller.SOCK_DTYPE.itemsize) is not None
+        assert any(r.cookie == live[0].cookie for r in ss(None, port))
+    finally:
+        for cookie in (1 << 62) + (os.getpid() << 20) + np.arange(1, 5):
+            socks.delete(struct.pack("=Q", int(cookie)))
+        for s in (cli, acc, lsn):
+            s.close()
