@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """pytracer benchmarks: kernel cost, churn overhead, accuracy, scale, startup.
 
-    python3 bench/run.py [--smoke] [--runs N] [--out DIR] [SECTION ...]
+    python3 bench/run.py [--smoke] [--runs N] [--out DIR] [--sizes 10k,100k,1M] [SECTION ...]
 
 Sections: cost churn accuracy scale startup (default: all).  Each writes its
 raw numbers to DIR/results.json (merged with earlier sections' numbers);
 ``bench/report.py`` turns that into BENCHMARKS.md tables and PNG plots.
 ``--smoke`` shrinks every size so the whole harness runs in well under two
 minutes, and checks no targets: it only proves the harness works.
+``--sizes`` (or ``BENCH_SCALE_SIZES``) picks the scale section's live-socket
+counts; a size the host cannot hold (fs.file-max, MemAvailable) is skipped
+with a logged reason, and rows of other sizes already in results.json stay.
 
 All load is loopback on 127.0.0.x.  Every process started here is stopped by
 pid on every exit path; every wait has a deadline.
@@ -539,8 +542,15 @@ http {{
                 f"seed {row['seed_s'] or 0:.2f}s watch RSS {row['watch_rss_kib']} map entries {pres['map_entries']}")
         finally:
             t1 = time.monotonic()
+            # Signal every holder first: closing 1M sockets one holder at a time took 70 s.
+            for p in procs:
+                if p.name == "churn-hold" and p.p.poll() is None:
+                    try:
+                        os.kill(p.pid, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
             for p in reversed(procs):
-                p.stop()
+                p.stop(timeout=60)
             log(f"  stopped in {time.monotonic() - t1:.1f}s")
         row["close_s"] = time.monotonic() - t1
         return row
