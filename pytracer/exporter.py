@@ -572,7 +572,7 @@ class TracerCollector(Collector):
         self.read_errors: dict[str, int] = {w: 0 for w in READS}
         # Scrapes read the socket table into the same arrays every time (as
         # `tracer watch` does): fresh ones cost a page fault per 4 KiB the
-        # kernel writes, ~0.3 s of a 0.65 s scrape at 1M sockets.  Only
+        # kernel writes, ~0.1 s of a ~0.5 s scrape at 1M sockets.  Only
         # collect() reads into them, one scrape at a time (self._lock); the
         # scan thread reads its own.
         self._sock_buffers: Any = None
