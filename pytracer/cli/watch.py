@@ -39,7 +39,7 @@ def intervals(interval: float, duration: float | None, clock: Callable[[], float
     n = math.inf if duration is None else max(1, math.ceil(duration / interval - 1e-9))
     i = 0
     while i < n:
-        i = min(n, max(i + 1, int((clock() - start) / interval)))
+        i = int(min(n, max(i + 1, int((clock() - start) / interval))))
         deadline = start + i * interval
         if duration is not None:
             deadline = min(deadline, start + duration)
