@@ -1,6 +1,7 @@
 # Benchmarks (bench/): included by the top-level Makefile.
 #
-#   sudo make bench        full run (~10 min): bench/results/results.json, PNGs, BENCHMARKS.md
+#   sudo make bench        full run (~20 min, of which the 1M-socket scale row ~6-8 min and ~5 GiB):
+#                          bench/results/results.json, PNGs, BENCHMARKS.md.  BENCH_SCALE_SIZES=10k,100k skips 1M.
 #   sudo make bench-smoke  tiny sizes, < 2 min, checks no targets: proves the harness works
 #
 # The harness uses the system Python (Debian's python3-matplotlib for plots)

@@ -10,6 +10,7 @@ import json
 import os
 import queue
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -309,3 +310,86 @@ def _os_release() -> str:
         return re.search(r'PRETTY_NAME="([^"]+)"', text).group(1)  # type: ignore[union-attr]
     except (OSError, AttributeError):
         return "?"
+
+
+# -- scale limits ----------------------------------------------------------
+
+# Measured here with 1M idle loopback sockets: ~4.7 KiB of slab each (tcp_sock, file, dentry, inode,
+# epoll-less), plus the tracers (watch ~0.9 GiB, export ~0.4 GiB, the poll loop and the socks map at 1M).
+# A size is refused when MemAvailable is below this many KiB per socket.
+KIB_PER_SOCKET_NEEDED = 8
+
+
+def meminfo_kib() -> dict[str, int]:
+    out = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            k, v = line.split(":", 1)
+            out[k] = int(v.split()[0])
+    return out
+
+
+def _sysctl(name: str) -> list[int]:
+    try:
+        return [int(x) for x in Path("/proc/sys", *name.split(".")).read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def scale_limits() -> dict[str, Any]:
+    """The kernel and process limits that decide how many live sockets the scale
+    section can hold, and how many connections one `churn hold` may take.
+
+    RLIMIT_NOFILE: a holder keeps 2 fds per connection.  Raising the hard limit
+    (up to fs.nr_open) needs CAP_SYS_RESOURCE; where that is allowed this process
+    raises its own, the holders inherit it and churn sets soft = hard, so fewer
+    holders are needed.  Ephemeral ports: a holder connects 127.0.0.1 -> its own
+    127.0.x.y:port, so one 4-tuple family, at most ip_local_port_range ports.
+    """
+    nr_open = (_sysctl("fs.nr_open") or [1 << 20])[0]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(nr_open, 1 << 20)
+    raised = False
+    if hard < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, want))
+            hard, raised = want, True
+        except (OSError, ValueError):
+            pass
+    ports = _sysctl("net.ipv4.ip_local_port_range") or [32768, 60999]
+    port_range = ports[1] - ports[0] + 1
+    per_holder = max(1, min((hard - 64) // 2, port_range - 1000))
+    mem = meminfo_kib()
+    return {
+        "nofile_hard": hard,
+        "nofile_raised": raised,
+        "fs.nr_open": nr_open,
+        "fs.file-max": (_sysctl("fs.file-max") or [0])[0],
+        "net.ipv4.ip_local_port_range": ports,
+        "port_range_size": port_range,
+        "net.ipv4.tcp_max_orphans": (_sysctl("net.ipv4.tcp_max_orphans") or [0])[0],
+        "net.ipv4.tcp_max_tw_buckets": (_sysctl("net.ipv4.tcp_max_tw_buckets") or [0])[0],
+        "net.ipv4.tcp_mem": _sysctl("net.ipv4.tcp_mem"),
+        "net.core.somaxconn": (_sysctl("net.core.somaxconn") or [0])[0],
+        "kernel.pid_max": (_sysctl("kernel.pid_max") or [0])[0],
+        "mem_available_kib": mem.get("MemAvailable", 0),
+        "connections_per_holder": per_holder,
+    }
+
+
+def scale_refusal(sockets: int, lim: dict[str, Any]) -> str | None:
+    """Why this host cannot hold ``sockets`` live sockets now (None: it can).
+    Every socket is one fd; idle sockets hold no tcp_mem pages (no queued data);
+    tcp_max_orphans and tcp_max_tw_buckets only matter at teardown (overflow is
+    dropped by the kernel, not an error)."""
+    fm = lim["fs.file-max"]
+    if fm and fm < sockets + 50000:
+        return f"fs.file-max is {fm:,}"
+    need = sockets * KIB_PER_SOCKET_NEEDED
+    avail = meminfo_kib().get("MemAvailable", 0)
+    if avail < need:
+        return f"MemAvailable {avail / 2**20:.1f} GiB < {need / 2**20:.1f} GiB needed"
+    holders = -(-sockets // 2 // lim["connections_per_holder"])
+    if holders > 250 * 200:
+        return f"{holders} holders would need more 127.0.x.y addresses than the harness hands out"
+    return None

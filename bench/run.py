@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """pytracer benchmarks: kernel cost, churn overhead, accuracy, scale, startup.
 
-    python3 bench/run.py [--smoke] [--runs N] [--out DIR] [SECTION ...]
+    python3 bench/run.py [--smoke] [--runs N] [--out DIR] [--sizes 10k,100k,1M] [SECTION ...]
 
 Sections: cost churn accuracy scale startup (default: all).  Each writes its
 raw numbers to DIR/results.json (merged with earlier sections' numbers);
 ``bench/report.py`` turns that into BENCHMARKS.md tables and PNG plots.
 ``--smoke`` shrinks every size so the whole harness runs in well under two
 minutes, and checks no targets: it only proves the harness works.
+``--sizes`` (or ``BENCH_SCALE_SIZES``) picks the scale section's live-socket
+counts; a size the host cannot hold (fs.file-max, MemAvailable) is skipped
+with a logged reason, and rows of other sizes already in results.json stay.
 
 All load is loopback on 127.0.0.x.  Every process started here is stopped by
 pid on every exit path; every wait has a deadline.
@@ -42,14 +45,34 @@ from lib import (  # noqa: E402
     log,
     machine,
     map_memory,
+    meminfo_kib,
     prog_stats,
     rss_kib,
+    scale_limits,
+    scale_refusal,
     start_bpftrace,
     start_tracer,
     stats,
 )
 
 SECTIONS = ("cost", "churn", "accuracy", "scale", "startup")
+# 1M takes ~4 minutes here (opening 500k connections ~10 s, five seeding passes ~15 s each, teardown);
+# it is skipped with a logged reason where the host's limits or memory do not allow it.
+DEFAULT_SCALE_SIZES = (10000, 100000, 1000000)
+
+
+def parse_sizes(text: str) -> list[int]:
+    """'10k,100k,1M' -> [10000, 100000, 1000000] (even, ascending)."""
+    out = []
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        mult = {"k": 1000, "m": 1000000}.get(part[-1].lower(), 1)
+        num = part[:-1] if mult > 1 else part
+        if not num.isdigit() or int(num) * mult < 2:
+            raise ValueError(f"bad size {part!r}: want a socket count such as 10000, 100k or 1M")
+        out.append(int(num) * mult // 2 * 2)
+    return sorted(set(out))
 
 
 class Bench:
@@ -57,6 +80,7 @@ class Bench:
         self.smoke = args.smoke
         self.runs = args.runs or (1 if self.smoke else 5)
         self.out = Path(args.out)
+        self.scale_sizes: list[int] = getattr(args, "scale_sizes", None) or list(DEFAULT_SCALE_SIZES)
         self.out.mkdir(parents=True, exist_ok=True)
         self.churn = build_churn()
         self.port = 19100 + (os.getpid() % 400) * 2  # distinct per harness run
@@ -413,85 +437,123 @@ http {{
     # -- 4. scale ------------------------------------------------------------
 
     def scale(self) -> None:
-        sizes = [2000] if self.smoke else [10000, 100000]
-        per_proc = 8000  # connections per holder: 2 fds each, under a 20k RLIMIT_NOFILE
-        out: dict[str, Any] = {}
+        sizes = [2000] if self.smoke else self.scale_sizes
+        lim = scale_limits()
+        per_proc = lim["connections_per_holder"]
+        log(f"scale: sizes {', '.join(f'{s:,}' for s in sizes)}; up to {per_proc:,} connections per holder "
+            f"(RLIMIT_NOFILE {lim['nofile_hard']:,}, ephemeral ports {lim['port_range_size']:,})")
+        # Rows are merged per size, so `--sizes 1000000` keeps the 10k and 100k rows of an earlier run.
+        out: dict[str, Any] = {k: v for k, v in self.results.get("scale", {}).items() if k.isdigit()}
         for sockets in sizes:
-            conns = sockets // 2
-            log(f"scale: {sockets} live sockets ({conns} connections), {self.runs} poll cycles and scrapes")
-            procs: list[Proc] = []
-            try:
-                cap = max(262144, int(sockets * 1.3))
-                poll = Proc([VENV_PY, str(HERE / "pollcycle.py"), str(cap)], name="pollcycle")
-                procs.append(poll)
-                poll.wait_for(lambda x: isinstance(x, dict) and x.get("attached"), 30)
-                watch = start_tracer("--max-sockets", str(cap), interval=1.0)
-                procs.append(watch)
-                sport = self.next_port()
-                exp = start_tracer("export", "--listen", f"127.0.0.1:{sport}", "--max-sockets", str(cap))
-                procs.append(exp)
-                holders = []
-                left, i = conns, 0
-                t0 = time.monotonic()
-                while left > 0:
-                    k = min(per_proc, left)
-                    i += 1
-                    h = Proc([self.churn, "hold", f"127.0.{10 + i // 250}.{1 + i % 250}", str(self.next_port()),
-                              str(k)], name="churn-hold")
-                    procs.append(h)
-                    holders.append(h)
-                    left -= k
-                for h in holders:
-                    h.wait_for(lambda x: isinstance(x, dict) and x.get("role") == "hold", 300)
-                open_s = time.monotonic() - t0
-                time.sleep(2.5)  # a couple of watch intervals at full size
-                poll.send(f"{self.runs}\n")
-                _, pres = poll.wait_for(lambda x: isinstance(x, dict) and "poll_s" in x, 300)
-                scrapes, sizes_b = [], []
-                url = f"http://127.0.0.1:{sport}/metrics"
-                scrape_errors = []
-                for _ in range(self.runs):
-                    t = time.perf_counter()
-                    try:
-                        body = urllib.request.urlopen(url, timeout=60).read()
-                    except OSError as exc:
-                        scrape_errors.append(str(exc))
-                        continue
-                    scrapes.append(time.perf_counter() - t)
-                    sizes_b.append(len(body))
-                wl = watch.json_lines()[-1]
-                out[str(sockets)] = {
-                    "connections": conns,
-                    "holders": len(holders),
-                    "open_s": open_s,
-                    "poll_s": stats(pres["poll_s"]),
-                    "read_s": stats(pres["read_s"]),
-                    "map_entries": pres["map_entries"],
-                    "pollcycle_rss_kib": pres["rss_kib"],
-                    "seed_s": pres.get("seed_s"),
-                    "seed_runs_s": pres.get("seed_runs_s"),
-                    "seeded": pres.get("seeded"),
-                    "watch_rss_kib": rss_kib(watch.pid),
-                    "watch_read_seconds": wl["tracer"]["read_seconds"],
-                    "watch_map_entries": wl["tracer"]["map_entries"],
-                    "watch_insert_failed": wl["tracer"]["insert_failed"],
-                    "export_rss_kib": rss_kib(exp.pid),
-                    "scrape_s": stats(scrapes),
-                    "scrape_bytes": sizes_b[-1] if sizes_b else 0,
-                    "scrape_errors": scrape_errors,
-                    "map_bytes": map_memory(bpf_ids(watch.pid, "map")),
-                    "max_sockets": cap,
-                }
-                log(f"  poll {out[str(sockets)]['poll_s']['median']:.3f}s scrape "
-                    f"{out[str(sockets)]['scrape_s']['median']:.3f}s watch RSS "
-                    f"{out[str(sockets)]['watch_rss_kib']} map entries {pres['map_entries']}")
-            finally:
-                for p in reversed(procs):
-                    p.stop()
-        out["command"] = ("python3 bench/run.py scale  # churn hold 127.0.x.y PORT 8000 per process; "
-                          "bench/pollcycle.py times poller.snapshot + model.build_report")
-        self.results["scale"] = out
+            why = scale_refusal(sockets, lim)
+            if why:
+                log(f"scale: skipping {sockets:,} sockets: {why}")
+                continue
+            out[str(sockets)] = self._scale_one(sockets, per_proc)
+            self.results["scale"] = {**out, "limits": lim, "command": self._scale_command(per_proc)}
+            self.save()
+        self.results["scale"] = {**out, "limits": lim, "command": self._scale_command(per_proc)}
         self.save()
+
+    @staticmethod
+    def _scale_command(per_proc: int) -> str:
+        return (f"python3 bench/run.py scale --sizes SIZES  # churn hold 127.0.x.y PORT <= {per_proc} per process; "
+                "bench/pollcycle.py times poller.snapshot + model.build_report")
+
+    def _scale_one(self, sockets: int, per_proc: int) -> dict[str, Any]:
+        conns = sockets // 2
+        # Deadlines grow with the size: at 1M a seeding pass is ~15 s and a scrape ~1 s here.
+        slow = max(1.0, sockets / 100000)
+        log(f"scale: {sockets:,} live sockets ({conns:,} connections), {self.runs} poll cycles and scrapes")
+        procs: list[Proc] = []
+        mem0 = meminfo_kib()
+        try:
+            cap = max(262144, int(sockets * 1.3))
+            poll = Proc([VENV_PY, str(HERE / "pollcycle.py"), str(cap)], name="pollcycle")
+            procs.append(poll)
+            poll.wait_for(lambda x: isinstance(x, dict) and x.get("attached"), 30)
+            watch = start_tracer("--max-sockets", str(cap), interval=1.0)
+            procs.append(watch)
+            sport = self.next_port()
+            exp = start_tracer("export", "--listen", f"127.0.0.1:{sport}", "--max-sockets", str(cap))
+            procs.append(exp)
+            holders = []
+            left, i = conns, 0
+            t0 = time.monotonic()
+            while left > 0:
+                k = min(per_proc, left)
+                i += 1
+                h = Proc([self.churn, "hold", f"127.0.{10 + i // 250}.{1 + i % 250}", str(self.next_port()),
+                          str(k)], name="churn-hold")
+                procs.append(h)
+                holders.append(h)
+                left -= k
+            for h in holders:
+                h.wait_for(lambda x: isinstance(x, dict) and x.get("role") == "hold", 300 * slow)
+            open_s = time.monotonic() - t0
+            mem1 = meminfo_kib()
+            log(f"  {conns:,} connections opened by {len(holders)} holders in {open_s:.1f}s")
+            time.sleep(2.5)  # a couple of watch intervals at full size
+            poll.send(f"{self.runs}\n")
+            _, pres = poll.wait_for(lambda x: isinstance(x, dict) and "poll_s" in x, 300 * slow)
+            scrapes, sizes_b = [], []
+            url = f"http://127.0.0.1:{sport}/metrics"
+            scrape_errors = []
+            for _ in range(self.runs):
+                t = time.perf_counter()
+                try:
+                    body = urllib.request.urlopen(url, timeout=60).read()
+                except OSError as exc:
+                    scrape_errors.append(str(exc))
+                    continue
+                scrapes.append(time.perf_counter() - t)
+                sizes_b.append(len(body))
+            wl = watch.json_lines()[-1]
+            row = {
+                "connections": conns,
+                "holders": len(holders),
+                "connections_per_holder": per_proc,
+                "open_s": open_s,
+                "kernel_kib_per_socket": {k: (mem1[k] - mem0[k]) / sockets for k in ("Slab", "SUnreclaim")}
+                if mem0 and mem1 else None,
+                "mem_available_drop_kib": mem0.get("MemAvailable", 0) - mem1.get("MemAvailable", 0),
+                "poll_s": stats(pres["poll_s"]),
+                "read_s": stats(pres["read_s"]),
+                "map_entries": pres["map_entries"],
+                "pollcycle_rss_kib": pres["rss_kib"],
+                "seed_s": pres.get("seed_s"),
+                "seed_runs_s": pres.get("seed_runs_s"),
+                "seeded": pres.get("seeded"),
+                "watch_rss_kib": rss_kib(watch.pid),
+                "watch_read_seconds": wl["tracer"]["read_seconds"],
+                "watch_map_entries": wl["tracer"]["map_entries"],
+                "watch_insert_failed": wl["tracer"]["insert_failed"],
+                "watch_leak_scan_seconds": (wl.get("leaks") or {}).get("scan_seconds"),
+                "watch_reports": len(watch.json_lines()),
+                "export_rss_kib": rss_kib(exp.pid),
+                "scrape_s": stats(scrapes),
+                "scrape_bytes": sizes_b[-1] if sizes_b else 0,
+                "scrape_errors": scrape_errors,
+                "map_bytes": map_memory(bpf_ids(watch.pid, "map")),
+                "max_sockets": cap,
+                "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+            }
+            log(f"  poll {row['poll_s']['median']:.3f}s scrape {row['scrape_s']['median'] or 0:.3f}s "
+                f"seed {row['seed_s'] or 0:.2f}s watch RSS {row['watch_rss_kib']} map entries {pres['map_entries']}")
+        finally:
+            t1 = time.monotonic()
+            # Signal every holder first: closing 1M sockets one holder at a time took 70 s.
+            for p in procs:
+                if p.name == "churn-hold" and p.p.poll() is None:
+                    try:
+                        os.kill(p.pid, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+            for p in reversed(procs):
+                p.stop(timeout=60)
+            log(f"  stopped in {time.monotonic() - t1:.1f}s")
+        row["close_s"] = time.monotonic() - t1
+        return row
 
     # -- 5. startup -----------------------------------------------------------
 
@@ -543,6 +605,9 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, one run: proves the harness works")
     ap.add_argument("--runs", type=int, default=0, help="repetitions (default 5; 1 with --smoke)")
     ap.add_argument("--out", default=str(HERE / "results"), help="directory for results.json and plots")
+    ap.add_argument("--sizes", default=os.environ.get("BENCH_SCALE_SIZES", ""),
+                    help="live-socket counts for the scale section, e.g. 10k,100k,1M (default: $BENCH_SCALE_SIZES, "
+                         f"else {','.join(map(str, DEFAULT_SCALE_SIZES))})")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench: run as root (the tracer needs it)", file=sys.stderr)
@@ -550,6 +615,11 @@ def main() -> int:
     bad = [s for s in args.sections if s not in SECTIONS]
     if bad:
         ap.error(f"unknown section {bad[0]}: choose from {' '.join(SECTIONS)}")
+    try:
+        sizes = parse_sizes(args.sizes) if args.sizes else list(DEFAULT_SCALE_SIZES)
+    except ValueError as exc:
+        ap.error(str(exc))
+    args.scale_sizes = sizes
     b = Bench(args)
     t0 = time.monotonic()
     todo = args.sections or list(SECTIONS)

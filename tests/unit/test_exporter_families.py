@@ -327,3 +327,70 @@ def test_leak_scan_report_is_kept_and_its_errors_counted() -> None:
     # there is no snapshot to scan, and that is counted, not raised.
     c.collect()
     assert c.read_errors["agg"] == 1 and len(scanner.snapshots) == 1
+
+
+class TableTracer:
+    """A tracer whose socket table changes between scrapes; its socks map
+    writes records the way BPF_MAP_LOOKUP_BATCH does (into the caller's buffers)."""
+
+    ncpus = 1
+    backend = "core"
+    choices: dict = {}
+
+    def __init__(self) -> None:
+        self.table = sock_table([])
+        self.targets: list[int] = []
+        tracer = self
+
+        class Socks:
+            max_entries = 64
+            key_size = 8
+
+            def dump_into(self, keys, values, value_size):  # noqa: ANN001
+                assert value_size == SOCK_DTYPE.itemsize
+                n = len(tracer.table)
+                if n > min(len(keys), len(values)):
+                    return False, 0
+                keys[:n] = np.arange(1, n + 1, dtype=np.uint64)
+                values[:n] = tracer.table
+                tracer.targets.append(values.__array_interface__["data"][0])
+                return True, n
+
+        class Agg:
+            def lookup(self, key, size):  # noqa: ANN001
+                return bytes(size) if key == bytes(4) else None
+
+        self._maps = {"socks": Socks(), "agg": Agg()}
+
+    def map(self, name: str):
+        if name not in self._maps:
+            raise KeyError(name)
+        return self._maps[name]
+
+    def programs(self):
+        return []
+
+
+def test_scrapes_reuse_one_table_buffer_and_each_counts_only_its_own_table() -> None:
+    t = TableTracer()
+    c = TracerCollector(t, scanner=None)
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(c)
+    tables = [
+        [(int(TcpState.ESTABLISHED), 1)] * 7 + [(int(TcpState.CLOSE_WAIT), 1)] * 3,
+        [(int(TcpState.LISTEN), 1)] * 2,  # smaller: a stale tail of the first must not count
+        [],
+        [(int(TcpState.CLOSE_WAIT), 1)] * 5,
+    ]
+    for rows in tables:
+        t.table = sock_table(rows)
+        text = generate_latest(reg).decode()
+        got = {dict(s.labels)["state"]: s.value for fam in text_string_to_metric_families(text)
+               for s in fam.samples if s.name == "pytracer_sockets"}
+        want: dict[str, float] = {}
+        for state, _ in rows:
+            want[TcpState(state).name] = want.get(TcpState(state).name, 0) + 1
+        assert {k: v for k, v in got.items() if v} == want
+    # One buffer, allocated once and kept by the collector (not a fresh one per scrape).
+    held = c._sock_buffers.socks.__array_interface__["data"][0]
+    assert t.targets == [held] * len(tables)
