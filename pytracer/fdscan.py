@@ -72,17 +72,18 @@ def parse(tasks: np.ndarray, files: np.ndarray, only: Iterable[int] | None = Non
     """
     out = FdScan()
     tasks = tasks[tasks["kind"] == KIND_TASK]
-    files = files[files["kind"] != KIND_TASK]
+    if (files["kind"] == KIND_TASK).any():
+        files = files[files["kind"] != KIND_TASK]
     if only is not None:
         want = np.fromiter(sorted({int(p) for p in only}), np.int64)
         tasks = tasks[np.isin(tasks["tgid"], want)]
         files = files[np.isin(files["tgid"], want)]
     # The iterators visit pids in ascending order and each table's fds in
     # ascending order (kernel/bpf/task_iter.c): sort only if that ever changes.
-    key = (files["tgid"].astype(np.uint64) << np.uint64(32)) | files["fd"].astype(np.uint32).astype(np.uint64)
-    if len(key) > 1 and not bool(np.all(key[1:] > key[:-1])):
-        files = files[np.argsort(key, kind="stable")]
-    del key
+    t, f = files["tgid"], files["fd"]
+    if len(files) > 1 and not bool(((t[1:] > t[:-1]) | ((t[1:] == t[:-1]) & (f[1:] > f[:-1]))).all()):
+        files = files[np.lexsort((files["fd"], files["tgid"]))]
+    del t, f
     task_pids = np.unique(np.concatenate([tasks["tgid"], files["tgid"]]).astype(np.int64))
     if len(files) > max_fds:
         files = files[: max(0, max_fds)]
@@ -101,9 +102,9 @@ def parse(tasks: np.ndarray, files: np.ndarray, only: Iterable[int] | None = Non
     nsf = files[files["kind"] == KIND_NETNS]
     for tgid, fd, ino in zip(nsf["tgid"].tolist(), nsf["fd"].tolist(), nsf["ino"].tolist()):
         out.netns_fds.setdefault(int(ino), f"{proc}/{tgid}/fd/{fd}")
-    socks = files[files["kind"] == KIND_SOCKET]
-    out.sockets = SocketOwners(socks["ino"], socks["tgid"].astype(np.int64), socks["fd"].astype(np.int64),
-                               by_pid_fd=True)
+    is_sock = files["kind"] == KIND_SOCKET
+    out.sockets = SocketOwners(files["ino"][is_sock], files["tgid"][is_sock].astype(np.int64),
+                               files["fd"][is_sock].astype(np.int64), by_pid_fd=True)
     return out
 
 
@@ -144,6 +145,7 @@ class FdIterators:
         self.obj: libbpf.BpfObject | None = None
         self.links: dict[str, libbpf.Link] = {}
         self._lock = threading.Lock()
+        self._last_bytes: dict[str, int] = {}
 
     def open(self) -> FdIterators:
         try:
@@ -169,30 +171,45 @@ class FdIterators:
             raise FdScanUnavailable(f"{exc}" + (f" ({tail[0].strip()})" if tail else "")) from None
         return self
 
-    def read(self) -> tuple[np.ndarray, np.ndarray]:
-        """(task records, file records), each a fresh array of FD_REC_DTYPE."""
+    def _run(self, parse_fn):  # noqa: ANN001, ANN202
+        """Run both iterators and hand their records (views of the read
+        buffers) to ``parse_fn``; the buffers are unmapped afterwards, so
+        ``parse_fn`` must return copies."""
         with self._lock:
             if self.obj is None:
                 raise FdScanUnavailable("the fdscan object is closed")
-            out = []
-            for name in PROGRAMS:
-                view = self.links[name].read_iter()
-                n = len(view) // FD_REC_DTYPE.itemsize
-                if n * FD_REC_DTYPE.itemsize != len(view):
-                    raise libbpf.LibbpfError(5, f"{name}: {len(view)} bytes is not a whole number of records")
-                out.append(np.frombuffer(view.obj, FD_REC_DTYPE, count=n))
-                del view
-            return out[0], out[1]
+            maps = []
+            recs: list[np.ndarray] = []
+            try:
+                for name in PROGRAMS:
+                    mm, used = self.links[name].read_iter(max(64 << 20, 2 * self._last_bytes.get(name, 0)))
+                    maps.append(mm)
+                    self._last_bytes[name] = used
+                    n = used // FD_REC_DTYPE.itemsize
+                    if n * FD_REC_DTYPE.itemsize != used:
+                        raise libbpf.LibbpfError(5, f"{name}: {used} bytes is not a whole number of records")
+                    recs.append(np.frombuffer(mm, FD_REC_DTYPE, count=n))
+                return parse_fn(recs[0], recs[1])
+            finally:
+                recs.clear()
+                for mm in maps:
+                    try:
+                        mm.close()
+                    except BufferError:  # a view escaped: the collector unmaps it later
+                        pass
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        """(task records, file records), each a copy of FD_REC_DTYPE."""
+        return self._run(lambda tasks, files: (tasks.copy(), files.copy()))
 
     def scan(self, only: Iterable[int] | None = None, proc: str = PROC, max_fds: int = MAX_FDS_TOTAL) -> FdScan:
         """The iterators' answer, plus a /proc walk of any process /proc
         lists that they did not report.  On v6.18 here the task iterators
         never visit pid 1; processes started after the pass are read too."""
-        tasks, files = self.read()
-        out = parse(tasks, files, only, proc, max_fds)
+        out, reported = self._run(lambda tasks, files: (parse(tasks, files, only, proc, max_fds),
+                                                        set(tasks["tgid"].tolist())))
         listed = set(procs.pids(proc)) if only is None else {int(p) for p in only}
-        missing = sorted(listed.difference(tasks["tgid"].tolist()).difference(out.fd_counts))
-        del tasks, files
+        missing = sorted(listed.difference(reported).difference(out.fd_counts))
         if missing and not out.truncated:
             log.debug("fd scan: %d processes not reported by the iterators, read from /proc: %s",
                       len(missing), missing[:10])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno as errno_mod
+import mmap
 import os
 import threading
 from collections import deque
@@ -283,35 +284,45 @@ class Link:
             raise LibbpfError(errno_mod.EBADF, f"link of {self.program} is destroyed")
         return library().bpf_link__fd(self._ptr)
 
-    def read_iter(self, buf: bytearray | None = None, chunk: int = 1 << 20) -> memoryview:
+    def read_iter(self, reserve: int = 64 << 20) -> tuple[mmap.mmap, int]:
         """Run an iterator link once: everything its program writes.
 
         Each call creates a new iterator fd (BPF_ITER_CREATE), reads it to
-        EOF and closes it.  ``buf`` is grown as needed and may be passed
-        again to reuse its memory; the result is a view of its filled part.
-        The kernel fills at most its seq buffer (8 pages) per read(2).
+        EOF and closes it.  The output goes into an anonymous mapping of
+        ``reserve`` bytes (only the pages written become resident; a larger
+        one replaces it if it fills), so closing it gives the memory straight
+        back to the system.  Returns (mapping, bytes written); the caller
+        closes the mapping.  The kernel fills at most its seq buffer
+        (8 pages) per read(2).
         """
         try:
             fd = library().bpf_iter_create(self.fd)
         except LibbpfError as exc:
             raise LibbpfError(exc.errno, f"iterator of {self.program}") from None
-        if buf is None:
-            buf = bytearray(chunk)
+        buf = mmap.mmap(-1, max(reserve, 1 << 20))
         used = 0
         try:
             # Bounded: each round reads at least one byte or ends.
             for _ in range(1 << 40):
-                if len(buf) - used < chunk:
-                    buf.extend(bytes(max(chunk, len(buf))))
-                n = os.readv(fd, [memoryview(buf)[used:]])
+                if len(buf) - used < (256 << 10):
+                    bigger = mmap.mmap(-1, 2 * len(buf))
+                    bigger[:used] = buf[:used]
+                    buf.close()
+                    buf = bigger
+                with memoryview(buf) as view:
+                    n = os.readv(fd, [view[used:]])
                 if n == 0:
                     break
                 used += n
         except OSError as exc:
+            buf.close()
             raise LibbpfError(exc.errno or errno_mod.EIO, f"reading iterator of {self.program}") from None
+        except BaseException:
+            buf.close()
+            raise
         finally:
             os.close(fd)
-        return memoryview(buf)[:used]
+        return buf, used
 
     def __enter__(self) -> Link:
         return self
