@@ -8,9 +8,12 @@ Holds N/2 loopback connections (both ends in `churn hold` processes of
 8,000 connections each, on 127.0.60.x), then, alternating the order every
 round, runs each condition in a fresh process:
 
-* ``scan``: ``procs.scan_fds()`` three times (the first includes loading the
-  iterators); then ``leaks.seed()`` into a freshly loaded tracer; VmHWM.
-  Conditions ``proc`` (PYTRACER_FDSCAN=proc: the walk) and ``bpf``.
+* ``scan``: ``procs.scan_fds(holder pids)`` once to load, then three times
+  (median ``only_scan_s``: the walk reads exactly the holders' fds, the
+  iterators still visit every fd on the host), then once host-wide
+  (``host_scan_s``, with ``host_fds``); with ``--seed``, ``leaks.seed()`` into
+  a freshly loaded tracer; VmHWM.  Conditions ``proc`` (PYTRACER_FDSCAN=proc:
+  the walk) and ``bpf``.
 * ``watch`` (with ``--before-tree``): ``tracer watch --json --top 0`` for
   ``--watch-seconds``, from that tree and from this one; VmHWM at the end.
 
@@ -36,8 +39,7 @@ from lib import Proc, build_churn  # noqa: E402
 VENV_PY = os.environ.get("BENCH_PYTHON", "/opt/pytracer/venv/bin/python")
 
 MEASURE = r"""
-import json, statistics, sys, time
-t_import = time.perf_counter()
+import json, os, statistics, sys, time
 from pytracer import leaks, procs
 from pytracer.loader import Tracer
 
@@ -45,22 +47,29 @@ def hwm():
     with open("/proc/self/status") as f:
         return {l.split(":")[0]: int(l.split()[1]) for l in f if l.startswith(("VmRSS:", "VmHWM:"))}
 
+only = [int(p) for p in os.environ["BENCH_ONLY"].split(",")]
+out = {}
+t0 = time.perf_counter()
+s = procs.scan_fds(only)  # the first includes loading the iterators
+out["first_scan_s"] = time.perf_counter() - t0
 scans = []
 for _ in range(3):
     t0 = time.perf_counter()
-    s = procs.scan_fds()
+    s = procs.scan_fds(only)
     scans.append(time.perf_counter() - t0)
-fds, socks = s.fds, len(s.sockets.inodes)
+out.update(only_scan_s=statistics.median(scans), only_fds=s.fds, only_socket_fds=len(s.sockets.inodes))
+t0 = time.perf_counter()
+s = procs.scan_fds()
+out.update(host_scan_s=time.perf_counter() - t0, host_fds=s.fds)
 del s
-after_scan = hwm()
-with Tracer(max_sockets=262144) as tr:
-    t0 = time.perf_counter()
-    res = leaks.seed(tr)
-    seed_s = time.perf_counter() - t0
-print(json.dumps({"first_scan_s": scans[0], "scan_s": statistics.median(scans[1:]), "fds": fds,
-                  "socket_fds": socks, "seed_s": seed_s, "seeded": res.seeded + res.existed,
-                  "with_owner": res.with_owner, "hwm_after_scans_kib": after_scan["VmHWM"],
-                  "hwm_kib": hwm()["VmHWM"]}))
+out["hwm_after_scans_kib"] = hwm()["VmHWM"]
+if os.environ.get("BENCH_SEED") == "1":
+    with Tracer(max_sockets=int(os.environ.get("BENCH_CAP", "262144"))) as tr:
+        t0 = time.perf_counter()
+        res = leaks.seed(tr)
+        out.update(seed_s=time.perf_counter() - t0, seeded=res.seeded + res.existed, with_owner=res.with_owner)
+out["hwm_kib"] = hwm()["VmHWM"]
+print(json.dumps(out))
 """
 
 
@@ -69,8 +78,9 @@ def status_kib(pid: int) -> dict[str, int]:
         return {ln.split(":")[0]: int(ln.split()[1]) for ln in f if ln.startswith(("VmRSS:", "VmHWM:"))}
 
 
-def measure_scan(method: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(TREE), "PYTRACER_FDSCAN": method}
+def measure_scan(method: str, only: list[int], seed: bool, cap: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(TREE), "PYTRACER_FDSCAN": method,
+           "BENCH_ONLY": ",".join(map(str, only)), "BENCH_SEED": "1" if seed else "0", "BENCH_CAP": str(cap)}
     out = subprocess.run([VENV_PY, "-c", MEASURE], capture_output=True, text=True, env=env, timeout=600)
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
@@ -115,6 +125,8 @@ def main() -> int:
     ap.add_argument("--before-tree", help="a source tree whose `tracer watch` RSS is the baseline")
     ap.add_argument("--watch-seconds", type=float, default=8.0)
     ap.add_argument("--skip-scan", action="store_true")
+    ap.add_argument("--seed", action="store_true", help="also time leaks.seed() (host-wide) in each scan run")
+    ap.add_argument("--cap", type=int, default=262144, help="--max-sockets of the seeded tracer")
     args = ap.parse_args()
     churn = build_churn()
     holders: list[Proc] = []
@@ -139,7 +151,8 @@ def main() -> int:
                 conds.reverse()
             for kind, cond in conds:
                 if kind == "scan":
-                    row = measure_scan("proc" if cond == "proc" else "auto")
+                    row = measure_scan("proc" if cond == "proc" else "auto", [h.pid for h in holders], args.seed,
+                                       args.cap)
                 else:
                     tree = args.before_tree if cond == "before" else str(TREE)
                     row = measure_watch(tree, args.watch_seconds)
@@ -151,7 +164,8 @@ def main() -> int:
         for h in holders:
             h.stop()
     for name, rows in results.items():
-        keys = [k for k in ("scan_s", "first_scan_s", "seed_s", "hwm_after_scans_kib", "hwm_kib", "rss_kib")
+        keys = [k for k in ("only_scan_s", "first_scan_s", "host_scan_s", "host_fds", "seed_s", "hwm_after_scans_kib",
+                            "hwm_kib", "rss_kib")
                 if k in rows[0]]
         print(name + ": " + "; ".join(f"{k} {summary(rows, k)}" for k in keys), flush=True)
     return 0

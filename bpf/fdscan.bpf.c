@@ -29,6 +29,32 @@
 char LICENSE[] SEC("license") = "GPL";
 
 /*
+ * Scans of a few processes (--pid): user space puts their tgids here and
+ * sets only_on[0] before reading, so other processes' files are skipped
+ * before any work.  The kernel still walks every fd table.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PT_FD_ONLY_MAX);
+	__type(key, __u32);
+	__type(value, __u8);
+} only_tgids SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} only_on SEC(".maps");
+
+static __always_inline bool wanted(__u32 tgid)
+{
+	__u32 zero = 0, *on = bpf_map_lookup_elem(&only_on, &zero);
+
+	return !on || !*on || bpf_map_lookup_elem(&only_tgids, &tgid);
+}
+
+/*
  * ctx->task and ctx->file are BTF pointers: plain member loads (CO-RE
  * relocated through vmlinux.h's preserve_access_index) are checked by the
  * verifier and cost a load each, where BPF_CORE_READ would make a
@@ -50,7 +76,7 @@ int fdscan_task(struct bpf_iter__task *ctx)
 	if (!task)
 		return 0;
 	rec.tgid = task->tgid;
-	if (task->pid != rec.tgid)
+	if (task->pid != rec.tgid || !wanted(rec.tgid))
 		return 0;
 	rec.fd = -1;
 	rec.kind = PT_FD_TASK;
@@ -86,7 +112,7 @@ int fdscan_file(struct bpf_iter__task_file *ctx)
 	if (!task || !file)
 		return 0;
 	rec.tgid = task->tgid;
-	if (task->pid != rec.tgid)
+	if (task->pid != rec.tgid || !wanted(rec.tgid))
 		return 0;
 	rec.fd = ctx->fd;
 	rec.kind = PT_FD_OTHER;

@@ -13,6 +13,9 @@
 #define PT_FD_NETNS	2	/* an nsfs fd of a network namespace ("net:[INO]") */
 #define PT_FD_OTHER	3	/* any other file: counted, ino 0 */
 
+/* At most this many pids in a filtered scan (map only_tgids). */
+#define PT_FD_ONLY_MAX	4096
+
 struct pt_fd_rec {
 	__u32 tgid;
 	__s32 fd;

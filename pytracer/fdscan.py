@@ -28,6 +28,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import struct
 import threading
 from importlib import resources
 from typing import Iterable
@@ -49,6 +50,8 @@ FD_REC_DTYPE = np.dtype([("tgid", "<u4"), ("fd", "<i4"), ("ino", "<u8"), ("kind"
 # The initial pid namespace's inode (include/linux/proc_ns.h, PROC_PID_INIT_INO):
 # the iterators report pids as the initial namespace numbers them.
 PROC_PID_INIT_INO = 0xEFFFFFFC
+
+ONLY_MAX = 4096  # bpf/fdscan.h: PT_FD_ONLY_MAX
 
 OBJECT = "bpf/fdscan.bpf.o"
 PROGRAMS = ("fdscan_task", "fdscan_file")
@@ -146,6 +149,7 @@ class FdIterators:
         self.links: dict[str, libbpf.Link] = {}
         self._lock = threading.Lock()
         self._last_bytes: dict[str, int] = {}
+        self._only: set[int] = set()  # tgids now in the only_tgids map
 
     def open(self) -> FdIterators:
         try:
@@ -171,13 +175,32 @@ class FdIterators:
             raise FdScanUnavailable(f"{exc}" + (f" ({tail[0].strip()})" if tail else "")) from None
         return self
 
-    def _run(self, parse_fn):  # noqa: ANN001, ANN202
-        """Run both iterators and hand their records (views of the read
-        buffers) to ``parse_fn``; the buffers are unmapped afterwards, so
-        ``parse_fn`` must return copies."""
+    def _set_only(self, only: Iterable[int] | None) -> None:
+        """Make the programs skip every process but ``only`` (None: none
+        skipped; more than ONLY_MAX pids: filtered in user space instead)."""
+        assert self.obj is not None
+        want = {int(p) for p in only} if only is not None else None
+        if want is not None and len(want) > ONLY_MAX:
+            want = None
+        tgids, on = self.obj.map("only_tgids"), self.obj.map("only_on")
+        on.update(struct.pack("=I", 0), struct.pack("=I", 0))
+        if want is None:
+            return
+        for pid in self._only - want:
+            tgids.delete(struct.pack("=I", pid))
+        for pid in want - self._only:
+            tgids.update(struct.pack("=I", pid & 0xFFFFFFFF), b"\x01")
+        self._only = want
+        on.update(struct.pack("=I", 0), struct.pack("=I", 1))
+
+    def _run(self, parse_fn, only: Iterable[int] | None = None):  # noqa: ANN001, ANN202
+        """Run both iterators (over ``only``'s processes, or all) and hand
+        their records (views of the read buffers) to ``parse_fn``; the
+        buffers are unmapped afterwards, so ``parse_fn`` must return copies."""
         with self._lock:
             if self.obj is None:
                 raise FdScanUnavailable("the fdscan object is closed")
+            self._set_only(only)
             maps = []
             recs: list[np.ndarray] = []
             try:
@@ -206,8 +229,9 @@ class FdIterators:
         """The iterators' answer, plus a /proc walk of any process /proc
         lists that they did not report.  On v6.18 here the task iterators
         never visit pid 1; processes started after the pass are read too."""
+        only = sorted({int(p) for p in only}) if only is not None else None
         out, reported = self._run(lambda tasks, files: (parse(tasks, files, only, proc, max_fds),
-                                                        set(tasks["tgid"].tolist())))
+                                                        set(tasks["tgid"].tolist())), only)
         listed = set(procs.pids(proc)) if only is None else {int(p) for p in only}
         missing = sorted(listed.difference(reported).difference(out.fd_counts))
         if missing and not out.truncated:
