@@ -365,24 +365,12 @@ class TcpInfoTable(Mapping):
         self._raw = bytearray()
         self._lens = array("H")
         self._frozen: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._spilled = False  # the buffers were dropped for the frozen arrays
-
-    def _thaw(self) -> None:
-        """Before adding to a table that was read: buffers from the arrays."""
-        if self._spilled and self._frozen is not None:
-            cookies, rows, lens = self._frozen
-            self._cookies.frombytes(cookies.tobytes())
-            self._raw = bytearray(rows.tobytes())
-            self._lens.frombytes(lens.tobytes())
-        self._spilled = False
 
     def add(self, cookie: int, payload: bytes) -> bool:
         """Keep one socket's tcp_info; False (and nothing kept) when it is
         too short to hold the fields every answer needs."""
         if len(payload) < _INFO_NEED:
             return False
-        if self._spilled:
-            self._thaw()
         n = min(len(payload), _INFO_KEEP)
         self._cookies.append(cookie)
         self._raw += payload[:n]
@@ -394,8 +382,6 @@ class TcpInfoTable(Mapping):
 
     def update(self, other: Mapping) -> None:  # type: ignore[override]
         if isinstance(other, TcpInfoTable):
-            self._thaw()
-            other._thaw()
             self._cookies.extend(other._cookies)
             self._raw += other._raw
             self._lens.extend(other._lens)
@@ -422,11 +408,6 @@ class TcpInfoTable(Mapping):
             _, first = np.unique(cookies[order], return_index=True)
             keep = order[first]
             self._frozen = (cookies[keep], rows[keep], lens[keep])
-            # The sorted copies are the table now: drop the append buffers
-            # (about 150 bytes a socket) rather than hold both.
-            del cookies, rows, lens, order, first, keep
-            self._cookies, self._raw, self._lens = array("Q"), bytearray(), array("H")
-            self._spilled = True
         return self._frozen
 
     def _pos(self, cookies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -755,7 +736,7 @@ class Session:
             before = len(out)
             try:
                 if len(sel) > exact_max:
-                    self._dump_info(sock, sel, out)  # straight into out: no second copy
+                    out.update(self._dump_info(sock, sel))
                 else:
                     for start in range(0, len(sel), _BATCH):
                         out.update(self._lookup_batch(sock, sel[start : start + _BATCH])[0])
@@ -764,8 +745,8 @@ class Session:
             missed += len(sel) - (len(out) - before)
         return out, missed
 
-    def _dump_info(self, sock: socket.socket, rows: np.ndarray, into: TcpInfoTable | None = None) -> TcpInfoTable:
-        out = into if into is not None else TcpInfoTable()
+    def _dump_info(self, sock: socket.socket, rows: np.ndarray) -> TcpInfoTable:
+        out = TcpInfoTable()
         wanted = set(rows["cookie"].tolist())
         deadline = time.monotonic() + self.timeout * 4
         for fam in np.unique(rows["family"]).tolist():
