@@ -8,9 +8,10 @@ error contract into :class:`LibbpfError`:
 * a function returning int signals failure with a negative ``-errno``.
 
 Handles (:class:`BpfObject`, :class:`Link`) are context managers; nothing
-stays attached once they are closed.  An iterator link (:meth:`Program.attach_iter`)
-runs its program only while :meth:`Link.read_iter` reads it.  ``PYTRACER_LIBBPF`` overrides the
-library path.
+stays attached once they are closed.  An iterator link
+(:meth:`Program.attach_iter`) runs its program only while
+:meth:`Link.read_iter` reads it.  ``PYTRACER_LIBBPF`` overrides the library
+path.
 """
 
 from __future__ import annotations
