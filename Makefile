@@ -1,6 +1,6 @@
 # pytracer: build the CO-RE object, install, test.
 #
-#   make                 build pytracer/bpf/pytracer.bpf.o
+#   make                 build pytracer/bpf/pytracer.bpf.o and pytracer/bpf/fdscan.bpf.o
 #   sudo make watch      install dependencies, build, install, run `tracer watch`
 #   sudo make test       install dependencies, build, run every test tier
 #   make unit-test       pure-logic tests, no root needed
@@ -14,6 +14,8 @@ PYTHON    ?= python3
 BPF_OBJ   := pytracer/bpf/pytracer.bpf.o
 BPF_SRC   := bpf/pytracer.bpf.c
 BPF_HDRS  := bpf/pytracer.h bpf/core_fixes.bpf.h bpf/vmlinux.h
+# The task-file iterator that finds socket owners (pytracer/fdscan.py).
+FDSCAN_OBJ := pytracer/bpf/fdscan.bpf.o
 
 .PHONY: all bpf deps install watch test unit-test kernel-test lint clean vmlinux
 
@@ -22,13 +24,16 @@ all: bpf
 # The bcc backend compiles its C at start-up: ship it beside the object.
 BCC_SRC := pytracer/bpf/pytracer_bcc.c pytracer/bpf/pytracer.h
 
-bpf: $(BPF_OBJ) $(BCC_SRC)
+bpf: $(BPF_OBJ) $(FDSCAN_OBJ) $(BCC_SRC)
 
 pytracer/bpf/%: bpf/%
 	@mkdir -p $(dir $@)
 	cp $< $@
 
 $(BPF_OBJ): $(BPF_SRC) $(BPF_HDRS)
+$(FDSCAN_OBJ): bpf/fdscan.bpf.c bpf/fdscan.h bpf/vmlinux.h
+
+$(BPF_OBJ) $(FDSCAN_OBJ):
 	@mkdir -p $(dir $@)
 	$(CLANG) -g -O2 -target bpf -D__TARGET_ARCH_$(ARCH) -Wall -Werror \
 		-Ibpf -c $< -o $@.tmp
@@ -64,7 +69,7 @@ lint:
 	$(VENV)/bin/ruff check pytracer tests
 
 clean:
-	rm -f $(BPF_OBJ) $(BCC_SRC)
+	rm -f $(BPF_OBJ) $(FDSCAN_OBJ) $(BCC_SRC)
 
 -include vagrant/vm.mk
 -include bench/bench.mk

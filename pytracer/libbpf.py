@@ -8,8 +8,10 @@ error contract into :class:`LibbpfError`:
 * a function returning int signals failure with a negative ``-errno``.
 
 Handles (:class:`BpfObject`, :class:`Link`) are context managers; nothing
-stays attached once they are closed.  ``PYTRACER_LIBBPF`` overrides the
-library path.
+stays attached once they are closed.  An iterator link
+(:meth:`Program.attach_iter`) runs its program only while
+:meth:`Link.read_iter` reads it.  ``PYTRACER_LIBBPF`` overrides the library
+path.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno as errno_mod
+import mmap
 import os
 import threading
 from collections import deque
@@ -233,6 +236,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     _fn(lib, "bpf_program__fd", c_int, [c_void_p], N)
     _fn(lib, "bpf_program__attach", c_void_p, [c_void_p], P)
     _fn(lib, "bpf_link__destroy", c_int, [c_void_p], None)
+    _fn(lib, "bpf_program__attach_iter", c_void_p, [c_void_p, c_void_p], P)
+    _fn(lib, "bpf_link__fd", c_int, [c_void_p], N)
+    _fn(lib, "bpf_iter_create", c_int, [c_int], N)
     _fn(lib, "bpf_map__fd", c_int, [c_void_p], N)
     _fn(lib, "bpf_map__set_max_entries", c_int, [c_void_p, c_uint32], N)
     _fn(lib, "bpf_map__max_entries", c_uint32, [c_void_p], None)
@@ -286,6 +292,52 @@ class Link:
             library().bpf_link__destroy(self._ptr)
             self._ptr = None
 
+    @property
+    def fd(self) -> int:
+        if not self._ptr:
+            raise LibbpfError(errno_mod.EBADF, f"link of {self.program} is destroyed")
+        return library().bpf_link__fd(self._ptr)
+
+    def read_iter(self, reserve: int = 64 << 20) -> tuple[mmap.mmap, int]:
+        """Run an iterator link once: everything its program writes.
+
+        Each call creates a new iterator fd (BPF_ITER_CREATE), reads it to
+        EOF and closes it.  The output goes into an anonymous mapping of
+        ``reserve`` bytes (only the pages written become resident; a larger
+        one replaces it if it fills), so closing it gives the memory straight
+        back to the system.  Returns (mapping, bytes written); the caller
+        closes the mapping.  The kernel fills at most its seq buffer
+        (8 pages) per read(2).
+        """
+        try:
+            fd = library().bpf_iter_create(self.fd)
+        except LibbpfError as exc:
+            raise LibbpfError(exc.errno, f"iterator of {self.program}") from None
+        buf = mmap.mmap(-1, max(reserve, 1 << 20))
+        used = 0
+        try:
+            # Bounded: each round reads at least one byte or ends.
+            for _ in range(1 << 40):
+                if len(buf) - used < (256 << 10):
+                    bigger = mmap.mmap(-1, 2 * len(buf))
+                    bigger[:used] = buf[:used]
+                    buf.close()
+                    buf = bigger
+                with memoryview(buf) as view:
+                    n = os.readv(fd, [view[used:]])
+                if n == 0:
+                    break
+                used += n
+        except OSError as exc:
+            buf.close()
+            raise LibbpfError(exc.errno or errno_mod.EIO, f"reading iterator of {self.program}") from None
+        except BaseException:
+            buf.close()
+            raise
+        finally:
+            os.close(fd)
+        return buf, used
+
     def __enter__(self) -> Link:
         return self
 
@@ -324,6 +376,15 @@ class Program:
             ptr = library().bpf_program__attach(self._ptr)
         except LibbpfError as exc:
             raise LibbpfError(exc.errno, f"attach {self.name} ({self.section})", exc.log) from None
+        return Link(ptr, self.name)
+
+    def attach_iter(self) -> Link:
+        """Attach an ``iter/*`` program (no options: every task, every object)."""
+        clear_log()
+        try:
+            ptr = library().bpf_program__attach_iter(self._ptr, None)
+        except LibbpfError as exc:
+            raise LibbpfError(exc.errno, f"attach iterator {self.name} ({self.section})", exc.log) from None
         return Link(ptr, self.name)
 
     def info(self) -> ProgInfo:

@@ -16,12 +16,15 @@ the per-process facts the leak detectors need:
   bind mounts under ``/var/run/netns`` (``ip netns add``).
 
 Every reader takes the ``/proc`` root as an argument, so unit tests point it
-at a fixture tree.  Processes vanish while we read them; every reader treats
-ENOENT/ESRCH/EACCES as "gone" and moves on.
+at a fixture tree.  On the host's /proc, :func:`scan_fds` gets the same
+facts from BPF iterators when it can (:mod:`pytracer.fdscan`).  Processes
+vanish while we read them; every reader treats ENOENT/ESRCH/EACCES as "gone"
+and moves on.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from array import array
@@ -30,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 PROC = "/proc"
 NETNS_RUN_DIRS = ("/var/run/netns", "/run/netns")
@@ -63,11 +68,13 @@ class SocketOwners(Mapping):
     """
 
     def __init__(self, inodes: Iterable[int] | np.ndarray = (), pids: Iterable[int] | np.ndarray = (),
-                 fds: Iterable[int] | np.ndarray = ()) -> None:
+                 fds: Iterable[int] | np.ndarray = (), by_pid_fd: bool = False) -> None:
+        """``by_pid_fd``: the input is already in (pid, fd) order, so a
+        stable sort by inode alone gives (inode, pid, fd) order."""
         ino = np.asarray(inodes, dtype=np.uint64).reshape(-1)
         pid = np.asarray(pids, dtype=np.int64).reshape(-1)
         fd = np.asarray(fds, dtype=np.int64).reshape(-1)
-        order = np.lexsort((fd, pid, ino))
+        order = np.argsort(ino, kind="stable") if by_pid_fd else np.lexsort((fd, pid, ino))
         self.inodes, self.pids, self.fds = ino[order], pid[order], fd[order]
         self._keys, self._start, self._count = np.unique(self.inodes, return_index=True, return_counts=True)
 
@@ -272,13 +279,37 @@ def _readlink_or_empty(name: str, dfd: int) -> str:
 
 
 def scan_fds(only: Iterable[int] | None = None, proc: str = PROC, max_fds: int = MAX_FDS_TOTAL) -> FdScan:
-    """Walk /proc/PID/fd of every process (or of ``only``).
+    """Every process's fds (or those of ``only``).
 
     Maps each socket inode to the (pid, fd) pairs holding it (a socket shared
     after fork() has several), counts open fds per process, notes each
     process's netns and any netns fds held open.  Stops after ``max_fds``
-    links and says so (``truncated``).
+    fds and says so (``truncated``).
+
+    On the real /proc this asks the kernel through BPF iterators
+    (:mod:`pytracer.fdscan`) when they load, and walks /proc/PID/fd
+    otherwise (:func:`walk_fds`; the reason is logged at debug level).
+    Same answers, same order and bound, with two differences: the kernel
+    hands over every fd table (``unreadable`` is 0), and a netns fd opened
+    through an ``ip netns`` bind mount, whose link is not ``net:[N]``, is
+    found too.
     """
+    if only is not None:
+        only = list(only)  # read twice if the iterators fail
+    if proc == PROC:
+        from . import fdscan  # numpy + libbpf: only when scanning the host
+
+        try:
+            return fdscan.shared().scan(only, proc, max_fds)
+        except fdscan.FdScanUnavailable:
+            pass  # logged once, when the load failed
+        except OSError as exc:
+            log.debug("socket owners: BPF iterator read failed (%s), walking /proc", exc)
+    return walk_fds(only, proc, max_fds)
+
+
+def walk_fds(only: Iterable[int] | None = None, proc: str = PROC, max_fds: int = MAX_FDS_TOTAL) -> FdScan:
+    """:func:`scan_fds` by walking /proc/PID/fd: one readlink per fd."""
     out = FdScan()
     targets = sorted(set(only)) if only is not None else pids(proc)
     # Collected into C arrays as we go: no Python object per socket survives.

@@ -75,6 +75,11 @@ def gather(obj: Context) -> dict:
             out["status"] = "ok: loaded, attached and detached cleanly"
     except (TracerError, env.EnvironmentProblem, libbpf.LibbpfError) as exc:
         out["status"] = f"failed: {exc}"
+    from .. import fdscan  # numpy: only once the tracer has been tried
+
+    method, why = fdscan.method()
+    fdscan.close_shared()
+    out["fd_scan"] = {"method": method, "why": why}
     return out
 
 
@@ -121,6 +126,8 @@ def doctor(obj: Context, as_json: bool) -> None:
                 progs = ",".join(d["programs"]) or "-"
                 click.echo(f"  {h:<9} {d['target']:<38} -> {d['kind'] or '-':<10} {progs}")
                 click.echo(f"  {'':<9} why: {d['why']}")
+        fs = info["fd_scan"]
+        click.echo("fd scan       " + ("BPF iterators: " if fs["method"] == "bpf" else "/proc walk: ") + fs["why"])
         click.echo(f"status        {info['status']}")
     if not str(info["status"]).startswith("ok"):
         raise SystemExit(1)

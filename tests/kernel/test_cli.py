@@ -150,6 +150,8 @@ def test_doctor_reports_hooks() -> None:
     forced = os.environ.get("PYTRACER_ATTACH")
     bcc = os.environ.get("PYTRACER_BACKEND") == "bcc"
     assert info["btf"] is os.path.exists("/sys/kernel/btf/vmlinux")
+    # Every kernel we test on has BTF and task_file iterators (5.8+).
+    assert info["fd_scan"]["method"] == ("bpf" if info["btf"] else "proc"), info["fd_scan"]
     want = forced or ("tracepoint" if bcc else "tp_btf")
     assert info["hooks"]["state"]["kind"] == want, info["hooks"]
     accept = info["hooks"]["accept"]

@@ -1,0 +1,126 @@
+"""Where `tracer watch`'s peak RSS comes from: its stages run in-process, in
+order, with a thread sampling VmRSS every 2 ms and charging each sample to
+the stage running then.
+
+    PYTHONPATH=. /opt/pytracer/venv/bin/python bench/rssphases.py [--tracemalloc]
+
+Prints, per stage, RSS at its start and its peak (MiB); --stages splits the
+leak scans by step; with --tracemalloc, traced Python memory and what stays.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+
+stage = ["start"]
+peaks: dict[str, list[float]] = {}
+stop = threading.Event()
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def sampler() -> None:
+    while not stop.is_set():
+        r = rss_mib()
+        cur = stage[0]
+        p = peaks.setdefault(cur, [r, r])
+        p[1] = max(p[1], r)
+        time.sleep(0.002)
+
+
+def enter(name: str) -> None:
+    stage[0] = name
+    r = rss_mib()
+    peaks.setdefault(name, [r, r])
+
+
+def main() -> int:
+    trace = "--tracemalloc" in sys.argv
+    threading.Thread(target=sampler, daemon=True).start()
+    enter("import cli")
+    from pytracer import environment
+
+    environment.tune_malloc()
+    import pytracer.cli.watch  # noqa: F401
+    from pytracer.loader import Tracer
+
+    enter("load+attach")
+    with Tracer(max_sockets=262144) as tracer:
+        enter("import leaks/model/poller")
+        from pytracer import leaks, model, poller
+        from pytracer.thresholds import Thresholds
+
+        enter("seed")
+        res = leaks.seed(tracer)
+        enter("poll x3")
+        buffers = poller.SockBuffers()
+        opts = model.ReportOptions(top=0, start_mono_ns=time.monotonic_ns(), max_sockets=262144)
+        prev = poller.snapshot(tracer, buffers=buffers)
+        for _ in range(3):
+            snap = poller.snapshot(tracer, buffers=buffers)
+            report = model.build_report(snap, prev, opts)
+            json.dumps(report)
+            prev = snap
+        enrich = leaks.watch_enricher(Thresholds())
+        state: dict = {}
+        if "--stages" in sys.argv:
+            # Charge samples inside the scan to the step running.
+            from pytracer import detectors, procs, sockdiag
+
+            def wrap(owner, name):  # noqa: ANN001, ANN202
+                fn = getattr(owner, name)
+
+                def inner(*a, **k):  # noqa: ANN002, ANN003, ANN202
+                    outer = stage[0]
+                    enter(f"  {name}")
+                    try:
+                        return fn(*a, **k)
+                    finally:
+                        stage[0] = outer
+
+                setattr(owner, name, inner)
+
+            for owner, names in ((procs, ["scan_fds", "netns_refs"]), (sockdiag.Session, ["dump", "tcp_info"]),
+                                 (leaks.Scanner, ["_join_table", "_carry", "_candidates", "_facts", "_processes",
+                                                  "_store"]),
+                                 (leaks, ["socket_flags", "update_growth", "growth_flags", "fd_flags",
+                                          "time_wait_by_destination", "time_wait_flags", "ordered"])):
+                for name in names:
+                    if hasattr(owner, name):
+                        wrap(owner, name)
+            del detectors
+        if trace:
+            import tracemalloc
+
+            tracemalloc.start(8)
+        for i in range(2):
+            enter(f"leak scan {i + 1}")
+            report = model.build_report(snap, prev, opts)
+            state.pop("leak_last", None)
+            enrich(report, snap, tracer, opts, state)
+            json.dumps(report)
+        if trace:
+            top = tracemalloc.take_snapshot().statistics("lineno")[:12]
+            traced_peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+        enter("idle")
+        time.sleep(0.05)
+    stop.set()
+    print(f"seeded {res.seeded + res.existed} with owner {res.with_owner}")
+    for name, (first, peak) in peaks.items():
+        print(f"{name:<26} start {first:7.1f} MiB  peak {peak:7.1f} MiB")
+    if trace:
+        print(f"tracemalloc peak during the leak scans: {traced_peak / 2**20:.1f} MiB; live after them:")
+        for st in top:
+            print(f"  {st.size / 2**20:6.2f} MiB  {st.traceback[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
