@@ -3,7 +3,9 @@
 
     python3 bench/run.py [--smoke] [--runs N] [--out DIR] [SECTION ...]
 
-Sections: cost churn accuracy scale startup (default: all).  Each writes its
+Sections: cost churn accuracy scale startup (default: all), and vm (never by
+default: bench/vm.py, the test-VM figures, ~20 min per kernel under
+emulation; it writes DIR/vm.json, not results.json).  Each writes its
 raw numbers to DIR/results.json (merged with earlier sections' numbers);
 ``bench/report.py`` turns that into BENCHMARKS.md tables and PNG plots.
 ``--smoke`` shrinks every size so the whole harness runs in well under two
@@ -50,6 +52,7 @@ from lib import (  # noqa: E402
 )
 
 SECTIONS = ("cost", "churn", "accuracy", "scale", "startup")
+EXTRA_SECTIONS = ("vm",)  # only when named
 
 
 class Bench:
@@ -547,9 +550,21 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench: run as root (the tracer needs it)", file=sys.stderr)
         return 1
-    bad = [s for s in args.sections if s not in SECTIONS]
+    bad = [s for s in args.sections if s not in SECTIONS + EXTRA_SECTIONS]
     if bad:
-        ap.error(f"unknown section {bad[0]}: choose from {' '.join(SECTIONS)}")
+        ap.error(f"unknown section {bad[0]}: choose from {' '.join(SECTIONS + EXTRA_SECTIONS)}")
+    if "vm" in args.sections:
+        import vm  # noqa: PLC0415 - bench/vm.py: boots the test VMs
+
+        try:
+            rc = vm.run(Path(args.out), os.environ.get("BENCH_VM_KERNELS", "5.10 6.1 6.12").split(),
+                        runs=args.runs or 5, accel=os.environ.get("PYTRACER_VM_ACCEL", "tcg"))
+        except (vm.VmBenchError, subprocess.CalledProcessError) as exc:
+            print(f"bench: vm: error: {exc}", file=sys.stderr)
+            rc = 1
+        args.sections = [s for s in args.sections if s != "vm"]
+        if not args.sections:
+            return rc
     b = Bench(args)
     t0 = time.monotonic()
     todo = args.sections or list(SECTIONS)
