@@ -50,6 +50,37 @@ def build_static_churn() -> Path:
     return out
 
 
+def summarize(data: dict[str, Any]) -> None:
+    """(Re)compute the summaries from the raw runs and rounds, so a guest run
+    cut short (deadline, signal) still reports what it measured, with its n."""
+    from guest_bench import CONDITIONS, MODES, stats  # noqa: PLC0415 - same directory
+
+    sec = data.get("sections", {})
+    cost = sec.get("cost")
+    if cost:
+        runs = cost.get("runs", [])
+        cost["summary"] = {
+            m: {k: stats([r["modes"][m][k] for r in runs if m in r["modes"]])
+                for k in ("ns_per_conn", "ratio_to_tp_btf")}
+            for m in MODES if any(m in r["modes"] for r in runs)
+        }
+    churn = sec.get("churn")
+    if churn:
+        rs = churn.get("rounds", [])
+        conds = [c for c in CONDITIONS if any(c in x["conds"] for x in rs)]
+        churn["summary"] = {
+            c: {k: stats([x["conds"][c][k] for x in rs if c in x["conds"]])
+                for k in ("rps", "ratio_to_off", "cpu_pct")}
+            for c in conds
+        }
+        sec["startup"] = {
+            "exec_to_ready_s": {c: stats([x["conds"][c]["ready_s"] for x in rs if c in x["conds"]])
+                                for c in conds if c != "off"},
+            "ready_means": {"watch": "the 'attached' line on stderr", "export": "first /metrics answered",
+                            "tcplife": "its header line on stdout", "tcpstates": "its header line on stdout"},
+        }
+
+
 def loadavg() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
@@ -85,6 +116,7 @@ def run_kernel(kernel: str, args: argparse.Namespace) -> dict[str, Any]:
     if not result.exists():
         raise VmBenchError(f"{kernel}: the guest wrote no result (run-vm exit {rc}); see {run_dir}/host.log")
     data = json.loads(result.read_text())
+    summarize(data)
     data["host"] = {"rc": rc, "wall_s": round(wall, 1), "accel": args.accel, "smp": args.smp,
                     "loadavg_before": load0, "loadavg_after": loadavg(),
                     "command": f"vagrant/run-vm --accel {args.accel} --smp {args.smp} {kernel} -- {' '.join(guest)}"}
