@@ -179,7 +179,7 @@ class GuestBench:
         from pytracer.bcc_backend import BccTracer  # noqa: PLC0415 - after sys.path
         from pytracer.loader import Tracer, TracerError  # noqa: PLC0415
 
-        n, runs = self.args.conns, self.args.runs
+        n, runs = self.args.conns, self.args.cost_runs or self.args.runs
         port = self.next_port()
         sec: dict[str, Any] = {"connections_per_run": n, "runs": [], "failed": {}, "choices": {}}
         self.results["sections"]["cost"] = sec
@@ -376,6 +376,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="JSON result file (written after every run)")
     ap.add_argument("--runs", type=int, default=5, help="runs of cost, rounds of churn (default 5)")
+    ap.add_argument("--cost-runs", type=int, default=0, help="cost runs (default: --runs); cheap, one bcc compile")
     ap.add_argument("--conns", type=int, default=5000, help="connections per cost run")
     ap.add_argument("--churn-conns", type=int, default=4000, help="connections per churn condition")
     ap.add_argument("--churn", default=str(REPO / "bench/build/churn-static"), help="static churn binary")

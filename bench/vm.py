@@ -91,7 +91,8 @@ def run_kernel(kernel: str, args: argparse.Namespace) -> dict[str, Any]:
     result = run_dir / "vm-bench.json"
     result.unlink(missing_ok=True)
     guest = ["python3", "bench/guest_bench.py", "--out", "/run/pytracer-ctl/vm-bench.json",
-             "--runs", str(args.runs), "--conns", str(args.conns), "--churn-conns", str(args.churn_conns),
+             "--runs", str(args.runs), "--cost-runs", str(args.cost_runs), "--conns", str(args.conns),
+             "--churn-conns", str(args.churn_conns),
              "--sections", args.sections]
     argv = [str(RUN_VM), "-t", str(args.timeout), "--accel", args.accel, "--smp", str(args.smp), kernel, "--",
             *guest]
@@ -125,9 +126,11 @@ def run_kernel(kernel: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(out_dir: Path, kernels: list[str], runs: int = 5, accel: str = "tcg", timeout: int = 2400,
-        conns: int = 5000, churn_conns: int = 4000, sections: str = "cost,churn", smp: int = 2) -> int:
+        conns: int = 5000, churn_conns: int = 4000, sections: str = "cost,churn", smp: int = 2,
+        cost_runs: int = 0) -> int:
     """Run the VM benchmarks; merge into out_dir/vm.json; 0 when every kernel succeeded."""
-    args = argparse.Namespace(runs=runs, accel=accel, timeout=timeout, conns=conns, churn_conns=churn_conns,
+    args = argparse.Namespace(runs=runs, cost_runs=cost_runs or 2 * runs, accel=accel, timeout=timeout, conns=conns,
+                              churn_conns=churn_conns,
                               sections=sections, smp=smp)
     if not (REPO / "pytracer" / "bpf" / "pytracer.bpf.o").exists():
         raise VmBenchError("pytracer/bpf/pytracer.bpf.o missing: run `make bpf` first (the guest has no clang)")
@@ -137,7 +140,8 @@ def run(out_dir: Path, kernels: list[str], runs: int = 5, accel: str = "tcg", ti
     doc: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     doc.setdefault("kernels", {})
     doc["host"] = {"cpus": os.cpu_count(), "note": "shared host: other engineers' builds and VMs ran at the same time"}
-    doc["command"] = f"python3 bench/vm.py --kernels {','.join(kernels)} --runs {runs} --accel {accel}"
+    doc["command"] = (f"python3 bench/vm.py --kernels {','.join(kernels)} --runs {runs} "
+                      f"--cost-runs {args.cost_runs} --accel {accel}")
     failed = 0
     for k in kernels:
         try:
@@ -159,6 +163,7 @@ def main() -> int:
     ap.add_argument("--accel", choices=("tcg", "kvm"), default=os.environ.get("PYTRACER_VM_ACCEL", "tcg"))
     ap.add_argument("--timeout", type=int, default=2400, help="seconds per kernel (run-vm -t)")
     ap.add_argument("--smp", type=int, default=2, help="guest CPUs (default 2)")
+    ap.add_argument("--cost-runs", type=int, default=0, help="cost runs per kernel (default: 2 x --runs)")
     ap.add_argument("--conns", type=int, default=5000, help="connections per cost run")
     ap.add_argument("--churn-conns", type=int, default=4000, help="connections per churn condition")
     ap.add_argument("--sections", default="cost,churn", help="guest sections: cost,churn")
@@ -169,7 +174,7 @@ def main() -> int:
         return 1
     try:
         return run(Path(a.out), a.kernels.split(","), a.runs, a.accel, a.timeout, a.conns, a.churn_conns,
-                   a.sections, a.smp)
+                   a.sections, a.smp, a.cost_runs)
     except (VmBenchError, subprocess.CalledProcessError) as exc:
         print(f"bench-vm: error: {exc}", file=sys.stderr)
         return 1
