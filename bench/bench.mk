@@ -3,8 +3,8 @@
 #   sudo make bench        full run (~10 min): bench/results/results.json, PNGs, BENCHMARKS.md
 #   sudo make bench-smoke  tiny sizes, < 2 min, checks no targets: proves the harness works
 #   sudo make bench-vm     the test-VM figures (bench/vm.py): attach modes, bcc tcplife/
-#                          tcpstates, start-up; ~20-25 min per kernel under QEMU TCG, so
-#                          not part of `make bench`.  BENCH_VM_KERNELS (default 5.10 6.1 6.12),
+#                          tcpstates, start-up; ~50 min per kernel under QEMU TCG (bcc
+#                          tools compile at every start), so not part of `make bench`.  BENCH_VM_KERNELS (default 5.10 6.1 6.12),
 #                          PYTRACER_VM_ACCEL=kvm where /dev/kvm can boot stock kernels.
 #                          run-vm builds a missing image.  Writes bench/results/vm.json,
 #                          then regenerates BENCHMARKS.md.

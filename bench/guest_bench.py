@@ -327,13 +327,14 @@ class GuestBench:
             server.wait_until(lambda: '"ready"' in server.text(), 30)
             round_s = 0.0
             for r in range(rounds):
-                if self.left_s() < max(120.0, round_s * 1.2):
+                if self.left_s() < max(120.0, round_s * 1.05):
                     log(f"churn: stopping after {r} rounds, the deadline is near")
                     break
                 t_round = time.monotonic()
                 order = rotate(conds, r)
                 rnd: dict[str, Any] = {"order": order, "conds": {}}
                 for cond in order:
+                    log(f"churn round {r + 1}: {cond}")
                     p, ready_s, end = self._start(cond, scrape_port)
                     try:
                         cpu0 = cpu_seconds(p.pid) if p else 0.0

@@ -4,7 +4,7 @@
     python3 bench/run.py [--smoke] [--runs N] [--out DIR] [SECTION ...]
 
 Sections: cost churn accuracy scale startup (default: all), and vm (never by
-default: bench/vm.py, the test-VM figures, ~20 min per kernel under
+default: bench/vm.py, the test-VM figures, ~50 min per kernel under
 emulation; it writes DIR/vm.json, not results.json).  Each writes its
 raw numbers to DIR/results.json (merged with earlier sections' numbers);
 ``bench/report.py`` turns that into BENCHMARKS.md tables and PNG plots.

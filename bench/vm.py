@@ -11,6 +11,10 @@ into DIR/vm.json under ``kernels.KERNEL`` (results.json is not touched, so
 other sections' numbers never conflict with these).  A kernel whose run
 fails keeps what its guest wrote before the failure, with the exit code.
 
+Time under TCG on a loaded 2-core host: boot and cost ~5 min, then ~8 min per
+churn round (tcplife and tcpstates each compile for 2-4 min at every start),
+so 5 rounds need ~50 min per kernel (the default timeout, 3600 s, allows it).
+
 The guest has no compiler: churn is built static here (bench/build/churn-static)
 and the CO-RE object must exist (``make bpf``).  Emulated absolute times mean
 little: bench/report.py shows ratios within one run.
@@ -125,7 +129,7 @@ def run_kernel(kernel: str, args: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
-def run(out_dir: Path, kernels: list[str], runs: int = 5, accel: str = "tcg", timeout: int = 2400,
+def run(out_dir: Path, kernels: list[str], runs: int = 5, accel: str = "tcg", timeout: int = 3600,
         conns: int = 5000, churn_conns: int = 4000, sections: str = "cost,churn", smp: int = 2,
         cost_runs: int = 0) -> int:
     """Run the VM benchmarks; merge into out_dir/vm.json; 0 when every kernel succeeded."""
@@ -161,7 +165,8 @@ def main() -> int:
     ap.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated (default: all three)")
     ap.add_argument("--runs", type=int, default=5, help="cost runs and churn rounds per kernel (default 5)")
     ap.add_argument("--accel", choices=("tcg", "kvm"), default=os.environ.get("PYTRACER_VM_ACCEL", "tcg"))
-    ap.add_argument("--timeout", type=int, default=2400, help="seconds per kernel (run-vm -t)")
+    ap.add_argument("--timeout", type=int, default=3600,
+                    help="seconds per kernel (run-vm -t); the guest starts no churn round it cannot finish")
     ap.add_argument("--smp", type=int, default=2, help="guest CPUs (default 2)")
     ap.add_argument("--cost-runs", type=int, default=0, help="cost runs per kernel (default: 2 x --runs)")
     ap.add_argument("--conns", type=int, default=5000, help="connections per cost run")
