@@ -3,6 +3,12 @@
 #   sudo make bench        full run (~20 min, of which the 1M-socket scale row ~6-8 min and ~5 GiB):
 #                          bench/results/results.json, PNGs, BENCHMARKS.md.  BENCH_SCALE_SIZES=10k,100k skips 1M.
 #   sudo make bench-smoke  tiny sizes, < 2 min, checks no targets: proves the harness works
+#   sudo make bench-vm     the test-VM figures (bench/vm.py): attach modes, bcc tcplife/
+#                          tcpstates, start-up; ~50 min per kernel under QEMU TCG (bcc
+#                          tools compile at every start), so not part of `make bench`.  BENCH_VM_KERNELS (default 5.10 6.1 6.12),
+#                          PYTRACER_VM_ACCEL=kvm where /dev/kvm can boot stock kernels.
+#                          run-vm builds a missing image.  Writes bench/results/vm.json,
+#                          then regenerates BENCHMARKS.md.
 #
 # The harness uses the system Python (Debian's python3-matplotlib for plots)
 # and drives the installed `tracer`; the scale section imports pytracer from
@@ -11,7 +17,9 @@
 BENCH_PY        ?= /usr/bin/python3
 BENCH_SMOKE_OUT ?= $(or $(TMPDIR),/tmp)/pytracer-bench-smoke
 
-.PHONY: bench bench-smoke bench-deps
+BENCH_VM_KERNELS ?= 5.10 6.1 6.12
+
+.PHONY: bench bench-smoke bench-deps bench-vm
 
 bench-deps:
 	./bench/install-deps $(if $(filter bench,$(MAKECMDGOALS)),--full)
@@ -25,3 +33,7 @@ bench-smoke: bench-deps
 	rm -rf $(BENCH_SMOKE_OUT)
 	timeout 115 $(BENCH_PY) bench/run.py --smoke --out $(BENCH_SMOKE_OUT)
 	$(BENCH_PY) bench/report.py --results $(BENCH_SMOKE_OUT) --markdown $(BENCH_SMOKE_OUT)/BENCHMARKS.md --no-plots
+
+bench-vm: bpf
+	BENCH_VM_KERNELS="$(BENCH_VM_KERNELS)" $(BENCH_PY) bench/run.py vm
+	$(BENCH_PY) bench/report.py

@@ -3,6 +3,9 @@
 
     python3 bench/report.py [--results DIR] [--markdown FILE] [--no-plots]
 
+The test-VM figures (bench/vm.py) are read from DIR/vm.json when it exists
+and rendered by bench/vm_report.py.
+
 The tables, the targets (met / missed) and the machine description are
 generated; the analysis in bench/notes.md is appended as written.
 """
@@ -268,6 +271,11 @@ def markdown(r: dict[str, Any], plots: bool) -> str:
                 f"| exec → first JSON line (`--interval 0.05`) | {mmm(su['exec_to_first_json_s'], '', 1, 3)} |",
                 f"| exec → first JSON line (default `--interval 1`) | "
                 f"{mmm(su['exec_to_first_json_default_interval_s'], '', 1, 3)} |", ""]
+    vm = r.get("vm")  # from vm.json, bench/vm.py
+    if vm:
+        import vm_report  # noqa: PLC0415 - bench/ is on sys.path when run as a script
+
+        out += vm_report.markdown(vm, plots and bool(r.get("vm_plot")))
     notes = HERE / "notes.md"
     if notes.exists():
         out += [notes.read_text()]
@@ -371,6 +379,8 @@ def main() -> int:
     args = ap.parse_args()
     rdir = Path(args.results)
     r = json.loads((rdir / "results.json").read_text())
+    if (rdir / "vm.json").exists():
+        r["vm"] = json.loads((rdir / "vm.json").read_text())
     plots = not args.no_plots
     if plots:
         try:
@@ -380,6 +390,10 @@ def main() -> int:
             plots = False
     if plots:
         plot(r, rdir)
+        if r.get("vm"):
+            import vm_report  # noqa: PLC0415
+
+            r["vm_plot"] = vm_report.plot(r["vm"], rdir)
     Path(args.markdown).write_text(markdown(r, plots))
     print(f"report: wrote {args.markdown}" + (f" and plots in {rdir}" if plots else ""))
     return 0

@@ -3,7 +3,9 @@
 
     python3 bench/run.py [--smoke] [--runs N] [--out DIR] [--sizes 10k,100k,1M] [SECTION ...]
 
-Sections: cost churn accuracy scale startup (default: all).  Each writes its
+Sections: cost churn accuracy scale startup (default: all), and vm (never by
+default: bench/vm.py, the test-VM figures, ~50 min per kernel under
+emulation; it writes DIR/vm.json, not results.json).  Each writes its
 raw numbers to DIR/results.json (merged with earlier sections' numbers);
 ``bench/report.py`` turns that into BENCHMARKS.md tables and PNG plots.
 ``--smoke`` shrinks every size so the whole harness runs in well under two
@@ -73,6 +75,9 @@ def parse_sizes(text: str) -> list[int]:
             raise ValueError(f"bad size {part!r}: want a socket count such as 10000, 100k or 1M")
         out.append(int(num) * mult // 2 * 2)
     return sorted(set(out))
+
+
+EXTRA_SECTIONS = ("vm",)  # only when named
 
 
 class Bench:
@@ -614,14 +619,26 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench: run as root (the tracer needs it)", file=sys.stderr)
         return 1
-    bad = [s for s in args.sections if s not in SECTIONS]
+    bad = [s for s in args.sections if s not in SECTIONS + EXTRA_SECTIONS]
     if bad:
-        ap.error(f"unknown section {bad[0]}: choose from {' '.join(SECTIONS)}")
+        ap.error(f"unknown section {bad[0]}: choose from {' '.join(SECTIONS + EXTRA_SECTIONS)}")
     try:
         sizes = parse_sizes(args.sizes) if args.sizes else list(DEFAULT_SCALE_SIZES)
     except ValueError as exc:
         ap.error(str(exc))
     args.scale_sizes = sizes
+    if "vm" in args.sections:
+        import vm  # noqa: PLC0415 - bench/vm.py: boots the test VMs
+
+        try:
+            rc = vm.run(Path(args.out), os.environ.get("BENCH_VM_KERNELS", "5.10 6.1 6.12").split(),
+                        runs=args.runs or 5, accel=os.environ.get("PYTRACER_VM_ACCEL", "tcg"))
+        except (vm.VmBenchError, subprocess.CalledProcessError) as exc:
+            print(f"bench: vm: error: {exc}", file=sys.stderr)
+            rc = 1
+        args.sections = [s for s in args.sections if s != "vm"]
+        if not args.sections:
+            return rc
     b = Bench(args)
     t0 = time.monotonic()
     todo = args.sections or list(SECTIONS)
