@@ -350,7 +350,8 @@ class Scanner:
             if raw is None:
                 continue  # destroyed meanwhile: the kernel counted it
             rec = np.frombuffer(raw, SOCK_DTYPE)[0]
-            if int(rec["state_ns"]) != int(socks["state_ns"][i]) or int(rec["transitions"]) != int(socks["transitions"][i]):
+            if (int(rec["state_ns"]), int(rec["transitions"])) != (int(socks["state_ns"][i]),
+                                                                   int(socks["transitions"][i])):
                 continue
             if not table.delete(key):
                 continue
