@@ -85,7 +85,8 @@ class Proc:
         )
         self.lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.events: list[dict[str, Any]] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.p.stdout is not None
@@ -204,6 +205,9 @@ def netns_pair() -> Iterator[NetnsPair]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
 
 
+STOP_WAIT_S = 180 if IN_VM else 30  # bpftrace's exit after SIGINT
+
+
 class Oracle:
     """An independent bpftrace script on the inet_sock_set_state tracepoint.
 
@@ -212,6 +216,7 @@ class Oracle:
     """
 
     def __init__(self, port: int, count_only: bool = False) -> None:
+        self.count_only = count_only
         # BEGIN runs once every probe is attached: wait for it, not "Attaching".
         # count_only aggregates in a bpftrace map (lossless at any rate)
         # instead of printing each event through the perf buffer.
@@ -236,7 +241,8 @@ class Oracle:
         self.out: list[str] = []
         self.errors: list[str] = []
         self._attached = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         if not self._attached.wait(60):
             self.p.kill()
             raise RuntimeError(f"bpftrace did not attach within 60s: {''.join(self.errors)[-500:]}")
@@ -254,10 +260,21 @@ class Oracle:
     def stop(self) -> list[tuple[int, int, int, int, int]]:
         time.sleep(0.3)  # let the last lines drain
         self.p.send_signal(signal.SIGINT)
+        # bpftrace prints its maps only after detaching, which is slow under
+        # emulation with other guests on the host: give it time there.
+        self.killed = False
         try:
-            self.p.wait(timeout=30)
+            self.p.wait(timeout=STOP_WAIT_S)
         except subprocess.TimeoutExpired:
             self.p.kill()
+            self.p.wait(timeout=30)
+            self.killed = True
+        # The process has exited, but its last lines (the maps END prints)
+        # may still be in the pipe: read to EOF before counting.
+        self._reader.join(timeout=30)
+        if self.count_only and not any(line.startswith("@t[") for line in self.out):
+            raise RuntimeError(f"bpftrace oracle gave no counts (killed after {STOP_WAIT_S}s: {self.killed}, "
+                               f"exit {self.p.returncode}): {''.join(self.errors)[-500:]}")
         rows = []
         for line in self.out:
             if line.startswith("@t["):
