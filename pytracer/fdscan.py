@@ -30,7 +30,6 @@ import logging
 import os
 import struct
 import threading
-from importlib import resources
 from typing import Iterable
 
 import numpy as np
@@ -130,12 +129,8 @@ def merge(out: FdScan, more: FdScan) -> FdScan:
 
 
 def _object_bytes() -> bytes:
-    override = os.environ.get("PYTRACER_FDSCAN_OBJECT")
     try:
-        if override:
-            with open(override, "rb") as fh:
-                return fh.read()
-        return resources.files("pytracer").joinpath(OBJECT).read_bytes()
+        return libbpf.packaged_object(OBJECT, "PYTRACER_FDSCAN_OBJECT")
     except OSError as exc:
         raise FdScanUnavailable(f"pytracer/{OBJECT} is missing ({exc.strerror}): build it with `make`") from None
 
@@ -220,10 +215,6 @@ class FdIterators:
                         mm.close()
                     except BufferError:  # a view escaped: the collector unmaps it later
                         pass
-
-    def read(self) -> tuple[np.ndarray, np.ndarray]:
-        """(task records, file records), each a copy of FD_REC_DTYPE."""
-        return self._run(lambda tasks, files: (tasks.copy(), files.copy()))
 
     def scan(self, only: Iterable[int] | None = None, proc: str = PROC, max_fds: int = MAX_FDS_TOTAL) -> FdScan:
         """The iterators' answer, plus a /proc walk of any process /proc

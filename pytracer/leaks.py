@@ -260,7 +260,7 @@ class Scanner:
             rep.stats["table_records"] = int(len(snapshot.keys)) if snapshot is not None else None
             rep.stats["table_matched"] = int(matched.sum())
             if snapshot is not None:
-                self._reap(snapshot, rows, set(sess.socks), bool(inv.errors), now)
+                self._reap(snapshot, rows, set(sess.socks), bool(inv.errors), now, now_ns)
             rep.stats["records_reaped"] = self.reaped
 
             fin_timeout = {ino: n.fin_timeout for ino, n in inv.netns.items()}
@@ -307,7 +307,8 @@ class Scanner:
 
     # -- pieces ------------------------------------------------------------
 
-    def _reap(self, snap: Snapshot, rows: np.ndarray, covered: set[int], partial: bool, now: float) -> None:
+    def _reap(self, snap: Snapshot, rows: np.ndarray, covered: set[int], partial: bool, now: float,
+              now_ns: int) -> None:
         """Delete table records whose socket no longer exists, and count them.
 
         A record leaves the table when the kernel destroys its socket; if
@@ -328,7 +329,7 @@ class Scanner:
         absent = ~np.isin(snap.keys, rows["cookie"])
         absent &= np.isin(socks["state"], [int(st) for st in SEED_STATES])
         absent &= np.isin(socks["netns_ino"], netns)
-        absent &= socks["state_ns"].astype(np.int64) < np.int64(time.monotonic_ns() - int(self.reap_after * 1e9))
+        absent &= socks["state_ns"].astype(np.int64) < np.int64(now_ns - int(self.reap_after * 1e9))
         missing: dict[int, tuple[int, int, float]] = {}
         due = []
         for i in np.flatnonzero(absent).tolist():
@@ -361,7 +362,7 @@ class Scanner:
                 log.warning("reaped a table record whose socket is gone (no destroy event seen): cookie %d, %s, "
                             "port %d -> %d, netns %d, last change %.1f s ago", int(snap.keys[i]),
                             TcpState.name_of(int(rec["state"])), int(rec["lport"]), int(rec["rport"]),
-                            int(rec["netns_ino"]), (time.monotonic_ns() - int(rec["state_ns"])) / 1e9)
+                            int(rec["netns_ino"]), (now_ns - int(rec["state_ns"])) / 1e9)
 
     def _relevant(self, rows: np.ndarray, owners: procs.SocketOwners) -> np.ndarray:
         return scope_mask(rows, owners, self.pids)

@@ -154,21 +154,9 @@ def _static_veto(c: Candidate, hook: str, f: Features) -> str | None:
 
 
 def _program_bytes() -> bytes:
-    override = os.environ.get("PYTRACER_BPF_OBJECT")
     try:
-        if override:
-            with open(override, "rb") as fh:
-                return fh.read()
-        # A plain file next to this module (importlib.resources would import
-        # its zip readers first: ~13 ms of start-up); resources for the rest.
-        here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpf", "pytracer.bpf.o")
-        if os.path.isfile(here):
-            with open(here, "rb") as fh:
-                return fh.read()
-        from importlib import resources
-
-        return resources.files("pytracer").joinpath("bpf/pytracer.bpf.o").read_bytes()
-    except (FileNotFoundError, OSError):
+        return libbpf.packaged_object("bpf/pytracer.bpf.o", "PYTRACER_BPF_OBJECT")
+    except OSError:
         raise TracerError(
             "the BPF object pytracer/bpf/pytracer.bpf.o is missing: build it with `make` and reinstall"
         ) from None
