@@ -1,3 +1,3 @@
-from .cli import cli
+from pytracer.cli import cli
 
 cli()

@@ -10,9 +10,9 @@ import importlib
 
 import click
 
-from .. import __version__
-from ..environment import tune_malloc
-from .common import ATTACH_CHOICES, BACKEND_CHOICES, Context
+from pytracer import __version__
+from pytracer.cli.common import ATTACH_CHOICES, BACKEND_CHOICES, Context
+from pytracer.kernel.environment import tune_malloc
 
 
 class LazyGroup(click.Group):

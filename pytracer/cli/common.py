@@ -11,9 +11,9 @@ from typing import Any, Callable, Iterable
 
 import click
 
-from ..environment import EnvironmentProblem
-from ..libbpf import LibbpfError, LibbpfMissing
-from ..loader import ATTACH_MODES, DEFAULT_MAX_SOCKETS, Tracer, TracerError
+from pytracer.kernel.core import ATTACH_MODES, DEFAULT_MAX_SOCKETS, Tracer, TracerError
+from pytracer.kernel.environment import EnvironmentProblem
+from pytracer.kernel.libbpf import LibbpfError, LibbpfMissing
 
 ATTACH_CHOICES = ATTACH_MODES
 BACKEND_CHOICES = ("auto", "core", "bcc")
@@ -100,11 +100,11 @@ def max_sockets_option(f: Callable[..., Any]) -> Callable[..., Any]:
 def make_tracer(ctx: Context, pids: Iterable[int] = (), max_sockets: int = DEFAULT_MAX_SOCKETS) -> Tracer:
     backend = ctx.backend
     if backend == "bcc":
-        from ..bcc_backend import BccTracer  # noqa: PLC0415 - optional backend
+        from pytracer.kernel.bcc import BccTracer  # noqa: PLC0415 - optional backend
 
         return BccTracer(max_sockets=max_sockets, pids=pids, attach=ctx.attach)  # type: ignore[return-value]
     if backend == "auto" and not os.path.exists("/sys/kernel/btf/vmlinux"):
-        from ..bcc_backend import BccTracer  # noqa: PLC0415
+        from pytracer.kernel.bcc import BccTracer  # noqa: PLC0415
 
         # bcc itself is imported at open(), which says in one line what is missing.
         return BccTracer(  # type: ignore[return-value]

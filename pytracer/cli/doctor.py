@@ -7,10 +7,10 @@ import os
 
 import click
 
-from .. import environment as env
-from .. import libbpf
-from ..loader import HOOK_TARGETS, TracerError
-from .common import Context, make_tracer, run
+from pytracer.cli.common import Context, make_tracer, run
+from pytracer.kernel import environment as env
+from pytracer.kernel import libbpf
+from pytracer.kernel.core import HOOK_TARGETS, TracerError
 
 CAPS = {
     "CAP_BPF": env.CAP_BPF,
@@ -75,7 +75,7 @@ def gather(obj: Context) -> dict:
             out["status"] = "ok: loaded, attached and detached cleanly"
     except (TracerError, env.EnvironmentProblem, libbpf.LibbpfError) as exc:
         out["status"] = f"failed: {exc}"
-    from .. import fdscan  # numpy: only once the tracer has been tried
+    from pytracer.inventory import fdscan  # numpy: only once the tracer has been tried
 
     method, why = fdscan.method()
     fdscan.close_shared()

@@ -15,8 +15,8 @@ import time
 
 import click
 
-from .. import exporter
-from .common import Context, make_tracer, max_sockets_option, pid_option, run, validate_pids
+from pytracer.cli.common import Context, make_tracer, max_sockets_option, pid_option, run, validate_pids
+from pytracer.exporter import collector as exporter
 
 
 @click.command()
@@ -168,11 +168,11 @@ def _serve(obj: Context, server: exporter.ExporterServer, registry, opts: export
 
 
 def _seed(tracer, pids: tuple[int, ...]) -> None:
-    """Put the sockets that already exist into the kernel table (pytracer.leaks),
+    """Put the sockets that already exist into the kernel table (pytracer.leaks.scanner),
     so pytracer_sockets counts them from the first scrape."""
     log = exporter.log
     try:
-        from ..leaks import seed  # noqa: PLC0415 - optional layer
+        from pytracer.leaks.scanner import seed  # noqa: PLC0415 - optional layer
     except ImportError:
         log.info("leak detection layer not installed: pre-existing sockets are not seeded")
         return

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
-from ..thresholds import Thresholds
-from .common import Context, make_tracer, max_sockets_option, pid_option, run, validate_pids
+from pytracer.cli.common import Context, make_tracer, max_sockets_option, pid_option, run, validate_pids
+from pytracer.leaks.thresholds import Thresholds
 
 if TYPE_CHECKING:
-    from ..detectors import Flag
-    from ..leaks import LeakReport, SeedResult
+    from pytracer.leaks.detectors import Flag
+    from pytracer.leaks.scanner import LeakReport, SeedResult
 
 EXIT_FLAGGED = 1
 EXIT_ERROR = 2
@@ -70,7 +70,7 @@ def thresholds_from(kw: dict[str, Any], top: int | None = None) -> Thresholds:
 def preload_leaks() -> threading.Thread:
     """Import the leak layer (pyroute2 takes 0.4 s or more) in the background
     while the BPF programs load and attach; ``import`` waits for it after."""
-    t = threading.Thread(target=importlib.import_module, args=("pytracer.leaks",), name="pytracer-preload",
+    t = threading.Thread(target=importlib.import_module, args=("pytracer.leaks.scanner",), name="pytracer-preload",
                          daemon=True)
     t.start()
     return t
@@ -94,7 +94,7 @@ def _exit_codes(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _for(f: Flag) -> str:
-    from ..detectors import human
+    from pytracer.leaks.detectors import human
 
     if f.seconds is None:
         return "-"
@@ -102,7 +102,7 @@ def _for(f: Flag) -> str:
 
 
 def _cells(f: Flag) -> list[str]:
-    from ..detectors import endpoint, human
+    from pytracer.leaks.detectors import endpoint, human
 
     local = endpoint(f.laddr, f.lport) if f.laddr is not None and f.lport is not None else "-"
     remote = endpoint(f.raddr, f.rport) if f.raddr is not None and f.rport is not None else "-"
@@ -208,7 +208,7 @@ def leaks(obj: Context, pids: tuple[int, ...], samples: int, interval: float, to
     preload_leaks()
     tracer = make_tracer(obj, pids, max_sockets)
     with tracer:
-        from ..leaks import Scanner, seed  # pyroute2: imported once attached
+        from pytracer.leaks.scanner import Scanner, seed  # pyroute2: imported once attached
 
         sr = seed(tracer, pids)
         scanner = Scanner(tracer, thresholds, pids=pids)

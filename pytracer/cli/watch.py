@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import click
 
-from .common import Context, make_tracer, max_sockets_option, pid_option, run, validate_pids
-from .leaks import preload_leaks, threshold_options, thresholds_from
+from pytracer.cli.common import Context, make_tracer, max_sockets_option, pid_option, run, validate_pids
+from pytracer.cli.leaks import preload_leaks, threshold_options, thresholds_from
 
 if TYPE_CHECKING:
-    from .. import poller
-    from ..loader import Tracer
+    from pytracer.kernel.core import Tracer
+    from pytracer.table import poll as poller
 
 
 def intervals(interval: float, duration: float | None, clock: Callable[[], float] = time.monotonic,
@@ -52,7 +52,8 @@ def intervals(interval: float, duration: float | None, clock: Callable[[], float
 def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: float | None, top: int,
             start_ns: int, enrichers: Iterable[Callable[..., Any]] = (),
             extra: dict[str, Any] | None = None) -> Iterator[tuple[dict[str, Any], poller.Snapshot]]:
-    from .. import model, poller
+    from pytracer.table import poll as poller
+    from pytracer.views import model
 
     opts = model.ReportOptions(pids=pids, top=top, start_mono_ns=start_ns, max_sockets=tracer.max_sockets,
                                extra=dict(extra or {}))
@@ -100,7 +101,8 @@ def watch(obj: Context, pids: tuple[int, ...], interval: float, duration: float 
     with tracer:
         # Imported once attached (numpy and the leak layer take a moment,
         # preloaded in the background meanwhile).
-        from .. import leaks, model
+        from pytracer.leaks import scanner as leaks
+        from pytracer.views import model
 
         # Sockets that exist already go into the table as "present at start".
         seeded = leaks.seed(tracer, pids)
@@ -120,7 +122,7 @@ def watch(obj: Context, pids: tuple[int, ...], interval: float, duration: float 
         elif sys.stdout.isatty():
             _live(stream, tracer, pids)
         else:
-            from ..views.text import plain
+            from pytracer.views.text import plain
 
             for report, snap in stream:
                 print(plain(report, model.lifetime_all(snap.totals)), flush=True)
@@ -130,8 +132,8 @@ def _live(stream: Iterator[tuple[dict[str, Any], poller.Snapshot]], tracer: Trac
     from rich.console import Console
     from rich.live import Live
 
-    from .. import model
-    from ..views.live import render
+    from pytracer.views import model
+    from pytracer.views.live import render
 
     hooks = ", ".join(f"{h}={c.kind}" for h, c in tracer.choices.items() if c.kind)
     scope = "pids " + ",".join(map(str, pids)) if pids else "whole host"

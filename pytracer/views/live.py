@@ -9,8 +9,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from ..histogram import Histogram
-from .text import SOCKET_HEADERS, chart_rows, human_seconds, socket_cells
+from pytracer.kernel.histogram import Histogram
+from pytracer.views.text import SOCKET_HEADERS, chart_rows, human_seconds, socket_cells
 
 
 def _states_table(report: dict[str, Any]) -> Table:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..histogram import Histogram
+from pytracer.kernel.histogram import Histogram
 
 
 def human_seconds(s: float | None) -> str:

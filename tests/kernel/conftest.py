@@ -378,7 +378,7 @@ def lifetime_ranges(
     timewait socket -- right after the client's close() (t_close) -- or at
     the latest when the server's FIN arrives.  On a fast machine the two are
     microseconds apart; under emulation, the server's close can lag."""
-    from pytracer.abi import Direction  # noqa: PLC0415 - conftest stays light
+    from pytracer.kernel.abi import Direction  # noqa: PLC0415 - conftest stays light
 
     closed = {e["rport"]: e["t"] for e in server_events if e.get("event") == "closed"}
     return {
@@ -392,7 +392,7 @@ def check_lifetimes(h: Any, ranges: list[tuple[float, float]], tol: float) -> li
     truth of each connection: its count, its exact sum, and each lifetime's
     slot (matched greedily, one slot per connection, a slot's neighbours
     allowed for the clocks' tolerance)."""
-    from pytracer.histogram import slot_of  # noqa: PLC0415
+    from pytracer.kernel.histogram import slot_of  # noqa: PLC0415
 
     out = []
     if h.count != len(ranges):

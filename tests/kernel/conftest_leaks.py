@@ -80,8 +80,8 @@ def leak_net(request: pytest.FixtureRequest) -> Iterator[LeakNet]:
 @pytest.fixture(scope="module")
 def leak_tracer() -> Iterator[Any]:
     require_root()
-    from pytracer import leaks
-    from pytracer.loader import Tracer
+    from pytracer.kernel.core import Tracer
+    from pytracer.leaks import scanner as leaks
 
     tracer = Tracer()
     with tracer:

@@ -23,13 +23,13 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
-from pytracer import poller
-from pytracer.abi import Direction, Stat
-from pytracer.bcc_backend import BccTracer, find_headers, import_bcc
-from pytracer.environment import EnvironmentProblem, kernel_release, probe_features
-from pytracer.loader import Tracer
-from pytracer.model import socket_row
-from pytracer.tcp_states import TcpState as S
+from pytracer.kernel.abi import Direction, Stat
+from pytracer.kernel.bcc import BccTracer, find_headers, import_bcc
+from pytracer.kernel.core import Tracer
+from pytracer.kernel.environment import EnvironmentProblem, kernel_release, probe_features
+from pytracer.kernel.tcp_states import TcpState as S
+from pytracer.table import poll as poller
+from pytracer.views.model import socket_row
 
 
 def _skip_reason() -> str | None:

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pytracer import poller
-from pytracer.abi import Direction, Stat
-from pytracer.loader import Tracer
-from pytracer.model import socket_row
-from pytracer.tcp_states import TcpState as S
+from pytracer.kernel.abi import Direction, Stat
+from pytracer.kernel.core import Tracer
+from pytracer.kernel.tcp_states import TcpState as S
+from pytracer.table import poll as poller
+from pytracer.views.model import socket_row
 
 from .conftest import CLOCK_TOLERANCE_S, IN_VM, check_lifetimes, lifetime_ranges, skip_allowance
 

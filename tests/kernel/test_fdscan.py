@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from pytracer import fdscan, procs
+from pytracer.inventory import fdscan, procs
 
 from .conftest import fdinfo_ids, prog_ids_of
 

@@ -20,9 +20,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pytracer import abi, leaks, poller
-from pytracer.detectors import Flag, Thresholds
-from pytracer.leaks import LeakReport, Scanner
+from pytracer.kernel import abi
+from pytracer.leaks import scanner as leaks
+from pytracer.leaks.detectors import Flag, Thresholds
+from pytracer.leaks.scanner import LeakReport, Scanner
+from pytracer.table import poll as poller
 
 from .leaky_support import (
     PYTHON,
@@ -206,7 +208,7 @@ def test_idle_keepalive_flagged_busy_not(leak_tracer: Any, leak_net: LeakNet, sp
 
 @pytest.mark.parametrize("leak_net", NETS, indirect=True)
 def test_preexisting_sockets_found_with_owner(leak_net: LeakNet, spawn: Any) -> None:
-    from pytracer.loader import Tracer
+    from pytracer.kernel.core import Tracer
 
     net = leak_net
     srv = spawn(server_argv("hold", net.server_host), net.server_ns, "server")

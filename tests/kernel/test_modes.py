@@ -29,12 +29,12 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
-from pytracer import poller
-from pytracer.abi import Direction, Stat
-from pytracer.environment import EnvironmentProblem
-from pytracer.loader import Tracer, TracerError
-from pytracer.model import socket_row
-from pytracer.tcp_states import TcpState as S
+from pytracer.kernel.abi import Direction, Stat
+from pytracer.kernel.core import Tracer, TracerError
+from pytracer.kernel.environment import EnvironmentProblem
+from pytracer.kernel.tcp_states import TcpState as S
+from pytracer.table import poll as poller
+from pytracer.views.model import socket_row
 
 from .conftest import CLOCK_TOLERANCE_S, IN_VM, check_lifetimes, lifetime_ranges, skip_allowance
 
@@ -51,7 +51,7 @@ def expected_modes() -> set[str]:
 
 def make_tracer(mode: str, pids: list[int]) -> Any:
     if mode.startswith("bcc:"):
-        from pytracer.bcc_backend import BccTracer  # noqa: PLC0415 - optional backend
+        from pytracer.kernel.bcc import BccTracer  # noqa: PLC0415 - optional backend
 
         return BccTracer(pids=pids, attach=mode.split(":", 1)[1])
     return Tracer(pids=pids, attach=mode)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pytracer import abi
+from pytracer.kernel import abi
 
 OBJ = Path(__file__).resolve().parents[2] / "pytracer" / "bpf" / "pytracer.bpf.o"
 

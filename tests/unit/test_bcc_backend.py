@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pytracer import bcc_backend as bb
 from pytracer.cli.common import Context, make_tracer
-from pytracer.environment import EnvironmentProblem, Features
-from pytracer.loader import Tracer, TracerError
+from pytracer.kernel import bcc as bb
+from pytracer.kernel.core import Tracer, TracerError
+from pytracer.kernel.environment import EnvironmentProblem, Features
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pytracer.detectors import (
+from pytracer.inventory.procs import ProcFacts
+from pytracer.leaks.detectors import (
     KINDS,
     Flag,
     SockFacts,
@@ -36,7 +37,6 @@ from pytracer.detectors import (
     time_wait_flags,
     update_growth,
 )
-from pytracer.procs import ProcFacts
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures" / "leaks"
 

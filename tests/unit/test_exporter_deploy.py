@@ -14,8 +14,9 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from pytracer import abi, exporter
-from pytracer.exporter import ExportOptions, ScrapeInput, TracerCollector, build_families
+from pytracer.exporter import collector as exporter
+from pytracer.exporter.collector import ExportOptions, ScrapeInput, TracerCollector, build_families
+from pytracer.kernel import abi
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -17,11 +17,12 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pytracer import abi, exporter
-from pytracer.exporter import ExportOptions, ScrapeInput, TracerCollector, build_families, fold_top
-from pytracer.histogram import slot_of
-from pytracer.poller import SOCK_DTYPE, Totals
-from pytracer.tcp_states import TcpState
+from pytracer.exporter import collector as exporter
+from pytracer.exporter.collector import ExportOptions, ScrapeInput, TracerCollector, build_families, fold_top
+from pytracer.kernel import abi
+from pytracer.kernel.histogram import slot_of
+from pytracer.kernel.tcp_states import TcpState
+from pytracer.table.poll import SOCK_DTYPE, Totals
 
 
 def make_totals(per_cpu: list[abi.PtAgg]) -> Totals:

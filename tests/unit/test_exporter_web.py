@@ -17,7 +17,7 @@ import bcrypt
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
-from pytracer.exporter import (
+from pytracer.exporter.collector import (
     BasicAuth,
     ExportError,
     ExporterServer,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pytracer import fdscan, procs
+from pytracer.inventory import fdscan, procs
 
 from .test_procs import make_proc
 

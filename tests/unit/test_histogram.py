@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from pytracer.abi import PT_HIST_SLOTS
-from pytracer.histogram import Histogram, log2_bounds_seconds, slot_lower_us, slot_of, slot_upper_us
+from pytracer.kernel.abi import PT_HIST_SLOTS
+from pytracer.kernel.histogram import Histogram, log2_bounds_seconds, slot_lower_us, slot_of, slot_upper_us
 
 
 def reference_slot(us: int) -> int:

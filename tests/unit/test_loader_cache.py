@@ -1,4 +1,4 @@
-"""The per-boot memory of attach kinds the kernel refused (pytracer.loader).
+"""The per-boot memory of attach kinds the kernel refused (pytracer.kernel.core).
 No kernel: the file and the boot key are what is under test."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pytracer import loader
+from pytracer.kernel import core as loader
 
 
 @pytest.fixture()

@@ -7,9 +7,10 @@ import socket
 
 import numpy as np
 
-from pytracer import abi, model
-from pytracer.poller import SOCK_DTYPE, Snapshot, Totals
-from pytracer.tcp_states import TcpState
+from pytracer.kernel import abi
+from pytracer.kernel.tcp_states import TcpState
+from pytracer.table.poll import SOCK_DTYPE, Snapshot, Totals
+from pytracer.views import model
 
 
 def record(**kw) -> bytes:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pytracer import procs
+from pytracer.inventory import procs
 
 LIMITS = """\
 Limit                     Soft Limit           Hard Limit           Units

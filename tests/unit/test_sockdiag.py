@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pytracer import sockdiag
-from pytracer.tcp_states import TcpState
+from pytracer.inventory import sockdiag
+from pytracer.kernel.tcp_states import TcpState
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures" / "leaks"
 

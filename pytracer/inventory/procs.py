@@ -17,7 +17,7 @@ the per-process facts the leak detectors need:
 
 Every reader takes the ``/proc`` root as an argument, so unit tests point it
 at a fixture tree.  On the host's /proc, :func:`scan_fds` gets the same
-facts from BPF iterators when it can (:mod:`pytracer.fdscan`).  Processes
+facts from BPF iterators when it can (:mod:`pytracer.inventory.fdscan`).  Processes
 vanish while we read them; every reader treats ENOENT/ESRCH/EACCES as "gone"
 and moves on.
 """
@@ -287,7 +287,7 @@ def scan_fds(only: Iterable[int] | None = None, proc: str = PROC, max_fds: int =
     fds and says so (``truncated``).
 
     On the real /proc this asks the kernel through BPF iterators
-    (:mod:`pytracer.fdscan`) when they load, and walks /proc/PID/fd
+    (:mod:`pytracer.inventory.fdscan`) when they load, and walks /proc/PID/fd
     otherwise (:func:`walk_fds`; the reason is logged at debug level).
     Same answers, same order and bound, with two differences: the kernel
     hands over every fd table (``unreadable`` is 0), and a netns fd opened
@@ -297,7 +297,7 @@ def scan_fds(only: Iterable[int] | None = None, proc: str = PROC, max_fds: int =
     if only is not None:
         only = list(only)  # read twice if the iterators fail
     if proc == PROC:
-        from . import fdscan  # numpy + libbpf: only when scanning the host
+        from pytracer.inventory import fdscan  # numpy + libbpf: only when scanning the host
 
         try:
             return fdscan.shared().scan(only, proc, max_fds)

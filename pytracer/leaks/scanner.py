@@ -2,17 +2,17 @@
 
 :class:`Scanner` joins four sources, each for what it knows best:
 
-* the BPF socket table (:mod:`pytracer.poller` snapshot): exact time each
+* the BPF socket table (:mod:`pytracer.table.poll` snapshot): exact time each
   socket entered its state, whether it was accepted;
-* the sock_diag inventory (:mod:`pytracer.sockdiag`): every TCP socket that
+* the sock_diag inventory (:mod:`pytracer.inventory.sockdiag`): every TCP socket that
   exists, in every namespace, including TIME_WAIT and request sockets the
   table never holds, and the inode that links a socket to a process fd;
 * tcp_info, asked for only the candidates: idle clocks, and lower bounds on
   time in state for sockets that predate the tracer;
-* /proc (:mod:`pytracer.procs`): who holds each socket, on which fd, and how
+* /proc (:mod:`pytracer.inventory.procs`): who holds each socket, on which fd, and how
   close each process is to RLIMIT_NOFILE.
 
-and hands them to :mod:`pytracer.detectors`.  A scan never raises: each stage
+and hands them to :mod:`pytracer.leaks.detectors`.  A scan never raises: each stage
 that fails is recorded in ``LeakReport.errors`` and the rest still runs.
 Every loop is bounded (sockets, processes, fds, tcp_info queries).  History
 (growth trends, what was already checked) lives in the Scanner, so call
@@ -37,8 +37,11 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from . import abi, procs, sockdiag
-from .detectors import (
+from pytracer.inventory import procs, sockdiag
+from pytracer.kernel import abi
+from pytracer.kernel.libbpf import LibbpfError
+from pytracer.kernel.tcp_states import TcpState
+from pytracer.leaks.detectors import (
     Flag,
     GrowthSample,
     SockFacts,
@@ -55,9 +58,7 @@ from .detectors import (
     time_wait_flags,
     update_growth,
 )
-from .libbpf import LibbpfError
-from .poller import SOCK_DTYPE, Snapshot
-from .tcp_states import TcpState
+from pytracer.table.poll import SOCK_DTYPE, Snapshot
 
 __all__ = ["Flag", "LeakReport", "ProcessSummary", "Scanner", "SeedResult", "Thresholds", "seed", "watch_enricher"]
 
@@ -219,7 +220,7 @@ class Scanner:
         th = self.thresholds
         if snapshot is None and self.tracer is not None and getattr(self.tracer, "obj", True) is not None:
             try:
-                from . import poller
+                from pytracer.table import poll as poller
 
                 snapshot = poller.snapshot(self.tracer)
             except Exception as exc:
@@ -678,7 +679,7 @@ def _midlife_count(tracer: Any) -> int | None:
     """The kernel's count of sockets first seen mid-life (records it created
     for sockets older than the tracer), or None if unreadable."""
     try:
-        from . import poller
+        from pytracer.table import poll as poller
 
         return poller.read_totals(tracer).stat(abi.Stat.MIDLIFE)
     except Exception:
@@ -701,7 +702,7 @@ def _insert_new(tracer: Any, socks: Any, keys: np.ndarray, recs: np.ndarray, res
     when it moved, :func:`_repair` checks the seeded records against a
     fresh dump.
     """
-    from . import poller
+    from pytracer.table import poll as poller
 
     before = _midlife_count(tracer)
     existing, _ = poller.read_socks(tracer)

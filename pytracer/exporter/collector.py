@@ -2,8 +2,8 @@
 and the small HTTP(S) server that serves it.
 
 Nothing here keeps a second copy of the kernel's truth.  Every scrape reads
-the per-CPU aggregate and the socket table (:mod:`pytracer.poller`), asks the
-leak detectors (:mod:`pytracer.leaks`, when present) for their findings, and
+the per-CPU aggregate and the socket table (:mod:`pytracer.table.poll`), asks the
+leak detectors (:mod:`pytracer.leaks.scanner`, when present) for their findings, and
 builds fresh metric families from those reads.  The only state held in
 Python is the exporter's own bookkeeping: how often a read failed and how
 many label values were folded into ``other``.
@@ -50,12 +50,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from . import __version__, abi
-from .abi import Direction, Stat
-from .histogram import Histogram, log2_bounds_seconds
-from .tcp_states import TcpState
+from pytracer import __version__
+from pytracer.kernel import abi
+from pytracer.kernel.abi import Direction, Stat
+from pytracer.kernel.histogram import Histogram, log2_bounds_seconds
+from pytracer.kernel.tcp_states import TcpState
 
-log = logging.getLogger("pytracer.exporter")
+log = logging.getLogger("pytracer.exporter.collector")
 
 NAMESPACE = "pytracer"
 DEFAULT_LISTEN = "127.0.0.1:9808"
@@ -93,13 +94,13 @@ KERNEL_EVENTS = {
 }
 
 # Flag kinds of the leak detectors, so the "oldest" gauge exists (as 0)
-# before the first flag of a kind; pytracer.detectors.KINDS when present.
+# before the first flag of a kind; pytracer.leaks.detectors.KINDS when present.
 KNOWN_FLAG_KINDS = ("close_wait", "idle_established", "fin_wait2_orphan", "fd_exhaustion", "time_wait_pressure")
 
 
 def flag_kinds() -> tuple[str, ...]:
     try:
-        from .detectors import KINDS  # noqa: PLC0415 - optional layer
+        from pytracer.leaks.detectors import KINDS  # noqa: PLC0415 - optional layer
     except ImportError:
         return KNOWN_FLAG_KINDS
     return tuple(KINDS)
@@ -152,7 +153,7 @@ class ScrapeInput:
     maps: list[MapStat] = field(default_factory=list)
     programs: list[ProgramStat] | None = None
     bpf_stats: bool = False
-    leaks: Any = None  # pytracer.leaks.LeakReport
+    leaks: Any = None  # pytracer.leaks.scanner.LeakReport
     hooks: list[tuple[str, str, str]] = field(default_factory=list)  # (hook, kind, program)
     build: dict[str, str] = field(default_factory=dict)
 
@@ -501,7 +502,7 @@ class BpfStats:
     BPF_STATS_RUN_TIME = 0
 
     def __init__(self) -> None:
-        from . import libbpf
+        from pytracer.kernel import libbpf
 
         lib = libbpf.library()
         fn = lib.bpf_enable_stats
@@ -527,9 +528,9 @@ class BpfStats:
 class TracerCollector(Collector):
     """Reads the tracer's maps at scrape time and yields fresh metric families.
 
-    ``tracer`` is a loaded :class:`pytracer.loader.Tracer` (or any backend
+    ``tracer`` is a loaded :class:`pytracer.kernel.core.Tracer` (or any backend
     with ``map()``, ``ncpus``, ``programs()``, ``choices`` and ``backend``).
-    ``scanner`` is ``"auto"`` to use :mod:`pytracer.leaks` when it imports,
+    ``scanner`` is ``"auto"`` to use :mod:`pytracer.leaks.scanner` when it imports,
     ``None`` to skip leak metrics, or an object with ``scan(snapshot)``.
 
     The kernel maps are read during every scrape.  The leak scan (sock_diag
@@ -604,7 +605,7 @@ class TracerCollector(Collector):
             self._maps_lock.release()
 
     def _scan_loop(self) -> None:
-        from . import poller
+        from pytracer.table import poll as poller
 
         scanner = self._scanner
         # Ends with close(); each round waits at least 50 ms.
@@ -656,7 +657,7 @@ class TracerCollector(Collector):
         self._scanner_ready = True
         self._scanner = None
         try:
-            from .leaks import Scanner, Thresholds  # noqa: PLC0415 - optional layer
+            from pytracer.leaks.scanner import Scanner, Thresholds  # noqa: PLC0415 - optional layer
         except ImportError as exc:
             self._failed("leaks", exc)
             return None
@@ -686,7 +687,7 @@ class TracerCollector(Collector):
 
     def read(self) -> ScrapeInput:
         """One scrape's reads.  Never raises: failures are counted."""
-        from . import poller
+        from pytracer.table import poll as poller
 
         inp = ScrapeInput()
         if self._closed:

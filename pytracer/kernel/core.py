@@ -31,8 +31,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from . import abi, libbpf
-from .environment import EnvironmentProblem, Features, ensure_mounts, probe_features, require_privileges
+from pytracer.kernel import abi, libbpf
+from pytracer.kernel.environment import EnvironmentProblem, Features, ensure_mounts, probe_features, require_privileges
 
 ATTACH_MODES = ("auto", "tp_btf", "tracepoint", "fentry", "kprobe")
 DEFAULT_MAX_SOCKETS = 262144

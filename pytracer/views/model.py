@@ -1,7 +1,7 @@
 """The domain model: snapshots in, one interval report out.  Pure.
 
 A report is a plain dict (it is also the ``--json`` line), built from the
-previous and current :class:`~pytracer.poller.Snapshot`.  Selections over
+previous and current :class:`~pytracer.table.poll.Snapshot`.  Selections over
 the socket table are numpy operations; only the handful of rows that are
 shown get turned into Python objects.
 """
@@ -14,11 +14,11 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from . import abi
-from .abi import Direction, Stat
-from .histogram import Histogram
-from .poller import Snapshot, Totals
-from .tcp_states import TcpState
+from pytracer.kernel import abi
+from pytracer.kernel.abi import Direction, Stat
+from pytracer.kernel.histogram import Histogram
+from pytracer.kernel.tcp_states import TcpState
+from pytracer.table.poll import Snapshot, Totals
 
 AF_INET = 2
 AF_INET6 = 10
@@ -99,7 +99,7 @@ def socket_row(key: int, rec: np.void, now_ns: int, start_mono_ns: int) -> dict[
         "age_seconds": round(max(age_ns, 0) / 1e9, 6),
         "age_known": known,
         "state_age_seconds": round(max(now_ns - int(rec["state_ns"]), 0) / 1e9, 6),
-        # A record seeded at start (pytracer.leaks.seed) that has not changed
+        # A record seeded at start (pytracer.leaks.scanner.seed) that has not changed
         # state since: state_age_seconds is "at least", counted from the seeding.
         "state_age_known": not (int(rec["flags"]) & abi.PT_F_SEEDED and int(rec["transitions"]) == 0),
         "family": family_name(fam),

@@ -28,7 +28,7 @@ TIME_WAIT storm of 30,000 sockets turns into seconds per scan.  The
 transport is a plain netlink socket, parsed in bulk (about 1 us per socket).
 
 Network namespaces: a netlink socket answers for the namespace it was
-created in.  For each other namespace (found by :mod:`pytracer.procs`), a
+created in.  For each other namespace (found by :mod:`pytracer.inventory.procs`), a
 short-lived thread enters it with setns(2) (which changes only the calling
 thread), creates the socket, reads that namespace's sysctls
 (``ip_local_port_range``, ``tcp_fin_timeout``, ``tcp_tw_reuse``,
@@ -54,8 +54,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .procs import NetnsRef
-from .tcp_states import TcpState
+from pytracer.inventory.procs import NetnsRef
+from pytracer.kernel.tcp_states import TcpState
 
 # include/uapi/linux/netlink.h, sock_diag.h
 NETLINK_SOCK_DIAG = 4

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .abi import PT_HIST_SLOTS
+from pytracer.kernel.abi import PT_HIST_SLOTS
 
 
 def slot_of(us: int) -> int:

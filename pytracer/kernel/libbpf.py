@@ -200,7 +200,7 @@ def packaged_object(relpath: str, override_env: str) -> bytes:
     (``relpath`` below it, e.g. "bpf/pytracer.bpf.o"), or of the file the
     environment variable ``override_env`` names.  Raises OSError.
 
-    A plain file next to this module is read directly (importlib.resources
+    A plain file in the package is read directly (importlib.resources
     would import its zip readers first: ~13 ms of start-up); resources for
     any other installation.
     """
@@ -208,7 +208,8 @@ def packaged_object(relpath: str, override_env: str) -> bytes:
     if override:
         with open(override, "rb") as fh:
             return fh.read()
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), *relpath.split("/"))
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.join(package, *relpath.split("/"))
     if os.path.isfile(here):
         with open(here, "rb") as fh:
             return fh.read()

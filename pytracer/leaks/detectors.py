@@ -1,7 +1,7 @@
 """Leak rules: facts in, flags with evidence out.  Pure.
 
 Nothing here reads the kernel, /proc or the clock.  The library layer
-(:mod:`pytracer.leaks`) gathers the facts: sockets joined from sock_diag,
+(:mod:`pytracer.leaks.scanner`) gathers the facts: sockets joined from sock_diag,
 the BPF socket table, tcp_info and /proc; processes; per-namespace sysctls.
 The functions here decide what is wrong and say so in one plain sentence.
 
@@ -40,8 +40,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .procs import ProcFacts
-from .thresholds import Thresholds
+from pytracer.inventory.procs import ProcFacts
+from pytracer.leaks.thresholds import Thresholds
 
 KINDS = (
     "close_wait",

@@ -2,7 +2,7 @@
 
 The per-CPU aggregate is one lookup summed with numpy; the socket table is
 one BPF_MAP_LOOKUP_BATCH walk viewed as a numpy structured array whose dtype
-comes from :class:`pytracer.abi.PtSock`.
+comes from :class:`pytracer.kernel.abi.PtSock`.
 
 A poll loop keeps one :class:`SockBuffers`: the kernel then writes the table
 straight into arrays sized for the map's capacity, allocated once, and a
@@ -20,8 +20,8 @@ from typing import Protocol
 
 import numpy as np
 
-from . import abi
-from .histogram import Histogram
+from pytracer.kernel import abi
+from pytracer.kernel.histogram import Histogram
 
 SOCK_DTYPE = np.dtype(abi.PtSock)
 _AGG_WORDS = ctypes.sizeof(abi.PtAgg) // 8

@@ -3,7 +3,7 @@
 The CO-RE object needs kernel BTF.  Where there is none but the kernel's
 headers are installed, bcc (Debian's python3-bpfcc) compiles the same
 lifecycle against those headers.  :class:`BccTracer` has the surface the
-rest of pytracer uses from :class:`pytracer.loader.Tracer` (``map()``,
+rest of pytracer uses from :class:`pytracer.kernel.core.Tracer` (``map()``,
 ``ncpus``, ``choices``, ``programs()``, ...), and the maps it hands out have
 the names, types and value layouts of the CO-RE object's (bpf/pytracer.h),
 so the poller, model, views and exporter run unchanged.
@@ -33,16 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from . import libbpf
-from .environment import (
-    TRACEFS,
-    EnvironmentProblem,
-    Features,
-    ensure_mounts,
-    probe_features,
-    require_privileges,
-)
-from .loader import (
+from pytracer.kernel import libbpf
+from pytracer.kernel.core import (
     ATTACH_MODES,
     DEFAULT_MAX_SOCKETS,
     HOOK_TARGETS,
@@ -51,6 +43,14 @@ from .loader import (
     TracerError,
     TracerHandle,
     not_needed,
+)
+from pytracer.kernel.environment import (
+    TRACEFS,
+    EnvironmentProblem,
+    Features,
+    ensure_mounts,
+    probe_features,
+    require_privileges,
 )
 
 SOURCE_NAME = "pytracer_bcc.c"
@@ -170,7 +170,7 @@ def _obj_info(fd: int, info: ctypes.Structure, what: str) -> None:
 class FdMap(libbpf.Map):
     """A map known only by its fd (here: one bcc created).
 
-    Reuses :class:`pytracer.libbpf.Map`'s lookup/update/delete/dump, which
+    Reuses :class:`pytracer.kernel.libbpf.Map`'s lookup/update/delete/dump, which
     need nothing but the fd and the sizes; those come from the kernel
     (BPF_OBJ_GET_INFO_BY_FD), not from bcc's idea of the types.
     """
@@ -289,8 +289,8 @@ def source_path() -> Path:
     """bpf/pytracer_bcc.c: $PYTRACER_BCC_SOURCE, the package, or the source tree."""
     override = os.environ.get("PYTRACER_BCC_SOURCE")
     candidates = [Path(override)] if override else []
-    here = Path(__file__).resolve().parent
-    candidates += [here / "bpf" / SOURCE_NAME, here.parent / "bpf" / SOURCE_NAME]
+    package = Path(__file__).resolve().parents[1]
+    candidates += [package / "bpf" / SOURCE_NAME, package.parent / "bpf" / SOURCE_NAME]
     for c in candidates:
         if c.is_file() and (c.parent / "pytracer.h").is_file():
             return c

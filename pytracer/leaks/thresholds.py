@@ -1,6 +1,6 @@
 """The leak detectors' thresholds: when a socket or process is flagged.
 
-Apart from :mod:`pytracer.detectors` so the command line can declare its
+Apart from :mod:`pytracer.leaks.detectors` so the command line can declare its
 options without importing numpy (``tracer watch`` attaches before it loads
 the heavy layers).
 """

@@ -1,6 +1,6 @@
 """Socket owners from BPF iterators instead of a walk of /proc/*/fd.
 
-``ss -p`` (and :func:`pytracer.procs.scan_fds` without BPF) finds who holds a
+``ss -p`` (and :func:`pytracer.inventory.procs.scan_fds` without BPF) finds who holds a
 socket with one ``readlink`` per fd of every process: 100k+ syscalls and
 Python strings on a busy host, every leak scan.  bpf/fdscan.bpf.c has two
 iterators that write the same facts as fixed-size records
@@ -13,7 +13,7 @@ iterators that write the same facts as fixed-size records
 
 They are read like files (BPF_ITER_CREATE) into a buffer that numpy views
 as :data:`FD_REC_DTYPE`; :func:`parse` turns the records into the
-:class:`~pytracer.procs.FdScan` the /proc walk returns, with no Python
+:class:`~pytracer.inventory.procs.FdScan` the /proc walk returns, with no Python
 object per fd.
 
 The object is loaded once per process and kept (:func:`shared`); loading
@@ -34,9 +34,10 @@ from typing import Iterable
 
 import numpy as np
 
-from . import libbpf, procs
-from .environment import can_trace, effective_caps
-from .procs import MAX_FDS_TOTAL, PROC, FdScan, SocketOwners
+from pytracer.inventory import procs
+from pytracer.inventory.procs import MAX_FDS_TOTAL, PROC, FdScan, SocketOwners
+from pytracer.kernel import libbpf
+from pytracer.kernel.environment import can_trace, effective_caps
 
 log = logging.getLogger(__name__)
 
