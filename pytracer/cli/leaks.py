@@ -102,7 +102,8 @@ def _for(f: Flag) -> str:
 
 
 def _cells(f: Flag) -> list[str]:
-    from pytracer.leaks.detectors import endpoint, human
+    from pytracer.format import endpoint
+    from pytracer.leaks.detectors import human
 
     local = endpoint(f.laddr, f.lport) if f.laddr is not None and f.lport is not None else "-"
     remote = endpoint(f.raddr, f.rport) if f.raddr is not None and f.rport is not None else "-"

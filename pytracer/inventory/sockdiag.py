@@ -54,6 +54,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from pytracer.format import AF_INET, AF_INET6
 from pytracer.inventory.procs import NetnsRef
 from pytracer.kernel.tcp_states import TcpState
 
@@ -98,8 +99,6 @@ TCP_INFO_FIELDS = (
     ("tcpi_reord_seen", "I"), ("tcpi_rcv_ooopack", "I"), ("tcpi_snd_wnd", "I"),
 )
 
-AF_INET = socket.AF_INET
-AF_INET6 = socket.AF_INET6
 IPPROTO_TCP = socket.IPPROTO_TCP
 CLONE_NEWNET = 0x40000000
 

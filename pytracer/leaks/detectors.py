@@ -34,12 +34,12 @@ time_wait_pressure     TIME_WAIT sockets to one destination using
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from pytracer.format import address, duration, endpoint, family_name
 from pytracer.inventory.procs import ProcFacts
 from pytracer.leaks.thresholds import Thresholds
 
@@ -58,8 +58,6 @@ KINDS = (
 TCP_TIMEWAIT_LEN_SECONDS = 60
 # idiag_timer for timewait minisockets (net/ipv4/inet_diag.c).
 TIMER_TIMEWAIT = 3
-AF_INET = 2
-AF_INET6 = 10
 
 
 @dataclass
@@ -139,24 +137,9 @@ class SockFacts:
         return asdict(self)
 
 
-def family_name(family: int) -> str:
-    return {AF_INET: "ipv4", AF_INET6: "ipv6"}.get(int(family), str(int(family)))
-
-
 def human(seconds: float | None) -> str:
-    if seconds is None:
-        return "an unknown time"
-    if seconds < 120:
-        return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
-
-
-def endpoint(addr: str, port: int) -> str:
-    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+    """A duration inside a sentence."""
+    return duration(seconds, unknown="an unknown time")
 
 
 # --- time in state -----------------------------------------------------------
@@ -500,13 +483,6 @@ class TimeWaitDest:
         return d if self.host_netns else f"{d}@netns:{self.netns}"
 
 
-def _addr_text(family: int, raw: bytes) -> str:
-    if family == AF_INET:
-        return str(ipaddress.IPv4Address(raw[:4]))
-    addr = ipaddress.IPv6Address(raw[:16])
-    return str(addr.ipv4_mapped) if addr.ipv4_mapped else str(addr)
-
-
 def time_wait_by_destination(rows: np.ndarray, port_ranges: Mapping[int, tuple[int, int] | None],
                              host_netns: int | None = None, top: int | None = None,
                              warn_ratio: float | None = None) -> list[TimeWaitDest]:
@@ -572,7 +548,7 @@ def time_wait_by_destination(rows: np.ndarray, port_ranges: Mapping[int, tuple[i
         out.append(
             TimeWaitDest(
                 netns=ns,
-                raddr=_addr_text(fam, bytes(r["raddr"])),
+                raddr=address(fam, r["raddr"], unmap=True),
                 rport=int(r["rport"]),
                 family=fam,
                 count=int(counts[g]),

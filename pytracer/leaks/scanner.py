@@ -26,7 +26,6 @@ tracer, marked "birth unknown".
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import os
 import struct
@@ -37,6 +36,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from pytracer.format import address
 from pytracer.inventory import procs, sockdiag
 from pytracer.kernel import abi
 from pytracer.kernel.libbpf import LibbpfError
@@ -80,13 +80,6 @@ MAX_SOCKET_FACTS = 20000  # sockets built into Python objects per scan
 # scans at least this far apart, record untouched between them) is reaped.
 REAP_AFTER_S = 30.0
 REAP_LOGGED = 5  # records described in the log per scan
-
-
-def _addr(family: int, raw: np.ndarray) -> str:
-    b = bytes(raw)
-    if family == sockdiag.AF_INET:
-        return str(ipaddress.IPv4Address(b[:4]))
-    return str(ipaddress.IPv6Address(b[:16]))
 
 
 def _is_wild(raw: np.ndarray) -> bool:
@@ -522,7 +515,7 @@ class Scanner:
             inode = int(r["inode"])
             f = SockFacts(
                 cookie=cookie, netns=int(r["netns"]), family=fam, state=state_name,
-                laddr=_addr(fam, r["laddr"]), lport=int(r["lport"]), raddr=_addr(fam, r["raddr"]),
+                laddr=address(fam, r["laddr"]), lport=int(r["lport"]), raddr=address(fam, r["raddr"]),
                 rport=int(r["rport"]), inode=inode, timer=int(r["timer"]),
                 expires_seconds=int(r["expires_ms"]) / 1000, owners=list(owners.get(inode, [])) if inode else [],
                 state_seconds=secs, state_exact=is_exact, fin_timeout=ft,

@@ -9,8 +9,9 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from pytracer.format import duration
 from pytracer.kernel.histogram import Histogram
-from pytracer.views.text import SOCKET_HEADERS, chart_rows, human_seconds, socket_cells
+from pytracer.views.text import SOCKET_HEADERS, chart_rows, socket_cells
 
 
 def _states_table(report: dict[str, Any]) -> Table:
@@ -55,7 +56,7 @@ def _flags(report: dict[str, Any]) -> Table | None:
         t.add_row(
             f["kind"], str(f.get("pid") or "-"), f.get("comm") or "-",
             str(f.get("fd") if f.get("fd") is not None else "-"),
-            f.get("state") or "-", human_seconds(f.get("seconds")), f.get("detail") or "",
+            f.get("state") or "-", duration(f.get("seconds")), f.get("detail") or "",
         )
     return t
 
@@ -67,7 +68,7 @@ def render(report: dict[str, Any], hist: Histogram, header: str) -> Group:
         (header + "\n", "bold"),
         f"opened {report['opened_per_second']}/s   closed {report['closed_per_second']}/s   ",
         f"tracked {report['tracked_sockets']}   ",
-        f"lifetime p50 {human_seconds(life['p50_seconds'])} p99 {human_seconds(life['p99_seconds'])}   ",
+        f"lifetime p50 {duration(life['p50_seconds'])} p99 {duration(life['p99_seconds'])}   ",
         (f"map {tr['map_entries']}/{tr['map_capacity']}   ", ""),
         (f"insert failures {tr['insert_failed']}", "bold red" if tr["insert_failed"] else "green"),
     )

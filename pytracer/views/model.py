@@ -8,20 +8,18 @@ shown get turned into Python objects.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
 
+from pytracer.format import address, family_name
 from pytracer.kernel import abi
 from pytracer.kernel.abi import Direction, Stat
 from pytracer.kernel.histogram import Histogram
 from pytracer.kernel.tcp_states import TcpState
 from pytracer.table.poll import Snapshot, Totals
 
-AF_INET = 2
-AF_INET6 = 10
 CONNECTION_DIRECTIONS = (Direction.ACTIVE, Direction.PASSIVE)
 
 
@@ -32,18 +30,6 @@ class ReportOptions:
     start_mono_ns: int = 0
     max_sockets: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def format_addr(family: int, raw: bytes) -> str:
-    if family == AF_INET:
-        return str(ipaddress.IPv4Address(bytes(raw[:4])))
-    if family == AF_INET6:
-        return str(ipaddress.IPv6Address(bytes(raw[:16])))
-    return ""
-
-
-def family_name(family: int) -> str:
-    return {AF_INET: "ipv4", AF_INET6: "ipv6"}.get(int(family), str(int(family)))
 
 
 def select(socks: np.ndarray, pids: Iterable[int] = (), connections_only: bool = False) -> np.ndarray:
@@ -103,9 +89,9 @@ def socket_row(key: int, rec: np.void, now_ns: int, start_mono_ns: int) -> dict[
         # state since: state_age_seconds is "at least", counted from the seeding.
         "state_age_known": not (int(rec["flags"]) & abi.PT_F_SEEDED and int(rec["transitions"]) == 0),
         "family": family_name(fam),
-        "laddr": format_addr(fam, rec["laddr"]),
+        "laddr": address(fam, rec["laddr"]),
         "lport": int(rec["lport"]),
-        "raddr": format_addr(fam, rec["raddr"]),
+        "raddr": address(fam, rec["raddr"]),
         "rport": int(rec["rport"]),
         "direction": Direction(int(rec["direction"]) & 3).name.lower(),
         "transitions": int(rec["transitions"]),

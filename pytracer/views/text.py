@@ -4,24 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pytracer.format import duration
 from pytracer.kernel.histogram import Histogram
-
-
-def human_seconds(s: float | None) -> str:
-    if s is None:
-        return "-"
-    if s < 1e-3:
-        return f"{s * 1e6:.0f}us"
-    if s < 1:
-        return f"{s * 1e3:.1f}ms"
-    if s < 120:
-        return f"{s:.1f}s"
-    if s < 7200:
-        return f"{s / 60:.1f}m"
-    if s < 172800:
-        return f"{s / 3600:.1f}h"
-    return f"{s / 86400:.1f}d"
-
 
 # Display rows for the lifetime chart: powers of 4 in microseconds, which
 # fall exactly on kernel slot boundaries (about 1ms, 4ms, 16ms ... 72m).
@@ -34,7 +18,7 @@ def chart_rows(h: Histogram) -> list[tuple[str, int]]:
     rows = []
     prev_count, prev_le = 0, 0.0
     for le, c in cum:
-        label = f"<= {human_seconds(le)}" if le != float("inf") else f"> {human_seconds(prev_le)}"
+        label = f"<= {duration(le)}" if le != float("inf") else f"> {duration(prev_le)}"
         rows.append((label, c - prev_count))
         prev_count, prev_le = c, le
     nonzero = [i for i, (_, n) in enumerate(rows) if n]
@@ -48,7 +32,7 @@ def endpoint(addr: str, port: int) -> str:
 
 
 def socket_cells(s: dict[str, Any]) -> list[str]:
-    age = human_seconds(s["age_seconds"])
+    age = duration(s["age_seconds"])
     if not s.get("age_known", True):
         age = ">=" + age
     return [
@@ -56,7 +40,7 @@ def socket_cells(s: dict[str, Any]) -> list[str]:
         s["comm"] or "-",
         s["state"],
         age,
-        human_seconds(s["state_age_seconds"]),
+        duration(s["state_age_seconds"]),
         endpoint(s["laddr"], s["lport"]),
         endpoint(s["raddr"], s["rport"]),
         s["direction"],
@@ -77,8 +61,8 @@ def plain(report: dict[str, Any], hist: Histogram) -> str:
     lines.append(f"  states: {states}")
     life = report["lifetime"]["all"]
     lines.append(
-        f"  lifetime: n={life['count']} p50={human_seconds(life['p50_seconds'])} "
-        f"p90={human_seconds(life['p90_seconds'])} p99={human_seconds(life['p99_seconds'])}"
+        f"  lifetime: n={life['count']} p50={duration(life['p50_seconds'])} "
+        f"p90={duration(life['p90_seconds'])} p99={duration(life['p99_seconds'])}"
     )
     peak = max((n for _, n in chart_rows(hist)), default=0)
     for label, n in chart_rows(hist):
