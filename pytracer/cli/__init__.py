@@ -11,7 +11,7 @@ import importlib
 import click
 
 from pytracer import __version__
-from pytracer.cli.common import ATTACH_CHOICES, BACKEND_CHOICES, Context
+from pytracer.cli.options import ATTACH_CHOICES, BACKEND_CHOICES, Context
 from pytracer.kernel.environment import tune_malloc
 
 

@@ -7,7 +7,7 @@ import os
 
 import click
 
-from pytracer.cli.common import Context, make_tracer, run
+from pytracer.cli.options import Context, make_tracer, run
 from pytracer.kernel import environment as env
 from pytracer.kernel import libbpf
 from pytracer.kernel.core import HOOK_TARGETS, TracerError

@@ -8,14 +8,25 @@ scrape in flight, and the tracer detaches every program.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import threading
 import time
+from typing import Any
 
 import click
 
-from pytracer.cli.common import Context, make_tracer, max_sockets_option, pid_option, run, validate_pids
+from pytracer.cli.options import (
+    Context,
+    make_tracer,
+    max_sockets_option,
+    pid_option,
+    run,
+    threshold_options,
+    thresholds_from,
+    validate_pids,
+)
 from pytracer.exporter import collector as exporter
 
 
@@ -54,10 +65,7 @@ from pytracer.exporter import collector as exporter
     is_flag=True,
     help="Label TIME_WAIT destinations with addr:port (default: their rank, top1..topN, so no addresses leak).",
 )
-@click.option("--close-wait-after", type=click.FloatRange(0, None), default=None, metavar="SECONDS",
-              help="Flag CLOSE_WAIT sockets older than this (leak detector default if unset).")
-@click.option("--idle-after", type=click.FloatRange(0, None), default=None, metavar="SECONDS",
-              help="Flag ESTABLISHED sockets idle longer than this (leak detector default if unset).")
+@threshold_options
 @click.option(
     "--leak-interval",
     type=click.FloatRange(0, 3600),
@@ -85,12 +93,11 @@ def export(
     max_comms: int,
     time_wait_top: int,
     label_addresses: bool,
-    close_wait_after: float | None,
-    idle_after: float | None,
     leak_interval: float,
     bpf_stats: bool,
     duration: float | None,
     verbose: bool,
+    **kw: Any,
 ) -> None:
     """Serve Prometheus metrics read from the kernel at scrape time.
 
@@ -104,11 +111,7 @@ def export(
         level=logging.DEBUG if verbose else logging.INFO, format="tracer export: %(message)s", stream=sys.stderr
     )
     pids = validate_pids(pids)
-    thresholds: dict = {"top": time_wait_top}
-    if close_wait_after is not None:
-        thresholds["close_wait_after"] = close_wait_after
-    if idle_after is not None:
-        thresholds["idle_after"] = idle_after
+    thresholds = dataclasses.asdict(thresholds_from(kw, time_wait_top))
     opts = exporter.ExportOptions(
         pids=pids, max_comms=max_comms, time_wait_top=time_wait_top, label_addresses=label_addresses
     )

@@ -19,8 +19,17 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import click
 
-from pytracer.cli.common import Context, make_tracer, max_sockets_option, pid_option, run, validate_pids
-from pytracer.cli.leaks import preload_leaks, threshold_options, thresholds_from
+from pytracer.cli.options import (
+    Context,
+    make_tracer,
+    max_sockets_option,
+    pid_option,
+    preload_leaks,
+    run,
+    threshold_options,
+    thresholds_from,
+    validate_pids,
+)
 
 if TYPE_CHECKING:
     from pytracer.kernel.core import Tracer

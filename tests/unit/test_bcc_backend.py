@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pytracer.cli.common import Context, make_tracer
+from pytracer.cli.options import Context, make_tracer
 from pytracer.kernel import bcc as bb
 from pytracer.kernel.core import Tracer, TracerError
 from pytracer.kernel.environment import EnvironmentProblem, Features
@@ -123,7 +123,7 @@ def test_make_tracer_picks_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     real_exists = bb.os.path.exists
     assert isinstance(make_tracer(Context(backend="bcc")), bb.BccTracer)
     assert isinstance(make_tracer(Context(backend="core")), Tracer)
-    monkeypatch.setattr("pytracer.cli.common.os.path.exists",
+    monkeypatch.setattr("pytracer.cli.options.os.path.exists",
                         lambda p: False if p == "/sys/kernel/btf/vmlinux" else real_exists(p))
     t = make_tracer(Context(backend="auto"))
     assert isinstance(t, bb.BccTracer) and t.reason.startswith("auto: this kernel has no BTF")

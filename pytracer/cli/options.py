@@ -1,11 +1,14 @@
-"""Shared CLI plumbing: options, error mapping, signals, pid validation."""
+"""Shared CLI plumbing: the options every command shares (pids, table size,
+leak thresholds), error mapping, signals, pid validation."""
 
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -14,6 +17,7 @@ import click
 from pytracer.kernel.core import ATTACH_MODES, DEFAULT_MAX_SOCKETS, Tracer, TracerError
 from pytracer.kernel.environment import EnvironmentProblem
 from pytracer.kernel.libbpf import LibbpfError, LibbpfMissing
+from pytracer.leaks.thresholds import Thresholds
 
 ATTACH_CHOICES = ATTACH_MODES
 BACKEND_CHOICES = ("auto", "core", "bcc")
@@ -112,3 +116,56 @@ def make_tracer(ctx: Context, pids: Iterable[int] = (), max_sockets: int = DEFAU
             reason="auto: this kernel has no BTF (/sys/kernel/btf/vmlinux) for the CO-RE backend",
         )
     return Tracer(max_sockets=max_sockets, pids=pids, attach=ctx.attach)
+
+
+def threshold_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The detectors' thresholds as options: ``watch``, ``leaks`` and ``export`` take the same set."""
+    d = Thresholds()
+    secs = click.FloatRange(0, None)
+    ratio = click.FloatRange(0, 1, min_open=True)
+    opts = [
+        click.option("--close-wait-after", type=secs, default=d.close_wait_after, show_default=True, metavar="S",
+                     help="Flag sockets in CLOSE_WAIT longer than S seconds."),
+        click.option("--idle-after", type=secs, default=d.idle_after, show_default=True, metavar="S",
+                     help="Flag ESTABLISHED sockets with no data either way for S seconds."),
+        click.option("--last-ack-after", type=secs, default=d.last_ack_after, show_default=True, metavar="S",
+                     help="Flag sockets stuck in LAST_ACK longer than S seconds."),
+        click.option("--fin-wait2-after", type=secs, default=None, metavar="S",
+                     help="Flag FIN_WAIT2 sockets older than S seconds [default: net.ipv4.tcp_fin_timeout]."),
+        click.option("--fd-warn-ratio", type=ratio, default=d.fd_warn_ratio, show_default=True, metavar="R",
+                     help="Flag processes using this fraction of RLIMIT_NOFILE."),
+        click.option("--time-wait-warn-ratio", type=ratio, default=d.time_wait_warn_ratio, show_default=True,
+                     metavar="R", help="Flag destinations whose TIME_WAIT sockets use this fraction of the "
+                     "ephemeral port range."),
+        click.option("--growth-polls", type=click.IntRange(1, 100), default=d.growth_polls, show_default=True,
+                     metavar="N", help="Flag CLOSE_WAIT growth after N polls without a decrease..."),
+        click.option("--growth-min", type=click.IntRange(1, None), default=d.growth_min, show_default=True,
+                     metavar="N", help="...and a rise of at least N sockets."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+THRESHOLD_KEYS = ("close_wait_after", "idle_after", "last_ack_after", "fin_wait2_after", "fd_warn_ratio",
+                  "time_wait_warn_ratio", "growth_polls", "growth_min")
+
+
+def thresholds_from(kw: dict[str, Any], top: int | None = None) -> Thresholds:
+    th = Thresholds(**{k: kw.pop(k) for k in THRESHOLD_KEYS})
+    if top is not None:
+        th.top = top
+    try:
+        th.validate()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return th
+
+
+def preload_leaks() -> threading.Thread:
+    """Import the leak layer (pyroute2 takes 0.4 s or more) in the background
+    while the BPF programs load and attach; ``import`` waits for it after."""
+    t = threading.Thread(target=importlib.import_module, args=("pytracer.leaks.scanner",), name="pytracer-preload",
+                         daemon=True)
+    t.start()
+    return t

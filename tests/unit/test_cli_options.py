@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytracer.cli.common import Terminated, run
+from pytracer.cli.options import Terminated, run
 
 
 def test_sigterm_passes_through_best_effort_code() -> None:
