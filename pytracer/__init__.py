@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 # public name -> "module:attribute" (relative to this package)
 _PUBLIC = {
     "Tracer": "kernel.core:Tracer",
-    "TracerError": "kernel.core:TracerError",
+    "TracerError": "kernel.hooks:TracerError",
     "BccTracer": "kernel.bcc:BccTracer",
     "BpfObject": "kernel.libbpf:BpfObject",
     "LibbpfError": "kernel.libbpf:LibbpfError",

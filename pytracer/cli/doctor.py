@@ -10,7 +10,7 @@ import click
 from pytracer.cli.options import Context, make_tracer, run
 from pytracer.kernel import environment as env
 from pytracer.kernel import libbpf
-from pytracer.kernel.core import HOOK_TARGETS, TracerError
+from pytracer.kernel.hooks import HOOK_TARGETS, TracerError
 
 CAPS = {
     "CAP_BPF": env.CAP_BPF,

@@ -14,8 +14,9 @@ from typing import Any, Callable, Iterable
 
 import click
 
-from pytracer.kernel.core import ATTACH_MODES, DEFAULT_MAX_SOCKETS, Tracer, TracerError
+from pytracer.kernel.core import DEFAULT_MAX_SOCKETS, Tracer
 from pytracer.kernel.environment import EnvironmentProblem
+from pytracer.kernel.hooks import ATTACH_MODES, TracerError
 from pytracer.kernel.libbpf import LibbpfError, LibbpfMissing
 from pytracer.leaks.thresholds import Thresholds
 

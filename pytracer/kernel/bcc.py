@@ -29,21 +29,11 @@ import re
 import struct
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from pytracer.kernel import libbpf
-from pytracer.kernel.core import (
-    ATTACH_MODES,
-    DEFAULT_MAX_SOCKETS,
-    HOOK_TARGETS,
-    OPTIONAL_HOOKS,
-    Choice,
-    TracerError,
-    TracerHandle,
-    not_needed,
-)
+from pytracer.kernel.core import DEFAULT_MAX_SOCKETS, TracerHandle
 from pytracer.kernel.environment import (
     TRACEFS,
     EnvironmentProblem,
@@ -52,83 +42,23 @@ from pytracer.kernel.environment import (
     probe_features,
     require_privileges,
 )
+from pytracer.kernel.hooks import (
+    HOOK_TARGETS,
+    HOOKS,
+    OPTIONAL_HOOKS,
+    Candidate,
+    Choice,
+    Probe,
+    TracerError,
+    candidates,
+    check_attach_mode,
+    not_needed,
+    rejected_text,
+    static_veto,
+)
 
 SOURCE_NAME = "pytracer_bcc.c"
 
-
-@dataclass(frozen=True)
-class Probe:
-    """One program and where bcc attaches it."""
-
-    how: str  # kprobe | kretprobe | tracepoint
-    target: str  # kernel function, or "category:event"
-    program: str  # function name in pytracer_bcc.c
-    required: bool = True  # False: attach when the tracepoint exists
-
-
-@dataclass(frozen=True)
-class BccCandidate:
-    kind: str  # tracepoint | kprobe | syscall, as in loader.HOOKS
-    probes: tuple[Probe, ...]
-
-    @property
-    def programs(self) -> tuple[str, ...]:
-        return tuple(p.program for p in self.probes)
-
-
-# In order of preference, per hook (the kinds that need no BTF).
-HOOKS: dict[str, tuple[BccCandidate, ...]] = {
-    "state": (
-        BccCandidate("tracepoint", (Probe("tracepoint", "sock:inet_sock_set_state", "state_tracepoint"),)),
-        BccCandidate("kprobe", (Probe("kprobe", "tcp_set_state", "state_kprobe"),)),
-    ),
-    "accept": (
-        BccCandidate("kprobe", (Probe("kretprobe", "inet_csk_accept", "accept_kretprobe"),)),
-        BccCandidate(
-            "syscall",
-            (
-                Probe("tracepoint", "syscalls:sys_exit_accept4", "accept4_sys_exit"),
-                Probe("tracepoint", "syscalls:sys_exit_accept", "accept_sys_exit", required=False),
-            ),
-        ),
-    ),
-    "close": (
-        BccCandidate("kprobe", (Probe("kprobe", "tcp_close", "close_kprobe"),)),
-        BccCandidate("syscall", (Probe("tracepoint", "syscalls:sys_enter_close", "close_sys_enter"),)),
-    ),
-    "destroy": (BccCandidate("tracepoint", (Probe("tracepoint", "tcp:tcp_destroy_sock", "destroy_tracepoint"),)),),
-    "reset": (BccCandidate("tracepoint", (Probe("tracepoint", "tcp:tcp_receive_reset", "reset_tracepoint"),)),),
-    # Only when "accept" is the kretprobe: inet_csk_accept() runs before the
-    # new socket has a file or an fd; accept(2)'s exit has both.
-    "accept_fd": (
-        BccCandidate(
-            "syscall",
-            (
-                Probe("tracepoint", "syscalls:sys_exit_accept4", "accept4_sys_exit"),
-                Probe("tracepoint", "syscalls:sys_exit_accept", "accept_sys_exit", required=False),
-            ),
-        ),
-    ),
-    # Only with the tcp_set_state() kprobe, which never sees CLOSE -> LISTEN.
-    "listen": (
-        BccCandidate(
-            "kprobe",
-            (
-                Probe("kprobe", "inet_csk_listen_start", "listen_kprobe"),
-                Probe("kretprobe", "inet_csk_listen_start", "listen_kretprobe"),
-            ),
-        ),
-    ),
-}
-
-# With a forced attach mode, the kind each hook uses (loader.FORCED's
-# tracepoint and kprobe rows; tp_btf and fentry need BTF, which bcc lacks).
-FORCED = {
-    "tracepoint": {"state": "tracepoint", "accept": "syscall", "close": "syscall", "destroy": "tracepoint",
-                   "reset": "tracepoint"},
-    "kprobe": {"state": "kprobe", "accept": "kprobe", "close": "kprobe", "destroy": "tracepoint",
-               "reset": "tracepoint", "accept_fd": "syscall", "listen": "kprobe"},
-}
 
 # -D define that compiles each tracepoint program in (bcc builds a
 # tracepoint's context struct from tracefs, so absent ones must stay out).
@@ -342,20 +272,6 @@ def _tp_has_field(target: str, field: str) -> bool:
         return False
 
 
-def static_veto(c: BccCandidate, f: Features) -> str | None:
-    """Why a candidate cannot work here, from cheap probes, or None."""
-    if c.kind == "kprobe" and not f.kprobes:
-        return "kprobes unavailable (no kprobe PMU or kprobe_events; CONFIG_KPROBES off?)"
-    for p in c.probes:
-        if p.how != "tracepoint" or not p.required:
-            continue
-        if not f.tracefs:
-            return "tracefs unavailable"
-        if not _tp_exists(p.target):
-            return f"tracepoint {p.target.replace(':', '/')} does not exist on this kernel"
-    return None
-
-
 # --- the tracer ------------------------------------------------------------------
 
 
@@ -378,8 +294,7 @@ class BccTracer(TracerHandle):
         self.max_sockets = max_sockets
         self.pids = sorted(set(pids))
         self.attach_mode = attach or os.environ.get("PYTRACER_ATTACH") or "auto"
-        if self.attach_mode not in ATTACH_MODES:
-            raise TracerError(f"unknown attach mode {self.attach_mode!r}: use one of {', '.join(ATTACH_MODES)}")
+        check_attach_mode(self.attach_mode, "core")  # bcc's own limits are checked at open()
         self.reason = reason or "--backend bcc"
         self.features: Features | None = None
         self.choices: dict[str, Choice] = {}
@@ -402,11 +317,7 @@ class BccTracer(TracerHandle):
         return exc
 
     def open(self) -> BccTracer:
-        if self.attach_mode in ("tp_btf", "fentry"):
-            raise TracerError(
-                f"the bcc backend has no {self.attach_mode} programs (they need BTF): "
-                "use --attach auto, tracepoint or kprobe, or --backend core"
-            )
+        check_attach_mode(self.attach_mode, "bcc")
         require_privileges()
         self.mounts = ensure_mounts()
         ensure_debug_tracing()
@@ -431,16 +342,13 @@ class BccTracer(TracerHandle):
             owners.update(struct.pack("=I", pid), b"\x01")
         return self
 
-    def _plan(self, f: Features) -> dict[str, list[BccCandidate]]:
+    def _plan(self, f: Features) -> dict[str, list[Candidate]]:
         """Per hook, the candidates left after the cheap probes, best first."""
-        forced = FORCED.get(self.attach_mode)
-        plan: dict[str, list[BccCandidate]] = {}
-        for hook, cands in HOOKS.items():
+        plan: dict[str, list[Candidate]] = {}
+        for hook in HOOKS:
             ch = Choice(hook)
             left = []
-            for c in cands:
-                if forced is not None and forced.get(hook) != c.kind:
-                    continue
+            for c in candidates(hook, "bcc", self.attach_mode):
                 veto = static_veto(c, f)
                 if veto is None and hook == "reset" and not _tp_has_field(c.probes[0].target, "skaddr"):
                     veto = "tracepoint tcp/tcp_receive_reset has no skaddr field on this kernel"
@@ -450,7 +358,7 @@ class BccTracer(TracerHandle):
                     left.append(c)
             # "listen" is needed only if the state hook ends up a kprobe (see _attach).
             if not left and hook not in OPTIONAL_HOOKS and hook != "listen":
-                why = "; ".join(f"{k}: {r}" for k, r in ch.rejected) or "no candidate for this attach mode"
+                why = rejected_text(ch) or "no candidate for this attach mode"
                 raise TracerError(f"cannot hook {HOOK_TARGETS[hook]} ({why})")
             self.choices[hook] = ch
             plan[hook] = left
@@ -511,7 +419,7 @@ class BccTracer(TracerHandle):
         if p in self._attached:
             self._attached.remove(p)
 
-    def _attach(self, plan: dict[str, list[BccCandidate]]) -> None:
+    def _attach(self, plan: dict[str, list[Candidate]]) -> None:
         assert self.features is not None
         for hook, cands in plan.items():
             ch = self.choices[hook]
@@ -544,12 +452,12 @@ class BccTracer(TracerHandle):
                 if self.attach_mode != "auto":
                     ch.reason = f"forced by attach mode {self.attach_mode}"
                 elif ch.rejected:
-                    ch.reason = "fallback: " + "; ".join(f"{k}: {r}" for k, r in ch.rejected)
+                    ch.reason = "fallback: " + rejected_text(ch)
                 else:
                     ch.reason = "preferred (bcc backend)"
                 break
             if ch.kind is None and hook not in OPTIONAL_HOOKS:
-                why = "; ".join(f"{k}: {r}" for k, r in ch.rejected)
+                why = rejected_text(ch)
                 raise TracerError(f"cannot hook {HOOK_TARGETS[hook]} ({why})")
 
     def close(self) -> None:

@@ -28,129 +28,25 @@ import os
 import re
 import struct
 import zlib
-from dataclasses import dataclass, field
 from typing import Iterable
 
 from pytracer.kernel import abi, libbpf
 from pytracer.kernel.environment import EnvironmentProblem, Features, ensure_mounts, probe_features, require_privileges
+from pytracer.kernel.hooks import (
+    FORCED,
+    HOOK_TARGETS,
+    HOOKS,
+    OPTIONAL_HOOKS,
+    Choice,
+    TracerError,
+    candidates,
+    check_attach_mode,
+    not_needed,
+    rejected_text,
+    static_veto,
+)
 
-ATTACH_MODES = ("auto", "tp_btf", "tracepoint", "fentry", "kprobe")
 DEFAULT_MAX_SOCKETS = 262144
-
-
-class TracerError(RuntimeError):
-    """Loading or attaching failed; the message is one line for the user."""
-
-
-@dataclass(frozen=True)
-class Candidate:
-    kind: str  # tp_btf | tracepoint | fentry | kprobe | syscall
-    programs: tuple[str, ...]
-
-
-HOOKS: dict[str, tuple[Candidate, ...]] = {
-    "state": (
-        Candidate("tp_btf", ("state_tp_btf",)),
-        Candidate("tracepoint", ("state_tracepoint",)),
-        Candidate("fentry", ("state_fentry",)),
-        Candidate("kprobe", ("state_kprobe",)),
-    ),
-    "accept": (
-        Candidate("fentry", ("accept_fexit",)),
-        Candidate("kprobe", ("accept_kretprobe",)),
-        Candidate("syscall", ("accept4_sys_exit", "accept_sys_exit")),
-    ),
-    "close": (
-        Candidate("fentry", ("close_fentry",)),
-        Candidate("kprobe", ("close_kprobe",)),
-        Candidate("syscall", ("close_sys_enter",)),
-    ),
-    "destroy": (
-        Candidate("tp_btf", ("destroy_tp_btf",)),
-        Candidate("tracepoint", ("destroy_tracepoint",)),
-    ),
-    "reset": (Candidate("tp_btf", ("reset_tp_btf",)),),
-    # Only when "accept" is not the syscall: inet_csk_accept() runs before
-    # the new socket has a file or an fd; accept(2)'s exit has both.
-    "accept_fd": (Candidate("syscall", ("accept4_sys_exit", "accept_sys_exit")),),
-    # Only with the tcp_set_state() hooks, which never see CLOSE -> LISTEN.
-    "listen": (
-        Candidate("fentry", ("listen_fexit",)),
-        Candidate("kprobe", ("listen_kprobe", "listen_kretprobe")),
-    ),
-}
-OPTIONAL_HOOKS = {"reset", "accept_fd"}
-# Hooks a state-hook kind needs on top of the others.
-LISTEN_NEEDED_BY = {"fentry", "kprobe"}
-
-
-def not_needed(hook: str, choices: dict[str, Choice]) -> str | None:
-    """Why ``hook`` need not be attached, given the kinds already chosen for
-    the hooks before it (both backends plan in HOOKS order), or None."""
-    if hook == "listen" and choices["state"].kind not in LISTEN_NEEDED_BY:
-        return f"not needed: the {choices['state'].kind} state hook sees CLOSE -> LISTEN"
-    if hook == "accept_fd" and choices["accept"].kind == "syscall":
-        return "not needed: the accept hook is accept(2)'s exit"
-    return None
-
-# What each hook's program is called in the kernel, for messages.
-HOOK_TARGETS = {
-    "state": "inet_sock_set_state / tcp_set_state",
-    "accept": "inet_csk_accept / accept(2)",
-    "close": "tcp_close / close(2)",
-    "destroy": "tcp_destroy_sock",
-    "reset": "tcp_receive_reset",
-    "accept_fd": "accept(2) exit, for the fd",
-    "listen": "inet_csk_listen_start",
-}
-
-# With a forced mode, the kind each hook uses.
-FORCED = {
-    "tp_btf": {"state": "tp_btf", "accept": "syscall", "close": "syscall", "destroy": "tp_btf", "reset": "tp_btf"},
-    "tracepoint": {"state": "tracepoint", "accept": "syscall", "close": "syscall", "destroy": "tracepoint"},
-    "fentry": {
-        "state": "fentry", "accept": "fentry", "close": "fentry", "destroy": "tp_btf", "reset": "tp_btf",
-        "accept_fd": "syscall", "listen": "fentry",
-    },
-    "kprobe": {
-        "state": "kprobe", "accept": "kprobe", "close": "kprobe", "destroy": "tracepoint",
-        "accept_fd": "syscall", "listen": "kprobe",
-    },
-}
-
-
-@dataclass
-class Choice:
-    hook: str
-    kind: str | None = None
-    programs: tuple[str, ...] = ()
-    reason: str = ""
-    rejected: list[tuple[str, str]] = field(default_factory=list)
-
-
-def _static_veto(c: Candidate, hook: str, f: Features) -> str | None:
-    """Why a candidate cannot work here, from cheap probes, or None."""
-    if c.kind in ("tp_btf", "fentry") and not f.btf:
-        return "no kernel BTF (/sys/kernel/btf/vmlinux)"
-    if c.kind in ("tp_btf", "fentry") and f.version < (5, 5):
-        return f"needs kernel 5.5, running {f.release}"
-    if c.kind == "kprobe" and not f.kprobes:
-        return "kprobes unavailable (no kprobe PMU or kprobe_events; CONFIG_KPROBES off?)"
-    if c.kind in ("tracepoint", "syscall", "tp_btf"):
-        needed = {
-            "state": "sock/inet_sock_set_state",
-            "destroy": "tcp/tcp_destroy_sock",
-            "reset": "tcp/tcp_receive_reset",
-            "accept": "syscalls/sys_exit_accept4",
-            "accept_fd": "syscalls/sys_exit_accept4",
-            "close": "syscalls/sys_enter_close",
-        }[hook]
-        if not f.tracefs:
-            if c.kind != "tp_btf":
-                return "tracefs unavailable"
-        elif not f.tracepoints.get(needed, False):
-            return f"tracepoint {needed} does not exist on this kernel"
-    return None
 
 
 def _program_bytes() -> bytes:
@@ -277,8 +173,7 @@ class Tracer(TracerHandle):
         self.max_sockets = max_sockets
         self.pids = sorted(set(pids))
         self.attach_mode = attach or os.environ.get("PYTRACER_ATTACH") or "auto"
-        if self.attach_mode not in ATTACH_MODES:
-            raise TracerError(f"unknown attach mode {self.attach_mode!r}: use one of {', '.join(ATTACH_MODES)}")
+        check_attach_mode(self.attach_mode, "core")
         self.features: Features | None = None
         self.choices: dict[str, Choice] = {}
         self.key_by_ptr = False
@@ -295,18 +190,16 @@ class Tracer(TracerHandle):
         f = self.features
         assert f is not None
         plan: dict[str, Choice] = {}
-        for hook, cands in HOOKS.items():
+        forced = self.attach_mode in FORCED
+        for hook in HOOKS:
             ch = Choice(hook)
             why_not = not_needed(hook, plan)
             if why_not:
                 ch.reason = why_not
                 plan[hook] = ch
                 continue
-            forced = FORCED.get(self.attach_mode)
-            for c in cands:
-                if forced is not None and forced.get(hook) != c.kind:
-                    continue
-                veto = _static_veto(c, hook, f)
+            for c in candidates(hook, "core", self.attach_mode):
+                veto = static_veto(c, f)
                 if veto is None and c.kind in banned:
                     veto = banned_reason(self._ban_reasons, c.kind)
                 if veto:
@@ -314,12 +207,12 @@ class Tracer(TracerHandle):
                     continue
                 ch.kind, ch.programs = c.kind, c.programs
                 first = not ch.rejected
-                ch.reason = "preferred" if first else "fallback: " + "; ".join(f"{k}: {r}" for k, r in ch.rejected)
-                if forced is not None:
+                ch.reason = "preferred" if first else "fallback: " + rejected_text(ch)
+                if forced:
                     ch.reason = f"forced by attach mode {self.attach_mode}"
                 break
             if ch.kind is None and hook not in OPTIONAL_HOOKS:
-                why = "; ".join(f"{k}: {r}" for k, r in ch.rejected) or "no candidate for this attach mode"
+                why = rejected_text(ch) or "no candidate for this attach mode"
                 raise TracerError(f"cannot hook {HOOK_TARGETS[hook]} ({why})")
             plan[hook] = ch
         return plan

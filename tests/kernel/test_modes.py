@@ -30,8 +30,9 @@ import numpy as np
 import pytest
 
 from pytracer.kernel.abi import Direction, Stat
-from pytracer.kernel.core import Tracer, TracerError
+from pytracer.kernel.core import Tracer
 from pytracer.kernel.environment import EnvironmentProblem
+from pytracer.kernel.hooks import TracerError
 from pytracer.kernel.tcp_states import TcpState as S
 from pytracer.table import poll as poller
 from pytracer.views.model import socket_row

@@ -13,14 +13,19 @@ import pytest
 
 from pytracer.cli.options import Context, make_tracer
 from pytracer.kernel import bcc as bb
-from pytracer.kernel.core import Tracer, TracerError
-from pytracer.kernel.environment import EnvironmentProblem, Features
+from pytracer.kernel import hooks
+from pytracer.kernel.core import Tracer
+from pytracer.kernel.environment import TRACEPOINTS, EnvironmentProblem, Features
+from pytracer.kernel.hooks import TracerError
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def features(kprobes: bool = True, tracefs: bool = True) -> Features:
-    return Features(release="5.10.0-test", version=(5, 10), btf=False, tracefs=tracefs, kprobes=kprobes)
+def features(kprobes: bool = True, tracefs: bool = True, missing: tuple[str, ...] = ()) -> Features:
+    """A BTF-less 5.10 whose tracefs has every tracepoint the hook table names but ``missing``."""
+    tps = {tp: tp not in missing for tp in hooks.tracepoints()} if tracefs else {}
+    return Features(release="5.10.0-test", version=(5, 10), btf=False, tracefs=tracefs, kprobes=kprobes,
+                    tracepoints=tps)
 
 
 def test_the_c_program_uses_the_abi_header_and_the_core_map_names() -> None:
@@ -34,8 +39,8 @@ def test_the_c_program_uses_the_abi_header_and_the_core_map_names() -> None:
     ):
         assert decl in src
     # Every program the planner can attach exists in the source.
-    for cands in bb.HOOKS.values():
-        for c in cands:
+    for hook in hooks.HOOKS:
+        for c in hooks.candidates(hook, "bcc"):
             for p in c.programs:
                 assert f"int {p}(" in src, p
 
@@ -86,7 +91,7 @@ def test_missing_destroy_tracepoint_is_one_clear_line(monkeypatch: pytest.Monkey
     monkeypatch.setattr(bb, "_tp_exists", lambda target: target != "tcp:tcp_destroy_sock")
     monkeypatch.setattr(bb, "_tp_has_field", lambda target, field: True)
     with pytest.raises(TracerError) as exc:
-        bb.BccTracer()._plan(features())
+        bb.BccTracer()._plan(features(missing=("tcp/tcp_destroy_sock",)))
     assert str(exc.value) == (
         "cannot hook tcp_destroy_sock (tracepoint: tracepoint tcp/tcp_destroy_sock does not exist on this kernel)"
     )
@@ -138,3 +143,8 @@ def test_first_error_is_one_line() -> None:
         "1 error generated.",
     ]
     assert bb.first_error(lines) == "pytracer_bcc.c:133:2: use of undeclared identifier 'sk_protocol'"
+
+
+def test_features_probe_every_tracepoint_the_hook_table_names() -> None:
+    # static_veto asks Features; a tracepoint it never probed would read as absent.
+    assert set(hooks.tracepoints()) == set(TRACEPOINTS)

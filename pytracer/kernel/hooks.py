@@ -1,0 +1,211 @@
+"""The hook table: for each fact the tracer needs from the kernel, the
+programs that can deliver it, best first, and which backend has each.
+
+Both backends plan from this one table: the CO-RE loader
+(:mod:`pytracer.kernel.core`) and the bcc backend (:mod:`pytracer.kernel.bcc`).
+A program keeps its name in both C files (``bpf/pytracer.bpf.c`` and
+``bpf/pytracer_bcc.c``), so a candidate names it once.  Pure data and pure
+functions: no I/O.
+
+    state      tp_btf/inet_sock_set_state > tracepoint > fentry > kprobe tcp_set_state
+    accept     fexit/inet_csk_accept > kretprobe > sys_exit_accept{4,}
+    close      fentry/tcp_close > kprobe > sys_enter_close
+    destroy    tp_btf/tcp_destroy_sock > tracepoint
+    reset      tp_btf/tcp_receive_reset (CO-RE) | tracepoint (bcc)   optional
+    accept_fd  sys_exit_accept{4,}, when accept is not already the syscall
+    listen     fexit/kprobe inet_csk_listen_start, for tcp_set_state() hooks
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pytracer.kernel.environment import Features
+
+ATTACH_MODES = ("auto", "tp_btf", "tracepoint", "fentry", "kprobe")
+BACKENDS = ("core", "bcc")
+CORE = frozenset({"core"})
+BOTH = frozenset(BACKENDS)
+BCC = frozenset({"bcc"})
+
+
+class TracerError(RuntimeError):
+    """Loading or attaching failed; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One program and where it attaches.  ``how`` and ``target`` are what bcc
+    attaches by; libbpf reads them from the program's SEC() name."""
+
+    how: str  # tp_btf | tracepoint | fentry | fexit | kprobe | kretprobe
+    target: str  # "category:event" for tracepoints, else a kernel function
+    program: str  # the function name in both C files
+    required: bool = True  # False: attached when its tracepoint exists
+
+
+@dataclass(frozen=True)
+class Candidate:
+    kind: str  # tp_btf | tracepoint | fentry | kprobe | syscall
+    probes: tuple[Probe, ...]
+    backends: frozenset[str] = BOTH
+
+    @property
+    def programs(self) -> tuple[str, ...]:
+        return tuple(p.program for p in self.probes)
+
+
+def _one(kind: str, how: str, target: str, program: str, backends: frozenset[str] = BOTH) -> Candidate:
+    return Candidate(kind, (Probe(how, target, program),), backends)
+
+
+_ACCEPT_EXIT = Candidate("syscall", (
+    Probe("tracepoint", "syscalls:sys_exit_accept4", "accept4_sys_exit"),
+    Probe("tracepoint", "syscalls:sys_exit_accept", "accept_sys_exit", required=False),
+))
+
+HOOKS: dict[str, tuple[Candidate, ...]] = {
+    "state": (
+        _one("tp_btf", "tp_btf", "sock:inet_sock_set_state", "state_tp_btf", CORE),
+        _one("tracepoint", "tracepoint", "sock:inet_sock_set_state", "state_tracepoint"),
+        _one("fentry", "fentry", "tcp_set_state", "state_fentry", CORE),
+        _one("kprobe", "kprobe", "tcp_set_state", "state_kprobe"),
+    ),
+    "accept": (
+        _one("fentry", "fexit", "inet_csk_accept", "accept_fexit", CORE),
+        _one("kprobe", "kretprobe", "inet_csk_accept", "accept_kretprobe"),
+        _ACCEPT_EXIT,
+    ),
+    "close": (
+        _one("fentry", "fentry", "tcp_close", "close_fentry", CORE),
+        _one("kprobe", "kprobe", "tcp_close", "close_kprobe"),
+        _one("syscall", "tracepoint", "syscalls:sys_enter_close", "close_sys_enter"),
+    ),
+    "destroy": (
+        _one("tp_btf", "tp_btf", "tcp:tcp_destroy_sock", "destroy_tp_btf", CORE),
+        _one("tracepoint", "tracepoint", "tcp:tcp_destroy_sock", "destroy_tracepoint"),
+    ),
+    "reset": (
+        _one("tp_btf", "tp_btf", "tcp:tcp_receive_reset", "reset_tp_btf", CORE),
+        _one("tracepoint", "tracepoint", "tcp:tcp_receive_reset", "reset_tracepoint", BCC),
+    ),
+    # Only when "accept" is not the syscall: inet_csk_accept() runs before
+    # the new socket has a file or an fd; accept(2)'s exit has both.
+    "accept_fd": (_ACCEPT_EXIT,),
+    # Only with the tcp_set_state() hooks, which never see CLOSE -> LISTEN.
+    "listen": (
+        _one("fentry", "fexit", "inet_csk_listen_start", "listen_fexit", CORE),
+        Candidate("kprobe", (
+            Probe("kprobe", "inet_csk_listen_start", "listen_kprobe"),
+            Probe("kretprobe", "inet_csk_listen_start", "listen_kretprobe"),
+        )),
+    ),
+}
+OPTIONAL_HOOKS = {"reset", "accept_fd"}
+# State-hook kinds that need the listen hook on top of the others.
+LISTEN_NEEDED_BY = {"fentry", "kprobe"}
+
+# What each hook's program is called in the kernel, for messages.
+HOOK_TARGETS = {
+    "state": "inet_sock_set_state / tcp_set_state",
+    "accept": "inet_csk_accept / accept(2)",
+    "close": "tcp_close / close(2)",
+    "destroy": "tcp_destroy_sock",
+    "reset": "tcp_receive_reset",
+    "accept_fd": "accept(2) exit, for the fd",
+    "listen": "inet_csk_listen_start",
+}
+
+# With a forced attach mode, the kind each hook uses (a backend without that
+# kind for a hook leaves it out: bcc has no BTF programs, CO-RE no reset
+# tracepoint).
+FORCED = {
+    "tp_btf": {"state": "tp_btf", "accept": "syscall", "close": "syscall", "destroy": "tp_btf", "reset": "tp_btf"},
+    "tracepoint": {"state": "tracepoint", "accept": "syscall", "close": "syscall", "destroy": "tracepoint",
+                   "reset": "tracepoint"},
+    "fentry": {
+        "state": "fentry", "accept": "fentry", "close": "fentry", "destroy": "tp_btf", "reset": "tp_btf",
+        "accept_fd": "syscall", "listen": "fentry",
+    },
+    "kprobe": {
+        "state": "kprobe", "accept": "kprobe", "close": "kprobe", "destroy": "tracepoint", "reset": "tracepoint",
+        "accept_fd": "syscall", "listen": "kprobe",
+    },
+}
+BTF_MODES = ("tp_btf", "fentry")
+
+
+@dataclass
+class Choice:
+    """What a hook got: the kind and programs, and why (doctor prints it)."""
+
+    hook: str
+    kind: str | None = None
+    programs: tuple[str, ...] = ()
+    reason: str = ""
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+
+def check_attach_mode(mode: str, backend: str) -> None:
+    """Raise TracerError with one line for an attach mode ``backend`` lacks."""
+    if mode not in ATTACH_MODES:
+        raise TracerError(f"unknown attach mode {mode!r}: use one of {', '.join(ATTACH_MODES)}")
+    if backend == "bcc" and mode in BTF_MODES:
+        raise TracerError(
+            f"the bcc backend has no {mode} programs (they need BTF): "
+            "use --attach auto, tracepoint or kprobe, or --backend core"
+        )
+
+
+def candidates(hook: str, backend: str, mode: str = "auto") -> tuple[Candidate, ...]:
+    """The backend's candidates for ``hook``, best first, under attach ``mode``."""
+    forced = FORCED.get(mode)
+    return tuple(
+        c for c in HOOKS[hook]
+        if backend in c.backends and (forced is None or forced.get(hook) == c.kind)
+    )
+
+
+def not_needed(hook: str, choices: dict[str, Choice]) -> str | None:
+    """Why ``hook`` need not be attached, given the kinds already chosen for
+    the hooks before it (both backends plan in HOOKS order), or None."""
+    if hook == "listen" and choices["state"].kind not in LISTEN_NEEDED_BY:
+        return f"not needed: the {choices['state'].kind} state hook sees CLOSE -> LISTEN"
+    if hook == "accept_fd" and choices["accept"].kind == "syscall":
+        return "not needed: the accept hook is accept(2)'s exit"
+    return None
+
+
+def tracepoints() -> tuple[str, ...]:
+    """Every tracepoint a candidate attaches to, as "category/event"."""
+    seen: dict[str, None] = {}
+    for cands in HOOKS.values():
+        for c in cands:
+            for p in c.probes:
+                if p.how in ("tp_btf", "tracepoint"):
+                    seen[p.target.replace(":", "/")] = None
+    return tuple(seen)
+
+
+def static_veto(c: Candidate, f: Features) -> str | None:
+    """Why a candidate cannot work here, from cheap probes, or None."""
+    if c.kind in BTF_MODES and not f.btf:
+        return "no kernel BTF (/sys/kernel/btf/vmlinux)"
+    if c.kind in BTF_MODES and f.version < (5, 5):
+        return f"needs kernel 5.5, running {f.release}"
+    if c.kind == "kprobe" and not f.kprobes:
+        return "kprobes unavailable (no kprobe PMU or kprobe_events; CONFIG_KPROBES off?)"
+    for p in c.probes:
+        if p.how not in ("tracepoint", "tp_btf") or not p.required:
+            continue
+        # tp_btf attaches by BTF; tracefs only tells whether the event exists.
+        if not f.tracefs:
+            if p.how != "tp_btf":
+                return "tracefs unavailable"
+        elif not f.tracepoint(*p.target.split(":")):
+            return f"tracepoint {p.target.replace(':', '/')} does not exist on this kernel"
+    return None
+
+
+def rejected_text(ch: Choice) -> str:
+    return "; ".join(f"{k}: {r}" for k, r in ch.rejected)
