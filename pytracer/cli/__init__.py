@@ -17,7 +17,7 @@ from pytracer.kernel.environment import tune_malloc
 
 class LazyGroup(click.Group):
     """Imports a command's module only when that command runs, so `watch`
-    does not pay for the exporter's HTTP stack or pyroute2."""
+    does not pay for the exporter's HTTP stack (prometheus_client, ssl)."""
 
     commands_by_module = {"watch": "watch", "leaks": "leaks", "export": "export", "doctor": "doctor"}
 

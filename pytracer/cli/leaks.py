@@ -85,7 +85,7 @@ def leaks(obj: Context, pids: tuple[int, ...], samples: int, interval: float, to
     preload_leaks()
     tracer = make_tracer(obj, pids, max_sockets)
     with tracer:
-        from pytracer.leaks.scanner import Scanner, seed  # pyroute2: imported once attached
+        from pytracer.leaks.scanner import Scanner, seed  # preloaded while attaching
 
         sr = seed(tracer, pids)
         scanner = Scanner(tracer, thresholds, pids=pids)
