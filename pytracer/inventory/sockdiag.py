@@ -1,5 +1,9 @@
 """The TCP socket inventory, from the kernel's sock_diag netlink interface.
 
+(One module of ~850 lines on purpose: it is the one description of the
+sock_diag wire format and the one netlink transport that speaks it; the
+parsers share private header layouts and offsets with the requests.)
+
 It answers two questions:
 
 * **What TCP sockets exist** (every state, IPv4 and IPv6, in every network

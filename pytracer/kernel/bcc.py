@@ -1,5 +1,8 @@
 """The bcc backend: compile bpf/pytracer_bcc.c at start-up for hosts without BTF.
 
+(About 500 lines: one backend, from finding headers to compiling, attaching
+by the shared hook table and handing out maps by fd.)
+
 The CO-RE object needs kernel BTF.  Where there is none but the kernel's
 headers are installed, bcc (Debian's python3-bpfcc) compiles the same
 lifecycle against those headers.  :class:`BccTracer` has the surface the

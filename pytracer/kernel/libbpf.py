@@ -1,5 +1,9 @@
 """A thin ctypes binding to the system libbpf (libbpf.so.1).
 
+(One module of ~700 lines on purpose: it is one C library's binding, each
+function declared once in one table, with the handles that own what those
+functions return.  Nothing else in pytracer calls ctypes on libbpf.)
+
 Only what pytracer needs is declared, each function once, through
 :func:`_fn`, which sets argtypes/restype and an errcheck that turns libbpf's
 error contract into :class:`LibbpfError`:
