@@ -33,6 +33,7 @@ from pytracer.kernel import abi
 from pytracer.kernel.abi import Direction, Stat
 from pytracer.kernel.histogram import Histogram, log2_bounds_seconds
 from pytracer.kernel.tcp_states import TcpState
+from pytracer.leaks.detectors import KINDS
 
 NAMESPACE = "pytracer"
 DEFAULT_MAX_COMMS = 20
@@ -64,18 +65,6 @@ KERNEL_EVENTS = {
     "app_close": Stat.APP_CLOSE,
     "destroyed": Stat.DESTROYED,
 }
-
-# Flag kinds of the leak detectors, so the "oldest" gauge exists (as 0)
-# before the first flag of a kind; pytracer.leaks.detectors.KINDS when present.
-KNOWN_FLAG_KINDS = ("close_wait", "idle_established", "fin_wait2_orphan", "fd_exhaustion", "time_wait_pressure")
-
-
-def flag_kinds() -> tuple[str, ...]:
-    try:
-        from pytracer.leaks.detectors import KINDS  # noqa: PLC0415 - optional layer
-    except ImportError:
-        return KNOWN_FLAG_KINDS
-    return tuple(KINDS)
 
 
 # --- options -------------------------------------------------------------------
@@ -278,7 +267,8 @@ def _leak_families(report: Any, opts: ExportOptions, folded: dict[str, int]) -> 
     flags = list(getattr(report, "flags", None) or [])
 
     by_kind_comm: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    oldest: dict[str, float] = {k: 0.0 for k in flag_kinds()}
+    # Every kind the detectors know, so its gauge exists (as 0) before its first flag.
+    oldest: dict[str, float] = {k: 0.0 for k in KINDS}
     for f in flags:
         kind = str(getattr(f, "kind", "unknown"))
         by_kind_comm[kind][comm_of(getattr(f, "comm", None))] += 1

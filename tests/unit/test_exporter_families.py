@@ -21,6 +21,7 @@ from pytracer.exporter.families import ExportOptions, ScrapeInput, build_familie
 from pytracer.kernel import abi
 from pytracer.kernel.histogram import slot_of
 from pytracer.kernel.tcp_states import TcpState
+from pytracer.leaks.detectors import KINDS
 from pytracer.table.poll import SOCK_DTYPE, Totals
 
 
@@ -219,6 +220,16 @@ def test_leak_metrics() -> None:
     assert reg.get("pytracer_process_fd_usage_ratio", comm="api") == pytest.approx(900 / 1024)
     assert reg.get("pytracer_close_wait_sockets", comm="api") == 10
     assert reg.get("pytracer_close_wait_sockets", comm="cron") == 0
+
+
+def test_oldest_gauge_exists_for_every_detector_kind() -> None:
+    # One list of kinds: the detectors' own, so a new detector gets its zero
+    # series before its first flag (a missing series is not a zero in PromQL).
+    reg, _ = render(ScrapeInput(leaks=SimpleNamespace(flags=[flag("last_ack_stuck", "api", 7.0)])))
+    kinds = {dict(lab)["kind"]: v for lab, v in reg.series("pytracer_flagged_oldest_seconds").items()}
+    assert set(kinds) == set(KINDS)
+    assert kinds["last_ack_stuck"] == 7.0
+    assert all(v == 0.0 for k, v in kinds.items() if k != "last_ack_stuck")
 
 
 def test_addresses_only_with_the_option() -> None:
