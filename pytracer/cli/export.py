@@ -27,13 +27,16 @@ from pytracer.cli.options import (
     thresholds_from,
     validate_pids,
 )
-from pytracer.exporter import collector as exporter
+from pytracer.exporter import ExportError
+from pytracer.exporter.collector import DEFAULT_LEAK_INTERVAL, BpfStats, TracerCollector, log
+from pytracer.exporter.families import DEFAULT_MAX_COMMS, DEFAULT_TIME_WAIT_TOP, ExportOptions
+from pytracer.exporter.web import DEFAULT_LISTEN, ExporterServer, WebConfig, load_web_config, make_registry, make_server
 
 
 @click.command()
 @click.option(
     "--listen",
-    default=exporter.DEFAULT_LISTEN,
+    default=DEFAULT_LISTEN,
     show_default=True,
     metavar="HOST:PORT",
     help="Address to serve /metrics on.  Loopback by default; ':PORT' means every interface.",
@@ -49,14 +52,14 @@ from pytracer.exporter import collector as exporter
 @click.option(
     "--max-comms",
     type=click.IntRange(1, 10000),
-    default=exporter.DEFAULT_MAX_COMMS,
+    default=DEFAULT_MAX_COMMS,
     show_default=True,
     help="Cap on comm label values per metric; the rest are summed into comm=\"other\".",
 )
 @click.option(
     "--time-wait-top",
     type=click.IntRange(0, 1000),
-    default=exporter.DEFAULT_TIME_WAIT_TOP,
+    default=DEFAULT_TIME_WAIT_TOP,
     show_default=True,
     help="TIME_WAIT destinations exported one by one; the rest are summed as \"other\".",
 )
@@ -69,7 +72,7 @@ from pytracer.exporter import collector as exporter
 @click.option(
     "--leak-interval",
     type=click.FloatRange(0, 3600),
-    default=exporter.DEFAULT_LEAK_INTERVAL,
+    default=DEFAULT_LEAK_INTERVAL,
     show_default=True,
     metavar="SECONDS",
     help="Run the leak scan this often in the background (0: during each scrape). Kernel maps are "
@@ -112,14 +115,14 @@ def export(
     )
     pids = validate_pids(pids)
     thresholds = dataclasses.asdict(thresholds_from(kw, time_wait_top))
-    opts = exporter.ExportOptions(
+    opts = ExportOptions(
         pids=pids, max_comms=max_comms, time_wait_top=time_wait_top, label_addresses=label_addresses
     )
     try:
-        web = exporter.load_web_config(web_config) if web_config else exporter.WebConfig()
-        registry = exporter.make_registry()
-        server = exporter.make_server(listen, web, registry)
-    except exporter.ExportError as exc:
+        web = load_web_config(web_config) if web_config else WebConfig()
+        registry = make_registry()
+        server = make_server(listen, web, registry)
+    except ExportError as exc:
         raise click.ClickException(str(exc)) from None
     try:
         _serve(obj, server, registry, opts, thresholds, max_sockets, bpf_stats, duration, leak_interval)
@@ -127,21 +130,20 @@ def export(
         server.server_close()
 
 
-def _serve(obj: Context, server: exporter.ExporterServer, registry, opts: exporter.ExportOptions,
+def _serve(obj: Context, server: ExporterServer, registry, opts: ExportOptions,
            thresholds: dict, max_sockets: int, bpf_stats: bool, duration: float | None,
            leak_interval: float) -> None:
-    log = exporter.log
     stats = None
     tracer = make_tracer(obj, opts.pids, max_sockets)
     with tracer:
         if bpf_stats:
             try:
-                stats = exporter.BpfStats()
-            except exporter.ExportError as exc:
+                stats = BpfStats()
+            except ExportError as exc:
                 log.warning("%s; continuing without", exc)
         _seed(tracer, opts.pids)
-        collector = exporter.TracerCollector(tracer, opts, thresholds=thresholds, bpf_stats=stats is not None,
-                                             leak_interval=leak_interval)
+        collector = TracerCollector(tracer, opts, thresholds=thresholds, bpf_stats=stats is not None,
+                                    leak_interval=leak_interval)
         thread = None
         try:
             collector.start()
@@ -173,7 +175,6 @@ def _serve(obj: Context, server: exporter.ExporterServer, registry, opts: export
 def _seed(tracer, pids: tuple[int, ...]) -> None:
     """Put the sockets that already exist into the kernel table (pytracer.leaks.scanner),
     so pytracer_sockets counts them from the first scrape."""
-    log = exporter.log
     try:
         from pytracer.leaks.scanner import seed  # noqa: PLC0415 - optional layer
     except ImportError:

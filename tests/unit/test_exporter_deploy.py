@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from pytracer.exporter import collector as exporter
-from pytracer.exporter.collector import ExportOptions, ScrapeInput, TracerCollector, build_families
+from pytracer.exporter.collector import TracerCollector
+from pytracer.exporter.families import ExportOptions, MapStat, ProgramStat, ScrapeInput, build_families
 from pytracer.kernel import abi
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,7 +64,7 @@ def exported_metric_names() -> set[str]:
     agg.transitions[1][8] = 1
     inp = ScrapeInput(
         totals=make_totals([agg]), socks=sock_table([(1, 1)]), poll_seconds=0.1, leaks=leak_report(),
-        maps=[exporter.MapStat("socks", 1, 10)], programs=[exporter.ProgramStat("p", 1, 1, 0)], bpf_stats=True,
+        maps=[MapStat("socks", 1, 10)], programs=[ProgramStat("p", 1, 1, 0)], bpf_stats=True,
         hooks=[("state", "tp_btf", "p")], build={"version": "v"},
     )
     fams, _ = build_families(inp, ExportOptions())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import random
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,11 +16,12 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pytracer.exporter import collector as exporter
-from pytracer.exporter.collector import ExportOptions, ScrapeInput, TracerCollector, build_families, fold_top
+from pytracer.exporter import families
+from pytracer.exporter.families import ExportOptions, ScrapeInput, build_families, fold_top
 from pytracer.kernel import abi
 from pytracer.kernel.histogram import slot_of
 from pytracer.kernel.tcp_states import TcpState
+from pytracer.leaks.detectors import KINDS
 from pytracer.table.poll import SOCK_DTYPE, Totals
 
 
@@ -84,8 +84,8 @@ def test_lifetime_buckets_match_the_durations_exactly() -> None:
         series = reg.series("pytracer_connection_lifetime_seconds_bucket")
         buckets = {float(dict(lab)["le"]): v for lab, v in series.items() if dict(lab)["direction"] == name}
         assert buckets[float("inf")] == len(values)
-        assert len(buckets) == len(exporter.BUCKETS_SECONDS) + 1
-        for le in exporter.BUCKETS_SECONDS:
+        assert len(buckets) == len(families.BUCKETS_SECONDS) + 1
+        for le in families.BUCKETS_SECONDS:
             # The kernel truncates to whole microseconds; a bucket bound is a
             # power of two in us, and a slot's upper bound is exclusive.
             expected = sum(1 for us in values if us < round(le * 1e6))
@@ -93,7 +93,7 @@ def test_lifetime_buckets_match_the_durations_exactly() -> None:
 
 
 def test_bucket_bounds_are_powers_of_two_microseconds() -> None:
-    for le in exporter.BUCKETS_SECONDS:
+    for le in families.BUCKETS_SECONDS:
         us = round(le * 1e6)
         assert us & (us - 1) == 0 and abs(us - le * 1e6) < 1e-6
 
@@ -222,6 +222,16 @@ def test_leak_metrics() -> None:
     assert reg.get("pytracer_close_wait_sockets", comm="cron") == 0
 
 
+def test_oldest_gauge_exists_for_every_detector_kind() -> None:
+    # One list of kinds: the detectors' own, so a new detector gets its zero
+    # series before its first flag (a missing series is not a zero in PromQL).
+    reg, _ = render(ScrapeInput(leaks=SimpleNamespace(flags=[flag("last_ack_stuck", "api", 7.0)])))
+    kinds = {dict(lab)["kind"]: v for lab, v in reg.series("pytracer_flagged_oldest_seconds").items()}
+    assert set(kinds) == set(KINDS)
+    assert kinds["last_ack_stuck"] == 7.0
+    assert all(v == 0.0 for k, v in kinds.items() if k != "last_ack_stuck")
+
+
 def test_addresses_only_with_the_option() -> None:
     reg, _ = render(ScrapeInput(leaks=leak_report()), ExportOptions(time_wait_top=5, label_addresses=True))
     assert reg.get("pytracer_time_wait_sockets", destination="10.1.2.3:443") == 900
@@ -241,13 +251,13 @@ def test_comm_labels_are_capped_and_folded() -> None:
 
 
 def test_program_stats_and_lost_events() -> None:
-    progs = [exporter.ProgramStat("state_tp_btf", 5_000_000, 1000, 2), exporter.ProgramStat("destroy_tp_btf", 0, 0, 1)]
+    progs = [families.ProgramStat("state_tp_btf", 5_000_000, 1000, 2), families.ProgramStat("destroy_tp_btf", 0, 0, 1)]
     reg, _ = render(ScrapeInput(totals=make_totals([abi.PtAgg()]), programs=progs, bpf_stats=True))
     assert reg.get("pytracer_lost_events_total", reason="recursion_miss") == 3
     assert reg.get("pytracer_bpf_program_run_seconds_total", program="state_tp_btf") == pytest.approx(0.005)
     assert reg.get("pytracer_bpf_program_runs_total", program="state_tp_btf") == 1000
     # stats off and nothing counted: no run-time series at all
-    progs0 = [exporter.ProgramStat("state_tp_btf", 0, 0, 0)]
+    progs0 = [families.ProgramStat("state_tp_btf", 0, 0, 0)]
     reg, _ = render(ScrapeInput(programs=progs0, bpf_stats=False))
     assert not reg.series("pytracer_bpf_program_runs_total")
 
@@ -255,143 +265,10 @@ def test_program_stats_and_lost_events() -> None:
 def test_build_and_hook_info() -> None:
     inp = ScrapeInput(build={"version": "0.1.0", "backend": "core", "kernel": "6.18"},
                       hooks=[("state", "tp_btf", "state_tp_btf"), ("reset", "none", "")],
-                      maps=[exporter.MapStat("socks", 12, 1024), exporter.MapStat("owners", None, 1024)])
+                      maps=[families.MapStat("socks", 12, 1024), families.MapStat("owners", None, 1024)])
     reg, _ = render(inp)
     assert reg.get("pytracer_build_info", version="0.1.0", backend="core", kernel="6.18") == 1
     assert reg.get("pytracer_hook_info", hook="state", kind="tp_btf", program="state_tp_btf") == 1
     assert reg.get("pytracer_map_entries", map="socks") == 12
     assert reg.get("pytracer_map_entries", map="owners") is None  # unread: absent, not 0
     assert reg.get("pytracer_map_capacity_entries", map="owners") == 1024
-
-
-class BrokenTracer:
-    """A backend whose every read fails, as after a map fd went bad."""
-
-    ncpus = 1
-    backend = "core"
-    choices: dict = {}
-
-    def map(self, name: str):
-        raise OSError(9, "Bad file descriptor")
-
-    def programs(self):
-        raise OSError(9, "Bad file descriptor")
-
-
-class FailingScanner:
-    def scan(self, snapshot):
-        raise RuntimeError("sock_diag went away")
-
-
-def test_failed_reads_are_counted_and_never_fail_the_scrape() -> None:
-    c = TracerCollector(BrokenTracer(), scanner=None)
-    reg = CollectorRegistry(auto_describe=False)
-    reg.register(c)
-    for _ in range(3):
-        text = generate_latest(reg).decode()
-    samples = {(s.name, tuple(s.labels.items())): s.value
-               for fam in text_string_to_metric_families(text) for s in fam.samples}
-    for what in ("agg", "socks", "programs"):
-        assert samples[("pytracer_read_errors_total", (("what", what),))] == 3
-    assert ("pytracer_scrape_duration_seconds", ()) in samples
-    assert not any(name == "pytracer_sockets" for name, _ in samples)  # unread: omitted, not zero
-
-
-def test_closed_collector_reads_nothing() -> None:
-    c = TracerCollector(BrokenTracer(), scanner=None)
-    c.close()
-    fams = c.collect()
-    names = {f.name for f in fams}
-    assert names == {"pytracer_read_errors", "pytracer_label_overflow", "pytracer_scrape_duration_seconds"}
-    assert c.read_errors["agg"] == 0
-
-
-class RecordingScanner:
-    def __init__(self, errors: list[str]) -> None:
-        self.errors = errors
-        self.snapshots: list = []
-
-    def scan(self, snapshot):
-        self.snapshots.append(snapshot)
-        return SimpleNamespace(flags=[flag("close_wait", "api", 5.0)], errors=self.errors)
-
-
-def test_leak_scan_report_is_kept_and_its_errors_counted() -> None:
-    scanner = RecordingScanner(errors=["netns 4026532999: Permission denied"])
-    c = TracerCollector(BrokenTracer(), scanner=scanner)
-    rep = c._scan_once(scanner, "snap", time.monotonic())
-    assert rep is c._report and scanner.snapshots == ["snap"]
-    assert c.read_errors["leaks"] == 1 and c.leak_scans == 1
-    names = {f.name for f in c._self_families(0.0)}
-    assert {"pytracer_leak_scans", "pytracer_leak_scan_duration_seconds", "pytracer_leak_scan_age_seconds"} <= names
-    # Without a background thread a scrape scans itself; with a broken tracer
-    # there is no snapshot to scan, and that is counted, not raised.
-    c.collect()
-    assert c.read_errors["agg"] == 1 and len(scanner.snapshots) == 1
-
-
-class TableTracer:
-    """A tracer whose socket table changes between scrapes; its socks map
-    writes records the way BPF_MAP_LOOKUP_BATCH does (into the caller's buffers)."""
-
-    ncpus = 1
-    backend = "core"
-    choices: dict = {}
-
-    def __init__(self) -> None:
-        self.table = sock_table([])
-        self.targets: list[int] = []
-        tracer = self
-
-        class Socks:
-            max_entries = 64
-            key_size = 8
-
-            def dump_into(self, keys, values, value_size):  # noqa: ANN001
-                assert value_size == SOCK_DTYPE.itemsize
-                n = len(tracer.table)
-                if n > min(len(keys), len(values)):
-                    return False, 0
-                keys[:n] = np.arange(1, n + 1, dtype=np.uint64)
-                values[:n] = tracer.table
-                tracer.targets.append(values.__array_interface__["data"][0])
-                return True, n
-
-        class Agg:
-            def lookup(self, key, size):  # noqa: ANN001
-                return bytes(size) if key == bytes(4) else None
-
-        self._maps = {"socks": Socks(), "agg": Agg()}
-
-    def map(self, name: str):
-        if name not in self._maps:
-            raise KeyError(name)
-        return self._maps[name]
-
-    def programs(self):
-        return []
-
-
-def test_scrapes_reuse_one_table_buffer_and_each_counts_only_its_own_table() -> None:
-    t = TableTracer()
-    c = TracerCollector(t, scanner=None)
-    reg = CollectorRegistry(auto_describe=False)
-    reg.register(c)
-    tables = [
-        [(int(TcpState.ESTABLISHED), 1)] * 7 + [(int(TcpState.CLOSE_WAIT), 1)] * 3,
-        [(int(TcpState.LISTEN), 1)] * 2,  # smaller: a stale tail of the first must not count
-        [],
-        [(int(TcpState.CLOSE_WAIT), 1)] * 5,
-    ]
-    for rows in tables:
-        t.table = sock_table(rows)
-        text = generate_latest(reg).decode()
-        got = {dict(s.labels)["state"]: s.value for fam in text_string_to_metric_families(text)
-               for s in fam.samples if s.name == "pytracer_sockets"}
-        want: dict[str, float] = {}
-        for state, _ in rows:
-            want[TcpState(state).name] = want.get(TcpState(state).name, 0) + 1
-        assert {k: v for k, v in got.items() if v} == want
-    # One buffer, allocated once and kept by the collector (not a fresh one per scrape).
-    held = c._sock_buffers.socks.__array_interface__["data"][0]
-    assert t.targets == [held] * len(tables)

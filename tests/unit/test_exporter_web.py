@@ -17,9 +17,9 @@ import bcrypt
 import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
-from pytracer.exporter.collector import (
+from pytracer.exporter import ExportError
+from pytracer.exporter.web import (
     BasicAuth,
-    ExportError,
     ExporterServer,
     load_web_config,
     make_server,

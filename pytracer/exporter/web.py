@@ -1,0 +1,381 @@
+"""The exporter's HTTP(S) server, and its web config (TLS, basic auth).
+
+The web-config file is in the Prometheus exporter-toolkit format
+(``tls_server_config``, ``basic_auth_users``, ``http_server_config``), the
+one node_exporter reads.  :func:`parse_web_config` refuses what it cannot
+honour (Go cipher suite names, curve preferences, allowed SANs) with one
+clear :class:`~pytracer.exporter.ExportError`, rather than ignoring it and
+serving with other settings than the file asks for.  :func:`make_server`
+binds before the tracer loads anything into the kernel, so a busy port
+fails early.
+
+The server knows nothing of the tracer: it serves whatever registry it is
+given (:func:`make_registry`, to which ``tracer export`` adds the
+:class:`~pytracer.exporter.collector.TracerCollector`).
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import gzip
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+import socket
+import ssl
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Mapping
+
+from prometheus_client.registry import CollectorRegistry
+
+from pytracer import __version__
+from pytracer.exporter import ExportError
+
+log = logging.getLogger("pytracer.exporter")
+
+DEFAULT_LISTEN = "127.0.0.1:9808"
+
+# --- web config (exporter-toolkit format) --------------------------------------
+
+_TLS_VERSIONS = {
+    "TLS10": ssl.TLSVersion.TLSv1,
+    "TLS11": ssl.TLSVersion.TLSv1_1,
+    "TLS12": ssl.TLSVersion.TLSv1_2,
+    "TLS13": ssl.TLSVersion.TLSv1_3,
+}
+_CLIENT_AUTH = {
+    "NoClientCert": ssl.CERT_NONE,
+    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+}
+_TLS_KEYS = {
+    "cert_file", "key_file", "client_ca_file", "client_auth_type", "min_version", "max_version",
+    "cipher_suites", "curve_preferences", "prefer_server_cipher_suites", "client_allowed_sans",
+}
+_UNSUPPORTED_TLS = {
+    "cipher_suites": "Go cipher suite names have no OpenSSL equivalent here",
+    "curve_preferences": "not supported",
+    "client_allowed_sans": "not supported",
+}
+
+
+@dataclass
+class WebConfig:
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_ca_file: str | None = None
+    client_auth: ssl.VerifyMode = ssl.CERT_NONE
+    min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
+    max_version: ssl.TLSVersion | None = None
+    users: dict[str, bytes] = field(default_factory=dict)  # user -> bcrypt hash
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tls(self) -> bool:
+        return self.cert_file is not None
+
+
+def parse_web_config(doc: Any, base_dir: str = ".") -> WebConfig:
+    """Validate a parsed web-config document.  Relative paths are relative to
+    the config file's directory, as in the exporter toolkit."""
+    if doc is None:
+        return WebConfig()
+    if not isinstance(doc, dict):
+        raise ExportError("web config: expected a mapping at the top level")
+    unknown = set(doc) - {"tls_server_config", "basic_auth_users", "http_server_config"}
+    if unknown:
+        raise ExportError(f"web config: unknown key(s) {', '.join(sorted(unknown))}")
+    wc = WebConfig()
+
+    def path(v: Any, what: str) -> str:
+        if not isinstance(v, str) or not v:
+            raise ExportError(f"web config: tls_server_config.{what} must be a file path")
+        p = v if os.path.isabs(v) else os.path.join(base_dir, v)
+        if not os.path.isfile(p):
+            raise ExportError(f"web config: tls_server_config.{what}: no such file {p}")
+        return p
+
+    tls = doc.get("tls_server_config")
+    if tls:
+        if not isinstance(tls, dict):
+            raise ExportError("web config: tls_server_config must be a mapping")
+        unknown = set(tls) - _TLS_KEYS
+        if unknown:
+            raise ExportError(f"web config: unknown tls_server_config key(s) {', '.join(sorted(unknown))}")
+        for key, why in _UNSUPPORTED_TLS.items():
+            if tls.get(key):
+                raise ExportError(f"web config: tls_server_config.{key} is not supported by pytracer ({why})")
+        if not tls.get("cert_file") or not tls.get("key_file"):
+            raise ExportError("web config: tls_server_config needs both cert_file and key_file")
+        wc.cert_file = path(tls["cert_file"], "cert_file")
+        wc.key_file = path(tls["key_file"], "key_file")
+        auth = tls.get("client_auth_type") or "NoClientCert"
+        if auth not in _CLIENT_AUTH:
+            raise ExportError(
+                f"web config: client_auth_type {auth!r} is not supported (use one of {', '.join(_CLIENT_AUTH)})"
+            )
+        wc.client_auth = _CLIENT_AUTH[auth]
+        if tls.get("client_ca_file"):
+            wc.client_ca_file = path(tls["client_ca_file"], "client_ca_file")
+        elif wc.client_auth != ssl.CERT_NONE:
+            raise ExportError(f"web config: client_auth_type {auth} needs client_ca_file")
+        for key in ("min_version", "max_version"):
+            v = tls.get(key)
+            if v is None:
+                continue
+            if v not in _TLS_VERSIONS:
+                raise ExportError(f"web config: {key} {v!r}: use one of {', '.join(_TLS_VERSIONS)}")
+            setattr(wc, key, _TLS_VERSIONS[v])
+
+    users = doc.get("basic_auth_users") or {}
+    if not isinstance(users, dict):
+        raise ExportError("web config: basic_auth_users must map user names to bcrypt hashes")
+    for user, hashed in users.items():
+        if not isinstance(hashed, str) or not hashed.startswith(("$2a$", "$2b$", "$2y$")):
+            raise ExportError(f"web config: basic_auth_users.{user}: expected a bcrypt hash ($2y$...)")
+        if ":" in str(user):
+            raise ExportError(f"web config: basic_auth_users: user name {user!r} contains ':'")
+        wc.users[str(user)] = hashed.encode()
+    if wc.users:
+        try:
+            import bcrypt  # noqa: F401, PLC0415
+        except ImportError:
+            raise ExportError("web config: basic_auth_users needs the bcrypt package (pip install bcrypt)") from None
+
+    http = doc.get("http_server_config") or {}
+    if not isinstance(http, dict):
+        raise ExportError("web config: http_server_config must be a mapping")
+    unknown = set(http) - {"headers", "http2"}
+    if unknown:
+        raise ExportError(f"web config: unknown http_server_config key(s) {', '.join(sorted(unknown))}")
+    headers = http.get("headers") or {}
+    if not isinstance(headers, dict):
+        raise ExportError("web config: http_server_config.headers must be a mapping")
+    wc.headers = {str(k): str(v) for k, v in headers.items()}
+    return wc
+
+
+def load_web_config(path: str) -> WebConfig:
+    import yaml  # noqa: PLC0415 - only needed with --web-config
+
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+    except OSError as exc:
+        raise ExportError(f"web config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ExportError(f"web config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_web_config(doc, os.path.dirname(os.path.abspath(path)))
+
+
+def tls_context(wc: WebConfig) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = wc.min_version
+    if wc.max_version is not None:
+        ctx.maximum_version = wc.max_version
+    try:
+        ctx.load_cert_chain(wc.cert_file, wc.key_file)  # type: ignore[arg-type]
+        if wc.client_ca_file:
+            ctx.load_verify_locations(cafile=wc.client_ca_file)
+    except (ssl.SSLError, OSError) as exc:
+        raise ExportError(f"web config: cannot load TLS certificate/key: {exc}") from None
+    ctx.verify_mode = wc.client_auth
+    return ctx
+
+
+class BasicAuth:
+    """Checks ``Authorization: Basic`` against bcrypt hashes.
+
+    bcrypt is slow on purpose (tens of ms), and Prometheus sends the same
+    credentials every scrape, so successful checks are cached by a keyed
+    hash of the credentials (as the exporter toolkit does).  Unknown users
+    still cost one bcrypt check, so timing does not reveal user names.
+    """
+
+    def __init__(self, users: Mapping[str, bytes]) -> None:
+        self.users = dict(users)
+        self._key = os.urandom(32)
+        self._ok: dict[bytes, bool] = {}
+        self._lock = threading.Lock()
+        if not self.users:
+            return
+        import bcrypt  # noqa: PLC0415 - only with basic_auth_users
+
+        self._bcrypt = bcrypt
+        self._dummy = bcrypt.hashpw(b"pytracer-dummy", bcrypt.gensalt(rounds=10))
+
+    def check(self, header: str | None) -> bool:
+        if not self.users:
+            return True
+        if not header or not header.startswith("Basic "):
+            return False
+        try:
+            raw = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        user, sep, password = raw.partition(":")
+        if not sep:
+            return False
+        token = hmac.new(self._key, raw.encode(), hashlib.sha256).digest()
+        with self._lock:
+            if token in self._ok:
+                return True
+        hashed = self.users.get(user)
+        try:
+            ok = self._bcrypt.checkpw(password.encode(), hashed or self._dummy) and hashed is not None
+        except ValueError:
+            ok = False
+        if ok:
+            with self._lock:
+                if len(self._ok) >= 64:
+                    self._ok.clear()
+                self._ok[token] = True
+        return ok
+
+
+# --- HTTP server -----------------------------------------------------------------
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port``.  An empty host means every interface."""
+    host, sep, port = listen.rpartition(":")
+    if not sep:
+        raise ExportError(f"--listen {listen!r}: expected HOST:PORT, e.g. {DEFAULT_LISTEN}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        p = int(port)
+    except ValueError:
+        raise ExportError(f"--listen {listen!r}: port {port!r} is not a number") from None
+    if not 0 <= p <= 65535:
+        raise ExportError(f"--listen {listen!r}: port out of range")
+    return host, p
+
+
+LANDING = b"""<html><head><title>pytracer exporter</title></head><body>
+<h1>pytracer exporter</h1><p><a href="/metrics">Metrics</a></p></body></html>
+"""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ExporterServer
+    server_version = f"pytracer/{__version__}"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def _send(self, code: int, body: bytes, ctype: str, extra: Mapping[str, str] | None = None) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in {**self.server.web.headers, **(extra or {})}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        srv = self.server
+        if not srv.auth.check(self.headers.get("Authorization")):
+            challenge = {"WWW-Authenticate": 'Basic realm="pytracer"'}
+            self._send(401, b"Unauthorized\n", "text/plain; charset=utf-8", challenge)
+            return
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            from prometheus_client.exposition import choose_encoder
+
+            encoder, ctype = choose_encoder(self.headers.get("Accept", ""))
+            body = encoder(srv.registry)
+            extra = {}
+            if "gzip" in self.headers.get("Accept-Encoding", ""):
+                body = gzip.compress(body, compresslevel=1)
+                extra["Content-Encoding"] = "gzip"
+            self._send(200, body, ctype, extra)
+        elif path == "/":
+            self._send(200, LANDING, "text/html; charset=utf-8")
+        else:
+            self._send(404, b"Not found\n", "text/plain; charset=utf-8")
+
+    do_HEAD = do_GET
+
+
+class ExporterServer(ThreadingHTTPServer):
+    """A threading HTTP(S) server for one registry.
+
+    TLS handshakes run in the connection's own thread (not in the accept
+    loop), and every connection has a timeout, so a slow or silent client
+    cannot stall other scrapes.
+    """
+
+    daemon_threads = True
+    request_queue_size = 64
+    allow_reuse_address = True
+    timeout_seconds = 30.0
+
+    def __init__(self, host: str, port: int, web: WebConfig, registry: CollectorRegistry) -> None:
+        fam = socket.AF_INET
+        if host:
+            try:
+                fam = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+            except ValueError:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                fam, host = infos[0][0], infos[0][4][0]
+        self.address_family = fam
+        self.web = web
+        self.registry = registry
+        self.ssl_context = tls_context(web) if web.tls else None
+        self.auth = BasicAuth(web.users)
+        super().__init__((host or ("::" if fam == socket.AF_INET6 else "0.0.0.0"), port), _Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        if ":" in str(host):
+            host = f"[{host}]"
+        return f"{'https' if self.ssl_context else 'http'}://{host}:{port}/metrics"
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, addr = self.socket.accept()
+        sock.settimeout(self.timeout_seconds)
+        if self.ssl_context is not None:
+            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.do_handshake()
+            except (ssl.SSLError, OSError) as exc:
+                log.debug("TLS handshake with %s failed: %s", client_address, exc)
+                return
+        super().finish_request(request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("error serving %s", client_address, exc_info=True)
+
+
+def make_server(listen: str, web: WebConfig | None, registry: CollectorRegistry) -> ExporterServer:
+    """Bind (but do not serve yet).  A busy port is one clear ExportError."""
+    host, port = parse_listen(listen)
+    try:
+        return ExporterServer(host, port, web or WebConfig(), registry)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ExportError(f"cannot listen on {listen}: address already in use") from None
+        raise ExportError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+
+
+def make_registry() -> CollectorRegistry:
+    """A registry with the standard process_* metrics of this process; the
+    tracer's collector is registered once the programs are loaded."""
+    from prometheus_client import ProcessCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=registry)
+    return registry
