@@ -17,7 +17,8 @@ from pytracer.leaks.thresholds import Thresholds
 
 if TYPE_CHECKING:
     from pytracer.leaks.detectors import Flag
-    from pytracer.leaks.scanner import LeakReport, SeedResult
+    from pytracer.leaks.scanner import LeakReport
+    from pytracer.table.writer import SeedResult
 
 EXIT_FLAGGED = 1
 EXIT_ERROR = 2
@@ -209,7 +210,8 @@ def leaks(obj: Context, pids: tuple[int, ...], samples: int, interval: float, to
     preload_leaks()
     tracer = make_tracer(obj, pids, max_sockets)
     with tracer:
-        from pytracer.leaks.scanner import Scanner, seed  # pyroute2: imported once attached
+        from pytracer.inventory.seed import seed  # pyroute2: imported once attached
+        from pytracer.leaks.scanner import Scanner
 
         sr = seed(tracer, pids)
         scanner = Scanner(tracer, thresholds, pids=pids)
