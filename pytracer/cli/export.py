@@ -173,10 +173,10 @@ def _serve(obj: Context, server: ExporterServer, registry, opts: ExportOptions,
 
 
 def _seed(tracer, pids: tuple[int, ...]) -> None:
-    """Put the sockets that already exist into the kernel table (pytracer.leaks.scanner),
+    """Put the sockets that already exist into the kernel table (pytracer.inventory.seed),
     so pytracer_sockets counts them from the first scrape."""
     try:
-        from pytracer.leaks.scanner import seed  # noqa: PLC0415 - optional layer
+        from pytracer.inventory.seed import seed  # noqa: PLC0415 - optional layer
     except ImportError:
         log.info("leak detection layer not installed: pre-existing sockets are not seeded")
         return

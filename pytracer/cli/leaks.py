@@ -6,7 +6,7 @@ import functools
 import json
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import click
 
@@ -22,9 +22,6 @@ from pytracer.cli.options import (
     validate_pids,
 )
 from pytracer.views.leaks import render_text
-
-if TYPE_CHECKING:
-    pass
 
 EXIT_FLAGGED = 1
 EXIT_ERROR = 2
@@ -85,7 +82,8 @@ def leaks(obj: Context, pids: tuple[int, ...], samples: int, interval: float, to
     preload_leaks()
     tracer = make_tracer(obj, pids, max_sockets)
     with tracer:
-        from pytracer.leaks.scanner import Scanner, seed  # preloaded while attaching
+        from pytracer.inventory.seed import seed  # preloaded while attaching
+        from pytracer.leaks.scanner import Scanner
 
         sr = seed(tracer, pids)
         scanner = Scanner(tracer, thresholds, pids=pids)

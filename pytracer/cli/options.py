@@ -166,7 +166,10 @@ def thresholds_from(kw: dict[str, Any], top: int | None = None) -> Thresholds:
 def preload_leaks() -> threading.Thread:
     """Import the leak layer (numpy and the sock_diag parser: 0.18-0.23 s here) in the background
     while the BPF programs load and attach; ``import`` waits for it after."""
-    t = threading.Thread(target=importlib.import_module, args=("pytracer.leaks.scanner",), name="pytracer-preload",
-                         daemon=True)
+    def load() -> None:
+        for name in ("pytracer.inventory.seed", "pytracer.leaks.scanner"):
+            importlib.import_module(name)
+
+    t = threading.Thread(target=load, name="pytracer-preload", daemon=True)
     t.start()
     return t

@@ -110,11 +110,12 @@ def watch(obj: Context, pids: tuple[int, ...], interval: float, duration: float 
     with tracer:
         # Imported once attached (numpy and the leak layer take a moment,
         # preloaded in the background meanwhile).
-        from pytracer.leaks import scanner as leaks
+        from pytracer.inventory.seed import seed
+        from pytracer.leaks.cadence import watch_enricher
         from pytracer.views import model
 
         # Sockets that exist already go into the table as "present at start".
-        seeded = leaks.seed(tracer, pids)
+        seeded = seed(tracer, pids)
         # One line on stderr (stdout stays JSON): from here on nothing is missed.
         scope = "pids " + ",".join(map(str, pids)) if pids else "the whole host"
         hooks = " ".join(f"{h}={c.kind}" for h, c in tracer.choices.items() if c.kind)
@@ -122,7 +123,7 @@ def watch(obj: Context, pids: tuple[int, ...], interval: float, duration: float 
         extra = {"seeded": seeded.seeded, "seed_failed": seeded.failed}
         if seeded.skipped:
             extra["seed_skipped"] = seeded.skipped
-        enrichers = [] if no_leaks else [leaks.watch_enricher(thresholds)]
+        enrichers = [] if no_leaks else [watch_enricher(thresholds)]
         stream = reports(tracer, pids, interval, duration, top, start_ns, enrichers, extra)
         if as_json:
             for report, _ in stream:

@@ -1,6 +1,6 @@
 """Socket owners from BPF iterators instead of a walk of /proc/*/fd.
 
-``ss -p`` (and :func:`pytracer.inventory.procs.scan_fds` without BPF) finds who holds a
+``ss -p`` (and :func:`pytracer.inventory.owners.scan_fds` without BPF) finds who holds a
 socket with one ``readlink`` per fd of every process: 100k+ syscalls and
 Python strings on a busy host, every leak scan.  bpf/fdscan.bpf.c has two
 iterators that write the same facts as fixed-size records
@@ -291,7 +291,7 @@ def close_shared() -> None:
 
 
 def method() -> tuple[str, str]:
-    """("bpf", what) or ("proc", why): what :func:`procs.scan_fds` uses here."""
+    """("bpf", what) or ("proc", why): what :func:`pytracer.inventory.owners.scan_fds` uses here."""
     try:
         shared()
     except FdScanUnavailable as exc:

@@ -16,8 +16,9 @@ the per-process facts the leak detectors need:
   bind mounts under ``/var/run/netns`` (``ip netns add``).
 
 Every reader takes the ``/proc`` root as an argument, so unit tests point it
-at a fixture tree.  On the host's /proc, :func:`scan_fds` gets the same
-facts from BPF iterators when it can (:mod:`pytracer.inventory.fdscan`).  Processes
+at a fixture tree.  On the host's /proc, :func:`pytracer.inventory.owners.scan_fds`
+gets the same facts from BPF iterators when it can (:mod:`pytracer.inventory.fdscan`);
+this module imports neither.  Processes
 vanish while we read them; every reader treats ENOENT/ESRCH/EACCES as "gone"
 and moves on.
 """
@@ -278,38 +279,8 @@ def _readlink_or_empty(name: str, dfd: int) -> str:
         return ""
 
 
-def scan_fds(only: Iterable[int] | None = None, proc: str = PROC, max_fds: int = MAX_FDS_TOTAL) -> FdScan:
-    """Every process's fds (or those of ``only``).
-
-    Maps each socket inode to the (pid, fd) pairs holding it (a socket shared
-    after fork() has several), counts open fds per process, notes each
-    process's netns and any netns fds held open.  Stops after ``max_fds``
-    fds and says so (``truncated``).
-
-    On the real /proc this asks the kernel through BPF iterators
-    (:mod:`pytracer.inventory.fdscan`) when they load, and walks /proc/PID/fd
-    otherwise (:func:`walk_fds`; the reason is logged at debug level).
-    Same answers, same order and bound, with two differences: the kernel
-    hands over every fd table (``unreadable`` is 0), and a netns fd opened
-    through an ``ip netns`` bind mount, whose link is not ``net:[N]``, is
-    found too.
-    """
-    if only is not None:
-        only = list(only)  # read twice if the iterators fail
-    if proc == PROC:
-        from pytracer.inventory import fdscan  # numpy + libbpf: only when scanning the host
-
-        try:
-            return fdscan.shared().scan(only, proc, max_fds)
-        except fdscan.FdScanUnavailable:
-            pass  # logged once, when the load failed
-        except OSError as exc:
-            log.debug("socket owners: BPF iterator read failed (%s), walking /proc", exc)
-    return walk_fds(only, proc, max_fds)
-
-
 def walk_fds(only: Iterable[int] | None = None, proc: str = PROC, max_fds: int = MAX_FDS_TOTAL) -> FdScan:
-    """:func:`scan_fds` by walking /proc/PID/fd: one readlink per fd."""
+    """:func:`pytracer.inventory.owners.scan_fds` by walking /proc/PID/fd: one readlink per fd."""
     out = FdScan()
     targets = sorted(set(only)) if only is not None else pids(proc)
     # Collected into C arrays as we go: no Python object per socket survives.

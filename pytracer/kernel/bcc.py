@@ -29,7 +29,6 @@ import ctypes
 import errno as errno_mod
 import os
 import re
-import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -340,9 +339,9 @@ class BccTracer(TracerHandle):
         plan = self._plan(f)
         self._compile(bcc, f)
         self._attach(plan)
-        owners = self.map("owners")
-        for pid in self.pids:
-            owners.update(struct.pack("=I", pid), b"\x01")
+        from pytracer.table import writer  # noqa: PLC0415 - the one writer of the tracer's maps
+
+        writer.fill_pid_filter(self.map("owners"), self.pids)
         return self
 
     def _plan(self, f: Features) -> dict[str, list[Candidate]]:

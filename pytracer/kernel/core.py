@@ -26,7 +26,6 @@ import errno
 import json
 import os
 import re
-import struct
 import zlib
 from typing import Iterable
 
@@ -117,8 +116,9 @@ _FAILED_PROG = re.compile(r"prog '(\w+)': (?:BPF program load failed|failed to l
 
 class TracerHandle:
     """What both backends share once their programs are loaded: context
-    management and the writes user space makes into the kernel's filter and
-    listener maps.  Subclasses provide open(), close(), map() and pids."""
+    management, and widening the pid filter (through pytracer.table.writer,
+    the one writer of the kernel's maps).  Subclasses provide open(), close(),
+    map() and pids."""
 
     pids: list[int]
 
@@ -141,24 +141,13 @@ class TracerHandle:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def add_listener(self, netns_ino: int, port: int, family: int, tgid: int) -> bool:
-        """Record who listens on a port (for listeners that predate us), so
-        their accepted children are attributed, and kept under --pid."""
-        key = bytes(abi.PtListenKey(netns_ino=netns_ino, port=port, family=family))
-        try:
-            self.map("listeners").update(key, struct.pack("=I", tgid), 1)  # BPF_NOEXIST
-        except libbpf.LibbpfError as exc:
-            return exc.errno == errno.EEXIST  # the kernel saw this listen() itself
-        return True
-
     def add_pids(self, pids: Iterable[int]) -> None:
         """Widen a --pid filter after load (e.g. a process started later)."""
         if not self.pids:
             raise TracerError("this tracer watches the whole host; there is no pid filter to widen")
-        owners = self.map("owners")
-        for pid in pids:
-            owners.update(struct.pack("=I", pid), b"\x01")
-            self.pids.append(pid)
+        from pytracer.table import writer  # noqa: PLC0415 - the one writer of the tracer's maps
+
+        writer.add_pids(self, pids)
 
 
 class Tracer(TracerHandle):
@@ -307,9 +296,9 @@ class Tracer(TracerHandle):
         rodata.set_initial_value(bytes(cfg))
         obj.map("socks").max_entries = self.max_sockets
         obj.load()
-        owners = obj.map("owners")
-        for pid in self.pids:
-            owners.update(struct.pack("=I", pid), b"\x01")
+        from pytracer.table import writer  # noqa: PLC0415 - the one writer of the tracer's maps
+
+        writer.fill_pid_filter(obj.map("owners"), self.pids)
         for ch in plan.values():
             for name in ch.programs:
                 self.links.append(obj.program(name).attach())

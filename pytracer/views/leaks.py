@@ -11,7 +11,8 @@ from pytracer.format import duration, endpoint
 
 if TYPE_CHECKING:
     from pytracer.leaks.detectors import Flag
-    from pytracer.leaks.scanner import LeakReport, SeedResult
+    from pytracer.leaks.scanner import LeakReport
+    from pytracer.table.writer import SeedResult
 
 
 def _for(f: Flag) -> str:

@@ -85,7 +85,7 @@ def socket_row(key: int, rec: np.void, now_ns: int, start_mono_ns: int) -> dict[
         "age_seconds": round(max(age_ns, 0) / 1e9, 6),
         "age_known": known,
         "state_age_seconds": round(max(now_ns - int(rec["state_ns"]), 0) / 1e9, 6),
-        # A record seeded at start (pytracer.leaks.scanner.seed) that has not changed
+        # A record seeded at start (pytracer.inventory.seed.seed) that has not changed
         # state since: state_age_seconds is "at least", counted from the seeding.
         "state_age_known": not (int(rec["flags"]) & abi.PT_F_SEEDED and int(rec["transitions"]) == 0),
         "family": family_name(fam),

@@ -80,12 +80,12 @@ def leak_net(request: pytest.FixtureRequest) -> Iterator[LeakNet]:
 @pytest.fixture(scope="module")
 def leak_tracer() -> Iterator[Any]:
     require_root()
+    from pytracer.inventory.seed import seed
     from pytracer.kernel.core import Tracer
-    from pytracer.leaks import scanner as leaks
 
     tracer = Tracer()
     with tracer:
-        leaks.seed(tracer)
+        seed(tracer)
         yield tracer
 
 

@@ -29,6 +29,7 @@ from pytracer.kernel.core import Tracer
 from pytracer.kernel.environment import EnvironmentProblem, kernel_release, probe_features
 from pytracer.kernel.tcp_states import TcpState as S
 from pytracer.table import poll as poller
+from pytracer.table import writer
 from pytracer.views.model import socket_row
 
 
@@ -108,13 +109,13 @@ def register_listener(tracers: dict[str, Any], mode: str, pid: int, port: int) -
     """kprobe mode only.  listen() sets LISTEN with inet_sk_state_store(),
     not tcp_set_state(), so a kprobe never sees a listener's birth; under
     --pid its children are kept only when something registers the listener
-    (Tracer.add_listener, meant for listeners that predate the tracer).  Do
+    (pytracer.table.writer.add_listener, meant for listeners that predate the tracer).  Do
     that here, on both backends, as a seeding layer would."""
     if mode != "kprobe":
         return
     netns_ino = os.stat(f"/proc/{pid}/ns/net").st_ino
     for t in tracers.values():
-        assert t.add_listener(netns_ino, port, 2, pid)  # AF_INET
+        writer.add_listener(t, netns_ino, port, 2, pid)  # AF_INET; raises unless written or already there
 
 
 def records(t: Any, port: int) -> dict[int, np.void]:

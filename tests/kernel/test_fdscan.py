@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from pytracer.inventory import fdscan, procs
+from pytracer.inventory import fdscan, owners, procs
 
 from .conftest import fdinfo_ids, prog_ids_of
 
@@ -153,7 +153,7 @@ def test_iterators_agree_with_readlink_over_proc(holders: list[int]) -> None:
 
 def test_scan_fds_uses_the_iterators_and_matches_the_walk(holders: list[int]) -> None:
     assert fdscan.method()[0] == "bpf", fdscan.method()[1]
-    it = procs.scan_fds(holders)
+    it = owners.scan_fds(holders)
     walked = procs.walk_fds(holders)
     assert dict(it.sockets.items()) == dict(walked.sockets.items())
     assert it.fd_counts == walked.fd_counts
@@ -162,7 +162,7 @@ def test_scan_fds_uses_the_iterators_and_matches_the_walk(holders: list[int]) ->
     # only the iterators find it.
     (held_ino, held_fd), = truth(holders[0])["netns_fds"]
     assert it.netns_fds == {held_ino: f"/proc/{holders[0]}/fd/{held_fd}"} and walked.netns_fds == {}
-    bounded = procs.scan_fds(holders, max_fds=3)
+    bounded = owners.scan_fds(holders, max_fds=3)
     assert bounded.truncated and bounded.fds == 3 and bounded.processes == 1
 
 
@@ -171,6 +171,6 @@ def test_forced_proc_walk(holders: list[int], monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("PYTRACER_FDSCAN", "proc")
     try:
         assert fdscan.method() == ("proc", "PYTRACER_FDSCAN=proc")
-        assert procs.scan_fds(holders).fd_counts == procs.walk_fds(holders).fd_counts
+        assert owners.scan_fds(holders).fd_counts == procs.walk_fds(holders).fd_counts
     finally:
         fdscan.close_shared()

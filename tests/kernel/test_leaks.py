@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from pytracer.inventory.seed import seed
 from pytracer.kernel import abi
-from pytracer.leaks import scanner as leaks
 from pytracer.leaks.detectors import Flag, Thresholds
 from pytracer.leaks.scanner import LeakReport, Scanner
 from pytracer.table import poll as poller
@@ -232,7 +232,7 @@ def test_preexisting_sockets_found_with_owner(leak_net: LeakNet, spawn: Any) -> 
     assert len(rows) == 1 + 3 + 2 + 2
 
     with Tracer() as tracer:  # started after every socket above exists
-        res = leaks.seed(tracer)
+        res = seed(tracer)
         assert res.seeded >= len(rows) and not res.failed, res.summary()
         socks = tracer.map("socks")
         for r in rows:

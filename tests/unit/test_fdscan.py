@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pytracer.inventory import fdscan, procs
+from pytracer.inventory import fdscan, owners, procs
 
 from .test_procs import make_proc
 
@@ -101,4 +101,4 @@ def test_scan_fds_on_a_fixture_tree_never_uses_bpf(tmp_path: Path, monkeypatch) 
 
     monkeypatch.setattr(fdscan, "shared", boom)
     root = str(make_proc(tmp_path))
-    assert procs.scan_fds(proc=root).fds == 5
+    assert owners.scan_fds(proc=root).fds == 5

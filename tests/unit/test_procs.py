@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from pytracer.inventory import procs
+from pytracer.inventory.owners import scan_fds
 
 LIMITS = """\
 Limit                     Soft Limit           Hard Limit           Units
@@ -55,17 +56,17 @@ def test_facts(tmp_path: Path) -> None:
 
 def test_scan_fds_maps_inodes_to_every_holder(tmp_path: Path) -> None:
     root = str(make_proc(tmp_path))
-    scan = procs.scan_fds(proc=root)
+    scan = scan_fds(proc=root)
     assert scan.sockets == {555: [(77, 9), (4242, 3)], 556: [(4242, 4)]}
     assert scan.fd_counts == {77: 1, 4242: 4}
     assert scan.netns_fds == {4026532000: f"{root}/4242/fd/7"}
-    only = procs.scan_fds([4242], proc=root)
+    only = scan_fds([4242], proc=root)
     assert only.sockets == {555: [(4242, 3)], 556: [(4242, 4)]}
 
 
 def test_scan_fds_is_bounded(tmp_path: Path) -> None:
     root = str(make_proc(tmp_path))
-    scan = procs.scan_fds(proc=root, max_fds=2)
+    scan = scan_fds(proc=root, max_fds=2)
     assert scan.truncated and scan.fds == 2
 
 

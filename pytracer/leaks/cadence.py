@@ -1,0 +1,58 @@
+"""Leak scans inside ``tracer watch`` intervals, held to a duty cycle.
+
+``tracer watch`` reports every interval; a leak scan walks the fd tables and
+dumps every socket, which on a busy host takes a noticeable part of a
+second.  :func:`watch_enricher` runs a :class:`~pytracer.leaks.scanner.Scanner`
+no more often than a duty cycle allows and copies its latest findings into
+each report.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pytracer.leaks.scanner import Scanner
+from pytracer.leaks.thresholds import Thresholds
+from pytracer.table.poll import Snapshot
+
+__all__ = ["watch_enricher"]
+
+
+def watch_enricher(thresholds: Thresholds, duty: float = 0.25):
+    """An enricher for ``tracer watch`` (see pytracer/cli/watch.py): each report
+    gets ``flags``, the TIME_WAIT / NEW_SYN_RECV counts the table cannot hold,
+    and a ``leaks`` summary.
+
+    A scan walks /proc and dumps every socket; on a busy host that takes a
+    noticeable part of a second.  To keep it under ``duty`` of the wall clock,
+    a new scan starts only once (1/duty - 1) times the last scan's duration
+    has passed; reports in between repeat the last findings, and
+    ``leaks.age_seconds`` says how old they are.
+    """
+
+    def enrich(report: dict[str, Any], snap: Snapshot, tracer: Any, opts: Any, state: dict[str, Any]) -> None:
+        scanner = state.get("leak_scanner")
+        if scanner is None:
+            scanner = state["leak_scanner"] = Scanner(tracer, thresholds, pids=getattr(opts, "pids", ()))
+        last = state.get("leak_last")  # (report, monotonic end, cost)
+        now = time.monotonic()
+        if last is None or now - last[1] >= last[2] * (1.0 / duty - 1.0):
+            lr = scanner.scan(snap)
+            last = state["leak_last"] = (lr, time.monotonic(), float(lr.stats.get("scan_seconds") or 0.0))
+        lr = last[0]
+        report["flags"] = [f.to_json() for f in lr.flags]
+        if not scanner.pids:
+            for name in ("TIME_WAIT", "NEW_SYN_RECV"):
+                if lr.inventory_states.get(name):
+                    report["states"][name] = lr.inventory_states[name]
+        report["leaks"] = {
+            "time_wait": [{"dest": d, "count": n, "range_size": r} for d, n, r in lr.time_wait],
+            "errors": lr.errors,
+            "scan_seconds": lr.stats.get("scan_seconds"),
+            "age_seconds": round(max(0.0, now - lr.mono_ns / 1e9), 3),
+            "netns_covered": lr.stats.get("netns_covered"),
+            "records_reaped": lr.stats.get("records_reaped", 0),
+        }
+
+    return enrich

@@ -1,0 +1,230 @@
+"""The joins a leak scan makes, row by row of the sock_diag inventory.
+
+:class:`pytracer.leaks.scanner.Scanner` gathers its sources; this module
+joins them, vectorized over the inventory rows:
+
+* :func:`join_table`: exact time in state (or a lower bound for seeded
+  records) and "accepted" from the BPF socket table;
+* :class:`History`: what the Scanner remembers per socket between scans;
+* :func:`candidates`: which sockets may be flagged, and which to ask
+  tcp_info about;
+* :func:`sock_facts`: one :class:`~pytracer.leaks.detectors.SockFacts` per
+  candidate, with its owners, listener and kernel floors, for the detectors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pytracer.format import address
+from pytracer.inventory import procs, sockdiag
+from pytracer.kernel import abi
+from pytracer.kernel.tcp_states import TcpState
+from pytracer.leaks.detectors import SockFacts, Thresholds, combine_state_time, kernel_state_floor
+from pytracer.table.poll import Snapshot
+
+S = TcpState
+# States whose sockets the detectors look at one by one.
+STUCK_STATES = (S.CLOSE_WAIT, S.LAST_ACK, S.FIN_WAIT2)
+
+# Per-socket history a Scanner carries between scans, one array each,
+# aligned with the sorted cookies (see History.carry).
+_HISTORY = (("since", np.nan), ("not_before", 0.0), ("checked", 0.0), ("floor", np.nan), ("floor_at", np.nan))
+
+# (netns, port) -> [(laddr raw, family, holders, (queued, limit))]
+Listeners = dict[tuple[int, int], list]
+
+
+class History:
+    """Per-socket memory between scans, in numpy arrays sorted by cookie:
+    since when it has been seen in its current state, the last kernel lower
+    bound on its time in state (and when measured), when tcp_info was last
+    asked for, and, for ESTABLISHED sockets, the earliest time it could
+    possibly be idle for ``idle_after``."""
+
+    def __init__(self) -> None:
+        self._cookie = np.zeros(0, np.uint64)
+        self._state = np.zeros(0, np.uint8)
+        self._hist: dict[str, np.ndarray] = {name: np.zeros(0) for name, _ in _HISTORY}
+
+    def carry(self, rows: np.ndarray, now: float) -> dict[str, np.ndarray]:
+        """History aligned with ``rows``: carried over for sockets still in the
+        state they were in last scan, fresh otherwise."""
+        n = len(rows)
+        out = {name: np.full(n, default) for name, default in _HISTORY}
+        out["since"][:] = now
+        if len(self._cookie) and n:
+            pos = np.minimum(np.searchsorted(self._cookie, rows["cookie"]), len(self._cookie) - 1)
+            same = (self._cookie[pos] == rows["cookie"]) & (self._state[pos] == rows["state"])
+            for name, _ in _HISTORY:
+                out[name] = np.where(same, self._hist[name][pos], out[name])
+        # Seconds seen in this state (the first sighting proves nothing), and
+        # the last kernel floor, grown by the time since it was measured.
+        out["seen"] = np.where(out["since"] < now, now - out["since"], np.nan)
+        out["floor_now"] = out["floor"] + (now - out["floor_at"])
+        return out
+
+    def store(self, rows: np.ndarray, hist: dict[str, np.ndarray]) -> None:
+        order = np.argsort(rows["cookie"], kind="stable")
+        self._cookie = rows["cookie"][order].copy()
+        self._state = rows["state"][order].copy()
+        self._hist = {name: hist[name][order].copy() for name, _ in _HISTORY}
+
+
+def listeners(rows: np.ndarray, owners: procs.SocketOwners) -> Listeners:
+    """(netns, port) -> [(laddr raw, family, holders, (queued, limit))]."""
+    out: Listeners = {}
+    for i in np.flatnonzero(rows["state"] == int(S.LISTEN)).tolist():
+        r = rows[i]
+        out.setdefault((int(r["netns"]), int(r["lport"])), []).append(
+            (bytes(r["laddr"]), int(r["family"]), owners.get(int(r["inode"]), []),
+             (int(r["rqueue"]), int(r["wqueue"])))
+        )
+    return out
+
+
+def listener_of(lst: Listeners, netns: int, lport: int, laddr: bytes, family: int) -> tuple | None:
+    """The listener a socket on (netns, lport, laddr) was queued on: the one
+    bound to its address, else a wildcard one."""
+    best = None
+    for addr, fam, holders, q in lst.get((netns, lport), []):
+        if addr == laddr and fam == family:
+            return addr, fam, holders, q
+        if not addr.strip(b"\0"):
+            best = best or (addr, fam, holders, q)
+    return best
+
+
+def join_table(rows: np.ndarray, snap: Snapshot | None, now_ns: int, key_by_ptr: bool
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per inventory row: exact seconds in state (NaN if unknown), seconds
+    since a seeded record was put in (NaN), accepted (-1 unknown), and
+    whether the table has it."""
+    n = len(rows)
+    exact = np.full(n, np.nan)
+    bound = np.full(n, np.nan)
+    accepted = np.full(n, -1, dtype=np.int8)
+    matched = np.zeros(n, dtype=bool)
+    if snap is None or not len(snap.keys) or key_by_ptr:
+        return exact, bound, accepted, matched
+    order = np.argsort(snap.keys, kind="stable")
+    keys = snap.keys[order]
+    pos = np.minimum(np.searchsorted(keys, rows["cookie"]), len(keys) - 1)
+    matched = keys[pos] == rows["cookie"]
+    idx = order[pos]
+    socks = snap.socks
+    same = matched & (socks["state"][idx] == rows["state"])
+    seeded_untouched = ((socks["flags"][idx] & abi.PT_F_SEEDED) != 0) & (socks["transitions"][idx] == 0)
+    age = np.maximum((np.int64(now_ns) - socks["state_ns"][idx].astype(np.int64)) / 1e9, 0.0)
+    exact = np.where(same & ~seeded_untouched, age, np.nan)
+    bound = np.where(same & seeded_untouched, age, np.nan)
+    accepted = np.where(matched, socks["accepted"][idx].astype(np.int8), -1).astype(np.int8)
+    return exact, bound, accepted, matched
+
+
+def candidates(th: Thresholds, rows: np.ndarray, relevant: np.ndarray, exact: np.ndarray, table_bound: np.ndarray,
+               hist: dict[str, np.ndarray], fin_timeout: dict[int, int | None], now: float
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(stuck-state rows to judge, ESTABLISHED rows to judge, rows to ask
+    tcp_info for).  Vectorized."""
+    state = rows["state"]
+    is_tw = rows["timer"] == sockdiag.TIMER_TIMEWAIT
+    ns_fin = np.full(len(rows), np.nan)
+    for ino, ft in fin_timeout.items():
+        if ft is not None:
+            ns_fin[rows["netns"] == ino] = ft
+
+    # Stuck states: every one is a candidate unless known to be young.
+    thr = np.full(len(rows), np.inf)
+    thr[state == int(S.CLOSE_WAIT)] = th.close_wait_after
+    thr[state == int(S.LAST_ACK)] = th.last_ack_after
+    fw2 = state == int(S.FIN_WAIT2)
+    thr[fw2] = th.fin_wait2_after if th.fin_wait2_after is not None else np.where(np.isnan(ns_fin), np.inf,
+                                                                                   ns_fin)[fw2]
+    stuck = relevant & np.isin(state, [int(s) for s in STUCK_STATES])
+    young = ~np.isnan(exact) & (exact < thr)
+    # FIN_WAIT2 orphans in timewait: the timer was armed with fin_timeout,
+    # so fin_timeout - remaining is how long they have waited.
+    waited = np.where(is_tw, ns_fin - rows["expires_ms"] / 1000.0, np.nan)
+    young |= is_tw & ~(waited >= thr)
+    stuck &= ~young
+    bound = np.fmax(np.fmax(table_bound, hist["seen"]), hist["floor_now"])
+    # Ask tcp_info when the socket may be flagged (the idle clocks are
+    # evidence) or no kernel floor is known yet; minisockets have none.
+    ask_stuck = stuck & ~is_tw & (~np.isnan(exact) | np.isnan(hist["floor_now"]) | (bound >= thr))
+
+    # ESTABLISHED: idle candidates, unless known to be younger than
+    # idle_after, or checked recently enough that they cannot be idle yet.
+    est = relevant & (state == int(S.ESTABLISHED)) & ~(~np.isnan(exact) & (exact < th.idle_after))
+    est &= hist["not_before"] <= now
+
+    q_est = np.flatnonzero(est)
+    query = np.concatenate([np.flatnonzero(ask_stuck), q_est]).astype(np.intp)
+    return np.flatnonzero(stuck).astype(np.intp), q_est.astype(np.intp), query
+
+
+def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, exact: np.ndarray,
+               table_bound: np.ndarray, hist: dict[str, np.ndarray], accepted: np.ndarray,
+               infos: sockdiag.TcpInfoTable, owners: procs.SocketOwners, lst: Listeners,
+               fin_timeout: dict[int, int | None], now: float, idle_after: float, max_facts: int,
+               errors: list[Any]) -> list[SockFacts]:
+    """The facts of the stuck candidates, then of the ESTABLISHED ones idle
+    for ``idle_after`` (at most ``max_facts``; the cut is noted in ``errors``).
+    Updates ``hist`` (kernel floors, when an ESTABLISHED one may be idle)."""
+    # ESTABLISHED: only the idle ones become objects; the rest just learn
+    # when they could be idle at the earliest.
+    found, idle_ms = infos.idle_ms(rows["cookie"][est_idx])
+    answered = est_idx[found]
+    idle = idle_ms[found] / 1000
+    hist["not_before"][answered] = now + np.maximum(0.0, idle_after - idle)
+    idle_idx = answered[idle >= idle_after].tolist()
+    idx = stuck_idx.tolist() + idle_idx  # stuck sockets first
+    if len(idx) > max_facts:
+        errors.append(f"{len(idx) - max_facts} flagged-looking sockets not judged this scan "
+                      f"(more than {max_facts})")
+        idx = idx[:max_facts]
+    out = []
+    for i in idx:
+        r = rows[i]
+        cookie, st, fam = int(r["cookie"]), int(r["state"]), int(r["family"])
+        info = infos.get(cookie)
+        state_name = TcpState.name_of(st)
+        ft = fin_timeout.get(int(r["netns"]))
+        floor = None
+        if info is not None:
+            floor = kernel_state_floor(state_name, last_ack_recv_seconds=info.last_ack_recv_ms / 1000,
+                                       backoff=info.backoff, rto_seconds=info.rto_us / 1e6)
+        elif int(r["timer"]) == sockdiag.TIMER_TIMEWAIT:
+            floor = kernel_state_floor(state_name, timer=int(r["timer"]),
+                                       expires_seconds=int(r["expires_ms"]) / 1000, fin_timeout=ft)
+        if floor is not None:
+            prev = hist["floor_now"][i]
+            hist["floor"][i] = floor if np.isnan(prev) else max(floor, float(prev))
+            hist["floor_at"][i] = now
+            hist["floor_now"][i] = hist["floor"][i]
+        floor_now = None if np.isnan(hist["floor_now"][i]) else float(hist["floor_now"][i])
+        seen_bounds = [float(x) for x in (table_bound[i], hist["seen"][i]) if not np.isnan(x)]
+        secs, is_exact = combine_state_time(None if np.isnan(exact[i]) else float(exact[i]),
+                                            max(seen_bounds) if seen_bounds else None, floor_now)
+        inode = int(r["inode"])
+        f = SockFacts(
+            cookie=cookie, netns=int(r["netns"]), family=fam, state=state_name,
+            laddr=address(fam, r["laddr"]), lport=int(r["lport"]), raddr=address(fam, r["raddr"]),
+            rport=int(r["rport"]), inode=inode, timer=int(r["timer"]),
+            expires_seconds=int(r["expires_ms"]) / 1000, owners=list(owners.get(inode, [])) if inode else [],
+            state_seconds=secs, state_exact=is_exact, fin_timeout=ft,
+            accepted=None if accepted[i] < 0 else bool(accepted[i]),
+        )
+        if info is not None:
+            f.idle_seconds = info.idle_ms / 1000
+            f.last_ack_recv_seconds = info.last_ack_recv_ms / 1000
+            f.retransmits, f.backoff, f.rto_seconds = info.retransmits, info.backoff, info.rto_us / 1e6
+        if inode == 0:
+            found_lst = listener_of(lst, f.netns, f.lport, bytes(r["laddr"]), fam)
+            if found_lst is not None:
+                f.listener_owners = list(found_lst[2])
+                f.listener_backlog = found_lst[3]
+        out.append(f)
+    return out

@@ -1,0 +1,247 @@
+"""The Scanner on recorded facts (tests/fixtures/leaks, made by record.py), no root.
+
+The sources a scan reads are replaced by what was recorded in a private
+network namespace: the sock_diag dump (dump.bin), the tcp_info dump of the
+ESTABLISHED and CLOSE_WAIT sockets (dump_info.bin), and the fd tables and
+process facts the recording's scan saw (facts.json), laid out as a /proc
+tree.  The answers are checked against ``ss -tanpieiOH`` taken at the same
+moment (ss.txt: states, cookies ``sk:``, inodes, ``users:`` pid/fd, the
+clocks ``lastrcv``/``lastack`` and timewait timers) and against what the
+scenario's clients reported (facts.json ``conns``), not against the
+Scanner's own earlier output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pytracer.inventory import procs, sockdiag
+from pytracer.kernel import abi
+from pytracer.kernel.tcp_states import TcpState
+from pytracer.leaks.detectors import Thresholds
+from pytracer.leaks.scanner import Scanner
+from pytracer.table.poll import SOCK_DTYPE, Snapshot, Totals
+
+FIX = Path(__file__).resolve().parent.parent / "fixtures" / "leaks"
+RECORDED = json.loads((FIX / "facts.json").read_text())
+NS = int(RECORDED["netns"])
+PIDS = RECORDED["pids"]  # hold (server that never closes), noaccept (never accepts), keepalive (client)
+ROWS = sockdiag.to_inventory(sockdiag.parse_dump((FIX / "dump.bin").read_bytes(), 77)[0], NS)
+
+
+def ss_sockets() -> dict[int, dict[str, Any]]:
+    """ss.txt by cookie: state, ports, inode, owner (pid, fd), clocks."""
+    out = {}
+    for line in (FIX / "ss.txt").read_text().splitlines():
+        parts = line.split()
+        kv = dict(tok.split(":", 1) for tok in parts[5:] if re.match(r"^(ino|sk|lastrcv|lastack):", tok))
+        user = re.search(r"pid=(\d+),fd=(\d+)", line)
+        timer = re.search(r"timer:\(timewait,(\d+)sec", line)
+        rport = parts[4].rsplit(":", 1)[1]
+        out[int(kv["sk"], 16)] = {
+            "state": TcpState.from_ss(parts[0]).name, "lport": int(parts[3].rsplit(":", 1)[1]),
+            "rport": 0 if rport == "*" else int(rport), "inode": int(kv["ino"]),
+            "owner": (int(user[1]), int(user[2])) if user else None,
+            "timewait_left_s": int(timer[1]) if timer else None,
+            "lastrcv_ms": int(kv["lastrcv"]) if "lastrcv" in kv else None,
+            "lastack_ms": int(kv["lastack"]) if "lastack" in kv else None,
+        }
+    return out
+
+
+SS = ss_sockets()
+
+
+def write_proc(root: Path, decoy: bool = True) -> Path:
+    """A /proc tree with the recorded processes: their facts, and an fd for
+    every socket the recording's fd scan saw each hold."""
+    held: dict[int, dict[int, int]] = {}  # pid -> fd -> inode
+    for f in RECORDED["facts"]:
+        for pid, fd in f["owners"]:
+            held.setdefault(pid, {})[fd] = f["inode"]
+        for pid, fd in f["listener_owners"]:  # the listener on that port
+            lst = ROWS[(ROWS["state"] == int(TcpState.LISTEN)) & (ROWS["lport"] == f["lport"])]
+            held.setdefault(pid, {})[fd] = int(lst["inode"][0])
+    for key, p in RECORDED["procs"].items():
+        d = root / key
+        (d / "fd").mkdir(parents=True)
+        (d / "comm").write_text(p["comm"] + "\n")
+        (d / "cmdline").write_bytes(p["cmdline"].replace(" ", "\0").encode() + b"\0")
+        (d / "cgroup").write_text(f"0::{p['cgroup']}\n")
+        (d / "limits").write_text("Limit                     Soft Limit           Hard Limit           Units\n"
+                                  f"Max open files            {p['max_fds']:<20} {p['max_fds']:<20} files\n")
+        fields = ["S"] + [str(i) for i in range(4, 22)] + [str(p["start_ticks"])] + ["0"] * 10
+        (d / "stat").write_text(f"{key} ({p['comm']}) " + " ".join(fields) + "\n")
+        for fd, ino in held.get(int(key), {}).items():
+            os.symlink(f"socket:[{ino}]", d / "fd" / str(fd))
+    if decoy:  # a process holding some other socket must not become anyone's owner
+        d = root / "9999"
+        (d / "fd").mkdir(parents=True)
+        (d / "comm").write_text("decoy\n")
+        (d / "stat").write_text("9999 (decoy) " + " ".join(["S"] + ["1"] * 28) + "\n")
+        os.symlink("socket:[14405999]", d / "fd" / "3")
+    return root
+
+
+class RecordedSession:
+    """A sock_diag Session that answers from the recording."""
+
+    def __init__(self, refs: list[procs.NetnsRef]) -> None:
+        self.socks = {r.ino: None for r in refs}
+        self.errors: list[str] = []
+        self.asked: list[int] = []  # cookies tcp_info was asked for
+
+    def __enter__(self) -> RecordedSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def dump(self, states: int = sockdiag.ALL_STATES) -> sockdiag.Inventory:
+        rows = ROWS[((1 << ROWS["state"].astype(np.int64)) & states) != 0]
+        info = sockdiag.NetnsInfo(NS, "netns recorded", "/nonexistent", port_range=(32768, 60999), fin_timeout=60,
+                                  tw_reuse=2)
+        return sockdiag.Inventory(rows=rows, netns={NS: info})
+
+    def tcp_info(self, rows: np.ndarray, exact_max: int = 256) -> tuple[sockdiag.TcpInfoTable, int]:
+        wanted = {int(c) for c in rows["cookie"]}
+        self.asked += sorted(wanted)
+        table, done, err = sockdiag.parse_info_dump((FIX / "dump_info.bin").read_bytes(), 79, wanted)
+        assert done and err == 0
+        return table, 0
+
+
+def scanner(tmp_path: Path, th: Thresholds, **kw: Any) -> tuple[Scanner, list[RecordedSession]]:
+    root = write_proc(tmp_path)
+    sessions: list[RecordedSession] = []
+
+    def session(refs: list[procs.NetnsRef]) -> RecordedSession:
+        sessions.append(RecordedSession(refs))
+        return sessions[-1]
+
+    refs = [procs.NetnsRef(NS, "/nonexistent", "netns recorded")]
+    s = Scanner(None, th, proc=str(root), netns_refs=lambda scan, proc: refs, session=session, **kw)
+    return s, sessions
+
+
+def flags_by_cookie(rep: Any, kind: str) -> dict[int, Any]:
+    return {f.cookie: f for f in rep.flags if f.kind == kind}
+
+
+TH = Thresholds(close_wait_after=1.0, idle_after=2.0, last_ack_after=1.0)
+
+
+def test_every_close_wait_socket_is_flagged_with_its_owner(tmp_path: Path) -> None:
+    s, _ = scanner(tmp_path, TH)
+    rep = s.scan()
+    assert not rep.errors, rep.errors
+    truth = {c: r for c, r in SS.items() if r["state"] == "CLOSE_WAIT"}
+    assert len(truth) == 5
+    flagged = flags_by_cookie(rep, "close_wait")
+    assert set(flagged) == set(truth)  # none missed, none extra
+    listeners = {r["lport"]: r["owner"] for r in SS.values() if r["state"] == "LISTEN"}
+    for cookie, r in truth.items():
+        f = flagged[cookie]
+        assert (f.lport, f.rport) == (r["lport"], r["rport"])
+        if r["inode"]:  # held by an fd: ss names the holder
+            assert f.held_by == "fd" and (f.pid, f.fd) == r["owner"] and f.inode == r["inode"]
+            assert f.pid == PIDS["hold"] and f.comm == "python"
+        else:  # never accepted: the listener's owner
+            assert f.held_by == "backlog" and (f.pid, f.extra["listener_fd"]) == listeners[r["lport"]]
+            assert f.pid == PIDS["noaccept"]
+    assert rep.processes[PIDS["hold"]].close_wait == 3
+    assert rep.processes[PIDS["noaccept"]].close_wait_backlog == 2
+    assert 9999 not in rep.processes and rep.inventory_states["CLOSE_WAIT"] == 5
+
+
+def test_idle_established_are_the_clients_idle_connections(tmp_path: Path) -> None:
+    s, sessions = scanner(tmp_path, TH)
+    rep = s.scan()
+    idle_ports = set(RECORDED["conns"]["idle"])  # what the client itself reported
+    truth = {c for c, r in SS.items() if r["state"] == "ESTABLISHED" and {r["lport"], r["rport"]} & idle_ports}
+    assert len(truth) == 4
+    flagged = flags_by_cookie(rep, "idle_established")
+    assert set(flagged) == truth
+    for cookie in truth:
+        assert (flagged[cookie].pid, flagged[cookie].fd) == SS[cookie]["owner"]
+    # tcp_info was asked for every ESTABLISHED socket (no clock says they are young).
+    est = {c for c, r in SS.items() if r["state"] == "ESTABLISHED"}
+    assert est <= set(sessions[0].asked)
+
+
+def test_state_time_without_the_table_is_a_floor_close_to_the_truth(tmp_path: Path) -> None:
+    s, _ = scanner(tmp_path, TH)
+    rep = s.scan()
+    info, _, _ = sockdiag.parse_info_dump((FIX / "dump_info.bin").read_bytes(), 79, set(SS))
+    for cookie, f in flags_by_cookie(rep, "close_wait").items():
+        r = SS[cookie]
+        # CLOSE_WAIT began when the peer's FIN arrived, lastrcv ago at ss
+        # time; the info dump came later by the growth of lastack.
+        later_s = info[cookie].last_ack_recv_ms / 1000 - r["lastack_ms"] / 1000
+        truth = r["lastrcv_ms"] / 1000 + later_s
+        assert f.at_least and truth - 0.25 <= f.seconds <= truth + 0.01, (cookie, f.seconds, truth)
+    for cookie, f in flags_by_cookie(rep, "fin_wait2_orphan").items():
+        # fin_timeout (60 s) minus the timewait timer ss shows left.
+        assert abs(f.seconds - (60 - SS[cookie]["timewait_left_s"])) < 1.0
+
+
+def snapshot_with(records: dict[int, dict[str, int]]) -> Snapshot:
+    socks = np.zeros(len(records), SOCK_DTYPE)
+    for i, rec in enumerate(records.values()):
+        for k, v in rec.items():
+            socks[k][i] = v
+    keys = np.fromiter(records, np.uint64, len(records))
+    totals = Totals(stats=np.zeros(abi.PT_STATS, np.uint64), transitions=np.zeros((16, 16), np.uint64),
+                    hists=np.zeros((1, 1), np.uint64))
+    return Snapshot(mono_ns=time.monotonic_ns(), wall=time.time(), totals=totals, keys=keys, socks=socks,
+                    read_seconds=0.0)
+
+
+def test_state_time_from_the_table_is_exact(tmp_path: Path) -> None:
+    """A record the tracer saw enter CLOSE_WAIT 42 s ago (by this test's
+    clock) gives exactly that, not the tcp_info floor."""
+    cookie = next(c for c, r in SS.items() if r["state"] == "CLOSE_WAIT" and r["inode"])
+    other = next(c for c, r in SS.items() if r["state"] == "CLOSE_WAIT" and c != cookie and r["inode"])
+    t0 = time.monotonic_ns()
+    snap = snapshot_with({
+        cookie: {"state": int(TcpState.CLOSE_WAIT), "state_ns": t0 - 42_000_000_000, "transitions": 3,
+                 "accepted": 1},
+        # Seeded and untouched: only "at least" since it was put in.
+        other: {"state": int(TcpState.CLOSE_WAIT), "state_ns": t0 - 10_000_000_000,
+                "flags": abi.PT_F_SEEDED | abi.PT_F_BIRTH_UNKNOWN},
+    })
+    s, _ = scanner(tmp_path, TH)
+    rep = s.scan(snap)
+    elapsed = (time.monotonic_ns() - t0) / 1e9
+    flagged = flags_by_cookie(rep, "close_wait")
+    assert not flagged[cookie].at_least and 42.0 <= flagged[cookie].seconds <= 42.0 + elapsed
+    assert flagged[other].at_least and 10.0 <= flagged[other].seconds <= 10.0 + elapsed
+    assert rep.stats["table_matched"] == 2 and rep.stats["records_reaped"] == 0
+
+
+def test_a_young_socket_is_not_flagged(tmp_path: Path) -> None:
+    """The table says this CLOSE_WAIT socket entered its state 0.1 s ago:
+    below the threshold, whatever the floors say."""
+    cookie = next(c for c, r in SS.items() if r["state"] == "CLOSE_WAIT" and r["inode"])
+    snap = snapshot_with({cookie: {"state": int(TcpState.CLOSE_WAIT),
+                                   "state_ns": time.monotonic_ns() - 100_000_000, "transitions": 3}})
+    s, _ = scanner(tmp_path, TH)
+    flagged = flags_by_cookie(s.scan(snap), "close_wait")
+    assert cookie not in flagged and len(flagged) == 4
+
+
+@pytest.mark.parametrize("who", ["hold", "keepalive"])
+def test_pid_scope(tmp_path: Path, who: str) -> None:
+    s, _ = scanner(tmp_path, TH, pids=[PIDS[who]])
+    rep = s.scan()
+    pids = {f.pid for f in rep.flags if f.kind in ("close_wait", "idle_established")}
+    assert pids == {PIDS[who]}
+    assert set(rep.processes) == {PIDS[who]}
