@@ -47,7 +47,7 @@ def watch_enricher(thresholds: Thresholds, duty: float = 0.25):
                 if lr.inventory_states.get(name):
                     report["states"][name] = lr.inventory_states[name]
         report["leaks"] = {
-            "time_wait": [{"dest": d, "count": n, "range_size": r} for d, n, r in lr.time_wait],
+            "time_wait": lr.time_wait_json(),
             "errors": lr.errors,
             "scan_seconds": lr.stats.get("scan_seconds"),
             "age_seconds": round(max(0.0, now - lr.mono_ns / 1e9), 3),

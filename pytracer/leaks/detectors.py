@@ -37,11 +37,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping
 
-import numpy as np
-
-from pytracer.format import address, duration, endpoint, family_name
+from pytracer.format import duration, endpoint, family_name
 from pytracer.inventory.procs import ProcFacts
+from pytracer.inventory.sockdiag import TIMER_TIMEWAIT
 from pytracer.leaks.thresholds import Thresholds
+
+# include/net/tcp.h: TCP_TIMEWAIT_LEN, how long TIME_WAIT lasts.
+TCP_TIMEWAIT_LEN_SECONDS = 60
 
 KINDS = (
     "close_wait",
@@ -53,11 +55,6 @@ KINDS = (
     "fd_exhaustion",
     "time_wait_pressure",
 )
-
-# include/net/tcp.h: TCP_TIMEWAIT_LEN, how long TIME_WAIT lasts.
-TCP_TIMEWAIT_LEN_SECONDS = 60
-# idiag_timer for timewait minisockets (net/ipv4/inet_diag.c).
-TIMER_TIMEWAIT = 3
 
 
 @dataclass
@@ -215,7 +212,7 @@ def _age(s: SockFacts) -> str:
     return ("at least " if not s.state_exact else "") + human(s.state_seconds)
 
 
-def _who(pid: int | None, procs: Mapping[int, ProcFacts]) -> str:
+def who(pid: int | None, procs: Mapping[int, ProcFacts]) -> str:
     if pid is None:
         return "no visible process"
     p = procs.get(pid)
@@ -246,7 +243,7 @@ def close_wait_flag(s: SockFacts, procs: Mapping[int, ProcFacts], th: Thresholds
             f.extra["backlog_queued"], f.extra["backlog_limit"] = s.listener_backlog
         where = f"the accept queue of {endpoint(s.laddr, s.lport)}"
         if lst:
-            where += f" (listener fd {lst[1]} of {_who(lst[0], procs)})"
+            where += f" (listener fd {lst[1]} of {who(lst[0], procs)})"
         f.detail = (
             f"the peer closed the connection {_age(s)} ago while it still sat unaccepted in {where}: "
             "the process is not calling accept(), usually a stalled or overloaded accept loop."
@@ -259,7 +256,7 @@ def close_wait_flag(s: SockFacts, procs: Mapping[int, ProcFacts], th: Thresholds
     if owner:
         f.fd = owner[1]
         f.detail = (
-            f"the peer closed the connection {_age(s)} ago but {_who(owner[0], procs)} never closed fd {owner[1]}: "
+            f"the peer closed the connection {_age(s)} ago but {who(owner[0], procs)} never closed fd {owner[1]}: "
             "usually an error path that skips close(), or a pool keeping connections to a backend that went away."
         )
     else:
@@ -312,7 +309,7 @@ def fin_wait2_flag(s: SockFacts, procs: Mapping[int, ProcFacts], th: Thresholds)
     f.fd, f.held_by = owner[1], "fd"
     _extra_owners(f, s)
     f.detail = (
-        f"{_who(owner[0], procs)} shut down writing on fd {owner[1]} {_age(s)} ago and still holds it, "
+        f"{who(owner[0], procs)} shut down writing on fd {owner[1]} {_age(s)} ago and still holds it, "
         "but the peer never closed its side: usually the peer is itself leaking the connection in CLOSE_WAIT."
     )
     return f
@@ -343,251 +340,6 @@ def socket_flags(socks: Iterable[SockFacts], procs: Mapping[int, ProcFacts], th:
             if f is not None:
                 out.append(f)
                 break
-    return out
-
-
-# --- process trends ------------------------------------------------------------
-
-ProcKey = tuple  # (pid, start_ticks)
-
-
-@dataclass
-class GrowthSample:
-    mono_seconds: float
-    count: int
-
-
-def update_growth(history: Mapping[ProcKey, list[GrowthSample]], now_seconds: float,
-                  counts: Mapping[ProcKey, int], th: Thresholds) -> dict[ProcKey, list[GrowthSample]]:
-    """The next history: one sample per process per poll, the last
-    ``growth_polls + 1`` kept.  Processes that are gone are dropped; processes
-    with no CLOSE_WAIT now and none in the window are not kept."""
-    keep = th.growth_polls + 1
-    out: dict[ProcKey, list[GrowthSample]] = {}
-    for key, n in counts.items():
-        samples = [*history.get(key, []), GrowthSample(now_seconds, int(n))][-keep:]
-        if any(s.count for s in samples):
-            out[key] = samples
-    return out
-
-
-def growth_rate(samples: list[GrowthSample], th: Thresholds) -> float | None:
-    """CLOSE_WAIT sockets per second when the count is growing, else None.
-
-    Growing: ``growth_polls`` successive intervals with no decrease and a
-    total rise of at least ``growth_min``.
-    """
-    window = samples[-(th.growth_polls + 1) :]
-    if len(window) < th.growth_polls + 1:
-        return None
-    counts = [s.count for s in window]
-    if any(b < a for a, b in zip(counts, counts[1:])):
-        return None
-    rise = counts[-1] - counts[0]
-    span = window[-1].mono_seconds - window[0].mono_seconds
-    if rise < th.growth_min or span <= 0:
-        return None
-    return rise / span
-
-
-def growth_flags(history: Mapping[ProcKey, list[GrowthSample]], procs: Mapping[int, ProcFacts],
-                 th: Thresholds) -> list[Flag]:
-    out = []
-    for key, samples in sorted(history.items()):
-        rate = growth_rate(samples, th)
-        if rate is None:
-            continue
-        pid = key[0]
-        p = procs.get(pid)
-        window = samples[-(th.growth_polls + 1) :]
-        rise = window[-1].count - window[0].count
-        span = window[-1].mono_seconds - window[0].mono_seconds
-        eta = None
-        if p and p.max_fds and p.open_fds is not None and rate > 0:
-            eta = max(0.0, (p.max_fds - p.open_fds) / rate)
-        limit = (
-            f"; at this rate it runs out of file descriptors ({p.open_fds}/{p.max_fds} used) in about {human(eta)}"
-            if eta is not None and p is not None
-            else ""
-        )
-        out.append(
-            Flag(
-                kind="close_wait_growth",
-                pid=pid,
-                comm=p.comm if p else None,
-                cmdline=p.cmdline if p else None,
-                cgroup=p.cgroup if p else None,
-                container=p.container if p else None,
-                state="CLOSE_WAIT",
-                seconds=span,
-                detail=(
-                    f"{_who(pid, procs)} holds {window[-1].count} CLOSE_WAIT sockets, up {rise} over the last "
-                    f"{len(window) - 1} polls ({rate * 60:.1f}/min){limit}: it is not closing connections "
-                    "its peers have closed."
-                ),
-                extra={
-                    "close_wait": window[-1].count,
-                    "rise": rise,
-                    "per_second": round(rate, 4),
-                    "seconds_to_fd_limit": None if eta is None else round(eta, 1),
-                    "samples": [s.count for s in window],
-                },
-            )
-        )
-    return out
-
-
-def fd_flags(procs: Mapping[int, ProcFacts], th: Thresholds) -> list[Flag]:
-    out = []
-    for pid, p in sorted(procs.items()):
-        if not p.max_fds or p.open_fds is None:
-            continue
-        ratio = p.open_fds / p.max_fds
-        if ratio < th.fd_warn_ratio:
-            continue
-        out.append(
-            Flag(
-                kind="fd_exhaustion",
-                pid=pid,
-                comm=p.comm,
-                cmdline=p.cmdline,
-                cgroup=p.cgroup,
-                container=p.container,
-                detail=(
-                    f"{_who(pid, procs)} has {p.open_fds} of its {p.max_fds} file descriptors open "
-                    f"({ratio:.0%}): it will soon fail with 'Too many open files' (EMFILE); usually leaked "
-                    "sockets or files, or RLIMIT_NOFILE set too low."
-                ),
-                extra={"open_fds": p.open_fds, "max_fds": p.max_fds, "ratio": round(ratio, 4)},
-            )
-        )
-    return out
-
-
-# --- TIME_WAIT pressure ---------------------------------------------------------
-
-
-@dataclass
-class TimeWaitDest:
-    netns: int
-    raddr: str
-    rport: int
-    family: int
-    count: int  # TIME_WAIT sockets to it with a local port in the ephemeral range
-    range_size: int | None  # the namespace's ip_local_port_range size
-    host_netns: bool = True
-
-    @property
-    def dest(self) -> str:
-        d = endpoint(self.raddr, self.rport)
-        return d if self.host_netns else f"{d}@netns:{self.netns}"
-
-
-def time_wait_by_destination(rows: np.ndarray, port_ranges: Mapping[int, tuple[int, int] | None],
-                             host_netns: int | None = None, top: int | None = None,
-                             warn_ratio: float | None = None) -> list[TimeWaitDest]:
-    """Count TIME_WAIT sockets per (namespace, destination address and port),
-    keeping only those whose local port is in that namespace's ephemeral
-    range and is not a port something listens on: those are connect()s from
-    here, using up local ports.  (The server side of a connection it closed
-    first holds TIME_WAIT on its listening port, which costs no ephemeral
-    port, and a listener bound to port 0 gets one from the same range.)
-
-    Returns the ``top`` busiest destinations plus every one at or above
-    ``warn_ratio`` of its range (all of them when both are None), busiest
-    first.  ``rows`` needs the inventory fields netns, state, family, lport,
-    raddr and rport.
-    """
-    tw = rows[(rows["state"] == 6)]
-    if not len(tw):
-        return []
-    lst = rows[rows["state"] == 10]
-    if len(lst):
-        listening = lst["netns"].astype(np.uint64) * np.uint64(65536) + lst["lport"].astype(np.uint64)
-        tw_key = tw["netns"].astype(np.uint64) * np.uint64(65536) + tw["lport"].astype(np.uint64)
-        tw = tw[~np.isin(tw_key, listening)]
-    keep = np.zeros(len(tw), dtype=bool)
-    for ns in np.unique(tw["netns"]).tolist():
-        pr = port_ranges.get(int(ns))
-        sel = tw["netns"] == ns
-        if pr is None:
-            keep |= sel
-        else:
-            keep |= sel & (tw["lport"] >= pr[0]) & (tw["lport"] <= pr[1])
-    tw = tw[keep]
-    n = len(tw)
-    if not n:
-        return []
-    # Group on the raw bytes of (netns, family, raddr, rport): np.unique over
-    # an opaque void view is ~20x faster than over a structured dtype.
-    m = np.empty((n, 27), np.uint8)
-    m[:, :8] = tw["netns"].astype(">u8").view(np.uint8).reshape(n, 8)
-    m[:, 8] = tw["family"]
-    m[:, 9:25] = tw["raddr"]
-    m[:, 25:27] = tw["rport"].astype(">u2").view(np.uint8).reshape(n, 2)
-    _, first, counts = np.unique(m.view("V27").ravel(), return_index=True, return_counts=True)
-    group_ns = tw["netns"][first]
-    sizes = np.zeros(len(first), dtype=np.float64)
-    for ns in np.unique(group_ns).tolist():
-        pr = port_ranges.get(int(ns))
-        if pr:
-            sizes[group_ns == ns] = pr[1] - pr[0] + 1
-    pick = np.zeros(len(first), dtype=bool)
-    if top is None and warn_ratio is None:
-        pick[:] = True
-    if top:
-        pick[np.argsort(-counts, kind="stable")[:top]] = True
-    if warn_ratio is not None:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            pick |= (sizes > 0) & (counts / np.where(sizes > 0, sizes, 1) >= warn_ratio)
-    out = []
-    for g in np.flatnonzero(pick).tolist():
-        r = tw[first[g]]
-        fam = int(r["family"])
-        ns = int(r["netns"])
-        out.append(
-            TimeWaitDest(
-                netns=ns,
-                raddr=address(fam, r["raddr"], unmap=True),
-                rport=int(r["rport"]),
-                family=fam,
-                count=int(counts[g]),
-                range_size=int(sizes[g]) or None,
-                host_netns=host_netns is None or ns == host_netns,
-            )
-        )
-    out.sort(key=lambda d: (-d.count, d.dest))
-    return out
-
-
-def time_wait_flags(dests: Iterable[TimeWaitDest], th: Thresholds, tw_reuse: Mapping[int, int | None] | None = None
-                    ) -> list[Flag]:
-    out = []
-    for d in dests:
-        if not d.range_size:
-            continue
-        ratio = d.count / d.range_size
-        if ratio < th.time_wait_warn_ratio:
-            continue
-        reuse = (tw_reuse or {}).get(d.netns)
-        out.append(
-            Flag(
-                kind="time_wait_pressure",
-                state="TIME_WAIT",
-                raddr=d.raddr,
-                rport=d.rport,
-                family=family_name(d.family),
-                netns=d.netns,
-                detail=(
-                    f"{d.count} TIME_WAIT sockets to {endpoint(d.raddr, d.rport)} hold {ratio:.0%} of the "
-                    f"{d.range_size} local ports in ip_local_port_range: connect() to it will start failing with "
-                    "'Cannot assign requested address'; usually a client opening a new connection per request "
-                    "instead of reusing them."
-                ),
-                extra={"time_wait": d.count, "range_size": d.range_size, "ratio": round(ratio, 4),
-                       "tcp_tw_reuse": reuse},
-            )
-        )
     return out
 
 

@@ -40,19 +40,13 @@ from pytracer.kernel.tcp_states import TcpState
 from pytracer.leaks import facts as joins
 from pytracer.leaks.detectors import (
     Flag,
-    GrowthSample,
     SockFacts,
     Thresholds,
-    TimeWaitDest,
-    fd_flags,
-    growth_flags,
-    growth_rate,
     ordered,
     socket_flags,
-    time_wait_by_destination,
-    time_wait_flags,
-    update_growth,
 )
+from pytracer.leaks.processes import GrowthSample, fd_flags, growth_flags, growth_rate, update_growth
+from pytracer.leaks.time_wait import TimeWaitDest, time_wait_by_destination, time_wait_flags
 from pytracer.table import writer
 from pytracer.table.poll import Snapshot
 from pytracer.table.writer import SEED_STATES
@@ -100,11 +94,14 @@ class LeakReport:
     mono_ns: int = 0
     wall: float = 0.0
 
+    def time_wait_json(self) -> list[dict[str, Any]]:
+        return [{"dest": d, "count": n, "range_size": r} for d, n, r in self.time_wait]
+
     def to_json(self) -> dict[str, Any]:
         return {
             "ts": round(self.wall, 3),
             "flags": [f.to_json() for f in self.flags],
-            "time_wait": [{"dest": d, "count": n, "range_size": r} for d, n, r in self.time_wait],
+            "time_wait": self.time_wait_json(),
             "states": self.inventory_states,
             "processes": {str(pid): p.to_json() for pid, p in sorted(self.processes.items())},
             "netns": self.netns,

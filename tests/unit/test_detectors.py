@@ -25,18 +25,14 @@ from pytracer.leaks.detectors import (
     Thresholds,
     close_wait_flag,
     combine_state_time,
-    fd_flags,
     fin_wait2_flag,
-    growth_flags,
-    growth_rate,
     kernel_state_floor,
     last_ack_flag,
     ordered,
     socket_flags,
-    time_wait_by_destination,
-    time_wait_flags,
-    update_growth,
 )
+from pytracer.leaks.processes import fd_flags, growth_flags, growth_rate, update_growth
+from pytracer.leaks.time_wait import time_wait_by_destination, time_wait_flags
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures" / "leaks"
 
