@@ -3,7 +3,7 @@
 #   sudo make bench        full run (~20 min, of which the 1M-socket scale row ~6-8 min and ~5 GiB):
 #                          bench/results/results.json, PNGs, BENCHMARKS.md.  BENCH_SCALE_SIZES=10k,100k skips 1M.
 #   sudo make bench-smoke  tiny sizes, < 2 min, checks no targets: proves the harness works
-#   sudo make bench-vm     the test-VM figures (bench/vm.py): attach modes, bcc tcplife/
+#   sudo make bench-vm     the test-VM figures (bench/harness/vm.py): attach modes, bcc tcplife/
 #                          tcpstates, start-up; ~50 min per kernel under QEMU TCG (bcc
 #                          tools compile at every start), so not part of `make bench`.  BENCH_VM_KERNELS (default 5.10 6.1 6.12),
 #                          PYTRACER_VM_ACCEL=kvm where /dev/kvm can boot stock kernels.
@@ -22,18 +22,18 @@ BENCH_VM_KERNELS ?= 5.10 6.1 6.12
 .PHONY: bench bench-smoke bench-deps bench-vm
 
 bench-deps:
-	./bench/install-deps $(if $(filter bench,$(MAKECMDGOALS)),--full)
+	./bench/harness/install-deps $(if $(filter bench,$(MAKECMDGOALS)),--full)
 
 bench: install bench-deps
-	$(BENCH_PY) bench/run.py
-	$(BENCH_PY) bench/report.py
+	$(BENCH_PY) bench/harness/run.py
+	$(BENCH_PY) bench/harness/report.py
 
 bench-smoke: bench-deps
 	@command -v tracer >/dev/null || { echo "bench-smoke: no tracer on PATH: run make install first" >&2; exit 1; }
 	rm -rf $(BENCH_SMOKE_OUT)
-	timeout 115 $(BENCH_PY) bench/run.py --smoke --out $(BENCH_SMOKE_OUT)
-	$(BENCH_PY) bench/report.py --results $(BENCH_SMOKE_OUT) --markdown $(BENCH_SMOKE_OUT)/BENCHMARKS.md --no-plots
+	timeout 115 $(BENCH_PY) bench/harness/run.py --smoke --out $(BENCH_SMOKE_OUT)
+	$(BENCH_PY) bench/harness/report.py --results $(BENCH_SMOKE_OUT) --markdown $(BENCH_SMOKE_OUT)/BENCHMARKS.md --no-plots
 
 bench-vm: bpf
-	BENCH_VM_KERNELS="$(BENCH_VM_KERNELS)" $(BENCH_PY) bench/run.py vm
-	$(BENCH_PY) bench/report.py
+	BENCH_VM_KERNELS="$(BENCH_VM_KERNELS)" $(BENCH_PY) bench/harness/run.py vm
+	$(BENCH_PY) bench/harness/report.py

@@ -1,4 +1,4 @@
-"""The VM section of BENCHMARKS.md, from bench/results/vm.json (bench/vm.py).
+"""The VM section of BENCHMARKS.md, from bench/results/vm.json (bench/harness/vm.py).
 
 Kept apart from report.py so the two files change independently.  Every
 figure is a ratio within one VM run (emulated absolute times mean little):
@@ -57,8 +57,8 @@ def markdown(vm: dict[str, Any], plots: bool) -> list[str]:
         return []
     kern = vm["kernels"]
     out = ["## 6. Test VMs: attach modes, bcc tools, start-up", "",
-           f"`{vm.get('command', 'python3 bench/vm.py')}` (host side; per kernel: `vagrant/run-vm KERNEL -- "
-           "python3 bench/guest_bench.py`). Stock Debian kernels under QEMU **"
+           f"`{vm.get('command', 'python3 bench/harness/vm.py')}` (host side; per kernel: `vagrant/run-vm KERNEL -- "
+           "python3 bench/guest/guest_bench.py`). Stock Debian kernels under QEMU **"
            + "/".join(sorted({kern[k]['host']['accel'].upper() for k in ks})) + "** (software emulation) on a "
            "2-core host that other engineers were loading at the same time, so only **ratios within one VM run** "
            "mean anything; absolute emulated times are not shown except start-up, as a relative order.", ""]

@@ -2,7 +2,7 @@
 
 Run as root with any Python 3; measurements run in the pytracer venv:
 
-    python3 bench/fdscan.py --sockets 100000 --runs 5 [--before-tree /work/main]
+    python3 bench/harness/fdscan.py --sockets 100000 --runs 5 [--before-tree /work/main]
 
 Holds N/2 loopback connections (both ends in `churn hold` processes of
 8,000 connections each, on 127.0.60.x), then, alternating the order every
@@ -31,10 +31,10 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-TREE = HERE.parent
-sys.path.insert(0, str(HERE))
-from lib import Proc, build_churn  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lib import REPO, Proc, build_churn  # noqa: E402
+
+TREE = REPO
 
 VENV_PY = os.environ.get("BENCH_PYTHON", "/opt/pytracer/venv/bin/python")
 

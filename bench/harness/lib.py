@@ -21,8 +21,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-HERE = Path(__file__).resolve().parent
-BUILD = HERE / "build"
+HERE = Path(__file__).resolve().parent  # bench/harness: the host-side scripts
+BENCH = HERE.parent
+REPO = BENCH.parent
+GUEST = BENCH / "guest"  # what runs inside the test VM
+RESULTS = BENCH / "results"  # results.json, vm.json, the PNGs
+BUILD = BENCH / "build"  # compiled helpers (gitignored)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # BENCH_TRACER runs another build (e.g. a source tree's wrapper) without installing it.
 TRACER = os.environ.get("BENCH_TRACER") or shutil.which("tracer") or "/usr/local/bin/tracer"

@@ -2,7 +2,7 @@
 order, with a thread sampling VmRSS every 2 ms and charging each sample to
 the stage running then.
 
-    PYTHONPATH=. /opt/pytracer/venv/bin/python bench/rssphases.py [--tracemalloc]
+    PYTHONPATH=. /opt/pytracer/venv/bin/python bench/harness/rssphases.py [--tracemalloc]
 
 Prints, per stage, RSS at its start and its peak (MiB); --stages splits the
 leak scans by step; with --tracemalloc, traced Python memory and what stays.

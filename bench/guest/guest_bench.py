@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""The VM benchmarks' guest side: run inside a test VM by bench/vm.py.
+"""The VM benchmarks' guest side: run inside a test VM by bench/harness/vm.py.
 
-    vagrant/run-vm KERNEL -- python3 bench/guest_bench.py --out /run/pytracer-ctl/vm-bench.json
+    vagrant/run-vm KERNEL -- python3 bench/guest/guest_bench.py --out /run/pytracer-ctl/vm-bench.json
 
 Under emulation (QEMU TCG) absolute times mean little, so everything here is
 measured so that it can be read as a ratio within the same run:
@@ -43,7 +43,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # bench/guest/ -> the project tree
 sys.path.insert(0, str(REPO))
 
 CORE_MODES = ("tp_btf", "tracepoint", "fentry", "kprobe")
