@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The VM benchmarks' guest side: run inside a test VM by bench/harness/vm.py.
 
-    vagrant/run-vm KERNEL -- python3 bench/guest/guest_bench.py --out /run/pytracer-ctl/vm-bench.json
+    vagrant/host/run-vm KERNEL -- python3 bench/guest/guest_bench.py --out /run/pytracer-ctl/vm-bench.json
 
 Under emulation (QEMU TCG) absolute times mean little, so everything here is
 measured so that it can be read as a ratio within the same run:

@@ -57,7 +57,7 @@ def markdown(vm: dict[str, Any], plots: bool) -> list[str]:
         return []
     kern = vm["kernels"]
     out = ["## 6. Test VMs: attach modes, bcc tools, start-up", "",
-           f"`{vm.get('command', 'python3 bench/harness/vm.py')}` (host side; per kernel: `vagrant/run-vm KERNEL -- "
+           f"`{vm.get('command', 'python3 bench/harness/vm.py')}` (host side; per kernel: `vagrant/host/run-vm KERNEL -- "
            "python3 bench/guest/guest_bench.py`). Stock Debian kernels under QEMU **"
            + "/".join(sorted({kern[k]['host']['accel'].upper() for k in ks})) + "** (software emulation) on a "
            "2-core host that other engineers were loading at the same time, so only **ratios within one VM run** "
