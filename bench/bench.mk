@@ -10,9 +10,12 @@
 #                          run-vm builds a missing image.  Writes bench/results/vm.json,
 #                          then regenerates BENCHMARKS.md.
 #
+# Layout: bench/harness/ (host side), bench/guest/ (runs in the test VM),
+# bench/results/ (JSON, PNGs), bench/notes.md (the analysis in BENCHMARKS.md).
 # The harness uses the system Python (Debian's python3-matplotlib for plots)
-# and drives the installed `tracer`; the scale section imports pytracer from
-# the venv to time one poll cycle in-process.
+# and drives the `tracer` first on PATH (BENCH_TRACER overrides); the scale
+# section times one poll cycle in-process with the Python that runs that
+# `tracer` (BENCH_PYTHON overrides), through pytracer's public API only.
 
 BENCH_PY        ?= /usr/bin/python3
 BENCH_SMOKE_OUT ?= $(or $(TMPDIR),/tmp)/pytracer-bench-smoke

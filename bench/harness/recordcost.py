@@ -4,7 +4,7 @@
     python3 bench/harness/recordcost.py [--runs N] [--fill N]
 
 Loads bench/harness/recordcost.bpf.c (built here with clang) through pytracer's own
-libbpf binding, fills the hash with --fill records (the host's other
+libbpf binding (the public pytracer.BpfObject), fills the hash with --fill records (the host's other
 sockets, as seeding would), attaches its three tp_btf programs and runs the
 churn loop.  Programs on one tracepoint run in attach order and the first
 pays the cold cache lines of the socket, so every run is done twice, once
@@ -28,7 +28,7 @@ from lib import BUILD, REPO, bpf_stats_enabled, build_churn, prog_stats  # noqa:
 
 sys.path.insert(0, str(REPO))
 
-from pytracer import libbpf  # noqa: E402
+import pytracer  # noqa: E402
 
 PROGS = ["rc_empty", "rc_hash", "rc_sk_storage"]
 
@@ -44,7 +44,7 @@ def build() -> bytes:
 
 
 def session(data: bytes, order: list[str], runs: int, fill: int, churn: str, n: int) -> dict[str, float]:
-    obj = libbpf.BpfObject(data, "recordcost")
+    obj = pytracer.BpfObject(data, "recordcost")
     links = []
     try:
         obj.load()

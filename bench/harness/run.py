@@ -466,7 +466,7 @@ http {{
     def _scale_command(per_proc: int) -> str:
         return (f"python3 bench/harness/run.py scale --sizes SIZES  # churn hold 127.0.x.y PORT <= {per_proc} "
                 "per process; "
-                "bench/harness/pollcycle.py times poller.snapshot + model.build_report")
+                "bench/harness/pollcycle.py times pytracer.snapshot + pytracer.build_report")
 
     def _scale_one(self, sockets: int, per_proc: int) -> dict[str, Any]:
         conns = sockets // 2
