@@ -1,11 +1,13 @@
 """Where `tracer watch`'s peak RSS comes from: its stages run in-process, in
-order, with a thread sampling VmRSS every 2 ms and charging each sample to
-the stage running then.
+order, through pytracer's public API, with a thread sampling VmRSS every 2 ms
+and charging each sample to the stage running then.
 
     PYTHONPATH=. /opt/pytracer/venv/bin/python bench/harness/rssphases.py [--tracemalloc]
 
-Prints, per stage, RSS at its start and its peak (MiB); --stages splits the
-leak scans by step; with --tracemalloc, traced Python memory and what stays.
+Prints, per stage, RSS at its start and its peak (MiB); with --tracemalloc,
+traced Python memory and what stays.  (An earlier --stages mode split the
+leak scans by step by wrapping internal functions; the public API has no
+such hooks, so it is gone: see bench/notes.md.)
 """
 
 from __future__ import annotations
@@ -43,65 +45,37 @@ def enter(name: str) -> None:
 def main() -> int:
     trace = "--tracemalloc" in sys.argv
     threading.Thread(target=sampler, daemon=True).start()
-    enter("import cli")
-    from pytracer import environment
+    enter("import pytracer")
+    import pytracer
 
-    environment.tune_malloc()
-    import pytracer.cli.watch  # noqa: F401
-    from pytracer.loader import Tracer
+    pytracer.tune_malloc()  # as the CLI does at start
+    tracer_cls = pytracer.Tracer  # resolving the name imports the loader
 
     enter("load+attach")
-    with Tracer(max_sockets=262144) as tracer:
-        enter("import leaks/model/poller")
-        from pytracer import leaks, model, poller
-        from pytracer.thresholds import Thresholds
+    with tracer_cls(max_sockets=262144) as tracer:
+        enter("resolve seed/report/poll")
+        seed, snapshot, build_report = pytracer.seed, pytracer.snapshot, pytracer.build_report
 
         enter("seed")
-        res = leaks.seed(tracer)
+        res = seed(tracer)
         enter("poll x3")
-        buffers = poller.SockBuffers()
-        opts = model.ReportOptions(top=0, start_mono_ns=time.monotonic_ns(), max_sockets=262144)
-        prev = poller.snapshot(tracer, buffers=buffers)
+        buffers = pytracer.SockBuffers()
+        opts = pytracer.ReportOptions(top=0, start_mono_ns=time.monotonic_ns(), max_sockets=262144)
+        prev = snapshot(tracer, buffers=buffers)
         for _ in range(3):
-            snap = poller.snapshot(tracer, buffers=buffers)
-            report = model.build_report(snap, prev, opts)
+            snap = snapshot(tracer, buffers=buffers)
+            report = build_report(snap, prev, opts)
             json.dumps(report)
             prev = snap
-        enrich = leaks.watch_enricher(Thresholds())
+        enrich = pytracer.watch_enricher(pytracer.Thresholds())
         state: dict = {}
-        if "--stages" in sys.argv:
-            # Charge samples inside the scan to the step running.
-            from pytracer import detectors, procs, sockdiag
-
-            def wrap(owner, name):  # noqa: ANN001, ANN202
-                fn = getattr(owner, name)
-
-                def inner(*a, **k):  # noqa: ANN002, ANN003, ANN202
-                    outer = stage[0]
-                    enter(f"  {name}")
-                    try:
-                        return fn(*a, **k)
-                    finally:
-                        stage[0] = outer
-
-                setattr(owner, name, inner)
-
-            for owner, names in ((procs, ["scan_fds", "netns_refs"]), (sockdiag.Session, ["dump", "tcp_info"]),
-                                 (leaks.Scanner, ["_join_table", "_carry", "_candidates", "_facts", "_processes",
-                                                  "_store"]),
-                                 (leaks, ["socket_flags", "update_growth", "growth_flags", "fd_flags",
-                                          "time_wait_by_destination", "time_wait_flags", "ordered"])):
-                for name in names:
-                    if hasattr(owner, name):
-                        wrap(owner, name)
-            del detectors
         if trace:
             import tracemalloc
 
             tracemalloc.start(8)
         for i in range(2):
             enter(f"leak scan {i + 1}")
-            report = model.build_report(snap, prev, opts)
+            report = build_report(snap, prev, opts)
             state.pop("leak_last", None)
             enrich(report, snap, tracer, opts, state)
             json.dumps(report)
