@@ -8,8 +8,8 @@
 #                                            (vagrant-libvirt), smoke checks
 #
 # KERNEL defaults to all three, run one after the other (or VM_JOBS at once).
-# Each kernel boots under QEMU TCG (vagrant/run-vm) and runs
-# vagrant/guest-test inside (vagrant/vm-matrix); the targets go on through
+# Each kernel boots under QEMU TCG (vagrant/host/run-vm) and runs
+# vagrant/guest/guest-test inside (vagrant/host/vm-matrix); the targets go on through
 # the matrix and fail at the end if any kernel failed.
 # VM_TEST_DEPS: host targets vm-test needs first (default: the top-level
 #   `bpf` target when bpf/*.bpf.c exist, since the guest has no clang and
@@ -17,7 +17,7 @@
 # VM_PYTEST_ARGS: extra pytest arguments in the guest, e.g. -k "lifetimes"
 #   (use double quotes inside).
 # VM_TESTS / VM_BCC_TESTS: the test files run once per attach mode / for the
-#   bcc backend (defaults in vagrant/guest-test); tests/kernel/test_modes.py
+#   bcc backend (defaults in vagrant/guest/guest-test); tests/kernel/test_modes.py
 #   (every mode side by side) always runs first.
 # VM_MODES: attach modes to run (default: all of tp_btf tracepoint fentry
 #   kprobe bcc); e.g. VM_MODES="fentry kprobe bcc" for the paths the dev
@@ -45,11 +45,11 @@ VAGRANT_KERNEL ?= 6.1
 .PHONY: vm-image vm-test vm-smoke vm-vagrant
 
 vm-image:
-	@set -e; for k in $(KERNEL); do $(VM_DIR)/build-image $$k; done
+	@set -e; for k in $(KERNEL); do $(VM_DIR)/image/build-image $$k; done
 
-# vm_matrix TIMEOUT GUEST-ARGS: run guest-test in each kernel, then a summary.
+# vm_matrix TIMEOUT GUEST-ARGS: run guest/guest-test in each kernel, then a summary.
 define vm_matrix
-	$(VM_DIR)/vm-matrix -t $(1) -j $(VM_JOBS) -r $(VM_RETRY_WITHIN) \
+	$(VM_DIR)/host/vm-matrix -t $(1) -j $(VM_JOBS) -r $(VM_RETRY_WITHIN) \
 	    -e PYTRACER_VM_PYTEST_ARGS='$(VM_PYTEST_ARGS)' \
 	    $(if $(VM_TESTS),-e PYTRACER_VM_TESTS='$(VM_TESTS)') \
 	    $(if $(VM_BCC_TESTS),-e PYTRACER_VM_BCC_TESTS='$(VM_BCC_TESTS)') \
@@ -63,4 +63,4 @@ vm-smoke: vm-image
 	$(call vm_matrix,$(VM_SMOKE_TIMEOUT),--smoke $(VM_MODES))
 
 vm-vagrant:
-	$(VM_DIR)/vagrant-smoke $(VAGRANT_KERNEL)
+	$(VM_DIR)/host/vagrant-smoke $(VAGRANT_KERNEL)

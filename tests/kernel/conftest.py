@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import pytest
 
-# Inside the kernel test VMs (vagrant/run-vm sets it): QEMU without KVM, on
+# Inside the kernel test VMs (vagrant/host/run-vm sets it): QEMU without KVM, on
 # a shared host, where a vCPU can stall for tens of milliseconds.
 IN_VM = os.environ.get("PYTRACER_IN_VM") == "1"
 # How far the kernel's timestamps may sit from the workload's own clock

@@ -8,7 +8,7 @@ microseconds between the two programs running.  Each is also checked against
 ground truth: the processes' CLOCK_MONOTONIC readings and pids.
 
 Runs only where bcc can compile (python3-bpfcc and this kernel's headers):
-the VM tier (`vagrant/run-vm 6.1 -- python3 -m pytest tests/kernel/test_bcc_backend.py`).
+the VM tier (`vagrant/host/run-vm 6.1 -- python3 -m pytest tests/kernel/test_bcc_backend.py`).
 Where the kernel has no BTF, only the bcc side runs, against ground truth.
 """
 

@@ -9,7 +9,7 @@ tracepoint), and so the modes must give the same answers: lifetimes,
 transitions, histories and owners.
 
 Which modes run and must load comes from ``PYTRACER_EXPECT_MODES``
-(vagrant/guest-test sets it from what its own prober saw working in that
+(vagrant/guest/guest-test sets it from what its own prober saw working in that
 kernel); without it, every mode is tried and tp_btf and tracepoint must load
 where the kernel has BTF.  A mode that should load and does not is a
 failure; any other mode that does not load is reported.

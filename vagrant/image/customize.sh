@@ -1,10 +1,10 @@
 #!/bin/bash
-# Runs inside the new guest root (chroot) at the end of vagrant/build-image,
+# Runs inside the new guest root (chroot) at the end of vagrant/image/build-image,
 # or as root inside a stock Debian VM (the Vagrantfile's VirtualBox provisioner).
 #   customize.sh KERNEL SUITE MIRROR [--provision]
 # --provision (in a running VM) skips the image-only steps: fstab, hostname,
 # vagrant user, network and sshd host-key setup.
-# Reads guest-requirements.txt from its own directory or the one above, and
+# Reads guest-requirements.txt from its own directory or ../guest/, and
 # uses host-ca.crt from its own directory, if present, as pip's CA bundle.
 # Installs what Debian's suite lacks (libbpf.so.1 on bullseye, newer Python
 # packages from PyPI), writes the guest's environment file, and prepares the
@@ -26,7 +26,7 @@ else
     unset $ca_vars
 fi
 REQS="$HERE/guest-requirements.txt"
-[ -f "$REQS" ] || REQS="$HERE/../guest-requirements.txt"
+[ -f "$REQS" ] || REQS="$HERE/../guest/guest-requirements.txt"
 step() { echo "customize: $*"; }
 
 # --- libbpf.so.1 ------------------------------------------------------------
@@ -51,7 +51,7 @@ if [ "$SUITE" = bullseye ]; then
         # Debian's binary package.
         ver="$(dpkg-parsechangelog -S Version)~pytracer11"
         { printf 'libbpf (%s) bullseye; urgency=medium\n\n' "$ver"
-          printf '  * Rebuilt for bullseye by pytracer vagrant/build-image.\n\n'
+          printf '  * Rebuilt for bullseye by pytracer vagrant/image/build-image.\n\n'
           printf ' -- pytracer <pytracer@localhost>  %s\n\n' "$(date -R)"
           cat debian/changelog; } >debian/changelog.new
         mv debian/changelog.new debian/changelog

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Per-state-change cost of a pt_sock record in a hash vs in SK_STORAGE.
 
-    python3 bench/recordcost.py [--runs N] [--fill N]
+    python3 bench/harness/recordcost.py [--runs N] [--fill N]
 
-Loads bench/recordcost.bpf.c (built here with clang) through pytracer's own
-libbpf binding, fills the hash with --fill records (the host's other
+Loads bench/harness/recordcost.bpf.c (built here with clang) through pytracer's own
+libbpf binding (the public pytracer.BpfObject), fills the hash with --fill records (the host's other
 sockets, as seeding would), attaches its three tp_btf programs and runs the
 churn loop.  Programs on one tracepoint run in attach order and the first
 pays the cold cache lines of the socket, so every run is done twice, once
@@ -24,10 +24,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-from lib import BUILD, bpf_stats_enabled, build_churn, prog_stats  # noqa: E402
+from lib import BUILD, REPO, bpf_stats_enabled, build_churn, prog_stats  # noqa: E402
 
-from pytracer import libbpf  # noqa: E402
+sys.path.insert(0, str(REPO))
+
+import pytracer  # noqa: E402
 
 PROGS = ["rc_empty", "rc_hash", "rc_sk_storage"]
 
@@ -38,12 +39,12 @@ def build() -> bytes:
     src = HERE / "recordcost.bpf.c"
     if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
         subprocess.run(["clang", "-g", "-O2", "-target", "bpf", "-D__TARGET_ARCH_x86", "-Wall", "-Werror",
-                        f"-I{HERE.parent / 'bpf'}", "-c", str(src), "-o", str(out)], check=True)
+                        f"-I{REPO / 'bpf'}", "-c", str(src), "-o", str(out)], check=True)
     return out.read_bytes()
 
 
 def session(data: bytes, order: list[str], runs: int, fill: int, churn: str, n: int) -> dict[str, float]:
-    obj = libbpf.BpfObject(data, "recordcost")
+    obj = pytracer.BpfObject(data, "recordcost")
     links = []
     try:
         obj.load()

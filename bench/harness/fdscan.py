@@ -2,16 +2,16 @@
 
 Run as root with any Python 3; measurements run in the pytracer venv:
 
-    python3 bench/fdscan.py --sockets 100000 --runs 5 [--before-tree /work/main]
+    python3 bench/harness/fdscan.py --sockets 100000 --runs 5 [--before-tree /work/main]
 
 Holds N/2 loopback connections (both ends in `churn hold` processes of
 8,000 connections each, on 127.0.60.x), then, alternating the order every
 round, runs each condition in a fresh process:
 
-* ``scan``: ``procs.scan_fds(holder pids)`` once to load, then three times
+* ``scan``: ``pytracer.scan_fds(holder pids)`` once to load, then three times
   (median ``only_scan_s``: the walk reads exactly the holders' fds, the
   iterators still visit every fd on the host), then once host-wide
-  (``host_scan_s``, with ``host_fds``); with ``--seed``, ``leaks.seed()`` into
+  (``host_scan_s``, with ``host_fds``); with ``--seed``, ``pytracer.seed()`` into
   a freshly loaded tracer; VmHWM.  Conditions ``proc`` (PYTRACER_FDSCAN=proc:
   the walk) and ``bpf``.
 * ``watch`` (with ``--before-tree``): ``tracer watch --json --top 0`` for
@@ -31,17 +31,14 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-TREE = HERE.parent
-sys.path.insert(0, str(HERE))
-from lib import Proc, build_churn  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lib import REPO, VENV_PY, Proc, build_churn  # noqa: E402
 
-VENV_PY = os.environ.get("BENCH_PYTHON", "/opt/pytracer/venv/bin/python")
+TREE = REPO
 
 MEASURE = r"""
 import json, os, statistics, sys, time
-from pytracer import leaks, procs
-from pytracer.loader import Tracer
+import pytracer
 
 def hwm():
     with open("/proc/self/status") as f:
@@ -50,23 +47,23 @@ def hwm():
 only = [int(p) for p in os.environ["BENCH_ONLY"].split(",")]
 out = {}
 t0 = time.perf_counter()
-s = procs.scan_fds(only)  # the first includes loading the iterators
+s = pytracer.scan_fds(only)  # the first includes loading the iterators
 out["first_scan_s"] = time.perf_counter() - t0
 scans = []
 for _ in range(3):
     t0 = time.perf_counter()
-    s = procs.scan_fds(only)
+    s = pytracer.scan_fds(only)
     scans.append(time.perf_counter() - t0)
 out.update(only_scan_s=statistics.median(scans), only_fds=s.fds, only_socket_fds=len(s.sockets.inodes))
 t0 = time.perf_counter()
-s = procs.scan_fds()
+s = pytracer.scan_fds()
 out.update(host_scan_s=time.perf_counter() - t0, host_fds=s.fds)
 del s
 out["hwm_after_scans_kib"] = hwm()["VmHWM"]
 if os.environ.get("BENCH_SEED") == "1":
-    with Tracer(max_sockets=int(os.environ.get("BENCH_CAP", "262144"))) as tr:
+    with pytracer.Tracer(max_sockets=int(os.environ.get("BENCH_CAP", "262144"))) as tr:
         t0 = time.perf_counter()
-        res = leaks.seed(tr)
+        res = pytracer.seed(tr)
         out.update(seed_s=time.perf_counter() - t0, seeded=res.seeded + res.existed, with_owner=res.with_owner)
 out["hwm_kib"] = hwm()["VmHWM"]
 print(json.dumps(out))
@@ -125,7 +122,7 @@ def main() -> int:
     ap.add_argument("--before-tree", help="a source tree whose `tracer watch` RSS is the baseline")
     ap.add_argument("--watch-seconds", type=float, default=8.0)
     ap.add_argument("--skip-scan", action="store_true")
-    ap.add_argument("--seed", action="store_true", help="also time leaks.seed() (host-wide) in each scan run")
+    ap.add_argument("--seed", action="store_true", help="also time pytracer.seed() (host-wide) in each scan run")
     ap.add_argument("--cap", type=int, default=262144, help="--max-sockets of the seeded tracer")
     args = ap.parse_args()
     churn = build_churn()

@@ -3,7 +3,7 @@
  * What a per-socket record costs per state change, with nothing else:
  * the same minimal update of a pt_sock kept in a cookie-keyed hash (what
  * pytracer does) and in SK_STORAGE (the candidate), plus an empty program
- * for the bpf_stats floor.  Driven by bench/recordcost.py.
+ * for the bpf_stats floor.  Driven by bench/harness/recordcost.py.
  */
 #include <vmlinux.h>
 #include <bpf/bpf_helpers.h>

@@ -1,4 +1,4 @@
-"""The VM section of BENCHMARKS.md, from bench/results/vm.json (bench/vm.py).
+"""The VM section of BENCHMARKS.md, from bench/results/vm.json (bench/harness/vm.py).
 
 Kept apart from report.py so the two files change independently.  Every
 figure is a ratio within one VM run (emulated absolute times mean little):
@@ -57,8 +57,8 @@ def markdown(vm: dict[str, Any], plots: bool) -> list[str]:
         return []
     kern = vm["kernels"]
     out = ["## 6. Test VMs: attach modes, bcc tools, start-up", "",
-           f"`{vm.get('command', 'python3 bench/vm.py')}` (host side; per kernel: `vagrant/run-vm KERNEL -- "
-           "python3 bench/guest_bench.py`). Stock Debian kernels under QEMU **"
+           f"`{vm.get('command', 'python3 bench/harness/vm.py')}` (host side; per kernel: "
+           "`vagrant/host/run-vm KERNEL -- python3 bench/guest/guest_bench.py`). Stock Debian kernels under QEMU **"
            + "/".join(sorted({kern[k]['host']['accel'].upper() for k in ks})) + "** (software emulation) on a "
            "2-core host that other engineers were loading at the same time, so only **ratios within one VM run** "
            "mean anything; absolute emulated times are not shown except start-up, as a relative order.", ""]
@@ -71,8 +71,12 @@ def markdown(vm: dict[str, Any], plots: bool) -> list[str]:
         out.append(f"| {k} | {d.get('kernel', '?')} | {h['wall_s']:.0f} s | {h['loadavg_before'][0]:.1f} → "
                    f"{h['loadavg_after'][0]:.1f} | {len(s.get('cost', {}).get('runs', []))} | "
                    f"{len(s.get('churn', {}).get('rounds', []))} |")
+    # Runs from guest_bench.py since it calls the public API only keep bcc attached, first, throughout.
+    bcc_fixed = any("bcc_position" in kern[k].get("sections", {}).get("cost", {}) for k in ks)
+    order = ("the CO-RE modes attached in an order rotated each run, bcc attached once and first on every "
+             "event throughout" if bcc_fixed else "attached in an order rotated each run")
     out += ["", "### BPF cost by attach mode, as a ratio to tp_btf in the same run", "",
-            "All modes loaded side by side (no pid filter), attached in an order rotated each run; per run a "
+            f"All modes loaded side by side (no pid filter), {order}; per run a "
             "200-connection warm-up, then a fixed-count sequential `churn loop` (connect, accept, close). "
             "bpf_stats `run_time_ns` summed over each mode's programs, per connection; and the state-change "
             "program's ns per run (per event). bpf_stats times the program body only: kprobe and fentry "

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""VM benchmarks, host side: boot each test kernel and run bench/guest_bench.py in it.
+"""VM benchmarks, host side: boot each test kernel and run bench/guest/guest_bench.py in it.
 
-    python3 bench/vm.py [--kernels 6.1,6.12] [--runs N] [--accel tcg|kvm] [--out DIR]
-    python3 bench/run.py vm        (the same, from the harness)
+    python3 bench/harness/vm.py [--kernels 6.1,6.12] [--runs N] [--accel tcg|kvm] [--out DIR]
+    python3 bench/harness/run.py vm        (the same, from the harness)
 
-For each kernel, ``vagrant/run-vm`` boots the stock Debian kernel (TCG unless
-``--accel kvm``), the guest runs bench/guest_bench.py from the shared tree and
+For each kernel, ``vagrant/host/run-vm`` boots the stock Debian kernel (TCG unless
+``--accel kvm``), the guest runs bench/guest/guest_bench.py from the shared tree and
 writes its JSON to the run directory's control share; this script copies it
 into DIR/vm.json under ``kernels.KERNEL`` (results.json is not touched, so
 other sections' numbers never conflict with these).  A kernel whose run
@@ -17,7 +17,7 @@ so 5 rounds need ~50 min per kernel (the default timeout, 3600 s, allows it).
 
 The guest has no compiler: churn is built static here (bench/build/churn-static)
 and the CO-RE object must exist (``make bpf``).  Emulated absolute times mean
-little: bench/report.py shows ratios within one run.
+little: bench/harness/report.py shows ratios within one run.
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-RUN_VM = REPO / "vagrant" / "run-vm"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lib import BUILD, GUEST, HERE, REPO, RESULTS  # noqa: E402
+
+sys.path.insert(0, str(GUEST))  # guest_bench: the summaries are recomputed here
+RUN_VM = REPO / "vagrant" / "host" / "run-vm"
 KERNELS = ("5.10", "6.1", "6.12")
 
 
@@ -46,7 +48,7 @@ def log(msg: str) -> None:
 
 
 def build_static_churn() -> Path:
-    out = HERE / "build" / "churn-static"
+    out = BUILD / "churn-static"
     src = HERE / "churn.c"
     out.parent.mkdir(exist_ok=True)
     if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
@@ -57,7 +59,7 @@ def build_static_churn() -> Path:
 def summarize(data: dict[str, Any]) -> None:
     """(Re)compute the summaries from the raw runs and rounds, so a guest run
     cut short (deadline, signal) still reports what it measured, with its n."""
-    from guest_bench import CONDITIONS, MODES, stats  # noqa: PLC0415 - same directory
+    from guest_bench import CONDITIONS, MODES, stats  # noqa: PLC0415 - bench/guest is on sys.path
 
     sec = data.get("sections", {})
     cost = sec.get("cost")
@@ -94,7 +96,7 @@ def run_kernel(kernel: str, args: argparse.Namespace) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     result = run_dir / "vm-bench.json"
     result.unlink(missing_ok=True)
-    guest = ["python3", "bench/guest_bench.py", "--out", "/run/pytracer-ctl/vm-bench.json",
+    guest = ["python3", str((GUEST / "guest_bench.py").relative_to(REPO)), "--out", "/run/pytracer-ctl/vm-bench.json",
              "--runs", str(args.runs), "--cost-runs", str(args.cost_runs), "--conns", str(args.conns),
              "--churn-conns", str(args.churn_conns),
              "--sections", args.sections]
@@ -124,7 +126,8 @@ def run_kernel(kernel: str, args: argparse.Namespace) -> dict[str, Any]:
     summarize(data)
     data["host"] = {"rc": rc, "wall_s": round(wall, 1), "accel": args.accel, "smp": args.smp,
                     "loadavg_before": load0, "loadavg_after": loadavg(),
-                    "command": f"vagrant/run-vm --accel {args.accel} --smp {args.smp} {kernel} -- {' '.join(guest)}"}
+                    "command": f"vagrant/host/run-vm --accel {args.accel} --smp {args.smp} {kernel} -- "
+                               f"{' '.join(guest)}"}
     log(f"{kernel}: run-vm exit {rc} after {wall:.0f}s")
     return data
 
@@ -144,7 +147,7 @@ def run(out_dir: Path, kernels: list[str], runs: int = 5, accel: str = "tcg", ti
     doc: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     doc.setdefault("kernels", {})
     doc["host"] = {"cpus": os.cpu_count(), "note": "shared host: other engineers' builds and VMs ran at the same time"}
-    doc["command"] = (f"python3 bench/vm.py --kernels {','.join(kernels)} --runs {runs} "
+    doc["command"] = (f"python3 bench/harness/vm.py --kernels {','.join(kernels)} --runs {runs} "
                       f"--cost-runs {args.cost_runs} --accel {accel}")
     failed = 0
     for k in kernels:
@@ -172,7 +175,7 @@ def main() -> int:
     ap.add_argument("--conns", type=int, default=5000, help="connections per cost run")
     ap.add_argument("--churn-conns", type=int, default=4000, help="connections per churn condition")
     ap.add_argument("--sections", default="cost,churn", help="guest sections: cost,churn")
-    ap.add_argument("--out", default=str(HERE / "results"), help="directory for vm.json")
+    ap.add_argument("--out", default=str(RESULTS), help="directory for vm.json")
     a = ap.parse_args()
     if os.geteuid() != 0:
         print("bench-vm: run as root (qemu, image builds)", file=sys.stderr)

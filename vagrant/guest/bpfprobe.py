@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """Probe which BPF attach modes and features the running kernel really supports.
 
-Used by vagrant/guest-test inside the test VM as an independent check of the
+Used by vagrant/guest/guest-test inside the test VM as an independent check of the
 kernel, needing neither clang nor libbpf nor the project's code: each probe
 hand-assembles a few BPF instructions, loads them with the bpf(2) syscall,
 attaches them the way libbpf would, opens a loopback TCP connection and reads
 back from a map how often the program ran. A probe passes only if the program
 loaded, attached *and* fired.
 
-    python3 vagrant/bpfprobe.py [PROBE ...]      # default: all probes
+    python3 vagrant/guest/bpfprobe.py [PROBE ...]      # default: all probes
 
 Probes:
   btf         /sys/kernel/btf/vmlinux present and parseable

@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Shared helpers for the kernel test VM scripts (build-image, run-vm, make-box).
+# Shared helpers for the kernel test VM scripts (host/*, image/build-image).
 # Sourced, never executed. Everything here is side-effect free except
 # ensure_host_pkgs, which installs missing Debian packages on the host (CI
 # machines start clean, so the scripts bring their own tools).
@@ -7,7 +7,9 @@
 set -euo pipefail
 
 # The variables below are used by the scripts that source this file.
-VM_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# VM_DIR is vagrant/: host/ (scripts run on the host), guest/ (run inside the
+# VM), image/ (the image build), the Vagrantfile and the run directories (.run/).
+VM_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC2034
 REPO_ROOT="$(cd "$VM_DIR/.." && pwd)"
 # shellcheck disable=SC2034

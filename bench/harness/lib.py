@@ -21,12 +21,33 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-HERE = Path(__file__).resolve().parent
-BUILD = HERE / "build"
+HERE = Path(__file__).resolve().parent  # bench/harness: the host-side scripts
+BENCH = HERE.parent
+REPO = BENCH.parent
+GUEST = BENCH / "guest"  # what runs inside the test VM
+RESULTS = BENCH / "results"  # results.json, vm.json, the PNGs
+BUILD = BENCH / "build"  # compiled helpers (gitignored)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # BENCH_TRACER runs another build (e.g. a source tree's wrapper) without installing it.
 TRACER = os.environ.get("BENCH_TRACER") or shutil.which("tracer") or "/usr/local/bin/tracer"
-VENV_PY = "/opt/pytracer/venv/bin/python"
+
+
+def _tracer_python(tracer: str) -> str:
+    """The Python that runs `tracer` (its script's #! line), so the in-process
+    helpers (pollcycle.py, fdscan.py) measure the same install as the CLI."""
+    try:
+        with open(tracer, "rb") as f:
+            first = f.readline(256)
+    except OSError:
+        first = b""
+    if first.startswith(b"#!"):
+        interp = first[2:].split()
+        if interp and Path(interp[0].decode()).name.startswith("python") and os.access(interp[0], os.X_OK):
+            return interp[0].decode()
+    return "/opt/pytracer/venv/bin/python"
+
+
+VENV_PY = os.environ.get("BENCH_PYTHON") or _tracer_python(TRACER)
 
 
 class BenchError(RuntimeError):

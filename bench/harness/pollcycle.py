@@ -1,9 +1,9 @@
 """Time one poll cycle of `tracer watch` at scale, in-process.
 
-Run with the pytracer venv's Python.  Loads and attaches the tracer, prints
-{"attached": true}, then waits for a line N on stdin, times N cycles of
-exactly what each `tracer watch` interval does (poller.snapshot + the
-report), and prints the times, the map size and this process's RSS; then
+Run with the pytracer venv's Python; uses pytracer's public API only.  Loads
+and attaches the tracer, prints {"attached": true}, then waits for a line N
+on stdin, times N cycles of exactly what each `tracer watch` interval does
+(pytracer.snapshot + pytracer.build_report), and prints the times, the map size and this process's RSS; then
 times seeding every live socket into a fresh tracer (up to 5 times, a new
 tracer each time; the median is ``seed_s``).
 """
@@ -15,8 +15,7 @@ import statistics
 import sys
 import time
 
-from pytracer import leaks, model, poller
-from pytracer.loader import Tracer
+import pytracer
 
 
 def rss_kib() -> dict[str, int]:
@@ -27,19 +26,19 @@ def rss_kib() -> dict[str, int]:
 def main() -> int:
     cap = int(sys.argv[1]) if len(sys.argv) > 1 else 262144
     start_ns = time.monotonic_ns()
-    with Tracer(max_sockets=cap) as tracer:
+    with pytracer.Tracer(max_sockets=cap) as tracer:
         print(json.dumps({"attached": True}), flush=True)
         line = sys.stdin.readline()
         if not line.strip():
             return 0
-        opts = model.ReportOptions(top=10, start_mono_ns=start_ns, max_sockets=cap)
-        buffers = poller.SockBuffers()  # as `tracer watch` reads it
-        prev = poller.snapshot(tracer, buffers=buffers)
+        opts = pytracer.ReportOptions(top=10, start_mono_ns=start_ns, max_sockets=cap)
+        buffers = pytracer.SockBuffers()  # as `tracer watch` reads it
+        prev = pytracer.snapshot(tracer, buffers=buffers)
         polls, reads, entries = [], [], 0
         for _ in range(max(1, min(int(line), 100))):
             t0 = time.perf_counter()
-            snap = poller.snapshot(tracer, buffers=buffers)
-            report = model.build_report(snap, prev, opts)
+            snap = pytracer.snapshot(tracer, buffers=buffers)
+            report = pytracer.build_report(snap, prev, opts)
             json.dumps(report)
             polls.append(time.perf_counter() - t0)
             reads.append(snap.read_seconds)
@@ -49,9 +48,9 @@ def main() -> int:
         # Seeding: each time a fresh tracer finds every socket alive now.
         seeds = []
         for _ in range(max(1, min(int(line), 5))):
-            with Tracer(max_sockets=cap) as fresh:
+            with pytracer.Tracer(max_sockets=cap) as fresh:
                 t0 = time.perf_counter()
-                res = leaks.seed(fresh, ())
+                res = pytracer.seed(fresh, ())
                 seeds.append(time.perf_counter() - t0)
         print(json.dumps({"poll_s": polls, "read_s": reads, "map_entries": entries, "rss_kib": rss,
                           "seed_s": statistics.median(seeds), "seed_runs_s": seeds,

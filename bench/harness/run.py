@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """pytracer benchmarks: kernel cost, churn overhead, accuracy, scale, startup.
 
-    python3 bench/run.py [--smoke] [--runs N] [--out DIR] [--sizes 10k,100k,1M] [SECTION ...]
+    python3 bench/harness/run.py [--smoke] [--runs N] [--out DIR] [--sizes 10k,100k,1M] [SECTION ...]
 
 Sections: cost churn accuracy scale startup (default: all), and vm (never by
-default: bench/vm.py, the test-VM figures, ~50 min per kernel under
+default: bench/harness/vm.py, the test-VM figures, ~50 min per kernel under
 emulation; it writes DIR/vm.json, not results.json).  Each writes its
 raw numbers to DIR/results.json (merged with earlier sections' numbers);
-``bench/report.py`` turns that into BENCHMARKS.md tables and PNG plots.
+``bench/harness/report.py`` turns that into BENCHMARKS.md tables and PNG plots.
 ``--smoke`` shrinks every size so the whole harness runs in well under two
 minutes, and checks no targets: it only proves the harness works.
 ``--sizes`` (or ``BENCH_SCALE_SIZES``) picks the scale section's live-socket
@@ -36,6 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lib import (  # noqa: E402
     HERE,
+    RESULTS,
     TRACER,
     VENV_PY,
     BenchError,
@@ -188,7 +189,8 @@ class Bench:
             "modes": per_mode,
             "external": {"connections_per_run": n, "off_ns_per_conn": stats(off), "on_ns_per_conn": stats(on),
                          "delta_ns_per_conn": stats(diffs)},
-            "command": f"python3 bench/run.py cost  # churn loop 127.0.0.1 PORT {n}, tracer watch --attach MODE",
+            "command": f"python3 bench/harness/run.py cost  # churn loop 127.0.0.1 PORT {n}, "
+                       "tracer watch --attach MODE",
         }
         self.save()
 
@@ -361,7 +363,7 @@ http {{
             "target_rate": rate,
             **{c: {k: stats([x[k] for x in v]) for k in ("cpu_pct", "rate", "bpf_cpu_pct")} for c, v in fixed.items()},
         }
-        out["command"] = (f"python3 bench/run.py churn  # churn client 127.0.0.1 PORT {n_epoll} 64 0; "
+        out["command"] = (f"python3 bench/harness/run.py churn  # churn client 127.0.0.1 PORT {n_epoll} 64 0; "
                           f"ab -q -n {n_ab} -c 32 http://127.0.0.1:PORT/ (nginx, 1 worker)")
         self.results["churn"] = out
         self.save()
@@ -434,8 +436,8 @@ http {{
             "oracle_minus_tracer_closed": [r["oracle_closed"] - r["tracer_closed"] for r in runs],
             "transitions_per_s": stats([r["transitions_per_s"] for r in runs]),
             "connections_per_s": stats([r["client_completed"] / r["client_elapsed_s"] for r in runs]),
-            "command": f"python3 bench/run.py accuracy  # churn client 127.0.0.1 PORT {n} 64 0 under "
-                       "tracer watch --json --pid SERVER --pid CLIENT and bpftrace bench/oracle.bt PORT",
+            "command": f"python3 bench/harness/run.py accuracy  # churn client 127.0.0.1 PORT {n} 64 0 under "
+                       "tracer watch --json --pid SERVER --pid CLIENT and bpftrace bench/harness/oracle.bt PORT",
         }
         self.save()
 
@@ -462,8 +464,9 @@ http {{
 
     @staticmethod
     def _scale_command(per_proc: int) -> str:
-        return (f"python3 bench/run.py scale --sizes SIZES  # churn hold 127.0.x.y PORT <= {per_proc} per process; "
-                "bench/pollcycle.py times poller.snapshot + model.build_report")
+        return (f"python3 bench/harness/run.py scale --sizes SIZES  # churn hold 127.0.x.y PORT <= {per_proc} "
+                "per process; "
+                "bench/harness/pollcycle.py times pytracer.snapshot + pytracer.build_report")
 
     def _scale_one(self, sockets: int, per_proc: int) -> dict[str, Any]:
         conns = sockets // 2
@@ -611,7 +614,7 @@ def main() -> int:
     ap.add_argument("sections", nargs="*", metavar="SECTION", help=" ".join(SECTIONS) + " (default: all)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, one run: proves the harness works")
     ap.add_argument("--runs", type=int, default=0, help="repetitions (default 5; 1 with --smoke)")
-    ap.add_argument("--out", default=str(HERE / "results"), help="directory for results.json and plots")
+    ap.add_argument("--out", default=str(RESULTS), help="directory for results.json and plots")
     ap.add_argument("--sizes", default=os.environ.get("BENCH_SCALE_SIZES", ""),
                     help="live-socket counts for the scale section, e.g. 10k,100k,1M (default: $BENCH_SCALE_SIZES, "
                          f"else {','.join(map(str, DEFAULT_SCALE_SIZES))})")
@@ -628,7 +631,7 @@ def main() -> int:
         ap.error(str(exc))
     args.scale_sizes = sizes
     if "vm" in args.sections:
-        import vm  # noqa: PLC0415 - bench/vm.py: boots the test VMs
+        import vm  # noqa: PLC0415 - vm.py, beside this file: boots the test VMs
 
         try:
             rc = vm.run(Path(args.out), os.environ.get("BENCH_VM_KERNELS", "5.10 6.1 6.12").split(),
