@@ -48,9 +48,18 @@ class LazyGroup(click.Group):
     show_default=True,
     help="core: libbpf CO-RE object (needs BTF); bcc: compile at start (needs kernel headers).",
 )
+@click.option(
+    "--syscall-hooks/--no-syscall-hooks",
+    envvar="PYTRACER_SYSCALL_HOOKS",
+    default=False,
+    show_default=True,
+    help="Allow syscall tracepoints where no other hook gives the fact (accept(2)'s fd, close(2) "
+    "without a FIN). Off by default: while one is attached, every syscall of every process on "
+    "the host takes the slow path.",
+)
 @click.version_option(__version__, prog_name="tracer")
 @click.pass_context
-def cli(ctx: click.Context, attach: str, backend: str) -> None:
+def cli(ctx: click.Context, attach: str, backend: str, syscall_hooks: bool) -> None:
     """Trace the kernel's TCP socket lifecycle: lifetimes, stuck states, leaks.
 
     \b
@@ -61,4 +70,4 @@ def cli(ctx: click.Context, attach: str, backend: str) -> None:
       sudo tracer doctor                # kernel features and the hooks chosen
     """
     tune_malloc()
-    ctx.obj = Context(attach=attach, backend=backend)
+    ctx.obj = Context(attach=attach, backend=backend, syscall_hooks=syscall_hooks)

@@ -10,7 +10,7 @@ import click
 from pytracer.cli.options import Context, make_tracer, run
 from pytracer.kernel import environment as env
 from pytracer.kernel import libbpf
-from pytracer.kernel.hooks import HOOK_TARGETS, TracerError
+from pytracer.kernel.hooks import HOOK_TARGETS, TracerError, syscall_tax
 
 CAPS = {
     "CAP_BPF": env.CAP_BPF,
@@ -65,6 +65,13 @@ def gather(obj: Context) -> dict:
                     "rejected": [{"kind": k, "why": r} for k, r in c.rejected],
                 }
                 for h, c in tracer.choices.items()
+            }
+            taxing = syscall_tax(tracer.choices)
+            out["syscall_tax"] = {
+                "programs": taxing,
+                "why": ("syscall tracepoints attached: every syscall of every process on the host takes the "
+                        "slow path while the tracer runs" if taxing else
+                        "none: no syscall tracepoint is attached (--syscall-hooks would add them)"),
             }
             if tracer.backend == "bcc":
                 out["backend"].update(
@@ -126,6 +133,10 @@ def doctor(obj: Context, as_json: bool) -> None:
                 progs = ",".join(d["programs"]) or "-"
                 click.echo(f"  {h:<9} {d['target']:<38} -> {d['kind'] or '-':<10} {progs}")
                 click.echo(f"  {'':<9} why: {d['why']}")
+        if "syscall_tax" in info:
+            tax = info["syscall_tax"]
+            progs = f"yes, {','.join(tax['programs'])}: " if tax["programs"] else ""
+            click.echo(f"syscall tax   {progs}{tax['why']}")
         fs = info["fd_scan"]
         click.echo("fd scan       " + ("BPF iterators: " if fs["method"] == "bpf" else "/proc walk: ") + fs["why"])
         click.echo(f"status        {info['status']}")

@@ -28,6 +28,7 @@ BACKEND_CHOICES = ("auto", "core", "bcc")
 class Context:
     attach: str = "auto"
     backend: str = "auto"
+    syscall_hooks: bool = False
 
 
 class Terminated(BaseException):
@@ -107,16 +108,18 @@ def make_tracer(ctx: Context, pids: Iterable[int] = (), max_sockets: int = DEFAU
     if backend == "bcc":
         from pytracer.kernel.bcc import BccTracer  # noqa: PLC0415 - optional backend
 
-        return BccTracer(max_sockets=max_sockets, pids=pids, attach=ctx.attach)  # type: ignore[return-value]
+        return BccTracer(  # type: ignore[return-value]
+            max_sockets=max_sockets, pids=pids, attach=ctx.attach, syscall_hooks=ctx.syscall_hooks
+        )
     if backend == "auto" and not os.path.exists("/sys/kernel/btf/vmlinux"):
         from pytracer.kernel.bcc import BccTracer  # noqa: PLC0415
 
         # bcc itself is imported at open(), which says in one line what is missing.
         return BccTracer(  # type: ignore[return-value]
-            max_sockets=max_sockets, pids=pids, attach=ctx.attach,
+            max_sockets=max_sockets, pids=pids, attach=ctx.attach, syscall_hooks=ctx.syscall_hooks,
             reason="auto: this kernel has no BTF (/sys/kernel/btf/vmlinux) for the CO-RE backend",
         )
-    return Tracer(max_sockets=max_sockets, pids=pids, attach=ctx.attach)
+    return Tracer(max_sockets=max_sockets, pids=pids, attach=ctx.attach, syscall_hooks=ctx.syscall_hooks)
 
 
 def threshold_options(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -47,7 +47,6 @@ from pytracer.kernel.environment import (
 from pytracer.kernel.hooks import (
     HOOK_TARGETS,
     HOOKS,
-    OPTIONAL_HOOKS,
     Candidate,
     Choice,
     Probe,
@@ -55,8 +54,11 @@ from pytracer.kernel.hooks import (
     candidates,
     check_attach_mode,
     not_needed,
+    optional,
     rejected_text,
+    settle,
     static_veto,
+    syscall_hooks_wanted,
 )
 
 SOURCE_NAME = "pytracer_bcc.c"
@@ -292,10 +294,12 @@ class BccTracer(TracerHandle):
         pids: Iterable[int] = (),
         attach: str | None = None,
         reason: str | None = None,
+        syscall_hooks: bool | None = None,
     ) -> None:
         self.max_sockets = max_sockets
         self.pids = sorted(set(pids))
         self.attach_mode = attach or os.environ.get("PYTRACER_ATTACH") or "auto"
+        self.syscall_hooks = syscall_hooks_wanted(syscall_hooks)
         check_attach_mode(self.attach_mode, "core")  # bcc's own limits are checked at open()
         self.reason = reason or "--backend bcc"
         self.features: Features | None = None
@@ -351,7 +355,7 @@ class BccTracer(TracerHandle):
             ch = Choice(hook)
             left = []
             for c in candidates(hook, "bcc", self.attach_mode):
-                veto = static_veto(c, f)
+                veto = static_veto(c, f, self.syscall_hooks)
                 if veto is None and hook == "reset" and not _tp_has_field(c.probes[0].target, "skaddr"):
                     veto = "tracepoint tcp/tcp_receive_reset has no skaddr field on this kernel"
                 if veto:
@@ -359,7 +363,7 @@ class BccTracer(TracerHandle):
                 else:
                     left.append(c)
             # "listen" is needed only if the state hook ends up a kprobe (see _attach).
-            if not left and hook not in OPTIONAL_HOOKS and hook != "listen":
+            if not left and not optional(hook, self.syscall_hooks) and hook != "listen":
                 why = rejected_text(ch) or "no candidate for this attach mode"
                 raise TracerError(f"cannot hook {HOOK_TARGETS[hook]} ({why})")
             self.choices[hook] = ch
@@ -445,7 +449,7 @@ class BccTracer(TracerHandle):
                     why = str(exc).splitlines()[0] if str(exc) else "refused"
                     hint = first_error(diag) if diag and "error" in " ".join(diag) else ""
                     why = f"kernel refused it ({why}{'; ' + hint if hint else ''})"
-                    if self.attach_mode != "auto" and hook not in OPTIONAL_HOOKS:
+                    if self.attach_mode != "auto" and not optional(hook, self.syscall_hooks):
                         raise TracerError(f"attaching {', '.join(c.programs)} failed: {why}") from None
                     ch.rejected.append((c.kind, why))
                     continue
@@ -458,9 +462,7 @@ class BccTracer(TracerHandle):
                 else:
                     ch.reason = "preferred (bcc backend)"
                 break
-            if ch.kind is None and hook not in OPTIONAL_HOOKS:
-                why = rejected_text(ch)
-                raise TracerError(f"cannot hook {HOOK_TARGETS[hook]} ({why})")
+            settle(ch, self.syscall_hooks)
 
     def close(self) -> None:
         self._maps = {}

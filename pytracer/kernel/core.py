@@ -33,16 +33,16 @@ from pytracer.kernel import abi, libbpf
 from pytracer.kernel.environment import EnvironmentProblem, Features, ensure_mounts, probe_features, require_privileges
 from pytracer.kernel.hooks import (
     FORCED,
-    HOOK_TARGETS,
     HOOKS,
-    OPTIONAL_HOOKS,
     Choice,
     TracerError,
     candidates,
     check_attach_mode,
     not_needed,
     rejected_text,
+    settle,
     static_veto,
+    syscall_hooks_wanted,
 )
 
 DEFAULT_MAX_SOCKETS = 262144
@@ -158,10 +158,13 @@ class Tracer(TracerHandle):
         max_sockets: int = DEFAULT_MAX_SOCKETS,
         pids: Iterable[int] = (),
         attach: str | None = None,
+        syscall_hooks: bool | None = None,
     ) -> None:
+        """``syscall_hooks``: allow syscall tracepoints (None: $PYTRACER_SYSCALL_HOOKS)."""
         self.max_sockets = max_sockets
         self.pids = sorted(set(pids))
         self.attach_mode = attach or os.environ.get("PYTRACER_ATTACH") or "auto"
+        self.syscall_hooks = syscall_hooks_wanted(syscall_hooks)
         check_attach_mode(self.attach_mode, "core")
         self.features: Features | None = None
         self.choices: dict[str, Choice] = {}
@@ -188,7 +191,7 @@ class Tracer(TracerHandle):
                 plan[hook] = ch
                 continue
             for c in candidates(hook, "core", self.attach_mode):
-                veto = static_veto(c, f)
+                veto = static_veto(c, f, self.syscall_hooks)
                 if veto is None and c.kind in banned:
                     veto = banned_reason(self._ban_reasons, c.kind)
                 if veto:
@@ -200,9 +203,7 @@ class Tracer(TracerHandle):
                 if forced:
                     ch.reason = f"forced by attach mode {self.attach_mode}"
                 break
-            if ch.kind is None and hook not in OPTIONAL_HOOKS:
-                why = rejected_text(ch) or "no candidate for this attach mode"
-                raise TracerError(f"cannot hook {HOOK_TARGETS[hook]} ({why})")
+            settle(ch, self.syscall_hooks)
             plan[hook] = ch
         return plan
 

@@ -1,6 +1,14 @@
 """The hook table: for each fact the tracer needs from the kernel, the
 programs that can deliver it, best first, and which backend has each.
 
+Syscall tracepoints are opt-in (``--syscall-hooks``).  Enabling any
+``syscalls:*`` tracepoint sets the syscall-tracepoint work flag on every task
+(kernel/tracepoint.c, syscall_regfunc()), so every syscall of every process
+on the host takes the slow path, whether or not our program filters the
+event out.  Without them, an accepted socket is attributed to its listener's
+process at birth, its fd comes from the leak scan's fd table, and the
+application's close is taken from the FIN that tcp_close() sends.
+
 Both backends plan from this one table: the CO-RE loader
 (:mod:`pytracer.kernel.core`) and the bcc backend (:mod:`pytracer.kernel.bcc`).
 A program keeps its name in both C files (``bpf/pytracer.bpf.c`` and
@@ -18,6 +26,7 @@ functions: no I/O.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from pytracer.kernel.environment import Features
@@ -102,6 +111,14 @@ HOOKS: dict[str, tuple[Candidate, ...]] = {
     ),
 }
 OPTIONAL_HOOKS = {"reset", "accept_fd"}
+# Hooks whose every remaining candidate may be a syscall tracepoint, and
+# what the tracer does without them.
+WITHOUT_SYSCALL_HOOKS = {
+    "accept": "accepted sockets belong to their listener's process; the leak scan's fd table names the fd",
+    "close": "the application's close is its FIN (tcp_close(): ESTABLISHED -> FIN_WAIT1, CLOSE_WAIT -> LAST_ACK)",
+    "accept_fd": "the leak scan's fd table names an accepted socket's fd",
+}
+SYSCALL_VETO = "a syscall tracepoint slows every syscall on the host: off unless --syscall-hooks"
 # State-hook kinds that need the listen hook on top of the others.
 LISTEN_NEEDED_BY = {"fentry", "kprobe"}
 
@@ -146,6 +163,35 @@ class Choice:
     rejected: list[tuple[str, str]] = field(default_factory=list)
 
 
+def syscall_hooks_wanted(value: bool | None = None) -> bool:
+    """``value``, or $PYTRACER_SYSCALL_HOOKS ("1"/"yes"/"true") when None."""
+    if value is not None:
+        return bool(value)
+    return os.environ.get("PYTRACER_SYSCALL_HOOKS", "").strip().lower() in ("1", "yes", "true", "on")
+
+
+def optional(hook: str, syscall_hooks: bool) -> bool:
+    """May ``hook`` end up with no program?"""
+    return hook in OPTIONAL_HOOKS or (not syscall_hooks and hook in WITHOUT_SYSCALL_HOOKS)
+
+
+def settle(ch: Choice, syscall_hooks: bool) -> None:
+    """After planning or attaching ``ch``: raise TracerError if a required hook
+    got no program; give an optional one that got none its reason."""
+    if ch.kind is not None:
+        return
+    why = rejected_text(ch)
+    if not optional(ch.hook, syscall_hooks):
+        raise TracerError(f"cannot hook {HOOK_TARGETS[ch.hook]} ({why or 'no candidate for this attach mode'})")
+    if not ch.reason and ch.hook in WITHOUT_SYSCALL_HOOKS and any(r == SYSCALL_VETO for _, r in ch.rejected):
+        ch.reason = f"off: {WITHOUT_SYSCALL_HOOKS[ch.hook]} ({why})"
+
+
+def syscall_tax(choices: dict[str, Choice]) -> list[str]:
+    """The programs attached to syscall tracepoints (each taxes every syscall)."""
+    return [p for ch in choices.values() if ch.kind == "syscall" for p in ch.programs]
+
+
 def check_attach_mode(mode: str, backend: str) -> None:
     """Raise TracerError with one line for an attach mode ``backend`` lacks."""
     if mode not in ATTACH_MODES:
@@ -187,8 +233,10 @@ def tracepoints() -> tuple[str, ...]:
     return tuple(seen)
 
 
-def static_veto(c: Candidate, f: Features) -> str | None:
+def static_veto(c: Candidate, f: Features, syscall_hooks: bool = True) -> str | None:
     """Why a candidate cannot work here, from cheap probes, or None."""
+    if c.kind == "syscall" and not syscall_hooks:
+        return SYSCALL_VETO
     if c.kind in BTF_MODES and not f.btf:
         return "no kernel BTF (/sys/kernel/btf/vmlinux)"
     if c.kind in BTF_MODES and f.version < (5, 5):

@@ -57,7 +57,7 @@ def test_source_is_found_and_matches_the_tree() -> None:
 def test_plan_prefers_tracepoint_then_kprobe(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bb, "_tp_exists", lambda target: True)
     monkeypatch.setattr(bb, "_tp_has_field", lambda target, field: True)
-    t = bb.BccTracer()
+    t = bb.BccTracer(syscall_hooks=True)
     plan = t._plan(features())
     assert [c.kind for c in plan["state"]] == ["tracepoint", "kprobe"]
     assert [c.kind for c in plan["accept"]] == ["kprobe", "syscall"]
@@ -68,7 +68,7 @@ def test_plan_prefers_tracepoint_then_kprobe(monkeypatch: pytest.MonkeyPatch) ->
 def test_plan_without_kprobes_falls_back_with_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bb, "_tp_exists", lambda target: True)
     monkeypatch.setattr(bb, "_tp_has_field", lambda target, field: True)
-    t = bb.BccTracer()
+    t = bb.BccTracer(syscall_hooks=True)
     plan = t._plan(features(kprobes=False))
     assert [c.kind for c in plan["accept"]] == ["syscall"]
     assert t.choices["accept"].rejected[0][0] == "kprobe"
@@ -78,7 +78,7 @@ def test_plan_without_kprobes_falls_back_with_reasons(monkeypatch: pytest.Monkey
 def test_forced_mode_keeps_only_its_kinds(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bb, "_tp_exists", lambda target: True)
     monkeypatch.setattr(bb, "_tp_has_field", lambda target, field: True)
-    plan = bb.BccTracer(attach="kprobe")._plan(features())
+    plan = bb.BccTracer(attach="kprobe", syscall_hooks=True)._plan(features())
     assert {h: [c.kind for c in cs] for h, cs in plan.items()} == {
         "state": ["kprobe"], "accept": ["kprobe"], "close": ["kprobe"], "destroy": ["tracepoint"],
         "reset": ["tracepoint"], "accept_fd": ["syscall"], "listen": ["kprobe"],
@@ -148,3 +148,26 @@ def test_first_error_is_one_line() -> None:
 def test_features_probe_every_tracepoint_the_hook_table_names() -> None:
     # static_veto asks Features; a tracepoint it never probed would read as absent.
     assert set(hooks.tracepoints()) == set(TRACEPOINTS)
+
+
+def test_without_syscall_hooks_no_syscall_tracepoint_is_planned(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bb, "_tp_has_field", lambda target, field: True)
+    # Without kprobes the only accept and close programs left are syscall
+    # tracepoints: the plan leaves those hooks off and says why.
+    t = bb.BccTracer(syscall_hooks=False)
+    plan = t._plan(features(kprobes=False))
+    assert plan["accept"] == [] and plan["close"] == [] and plan["accept_fd"] == []
+    for hook in ("accept", "close", "accept_fd"):
+        assert (("syscall", hooks.SYSCALL_VETO) in t.choices[hook].rejected), hook
+    assert [c.kind for c in plan["state"]] == ["tracepoint"]
+    # The state hook is still required.
+    with pytest.raises(TracerError, match="cannot hook inet_sock_set_state"):
+        bb.BccTracer(syscall_hooks=False)._plan(features(kprobes=False, missing=("sock/inet_sock_set_state",)))
+
+
+def test_syscall_hooks_default_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PYTRACER_SYSCALL_HOOKS", raising=False)
+    assert not bb.BccTracer().syscall_hooks and not Tracer().syscall_hooks
+    monkeypatch.setenv("PYTRACER_SYSCALL_HOOKS", "1")
+    assert bb.BccTracer().syscall_hooks and Tracer().syscall_hooks
+    assert not Tracer(syscall_hooks=False).syscall_hooks
