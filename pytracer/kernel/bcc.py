@@ -299,7 +299,7 @@ class BccTracer(TracerHandle):
         self.max_sockets = max_sockets
         self.pids = sorted(set(pids))
         self.attach_mode = attach or os.environ.get("PYTRACER_ATTACH") or "auto"
-        self.syscall_hooks = syscall_hooks_wanted(syscall_hooks)
+        self.syscall_hooks = syscall_hooks_wanted(syscall_hooks, self.attach_mode)
         check_attach_mode(self.attach_mode, "core")  # bcc's own limits are checked at open()
         self.reason = reason or "--backend bcc"
         self.features: Features | None = None

@@ -163,8 +163,12 @@ class Choice:
     rejected: list[tuple[str, str]] = field(default_factory=list)
 
 
-def syscall_hooks_wanted(value: bool | None = None) -> bool:
-    """``value``, or $PYTRACER_SYSCALL_HOOKS ("1"/"yes"/"true") when None."""
+def syscall_hooks_wanted(value: bool | None = None, mode: str = "auto") -> bool:
+    """``value``, or $PYTRACER_SYSCALL_HOOKS ("1"/"yes"/"true") when None.  A
+    forced attach mode is an explicit request for every kind its FORCED row
+    names, syscall tracepoints included."""
+    if mode in FORCED:
+        return True
     if value is not None:
         return bool(value)
     return os.environ.get("PYTRACER_SYSCALL_HOOKS", "").strip().lower() in ("1", "yes", "true", "on")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from pytracer.inventory import procs
 from pytracer.leaks.scanner import Scanner
 from pytracer.leaks.thresholds import Thresholds
 from pytracer.table.poll import Snapshot
@@ -42,6 +43,7 @@ def watch_enricher(thresholds: Thresholds, duty: float = 0.25):
             last = state["leak_last"] = (lr, time.monotonic(), float(lr.stats.get("scan_seconds") or 0.0))
         lr = last[0]
         report["flags"] = [f.to_json() for f in lr.flags]
+        _name_holders(report.get("sockets") or [], scanner, tracer)
         if not scanner.pids:
             for name in ("TIME_WAIT", "NEW_SYN_RECV"):
                 if lr.inventory_states.get(name):
@@ -56,3 +58,20 @@ def watch_enricher(thresholds: Thresholds, duty: float = 0.25):
         }
 
     return enrich
+
+
+def _name_holders(rows: list[dict[str, Any]], scanner: Scanner, tracer: Any) -> None:
+    """Give rows the table has no owner for (accepted sockets when no accept
+    hook runs: see pytracer.kernel.hooks) the pid and fd that hold them, from
+    the last scan's fd table.  Only the few rows shown, never the table."""
+    if getattr(tracer, "key_by_ptr", False):
+        return  # row keys are sk pointers, not cookies
+    missing = [r for r in rows if r.get("pid") is None]
+    if not missing:
+        return
+    held = scanner.holders(r["cookie"] for r in missing)
+    for r in missing:
+        if r["cookie"] in held:
+            pid, fd, ino = held[r["cookie"]]
+            r["pid"], r["fd"], r["inode"] = pid, fd, ino
+            r["comm"] = procs.comm(pid) or r.get("comm") or ""

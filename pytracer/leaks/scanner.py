@@ -160,6 +160,12 @@ class Scanner:
         # The facts the last scan judged (for debugging and recording fixtures).
         self.last_facts: list[SockFacts] = []
         self.last_procs: dict[int, procs.ProcFacts] = {}
+        # The last scan's cookie -> inode (sorted by cookie) and fd table, so a
+        # view can name the holder of a socket the kernel table has no owner
+        # for (an accepted socket with no accept hook) without a scan of its own.
+        self._cookies = np.zeros(0, dtype=np.uint64)
+        self._inodes = np.zeros(0, dtype=np.uint64)
+        self._owners: procs.SocketOwners | None = None
 
     # -- the scan ----------------------------------------------------------
 
@@ -211,6 +217,9 @@ class Scanner:
 
             # Which sockets are ours to judge.
             owners = fdscan.sockets
+            order = np.argsort(rows["cookie"], kind="stable")
+            self._cookies, self._inodes = rows["cookie"][order], rows["inode"][order].astype(np.uint64)
+            self._owners = owners
             relevant = scope_mask(rows, owners, self.pids)
             listeners = joins.listeners(rows, owners)
             counts_by_state = np.bincount(rows["state"][relevant], minlength=16)
@@ -268,6 +277,21 @@ class Scanner:
 
             rep.flags = ordered(flags)
             rep.processes = summaries
+
+    def holders(self, cookies: Iterable[int]) -> dict[int, tuple[int, int, int]]:
+        """cookie -> (pid, fd, inode) of the first process holding it, as the
+        last scan found them (sockets nobody holds, or unseen, are left out)."""
+        out: dict[int, tuple[int, int, int]] = {}
+        if self._owners is None or not len(self._cookies):
+            return out
+        for cookie in cookies:
+            i = int(np.searchsorted(self._cookies, np.uint64(cookie)))
+            if i < len(self._cookies) and int(self._cookies[i]) == cookie:
+                ino = int(self._inodes[i])
+                held = self._owners.get(ino)
+                if held:
+                    out[int(cookie)] = (*held[0], ino)
+        return out
 
     # -- pieces ------------------------------------------------------------
 

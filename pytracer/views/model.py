@@ -37,7 +37,11 @@ def select(socks: np.ndarray, pids: Iterable[int] = (), connections_only: bool =
     mask = np.ones(len(socks), dtype=bool)
     pids = tuple(pids)
     if pids:
-        mask &= np.isin(socks["owner_tgid"], np.array(pids, dtype=np.uint32))
+        # An accepted socket has no owner in the table until an accept hook
+        # names one (none by default: see pytracer.kernel.hooks); the kernel
+        # kept it because its listener's process is watched.
+        owner = np.where(socks["owner_tgid"] != 0, socks["owner_tgid"], socks["listener_tgid"])
+        mask &= np.isin(owner, np.array(pids, dtype=np.uint32))
     if connections_only:
         mask &= socks["direction"] != int(Direction.LISTEN)
     return mask

@@ -24,6 +24,15 @@ from pytracer.views.model import socket_row
 
 from .conftest import CLOCK_TOLERANCE_S, IN_VM, check_lifetimes, lifetime_ranges, skip_allowance
 
+
+@pytest.fixture(autouse=True)
+def _accept_and_close_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests check the owner, fd and close the accept(2) and close(2)
+    hooks put in each record.  Where fentry and kprobes are missing (this
+    host) those hooks are syscall tracepoints, which are opt-in; the default
+    plan is tests/kernel/test_syscall_free.py's."""
+    monkeypatch.setenv("PYTRACER_SYSCALL_HOOKS", "1")
+
 ENDS = (Direction.ACTIVE, Direction.PASSIVE)
 
 # Within a few milliseconds (more in the test VMs): the kernel stamps the

@@ -157,12 +157,18 @@ def test_doctor_reports_hooks() -> None:
     accept = info["hooks"]["accept"]
     if forced:
         assert forced in accept["why"] and not accept["rejected"], accept
-    elif accept["kind"] == "syscall":
-        # Fell back: every better kind says why it was not used.
-        better = {"kprobe"} if bcc else {"fentry", "kprobe"}
+    elif accept["kind"] is None:
+        # Every kind was passed over, each with its reason; the syscall
+        # tracepoint only because syscall hooks are opt-in.
+        better = {"kprobe", "syscall"} if bcc else {"fentry", "kprobe", "syscall"}
         assert {r["kind"] for r in accept["rejected"]} == better, accept
         assert all(r["why"] for r in accept["rejected"]), accept
+        assert accept["why"].startswith("off: "), accept
+        assert "--syscall-hooks" in [r for r in accept["rejected"] if r["kind"] == "syscall"][0]["why"]
+    if not forced:
+        # The default plan attaches no syscall tracepoint.
+        assert info["syscall_tax"]["programs"] == [], info["syscall_tax"]
     if not os.path.exists("/sys/bus/event_source/devices/kprobe/type") and not forced:
-        # No kprobe PMU here (the dev host): the fallback names it.
-        assert accept["kind"] == "syscall", accept
+        # No kprobe PMU here (the dev host): the plan names it.
+        assert accept["kind"] is None, accept
         assert any("kprobes unavailable" in r["why"] for r in accept["rejected"]), accept

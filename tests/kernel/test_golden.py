@@ -77,6 +77,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def _default_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default configuration: no opt-in syscall hooks."""
+    monkeypatch.delenv("PYTRACER_SYSCALL_HOOKS", raising=False)
+
+
 # --- shapes ---------------------------------------------------------------------------
 
 
