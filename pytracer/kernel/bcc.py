@@ -58,7 +58,6 @@ from pytracer.kernel.hooks import (
     rejected_text,
     settle,
     static_veto,
-    syscall_hooks_wanted,
 )
 
 SOURCE_NAME = "pytracer_bcc.c"
@@ -296,11 +295,7 @@ class BccTracer(TracerHandle):
         reason: str | None = None,
         syscall_hooks: bool | None = None,
     ) -> None:
-        self.max_sockets = max_sockets
-        self.pids = sorted(set(pids))
-        self.attach_mode = attach or os.environ.get("PYTRACER_ATTACH") or "auto"
-        self.syscall_hooks = syscall_hooks_wanted(syscall_hooks, self.attach_mode)
-        check_attach_mode(self.attach_mode, "core")  # bcc's own limits are checked at open()
+        super().__init__(max_sockets, pids, attach, syscall_hooks)
         self.reason = reason or "--backend bcc"
         self.features: Features | None = None
         self.choices: dict[str, Choice] = {}

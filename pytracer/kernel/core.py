@@ -115,12 +115,29 @@ _FAILED_PROG = re.compile(r"prog '(\w+)': (?:BPF program load failed|failed to l
 
 
 class TracerHandle:
-    """What both backends share once their programs are loaded: context
-    management, and widening the pid filter (through pytracer.table.writer,
-    the one writer of the kernel's maps).  Subclasses provide open(), close(),
-    map() and pids."""
+    """What both backends share: their configuration, context management,
+    and widening the pid filter (through pytracer.table.writer, the one
+    writer of the kernel's maps).  Subclasses provide open(), close() and
+    map()."""
 
-    pids: list[int]
+    backend = "core"
+    key_by_ptr = False
+
+    def __init__(
+        self,
+        max_sockets: int = DEFAULT_MAX_SOCKETS,
+        pids: Iterable[int] = (),
+        attach: str | None = None,
+        syscall_hooks: bool | None = None,
+    ) -> None:
+        """``attach``: a mode of hooks.ATTACH_MODES (None: $PYTRACER_ATTACH or
+        auto); ``syscall_hooks``: allow syscall tracepoints (None:
+        $PYTRACER_SYSCALL_HOOKS; see pytracer.kernel.hooks)."""
+        self.max_sockets = max_sockets
+        self.pids = sorted(set(pids))
+        self.attach_mode = attach or os.environ.get("PYTRACER_ATTACH") or "auto"
+        check_attach_mode(self.attach_mode, "core")  # a backend's own limits are checked at open()
+        self.syscall_hooks = syscall_hooks_wanted(syscall_hooks, self.attach_mode)
 
     def open(self) -> TracerHandle:
         raise NotImplementedError
@@ -160,12 +177,7 @@ class Tracer(TracerHandle):
         attach: str | None = None,
         syscall_hooks: bool | None = None,
     ) -> None:
-        """``syscall_hooks``: allow syscall tracepoints (None: $PYTRACER_SYSCALL_HOOKS)."""
-        self.max_sockets = max_sockets
-        self.pids = sorted(set(pids))
-        self.attach_mode = attach or os.environ.get("PYTRACER_ATTACH") or "auto"
-        self.syscall_hooks = syscall_hooks_wanted(syscall_hooks, self.attach_mode)
-        check_attach_mode(self.attach_mode, "core")
+        super().__init__(max_sockets, pids, attach, syscall_hooks)
         self.features: Features | None = None
         self.choices: dict[str, Choice] = {}
         self.key_by_ptr = False
@@ -323,10 +335,6 @@ class Tracer(TracerHandle):
         if self.obj is None:
             return []
         return [p for p in self.obj.programs() if p.autoload]
-
-    @property
-    def backend(self) -> str:
-        return "core"
 
 
 def banned_reason(reasons: dict[str, str], kind: str) -> str:
