@@ -452,6 +452,7 @@ http {{
             wall = time.monotonic() - t0
             r1 = {pid: cpu_reading(pid) for pid in watched}
             others = tcp_opens() - opens0 - 2 * (res["completed"] + res["errors"])
+            socks_end = sockstat()
         finally:
             obs.stop()
         d = {pid: cpu_delta_s(r0[pid], r1[pid]) for pid in watched}
@@ -471,7 +472,9 @@ http {{
             "lost_events": obs.lost_events(),
             "scrapes": len(obs.scrape_s), "scrape_errors": obs.scrape_errors,
             "other_opens_per_s": max(0, others) / wall,
-            "host_tcp": socks, "bpf_stats_enabled": bpf_stats_sysctl(),
+            "host_tcp": socks, "host_tcp_end": socks_end, "bpf_stats_enabled": bpf_stats_sysctl(),
+            # Live TCP sockets on the host beside this run's listeners: a host-wide observer pays for each.
+            "other_live_sockets": max(socks.get("inuse", 0), socks_end.get("inuse", 0)) - len(server) - 1,
         }
 
     @staticmethod
@@ -488,7 +491,7 @@ http {{
                 **{k: ratio_stats(rows, k) for k in (
                     "cpu_us_per_conn", "added_us_per_conn", "ratio_to_off", "client_us_per_conn",
                     "server_us_per_conn", "observer_us_per_conn", "observer_cpu_pct", "ksoftirqd_us_per_conn",
-                    "rate", "lost_events", "other_opens_per_s")},
+                    "rate", "lost_events", "other_opens_per_s", "other_live_sockets")},
                 "errors": sum(x["errors"] for x in rows),
                 "runs": rows,
             }

@@ -136,6 +136,30 @@ def targets(w: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
+CROWDED = 1000  # other tenants' live TCP sockets above which a run is not on a quiet host
+
+
+def _crowded(fr: dict[str, Any]) -> list[str]:
+    """A warning when other tenants held many sockets during some runs: `watch` and `export` watch the whole
+    host, so they pay for every socket on it, and those runs measure a different regime."""
+    runs = [(load, x) for load in ("nginx", "epoll") for c in (fr.get(load) or {}).values() for x in c["runs"]
+            if isinstance(x, dict)]
+    # Results from before other_live_sockets was recorded: the host's count at the start of the run.
+    busy = [(load, x.get("round"), x.get("other_live_sockets", (x.get("host_tcp") or {}).get("inuse", 0)))
+            for load, x in runs]
+    busy = [b for b in busy if b[2] > CROWDED]
+    if not busy:
+        return []
+    rounds: dict[str, set[int]] = {}
+    for load, r, _ in busy:
+        rounds.setdefault(load, set()).add(r)
+    where = "; ".join(f"{load} round{'s' if len(rs) > 1 else ''} {', '.join(map(str, sorted(rs)))}"
+                      for load, rs in rounds.items())
+    return ["", f"**Not a quiet host**: in {len(busy)} of {len(runs)} fixed-rate runs ({where}) other "
+            f"tenants held up to {max(b[2] for b in busy):,} live TCP sockets. `watch` and `export` scan the whole "
+            "host, so those runs measure a crowded host, not the load alone."]
+
+
 def markdown(w: dict[str, Any]) -> list[str]:
     cmd = w.get("commands", {})
     fr, idle = w.get("fixed_rate") or {}, w.get("idle") or {}
@@ -167,18 +191,24 @@ def markdown(w: dict[str, Any]) -> list[str]:
         out += ["Not measured: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()) + ".", ""]
     out += ["| target (issue 12) | measured | |", "|---|---|---|"]
     out += [f"| {a} | {b} | {c} |" for a, b, c in targets(w)]
+    out += _crowded(fr)
     out += ["", "Where each connection's CPU goes (µs per connection, median over rounds; ksoftirqd is softirq "
-            "work deferred to the per-CPU threads, not in the sum, and carries other tenants' too):", "",
+            "work deferred to the per-CPU threads, not in the sum, and carries other tenants' too). Other tenants' "
+            "live TCP sockets and connection rate are the host's (`/proc/net/sockstat`, `/proc/net/snmp`) less "
+            "this run's own; events lost is the most any run's perf buffer dropped:", "",
             "| load | condition | total | load generator | server | observer | ksoftirqd | connections/s reached "
-            "| others' TCP opens/s | events lost |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "| other live sockets | others' TCP opens/s | events lost |", "|---" * 11 + "|"]
     for load in ("nginx", "epoll"):
-        for cond, c in (fr.get(load) or {}).items():
-            lost = _med(c.get("lost_events"))
-            out.append(f"| {load} | {LABELS.get(cond, cond)} | {mmm(c['cpu_us_per_conn'])} | "
+        for cond in LABELS:
+            c = (fr.get(load) or {}).get(cond)
+            if not c:
+                continue
+            lost = (c.get("lost_events") or {}).get("max")
+            out.append(f"| {load} | {LABELS[cond]} | {mmm(c['cpu_us_per_conn'])} | "
                        f"{_num(_med(c['client_us_per_conn']), 1)} | {_num(_med(c['server_us_per_conn']), 1)} | "
                        f"{_num(_med(c['observer_us_per_conn']), 1)} | {_num(_med(c['ksoftirqd_us_per_conn']), 1)} | "
-                       f"{mmm(c['rate'], '', 0)} | {_num(_med(c.get('other_opens_per_s')), 0)} | "
-                       f"{'–' if lost is None else f'{lost:,.0f}'} |")
+                       f"{mmm(c['rate'], '', 0)} | {mmm(c.get('other_live_sockets'), '', 0)} | "
+                       f"{_num(_med(c.get('other_opens_per_s')), 0)} | {'–' if lost is None else f'{lost:,.0f}'} |")
     if idle:
         out += ["", f"Idle with {idle['sockets']:,} live sockets, RSS: "
                 + "; ".join(f"`{c}` {mmm(_mib(idle[c]['rss_kib']), ' MiB', 0)}"
