@@ -1,7 +1,8 @@
 # Benchmarks (bench/): included by the top-level Makefile.
 #
-#   sudo make bench        full run (~20 min, of which the 1M-socket scale row ~6-8 min and ~5 GiB):
-#                          bench/results/results.json, PNGs, BENCHMARKS.md.  BENCH_SCALE_SIZES=10k,100k skips 1M.
+#   sudo make bench        full run (~45 min: the cost of watching ~25 min, the 1M-socket scale row ~6-8 min
+#                          and ~5 GiB): bench/results/results.json, PNGs, BENCHMARKS.md (which opens with
+#                          the cost-of-watching table).  BENCH_SCALE_SIZES=10k,100k skips 1M.
 #   sudo make bench-smoke  tiny sizes, < 2 min, checks no targets: proves the harness works
 #   sudo make bench-vm     the test-VM figures (bench/harness/vm.py): attach modes, bcc tcplife/
 #                          tcpstates, start-up; ~50 min per kernel under QEMU TCG (bcc

@@ -7,6 +7,8 @@
  *   churn server ADDR PORT               epoll: accept, read 1 byte, write 1 byte, close
  *   churn client ADDR PORT N CONC RATE   epoll: N connections, CONC in flight,
  *                                        RATE new connections/s (0 = as fast as possible)
+ *   churn http   ADDR PORT N CONC RATE   the same, paced, against an HTTP server: send
+ *                                        "GET / HTTP/1.0", read to EOF (the server closes)
  *   churn hold   ADDR PORT N             open N connections to itself and hold them
  *
  * The server closes first, so TIME_WAIT lands on the server side and the
@@ -14,6 +16,8 @@
  * environment, client and hold wait for a line on stdin before starting
  * (so a tracer can be attached, filtered on this pid, first).  server and
  * hold run until stdin reaches EOF or SIGTERM/SIGINT.  Every loop is bounded.
+ * client and http also report their own CPU time (CLOCK_PROCESS_CPUTIME_ID:
+ * the scheduler's runtime, exact), so a caller needs no /proc of an exited pid.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -36,13 +40,15 @@ static volatile sig_atomic_t stop;
 
 static void on_signal(int sig) { (void)sig; stop = 1; }
 
-static double now_s(void)
+static double clock_s(clockid_t clk)
 {
 	struct timespec ts;
 
-	clock_gettime(CLOCK_MONOTONIC, &ts);
+	clock_gettime(clk, &ts);
 	return ts.tv_sec + ts.tv_nsec / 1e9;
 }
+
+static double now_s(void) { return clock_s(CLOCK_MONOTONIC); }
 
 static void die(const char *what)
 {
@@ -175,15 +181,25 @@ static int run_server(struct sockaddr_in *a)
 
 enum { CONNECTING = 1, WAITING = 2 };
 
-static int run_client(struct sockaddr_in *a, long total, int conc, double rate)
+static const char http_get[] = "GET / HTTP/1.0\r\nHost: 127.0.0.1\r\nUser-Agent: churn\r\n\r\n";
+
+/*
+ * http = 0: write 1 byte, read the 1-byte reply, close.
+ * http = 1: write an HTTP/1.0 GET, read until EOF (the server closes first),
+ *           and count it completed when the reply starts with "HTTP/1.".
+ */
+static int run_client(struct sockaddr_in *a, long total, int conc, double rate, int http)
 {
 	int ep = epoll_create1(0);
 	struct epoll_event evs[256];
 	long started = 0, completed = 0, errors = 0, inflight = 0;
 	double t0, deadline;
-	char buf[64];
+	char buf[4096];
+	/* Per-fd "reply looked like HTTP" flag; fds stay below conc + a few. */
+	int maxfd = conc + 1024;
+	unsigned char *ok = calloc(maxfd, 1);
 
-	if (ep < 0)
+	if (ep < 0 || !ok)
 		die("epoll");
 	wait_go();
 	t0 = now_s();
@@ -202,11 +218,12 @@ static int run_client(struct sockaddr_in *a, long total, int conc, double rate)
 			if (c < 0)
 				die("socket");
 			started++;
-			if (connect(c, (struct sockaddr *)a, sizeof(*a)) && errno != EINPROGRESS) {
+			if (c >= maxfd || (connect(c, (struct sockaddr *)a, sizeof(*a)) && errno != EINPROGRESS)) {
 				errors++;
 				close(c);
 				continue;
 			}
+			ok[c] = 0;
 			e.data.u64 = (unsigned long)c | ((unsigned long)CONNECTING << 32);
 			epoll_ctl(ep, EPOLL_CTL_ADD, c, &e);
 			inflight++;
@@ -215,11 +232,14 @@ static int run_client(struct sockaddr_in *a, long total, int conc, double rate)
 		for (i = 0; i < n; i++) {
 			int fd = (int)(evs[i].data.u64 & 0xffffffff);
 			int st = (int)(evs[i].data.u64 >> 32);
+			ssize_t r;
 
 			if (st == CONNECTING) {
 				struct epoll_event e = { .events = EPOLLIN };
+				ssize_t len = http ? (ssize_t)sizeof(http_get) - 1 : 1;
 
-				if ((evs[i].events & (EPOLLERR | EPOLLHUP)) || write(fd, "x", 1) != 1) {
+				if ((evs[i].events & (EPOLLERR | EPOLLHUP)) ||
+				    write(fd, http ? http_get : "x", len) != len) {
 					errors++;
 					inflight--;
 					close(fd);
@@ -229,17 +249,34 @@ static int run_client(struct sockaddr_in *a, long total, int conc, double rate)
 				epoll_ctl(ep, EPOLL_CTL_MOD, fd, &e);
 				continue;
 			}
-			/* The reply, then (usually in the same wakeup) the server's FIN. */
-			if (read(fd, buf, sizeof(buf)) >= 1)
+			r = read(fd, buf, sizeof(buf));
+			if (http) {
+				if (r > 0) {
+					/* The status line arrives in the first read. */
+					if (!ok[fd])
+						ok[fd] = r >= 7 && !memcmp(buf, "HTTP/1.", 7) ? 1 : 2;
+					continue; /* read again until EOF */
+				}
+				if (r < 0 && errno == EAGAIN)
+					continue;
+				if (r == 0 && ok[fd] == 1)
+					completed++;
+				else
+					errors++;
+			} else if (r >= 1) {
+				/* The reply, then (usually in the same wakeup) the server's FIN. */
 				completed++;
-			else
+			} else {
 				errors++;
+			}
 			inflight--;
 			close(fd);
 		}
 	}
 	printf("{\"role\":\"client\",\"started\":%ld,\"completed\":%ld,\"errors\":%ld,\"elapsed_s\":%.6f,"
-	       "\"pid\":%d}\n", started, completed, errors, now_s() - t0, getpid());
+	       "\"cpu_s\":%.9f,\"pid\":%d}\n", started, completed, errors, now_s() - t0,
+	       clock_s(CLOCK_PROCESS_CPUTIME_ID), getpid());
+	free(ok);
 	return errors ? 3 : 0;
 }
 
@@ -283,7 +320,7 @@ int main(int argc, char **argv)
 	struct sockaddr_in a;
 
 	if (argc < 4) {
-		fprintf(stderr, "usage: churn loop|server|client|hold ADDR PORT [N [CONC RATE]]\n");
+		fprintf(stderr, "usage: churn loop|server|client|http|hold ADDR PORT [N [CONC RATE]]\n");
 		return 2;
 	}
 	sigaction(SIGTERM, &sa, NULL);
@@ -297,7 +334,9 @@ int main(int argc, char **argv)
 	if (!strcmp(argv[1], "server"))
 		return run_server(&a);
 	if (!strcmp(argv[1], "client") && argc == 7)
-		return run_client(&a, atol(argv[4]), atoi(argv[5]), atof(argv[6]));
+		return run_client(&a, atol(argv[4]), atoi(argv[5]), atof(argv[6]), 0);
+	if (!strcmp(argv[1], "http") && argc == 7)
+		return run_client(&a, atol(argv[4]), atoi(argv[5]), atof(argv[6]), 1);
 	if (!strcmp(argv[1], "hold") && argc == 5)
 		return run_hold(&a, atol(argv[4]));
 	fprintf(stderr, "churn: bad arguments\n");

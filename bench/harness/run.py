@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""pytracer benchmarks: kernel cost, churn overhead, accuracy, scale, startup.
+"""pytracer benchmarks: the cost of watching, kernel cost, churn overhead, accuracy, scale, startup.
 
-    python3 bench/harness/run.py [--smoke] [--runs N] [--out DIR] [--sizes 10k,100k,1M] [SECTION ...]
+    python3 bench/harness/run.py [--smoke] [--runs N] [--out DIR] [--sizes 10k,100k,1M] [--rate R] [SECTION ...]
 
-Sections: cost churn accuracy scale startup (default: all), and vm (never by
+Sections: watching cost churn accuracy scale startup (default: all), and vm (never by
 default: bench/harness/vm.py, the test-VM figures, ~50 min per kernel under
 emulation; it writes DIR/vm.json, not results.json).  Each writes its
 raw numbers to DIR/results.json (merged with earlier sections' numbers);
@@ -13,6 +13,10 @@ minutes, and checks no targets: it only proves the harness works.
 ``--sizes`` (or ``BENCH_SCALE_SIZES``) picks the scale section's live-socket
 counts; a size the host cannot hold (fs.file-max, MemAvailable) is skipped
 with a logged reason, and rows of other sizes already in results.json stay.
+``--rate`` is the watching section's fixed connection rate (bench/harness/watching.py:
+CPU per connection under each observer, saturation ratios, the syscall tax, the
+observer's own CPU); it runs with kernel.bpf_stats_enabled left as found, since
+bpf_stats adds its own cost to every BPF program run.
 
 All load is loopback on 127.0.0.x.  Every process started here is stopped by
 pid on every exit path; every wait has a deadline.
@@ -58,7 +62,7 @@ from lib import (  # noqa: E402
     stats,
 )
 
-SECTIONS = ("cost", "churn", "accuracy", "scale", "startup")
+SECTIONS = ("watching", "cost", "churn", "accuracy", "scale", "startup")
 # 1M takes ~4 minutes here (opening 500k connections ~10 s, five seeding passes ~15 s each, teardown);
 # it is skipped with a logged reason where the host's limits or memory do not allow it.
 DEFAULT_SCALE_SIZES = (10000, 100000, 1000000)
@@ -85,6 +89,8 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.smoke = args.smoke
         self.runs = args.runs or (1 if self.smoke else 5)
+        self.explicit_runs = args.runs
+        self.rate = args.rate
         self.out = Path(args.out)
         self.scale_sizes: list[int] = getattr(args, "scale_sizes", None) or list(DEFAULT_SCALE_SIZES)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -126,6 +132,14 @@ class Bench:
         _, res = c.wait_for(lambda x: isinstance(x, dict) and x.get("role") == "client", timeout)
         c.wait(10)
         return res
+
+    # -- 0. the cost of watching -------------------------------------------
+
+    def watching(self) -> None:
+        import watching  # noqa: PLC0415 - watching.py, beside this file
+
+        self.results["watching"] = watching.Watching(self, self.rate, self.explicit_runs).run()
+        self.save()
 
     # -- 1. kernel cost per event ------------------------------------------
 
@@ -613,12 +627,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sections", nargs="*", metavar="SECTION", help=" ".join(SECTIONS) + " (default: all)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, one run: proves the harness works")
-    ap.add_argument("--runs", type=int, default=0, help="repetitions (default 5; 1 with --smoke)")
+    ap.add_argument("--runs", type=int, default=0,
+                    help="repetitions (default 5; watching: 6 rounds, 7 pairs; 1 with --smoke)")
     ap.add_argument("--out", default=str(RESULTS), help="directory for results.json and plots")
     ap.add_argument("--sizes", default=os.environ.get("BENCH_SCALE_SIZES", ""),
                     help="live-socket counts for the scale section, e.g. 10k,100k,1M (default: $BENCH_SCALE_SIZES, "
                          f"else {','.join(map(str, DEFAULT_SCALE_SIZES))})")
+    ap.add_argument("--rate", type=float, default=4000,
+                    help="watching: fixed connection rate for CPU per connection (default 4000/s)")
     args = ap.parse_args()
+    if args.rate <= 0:
+        ap.error("--rate must be positive")
     if os.geteuid() != 0:
         print("bench: run as root (the tracer needs it)", file=sys.stderr)
         return 1
@@ -647,10 +666,14 @@ def main() -> int:
     todo = args.sections or list(SECTIONS)
     table = {"cost": b.cost, "churn": b.churn_overhead, "accuracy": b.accuracy, "scale": b.scale,
              "startup": b.startup}
+    # The cost of watching runs without turning bpf_stats on: it would add its own cost to every program.
+    if "watching" in todo:
+        b.watching()
     # run_time_ns/run_cnt are only counted while bpf_stats is on; restored after.
     with bpf_stats_enabled():
         for s in todo:
-            table[s]()
+            if s != "watching":
+                table[s]()
     log(f"done in {time.monotonic() - t0:.0f}s: {b.out / 'results.json'}")
     return 0
 
