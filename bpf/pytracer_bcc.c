@@ -95,8 +95,19 @@ static __always_inline struct pt_agg *agg_top(void)
 	return agg_get();
 }
 
-/* One entry, which nested runs share: atomic adds. */
-#define agg_add(p, v) __sync_fetch_and_add(p, v)
+/*
+ * One entry, which nested runs share: atomic adds.  The value goes through
+ * a register the compiler cannot see into: LLVM turns an atomic add of a
+ * constant 0 (a child's zero dwell in SYN_RECV under the tcp_set_state()
+ * kprobe) into an atomic OR, which the BPF backend cannot emit before
+ * LLVM 12 ("Cannot select: AtomicLoadOr"; bcc 0.18 on Debian 11 uses LLVM 11).
+ */
+#define agg_add(p, v)							\
+	({								\
+		__u64 __v = (v);					\
+		asm volatile("" : "+r"(__v));				\
+		__sync_fetch_and_add(p, __v);				\
+	})
 
 static __always_inline u32 enter(void)
 {
