@@ -13,7 +13,7 @@ VENV      := $(PREFIX)/venv
 PYTHON    ?= python3
 BPF_OBJ   := pytracer/bpf/pytracer.bpf.o
 BPF_SRC   := bpf/pytracer.bpf.c
-BPF_HDRS  := bpf/pytracer.h bpf/core_fixes.bpf.h bpf/vmlinux.h
+BPF_HDRS  := bpf/pytracer.h bpf/lifecycle.bpf.h bpf/core_fixes.bpf.h bpf/vmlinux.h
 # The task-file iterator that finds socket owners (pytracer/fdscan.py).
 FDSCAN_OBJ := pytracer/bpf/fdscan.bpf.o
 
@@ -22,7 +22,7 @@ FDSCAN_OBJ := pytracer/bpf/fdscan.bpf.o
 all: bpf
 
 # The bcc backend compiles its C at start-up: ship it beside the object.
-BCC_SRC := pytracer/bpf/pytracer_bcc.c pytracer/bpf/pytracer.h
+BCC_SRC := pytracer/bpf/pytracer_bcc.c pytracer/bpf/pytracer.h pytracer/bpf/lifecycle.bpf.h
 
 bpf: $(BPF_OBJ) $(FDSCAN_OBJ) $(BCC_SRC)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import warnings
 from typing import Any, Iterator
 
 import numpy as np
@@ -29,7 +28,6 @@ from pytracer.kernel.core import Tracer
 from pytracer.kernel.environment import EnvironmentProblem, kernel_release, probe_features
 from pytracer.kernel.tcp_states import TcpState as S
 from pytracer.table import poll as poller
-from pytracer.table import writer
 from pytracer.views.model import socket_row
 
 
@@ -105,36 +103,15 @@ def add_pids(tracers: dict[str, Any], pids: list[int]) -> None:
         t.add_pids(pids)
 
 
-def register_listener(tracers: dict[str, Any], mode: str, pid: int, port: int) -> None:
-    """kprobe mode only.  listen() sets LISTEN with inet_sk_state_store(),
-    not tcp_set_state(), so a kprobe never sees a listener's birth; under
-    --pid its children are kept only when something registers the listener
-    (pytracer.table.writer.add_listener, meant for listeners that predate the tracer).  Do
-    that here, on both backends, as a seeding layer would."""
-    if mode != "kprobe":
-        return
-    netns_ino = os.stat(f"/proc/{pid}/ns/net").st_ino
-    for t in tracers.values():
-        writer.add_listener(t, netns_ino, port, 2, pid)  # AF_INET; raises unless written or already there
-
-
 def records(t: Any, port: int) -> dict[int, np.void]:
     """This test's socket records (either end of `port`), by key."""
     keys, socks = poller.read_socks(t)
     return {int(k): r for k, r in zip(keys, socks) if port in (int(r["lport"]), int(r["rport"]))}
 
 
-PEER_FIELDS = ("laddr", "raddr", "rport")
-
-
 def assert_same_records(core: dict[int, np.void], bcc: dict[int, np.void]) -> None:
-    """Both backends key by sk pointer in these modes: same keys, same records.
-
-    One known difference: on kernels that announce a child's SYN_RECV before
-    filling in its peer (6.1), bpf/pytracer.bpf.c keeps the empty peer it
-    read at birth, while the bcc program reads it again.  There, the bcc
-    record must hold the real peer and the CO-RE one none.
-    """
+    """Both backends key by sk pointer in these modes and run the same
+    lifecycle (bpf/lifecycle.bpf.h): same keys, same records."""
     def show(recs: dict[int, np.void]) -> list[tuple[Any, ...]]:
         rows = [socket_row(k, r, time.monotonic_ns(), 0) for k, r in recs.items()]
         return [(hex(r["cookie"]), r["direction"], r["lport"], r["rport"], r["pid"], r["history"]) for r in rows]
@@ -142,13 +119,7 @@ def assert_same_records(core: dict[int, np.void], bcc: dict[int, np.void]) -> No
     assert sorted(core) == sorted(bcc), {"core": show(core), "bcc": show(bcc)}
     for k in core:
         a, b = core[k], bcc[k]
-        fields = EXACT_FIELDS
-        if int(a["direction"]) == Direction.PASSIVE and int(a["rport"]) == 0 != int(b["rport"]):
-            warnings.warn("CO-RE record of a passive socket has no peer address (known, see bpf/pytracer_bcc.c)",
-                          stacklevel=2)
-            assert not any(a["raddr"])
-            fields = tuple(f for f in EXACT_FIELDS if f not in PEER_FIELDS)
-        for f in fields:
+        for f in EXACT_FIELDS:
             assert np.array_equal(a[f], b[f]), (hex(k), f, a[f], b[f])
         for f in TIME_FIELDS:
             if int(a[f]) == 0 or int(b[f]) == 0:
@@ -166,14 +137,12 @@ def delta(after: poller.Totals, before: poller.Totals) -> poller.Totals:
 
 
 def test_lifetimes_and_owners_match_core(procs: Any, pair: dict[str, Any]) -> None:
-    mode = pair["bcc"].attach_mode
     holds = [1.5, 0.5]  # the first is held while the tables are read (slow under TCG)
     server = procs("server", "127.0.0.1", 0, len(holds))
     with side_by_side(pair, [server.pid]) as tracers:
         before = {n: poller.read_totals(t) for n, t in tracers.items()}
         server.send()
         port = server.expect("listening")["port"]
-        register_listener(tracers, mode, server.pid, port)
         client = procs("client", "127.0.0.1", port, ",".join(map(str, holds)))
         add_pids(tracers, [client.pid])
         client.send()
@@ -195,19 +164,18 @@ def test_lifetimes_and_owners_match_core(procs: Any, pair: dict[str, Any]) -> No
         assert by_dir["passive"]["listener_pid"] == server.pid
         assert by_dir["passive"]["rport"] == conn["lport"] and by_dir["passive"]["raddr"] == "127.0.0.1"
         listeners = [r for r in rows if r["direction"] == "listen" and r["lport"] == port]
-        # A kprobe never sees the listener's birth (see register_listener).
-        assert [r["pid"] for r in listeners] == ([server.pid] if mode == "tracepoint" else [])
+        # The kprobe mode sees listen() at inet_csk_listen_start() (f32eec2).
+        assert [r["pid"] for r in listeners] == [server.pid]
         assert by_dir["active"]["comm"].startswith("python")
         # Born inside connect(), so after the client's stamp taken just before
         # it; how much after is how long connect() took (ms under TCG).
         since_stamp = now_ns / 1e9 - conn["t"]
         assert -0.002 < since_stamp - by_dir["active"]["age_seconds"] < 0.050, (since_stamp, by_dir["active"])
         assert links["active"] == f"socket:[{by_dir['active']['inode']}]"
-        if mode == "tracepoint":  # accept(2)'s exit knows the fd and the file
-            assert by_dir["passive"]["fd"] == acc["fd"]
-            assert links["passive"] == f"socket:[{by_dir['passive']['inode']}]"
-        else:  # inet_csk_accept() returns before there is an fd
-            assert by_dir["passive"]["fd"] is None
+        # accept(2)'s exit knows the fd and the file (the kprobe mode takes it
+        # too, for the fd: inet_csk_accept() returns before there is one).
+        assert by_dir["passive"]["fd"] == acc["fd"]
+        assert links["passive"] == f"socket:[{by_dir['passive']['inode']}]"
         if "core" in recs:
             assert_same_records(recs["core"], recs["bcc"])
 
@@ -272,13 +240,11 @@ def test_lifetimes_and_owners_match_core(procs: Any, pair: dict[str, Any]) -> No
 
 
 def test_transitions_and_histories_match_core(procs: Any, pair: dict[str, Any]) -> None:
-    mode = pair["bcc"].attach_mode
     step = procs("stepper", "127.0.0.1", 0)
     with side_by_side(pair, [step.pid]) as tracers:
         before = {n: poller.read_totals(t) for n, t in tracers.items()}
         step.send()
         port = step.expect("listening")["port"]
-        register_listener(tracers, mode, step.pid, port)
         step.send()
         est = step.expect("established")
         cport = est["client_lport"]
@@ -295,9 +261,9 @@ def test_transitions_and_histories_match_core(procs: Any, pair: dict[str, Any]) 
             return out
 
         # tcp_set_state() never sees the child's LISTEN -> SYN_RECV (it goes
-        # through inet_sk_set_state()): with a kprobe, the child's life
-        # starts at SYN_RECV -> ESTABLISHED.  Same in the CO-RE kprobe mode.
-        server_birth = ["SYN_RECV", "ESTABLISHED"] if mode == "tracepoint" else ["ESTABLISHED"]
+        # through inet_sk_set_state()): with a kprobe, the child's first
+        # SYN_RECV -> ESTABLISHED records that birth too, as in every mode.
+        server_birth = ["SYN_RECV", "ESTABLISHED"]
         e = ends(tracers["bcc"])
         assert e["client"]["history"] == ["SYN_SENT", "ESTABLISHED"]
         assert e["server"]["history"] == server_birth
@@ -325,16 +291,12 @@ def test_transitions_and_histories_match_core(procs: Any, pair: dict[str, Any]) 
         step.expect("done")
 
     expected = {
-        ("CLOSE", "LISTEN"): 1,
+        ("CLOSE", "LISTEN"): 1, ("LISTEN", "SYN_RECV"): 1,
         ("CLOSE", "SYN_SENT"): 1, ("SYN_SENT", "ESTABLISHED"): 1, ("ESTABLISHED", "FIN_WAIT1"): 1,
         ("FIN_WAIT1", "FIN_WAIT2"): 1, ("FIN_WAIT2", "CLOSE"): 1,
         ("SYN_RECV", "ESTABLISHED"): 1, ("ESTABLISHED", "CLOSE_WAIT"): 1,
         ("CLOSE_WAIT", "LAST_ACK"): 1, ("LAST_ACK", "CLOSE"): 1,
     }
-    if mode == "tracepoint":
-        expected[("LISTEN", "SYN_RECV")] = 1
-    else:  # listen() does not go through tcp_set_state() (register_listener)
-        del expected[("CLOSE", "LISTEN")]
     for n in after:
         dn = delta(after[n], before[n])
         got = {(S(o).name, S(w).name): int(dn.transitions[o, w]) for o, w in zip(*np.nonzero(dn.transitions))}
