@@ -35,7 +35,8 @@ def watch_enricher(thresholds: Thresholds, duty: float = 0.25):
     def enrich(report: dict[str, Any], snap: Snapshot, tracer: Any, opts: Any, state: dict[str, Any]) -> None:
         scanner = state.get("leak_scanner")
         if scanner is None:
-            scanner = state["leak_scanner"] = Scanner(tracer, thresholds, pids=getattr(opts, "pids", ()))
+            scanner = state["leak_scanner"] = Scanner(tracer, thresholds, pids=getattr(opts, "pids", ()),
+                                                     incremental=True)
         last = state.get("leak_last")  # (report, monotonic end, cost)
         now = time.monotonic()
         if last is None or now - last[1] >= last[2] * (1.0 / duty - 1.0):
