@@ -170,6 +170,10 @@ def scan(sc: Scanner, snap: Snapshot, rep: LeakReport) -> None:
     exact_c = np.concatenate([np.where(seeded, np.nan, age), now - r.began[due]])
     bound_c = np.concatenate([np.where(seeded, age, np.nan), now - r.known_since[due]])
     acc_c = np.concatenate([socks["accepted"].astype(np.int8), r.accepted[due]])
+    # A socket both in the table's selection and due for a recheck: once.
+    _, first = np.unique(cand["cookie"], return_index=True)
+    first.sort()
+    cand, exact_c, bound_c, acc_c = cand[first], exact_c[first], bound_c[first], acc_c[first]
     state_c = cand["state"].copy()
     sc.rechecks = r.take(~due)  # answered ones come back below
 
@@ -243,6 +247,41 @@ def scan(sc: Scanner, snap: Snapshot, rep: LeakReport) -> None:
                      table_matched=int(len(rows)), records_reaped=sc.reaped,
                      candidates=int(len(stuck_idx) + len(est_idx)), info_queries=int(len(query)),
                      info_missed=int(missed))
+
+
+def resolve_holders(sc: Scanner, snap: Snapshot, cookies: list[int], now: float) -> dict[int, tuple[int, int, int]]:
+    """cookie -> (pid, fd, inode) for a few table sockets the last full
+    scan did not know (a view's shown rows): their inode by exact lookup,
+    their holder by an fd scan bound to their owner, listener and its
+    holders.  Answers are kept (a socket rarely changes hands); a socket
+    not resolved is tried again after a few seconds."""
+    out: dict[int, tuple[int, int, int]] = {}
+    ask = []
+    for c in cookies:
+        got = sc.holder_cache.get(c)
+        if got is None or (got[0] is None and now - got[1] >= 5.0):
+            ask.append(c)
+        elif got[0] is not None:
+            out[c] = got[0]
+    if not ask or not len(snap.keys):
+        return out
+    idx = np.flatnonzero(np.isin(snap.keys, np.asarray(ask[:32], np.uint64)))
+    rows = table_rows(snap, idx)
+    wanted = {int(n) for n in np.unique(rows["netns"])}
+    refs = [ref for ref in sc.refs if (ref.ino & 0xFFFFFFFF) in wanted]
+    with (sc.session_factory or sockdiag.Session)(refs) as sess:
+        found, _, _ = sess.lookup(rows, sc.thresholds.max_exact_lookups)
+    owners = _fd_scan(sc, _owner_pids(sc, snap, idx, found, np.zeros(0, np.intp))).sockets
+    if len(sc.holder_cache) > 4096:
+        sc.holder_cache.clear()
+    for c in ask[:32]:
+        sc.holder_cache[c] = (None, now)
+    for cookie, ino in zip(found["cookie"].tolist(), found["inode"].tolist()):
+        held = owners.get(int(ino)) if ino else None
+        if held:
+            out[int(cookie)] = (*min(held), int(ino))
+    sc.holder_cache.update({c: (v, now) for c, v in out.items() if c in ask})
+    return out
 
 
 def _states(snap: Snapshot, sc: Scanner) -> dict[str, int]:

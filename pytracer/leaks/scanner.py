@@ -142,6 +142,7 @@ class Scanner:
         self.carried: dict[str, Any] = {}
         self.summaries: dict[int, ProcessSummary] = {}
         self.rechecks = incremental_scan.Rechecks.empty()
+        self.holder_cache: dict[int, tuple[Any, float]] = {}  # cookie -> ((pid, fd, inode) or None, when)
 
     # -- the scan ----------------------------------------------------------
 
@@ -274,16 +275,30 @@ class Scanner:
                 self.carried = incremental_scan.carry_of(rows, relevant, flags, rep)
                 self.summaries = {pid: dataclasses.replace(p) for pid, p in summaries.items()}
                 self.prev_scan_ns = now_ns
+                self.holder_cache = {}
 
             rep.flags = ordered(flags)
             rep.processes = summaries
 
-    def holders(self, cookies: Iterable[int]) -> dict[int, tuple[int, int, int]]:
+    def holders(self, cookies: Iterable[int], snap: Snapshot | None = None) -> dict[int, tuple[int, int, int]]:
         """cookie -> (pid, fd, inode) of the first process holding it, as the
-        last scan found them (sockets nobody holds, or unseen, are left out)."""
+        last full scan found them (sockets nobody holds, or unseen, are left
+        out); with ``snap``, sockets newer than that scan are resolved one
+        by one (:func:`pytracer.leaks.incremental.resolve_holders`)."""
         out: dict[int, tuple[int, int, int]] = {}
-        if not len(self.full_owners) or not len(self._cookies):
-            return out
+        cookies = list(cookies)
+        with self._lock:
+            if len(self.full_owners) and len(self._cookies):
+                self._known_holders(cookies, out)
+            missing = [c for c in cookies if c not in out]
+            if missing and snap is not None and self.incremental and self.last_full_end is not None:
+                try:
+                    out.update(incremental_scan.resolve_holders(self, snap, missing, time.monotonic()))
+                except OSError as exc:
+                    log.debug("holders of %d sockets not resolved: %s", len(missing), exc)
+        return out
+
+    def _known_holders(self, cookies: list[int], out: dict[int, tuple[int, int, int]]) -> None:
         for cookie in cookies:
             i = int(np.searchsorted(self._cookies, np.uint64(cookie)))
             if i < len(self._cookies) and int(self._cookies[i]) == cookie:
@@ -291,7 +306,6 @@ class Scanner:
                 held = self.full_owners.get(ino)
                 if held:
                     out[int(cookie)] = (*held[0], ino)
-        return out
 
     # -- pieces ------------------------------------------------------------
 
