@@ -2,9 +2,10 @@
 
 ``tracer watch`` reports every interval; a full leak scan walks the fd
 tables and dumps every socket, which on a busy host takes a noticeable part
-of a second, and the scans in between cost in proportion to their candidates.  :func:`watch_enricher` runs a :class:`~pytracer.leaks.scanner.Scanner`
-no more often than a duty cycle allows and copies its latest findings into
-each report.
+of a second, and the scans in between cost in proportion to their
+candidates.  :func:`watch_enricher` runs a
+:class:`~pytracer.leaks.scanner.Scanner` no more often than a duty cycle
+allows and copies its latest findings into each report.
 """
 
 from __future__ import annotations

@@ -18,9 +18,18 @@ Every loop is bounded (sockets, processes, fds, tcp_info queries).  History
 (growth trends, what was already checked) lives in the Scanner, so call
 ``scan()`` on one instance repeatedly.
 
+That is a *full* scan: its cost follows every socket and fd on the host.
+With ``incremental=True`` (``tracer watch``, ``tracer export``) the scans in
+between are *candidate* scans (:mod:`pytracer.leaks.incremental`), costing
+in proportion to the sockets the BPF table puts past a threshold; a full
+scan then runs when the last one is ``full_every`` (60 s) old, or older
+when its duration over that gap would exceed ``full_budget`` (0.5% of a
+core): whichever is rarer.  A candidate whose holder was not found brings
+it forward to the budget alone.
+
 The joins themselves are :mod:`pytracer.leaks.facts`; the one write a scan
-makes (reaping a record whose socket is gone) goes through
-:mod:`pytracer.table.writer`.  Seeding is :mod:`pytracer.inventory.seed`,
+makes (reaping a record whose socket is gone, :mod:`pytracer.leaks.reaper`)
+goes through :mod:`pytracer.table.writer`.  Seeding is :mod:`pytracer.inventory.seed`,
 the ``tracer watch`` cadence :mod:`pytracer.leaks.cadence`.
 """
 
@@ -47,11 +56,10 @@ from pytracer.leaks.detectors import (
     socket_flags,
 )
 from pytracer.leaks.processes import GrowthSample, fd_flags, growth_flags, growth_rate, update_growth
+from pytracer.leaks.reaper import Reaper
 from pytracer.leaks.report import LeakReport, ProcessSummary
 from pytracer.leaks.time_wait import TimeWaitDest, time_wait_by_destination, time_wait_flags
-from pytracer.table import writer
 from pytracer.table.poll import Snapshot
-from pytracer.table.writer import SEED_STATES
 
 __all__ = ["Flag", "LeakReport", "ProcessSummary", "Scanner", "Thresholds", "scope_mask"]
 
@@ -62,7 +70,6 @@ MAX_SOCKET_FACTS = 20000  # sockets built into Python objects per scan
 # A table record whose socket sock_diag has not listed for this long (in two
 # scans at least this far apart, record untouched between them) is reaped.
 REAP_AFTER_S = 30.0
-REAP_LOGGED = 5  # records described in the log per scan
 # Full scans (every socket, every fd table) between candidate scans: at most
 # FULL_BUDGET of one core (their last duration over the gap), and no more
 # often than every FULL_EVERY_S, whichever is rarer; as often as the budget
@@ -114,11 +121,7 @@ class Scanner:
         self.proc_cache: dict[int, procs.ProcFacts] = {}
         self.history = joins.History()
         self.scans = 0
-        self.reap_after = reap_after
-        self.reaped = 0
-        # Records whose socket the last scan could not find: key -> (state_ns,
-        # transitions, monotonic seconds first missed).
-        self._missing: dict[int, tuple[int, int, float]] = {}
+        self.reaper = Reaper(tracer, reap_after)
         # The facts the last scan judged (for debugging and recording fixtures).
         self.last_facts: list[SockFacts] = []
         self.last_procs: dict[int, procs.ProcFacts] = {}
@@ -231,7 +234,7 @@ class Scanner:
             rep.stats["table_records"] = int(len(snapshot.keys)) if snapshot is not None else None
             rep.stats["table_matched"] = int(matched.sum())
             if snapshot is not None:
-                self._reap(snapshot, rows, set(sess.socks), bool(inv.errors), now, now_ns)
+                self.reaper.reap(snapshot, rows, set(sess.socks), bool(inv.errors), now, now_ns)
             rep.stats["records_reaped"] = self.reaped
 
             fin_timeout = {ino: n.fin_timeout for ino, n in inv.netns.items()}
@@ -280,6 +283,11 @@ class Scanner:
             rep.flags = ordered(flags)
             rep.processes = summaries
 
+    @property
+    def reaped(self) -> int:
+        """Table records deleted because their socket is gone (see pytracer.leaks.reaper)."""
+        return self.reaper.reaped
+
     def holders(self, cookies: Iterable[int], snap: Snapshot | None = None) -> dict[int, tuple[int, int, int]]:
         """cookie -> (pid, fd, inode) of the first process holding it, as the
         last full scan found them (sockets nobody holds, or unseen, are left
@@ -308,55 +316,6 @@ class Scanner:
                     out[int(cookie)] = (*held[0], ino)
 
     # -- pieces ------------------------------------------------------------
-
-    def _reap(self, snap: Snapshot, rows: np.ndarray, covered: set[int], partial: bool, now: float,
-              now_ns: int) -> None:
-        """Delete table records whose socket no longer exists, and count them.
-
-        A record leaves the table when the kernel destroys its socket; if
-        that event never reaches a program, the record would stay forever,
-        hold a slot, and its lifetime would never be counted.  Such a record
-        is reaped when its socket's cookie is missing from two complete
-        sock_diag dumps at least ``reap_after`` apart, in a namespace both
-        dumps covered, while the record did not change.  Cookies are never
-        reused, and the states reaped are ones sock_diag always lists (not
-        CLOSE: an unhashed socket still held by an fd is not listed).
-        The count is ``records_reaped``; each is logged.
-        """
-        if partial or getattr(self.tracer, "key_by_ptr", False) or not len(snap.keys):
-            self._missing = {}
-            return
-        socks = snap.socks
-        netns = np.fromiter((ino & 0xFFFFFFFF for ino in covered), np.uint32, len(covered))
-        absent = ~np.isin(snap.keys, rows["cookie"])
-        absent &= np.isin(socks["state"], [int(st) for st in SEED_STATES])
-        absent &= np.isin(socks["netns_ino"], netns)
-        absent &= socks["state_ns"].astype(np.int64) < np.int64(now_ns - int(self.reap_after * 1e9))
-        missing: dict[int, tuple[int, int, float]] = {}
-        due = []
-        for i in np.flatnonzero(absent).tolist():
-            key = int(snap.keys[i])
-            mark = (int(socks["state_ns"][i]), int(socks["transitions"][i]))
-            first = self._missing.get(key)
-            if first is not None and first[:2] == mark and now - first[2] >= self.reap_after:
-                due.append(i)
-            else:
-                missing[key] = first if first is not None and first[:2] == mark else (*mark, now)
-        self._missing = missing
-        if not due:
-            return
-        logged = 0
-        for i in due:
-            rec = writer.reap(self.tracer, int(snap.keys[i]), int(socks["state_ns"][i]), int(socks["transitions"][i]))
-            if rec is None:
-                continue  # destroyed meanwhile (the kernel counted it), changed, or gone
-            self.reaped += 1
-            if logged < REAP_LOGGED:
-                logged += 1
-                log.warning("reaped a table record whose socket is gone (no destroy event seen): cookie %d, %s, "
-                            "port %d -> %d, netns %d, last change %.1f s ago", int(snap.keys[i]),
-                            TcpState.name_of(int(rec["state"])), int(rec["lport"]), int(rec["rport"]),
-                            int(rec["netns_ino"]), (now_ns - int(rec["state_ns"])) / 1e9)
 
     def _proc_facts(self, pid: int) -> procs.ProcFacts | None:
         start = procs.start_ticks(pid, self.proc)
