@@ -56,42 +56,78 @@ S = TcpState
 MAX_BOUND_PIDS = 64  # past this many processes, one filtered pass of every fd table instead
 
 
+_FIELDS = ("rows", "not_before", "began", "known_since", "accepted")
+
+
 @dataclass
 class Rechecks:
     """ESTABLISHED sockets to ask tcp_info again once they could be idle
     for ``idle_after``: their lookup keys (INV_DTYPE rows), that time, and
     what the table said of their time in state (monotonic seconds the state
-    began if exact, else since when it is known; NaN: neither)."""
+    began if exact, else since when it is known; NaN: neither).
+
+    Kept sorted by ``not_before``, so the due ones are a prefix taken
+    without touching the rest; new ones wait in a small unsorted tail that
+    is merged once it grows past an eighth of the whole (amortized O(1)
+    each).  At 100k tracked sockets a scan with nothing due copies nothing.
+    """
 
     rows: np.ndarray
     not_before: np.ndarray
     began: np.ndarray
     known_since: np.ndarray
     accepted: np.ndarray
+    tail: Rechecks | None = None
 
     @classmethod
     def empty(cls) -> Rechecks:
         return cls(np.zeros(0, sockdiag.INV_DTYPE), np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, np.int8))
 
-    def take(self, keep: np.ndarray) -> Rechecks:
-        return Rechecks(self.rows[keep], self.not_before[keep], self.began[keep], self.known_since[keep],
-                        self.accepted[keep])
+    def __len__(self) -> int:
+        return len(self.not_before) + (len(self.tail) if self.tail is not None else 0)
 
-    def add(self, other: Rechecks) -> Rechecks:
-        drop = np.isin(self.rows["cookie"], other.rows["cookie"])
-        mine = self.take(~drop)
-        return Rechecks(*(np.concatenate([a, b]) for a, b in zip(
-            (mine.rows, mine.not_before, mine.began, mine.known_since, mine.accepted),
-            (other.rows, other.not_before, other.began, other.known_since, other.accepted))))
+    def take(self, sel: Any) -> Rechecks:
+        return Rechecks(*(getattr(self, f)[sel] for f in _FIELDS))
+
+    def sorted(self) -> Rechecks:
+        return self.take(np.argsort(self.not_before, kind="stable"))
+
+    def pop_due(self, now: float) -> Rechecks:
+        """Remove and return the ones whose time has come."""
+        k = int(np.searchsorted(self.not_before, now, side="right"))
+        due = self.take(slice(0, k))
+        for f in _FIELDS:
+            setattr(self, f, getattr(self, f)[k:])
+        if self.tail is not None and len(self.tail):
+            hit = self.tail.not_before <= now
+            if hit.any():
+                due = _concat(due, self.tail.take(hit))
+                self.tail = self.tail.take(~hit)
+        return due
+
+    def add(self, other: Rechecks) -> None:
+        if not len(other):
+            return
+        self.tail = other if self.tail is None else _concat(self.tail, other)
+        if len(self.tail) > max(256, len(self.not_before) // 8):
+            whole = _concat(self.take(slice(None)), self.tail).sorted()
+            for f in _FIELDS:
+                setattr(self, f, getattr(whole, f))
+            self.tail = None
+
+
+def _concat(a: Rechecks, b: Rechecks) -> Rechecks:
+    return Rechecks(*(np.concatenate([getattr(a, f), getattr(b, f)]) for f in _FIELDS))
 
 
 def rechecks_of(rows: np.ndarray, est_idx: np.ndarray, hist: dict[str, np.ndarray], exact: np.ndarray,
                 bound: np.ndarray, accepted: np.ndarray, now: float) -> Rechecks:
-    """The ESTABLISHED rows tcp_info answered for, with their next check."""
+    """The ESTABLISHED rows tcp_info answered for, with their next check
+    (sorted by it)."""
     nb = hist["not_before"][est_idx]
     idx = est_idx[nb > 0]
     return Rechecks(rows[idx].copy(), hist["not_before"][idx].copy(), now - exact[idx], now - bound[idx],
-                    accepted[idx].copy())
+                    accepted[idx].copy()).sorted()
 
 
 def table_rows(snap: Snapshot, idx: np.ndarray) -> np.ndarray:
@@ -161,21 +197,19 @@ def scan(sc: Scanner, snap: Snapshot, rep: LeakReport) -> None:
     now, now_ns = time.monotonic(), time.monotonic_ns()
     idx = select(snap, sc, now_ns, sc.prev_scan_ns or now_ns)
     sc.prev_scan_ns = now_ns
-    due = sc.rechecks.not_before <= now
-    cand = np.concatenate([table_rows(snap, idx), sc.rechecks.rows[due]])
+    r = sc.rechecks.pop_due(now)  # answered ones come back below
+    cand = np.concatenate([table_rows(snap, idx), r.rows])
     socks = snap.socks[idx]
     age = (now_ns - socks["state_ns"].astype(np.int64)) / 1e9
     seeded = ((socks["flags"] & abi.PT_F_SEEDED) != 0) & (socks["transitions"] == 0)
-    r = sc.rechecks
-    exact_c = np.concatenate([np.where(seeded, np.nan, age), now - r.began[due]])
-    bound_c = np.concatenate([np.where(seeded, age, np.nan), now - r.known_since[due]])
-    acc_c = np.concatenate([socks["accepted"].astype(np.int8), r.accepted[due]])
+    exact_c = np.concatenate([np.where(seeded, np.nan, age), now - r.began])
+    bound_c = np.concatenate([np.where(seeded, age, np.nan), now - r.known_since])
+    acc_c = np.concatenate([socks["accepted"].astype(np.int8), r.accepted])
     # A socket both in the table's selection and due for a recheck: once.
     _, first = np.unique(cand["cookie"], return_index=True)
     first.sort()
     cand, exact_c, bound_c, acc_c = cand[first], exact_c[first], bound_c[first], acc_c[first]
     state_c = cand["state"].copy()
-    sc.rechecks = r.take(~due)  # answered ones come back below
 
     # Listeners of passive candidates, for sockets still in an accept queue.
     st = snap.socks["state"]
@@ -224,7 +258,7 @@ def scan(sc: Scanner, snap: Snapshot, rep: LeakReport) -> None:
     facts = joins.sock_facts(rows, stuck_idx, est_idx, exact, bound, hist, accepted, infos, owners, listeners,
                              fin_timeout, now, th.idle_after, sc.max_socket_facts, rep.errors)
     sc.history.merge(rows, hist)
-    sc.rechecks = sc.rechecks.add(rechecks_of(rows, est_idx, hist, exact, bound, accepted, now))
+    sc.rechecks.add(rechecks_of(rows, est_idx, hist, exact, bound, accepted, now))
     unresolved = [f for f in facts if f.inode and not f.owners]
     if unresolved:
         sc.full_wanted = True
