@@ -342,4 +342,5 @@ def carry_of(rows: np.ndarray, relevant: np.ndarray, flags: list[Any], rep: Leak
         "mini_states": counts[:16].astype(np.int64),
         "stats": {k: rep.stats[k] for k in ("sockets", "netns_covered", "netns_failed", "dump_seconds")
                   if k in rep.stats},
+        "processes_scanned": rep.stats.get("processes_scanned"),
     }
