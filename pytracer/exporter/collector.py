@@ -223,7 +223,8 @@ class TracerCollector(Collector):
             self._failed("leaks", exc)
             return None
         try:
-            self._scanner = Scanner(self.tracer, Thresholds(**self.thresholds), pids=self.opts.pids)
+            self._scanner = Scanner(self.tracer, Thresholds(**self.thresholds), pids=self.opts.pids,
+                                    incremental=True)
         except Exception as exc:  # noqa: BLE001 - a broken layer must not stop the exporter
             self._failed("leaks", exc)
         return self._scanner

@@ -26,6 +26,7 @@ retrying every scan.  ``PYTRACER_FDSCAN=proc`` forces the /proc walk.
 from __future__ import annotations
 
 import atexit
+import errno
 import logging
 import os
 import struct
@@ -229,6 +230,50 @@ class FdIterators:
         if missing and not out.truncated:
             log.debug("fd scan: %d processes not reported by the iterators, read from /proc: %s",
                       len(missing), missing[:10])
+            merge(out, procs.walk_fds(missing, proc, max_fds - out.fds))
+        return out
+
+    def scan_each(self, pids: Iterable[int], proc: str = PROC, max_fds: int = MAX_FDS_TOTAL) -> FdScan:
+        """The fds of ``pids`` only, with the kernel visiting no other
+        process: a pair of iterator links per process, each bound to it
+        (``bpf_iter_link_info.task.pid``, v6.1), unlike :meth:`scan` with
+        ``only``, where the kernel still walks every fd table of the host.
+        A process that is gone is left out; one the iterators do not report
+        (pid 1 on v6.18 here) is read from /proc.  Raises
+        :class:`FdScanUnavailable` if the kernel refuses a bound link."""
+        want = sorted({int(p) for p in pids})
+        parts: list[tuple[np.ndarray, np.ndarray]] = []
+        with self._lock:
+            if self.obj is None:
+                raise FdScanUnavailable("the fdscan object is closed")
+            self._set_only(None)
+            for pid in want:
+                links: list[libbpf.Link] = []
+                recs: list[np.ndarray] = []
+                try:
+                    for name in PROGRAMS:
+                        links.append(self.obj.program(name).attach_iter(pid=pid))
+                    for link in links:
+                        mm, used = link.read_iter(1 << 20)
+                        try:
+                            recs.append(np.frombuffer(mm, FD_REC_DTYPE, count=used // FD_REC_DTYPE.itemsize).copy())
+                        finally:
+                            mm.close()
+                except libbpf.LibbpfError as exc:
+                    if exc.errno in (errno.ESRCH, errno.ENOENT):
+                        continue  # exited
+                    raise FdScanUnavailable(f"iterator bound to a process: {exc}") from None
+                finally:
+                    for link in links:
+                        link.destroy()
+                parts.append((recs[0], recs[1]))
+        empty = np.zeros(0, FD_REC_DTYPE)
+        tasks = np.concatenate([t for t, _ in parts]) if parts else empty
+        files = np.concatenate([f for _, f in parts]) if parts else empty
+        out = parse(tasks, files, want, proc, max_fds)
+        missing = sorted(set(want).difference(tasks["tgid"].tolist()).difference(out.fd_counts))
+        missing = [p for p in missing if os.path.exists(f"{proc}/{p}")]
+        if missing and not out.truncated:
             merge(out, procs.walk_fds(missing, proc, max_fds - out.fds))
         return out
 

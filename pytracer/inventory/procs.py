@@ -244,8 +244,16 @@ def start_ticks(pid: int, proc: str = PROC) -> int | None:
 
 
 def count_fds(pid: int, proc: str = PROC) -> int | None:
+    """Open fds of a process.  On the real /proc of v6.2+ one stat(2): the
+    size of /proc/PID/fd is its number of open files (fs/proc/fd.c,
+    proc_fd_getattr; 0 on older kernels, which then list the directory)."""
+    path = f"{proc}/{pid}/fd"
     try:
-        return len(os.listdir(f"{proc}/{pid}/fd"))
+        if proc == PROC:
+            n = os.stat(path).st_size
+            if n > 0:
+                return int(n)
+        return len(os.listdir(path))
     except OSError:
         return None
 

@@ -742,11 +742,55 @@ class Session:
                     out.update(self._dump_info(sock, sel))
                 else:
                     for start in range(0, len(sel), _BATCH):
-                        out.update(self._lookup_batch(sock, sel[start : start + _BATCH])[0])
+                        out.update(self._lookup_batch(sock, sel[start : start + _BATCH])[1])
             except OSError as exc:  # e.g. ENOBUFS: replies were dropped
                 self.errors.append(f"{self.netns[int(ino)].label} (netns {ino}) tcp_info: {exc}")
             missed += len(sel) - (len(out) - before)
         return out, missed
+
+    def lookup(self, rows: np.ndarray, exact_max: int = 256) -> tuple[np.ndarray, TcpInfoTable, int]:
+        """The kernel's current row (INV_DTYPE) and tcp_info of each socket
+        ``rows`` names (INV_DTYPE: cookie, netns, family, ports and
+        addresses are enough; a socket of the BPF table, say), in its
+        namespace, without a dump: exact lookups by 4-tuple and cookie, in
+        batches.  Past ``exact_max`` sockets in a namespace, one dump of
+        their states with INET_DIAG_INFO is cheaper (then the cost is that
+        of every socket in those states).
+
+        Returns (rows found, cookie -> TcpInfo, sockets without an answer:
+        gone, or in a namespace this session has no socket for).
+        """
+        found: list[np.ndarray] = []
+        infos = TcpInfoTable()
+        missed = 0
+        for ino in np.unique(rows["netns"]).tolist() if len(rows) else []:
+            sock = self.socks.get(int(ino))
+            sel = rows[rows["netns"] == ino]
+            if sock is None:
+                missed += len(sel)
+                continue
+            got = 0
+            try:
+                if len(sel) > exact_max:
+                    states = 0
+                    for st in np.unique(sel["state"]).tolist():
+                        states |= 1 << int(st)
+                    part = self.dump(states=states).rows
+                    part = part[(part["netns"] == ino) & np.isin(part["cookie"], sel["cookie"])]
+                    infos.update(self._dump_info(sock, part))
+                    found.append(part)
+                    got = len(part)
+                else:
+                    for start in range(0, len(sel), _BATCH):
+                        part, table, _ = self._lookup_batch(sock, sel[start : start + _BATCH], int(ino))
+                        infos.update(table)
+                        found.append(part)
+                        got += len(part)
+            except OSError as exc:
+                self.errors.append(f"{self.netns[int(ino)].label} (netns {ino}) lookup: {exc}")
+            missed += len(sel) - got
+        out = np.concatenate(found) if found else np.zeros(0, INV_DTYPE)
+        return out, infos, missed
 
     def _dump_info(self, sock: socket.socket, rows: np.ndarray) -> TcpInfoTable:
         out = TcpInfoTable()
@@ -767,7 +811,8 @@ class Session:
                     break
         return out
 
-    def _lookup_batch(self, sock: socket.socket, rows: np.ndarray) -> tuple[TcpInfoTable, int]:
+    def _lookup_batch(self, sock: socket.socket, rows: np.ndarray, netns: int = 0
+                      ) -> tuple[np.ndarray, TcpInfoTable, int]:
         templates = {}
         wanted: dict[int, int] = {}  # seq -> cookie
         data = bytearray()
@@ -783,6 +828,7 @@ class Session:
             wanted[seq] = int(row["cookie"])
         sock.send(bytes(data))
         out = TcpInfoTable()
+        msgs: list[np.ndarray] = []
         pending = set(wanted)
         # Each request gets exactly one reply (the socket, or an error).
         for _ in range(len(wanted) + 1):
@@ -792,12 +838,15 @@ class Session:
                 buf = sock.recv(1 << 18)
             except socket.timeout:
                 break
-            for mseq, info in parse_info_replies(buf).items():
+            for mseq, (msg, info) in parse_lookup_replies(buf).items():
                 if mseq in pending:
                     pending.discard(mseq)
+                    if msg is not None:
+                        msgs.append(msg)
                     if info is not None:
                         out.add_info(wanted[mseq], info)
-        return out, len(wanted) - len(out)
+        found = to_inventory(np.concatenate(msgs), netns) if msgs else np.zeros(0, INV_DTYPE)
+        return found, out, len(wanted) - len(found)
 
 
 _COOKIE_OFFSET = 16 + MSG_DTYPE.fields["idiag_cookie"][1]  # from the nlmsghdr
@@ -840,18 +889,27 @@ def parse_info_dump(buf: bytes, seq: int, wanted: set[int], into: TcpInfoTable |
 def parse_info_replies(buf: bytes) -> dict[int, TcpInfo | None]:
     """Replies to exact lookups in one datagram: sequence number -> tcp_info
     (None for an error reply or a socket without tcp_info, e.g. timewait)."""
-    out: dict[int, TcpInfo | None] = {}
+    return {seq: info for seq, (_, info) in parse_lookup_replies(buf).items()}
+
+
+def parse_lookup_replies(buf: bytes) -> dict[int, tuple[np.ndarray | None, TcpInfo | None]]:
+    """Replies to exact lookups in one datagram: sequence number -> (the
+    inet_diag_msg as a one-row MSG_DTYPE array, tcp_info); (None, None)
+    for an error reply (e.g. ENOENT: gone), tcp_info None for a socket
+    without one (timewait)."""
+    out: dict[int, tuple[np.ndarray | None, TcpInfo | None]] = {}
     off = 0
     while off + 16 <= len(buf):
         length, typ, _f, mseq, _p = _NLMSGHDR.unpack_from(buf, off)
         if length < 16 or off + length > len(buf):
             break
-        info = None
+        info = msg = None
         if typ == SOCK_DIAG_BY_FAMILY and length >= 16 + MSG_DTYPE.itemsize:
+            msg = np.frombuffer(buf, MSG_DTYPE, count=1, offset=off + 16).copy()
             attrs = _attrs(buf, off + 16 + MSG_DTYPE.itemsize, off + length)
             if INET_DIAG_INFO in attrs:
                 info = decode_tcp_info(attrs[INET_DIAG_INFO])
-        out[mseq] = info
+        out[mseq] = (msg, info)
         off += (length + 3) & ~3
     return out
 

@@ -307,6 +307,19 @@ def _errno_of(rc: int) -> int:
 # --- handles -----------------------------------------------------------------
 
 
+class IterLinkInfo(ctypes.Structure):
+    """union bpf_iter_link_info (include/uapi/linux/bpf.h), its task member,
+    padded to the union's 16 bytes (the cgroup member is the largest)."""
+
+    _fields_ = [("tid", c_uint32), ("pid", c_uint32), ("pid_fd", c_uint32), ("_pad", c_uint32)]
+
+
+class IterAttachOpts(ctypes.Structure):
+    """struct bpf_iter_attach_opts (libbpf.h)."""
+
+    _fields_ = [("sz", c_size_t), ("link_info", c_void_p), ("link_info_len", c_uint32)]
+
+
 class Link:
     """An attached program; destroying the link detaches it."""
 
@@ -405,13 +418,22 @@ class Program:
             raise LibbpfError(exc.errno, f"attach {self.name} ({self.section})", exc.log) from None
         return Link(ptr, self.name)
 
-    def attach_iter(self) -> Link:
-        """Attach an ``iter/*`` program (no options: every task, every object)."""
+    def attach_iter(self, pid: int | None = None) -> Link:
+        """Attach an ``iter/*`` program: over every task (and object), or,
+        for a task iterator given ``pid``, over that one process's threads
+        only (``bpf_iter_link_info.task.pid``, v6.1: the kernel visits no
+        other task)."""
         clear_log()
+        opts = None
+        if pid is not None:
+            info = IterLinkInfo(tid=0, pid=int(pid), pid_fd=0)
+            opts = IterAttachOpts(sz=ctypes.sizeof(IterAttachOpts), link_info=ctypes.addressof(info),
+                                  link_info_len=ctypes.sizeof(info))
         try:
-            ptr = library().bpf_program__attach_iter(self._ptr, None)
+            ptr = library().bpf_program__attach_iter(self._ptr, ctypes.byref(opts) if opts is not None else None)
         except LibbpfError as exc:
-            raise LibbpfError(exc.errno, f"attach iterator {self.name} ({self.section})", exc.log) from None
+            what = f"attach iterator {self.name} ({self.section})" + (f" to pid {pid}" if pid is not None else "")
+            raise LibbpfError(exc.errno, what, exc.log) from None
         return Link(ptr, self.name)
 
     def info(self) -> ProgInfo:

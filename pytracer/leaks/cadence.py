@@ -1,10 +1,11 @@
 """Leak scans inside ``tracer watch`` intervals, held to a duty cycle.
 
-``tracer watch`` reports every interval; a leak scan walks the fd tables and
-dumps every socket, which on a busy host takes a noticeable part of a
-second.  :func:`watch_enricher` runs a :class:`~pytracer.leaks.scanner.Scanner`
-no more often than a duty cycle allows and copies its latest findings into
-each report.
+``tracer watch`` reports every interval; a full leak scan walks the fd
+tables and dumps every socket, which on a busy host takes a noticeable part
+of a second, and the scans in between cost in proportion to their
+candidates.  :func:`watch_enricher` runs a
+:class:`~pytracer.leaks.scanner.Scanner` no more often than a duty cycle
+allows and copies its latest findings into each report.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ def watch_enricher(thresholds: Thresholds, duty: float = 0.25):
     gets ``flags``, the TIME_WAIT / NEW_SYN_RECV counts the table cannot hold,
     and a ``leaks`` summary.
 
-    A scan walks /proc and dumps every socket; on a busy host that takes a
-    noticeable part of a second.  To keep it under ``duty`` of the wall clock,
+    The Scanner is incremental (:mod:`pytracer.leaks.incremental`): most
+    scans look only at the candidates the socket table selects and cost
+    milliseconds; a full scan (every socket, every fd table) comes on its
+    own slow cadence.  To keep even those under ``duty`` of the wall clock,
     a new scan starts only once (1/duty - 1) times the last scan's duration
     has passed; reports in between repeat the last findings, and
     ``leaks.age_seconds`` says how old they are.
@@ -35,7 +38,8 @@ def watch_enricher(thresholds: Thresholds, duty: float = 0.25):
     def enrich(report: dict[str, Any], snap: Snapshot, tracer: Any, opts: Any, state: dict[str, Any]) -> None:
         scanner = state.get("leak_scanner")
         if scanner is None:
-            scanner = state["leak_scanner"] = Scanner(tracer, thresholds, pids=getattr(opts, "pids", ()))
+            scanner = state["leak_scanner"] = Scanner(tracer, thresholds, pids=getattr(opts, "pids", ()),
+                                                     incremental=True)
         last = state.get("leak_last")  # (report, monotonic end, cost)
         now = time.monotonic()
         if last is None or now - last[1] >= last[2] * (1.0 / duty - 1.0):
@@ -43,7 +47,7 @@ def watch_enricher(thresholds: Thresholds, duty: float = 0.25):
             last = state["leak_last"] = (lr, time.monotonic(), float(lr.stats.get("scan_seconds") or 0.0))
         lr = last[0]
         report["flags"] = [f.to_json() for f in lr.flags]
-        _name_holders(report.get("sockets") or [], scanner, tracer)
+        _name_holders(report.get("sockets") or [], scanner, tracer, snap)
         if not scanner.pids:
             for name in ("TIME_WAIT", "NEW_SYN_RECV"):
                 if lr.inventory_states.get(name):
@@ -60,7 +64,7 @@ def watch_enricher(thresholds: Thresholds, duty: float = 0.25):
     return enrich
 
 
-def _name_holders(rows: list[dict[str, Any]], scanner: Scanner, tracer: Any) -> None:
+def _name_holders(rows: list[dict[str, Any]], scanner: Scanner, tracer: Any, snap: Snapshot | None = None) -> None:
     """Give rows the table has no owner for (accepted sockets when no accept
     hook runs: see pytracer.kernel.hooks) the pid and fd that hold them, from
     the last scan's fd table.  Only the few rows shown, never the table."""
@@ -69,7 +73,7 @@ def _name_holders(rows: list[dict[str, Any]], scanner: Scanner, tracer: Any) -> 
     missing = [r for r in rows if r.get("pid") is None]
     if not missing:
         return
-    held = scanner.holders(r["cookie"] for r in missing)
+    held = scanner.holders([r["cookie"] for r in missing], snap)
     for r in missing:
         if r["cookie"] in held:
             pid, fd, ino = held[r["cookie"]]

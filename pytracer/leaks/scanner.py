@@ -18,18 +18,27 @@ Every loop is bounded (sockets, processes, fds, tcp_info queries).  History
 (growth trends, what was already checked) lives in the Scanner, so call
 ``scan()`` on one instance repeatedly.
 
+That is a *full* scan: its cost follows every socket and fd on the host.
+With ``incremental=True`` (``tracer watch``, ``tracer export``) the scans in
+between are *candidate* scans (:mod:`pytracer.leaks.incremental`), costing
+in proportion to the sockets the BPF table puts past a threshold; a full
+scan then runs when the last one is ``full_every`` (60 s) old, or older
+when its duration over that gap would exceed ``full_budget`` (0.5% of a
+core): whichever is rarer.  A candidate whose holder was not found brings
+it forward to the budget alone.
+
 The joins themselves are :mod:`pytracer.leaks.facts`; the one write a scan
-makes (reaping a record whose socket is gone) goes through
-:mod:`pytracer.table.writer`.  Seeding is :mod:`pytracer.inventory.seed`,
+makes (reaping a record whose socket is gone, :mod:`pytracer.leaks.reaper`)
+goes through :mod:`pytracer.table.writer`.  Seeding is :mod:`pytracer.inventory.seed`,
 the ``tracer watch`` cadence :mod:`pytracer.leaks.cadence`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -38,6 +47,7 @@ from pytracer.inventory import procs, sockdiag
 from pytracer.inventory.owners import scan_fds, scope_mask
 from pytracer.kernel.tcp_states import TcpState
 from pytracer.leaks import facts as joins
+from pytracer.leaks import incremental as incremental_scan
 from pytracer.leaks.detectors import (
     Flag,
     SockFacts,
@@ -46,10 +56,10 @@ from pytracer.leaks.detectors import (
     socket_flags,
 )
 from pytracer.leaks.processes import GrowthSample, fd_flags, growth_flags, growth_rate, update_growth
+from pytracer.leaks.reaper import Reaper
+from pytracer.leaks.report import LeakReport, ProcessSummary
 from pytracer.leaks.time_wait import TimeWaitDest, time_wait_by_destination, time_wait_flags
-from pytracer.table import writer
 from pytracer.table.poll import Snapshot
-from pytracer.table.writer import SEED_STATES
 
 __all__ = ["Flag", "LeakReport", "ProcessSummary", "Scanner", "Thresholds", "scope_mask"]
 
@@ -60,54 +70,12 @@ MAX_SOCKET_FACTS = 20000  # sockets built into Python objects per scan
 # A table record whose socket sock_diag has not listed for this long (in two
 # scans at least this far apart, record untouched between them) is reaped.
 REAP_AFTER_S = 30.0
-REAP_LOGGED = 5  # records described in the log per scan
-
-
-@dataclass
-class ProcessSummary:
-    pid: int
-    comm: str | None
-    cmdline: str | None
-    cgroup: str | None
-    container: str | None
-    open_fds: int | None
-    max_fds: int | None
-    tcp_sockets: int = 0
-    close_wait: int = 0  # CLOSE_WAIT sockets it holds an fd for
-    close_wait_backlog: int = 0  # CLOSE_WAIT sockets unaccepted in its listeners' queues
-    close_wait_per_second: float | None = None  # when growing
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class LeakReport:
-    flags: list[Flag] = field(default_factory=list)
-    time_wait: list[tuple[str, int, int]] = field(default_factory=list)  # (dest, count, ephemeral range size)
-    # Sockets by state in every covered namespace (with pids: theirs only).
-    inventory_states: dict[str, int] = field(default_factory=dict)
-    processes: dict[int, ProcessSummary] = field(default_factory=dict)
-    netns: list[dict[str, Any]] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    stats: dict[str, Any] = field(default_factory=dict)
-    mono_ns: int = 0
-    wall: float = 0.0
-
-    def time_wait_json(self) -> list[dict[str, Any]]:
-        return [{"dest": d, "count": n, "range_size": r} for d, n, r in self.time_wait]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "ts": round(self.wall, 3),
-            "flags": [f.to_json() for f in self.flags],
-            "time_wait": self.time_wait_json(),
-            "states": self.inventory_states,
-            "processes": {str(pid): p.to_json() for pid, p in sorted(self.processes.items())},
-            "netns": self.netns,
-            "errors": self.errors,
-            "stats": self.stats,
-        }
+# Full scans (every socket, every fd table) between candidate scans: at most
+# FULL_BUDGET of one core (their last duration over the gap), and no more
+# often than every FULL_EVERY_S, whichever is rarer; as often as the budget
+# allows while a candidate's holder is unknown.
+FULL_EVERY_S = 60.0
+FULL_BUDGET = 0.005
 
 
 class Scanner:
@@ -137,11 +105,12 @@ class Scanner:
                  proc: str = procs.PROC, max_socket_facts: int = MAX_SOCKET_FACTS,
                  reap_after: float = REAP_AFTER_S, *, fd_scan: Callable[..., procs.FdScan] | None = None,
                  netns_refs: Callable[..., list[procs.NetnsRef]] | None = None,
-                 session: Callable[[list[procs.NetnsRef]], Any] | None = None) -> None:
+                 session: Callable[[list[procs.NetnsRef]], Any] | None = None, incremental: bool = False,
+                 full_every: float = FULL_EVERY_S, full_budget: float = FULL_BUDGET) -> None:
         self.tracer = tracer
-        self._fd_scan = fd_scan
+        self.fd_scan = fd_scan
         self._netns_refs = netns_refs
-        self._session = session
+        self.session_factory = session
         self.thresholds = thresholds or Thresholds()
         self.thresholds.validate()
         self.pids = tuple(sorted(set(int(p) for p in pids)))
@@ -149,14 +118,10 @@ class Scanner:
         self.max_socket_facts = max_socket_facts
         self._lock = threading.Lock()
         self._growth: dict[tuple, list[GrowthSample]] = {}
-        self._proc_cache: dict[int, procs.ProcFacts] = {}
-        self._history = joins.History()
+        self.proc_cache: dict[int, procs.ProcFacts] = {}
+        self.history = joins.History()
         self.scans = 0
-        self.reap_after = reap_after
-        self.reaped = 0
-        # Records whose socket the last scan could not find: key -> (state_ns,
-        # transitions, monotonic seconds first missed).
-        self._missing: dict[int, tuple[int, int, float]] = {}
+        self.reaper = Reaper(tracer, reap_after)
         # The facts the last scan judged (for debugging and recording fixtures).
         self.last_facts: list[SockFacts] = []
         self.last_procs: dict[int, procs.ProcFacts] = {}
@@ -165,7 +130,22 @@ class Scanner:
         # for (an accepted socket with no accept hook) without a scan of its own.
         self._cookies = np.zeros(0, dtype=np.uint64)
         self._inodes = np.zeros(0, dtype=np.uint64)
-        self._owners: procs.SocketOwners | None = None
+        self.full_owners: procs.SocketOwners | procs.SocketOwners = procs.SocketOwners()
+        # Candidate scans between full ones (pytracer.leaks.incremental).
+        self.incremental = incremental
+        self.full_every, self.full_budget = full_every, full_budget
+        self.full_wanted = False  # a candidate's holder was not found: the next full scan is due early
+        self.last_full_end: float | None = None
+        self.last_full_cost = 0.0
+        self.last_kind = ""  # "full" or "candidates"
+        self.prev_scan_ns = 0
+        self.refs: list[procs.NetnsRef] = []
+        self.fin_timeouts: dict[int, int | None] = {}
+        self.listen_holders: dict[tuple[int, int], set[int]] = {}
+        self.carried: dict[str, Any] = {}
+        self.summaries: dict[int, ProcessSummary] = {}
+        self.rechecks = incremental_scan.Rechecks.empty()
+        self.holder_cache: dict[int, tuple[Any, float]] = {}  # cookie -> ((pid, fd, inode) or None, when)
 
     # -- the scan ----------------------------------------------------------
 
@@ -184,7 +164,6 @@ class Scanner:
             return rep
 
     def _scan(self, snapshot: Snapshot | None, rep: LeakReport) -> None:
-        th = self.thresholds
         if snapshot is None and self.tracer is not None and getattr(self.tracer, "obj", True) is not None:
             try:
                 from pytracer.table import poll as poller
@@ -193,7 +172,30 @@ class Scanner:
             except Exception as exc:
                 rep.errors.append(f"socket table: {exc}")
 
-        fdscan = (self._fd_scan or scan_fds)(self.pids or None, self.proc)
+        if snapshot is not None and not self._full_due(snapshot):
+            self.last_kind = "candidates"
+            incremental_scan.scan(self, snapshot, rep)
+            rep.flags = ordered(rep.flags)
+            return
+        self.last_kind = "full"
+        t0 = time.perf_counter()
+        try:
+            self._full(snapshot, rep)
+        finally:
+            self.last_full_end, self.last_full_cost = time.monotonic(), time.perf_counter() - t0
+            self.full_wanted = False
+
+    def _full_due(self, snap: Snapshot) -> bool:
+        if not self.incremental or self.last_full_end is None or getattr(self.tracer, "key_by_ptr", False):
+            return True
+        gap = self.last_full_cost / self.full_budget
+        if not self.full_wanted:
+            gap = max(gap, self.full_every)
+        return time.monotonic() - self.last_full_end >= gap
+
+    def _full(self, snapshot: Snapshot | None, rep: LeakReport) -> None:
+        th = self.thresholds
+        fdscan = (self.fd_scan or scan_fds)(self.pids or None, self.proc)
         rep.stats.update(processes_scanned=fdscan.processes, fds_scanned=fdscan.fds,
                          fd_scan_truncated=fdscan.truncated, fd_tables_unreadable=fdscan.unreadable)
         refs = (self._netns_refs or procs.netns_refs)(fdscan, self.proc)
@@ -204,7 +206,7 @@ class Scanner:
             refs = [r for r in refs if r.label == "host" or r.ino in wanted]
             states &= ~((1 << int(S.TIME_WAIT)) | (1 << int(S.NEW_SYN_RECV)))
 
-        with (self._session or sockdiag.Session)(refs) as sess:
+        with (self.session_factory or sockdiag.Session)(refs) as sess:
             inv = sess.dump(states=states)
             now = time.monotonic()
             now_ns = time.monotonic_ns()
@@ -219,7 +221,7 @@ class Scanner:
             owners = fdscan.sockets
             order = np.argsort(rows["cookie"], kind="stable")
             self._cookies, self._inodes = rows["cookie"][order], rows["inode"][order].astype(np.uint64)
-            self._owners = owners
+            self.full_owners = owners
             relevant = scope_mask(rows, owners, self.pids)
             listeners = joins.listeners(rows, owners)
             counts_by_state = np.bincount(rows["state"][relevant], minlength=16)
@@ -228,11 +230,11 @@ class Scanner:
             # Time in state: exact from the BPF table, else lower bounds.
             exact_s, table_bound_s, accepted, matched = joins.join_table(
                 rows, snapshot, now_ns, bool(getattr(self.tracer, "key_by_ptr", False)))
-            hist = self._history.carry(rows, now)
+            hist = self.history.carry(rows, now)
             rep.stats["table_records"] = int(len(snapshot.keys)) if snapshot is not None else None
             rep.stats["table_matched"] = int(matched.sum())
             if snapshot is not None:
-                self._reap(snapshot, rows, set(sess.socks), bool(inv.errors), now, now_ns)
+                self.reaper.reap(snapshot, rows, set(sess.socks), bool(inv.errors), now, now_ns)
             rep.stats["records_reaped"] = self.reaped
 
             fin_timeout = {ino: n.fin_timeout for ino, n in inv.netns.items()}
@@ -251,21 +253,15 @@ class Scanner:
             facts = joins.sock_facts(rows, stuck_idx, est_idx, exact_s, table_bound_s, hist, accepted, infos,
                                      owners, listeners, fin_timeout, now, th.idle_after, self.max_socket_facts,
                                      rep.errors)
-            self._history.store(rows, hist)
+            self.history.store(rows, hist)
 
             # Processes: who holds TCP sockets (or the --pid set).
-            summaries, counts = self._processes(rows, relevant, owners, listeners)
-            pfacts = {pid: self._proc_cache[pid] for pid in summaries if pid in self._proc_cache}
+            summaries, counts = self.process_counts(rows, relevant, owners, listeners)
+            pfacts = {pid: self.proc_cache[pid] for pid in summaries if pid in self.proc_cache}
 
             self.last_facts, self.last_procs = facts, pfacts
             flags = socket_flags(facts, pfacts, th)
-            self._growth = update_growth(self._growth, now, counts, th)
-            flags += growth_flags(self._growth, pfacts, th)
-            for key, samples in self._growth.items():
-                rate = growth_rate(samples, th)
-                if rate is not None and key[0] in summaries:
-                    summaries[key[0]].close_wait_per_second = round(rate, 4)
-            flags += fd_flags(pfacts, th)
+            flags += self.process_flags(now, counts, summaries, pfacts)
 
             # TIME_WAIT per destination (not under --pid: TIME_WAIT has no owner).
             if not self.pids:
@@ -274,99 +270,83 @@ class Scanner:
                                                                      th.time_wait_warn_ratio)
                 rep.time_wait = [(d.dest, d.count, d.range_size or 0) for d in dests[: th.top]]
                 flags += time_wait_flags(dests, th, {ino: n.tw_reuse for ino, n in inv.netns.items()})
+            if self.incremental:  # what the candidate scans start from
+                self.refs, self.fin_timeouts = list(refs), fin_timeout
+                self.listen_holders = {k: {p for e in v for p, _ in e[2]} for k, v in listeners.items()}
+                self.rechecks = incremental_scan.rechecks_of(rows, est_idx, hist, exact_s, table_bound_s, accepted,
+                                                             now)
+                self.carried = incremental_scan.carry_of(rows, relevant, flags, rep)
+                self.summaries = {pid: dataclasses.replace(p) for pid, p in summaries.items()}
+                self.prev_scan_ns = now_ns
+                self.holder_cache = {}
 
             rep.flags = ordered(flags)
             rep.processes = summaries
 
-    def holders(self, cookies: Iterable[int]) -> dict[int, tuple[int, int, int]]:
+    @property
+    def reaped(self) -> int:
+        """Table records deleted because their socket is gone (see pytracer.leaks.reaper)."""
+        return self.reaper.reaped
+
+    def holders(self, cookies: Iterable[int], snap: Snapshot | None = None) -> dict[int, tuple[int, int, int]]:
         """cookie -> (pid, fd, inode) of the first process holding it, as the
-        last scan found them (sockets nobody holds, or unseen, are left out)."""
+        last full scan found them (sockets nobody holds, or unseen, are left
+        out); with ``snap``, sockets newer than that scan are resolved one
+        by one (:func:`pytracer.leaks.incremental.resolve_holders`)."""
         out: dict[int, tuple[int, int, int]] = {}
-        if self._owners is None or not len(self._cookies):
-            return out
+        cookies = list(cookies)
+        with self._lock:
+            if len(self.full_owners) and len(self._cookies):
+                self._known_holders(cookies, out)
+            missing = [c for c in cookies if c not in out]
+            if missing and snap is not None and self.incremental and self.last_full_end is not None:
+                try:
+                    out.update(incremental_scan.resolve_holders(self, snap, missing, time.monotonic()))
+                except OSError as exc:
+                    log.debug("holders of %d sockets not resolved: %s", len(missing), exc)
+        return out
+
+    def _known_holders(self, cookies: list[int], out: dict[int, tuple[int, int, int]]) -> None:
         for cookie in cookies:
             i = int(np.searchsorted(self._cookies, np.uint64(cookie)))
             if i < len(self._cookies) and int(self._cookies[i]) == cookie:
                 ino = int(self._inodes[i])
-                held = self._owners.get(ino)
+                held = self.full_owners.get(ino)
                 if held:
                     out[int(cookie)] = (*held[0], ino)
-        return out
 
     # -- pieces ------------------------------------------------------------
-
-    def _reap(self, snap: Snapshot, rows: np.ndarray, covered: set[int], partial: bool, now: float,
-              now_ns: int) -> None:
-        """Delete table records whose socket no longer exists, and count them.
-
-        A record leaves the table when the kernel destroys its socket; if
-        that event never reaches a program, the record would stay forever,
-        hold a slot, and its lifetime would never be counted.  Such a record
-        is reaped when its socket's cookie is missing from two complete
-        sock_diag dumps at least ``reap_after`` apart, in a namespace both
-        dumps covered, while the record did not change.  Cookies are never
-        reused, and the states reaped are ones sock_diag always lists (not
-        CLOSE: an unhashed socket still held by an fd is not listed).
-        The count is ``records_reaped``; each is logged.
-        """
-        if partial or getattr(self.tracer, "key_by_ptr", False) or not len(snap.keys):
-            self._missing = {}
-            return
-        socks = snap.socks
-        netns = np.fromiter((ino & 0xFFFFFFFF for ino in covered), np.uint32, len(covered))
-        absent = ~np.isin(snap.keys, rows["cookie"])
-        absent &= np.isin(socks["state"], [int(st) for st in SEED_STATES])
-        absent &= np.isin(socks["netns_ino"], netns)
-        absent &= socks["state_ns"].astype(np.int64) < np.int64(now_ns - int(self.reap_after * 1e9))
-        missing: dict[int, tuple[int, int, float]] = {}
-        due = []
-        for i in np.flatnonzero(absent).tolist():
-            key = int(snap.keys[i])
-            mark = (int(socks["state_ns"][i]), int(socks["transitions"][i]))
-            first = self._missing.get(key)
-            if first is not None and first[:2] == mark and now - first[2] >= self.reap_after:
-                due.append(i)
-            else:
-                missing[key] = first if first is not None and first[:2] == mark else (*mark, now)
-        self._missing = missing
-        if not due:
-            return
-        logged = 0
-        for i in due:
-            rec = writer.reap(self.tracer, int(snap.keys[i]), int(socks["state_ns"][i]), int(socks["transitions"][i]))
-            if rec is None:
-                continue  # destroyed meanwhile (the kernel counted it), changed, or gone
-            self.reaped += 1
-            if logged < REAP_LOGGED:
-                logged += 1
-                log.warning("reaped a table record whose socket is gone (no destroy event seen): cookie %d, %s, "
-                            "port %d -> %d, netns %d, last change %.1f s ago", int(snap.keys[i]),
-                            TcpState.name_of(int(rec["state"])), int(rec["lport"]), int(rec["rport"]),
-                            int(rec["netns_ino"]), (now_ns - int(rec["state_ns"])) / 1e9)
 
     def _proc_facts(self, pid: int) -> procs.ProcFacts | None:
         start = procs.start_ticks(pid, self.proc)
         if start is None:
             return None
-        cached = self._proc_cache.get(pid)
+        cached = self.proc_cache.get(pid)
         if cached is not None and cached.start_ticks == start:
             cached.open_fds = procs.count_fds(pid, self.proc)
             cached.max_fds = procs.nofile_limit(pid, self.proc)
             return cached
         pf = procs.facts(pid, self.proc)
         pf.start_ticks = start
-        self._proc_cache[pid] = pf
+        self.proc_cache[pid] = pf
         return pf
 
-    def _processes(self, rows: np.ndarray, relevant: np.ndarray, owners: procs.SocketOwners,
-                   listeners: dict) -> tuple[dict[int, ProcessSummary], dict[tuple, int]]:
+    def process_counts(self, rows: np.ndarray, relevant: np.ndarray, owners: procs.SocketOwners,
+                       listeners: dict, carried: bool = False) -> tuple[dict[int, ProcessSummary], dict[tuple, int]]:
+        """Per process: TCP sockets held and CLOSE_WAIT counts, from ``rows``
+        (every socket in a full scan).  ``carried``: ``rows`` are a candidate
+        scan's (every CLOSE_WAIT socket, but not every socket), so the other
+        counts come from the last full scan's summaries."""
         per_pid_tcp: dict[int, int] = {}
-        tcp_inodes = rows["inode"][relevant & (rows["inode"] != 0)]
-        if len(tcp_inodes) and len(owners):
-            # Each (socket, process) pair once, however many fds it has.
-            _, holder = owners.pairs(tcp_inodes.astype(np.uint64))
-            pids, n = np.unique(holder, return_counts=True)
-            per_pid_tcp = dict(zip(pids.tolist(), n.tolist()))
+        if carried:
+            per_pid_tcp = {pid: p.tcp_sockets for pid, p in self.summaries.items()}
+        else:
+            tcp_inodes = rows["inode"][relevant & (rows["inode"] != 0)]
+            if len(tcp_inodes) and len(owners):
+                # Each (socket, process) pair once, however many fds it has.
+                _, holder = owners.pairs(tcp_inodes.astype(np.uint64))
+                pids, n = np.unique(holder, return_counts=True)
+                per_pid_tcp = dict(zip(pids.tolist(), n.tolist()))
         cw_fd: dict[int, int] = {}
         cw_bl: dict[int, int] = {}
         for i in np.flatnonzero(relevant & (rows["state"] == int(S.CLOSE_WAIT))).tolist():
@@ -380,7 +360,7 @@ class Scanner:
                                         int(r["family"]))
                 for pid in {p for p, _ in (lst[2] if lst else [])}:
                     cw_bl[pid] = cw_bl.get(pid, 0) + 1
-        wanted = set(self.pids) if self.pids else set(per_pid_tcp) | set(cw_bl)
+        wanted = set(self.pids) if self.pids else set(per_pid_tcp) | set(cw_bl) | set(cw_fd if carried else ())
         summaries: dict[int, ProcessSummary] = {}
         counts: dict[tuple, int] = {}
         for pid in sorted(wanted):
@@ -393,6 +373,18 @@ class Scanner:
                 close_wait=cw_fd.get(pid, 0), close_wait_backlog=cw_bl.get(pid, 0),
             )
             counts[(pid, pf.start_ticks)] = cw_fd.get(pid, 0) + cw_bl.get(pid, 0)
-        for pid in [p for p in self._proc_cache if p not in summaries]:
-            del self._proc_cache[pid]
+        for pid in [p for p in self.proc_cache if p not in summaries]:
+            del self.proc_cache[pid]
         return summaries, counts
+
+    def process_flags(self, now: float, counts: dict[tuple, int], summaries: dict[int, ProcessSummary],
+                      pfacts: dict[int, procs.ProcFacts]) -> list[Flag]:
+        """close_wait_growth (the history advanced by one sample) and fd_exhaustion."""
+        th = self.thresholds
+        self._growth = update_growth(self._growth, now, counts, th)
+        flags = growth_flags(self._growth, pfacts, th)
+        for key, samples in self._growth.items():
+            rate = growth_rate(samples, th)
+            if rate is not None and key[0] in summaries:
+                summaries[key[0]].close_wait_per_second = round(rate, 4)
+        return flags + fd_flags(pfacts, th)

@@ -1,0 +1,129 @@
+"""The candidate scans between full scans (pytracer.leaks.incremental),
+against real leaky processes and ``ss -tanpie``.
+
+Each scenario takes one full scan *before* its sockets exist, so the
+sockets are first judged by a candidate scan (``Scanner.last_kind``), and
+checks the flags against ss and the workloads' own pids and fds, as
+tests/kernel/test_leaks.py does for full scans.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from pytracer.leaks.detectors import Thresholds
+from pytracer.leaks.scanner import Scanner
+
+from .leaky_support import LeakNet, SsRow, client_argv, server_argv, ss, wait_until
+from .test_leaks import held_by, ours, why
+
+pytestmark = pytest.mark.kernel
+pytest_plugins = ["tests.kernel.conftest_leaks"]
+
+NETS = ["loopback4", "veth6"]
+
+
+def incremental(tracer: Any, pids: list[int] | None = None, **th: Any) -> Scanner:
+    sc = Scanner(tracer, Thresholds(**th), pids=pids or (), incremental=True)
+    sc.scan()
+    assert sc.last_kind == "full"
+    return sc
+
+
+@pytest.mark.parametrize("leak_net", NETS, indirect=True)
+def test_close_wait_held_by_fd_from_candidates(leak_tracer: Any, leak_net: LeakNet, spawn: Any) -> None:
+    net = leak_net
+    srv = spawn(server_argv("hold", net.server_host), net.server_ns, "server")
+    port = srv.expect("listening")["port"]
+    sc = incremental(leak_tracer, close_wait_after=1.0)
+    cli = spawn(client_argv("hangup", net.server_host, port, 4), net.client_ns, "client")
+    connected = cli.expect("connected")["t"]
+    closed = cli.expect("closed")["t"]
+    accepted = {e["rport"]: e["fd"] for e in [srv.expect("accepted") for _ in range(4)]}
+
+    def truth() -> list[SsRow] | None:
+        rows = [r for r in ss(net.server_ns, port) if r.state == "CLOSE-WAIT" and r.lport == port]
+        return rows if len(rows) == 4 and all(r.users for r in rows) else None
+
+    rows = wait_until(truth, 10, "4 CLOSE-WAIT sockets held by the server")
+    time.sleep(1.3)
+    rep = sc.scan()
+    after = time.monotonic()
+    assert sc.last_kind == "candidates"
+    assert not [e for e in rep.errors if "scan:" in e], rep.errors
+    got = ours(rep, "close_wait", port, {net.netns_ino(net.server_ns)})
+    assert set(got) == {r.cookie for r in rows}, why(rep, [r.cookie for r in rows])
+    for row in rows:
+        f = got[row.cookie]
+        assert f.held_by == "fd" and (f.pid, f.fd) == held_by(row) == (srv.pid, accepted[row.rport])
+        assert f.inode == row.ino != 0
+        assert (f.laddr, f.lport, f.raddr, f.rport) == (row.laddr, row.lport, row.raddr, row.rport)
+        assert not f.at_least
+        assert rep.mono_ns / 1e9 - closed - 0.05 <= f.seconds <= after - connected + 0.05
+    assert rep.processes[srv.pid].close_wait == 4
+    # Bounded: the fd scan looked at the candidates' processes, not the host.
+    assert rep.stats["processes_scanned"] < sc.carried["processes_scanned"], rep.stats
+
+
+@pytest.mark.parametrize("leak_net", ["loopback4"], indirect=True)
+def test_close_wait_backlog_from_candidates(leak_tracer: Any, leak_net: LeakNet, spawn: Any) -> None:
+    net = leak_net
+    srv = spawn(server_argv("noaccept", net.server_host, "--backlog", 16), net.server_ns, "server")
+    listening = srv.expect("listening")
+    port = listening["port"]
+    sc = incremental(leak_tracer, close_wait_after=1.0)
+    cli = spawn(client_argv("hangup", net.server_host, port, 3), net.client_ns, "client")
+    cli.expect("closed")
+    rows = wait_until(lambda: (lambda x: x if len(x) == 3 else None)(
+        [r for r in ss(net.server_ns, port) if r.state == "CLOSE-WAIT"]), 10, "3 in the backlog")
+    listener = next(r for r in ss(net.server_ns, port) if r.state == "LISTEN")
+    time.sleep(1.3)
+    rep = sc.scan()
+    assert sc.last_kind == "candidates"
+    got = ours(rep, "close_wait", port, {net.netns_ino(net.server_ns)})
+    assert set(got) == {r.cookie for r in rows}, why(rep, [r.cookie for r in rows])
+    for f in got.values():
+        assert f.held_by == "backlog" and f.pid == srv.pid == held_by(listener)[0]
+        assert f.extra["listener_fd"] == listening["fd"] == held_by(listener)[1]
+        assert f.extra["backlog_queued"] == listener.recv_q == 3
+        assert f.extra["backlog_limit"] == listener.send_q == 16
+    assert rep.processes[srv.pid].close_wait_backlog == 3
+
+
+@pytest.mark.parametrize("leak_net", ["loopback4"], indirect=True)
+def test_idle_keepalive_from_candidates(leak_tracer: Any, leak_net: LeakNet, spawn: Any) -> None:
+    net = leak_net
+    srv = spawn(server_argv("hold", net.server_host), net.server_ns, "server")
+    port = srv.expect("listening")["port"]
+    cli = spawn(client_argv("keepalive", net.server_host, port, "--idle", 3, "--chatty", 3, "--every", 0.2),
+                net.client_ns, "client")
+    # Scoped to the scenario's processes: other tests' idle connections on
+    # this host must not take the per-scan budget of judged sockets.  Its
+    # connections are younger than idle_after at this full scan.
+    sc = incremental(leak_tracer, [srv.pid, cli.pid], idle_after=2.0)
+    cli.expect("ready")
+    deadline = time.monotonic() + 8
+    got: dict = {}
+    # A scan a second, as tracer watch does: each connection crosses
+    # idle_after between two scans and is asked about then.
+    while time.monotonic() < deadline:
+        rep = sc.scan()
+        assert sc.last_kind == "candidates"
+        got = ours(rep, "idle_established", port, {net.netns_ino(net.server_ns), net.netns_ino(net.client_ns)})
+        if len(got) >= 6:
+            break
+        time.sleep(1.0)
+    idle, busy = set(), set()
+    for ns in {net.server_ns, net.client_ns}:
+        for r in ss(ns, port):
+            if r.state == "ESTAB":
+                (idle if min(r.ms("lastsnd") or 0, r.ms("lastrcv") or 0) >= 2000 else busy).add(r.cookie)
+    assert len(idle) == 6 and len(busy) == 6
+    assert set(got) == idle
+    for r in ss(net.server_ns, port):
+        if r.cookie in got:
+            assert (got[r.cookie].pid, got[r.cookie].fd) == held_by(r)
+            assert got[r.cookie].idle_seconds >= 2.0
