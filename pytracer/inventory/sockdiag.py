@@ -1,6 +1,6 @@
 """The TCP socket inventory, from the kernel's sock_diag netlink interface.
 
-(One module of ~850 lines on purpose: it is the one description of the
+(One module of ~900 lines on purpose: it is the one description of the
 sock_diag wire format and the one netlink transport that speaks it; the
 parsers share private header layouts and offsets with the requests.)
 
