@@ -77,21 +77,29 @@ def why(rep: LeakReport, cookies: Any) -> str:
 # --- CLOSE_WAIT held by a process fd ------------------------------------------------------
 
 
+
+def hang_up_held(net: LeakNet, spawn: Any, srv: Any, port: int, n: int) -> tuple[float, float, dict[int, int], list]:
+    """n clients connect to a "hold" server and hang up; the server keeps
+    every accepted fd open.  Returns the clients' connect and close clocks,
+    the server's accepted fd by client port, and ss's CLOSE-WAIT rows, once
+    ss shows all n held by the server."""
+    cli = spawn(client_argv("hangup", net.server_host, port, n), net.client_ns, "client")
+    connected = cli.expect("connected")["t"]
+    closed = cli.expect("closed")["t"]
+    accepted = {e["rport"]: e["fd"] for e in [srv.expect("accepted") for _ in range(n)]}
+
+    def truth() -> list[SsRow] | None:
+        rows = [r for r in ss(net.server_ns, port) if r.state == "CLOSE-WAIT" and r.lport == port]
+        return rows if len(rows) == n and all(r.users for r in rows) else None
+
+    return connected, closed, accepted, wait_until(truth, 10, f"{n} CLOSE-WAIT sockets held by the server")
+
 @pytest.mark.parametrize("leak_net", ALL_NETS, indirect=True)
 def test_close_wait_held_by_fd(leak_tracer: Any, leak_net: LeakNet, spawn: Any) -> None:
     net = leak_net
     srv = spawn(server_argv("hold", net.server_host), net.server_ns, "server")
     port = srv.expect("listening")["port"]
-    cli = spawn(client_argv("hangup", net.server_host, port, 4), net.client_ns, "client")
-    connected = cli.expect("connected")["t"]
-    closed = cli.expect("closed")["t"]
-    accepted = {e["rport"]: e["fd"] for e in [srv.expect("accepted") for _ in range(4)]}
-
-    def truth() -> list[SsRow] | None:
-        rows = [r for r in ss(net.server_ns, port) if r.state == "CLOSE-WAIT" and r.lport == port]
-        return rows if len(rows) == 4 and all(r.users for r in rows) else None
-
-    rows = wait_until(truth, 10, "4 CLOSE-WAIT sockets held by the server")
+    connected, closed, accepted, rows = hang_up_held(net, spawn, srv, port, 4)
     time.sleep(1.3)
     rep = scan(leak_tracer, close_wait_after=1.0)
     after = time.monotonic()

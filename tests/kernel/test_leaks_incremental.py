@@ -17,8 +17,8 @@ import pytest
 from pytracer.leaks.detectors import Thresholds
 from pytracer.leaks.scanner import Scanner
 
-from .leaky_support import LeakNet, SsRow, client_argv, server_argv, ss, wait_until
-from .test_leaks import held_by, ours, why
+from .leaky_support import LeakNet, client_argv, server_argv, ss, wait_until
+from .test_leaks import hang_up_held, held_by, ours, why
 
 pytestmark = pytest.mark.kernel
 pytest_plugins = ["tests.kernel.conftest_leaks"]
@@ -39,16 +39,7 @@ def test_close_wait_held_by_fd_from_candidates(leak_tracer: Any, leak_net: LeakN
     srv = spawn(server_argv("hold", net.server_host), net.server_ns, "server")
     port = srv.expect("listening")["port"]
     sc = incremental(leak_tracer, close_wait_after=1.0)
-    cli = spawn(client_argv("hangup", net.server_host, port, 4), net.client_ns, "client")
-    connected = cli.expect("connected")["t"]
-    closed = cli.expect("closed")["t"]
-    accepted = {e["rport"]: e["fd"] for e in [srv.expect("accepted") for _ in range(4)]}
-
-    def truth() -> list[SsRow] | None:
-        rows = [r for r in ss(net.server_ns, port) if r.state == "CLOSE-WAIT" and r.lport == port]
-        return rows if len(rows) == 4 and all(r.users for r in rows) else None
-
-    rows = wait_until(truth, 10, "4 CLOSE-WAIT sockets held by the server")
+    connected, closed, accepted, rows = hang_up_held(net, spawn, srv, port, 4)
     time.sleep(1.3)
     rep = sc.scan()
     after = time.monotonic()
