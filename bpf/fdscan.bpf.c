@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
 /*
  * Who holds which fd, without walking /proc: two BPF iterators whose
- * output user space reads like a file (pytracer/fdscan.py).
+ * output user space reads like a file (pytracer/inventory/fdscan.py).
  *
  *   iter/task       one PT_FD_TASK record per process (thread group leader):
  *                   its netns inode; kernel threads and processes without

@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /*
  * The record bpf/fdscan.bpf.c writes, one per process and one per open
- * file.  pytracer/fdscan.py mirrors it (FD_REC_DTYPE) and
- * tests/unit/test_fdscan.py checks the layout against the object's BTF.
+ * file.  pytracer/inventory/fdscan.py mirrors it (FD_REC_DTYPE) and
+ * tests/unit/inventory/test_fdscan.py checks the layout against the object's BTF.
  */
 #ifndef __PYTRACER_FDSCAN_H
 #define __PYTRACER_FDSCAN_H

@@ -10,7 +10,7 @@
  *
  * Each hook has twins for different kernels; they all call one static
  * helper, and the loader switches the unused twins off before load
- * (bpf_program__set_autoload).  See pytracer/loader.py for the choice.
+ * (bpf_program__set_autoload).  See pytracer/kernel/hooks.py for the choice.
  *
  *   state change   tp_btf/inet_sock_set_state > tracepoint > fentry > kprobe
  *   accept owner   fexit/inet_csk_accept > kretprobe > sys_exit_accept{,4}

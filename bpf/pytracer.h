@@ -3,7 +3,7 @@
  * The ABI shared by the BPF programs and the Python loader.
  *
  * Python mirrors every struct and constant here exactly once, in
- * pytracer/abi.py, and tests/unit/test_abi.py checks the sizes and offsets
+ * pytracer/abi.py, and tests/unit/kernel/test_abi.py checks the sizes and offsets
  * against the BTF of the compiled object.  Change both together.
  */
 #ifndef __PYTRACER_H

@@ -2,7 +2,7 @@
 /*
  * pytracer kernel side for the bcc backend, for hosts without BTF: compiled
  * by bcc at start-up against the running kernel's headers and loaded by
- * pytracer/bcc_backend.py.
+ * pytracer/kernel/bcc.py.
  *
  * The lifecycle is bpf/lifecycle.bpf.h, the very code of the CO-RE program
  * (bpf/pytracer.bpf.c); this file has only the maps, the accessors that

@@ -10,7 +10,7 @@ the socket table, map fill levels, program run statistics and the leak
 report, each ``None`` when its read failed) and returns fresh Prometheus
 metric families plus how many label values it folded into ``other``.  No
 I/O, no threads, no clocks, so histogram buckets, label capping and folding
-are tested without a kernel (tests/unit/test_exporter_families.py).  The
+are tested without a kernel (tests/unit/exporter/test_families.py).  The
 reads happen in :mod:`pytracer.exporter.collector`, the HTTP side in
 :mod:`pytracer.exporter.web`.
 

@@ -23,7 +23,7 @@ Messages are declared here as data, field lists in pyroute2's notation
 (``inet_diag_req``, ``inet_diag_msg`` and its ``tcp_info``, mirroring
 include/uapi/linux/inet_diag.h and tcp.h); requests are encoded from them,
 and the numpy dtype and tcp_info offsets are derived from them, so there is
-one description of the wire format.  tests/unit/test_sockdiag.py checks it
+one description of the wire format.  tests/unit/inventory/test_sockdiag.py checks it
 field by field against pyroute2's own declarations.  pyroute2 itself is not
 imported at run time: the whole package costs about 20 MB of memory and
 0.3 s of start-up, and its per-message objects cost 30-115 us per socket

@@ -2,7 +2,7 @@
 
 Each struct is declared once with ctypes; numpy views of map dumps are
 derived from the same declarations (``np.dtype(PtSock)``), so there is no
-second description to drift.  tests/unit/test_abi.py checks sizes and
+second description to drift.  tests/unit/kernel/test_abi.py checks sizes and
 offsets against the BTF inside the shipped object.
 """
 

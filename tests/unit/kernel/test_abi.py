@@ -12,7 +12,7 @@ import pytest
 
 from pytracer.kernel import abi
 
-OBJ = Path(__file__).resolve().parents[2] / "pytracer" / "bpf" / "pytracer.bpf.o"
+OBJ = Path(__file__).resolve().parents[3] / "pytracer" / "bpf" / "pytracer.bpf.o"
 
 
 def btf_structs() -> dict[str, dict]:
@@ -40,7 +40,7 @@ def test_struct_layout_matches_btf(cname: str, pytype: type[ctypes.Structure]) -
 
 
 def test_constants_match_header() -> None:
-    header = (Path(__file__).resolve().parents[2] / "bpf" / "pytracer.h").read_text()
+    header = (Path(__file__).resolve().parents[3] / "bpf" / "pytracer.h").read_text()
     for name in ("PT_STATES", "PT_HIST_SLOTS", "PT_HISTORY", "PT_HIST_STATE", "PT_HIST_LIFETIME",
                  "PT_AGG_ENTRIES"):
         line = next(x for x in header.splitlines() if x.startswith((f"#define {name}\t", f"#define {name} ")))

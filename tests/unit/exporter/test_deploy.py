@@ -18,7 +18,7 @@ from pytracer.exporter.collector import TracerCollector
 from pytracer.exporter.families import ExportOptions, MapStat, ProgramStat, ScrapeInput, build_families
 from pytracer.kernel import abi
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 DEPLOY = ROOT / "deploy"
 RULES = DEPLOY / "prometheus" / "rules.yml"
 RULES_TEST = DEPLOY / "prometheus" / "rules_test.yml"
@@ -56,7 +56,7 @@ def alert_rules() -> list[dict]:
 
 def exported_metric_names() -> set[str]:
     """Every series name a scrape can produce, from a fully populated input."""
-    from tests.unit.test_exporter_families import leak_report, make_totals, sock_table
+    from tests.unit.exporter.test_families import leak_report, make_totals, sock_table
 
     agg = abi.PtAgg()
     agg.hists[0].slots[10] = 1

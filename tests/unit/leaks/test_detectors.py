@@ -34,7 +34,7 @@ from pytracer.leaks.detectors import (
 from pytracer.leaks.processes import fd_flags, growth_flags, growth_rate, update_growth
 from pytracer.leaks.time_wait import time_wait_by_destination, time_wait_flags
 
-FIX = Path(__file__).resolve().parent.parent / "fixtures" / "leaks"
+FIX = Path(__file__).resolve().parents[2] / "fixtures" / "leaks"
 
 
 @pytest.fixture(scope="module")

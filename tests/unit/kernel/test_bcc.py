@@ -18,7 +18,7 @@ from pytracer.kernel.core import Tracer
 from pytracer.kernel.environment import TRACEPOINTS, EnvironmentProblem, Features
 from pytracer.kernel.hooks import TracerError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def features(kprobes: bool = True, tracefs: bool = True, missing: tuple[str, ...] = ()) -> Features:

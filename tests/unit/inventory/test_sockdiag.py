@@ -15,7 +15,7 @@ import pytest
 from pytracer.inventory import sockdiag
 from pytracer.kernel.tcp_states import TcpState
 
-FIX = Path(__file__).resolve().parent.parent / "fixtures" / "leaks"
+FIX = Path(__file__).resolve().parents[2] / "fixtures" / "leaks"
 
 
 def ss_rows() -> list[dict]:

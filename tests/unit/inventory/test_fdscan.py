@@ -1,7 +1,7 @@
 """The fdscan record parser: iterator records -> the FdScan a /proc walk gives.
 
 The records are written by hand from the same fixture /proc tree that
-tests/unit/test_procs.py walks, so both paths must agree on it.
+tests/unit/inventory/test_procs.py walks, so both paths must agree on it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ FILES = recs([(77, 9, 555, S), (4242, 0, 0, OTHER), (4242, 3, 555, S), (4242, 4,
 
 
 def test_layout_matches_bpf_header() -> None:
-    header = (Path(__file__).resolve().parents[2] / "bpf" / "fdscan.h").read_text()
+    header = (Path(__file__).resolve().parents[3] / "bpf" / "fdscan.h").read_text()
     body = re.search(r"struct pt_fd_rec \{(.*?)\};", header, re.S).group(1)
     names = re.findall(r"__[us](\d+) (\w+);", body)
     assert [n for _, n in names] == list(fdscan.FD_REC_DTYPE.names)

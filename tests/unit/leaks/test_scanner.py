@@ -30,7 +30,7 @@ from pytracer.leaks.detectors import Thresholds
 from pytracer.leaks.scanner import Scanner
 from pytracer.table.poll import SOCK_DTYPE, Snapshot, Totals
 
-FIX = Path(__file__).resolve().parent.parent / "fixtures" / "leaks"
+FIX = Path(__file__).resolve().parents[2] / "fixtures" / "leaks"
 RECORDED = json.loads((FIX / "facts.json").read_text())
 NS = int(RECORDED["netns"])
 PIDS = RECORDED["pids"]  # hold (server that never closes), noaccept (never accepts), keepalive (client)
