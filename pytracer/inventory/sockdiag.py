@@ -730,9 +730,7 @@ class Session:
         """
         out = TcpInfoTable()
         missed = 0
-        for ino in np.unique(rows["netns"]).tolist() if len(rows) else []:
-            sock = self.socks.get(int(ino))
-            sel = rows[rows["netns"] == ino]
+        for ino, sock, sel in self._by_netns(rows):
             if sock is None:
                 missed += len(sel)
                 continue
@@ -763,9 +761,7 @@ class Session:
         found: list[np.ndarray] = []
         infos = TcpInfoTable()
         missed = 0
-        for ino in np.unique(rows["netns"]).tolist() if len(rows) else []:
-            sock = self.socks.get(int(ino))
-            sel = rows[rows["netns"] == ino]
+        for ino, sock, sel in self._by_netns(rows):
             if sock is None:
                 missed += len(sel)
                 continue
@@ -791,6 +787,12 @@ class Session:
             missed += len(sel) - got
         out = np.concatenate(found) if found else np.zeros(0, INV_DTYPE)
         return out, infos, missed
+
+    def _by_netns(self, rows: np.ndarray) -> Iterator[tuple[int, socket.socket | None, np.ndarray]]:
+        """Per network namespace of ``rows``: its inode, this session's
+        socket there (None: not entered), and the rows in it."""
+        for ino in np.unique(rows["netns"]).tolist() if len(rows) else []:
+            yield int(ino), self.socks.get(int(ino)), rows[rows["netns"] == ino]
 
     def _dump_info(self, sock: socket.socket, rows: np.ndarray) -> TcpInfoTable:
         out = TcpInfoTable()
