@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import threading
 import time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -72,13 +73,57 @@ def stats(values: list[float]) -> dict[str, Any]:
 # -- build -----------------------------------------------------------------
 
 
-def build_churn() -> str:
+def build_c(name: str) -> str:
+    """bench/harness/NAME.c built into bench/build/NAME when missing or older than its source."""
     BUILD.mkdir(exist_ok=True)
-    out = BUILD / "churn"
-    src = HERE / "churn.c"
+    out = BUILD / name
+    src = HERE / f"{name}.c"
     if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
         subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(out), str(src)], check=True)
     return str(out)
+
+
+def build_churn() -> str:
+    return build_c("churn")
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def start_nginx(d: Path, port: int, keepalive: bool = True) -> Proc:
+    """nginx with one worker answering "ok" on 127.0.0.1:PORT, its files in
+    directory d; returned once it answers and its worker runs."""
+    conf = d / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/error.log crit;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;{"" if keepalive else chr(10) + "  keepalive_timeout 0;"}
+  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
+  uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+  server {{ listen 127.0.0.1:{port} backlog=4096; location / {{ return 200 "ok\\n"; }} }}
+}}
+""")
+    p = Proc(["nginx", "-c", str(conf), "-p", str(d)], name="nginx", stdin=False)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).read()
+            if children(p.pid):
+                return p
+        except OSError:
+            pass
+        time.sleep(0.1)
+    p.stop()
+    raise BenchError(f"nginx did not answer on port {port}: {p.stderr[-300:]}")
 
 
 # -- processes -------------------------------------------------------------

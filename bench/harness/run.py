@@ -58,6 +58,7 @@ from lib import (  # noqa: E402
     scale_limits,
     scale_refusal,
     start_bpftrace,
+    start_nginx,
     start_tracer,
     stats,
 )
@@ -210,32 +211,6 @@ class Bench:
 
     # -- 2. churn overhead -------------------------------------------------
 
-    def _nginx(self, port: int, tmp: str) -> Proc:
-        conf = Path(tmp) / "nginx.conf"
-        conf.write_text(f"""
-worker_processes 1;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log crit;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy; fastcgi_temp_path {tmp}/fcgi;
-  uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
-  server {{ listen 127.0.0.1:{port} backlog=4096; location / {{ return 200 "ok\\n"; }} }}
-}}
-""")
-        p = Proc(["nginx", "-c", str(conf), "-p", tmp], name="nginx", stdin=False)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).read()
-                return p
-            except OSError:
-                time.sleep(0.1)
-        p.stop()
-        raise BenchError(f"nginx did not answer on port {port}: {p.stderr}")
-
     def _ab(self, port: int, n: int) -> float:
         out = subprocess.run(["ab", "-q", "-n", str(n), "-c", "32", f"http://127.0.0.1:{port}/"],
                              capture_output=True, text=True, timeout=300).stdout
@@ -294,7 +269,7 @@ http {{
         tmp = tempfile.mkdtemp(prefix="pytracer-bench-")
         for load in loads:
             port = self.next_port()
-            srv = self.server(port) if load == "epoll" else self._nginx(port, tmp)
+            srv = self.server(port) if load == "epoll" else start_nginx(Path(tmp), port)
             rows: dict[str, list[dict[str, Any]]] = {c: [] for c in conds}
             try:
                 log(f"churn: {load}, {self.runs} rounds of {', '.join(conds)}")

@@ -46,7 +46,21 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from lib import BUILD, CLK_TCK, HERE, TRACER, BenchError, Proc, log, rss_kib, scale_limits, start_bpftrace, stats
+from lib import (  # noqa: E402
+    CLK_TCK,
+    HERE,
+    TRACER,
+    BenchError,
+    Proc,
+    build_c,
+    children,
+    log,
+    rss_kib,
+    scale_limits,
+    start_bpftrace,
+    start_nginx,
+    stats,
+)
 
 if TYPE_CHECKING:
     from run import Bench
@@ -71,12 +85,7 @@ CLIENT_CONC = 64
 
 
 def build_syscalls() -> str:
-    BUILD.mkdir(exist_ok=True)
-    out = BUILD / "syscalls"
-    src = HERE / "syscalls.c"
-    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-        subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(out), str(src)], check=True)
-    return str(out)
+    return build_c("syscalls")
 
 
 def libbpf_tool(name: str) -> str | None:
@@ -120,14 +129,6 @@ def cpu_delta_s(a: dict[str, Any], b: dict[str, Any]) -> float:
     if set(a["tasks"]) - set(b["tasks"]):
         return max(exact, (b["ticks"] - a["ticks"]) / CLK_TCK)
     return exact
-
-
-def children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
-    except OSError:
-        return []
 
 
 def ksoftirqd_pids() -> list[int]:
@@ -368,33 +369,7 @@ class Watching:
     def nginx(self, port: int) -> Proc:
         d = self.tmp / f"nginx-{port}"
         d.mkdir()
-        conf = d / "nginx.conf"
-        conf.write_text(f"""
-worker_processes 1;
-daemon off;
-pid {d}/nginx.pid;
-error_log {d}/error.log crit;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  keepalive_timeout 0;
-  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
-  uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
-  server {{ listen 127.0.0.1:{port} backlog=4096; location / {{ return 200 "ok\\n"; }} }}
-}}
-""")
-        p = Proc(["nginx", "-c", str(conf), "-p", str(d)], name="nginx", stdin=False)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).read()
-                if children(p.pid):
-                    return p
-            except OSError:
-                pass
-            time.sleep(0.1)
-        p.stop()
-        raise BenchError(f"nginx did not answer on port {port}: {p.stderr[-300:]}")
+        return start_nginx(d, port, keepalive=False)
 
     def start_server(self, load: str, port: int) -> tuple[Proc, Callable[[], list[int]]]:
         if load == "nginx":
