@@ -91,12 +91,29 @@ struct {
 	__type(value, __u64);
 } embryos SEC(".maps");
 
+/* Service ports named by user space (--service-ports): port -> slot. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PT_SVC_SLOTS);
+	__type(key, struct pt_svc_key);
+	__type(value, __u32);
+} svc_ports SEC(".maps");
+
+/* Per service slot (0: other): lifetime and idle-before-end histograms. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, PT_SVC_SLOTS);
+	__type(key, __u32);
+	__type(value, struct pt_svc);
+} svc SEC(".maps");
+
 const volatile struct pt_config cfg = {};
 
 /* --- what bpf/lifecycle.bpf.h needs: configuration --------------------- */
 
 #define PT_CFG_FILTER_OWNER	cfg.filter_owner
 #define PT_CFG_KEY_BY_PTR	cfg.key_by_ptr
+#define PT_CFG_HZ		cfg.hz
 
 /* --- aggregation --------------------------------------------------------- */
 
@@ -260,7 +277,35 @@ static __always_inline __u64 sk_ino(struct sock *sk, bool btf)
 	return BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
 }
 
+/* --- idle before end ----------------------------------------------------- */
+
+#define svc_slot(k)		bpf_map_lookup_elem(&svc_ports, k)
+
+static __always_inline struct pt_svc *svc_get(__u32 slot)
+{
+	return bpf_map_lookup_elem(&svc, &slot);
+}
+
+struct pt_end_facts;
+static __always_inline void read_end_facts(struct sock *sk,
+					   struct pt_end_facts *f);
+
 #include "lifecycle.bpf.h"
+
+/* Once per connection, at its end: plain CO-RE reads. */
+static __always_inline void read_end_facts(struct sock *sk,
+					   struct pt_end_facts *f)
+{
+	struct inet_connection_sock *icsk = (void *)sk;
+	struct tcp_sock *tp = (void *)sk;
+
+	f->lrcvtime = BPF_CORE_READ(icsk, icsk_ack.lrcvtime);
+	f->lsndtime = BPF_CORE_READ(tp, lsndtime);
+	f->rcv_tstamp = BPF_CORE_READ(tp, rcv_tstamp);
+	f->err = BPF_CORE_READ(sk, sk_err);
+	f->probes_out = BPF_CORE_READ(icsk, icsk_probes_out);
+	f->retransmits = BPF_CORE_READ(icsk, icsk_retransmits);
+}
 
 /* --- state change -------------------------------------------------------- */
 

@@ -49,6 +49,8 @@
 #include <net/inet_sock.h>
 #include <net/net_namespace.h>
 #include <net/tcp_states.h>
+#include <net/inet_connection_sock.h>
+#include <linux/tcp.h>
 #include "pytracer.h"
 
 #ifndef PT_MAX_SOCKETS
@@ -76,10 +78,17 @@ BPF_HASH(owners, u32, u8, 1024);
  * filtered) from birth, and never-accepted ones still name a process. */
 BPF_HASH(listeners, struct pt_listen_key, u32, 16384);
 
+/* Service ports named by user space (--service-ports): port -> slot. */
+BPF_HASH(svc_ports, struct pt_svc_key, u32, PT_SVC_SLOTS);
+
+/* Per service slot (0: other): lifetime and idle-before-end histograms. */
+BPF_PERCPU_ARRAY(svc, struct pt_svc, PT_SVC_SLOTS);
+
 /* --- what bpf/lifecycle.bpf.h needs: configuration --------------------- */
 
 #define PT_CFG_FILTER_OWNER	PT_FILTER_OWNER
 #define PT_CFG_KEY_BY_PTR	1
+#define PT_CFG_HZ		HZ
 
 /* --- aggregation --------------------------------------------------------- */
 
@@ -264,7 +273,38 @@ static __always_inline u64 sk_ino(struct sock *sk, bool btf)
 	return file_ino(file);
 }
 
+/* --- idle before end ----------------------------------------------------- */
+
+static __always_inline u32 *svc_slot(struct pt_svc_key *k)
+{
+	return svc_ports.lookup(k);
+}
+
+static __always_inline struct pt_svc *svc_get(u32 slot)
+{
+	return svc.lookup(&slot);
+}
+
+struct pt_end_facts;
+static __always_inline void read_end_facts(struct sock *sk,
+					   struct pt_end_facts *f);
+
 #include "lifecycle.bpf.h"
+
+/* Once per connection, at its end. */
+static __always_inline void read_end_facts(struct sock *sk,
+					   struct pt_end_facts *f)
+{
+	struct inet_connection_sock *icsk = (struct inet_connection_sock *)sk;
+	struct tcp_sock *tp = (struct tcp_sock *)sk;
+
+	READ(f->lrcvtime, icsk->icsk_ack.lrcvtime);
+	READ(f->lsndtime, tp->lsndtime);
+	READ(f->rcv_tstamp, tp->rcv_tstamp);
+	READ(f->err, sk->sk_err);
+	READ(f->probes_out, icsk->icsk_probes_out);
+	READ(f->retransmits, icsk->icsk_retransmits);
+}
 
 /* --- state change -------------------------------------------------------- */
 

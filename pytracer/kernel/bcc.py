@@ -32,7 +32,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 from pytracer.kernel import libbpf
 from pytracer.kernel.core import DEFAULT_MAX_SOCKETS, TracerHandle
@@ -294,8 +294,9 @@ class BccTracer(TracerHandle):
         attach: str | None = None,
         reason: str | None = None,
         syscall_hooks: bool | None = None,
+        services: Mapping[Any, int] | None = None,
     ) -> None:
-        super().__init__(max_sockets, pids, attach, syscall_hooks)
+        super().__init__(max_sockets, pids, attach, syscall_hooks, services)
         self.reason = reason or "--backend bcc"
         self.features: Features | None = None
         self.choices: dict[str, Choice] = {}
@@ -341,6 +342,7 @@ class BccTracer(TracerHandle):
         from pytracer.table import writer  # noqa: PLC0415 - the one writer of the tracer's maps
 
         writer.fill_pid_filter(self.map("owners"), self.pids)
+        writer.fill_services(self.map("svc_ports"), self.services)
         return self
 
     def _plan(self, f: Features) -> dict[str, list[Candidate]]:

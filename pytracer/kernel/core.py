@@ -27,10 +27,17 @@ import json
 import os
 import re
 import zlib
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 from pytracer.kernel import abi, libbpf
-from pytracer.kernel.environment import EnvironmentProblem, Features, ensure_mounts, probe_features, require_privileges
+from pytracer.kernel.environment import (
+    EnvironmentProblem,
+    Features,
+    ensure_mounts,
+    kernel_hz,
+    probe_features,
+    require_privileges,
+)
 from pytracer.kernel.hooks import (
     FORCED,
     HOOKS,
@@ -129,11 +136,15 @@ class TracerHandle:
         pids: Iterable[int] = (),
         attach: str | None = None,
         syscall_hooks: bool | None = None,
+        services: Mapping[Any, int] | None = None,
     ) -> None:
         """``attach``: a mode of hooks.ATTACH_MODES (None: $PYTRACER_ATTACH or
         auto); ``syscall_hooks``: allow syscall tracepoints (None:
-        $PYTRACER_SYSCALL_HOOKS; see pytracer.kernel.hooks)."""
+        $PYTRACER_SYSCALL_HOOKS; see pytracer.kernel.hooks); ``services``:
+        the named services' slots (pytracer.inventory.services.assign),
+        written into "svc_ports" at load; none: every end folds into other."""
         self.max_sockets = max_sockets
+        self.services = dict(services or {})
         self.pids = sorted(set(pids))
         self.attach_mode = attach or os.environ.get("PYTRACER_ATTACH") or "auto"
         check_attach_mode(self.attach_mode, "core")  # a backend's own limits are checked at open()
@@ -176,8 +187,9 @@ class Tracer(TracerHandle):
         pids: Iterable[int] = (),
         attach: str | None = None,
         syscall_hooks: bool | None = None,
+        services: Mapping[Any, int] | None = None,
     ) -> None:
-        super().__init__(max_sockets, pids, attach, syscall_hooks)
+        super().__init__(max_sockets, pids, attach, syscall_hooks, services)
         self.features: Features | None = None
         self.choices: dict[str, Choice] = {}
         self.key_by_ptr = False
@@ -302,7 +314,8 @@ class Tracer(TracerHandle):
             prog.autoload = prog.name in wanted
         # Keying: a cookie needs a BTF-pointer program on v5.12+; else the pointer.
         self.key_by_ptr = plan["state"].kind not in ("tp_btf", "fentry") or not f.cookie_in_tracing
-        cfg = abi.PtConfig(filter_owner=1 if self.pids else 0, key_by_ptr=1 if self.key_by_ptr else 0)
+        cfg = abi.PtConfig(filter_owner=1 if self.pids else 0, key_by_ptr=1 if self.key_by_ptr else 0,
+                           hz=kernel_hz())
         rodata = obj.map(".rodata")
         if rodata.initial_value_size() != ctypes.sizeof(cfg):
             raise TracerError("BPF object and pytracer/abi.py disagree on the config layout: rebuild with `make`")
@@ -312,6 +325,7 @@ class Tracer(TracerHandle):
         from pytracer.table import writer  # noqa: PLC0415 - the one writer of the tracer's maps
 
         writer.fill_pid_filter(obj.map("owners"), self.pids)
+        writer.fill_services(obj.map("svc_ports"), self.services)
         for ch in plan.values():
             for name in ch.programs:
                 self.links.append(obj.program(name).attach())
