@@ -17,6 +17,8 @@ from pytracer.cli.options import (
     pid_option,
     preload_leaks,
     run,
+    service_ports_option,
+    services_from,
     threshold_options,
     thresholds_from,
     validate_pids,
@@ -55,6 +57,7 @@ def _exit_codes(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="TIME_WAIT destinations listed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @max_sockets_option
+@service_ports_option
 @click.pass_obj
 @_exit_codes
 @run
@@ -80,7 +83,7 @@ def leaks(obj: Context, pids: tuple[int, ...], samples: int, interval: float, to
     pids = validate_pids(pids)
     thresholds = thresholds_from(kw, top)
     preload_leaks()
-    tracer = make_tracer(obj, pids, max_sockets)
+    tracer = make_tracer(obj, pids, max_sockets, services_from(kw))
     with tracer:
         from pytracer.inventory.seed import seed  # preloaded while attaching
         from pytracer.leaks.scanner import Scanner

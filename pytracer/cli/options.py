@@ -103,13 +103,39 @@ def max_sockets_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
-def make_tracer(ctx: Context, pids: Iterable[int] = (), max_sockets: int = DEFAULT_MAX_SOCKETS) -> Tracer:
+def service_ports_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--service-ports",
+        default="auto",
+        show_default=True,
+        metavar="LIST",
+        help="Services with their own lifetime and idle-before-end histograms: PORT, server:PORT, client:PORT "
+        "or auto (the host's listening ports, then its most used remote ports), comma-separated, at most 31; "
+        "the rest fold into service=\"other\".",
+    )(f)
+
+
+def services_from(kw: dict[str, Any]) -> dict[Any, int]:
+    """Pop --service-ports from ``kw``: the kernel slots of the services."""
+    from pytracer.inventory import services  # noqa: PLC0415 - discovery pulls numpy
+
+    try:
+        spec = services.parse(kw.pop("service_ports", None))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--service-ports") from None
+    found = services.discover() if spec.auto else []
+    return services.assign(spec, found)
+
+
+def make_tracer(ctx: Context, pids: Iterable[int] = (), max_sockets: int = DEFAULT_MAX_SOCKETS,
+                services: dict[Any, int] | None = None) -> Tracer:
     backend = ctx.backend
     if backend == "bcc":
         from pytracer.kernel.bcc import BccTracer  # noqa: PLC0415 - optional backend
 
         return BccTracer(  # type: ignore[return-value]
-            max_sockets=max_sockets, pids=pids, attach=ctx.attach, syscall_hooks=ctx.syscall_hooks
+            max_sockets=max_sockets, pids=pids, attach=ctx.attach, syscall_hooks=ctx.syscall_hooks,
+            services=services,
         )
     if backend == "auto" and not os.path.exists("/sys/kernel/btf/vmlinux"):
         from pytracer.kernel.bcc import BccTracer  # noqa: PLC0415
@@ -118,8 +144,10 @@ def make_tracer(ctx: Context, pids: Iterable[int] = (), max_sockets: int = DEFAU
         return BccTracer(  # type: ignore[return-value]
             max_sockets=max_sockets, pids=pids, attach=ctx.attach, syscall_hooks=ctx.syscall_hooks,
             reason="auto: this kernel has no BTF (/sys/kernel/btf/vmlinux) for the CO-RE backend",
+            services=services,
         )
-    return Tracer(max_sockets=max_sockets, pids=pids, attach=ctx.attach, syscall_hooks=ctx.syscall_hooks)
+    return Tracer(max_sockets=max_sockets, pids=pids, attach=ctx.attach, syscall_hooks=ctx.syscall_hooks,
+                  services=services)
 
 
 def threshold_options(f: Callable[..., Any]) -> Callable[..., Any]:

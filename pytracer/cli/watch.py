@@ -26,6 +26,8 @@ from pytracer.cli.options import (
     pid_option,
     preload_leaks,
     run,
+    service_ports_option,
+    services_from,
     threshold_options,
     thresholds_from,
     validate_pids,
@@ -56,6 +58,14 @@ def intervals(interval: float, duration: float | None, clock: Callable[[], float
         if delay > 0:
             sleep(delay)
         yield i
+
+
+def services_enricher(report: dict[str, Any], snap: Any, tracer: Any, opts: Any, state: dict[str, Any]) -> None:
+    """Each report's ``services``: per-service lifetime and idle before end
+    (one map lookup per service; see pytracer.table.services)."""
+    from pytracer.table import services
+
+    report["services"] = [s.to_json() for s in services.read(tracer) if s.ends]
 
 
 def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: float | None, top: int,
@@ -90,6 +100,7 @@ def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: fl
 @click.option("--no-leaks", is_flag=True, help="Skip the leak scan (sock_diag and /proc) each interval.")
 @threshold_options
 @max_sockets_option
+@service_ports_option
 @click.pass_obj
 @run
 def watch(obj: Context, pids: tuple[int, ...], interval: float, duration: float | None, as_json: bool, top: int,
@@ -105,7 +116,7 @@ def watch(obj: Context, pids: tuple[int, ...], interval: float, duration: float 
     pids = validate_pids(pids)
     thresholds = thresholds_from(kw)
     preload_leaks()  # seeding needs it even with --no-leaks
-    tracer = make_tracer(obj, pids, max_sockets)
+    tracer = make_tracer(obj, pids, max_sockets, services_from(kw))
     start_ns = time.monotonic_ns()
     with tracer:
         # Imported once attached (numpy and the leak layer take a moment,
@@ -123,7 +134,7 @@ def watch(obj: Context, pids: tuple[int, ...], interval: float, duration: float 
         extra = {"seeded": seeded.seeded, "seed_failed": seeded.failed}
         if seeded.skipped:
             extra["seed_skipped"] = seeded.skipped
-        enrichers = [] if no_leaks else [watch_enricher(thresholds)]
+        enrichers = [services_enricher] + ([] if no_leaks else [watch_enricher(thresholds)])
         stream = reports(tracer, pids, interval, duration, top, start_ns, enrichers, extra)
         if as_json:
             for report, _ in stream:

@@ -52,6 +52,7 @@ from pytracer.leaks.detectors import (
     Flag,
     SockFacts,
     Thresholds,
+    idle_reset_flags,
     ordered,
     socket_flags,
 )
@@ -158,6 +159,7 @@ class Scanner:
             except Exception as exc:  # a scan never raises
                 log.exception("leak scan failed")
                 rep.errors.append(f"scan: {type(exc).__name__}: {exc}")
+            self._idle_resets(rep)
             self.scans += 1
             rep.stats["scan_seconds"] = round(time.perf_counter() - t0, 6)
             rep.stats["scans"] = self.scans
@@ -184,6 +186,24 @@ class Scanner:
         finally:
             self.last_full_end, self.last_full_cost = time.monotonic(), time.perf_counter() - t0
             self.full_wanted = False
+
+    def _idle_resets(self, rep: LeakReport) -> None:
+        """The per-service rule: read the kernel's service histograms (one
+        lookup per service) and judge them."""
+        if self.tracer is None or getattr(self.tracer, "obj", True) is None:
+            return
+        try:
+            from pytracer.table import services  # noqa: PLC0415 - only with a tracer
+
+            rep.services = services.read(self.tracer)
+            pids = {pid for s in rep.services for pid in s.owners.values()}
+            facts = {pid: pf for pid in sorted(pids)[:64] if (pf := self._proc_facts(pid)) is not None}
+            found = idle_reset_flags(rep.services, facts, self.thresholds)
+        except Exception as exc:  # a scan never raises
+            rep.errors.append(f"services: {type(exc).__name__}: {exc}")
+            return
+        if found:
+            rep.flags = ordered([*rep.flags, *found])
 
     def _full_due(self, snap: Snapshot) -> bool:
         if not self.incremental or self.last_full_end is None or getattr(self.tracer, "key_by_ptr", False):

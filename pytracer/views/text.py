@@ -76,9 +76,23 @@ def plain(report: dict[str, Any], hist: Histogram) -> str:
         lines.append("    " + "  ".join(SOCKET_HEADERS))
         for k in keys:
             lines.append("    " + "  ".join(socket_cells(by_key[k])))
+    for line in service_lines(report.get("services") or []):
+        lines.append("  " + line)
     flags = report.get("flags") or []
     if flags:
         lines.append(f"  flagged: {len(flags)}")
         for fl in flags[:20]:
             lines.append(f"    {fl['kind']} pid={fl.get('pid')} {fl.get('comm')} fd={fl.get('fd')} {fl.get('detail')}")
     return "\n".join(lines)
+
+
+def service_lines(services: list[dict[str, Any]]) -> list[str]:
+    """One line per service that ended connections: lifetime and, by who
+    ended them, the median idle before the end."""
+    out = []
+    for s in services:
+        name = s["service"] if not s["role"] else f"{s['role']}:{s['service']}"
+        idle = " ".join(f"{e}={v['count']}@{duration(v['p50_s'])}" for e, v in s["idle_before_end"].items())
+        out.append(f"service {name}: ended {s['ends']} lifetime p95={duration(s['lifetime_p95_s'])} "
+                   f"idle before end: {idle or '-'}")
+    return out
