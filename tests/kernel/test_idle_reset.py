@@ -30,7 +30,7 @@ import pytest
 
 from pytracer.kernel.histogram import slot_of
 
-from .conftest import IN_VM, PYTHON, HERE, Proc, tracer_cmd
+from .conftest import HERE, IN_VM, PYTHON, Proc, tracer_cmd
 
 T_S = 3  # the router's conntrack established timeout
 POOL = 5  # connections per client
