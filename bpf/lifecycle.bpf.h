@@ -40,7 +40,7 @@
  *     PT_CFG_HZ                the kernel's HZ
  *     svc_slot(k)              __u32 * (the slot) in "svc_ports", or NULL
  *     svc_get(slot)            this CPU's struct pt_svc * in "svc", or NULL
- *     read_end_facts(sk, f)    the tcp_sock's clocks and errors into f
+ *     read_end_facts(sk, f, btf)  the tcp_sock's clocks and errors into f
  *
  * Include it after pytracer.h and the kernel types (struct sock, TCP_*).
  */
@@ -644,7 +644,7 @@ static __always_inline void svc_observe(struct pt_hist *h, __u64 ns)
  * entry: a softirq may end another socket inside us on the same CPU.
  */
 static __always_inline void svc_end(struct sock *sk, struct pt_sock *rec,
-				    __u64 now)
+				    __u64 now, bool btf)
 {
 	struct pt_end_facts f = {};
 	struct pt_svc *s;
@@ -663,7 +663,7 @@ static __always_inline void svc_end(struct sock *sk, struct pt_sock *rec,
 		__sync_fetch_and_add(&s->no_idle, 1);
 		return;
 	}
-	read_end_facts(sk, &f);
+	read_end_facts(sk, &f, btf);
 	ender = ender_of(rec, &f);
 	e = ender;
 	opaque(e);
@@ -673,7 +673,7 @@ static __always_inline void svc_end(struct sock *sk, struct pt_sock *rec,
 	s->owner[e] = rec->owner_tgid ? rec->owner_tgid : rec->listener_tgid;
 }
 
-static __always_inline void do_destroy(struct sock *sk, __u64 key)
+static __always_inline void do_destroy(struct sock *sk, __u64 key, bool btf)
 {
 	struct pt_sock *rec;
 	__u64 now;
@@ -688,17 +688,18 @@ static __always_inline void do_destroy(struct sock *sk, __u64 key)
 		return;
 	}
 	now = bpf_ktime_get_ns();
-	svc_end(sk, rec, now);
+	svc_end(sk, rec, now, btf);
 	finish(agg_get(), rec, now);
 	sock_delete(key);
 }
 
 /* The end of sk, whose record is under key (0: none). */
-static __always_inline void handle_destroy(struct sock *sk, __u64 key)
+static __always_inline void handle_destroy(struct sock *sk, __u64 key,
+					   bool btf)
 {
 	__u32 was = enter();
 
-	do_destroy(sk, key);
+	do_destroy(sk, key, btf);
 	leave(was);
 }
 

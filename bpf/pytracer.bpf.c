@@ -288,17 +288,32 @@ static __always_inline struct pt_svc *svc_get(__u32 slot)
 
 struct pt_end_facts;
 static __always_inline void read_end_facts(struct sock *sk,
-					   struct pt_end_facts *f);
+					   struct pt_end_facts *f, bool btf);
 
 #include "lifecycle.bpf.h"
 
-/* Once per connection, at its end: plain CO-RE reads. */
+/* Once per connection, at its end.  `btf`: direct loads, as read_addrs(). */
 static __always_inline void read_end_facts(struct sock *sk,
-					   struct pt_end_facts *f)
+					   struct pt_end_facts *f, bool btf)
 {
 	struct inet_connection_sock *icsk = (void *)sk;
 	struct tcp_sock *tp = (void *)sk;
 
+	/* A BTF struct sock pointer reaches its tcp_sock only through the
+	 * helper's checked cast (v5.9); then the loads are direct. */
+	if (btf) {
+		struct tcp_sock *t = bpf_skc_to_tcp_sock(sk);
+
+		if (!t)
+			return;
+		f->lrcvtime = t->inet_conn.icsk_ack.lrcvtime;
+		f->lsndtime = t->lsndtime;
+		f->rcv_tstamp = t->rcv_tstamp;
+		f->err = t->inet_conn.icsk_inet.sk.sk_err;
+		f->probes_out = t->inet_conn.icsk_probes_out;
+		f->retransmits = t->inet_conn.icsk_retransmits;
+		return;
+	}
 	f->lrcvtime = BPF_CORE_READ(icsk, icsk_ack.lrcvtime);
 	f->lsndtime = BPF_CORE_READ(tp, lsndtime);
 	f->rcv_tstamp = BPF_CORE_READ(tp, rcv_tstamp);
@@ -565,14 +580,15 @@ int BPF_PROG(reset_tp_btf, struct sock *sk)
 SEC("tp_btf/tcp_destroy_sock")
 int BPF_PROG(destroy_tp_btf, struct sock *sk)
 {
-	handle_destroy(sk, key_btf(sk));
+	handle_destroy(sk, key_btf(sk), true);
 	return 0;
 }
 
 SEC("tracepoint/tcp/tcp_destroy_sock")
 int destroy_tracepoint(struct trace_event_raw_tcp_event_sk *ctx)
 {
-	handle_destroy((struct sock *)ctx->skaddr, key_raw((struct sock *)ctx->skaddr));
+	handle_destroy((struct sock *)ctx->skaddr, key_raw((struct sock *)ctx->skaddr),
+		       false);
 	return 0;
 }
 

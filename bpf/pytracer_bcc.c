@@ -287,13 +287,13 @@ static __always_inline struct pt_svc *svc_get(u32 slot)
 
 struct pt_end_facts;
 static __always_inline void read_end_facts(struct sock *sk,
-					   struct pt_end_facts *f);
+					   struct pt_end_facts *f, bool btf);
 
 #include "lifecycle.bpf.h"
 
-/* Once per connection, at its end. */
+/* Once per connection, at its end.  `btf` is always false here. */
 static __always_inline void read_end_facts(struct sock *sk,
-					   struct pt_end_facts *f)
+					   struct pt_end_facts *f, bool btf)
 {
 	struct inet_connection_sock *icsk = (struct inet_connection_sock *)sk;
 	struct tcp_sock *tp = (struct tcp_sock *)sk;
@@ -490,7 +490,7 @@ int destroy_tracepoint(struct tracepoint__tcp__tcp_destroy_sock *args)
 {
 	struct sock *sk = (struct sock *)args->skaddr;
 
-	handle_destroy(sk, key_of(sk));
+	handle_destroy(sk, key_of(sk), false);
 	return 0;
 }
 #endif

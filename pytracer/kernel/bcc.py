@@ -342,7 +342,8 @@ class BccTracer(TracerHandle):
         from pytracer.table import writer  # noqa: PLC0415 - the one writer of the tracer's maps
 
         writer.fill_pid_filter(self.map("owners"), self.pids)
-        writer.fill_services(self.map("svc_ports"), self.services)
+        if self.services:
+            writer.fill_services(self.map("svc_ports"), self.services)
         return self
 
     def _plan(self, f: Features) -> dict[str, list[Candidate]]:

@@ -325,7 +325,8 @@ class Tracer(TracerHandle):
         from pytracer.table import writer  # noqa: PLC0415 - the one writer of the tracer's maps
 
         writer.fill_pid_filter(obj.map("owners"), self.pids)
-        writer.fill_services(obj.map("svc_ports"), self.services)
+        if self.services:
+            writer.fill_services(obj.map("svc_ports"), self.services)
         for ch in plan.values():
             for name in ch.programs:
                 self.links.append(obj.program(name).attach())
