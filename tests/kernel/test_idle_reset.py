@@ -20,6 +20,8 @@ import os
 import queue
 import random
 import shutil
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -215,3 +217,62 @@ def test_pool_idling_below_the_timeout_is_not_flagged(setup: Any) -> None:
     assert svc["idle_before_end"]["local_close"]["count"] == POOL
     assert "reset_received" not in svc["idle_before_end"]
     assert not flags_for(rep, PORT_SAFE), rep.get("flags")
+
+
+# --- who ended it, and the idle before, on loopback ------------------------------
+
+
+def _pair(ls: socket.socket, port: int) -> tuple[socket.socket, socket.socket, float]:
+    """A connection with one exchange; returns it and the time of its last data."""
+    c = socket.create_connection(("127.0.0.1", port))
+    s, _ = ls.accept()
+    c.sendall(b"q")
+    s.recv(1)
+    s.sendall(b"a")
+    c.recv(1)
+    return c, s, time.monotonic()
+
+
+def test_each_ender_and_its_idle_time_on_loopback() -> None:
+    from pytracer.inventory.services import Service, Spec, assign
+    from pytracer.kernel.abi import Role
+    from pytracer.kernel.core import Tracer
+    from pytracer.table import services
+
+    port = PORT_SAFE + 1000
+    slots = assign(Spec((Service(port, Role.SERVER), Service(port, Role.CLIENT)), auto=False))
+    idle = 1.2
+    truth: dict[tuple[str, str], float] = {}
+    with Tracer(services=slots) as t, socket.socket() as ls:
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("127.0.0.1", port))
+        ls.listen(8)
+        conns = [_pair(ls, port) for _ in range(3)]
+        time.sleep(idle)
+        # The client closes; the server closes at once on EOF.
+        c, s, last = conns[0]
+        c.close()
+        truth["client", "local_close"] = truth["server", "peer_fin"] = time.monotonic() - last
+        s.recv(1)
+        s.close()
+        # The server closes; the client only a second later: its idle ends at the FIN.
+        c, s, last = conns[1]
+        s.close()
+        truth["server", "local_close"] = truth["client", "peer_fin"] = time.monotonic() - last
+        time.sleep(1.0)
+        c.close()
+        # The client aborts (RST); the server closes its reset socket half a second later.
+        c, s, last = conns[2]
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+        truth["client", "local_abort"] = truth["server", "reset_received"] = time.monotonic() - last
+        time.sleep(0.5)
+        s.close()
+        time.sleep(0.3)
+        got = {(st.role, e): h for st in services.read(t) if st.service == str(port) for e, h in st.idle.items()
+               if h.count}
+    assert set(got) == set(truth), (sorted(got), sorted(truth))
+    for key, h in got.items():
+        assert h.count == 1, key
+        slot = next(i for i, n in enumerate(h.slots) if n)
+        assert abs(slot - slot_of(int(truth[key] * 1e6))) <= 1, (key, slot, truth[key])
