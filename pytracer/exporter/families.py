@@ -234,13 +234,17 @@ def _service_families(services: Iterable[Any], opts: ExportOptions) -> list[Metr
     )
     ends = CounterMetricFamily(
         f"{ns}_service_connections_ended",
-        "TCP connections ended, by service; service=\"other\" counts the ends folded there.",
-        labels=["service", "role"],
+        "TCP connections ended, by service and by who ended them (never_established: no idle figure); "
+        "service=\"other\" counts the ends folded there.  Every ender of a service that has ended a "
+        "connection is present, zeros included, so increase() sees the first reset.",
+        labels=["service", "role", "ender"],
     )
     for s in services:
         if not s.ends:
             continue
-        ends.add_metric([s.service, s.role], float(s.ends))
+        for ender, h in s.idle.items():
+            ends.add_metric([s.service, s.role, ender], float(h.count))
+        ends.add_metric([s.service, s.role, "never_established"], float(s.no_idle))
         if s.lifetime.count:
             life.add_metric([s.service, s.role], histogram_buckets(s.lifetime, opts.buckets_seconds),
                             sum_value=s.lifetime.sum_us / 1e6)

@@ -112,7 +112,7 @@ def test_required_alerts_exist() -> None:
     assert "pytracer_process_fd_usage_ratio" in exprs["PytracerFdExhaustionAhead"]
     assert "pytracer_lost_events_total" in exprs["PytracerLosingData"]
     assert "pytracer_service_connection_lifetime_seconds_bucket" in exprs["PytracerServiceLifetimeP95High"]
-    assert 'ender="reset_received"' in exprs["PytracerIdleResets"]
+    assert 'pytracer_service_connections_ended_total{ender="reset_received"}' in exprs["PytracerIdleResets"]
 
 
 def test_queries_name_only_metrics_the_exporter_exports() -> None:
