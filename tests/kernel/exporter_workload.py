@@ -220,7 +220,7 @@ def idlereset(host: str, n: int, idle_s: float) -> None:
         c.recv(1)
         conns.append((c, a))
     time.sleep(idle_s)
-    for c, a in conns:
+    for c, _a in conns:
         c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         c.close()
     for _c, a in conns:
