@@ -39,7 +39,8 @@
  *   idle before end, per service (once per connection, at its end)
  *     PT_CFG_HZ                the kernel's HZ
  *     svc_slot(k)              __u32 * (the slot) in "svc_ports", or NULL
- *     svc_get(slot)            this CPU's struct pt_svc * in "svc", or NULL
+ *     svc_get(slot)            this run's struct pt_svc * for slot in "svc"
+ *                              (one writer at a time, as agg_get()), or NULL
  *     read_end_facts(sk, f, btf)  the tcp_sock's clocks and errors into f
  *
  * Include it after pytracer.h and the kernel types (struct sock, TCP_*).
@@ -634,14 +635,15 @@ static __always_inline void svc_observe(struct pt_hist *h, __u64 ns)
 	opaque(slot);
 	if (slot >= PT_HIST_SLOTS)
 		return;
-	__sync_fetch_and_add(&h->slots[slot], 1);
-	__sync_fetch_and_add(&h->sum_us, us);
+	agg_add(&h->slots[slot], 1);
+	agg_add(&h->sum_us, us);
 }
 
 /*
  * A connection's end, once per socket: its lifetime and its idle before
- * end, by ender, into its service's histograms.  Atomic adds on this CPU's
- * entry: a softirq may end another socket inside us on the same CPU.
+ * end, by ender, into its service's histograms.  svc_get() hands out an
+ * entry with one writer at a time, as agg_get() does, so agg_add() is
+ * exact.
  */
 static __always_inline void svc_end(struct sock *sk, struct pt_sock *rec,
 				    __u64 now, bool btf)
@@ -656,11 +658,11 @@ static __always_inline void svc_end(struct sock *sk, struct pt_sock *rec,
 	s = svc_get(service_of(rec));
 	if (!s)
 		return;
-	__sync_fetch_and_add(&s->ends, 1);
+	agg_add(&s->ends, 1);
 	if (rec->birth_ns && rec->birth_ns <= now)
 		svc_observe(&s->lifetime, now - rec->birth_ns);
 	if (!was_established(rec)) {
-		__sync_fetch_and_add(&s->no_idle, 1);
+		agg_add(&s->no_idle, 1);
 		return;
 	}
 	read_end_facts(sk, &f, btf);

@@ -99,10 +99,11 @@ struct {
 	__type(value, __u32);
 } svc_ports SEC(".maps");
 
-/* Per service slot (0: other): lifetime and idle-before-end histograms. */
+/* Per service slot (0: other): lifetime and idle-before-end histograms.
+ * Like agg, twice: slot + PT_SVC_SLOTS takes the runs nested in another. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, PT_SVC_SLOTS);
+	__uint(max_entries, PT_SVC_SLOTS * PT_AGG_ENTRIES);
 	__type(key, __u32);
 	__type(value, struct pt_svc);
 } svc SEC(".maps");
@@ -281,9 +282,13 @@ static __always_inline __u64 sk_ino(struct sock *sk, bool btf)
 
 #define svc_slot(k)		bpf_map_lookup_elem(&svc_ports, k)
 
+/* The entry of this run, nested or not (see agg_get()). */
 static __always_inline struct pt_svc *svc_get(__u32 slot)
 {
-	return bpf_map_lookup_elem(&svc, &slot);
+	__u32 zero = 0, *d = bpf_map_lookup_elem(&depth, &zero);
+	__u32 idx = slot + (d && *d > 1 ? PT_SVC_SLOTS : 0);
+
+	return bpf_map_lookup_elem(&svc, &idx);
 }
 
 struct pt_end_facts;

@@ -105,11 +105,14 @@ def read(src: Any) -> list[ServiceStats]:
     for slot in range(abi.PT_SVC_SLOTS):
         if slot and slot not in labels:
             continue
-        raw = m.lookup(struct.pack("=I", slot), size)
-        if raw is None:
+        # Each slot's runs nested in another of ours have an entry of their
+        # own, PT_SVC_SLOTS further on (CO-RE; bcc has only the first).
+        raws = [m.lookup(struct.pack("=I", slot + i * abi.PT_SVC_SLOTS), size) for i in range(abi.PT_AGG_ENTRIES)]
+        present = [r for r in raws if r is not None]
+        if not present:
             continue
         service, role = labels.get(slot, (OTHER, ""))
-        out.append(decode(raw, src.ncpus, service, role))
+        out.append(decode(b"".join(present), src.ncpus * len(present), service, role))
     return out
 
 
