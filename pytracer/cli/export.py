@@ -111,6 +111,7 @@ def export(
     Examples:
       sudo tracer export                                  # http://127.0.0.1:9808/metrics
       sudo tracer export --pid $(pgrep -o nginx)
+      sudo tracer export --service-ports auto,client:5432 # per-service histograms
       sudo tracer export --listen :9808 --web-config /etc/pytracer/web.yml
     """
     logging.basicConfig(

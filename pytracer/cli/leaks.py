@@ -70,7 +70,9 @@ def leaks(obj: Context, pids: tuple[int, ...], samples: int, interval: float, to
     processes whose CLOSE_WAIT count keeps growing or whose fds near
     RLIMIT_NOFILE, and destinations whose TIME_WAIT sockets use up the
     ephemeral ports.  Sockets older than the tracer are included; their time
-    in state is a lower bound, shown as ">=".
+    in state is a lower bound, shown as ">=".  Across samples, services
+    whose connections are reset after one idle time (idle_reset: a NAT or
+    firewall forgetting idle flows) are flagged with that time and the fix.
 
     Exit status: 0 nothing flagged, 1 something flagged, 2 error.
 
@@ -79,6 +81,7 @@ def leaks(obj: Context, pids: tuple[int, ...], samples: int, interval: float, to
       sudo tracer leaks
       sudo tracer leaks --pid $(pgrep -o nginx) --idle-after 60
       sudo tracer leaks --samples 5 --interval 2 --json   # growth trends too
+      sudo tracer leaks --service-ports client:5432 --samples 60   # idle resets to port 5432
     """
     pids = validate_pids(pids)
     thresholds = thresholds_from(kw, top)

@@ -112,6 +112,7 @@ def watch(obj: Context, pids: tuple[int, ...], interval: float, duration: float 
       sudo tracer watch
       sudo tracer watch --pid $(pgrep -o nginx) --interval 2
       sudo tracer watch --json --duration 30 > sockets.jsonl
+      sudo tracer watch --service-ports 80,client:5432   # per-service idle before end
     """
     pids = validate_pids(pids)
     thresholds = thresholds_from(kw)

@@ -102,8 +102,10 @@ def discover(cap: int = CAP) -> list[Service]:
     from pytracer.inventory import procs, sockdiag  # noqa: PLC0415
     from pytracer.kernel.tcp_states import TcpState  # noqa: PLC0415
 
-    inv = sockdiag.inventory(procs.netns_refs())
-    rows = inv.rows
+    # Listeners and live connections only: TIME_WAIT can be most of a busy
+    # host's sockets, and adds nothing a live connection does not show.
+    states = (1 << int(TcpState.LISTEN)) | (1 << int(TcpState.ESTABLISHED))
+    rows = sockdiag.inventory(procs.netns_refs(), states=states).rows
     listen = rows["state"] == int(TcpState.LISTEN)
     listening = set(int(p) for p in rows["lport"][listen])
     # Connections whose local port is no listener's: the host connected them.
