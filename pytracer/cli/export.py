@@ -138,7 +138,7 @@ def export(
 
 def _serve(obj: Context, server: ExporterServer, registry, opts: ExportOptions,
            thresholds: dict, max_sockets: int, bpf_stats: bool, duration: float | None,
-           leak_interval: float, services: dict | None = None) -> None:
+           leak_interval: float, services: tuple | None = None) -> None:
     stats = None
     tracer = make_tracer(obj, opts.pids, max_sockets, services)
     with tracer:

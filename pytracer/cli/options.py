@@ -115,8 +115,9 @@ def service_ports_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
-def services_from(kw: dict[str, Any]) -> dict[Any, int]:
-    """Pop --service-ports from ``kw``: the kernel slots of the services."""
+def services_from(kw: dict[str, Any]) -> tuple[dict[Any, int], bool]:
+    """Pop --service-ports from ``kw``: the kernel slots of the services, and
+    whether ports found while running may take the free ones (auto)."""
     from pytracer.inventory import services  # noqa: PLC0415 - discovery pulls numpy
 
     try:
@@ -124,18 +125,20 @@ def services_from(kw: dict[str, Any]) -> dict[Any, int]:
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--service-ports") from None
     found = services.discover() if spec.auto else []
-    return services.assign(spec, found)
+    return services.assign(spec, found), spec.auto
 
 
 def make_tracer(ctx: Context, pids: Iterable[int] = (), max_sockets: int = DEFAULT_MAX_SOCKETS,
-                services: dict[Any, int] | None = None) -> Tracer:
+                services: tuple[dict[Any, int], bool] | None = None) -> Tracer:
+    """``services``: what services_from() returns."""
+    slots, auto = services or ({}, False)
     backend = ctx.backend
     if backend == "bcc":
         from pytracer.kernel.bcc import BccTracer  # noqa: PLC0415 - optional backend
 
         return BccTracer(  # type: ignore[return-value]
             max_sockets=max_sockets, pids=pids, attach=ctx.attach, syscall_hooks=ctx.syscall_hooks,
-            services=services,
+            services=slots, services_auto=auto,
         )
     if backend == "auto" and not os.path.exists("/sys/kernel/btf/vmlinux"):
         from pytracer.kernel.bcc import BccTracer  # noqa: PLC0415
@@ -144,10 +147,10 @@ def make_tracer(ctx: Context, pids: Iterable[int] = (), max_sockets: int = DEFAU
         return BccTracer(  # type: ignore[return-value]
             max_sockets=max_sockets, pids=pids, attach=ctx.attach, syscall_hooks=ctx.syscall_hooks,
             reason="auto: this kernel has no BTF (/sys/kernel/btf/vmlinux) for the CO-RE backend",
-            services=services,
+            services=slots, services_auto=auto,
         )
     return Tracer(max_sockets=max_sockets, pids=pids, attach=ctx.attach, syscall_hooks=ctx.syscall_hooks,
-                  services=services)
+                  services=slots, services_auto=auto)
 
 
 def threshold_options(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -15,14 +15,17 @@ role: ``server`` (the listener's port, for accepted connections) or
     client:5432       only connections made to port 5432
 
 Everything else folds into ``other``, and the kernel counts the folded ends.
-:func:`parse` and :func:`assign` are pure; :func:`discover` reads sock_diag.
+With ``auto``, ports found later (each full leak scan) take the slots still
+free; a slot, once given, keeps its port, so its histograms stay whole.
+:func:`parse`, :func:`rank` and :func:`assign` are pure; :func:`discover`
+reads sock_diag.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 from pytracer.kernel.abi import PT_SVC_SLOTS, Role
 
@@ -97,17 +100,25 @@ def assign(spec: Spec, discovered: Iterable[Service] = (), cap: int = CAP) -> di
 def discover(cap: int = CAP) -> list[Service]:
     """The host's listening ports and its connections' most used remote
     ports, in every network namespace we can find (sock_diag)."""
-    import numpy as np  # noqa: PLC0415 - the inventory pulls numpy; import on use
-
-    from pytracer.inventory import procs, sockdiag  # noqa: PLC0415
+    from pytracer.inventory import procs, sockdiag  # noqa: PLC0415 - they pull numpy: import on use
     from pytracer.kernel.tcp_states import TcpState  # noqa: PLC0415
 
     # Listeners and live connections only: TIME_WAIT can be most of a busy
     # host's sockets, and adds nothing a live connection does not show.
     states = (1 << int(TcpState.LISTEN)) | (1 << int(TcpState.ESTABLISHED))
-    rows = sockdiag.inventory(procs.netns_refs(), states=states).rows
+    return from_rows(sockdiag.inventory(procs.netns_refs(), states=states).rows, cap)
+
+
+def from_rows(rows: Any, cap: int = CAP) -> list[Service]:
+    """:func:`rank` of sock_diag inventory rows: their listening ports, and
+    the remote ports of the connections this host made."""
+    import numpy as np  # noqa: PLC0415 - rows are numpy already
+
+    from pytracer.kernel.tcp_states import TcpState  # noqa: PLC0415
+
     listen = rows["state"] == int(TcpState.LISTEN)
     listening = set(int(p) for p in rows["lport"][listen])
-    # Connections whose local port is no listener's: the host connected them.
-    outgoing = rows[~listen & ~np.isin(rows["lport"], list(listening) or [-1])]
+    # Established connections whose local port is no listener's: the host connected them.
+    est = rows["state"] == int(TcpState.ESTABLISHED)
+    outgoing = rows[est & ~np.isin(rows["lport"], list(listening) or [-1])]
     return rank(listening, (int(p) for p in outgoing["rport"]), cap)

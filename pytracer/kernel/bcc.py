@@ -295,8 +295,9 @@ class BccTracer(TracerHandle):
         reason: str | None = None,
         syscall_hooks: bool | None = None,
         services: Mapping[Any, int] | None = None,
+        services_auto: bool = False,
     ) -> None:
-        super().__init__(max_sockets, pids, attach, syscall_hooks, services)
+        super().__init__(max_sockets, pids, attach, syscall_hooks, services, services_auto)
         self.reason = reason or "--backend bcc"
         self.features: Features | None = None
         self.choices: dict[str, Choice] = {}

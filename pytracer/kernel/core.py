@@ -137,14 +137,18 @@ class TracerHandle:
         attach: str | None = None,
         syscall_hooks: bool | None = None,
         services: Mapping[Any, int] | None = None,
+        services_auto: bool = False,
     ) -> None:
         """``attach``: a mode of hooks.ATTACH_MODES (None: $PYTRACER_ATTACH or
         auto); ``syscall_hooks``: allow syscall tracepoints (None:
         $PYTRACER_SYSCALL_HOOKS; see pytracer.kernel.hooks); ``services``:
         the named services' slots (pytracer.inventory.services.assign),
-        written into "svc_ports" at load; none: every end folds into other."""
+        written into "svc_ports" at load; none: every end folds into other;
+        ``services_auto``: full leak scans name the ports they find in the
+        slots still free (--service-ports auto)."""
         self.max_sockets = max_sockets
         self.services = dict(services or {})
+        self.services_auto = services_auto
         self.pids = sorted(set(pids))
         self.attach_mode = attach or os.environ.get("PYTRACER_ATTACH") or "auto"
         check_attach_mode(self.attach_mode, "core")  # a backend's own limits are checked at open()
@@ -188,8 +192,9 @@ class Tracer(TracerHandle):
         attach: str | None = None,
         syscall_hooks: bool | None = None,
         services: Mapping[Any, int] | None = None,
+        services_auto: bool = False,
     ) -> None:
-        super().__init__(max_sockets, pids, attach, syscall_hooks, services)
+        super().__init__(max_sockets, pids, attach, syscall_hooks, services, services_auto)
         self.features: Features | None = None
         self.choices: dict[str, Choice] = {}
         self.key_by_ptr = False

@@ -205,6 +205,19 @@ class Scanner:
         if found:
             rep.flags = ordered([*rep.flags, *found])
 
+    def _name_services(self, rows: np.ndarray, rep: LeakReport) -> None:
+        """--service-ports auto, while running: ports this full scan finds
+        listening (or busy as remote ports) take the free service slots."""
+        if self.tracer is None or not getattr(self.tracer, "services_auto", False):
+            return
+        try:
+            from pytracer.inventory import services  # noqa: PLC0415 - only with a tracer
+            from pytracer.table import writer  # noqa: PLC0415 - the one writer of the tracer's maps
+
+            rep.stats["services_named"] = writer.add_services(self.tracer, services.from_rows(rows))
+        except Exception as exc:  # a scan never raises
+            rep.errors.append(f"services: {type(exc).__name__}: {exc}")
+
     def _full_due(self, snap: Snapshot) -> bool:
         if not self.incremental or self.last_full_end is None or getattr(self.tracer, "key_by_ptr", False):
             return True
@@ -244,6 +257,7 @@ class Scanner:
             self.full_owners = owners
             relevant = scope_mask(rows, owners, self.pids)
             listeners = joins.listeners(rows, owners)
+            self._name_services(rows, rep)
             counts_by_state = np.bincount(rows["state"][relevant], minlength=16)
             rep.inventory_states = {TcpState.name_of(s): int(n) for s, n in enumerate(counts_by_state) if n}
 

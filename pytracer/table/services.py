@@ -54,13 +54,17 @@ class ServiceStats:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"service": self.service, "role": self.role, "ends": self.ends,
                                "no_idle": self.no_idle}
-        out["lifetime_p50_s"] = self.lifetime.quantile(0.5)
-        out["lifetime_p95_s"] = self.lifetime.quantile(0.95)
+        out["lifetime_p50_s"] = _r(self.lifetime.quantile(0.5))
+        out["lifetime_p95_s"] = _r(self.lifetime.quantile(0.95))
         out["idle_before_end"] = {
-            e: {"count": h.count, "p50_s": h.quantile(0.5), "p95_s": h.quantile(0.95)}
+            e: {"count": h.count, "p50_s": _r(h.quantile(0.5)), "p95_s": _r(h.quantile(0.95))}
             for e, h in self.idle.items() if h.count
         }
         return out
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(v, 6)
 
 
 def _hist(words: np.ndarray, off: int) -> Histogram:

@@ -345,3 +345,16 @@ def fill_services(svc_ports: Any, slots: Mapping[Any, int]) -> int:
             if not _is_full(exc.errno):
                 raise
     return n
+
+
+def add_services(tracer: Any, found: Iterable[Any]) -> int:
+    """Give services found while running the slots still free, in order;
+    slots already given keep their port.  Returns how many were added."""
+    have = tracer.services
+    free = sorted(set(range(1, abi.PT_SVC_SLOTS)) - set(have.values()))
+    new = [s for s in dict.fromkeys(found) if s not in have][: len(free)]
+    slots = dict(zip(new, free))
+    if slots:
+        fill_services(tracer.map("svc_ports"), slots)
+        have.update(slots)
+    return len(slots)

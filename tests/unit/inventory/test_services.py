@@ -47,3 +47,46 @@ def test_hz_from_config_and_timer_list() -> None:
     for hz in (100, 250, 300, 1000):
         assert hz_from_timer_list(f"now at 1 nsecs\njiffies: {(1 << 32) - 300 * hz + 5000 * hz}\n", 5000.0) == hz
     assert hz_from_timer_list("jiffies: 4294967296\n", 100.0) is None  # too early to tell
+
+
+def test_from_rows_listeners_and_the_hosts_own_connections() -> None:
+    import numpy as np
+
+    from pytracer.inventory.services import from_rows
+    from pytracer.inventory.sockdiag import INV_DTYPE
+    from pytracer.kernel.tcp_states import TcpState
+
+    rows = np.zeros(5, INV_DTYPE)
+    rows["state"] = [TcpState.LISTEN, TcpState.ESTABLISHED, TcpState.ESTABLISHED, TcpState.ESTABLISHED,
+                     TcpState.TIME_WAIT]
+    rows["lport"] = [80, 80, 40001, 40002, 40003]  # an accepted one on 80, two of ours to 5432, one closed
+    rows["rport"] = [0, 51000, 5432, 5432, 6379]
+    assert from_rows(rows) == [Service(80, Role.SERVER), Service(5432, Role.CLIENT)]
+
+
+class _Map:
+    def __init__(self, room: int) -> None:
+        self.room, self.items = room, {}
+
+    def update(self, key: bytes, value: bytes) -> None:
+        if len(self.items) >= self.room:
+            raise OSError(7, "E2BIG")  # errno.E2BIG: a full hash map
+        self.items[key] = value
+
+
+def test_services_found_while_running_take_only_free_slots() -> None:
+    from types import SimpleNamespace
+
+    from pytracer.table.writer import add_services
+
+    m = _Map(room=PT_SVC_SLOTS - 1)
+    tracer = SimpleNamespace(services={Service(80, Role.SERVER): 1, Service(5432, Role.CLIENT): 3},
+                             map=lambda name: m)
+    assert add_services(tracer, [Service(80, Role.SERVER), Service(443, Role.SERVER), Service(22, Role.SERVER)]) == 2
+    # Slots once given keep their port; new ones fill the gaps first.
+    assert tracer.services == {Service(80, Role.SERVER): 1, Service(5432, Role.CLIENT): 3,
+                               Service(443, Role.SERVER): 2, Service(22, Role.SERVER): 4}
+    many = [Service(p, Role.SERVER) for p in range(1000, 1100)]
+    assert add_services(tracer, many) == PT_SVC_SLOTS - 1 - 4
+    assert sorted(tracer.services.values()) == list(range(1, PT_SVC_SLOTS))
+    assert add_services(tracer, [Service(9, Role.SERVER)]) == 0
