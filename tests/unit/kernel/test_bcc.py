@@ -36,8 +36,14 @@ def test_the_c_program_uses_the_abi_header_and_the_core_map_names() -> None:
         "BPF_PERCPU_ARRAY(agg, struct pt_agg, 1)",
         "BPF_HASH(owners, u32, u8,",
         "BPF_HASH(listeners, struct pt_listen_key, u32,",
+        "BPF_HASH(svc_ports, struct pt_svc_key, u32, PT_SVC_SLOTS)",
+        "BPF_PERCPU_ARRAY(svc, struct pt_svc, PT_SVC_SLOTS)",
     ):
         assert decl in src
+    # What bpf/lifecycle.bpf.h asks of the including file, for idle before end.
+    for accessor in ("#define PT_CFG_HZ", "svc_slot(struct pt_svc_key *k)", "struct pt_svc *svc_get(u32 slot)",
+                     "void read_end_facts(struct sock *sk,"):
+        assert accessor in src, accessor
     # Every program the planner can attach exists in the source.
     for hook in hooks.HOOKS:
         for c in hooks.candidates(hook, "bcc"):
