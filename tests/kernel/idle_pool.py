@@ -9,10 +9,16 @@
         (reset, or the connection closed) is counted and its connection
         closed.  Then closes the rest.  Prints one JSON line: requests,
         failed, and the failures' idle times.
+    idle_pool.py keepalive HOST PORT
+        One connection with one request, then TCP keepalive after 1 s idle,
+        probes 1 s apart, 2 unanswered end it.  Says "connected", waits for
+        a line on stdin, then for the connection's error; prints it and how
+        long after the last data it came.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import socket
 import sys
@@ -74,8 +80,31 @@ def client(host: str, port: int, n: int, idles: list[float]) -> None:
           flush=True)
 
 
+def keepalive(host: str, port: int) -> None:
+    c = socket.create_connection((host, port), timeout=10)
+    assert request(c), "request failed"
+    last = time.monotonic()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1)
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 2)
+    c.settimeout(30)
+    print(json.dumps({"event": "connected"}), flush=True)
+    sys.stdin.readline()
+    try:
+        got = c.recv(64)
+        error = f"eof {got!r}"
+    except OSError as exc:
+        error = type(exc).__name__ if exc.errno is None else errno.errorcode.get(exc.errno, str(exc.errno))
+    idle = time.monotonic() - last
+    c.close()
+    print(json.dumps({"event": "done", "error": error, "idle": round(idle, 3)}), flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "server":
         serve(int(sys.argv[2]))
+    elif sys.argv[1] == "keepalive":
+        keepalive(sys.argv[2], int(sys.argv[3]))
     else:
         client(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), [float(x) for x in sys.argv[5:]])

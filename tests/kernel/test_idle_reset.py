@@ -276,3 +276,45 @@ def test_each_ender_and_its_idle_time_on_loopback() -> None:
         assert h.count == 1, key
         slot = next(i for i, n in enumerate(h.slots) if n)
         assert abs(slot - slot_of(int(truth[key] * 1e6))) <= 1, (key, slot, truth[key])
+
+
+SILENT = """
+table inet silent {
+  chain input {
+    type filter hook input priority 0; policy drop;
+  }
+}
+"""
+
+
+def test_a_keepalive_timeout_is_a_timeout_with_its_idle_time(netns_pair: Any) -> None:
+    from pytracer.inventory.services import Service, Spec, assign
+    from pytracer.kernel.abi import Role
+    from pytracer.kernel.core import Tracer
+    from pytracer.table import services
+
+    port = PORT_SAFE + 2000
+    server = Proc([PYTHON, str(HERE / "idle_pool.py"), "server", str(port)], netns=netns_pair.b, name="server")
+    client = None
+    try:
+        server.expect("listening")
+        with Tracer(services=assign(Spec((Service(port, Role.CLIENT),), auto=False))) as t:
+            client = Proc([PYTHON, str(HERE / "idle_pool.py"), "keepalive", netns_pair.b4, str(port)],
+                          netns=netns_pair.a, name="client")
+            client.expect("connected")
+            # The server's side goes silent: nothing reaches it any more.
+            subprocess.run(["ip", "netns", "exec", netns_pair.b, "nft", "-f", "-"], check=True, text=True,
+                           capture_output=True, timeout=20, input=SILENT)
+            client.send()
+            done = client.expect("done", timeout=30)
+            time.sleep(0.3)
+            [st] = [s for s in services.read(t) if s.service == str(port) and s.role == "client"]
+    finally:
+        for p in (client, server):
+            if p is not None:
+                p.kill()
+    assert done["error"] == "ETIMEDOUT", done
+    got = {e: h for e, h in st.idle.items() if h.count}
+    assert set(got) == {"timeout"} and got["timeout"].count == 1, got
+    slot = next(i for i, n in enumerate(got["timeout"].slots) if n)
+    assert abs(slot - slot_of(int(done["idle"] * 1e6))) <= 1, (slot, done)
