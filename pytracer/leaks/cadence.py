@@ -42,7 +42,11 @@ def watch_enricher(thresholds: Thresholds, duty: float = 0.25):
                                                      incremental=True)
         last = state.get("leak_last")  # (report, monotonic end, cost)
         now = time.monotonic()
-        if last is None or now - last[1] >= last[2] * (1.0 / duty - 1.0):
+        # Candidate scans select from the table: only a table read since the
+        # last scan has anything new for them (see TablePoller).
+        fresh = snap.table_mono_ns != state.get("leak_table_ns")
+        if last is None or (fresh and now - last[1] >= last[2] * (1.0 / duty - 1.0)):
+            state["leak_table_ns"] = snap.table_mono_ns
             lr = scanner.scan(snap)
             last = state["leak_last"] = (lr, time.monotonic(), float(lr.stats.get("scan_seconds") or 0.0))
         lr = last[0]
