@@ -153,7 +153,7 @@ enum pt_ender {
 };
 
 /* Service slots: 0 is "other", the rest are given out by user space. */
-#define PT_SVC_SLOTS		32
+#define PT_SVC_SLOTS		16
 
 /* Which port names the service: the listener's (accepted sockets) or the
  * peer's (connected sockets). */

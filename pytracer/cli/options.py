@@ -110,7 +110,7 @@ def service_ports_option(f: Callable[..., Any]) -> Callable[..., Any]:
         show_default=True,
         metavar="LIST",
         help="Services with their own lifetime and idle-before-end histograms: PORT, server:PORT, client:PORT "
-        "or auto (the host's listening ports, then its most used remote ports), comma-separated, at most 31; "
+        "or auto (the host's listening ports, then its most used remote ports), comma-separated, at most 15; "
         "the rest fold into service=\"other\".",
     )(f)
 

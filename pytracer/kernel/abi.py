@@ -124,7 +124,7 @@ class Ender(enum.IntEnum):
 
 
 PT_ENDERS = 5
-PT_SVC_SLOTS = 32  # slot 0: "other"
+PT_SVC_SLOTS = 16  # slot 0: "other"
 
 
 class Role(enum.IntEnum):
