@@ -65,6 +65,23 @@ def run(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+EXIT_ERROR = 2
+
+
+def exit_codes(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Errors exit 2, so that 1 can mean "something is flagged" (leaks, run)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException as exc:
+            exc.exit_code = EXIT_ERROR
+            raise
+
+    return wrapper
+
+
 def validate_pids(pids: Iterable[int]) -> tuple[int, ...]:
     out = []
     for pid in pids:
@@ -103,8 +120,16 @@ def max_sockets_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
-def make_tracer(ctx: Context, pids: Iterable[int] = (), max_sockets: int = DEFAULT_MAX_SOCKETS) -> Tracer:
+def make_tracer(ctx: Context, pids: Iterable[int] = (), max_sockets: int = DEFAULT_MAX_SOCKETS,
+                follow_forks: bool = False) -> Tracer:
     backend = ctx.backend
+    if follow_forks:
+        # The fork and exit hooks exist in the CO-RE object only.
+        if backend == "bcc" or (backend == "auto" and not os.path.exists("/sys/kernel/btf/vmlinux")):
+            raise TracerError("following a process tree needs the CO-RE backend and kernel BTF "
+                              "(/sys/kernel/btf/vmlinux); the bcc backend has no fork hook")
+        return Tracer(max_sockets=max_sockets, pids=pids, attach=ctx.attach, syscall_hooks=ctx.syscall_hooks,
+                      follow_forks=True)
     if backend == "bcc":
         from pytracer.kernel.bcc import BccTracer  # noqa: PLC0415 - optional backend
 
