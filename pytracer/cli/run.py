@@ -74,7 +74,7 @@ def run(obj: Context, command: tuple[str, ...], fail_on: str, report_path: str |
     try:
         kinds = parse_kinds(fail_on)
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--fail-on") from None
+        raise click.ClickException(f"--fail-on: {exc}") from None
     thresholds = thresholds_from(kw)
     try:
         run_as = resolve_user(user)
