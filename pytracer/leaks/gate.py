@@ -65,7 +65,8 @@ def verdict(command_code: int, flagged: Iterable[str], fail_on: Iterable[str]) -
 
 def flag_identity(f: Flag) -> tuple:
     """What makes two scans' flags the same finding."""
-    return (f.kind, f.pid, f.cookie, f.inode, f.fd, f.laddr, f.lport, f.raddr, f.rport)
+    # Not the cookie or inode: one scan kind may lack what another fills in.
+    return (f.kind, f.pid, f.fd, f.laddr, f.lport, f.raddr, f.rport)
 
 
 @dataclass
