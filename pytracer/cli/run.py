@@ -23,6 +23,7 @@ from pytracer.cli.options import (
     exit_codes,
     make_tracer,
     max_sockets_option,
+    preload_leaks,
     threshold_options,
     thresholds_from,
 )
@@ -94,6 +95,7 @@ def _run(obj: Context, argv: list[str], run_as: Any, kinds: tuple[str, ...], thr
         raise click.ClickException(str(exc)) from None
     released = False
     try:
+        preload_leaks()  # a thread: only now, after the fork
         tracer = make_tracer(obj, (held.pid,), max_sockets, follow_forks=True)
         with tracer:
             from pytracer.leaks.gate import Gate
@@ -101,6 +103,7 @@ def _run(obj: Context, argv: list[str], run_as: Any, kinds: tuple[str, ...], thr
             from pytracer.views.run import junit_xml, report_json, summary_text
 
             gate = Gate(tracer, thresholds)
+            gate.warm()
             hooks = " ".join(f"{h}={c.kind}" for h, c in tracer.choices.items() if c.kind)
             click.echo(f"tracer: attached ({hooks}); running {argv[0]} as {run_as.name} (pid {held.pid})", err=True)
             try:

@@ -114,6 +114,13 @@ class Gate:
         self.dropped = 0
         self.errors: list[str] = []
 
+    def warm(self) -> None:
+        """One full scan before the command runs (it holds nothing yet): the
+        fd iterators load and the scanner's first, full scan is behind us,
+        so the scans while the command runs are the cheap candidate scans,
+        every tick, instead of the duty cycle waiting out a slow first one."""
+        self.cycle.scanner.scan(poll.snapshot(self.tracer, buffers=self.buffers))
+
     def tick(self) -> list[Flag]:
         """Scan the tree's processes (held to the duty cycle); the flags not seen before."""
         tree = poll.read_tree(self.tracer)

@@ -28,8 +28,11 @@ TIMEOUT = 600 if IN_VM else 60
 FAST = ["--close-wait-after", "1", "--interval", "0.3"]
 
 
-def tracer_run(*args: str, timeout: float = TIMEOUT, **kw: Any) -> subprocess.CompletedProcess:
+def tracer_run(*args: str, timeout: float = TIMEOUT, attach: str | None = None,
+               **kw: Any) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "SUDO_USER"}
+    if attach:
+        env["PYTRACER_ATTACH"] = attach
     return subprocess.run([*tracer_cmd(), "run", *args], capture_output=True, text=True, timeout=timeout,
                           env=env, **kw)
 
@@ -42,9 +45,10 @@ def lines(out: str) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
 
 
-def report_of(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict[str, Any]]:
+def report_of(tmp_path: Path, *args: str, attach: str | None = None) -> tuple[subprocess.CompletedProcess,
+                                                                             dict[str, Any]]:
     path = tmp_path / "run.json"
-    r = tracer_run("--report", str(path), *args)
+    r = tracer_run("--report", str(path), *args, attach=attach)
     assert path.exists(), r.stderr
     return r, json.loads(path.read_text())
 
@@ -83,9 +87,12 @@ def test_http_client_that_never_closes_responses_fails_and_the_fixed_one_passes(
     assert rep["lifetime"]["count"] == 4
 
 
-def test_leak_in_a_grandchild_is_attributed_to_the_grandchild(tmp_path: Path) -> None:
-    r, rep = report_of(tmp_path, *FAST, *program("tree", "--hold", "3"))
+# tp_btf (the default here) and the classic tracepoint twins (forced).
+@pytest.mark.parametrize("attach", [None, "tracepoint"], ids=["auto", "tracepoint"])
+def test_leak_in_a_grandchild_is_attributed_to_the_grandchild(tmp_path: Path, attach: str | None) -> None:
+    r, rep = report_of(tmp_path, *FAST, *program("tree", "--hold", "3"), attach=attach)
     assert r.returncode == 1, r.stdout + r.stderr
+    assert f"follow={attach or 'tp_btf'}" in r.stderr, r.stderr
     out = lines(r.stdout)
     runner = next(e["pid"] for e in out if e["event"] == "runner")
     leaked = next(e for e in out if e["event"] == "leaked")
