@@ -64,8 +64,11 @@ def test_http_client_that_never_closes_responses_fails_and_the_fixed_one_passes(
     assert r.returncode == 1, r.stdout + r.stderr
     client = lines(r.stdout)
     pid = client[-1]["pid"]
-    assert client[-1] == {"event": "done", "leaked": 4, "pid": pid}
+    comm = client[-1]["comm"]
+    assert client[-1] == {"event": "done", "leaked": 4, "pid": pid, "comm": comm}
     cw = [f for f in rep["flags"] if f["kind"] == "close_wait"]
+    # Named as the program it became, not the tracer's child it was before exec.
+    assert {f["comm"] for f in cw} == {comm} and all("run_programs.py http" in f["cmdline"] for f in cw)
     # Every leaked connection, held by the client, towards nginx's port.
     assert len(cw) == 4, rep["flags"]
     assert {f["pid"] for f in cw} == {pid}
