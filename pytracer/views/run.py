@@ -18,6 +18,10 @@ from pytracer.views.text import chart_lines
 __all__ = ["junit_xml", "report_json", "summary_text"]
 
 
+def _n(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def _verdict_line(r: RunResult) -> str:
     cmd = shlex.join(r.argv)
     if len(cmd) > 120:
@@ -37,7 +41,8 @@ def summary_text(r: RunResult) -> str:
     t = r.tree
     lines = [
         _verdict_line(r),
-        f"process tree: {t.followed + 1} processes ({t.followed} forked), {len(t.pids)} still running"
+        f"process tree: {_n(t.followed + 1, 'process', 'processes')} ({t.followed} forked), "
+        f"{len(t.pids)} still running"
         + (f", {t.full} NOT followed (pid filter full)" if t.full else ""),
         "connections by the tree: opened {} (active {}, passive {}), closed {} (active {}, passive {})".format(
             sum(r.opened.values()), r.opened["active"], r.opened["passive"],
