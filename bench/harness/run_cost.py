@@ -16,8 +16,9 @@ just before it is stopped) is reported beside them.  Conditions:
   run    `tracer run -- python3 run_cost.py load ...` (the tree followed in the kernel)
 
 Conditions are interleaved and their order rotated every round; the output
-is the median and range of CPU per connection (us) per condition and of
-each traced condition's ratio to the off run of the same round.  Every
+is the median and range of CPU per connection (us) per condition, of each
+traced condition's ratio to the off run of the same round, and of run's
+ratio to watch in the same round.  Every
 process started here is stopped by pid; every wait has a deadline.
 """
 
@@ -152,14 +153,15 @@ def main() -> None:
         t = [x["tracer_cpu_s"] for x in rows if x["cond"] == cond and x["tracer_cpu_s"] is not None]
         if t:
             summary[cond]["tracer_cpu_s_median"] = round(statistics.median(t), 3)
-    for cond in ("watch", "run"):
-        ratios = []
-        for r in range(a.rounds):
-            off = [x for x in rows if x["round"] == r and x["cond"] == "off"][0]["cpu_us_per_conn"]
-            on = [x for x in rows if x["round"] == r and x["cond"] == cond][0]["cpu_us_per_conn"]
-            ratios.append(on / off)
-        summary[cond]["ratio_to_off_median"] = round(statistics.median(ratios), 4)
-        summary[cond]["ratio_to_off_range"] = [round(min(ratios), 4), round(max(ratios), 4)]
+    def per_round(cond: str, base: str) -> list[float]:
+        def at(r: int, c: str) -> float:
+            return next(x["cpu_us_per_conn"] for x in rows if x["round"] == r and x["cond"] == c)
+        return [at(r, cond) / at(r, base) for r in range(a.rounds)]
+
+    for cond, base in (("watch", "off"), ("run", "off"), ("run", "watch")):
+        ratios = per_round(cond, base)
+        summary[cond][f"ratio_to_{base}_median"] = round(statistics.median(ratios), 4)
+        summary[cond][f"ratio_to_{base}_range"] = [round(min(ratios), 4), round(max(ratios), 4)]
     print(json.dumps({"rounds": a.rounds, "count": a.count, "rate": a.rate, "summary": summary}, indent=1))
 
 

@@ -11,6 +11,7 @@ without exec.  Exit: the command's code if it failed, else 1 when a
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -77,6 +78,10 @@ def run(obj: Context, command: tuple[str, ...], fail_on: str, report_path: str |
     except ValueError as exc:
         raise click.ClickException(f"--fail-on: {exc}") from None
     thresholds = thresholds_from(kw)
+    for opt, path in (("--report", report_path), ("--junit", junit_path)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else ""
+        if path and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            raise click.ClickException(f"{opt}: cannot write {path} (no such directory, or not writable)")
     try:
         run_as = resolve_user(user)
     except CommandError as exc:
@@ -124,7 +129,8 @@ def _run(obj: Context, argv: list[str], run_as: Any, kinds: tuple[str, ...], thr
     finally:
         if not released:
             held.abandon()
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        # The signals stay blocked until we exit: one that came after the
+        # command ended must not turn the verdict into an interruption.
 
 
 def _wait(held: HeldCommand, gate: Any, interval: float, flag_lines: Any) -> int:

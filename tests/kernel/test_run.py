@@ -141,15 +141,25 @@ def test_command_failure_wins_and_fail_on_changes_the_verdict() -> None:
 
 
 @pytest.mark.parametrize("args,says", [
-    (["--fail-on", "close_wiat", "--", "true"], "unknown flag kind close_wiat"),
-    (["--user", "no-such-user-pt", "--", "true"], "no such user"),
-    (["--", "/nonexistent/cmd"], "command not found"),
+    (["--fail-on", "close_wiat"], "unknown flag kind close_wiat"),
+    (["--user", "no-such-user-pt"], "no such user"),
+    (["--report", "/nonexistent/dir/r.json"], "--report: cannot write"),
+    (["--close-wait-after", "-1"], "--close-wait-after"),
 ])
 def test_bad_input_is_one_line_exit_2_and_the_command_never_runs(tmp_path: Path, args: list[str],
                                                                  says: str) -> None:
-    r = tracer_run(*args)
+    marker = tmp_path / "ran"
+    r = tracer_run(*args, "--", "touch", str(marker))
     assert r.returncode == 2, r.stderr
-    assert says in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert says in r.stderr, r.stderr
+    if not args[0].startswith("--close"):  # click's own range check prints its usage lines
+        assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert not marker.exists()
+
+
+def test_missing_command_is_one_line_exit_2() -> None:
+    r = tracer_run("--", "/nonexistent/cmd")
+    assert r.returncode == 2 and "command not found" in r.stderr and r.stderr.strip().count("\n") == 0
 
 
 def test_unloadable_tracer_exits_2_and_never_starts_the_command(tmp_path: Path) -> None:
