@@ -123,18 +123,12 @@ def max_sockets_option(f: Callable[..., Any]) -> Callable[..., Any]:
 def make_tracer(ctx: Context, pids: Iterable[int] = (), max_sockets: int = DEFAULT_MAX_SOCKETS,
                 follow_forks: bool = False) -> Tracer:
     backend = ctx.backend
-    if follow_forks:
-        # The fork and exit hooks exist in the CO-RE object only.
-        if backend == "bcc" or (backend == "auto" and not os.path.exists("/sys/kernel/btf/vmlinux")):
-            raise TracerError("following a process tree needs the CO-RE backend and kernel BTF "
-                              "(/sys/kernel/btf/vmlinux); the bcc backend has no fork hook")
-        return Tracer(max_sockets=max_sockets, pids=pids, attach=ctx.attach, syscall_hooks=ctx.syscall_hooks,
-                      follow_forks=True)
     if backend == "bcc":
         from pytracer.kernel.bcc import BccTracer  # noqa: PLC0415 - optional backend
 
         return BccTracer(  # type: ignore[return-value]
-            max_sockets=max_sockets, pids=pids, attach=ctx.attach, syscall_hooks=ctx.syscall_hooks
+            max_sockets=max_sockets, pids=pids, attach=ctx.attach, syscall_hooks=ctx.syscall_hooks,
+            follow_forks=follow_forks,
         )
     if backend == "auto" and not os.path.exists("/sys/kernel/btf/vmlinux"):
         from pytracer.kernel.bcc import BccTracer  # noqa: PLC0415
@@ -143,8 +137,10 @@ def make_tracer(ctx: Context, pids: Iterable[int] = (), max_sockets: int = DEFAU
         return BccTracer(  # type: ignore[return-value]
             max_sockets=max_sockets, pids=pids, attach=ctx.attach, syscall_hooks=ctx.syscall_hooks,
             reason="auto: this kernel has no BTF (/sys/kernel/btf/vmlinux) for the CO-RE backend",
+            follow_forks=follow_forks,
         )
-    return Tracer(max_sockets=max_sockets, pids=pids, attach=ctx.attach, syscall_hooks=ctx.syscall_hooks)
+    return Tracer(max_sockets=max_sockets, pids=pids, attach=ctx.attach, syscall_hooks=ctx.syscall_hooks,
+                  follow_forks=follow_forks)
 
 
 def threshold_options(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -116,13 +116,13 @@ OPTIONAL_HOOKS = {"reset", "accept_fd"}
 # export, which so pay nothing for them).  "follow": `tracer run` follows a
 # process tree in the kernel's "owners" filter, a forked child joining it
 # and a process whose last thread exits leaving it (bpf/pytracer.bpf.c).
-# Scheduler tracepoints, not syscall ones; CO-RE only (see pytracer.cli.run).
+# Scheduler tracepoints, not syscall ones.
 OPT_IN_HOOKS: dict[str, tuple[Candidate, ...]] = {
     "follow": (
         Candidate("tp_btf", (Probe("tp_btf", "sched:sched_process_fork", "fork_tp_btf"),
                              Probe("tp_btf", "sched:sched_process_exit", "exit_tp_btf")), CORE),
         Candidate("tracepoint", (Probe("tracepoint", "sched:sched_process_fork", "fork_tracepoint"),
-                                 Probe("tracepoint", "sched:sched_process_exit", "exit_tracepoint")), CORE),
+                                 Probe("tracepoint", "sched:sched_process_exit", "exit_tracepoint"))),
     ),
 }
 # Hooks whose every remaining candidate may be a syscall tracepoint, and
