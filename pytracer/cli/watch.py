@@ -68,11 +68,19 @@ def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: fl
                                extra=dict(extra or {}))
     prev = None
     state: dict[str, Any] = {}
-    buffers = poller.SockBuffers()  # the table is read into the same arrays every interval
+    # The aggregates every interval, the table as its cost allows.
+    table = poller.TablePoller(tracer)
+    view: model.TableView | None = None
     for _ in intervals(interval, duration):
-        snap = poller.snapshot(tracer, buffers=buffers)
-        report = model.build_report(snap, prev, opts)
-        # Each enricher adds to the report (the leak detectors' flags).
+        snap = table.poll()
+        if view is None or view.table_mono_ns != snap.table_mono_ns:
+            # A fresh table: the view's work on it is part of its cost.
+            t0 = time.perf_counter()
+            view = model.table_view(snap, opts)
+            table.charge(time.perf_counter() - t0)
+        report = model.build_report(snap, prev, opts, view)
+        # Each enricher adds to the report (the leak detectors' flags; they
+        # keep their own duty cycle).
         for enrich in enrichers:
             enrich(report, snap, tracer, opts, state)
         yield report, snap

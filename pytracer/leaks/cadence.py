@@ -33,12 +33,18 @@ class DutyCycle:
         self.scanner = scanner
         self.duty = duty
         self.last: tuple[LeakReport, float, float] | None = None  # (report, monotonic end, cost)
+        self.table_ns: int | None = None  # when the table the last scan judged was read
 
     def scan(self, snap: Snapshot | None) -> tuple[LeakReport, bool]:
         """The latest findings, and whether this call scanned afresh."""
         now = time.monotonic()
         last = self.last
-        if last is None or now - last[1] >= last[2] * (1.0 / self.duty - 1.0):
+        # Candidate scans select from the table: only a table read since the
+        # last scan has anything new for them (see TablePoller).
+        table_ns = snap.table_mono_ns if snap is not None else None
+        fresh = table_ns is None or table_ns != self.table_ns
+        if last is None or (fresh and now - last[1] >= last[2] * (1.0 / self.duty - 1.0)):
+            self.table_ns = table_ns
             lr = self.scanner.scan(snap)
             self.last = (lr, time.monotonic(), float(lr.stats.get("scan_seconds") or 0.0))
             return lr, True

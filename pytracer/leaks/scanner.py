@@ -58,7 +58,7 @@ from pytracer.leaks.detectors import (
 from pytracer.leaks.processes import GrowthSample, fd_flags, growth_flags, growth_rate, update_growth
 from pytracer.leaks.reaper import Reaper
 from pytracer.leaks.report import LeakReport, ProcessSummary
-from pytracer.leaks.time_wait import TimeWaitDest, time_wait_by_destination, time_wait_flags
+from pytracer.leaks.time_wait import time_wait_findings
 from pytracer.table.poll import Snapshot
 
 __all__ = ["Flag", "LeakReport", "ProcessSummary", "Scanner", "Thresholds", "scope_mask"]
@@ -76,6 +76,10 @@ REAP_AFTER_S = 30.0
 # allows while a candidate's holder is unknown.
 FULL_EVERY_S = 60.0
 FULL_BUDGET = 0.005
+# Between full scans, TIME_WAIT per destination comes from a dump of the
+# minisockets (and listeners) alone, this often: its cost follows the
+# TIME_WAIT count, not the host's sockets.
+TIME_WAIT_EVERY_S = 15.0
 
 
 class Scanner:
@@ -146,6 +150,9 @@ class Scanner:
         self.summaries: dict[int, ProcessSummary] = {}
         self.rechecks = incremental_scan.Rechecks.empty()
         self.holder_cache: dict[int, tuple[Any, float]] = {}  # cookie -> ((pid, fd, inode) or None, when)
+        # TIME_WAIT per destination between full scans (see incremental.refresh_time_wait).
+        self.time_wait_every = TIME_WAIT_EVERY_S
+        self.last_time_wait: float | None = None
 
     # -- the scan ----------------------------------------------------------
 
@@ -265,11 +272,8 @@ class Scanner:
 
             # TIME_WAIT per destination (not under --pid: TIME_WAIT has no owner).
             if not self.pids:
-                port_ranges = {ino: n.port_range for ino, n in inv.netns.items()}
-                dests: list[TimeWaitDest] = time_wait_by_destination(rows, port_ranges, host_ino, th.top,
-                                                                     th.time_wait_warn_ratio)
-                rep.time_wait = [(d.dest, d.count, d.range_size or 0) for d in dests[: th.top]]
-                flags += time_wait_flags(dests, th, {ino: n.tw_reuse for ino, n in inv.netns.items()})
+                rep.time_wait, tw_flags = time_wait_findings(rows, inv.netns, host_ino, th)
+                flags += tw_flags
             if self.incremental:  # what the candidate scans start from
                 self.refs, self.fin_timeouts = list(refs), fin_timeout
                 self.listen_holders = {k: {p for e in v for p, _ in e[2]} for k, v in listeners.items()}
@@ -279,6 +283,7 @@ class Scanner:
                 self.summaries = {pid: dataclasses.replace(p) for pid, p in summaries.items()}
                 self.prev_scan_ns = now_ns
                 self.holder_cache = {}
+                self.last_time_wait = now
 
             rep.flags = ordered(flags)
             rep.processes = summaries
