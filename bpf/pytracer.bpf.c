@@ -597,4 +597,104 @@ int destroy_tracepoint(struct trace_event_raw_tcp_event_sk *ctx)
 	return 0;
 }
 
+/* --- process tree (tracer run) ------------------------------------------ */
+
+/*
+ * `tracer run` follows the command's whole tree in the kernel: a process
+ * forked by one in "owners" joins it before it can run any code, and a
+ * process leaves it when its last thread exits (so a suite forking
+ * thousands of processes fits the bounded map, and a recycled pid never
+ * inherits membership).  Sockets already recorded keep their records: the
+ * filter only decides births.  The loader attaches these only for `tracer
+ * run` (pytracer/kernel/hooks.py, FOLLOW), so plain --pid costs nothing.
+ * Neither is a syscall tracepoint.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pt_tree);
+} tree SEC(".maps");
+
+static __always_inline struct pt_tree *tree_counts(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&tree, &zero);
+}
+
+static __always_inline void follow_fork(__u32 parent_tgid, __u32 child)
+{
+	struct pt_tree *t;
+	__u8 one = 1;
+
+	if (!bpf_map_lookup_elem(&owners, &parent_tgid))
+		return;
+	t = tree_counts();
+	if (bpf_map_update_elem(&owners, &child, &one, BPF_ANY)) {
+		if (t)
+			__sync_fetch_and_add(&t->full, 1);
+		return;
+	}
+	if (t)
+		__sync_fetch_and_add(&t->followed, 1);
+}
+
+static __always_inline void follow_exit(__u32 id)
+{
+	struct pt_tree *t;
+
+	if (bpf_map_delete_elem(&owners, &id))
+		return;
+	t = tree_counts();
+	if (t)
+		__sync_fetch_and_add(&t->exited, 1);
+}
+
+/* From kernel_clone(), in the parent's context, before the child runs. */
+SEC("tp_btf/sched_process_fork")
+int BPF_PROG(fork_tp_btf, struct task_struct *parent, struct task_struct *child)
+{
+	__u32 ptgid = parent->tgid, ctgid = child->tgid;
+
+	if (ctgid != ptgid)	/* not a new thread */
+		follow_fork(ptgid, ctgid);
+	return 0;
+}
+
+/* From do_exit(), after signal->live was decremented: 0 means this is the
+ * process's last thread (the leader may exit before its other threads). */
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(exit_tp_btf, struct task_struct *p)
+{
+	if (p->signal->live.counter == 0)
+		follow_exit(p->tgid);
+	return 0;
+}
+
+/*
+ * Classic tracepoint twins: the fork event names the child by its pid
+ * only, which for a new thread is a thread id; such an entry is taken out
+ * when that thread exits (a tid is never another live process's tgid).
+ */
+SEC("tracepoint/sched/sched_process_fork")
+int fork_tracepoint(struct trace_event_raw_sched_process_fork *ctx)
+{
+	follow_fork(bpf_get_current_pid_tgid() >> 32, ctx->child_pid);
+	return 0;
+}
+
+SEC("tracepoint/sched/sched_process_exit")
+int exit_tracepoint(void *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct task_struct *task = (void *)bpf_get_current_task();
+
+	if ((__u32)id != (__u32)(id >> 32))
+		follow_exit((__u32)id);
+	if (BPF_CORE_READ(task, signal, live.counter) == 0)
+		follow_exit(id >> 32);
+	return 0;
+}
+
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -179,4 +179,15 @@ struct pt_svc {
 	struct pt_hist idle[PT_ENDERS];	/* idle before end, by ender */
 };
 
+/*
+ * Following a process tree (`tracer run`): the "tree" array's one value.
+ * Its programs (sched_process_fork, sched_process_exit) are attached only
+ * for `tracer run`; every count only goes up.
+ */
+struct pt_tree {
+	__u64 followed;		/* forks whose child joined "owners" */
+	__u64 exited;		/* processes that left "owners" when their last thread exited */
+	__u64 full;		/* children not followed: "owners" full */
+};
+
 #endif /* __PYTRACER_H */

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from pytracer.cli.options import (
     Context,
+    exit_codes,
     make_tracer,
     max_sockets_option,
     pid_option,
@@ -26,21 +26,6 @@ from pytracer.cli.options import (
 from pytracer.views.leaks import render_text
 
 EXIT_FLAGGED = 1
-EXIT_ERROR = 2
-
-
-def _exit_codes(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Errors exit 2, so 1 always means "something is flagged"."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except click.ClickException as exc:
-            exc.exit_code = EXIT_ERROR
-            raise
-
-    return wrapper
 
 
 # --- the command ---------------------------------------------------------------------
@@ -59,7 +44,7 @@ def _exit_codes(fn: Callable[..., Any]) -> Callable[..., Any]:
 @max_sockets_option
 @service_ports_option
 @click.pass_obj
-@_exit_codes
+@exit_codes
 @run
 def leaks(obj: Context, pids: tuple[int, ...], samples: int, interval: float, top: int, as_json: bool,
           max_sockets: int, **kw: Any) -> None:

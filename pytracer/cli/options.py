@@ -65,6 +65,23 @@ def run(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+EXIT_ERROR = 2
+
+
+def exit_codes(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Errors exit 2, so that 1 can mean "something is flagged" (leaks, run)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException as exc:
+            exc.exit_code = EXIT_ERROR
+            raise
+
+    return wrapper
+
+
 def validate_pids(pids: Iterable[int]) -> tuple[int, ...]:
     out = []
     for pid in pids:
@@ -129,7 +146,7 @@ def services_from(kw: dict[str, Any]) -> tuple[dict[Any, int], bool]:
 
 
 def make_tracer(ctx: Context, pids: Iterable[int] = (), max_sockets: int = DEFAULT_MAX_SOCKETS,
-                services: tuple[dict[Any, int], bool] | None = None) -> Tracer:
+                services: tuple[dict[Any, int], bool] | None = None, follow_forks: bool = False) -> Tracer:
     """``services``: what services_from() returns."""
     slots, auto = services or ({}, False)
     backend = ctx.backend
@@ -138,7 +155,7 @@ def make_tracer(ctx: Context, pids: Iterable[int] = (), max_sockets: int = DEFAU
 
         return BccTracer(  # type: ignore[return-value]
             max_sockets=max_sockets, pids=pids, attach=ctx.attach, syscall_hooks=ctx.syscall_hooks,
-            services=slots, services_auto=auto,
+            services=slots, services_auto=auto, follow_forks=follow_forks,
         )
     if backend == "auto" and not os.path.exists("/sys/kernel/btf/vmlinux"):
         from pytracer.kernel.bcc import BccTracer  # noqa: PLC0415
@@ -147,10 +164,10 @@ def make_tracer(ctx: Context, pids: Iterable[int] = (), max_sockets: int = DEFAU
         return BccTracer(  # type: ignore[return-value]
             max_sockets=max_sockets, pids=pids, attach=ctx.attach, syscall_hooks=ctx.syscall_hooks,
             reason="auto: this kernel has no BTF (/sys/kernel/btf/vmlinux) for the CO-RE backend",
-            services=slots, services_auto=auto,
+            services=slots, services_auto=auto, follow_forks=follow_forks,
         )
     return Tracer(max_sockets=max_sockets, pids=pids, attach=ctx.attach, syscall_hooks=ctx.syscall_hooks,
-                  services=slots, services_auto=auto)
+                  services=slots, services_auto=auto, follow_forks=follow_forks)
 
 
 def threshold_options(f: Callable[..., Any]) -> Callable[..., Any]:

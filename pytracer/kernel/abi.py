@@ -148,6 +148,12 @@ class PtSvc(ctypes.Structure):
     ]
 
 
+class PtTree(ctypes.Structure):
+    """The "tree" map's value: counts of `tracer run`'s process-tree following."""
+
+    _fields_ = [("followed", ctypes.c_uint64), ("exited", ctypes.c_uint64), ("full", ctypes.c_uint64)]
+
+
 def percpu_stride(value_size: int) -> int:
     """Per-CPU values are laid out every round_up(value_size, 8) bytes."""
     return (value_size + 7) & ~7

@@ -130,6 +130,8 @@ TRACEPOINTS = (
     "syscalls/sys_exit_accept4",
     "syscalls/sys_exit_accept",
     "syscalls/sys_enter_close",
+    "sched/sched_process_fork",  # the opt-in "follow" hook (tracer run)
+    "sched/sched_process_exit",
 )
 
 

@@ -361,7 +361,9 @@ class Scanner:
         if start is None:
             return None
         cached = self.proc_cache.get(pid)
-        if cached is not None and cached.start_ticks == start:
+        # Same process (start time) and same program: exec() keeps the pid
+        # and the start time but changes comm and cmdline.
+        if cached is not None and cached.start_ticks == start and cached.comm == procs.comm(pid, self.proc):
             cached.open_fds = procs.count_fds(pid, self.proc)
             cached.max_fds = procs.nofile_limit(pid, self.proc)
             return cached

@@ -27,6 +27,13 @@ def chart_rows(h: Histogram) -> list[tuple[str, int]]:
     return rows[nonzero[0] : nonzero[-1] + 1]
 
 
+def chart_lines(hist: Histogram, indent: str = "  ") -> list[str]:
+    """The lifetime histogram as text bars, one line per display bucket."""
+    rows = chart_rows(hist)
+    peak = max((n for _, n in rows), default=0)
+    return [f"{indent}{label:>10} {n:>8} {'#' * (round(30 * n / peak) if peak else 0)}" for label, n in rows]
+
+
 def endpoint(addr: str, port: int) -> str:
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
@@ -64,10 +71,7 @@ def plain(report: dict[str, Any], hist: Histogram) -> str:
         f"  lifetime: n={life['count']} p50={duration(life['p50_seconds'])} "
         f"p90={duration(life['p90_seconds'])} p99={duration(life['p99_seconds'])}"
     )
-    peak = max((n for _, n in chart_rows(hist)), default=0)
-    for label, n in chart_rows(hist):
-        bar = "#" * (round(30 * n / peak) if peak else 0)
-        lines.append(f"  {label:>10} {n:>8} {bar}")
+    lines.extend(chart_lines(hist))
     by_key = {s["cookie"]: s for s in report["sockets"]}
     for title, keys in (("longest-lived", report["longest_lived"]), ("longest in state", report["longest_in_state"])):
         if not keys:

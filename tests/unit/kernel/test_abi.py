@@ -29,6 +29,7 @@ def btf_structs() -> dict[str, dict]:
 @pytest.mark.parametrize("cname,pytype", [
     ("pt_sock", abi.PtSock), ("pt_hist", abi.PtHist), ("pt_agg", abi.PtAgg), ("pt_config", abi.PtConfig),
     ("pt_listen_key", abi.PtListenKey), ("pt_svc_key", abi.PtSvcKey), ("pt_svc", abi.PtSvc),
+    ("pt_tree", abi.PtTree),
 ])
 def test_struct_layout_matches_btf(cname: str, pytype: type[ctypes.Structure]) -> None:
     st = btf_structs()[cname]
