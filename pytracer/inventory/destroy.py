@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from pytracer.inventory.procs import NetnsRef
-from pytracer.inventory.sockdiag import ALL_STATES, IPPROTO_TCP, NETLINK_SOCK_DIAG, NOCOOKIE, run_in_netns
+from pytracer.inventory.sockdiag import ALL_STATES, IPPROTO_TCP, NETLINK_SOCK_DIAG, NOCOOKIE, own_netns, run_in_netns
 
 # include/uapi/linux/sock_diag.h
 SOCK_DESTROY = 21
@@ -106,10 +106,7 @@ class Destroyer:
         self._own = -1
 
     def __enter__(self) -> Destroyer:
-        try:
-            self._own = os.stat("/proc/thread-self/ns/net").st_ino
-        except OSError:
-            self._own = -1
+        self._own = own_netns()
         return self
 
     def __exit__(self, *exc: object) -> None:

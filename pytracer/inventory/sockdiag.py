@@ -25,8 +25,9 @@ include/uapi/linux/inet_diag.h and tcp.h); requests are encoded from them,
 and the numpy dtype and tcp_info offsets are derived from them, so there is
 one description of the wire format.  tests/unit/inventory/test_sockdiag.py checks it
 field by field against pyroute2's own declarations.  pyroute2 itself is not
-imported at run time: the whole package costs about 20 MB of memory and
-0.3 s of start-up, and its per-message objects cost 30-115 us per socket
+imported here (only by :mod:`pytracer.inventory.destroy`, to end a socket):
+the whole package costs about 20 MB of memory and 0.3 s of start-up, and
+its per-message objects cost 30-115 us per socket
 (measured with pyroute2 0.9.7: 0.35 s for 3,000 sockets), which a
 TIME_WAIT storm of 30,000 sockets turns into seconds per scan.  The
 transport is a plain netlink socket, parsed in bulk (about 1 us per socket).
@@ -558,6 +559,14 @@ def _diag_socket() -> socket.socket:
     return s
 
 
+def own_netns() -> int:
+    """The inode of the calling thread's network namespace (-1 if unreadable)."""
+    try:
+        return os.stat("/proc/thread-self/ns/net").st_ino
+    except OSError:
+        return -1
+
+
 def run_in_netns(ref: NetnsRef, fn: Callable[[], T], timeout: float = 5.0) -> T:
     """``fn()`` run inside the namespace ``ref`` names, by a short-lived
     thread that enters it with setns(2) (which changes only the calling
@@ -645,10 +654,7 @@ class Session:
         self._seq = int(time.monotonic_ns()) & 0x7FFFFFFF
 
     def __enter__(self) -> Session:
-        try:
-            own = os.stat("/proc/thread-self/ns/net").st_ino
-        except OSError:
-            own = -1
+        own = own_netns()
         for ref in self.refs:
             info = NetnsInfo(ref.ino, ref.label, ref.path)
             self.netns[ref.ino] = info
