@@ -102,3 +102,21 @@ def test_inventory_row_names_the_socket() -> None:
     assert int(row6["family"]) == socket.AF_INET6
     assert bytes(row6["laddr"]) == socket.inet_pton(socket.AF_INET6, "::ffff:10.0.0.1")
     assert bytes(row6["raddr"]) == socket.inet_pton(socket.AF_INET6, "fd00::2")
+
+
+def test_no_kernel_support_refuses_before_any_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from pytracer.leaks import destroy as d
+    from pytracer.leaks.report import LeakReport
+
+    monkeypatch.setattr(d, "can_act", lambda: None)
+    monkeypatch.setattr(d, "probe", lambda: errno.EOPNOTSUPP)
+    monkeypatch.setattr(d.sockdiag, "Session", lambda refs: pytest.fail("looked up a socket"))
+    run = d.Run(d.Plan([flag("close_wait", 1)], 1), LeakReport())
+    with pytest.raises(d.DestroyRefused, match="CONFIG_INET_DIAG_DESTROY"):
+        d.end(run, Thresholds())
+    assert run.outcomes == []
+    monkeypatch.setattr(d, "can_act", lambda: "ending a socket needs CAP_NET_ADMIN: run as root (sudo)")
+    with pytest.raises(d.DestroyRefused, match="CAP_NET_ADMIN"):
+        d.end(run, Thresholds())
