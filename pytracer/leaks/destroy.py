@@ -41,7 +41,7 @@ from pytracer.kernel.tcp_states import TcpState
 from pytracer.leaks.detectors import Flag, kernel_state_floor, ordered
 from pytracer.leaks.facts import listener_of, listeners
 from pytracer.leaks.report import LeakReport
-from pytracer.leaks.scanner import Scanner
+from pytracer.leaks.scanner import MAX_SOCKET_FACTS, Scanner
 from pytracer.leaks.thresholds import Thresholds
 
 # Socket kinds of the leak detectors -> the threshold that decides them.
@@ -205,11 +205,14 @@ def _state_flags(state: str, pids: tuple[int, ...], port: int | None,
         owners = fdscan.sockets
         mask = scope_mask(rows, owners, pids, (port,) if port else ()) & (rows["state"] == st.value)
         sel = rows[mask]
+        if len(sel) > MAX_SOCKET_FACTS:
+            rep.errors.append(f"{len(sel)} sockets in {state}: only the first {MAX_SOCKET_FACTS} considered")
+            sel = sel[:MAX_SOCKET_FACTS]
         lst = listeners(rows, owners)
         infos, _ = sess.tcp_info(sel) if len(sel) else (sockdiag.TcpInfoTable(), 0)
     out = []
     cache: dict[int, procs.ProcFacts] = {}
-    for r in sel[:100_000]:
+    for r in sel:  # bounded above
         held = owners.get(int(r["inode"]), []) if int(r["inode"]) else []
         backlog = not held and not int(r["inode"])
         if backlog:

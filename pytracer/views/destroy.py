@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 
 CLOSE_WAIT_NOTE = (
     "note: ending a CLOSE_WAIT socket frees the connection and its port, but not the application's leaked file "
-    "descriptor: the process still holds the fd (now of a closed socket) until it calls close() itself; the fix "
-    "is the missing close() in the application."
+    "descriptor: a process that holds one (fd= above) keeps it, now of a closed socket, until it calls close() "
+    "itself; the fix is the missing close() in the application."
 )
 
 

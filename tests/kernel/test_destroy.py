@@ -11,6 +11,7 @@ scoped to the scenario's own pids or port: other tests share this host.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import subprocess
@@ -169,6 +170,12 @@ def test_backlog_close_wait_ended_listener_kept(leak_net: LeakNet, spawn: Any) -
 
     dry = destroy("--kind", "close_wait", "--close-wait-after", 1, "--pid", srv.pid)
     assert cookies_in(dry.stdout, "would end") == set(cw), dry.stdout
+    # `tracer leaks` with the same thresholds flags the same sockets.
+    leaks = subprocess.run([*tracer_cmd(), "leaks", "--json", "--close-wait-after", "1", "--pid", str(srv.pid)],
+                           capture_output=True, text=True, timeout=120)
+    assert leaks.returncode == 1, leaks.stderr
+    flagged = {f["cookie"] for f in json.loads(leaks.stdout)["flags"] if f["kind"] == "close_wait"}
+    assert flagged == set(cw)
     assert "unaccepted" in dry.stdout and "fd=-" in dry.stdout
     # --state LISTEN is refused outright; a listener is never chosen.
     bad = destroy("--state", "LISTEN", "--port", port, "--yes")
