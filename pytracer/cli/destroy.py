@@ -19,6 +19,7 @@ from pytracer.leaks.destroy import (
     ENDED,
     FAILED,
     KIND_THRESHOLDS,
+    VIAS,
     DestroyRefused,
     Outcome,
     choose,
@@ -77,10 +78,13 @@ def _log(o: Outcome) -> None:
 @click.option("--max", "max_sockets", type=click.IntRange(1, 100000), default=100, show_default=True,
               help="End at most this many sockets per run (the oldest first).")
 @click.option("--yes", is_flag=True, help="Do it. Without --yes, only list what would be ended.")
+@click.option("--via", type=click.Choice(VIAS), default="sock_diag", show_default=True,
+              help="How: SOCK_DESTROY over sock_diag netlink, or bpf_sock_destroy() from an iter/tcp program "
+                   "(v6.5+; full sockets only).")
 @click.pass_context
 @run
 def destroy(ctx: click.Context, kind: str | None, state: str | None, pids: tuple[int, ...], port: int | None,
-            max_sockets: int, yes: bool, **kw: Any) -> None:
+            max_sockets: int, yes: bool, via: str, **kw: Any) -> None:
     """End stuck TCP sockets (SOCK_DESTROY over sock_diag). A dry run unless --yes.
 
     Chooses exactly the sockets `tracer leaks` flags with --kind under the
@@ -105,6 +109,7 @@ def destroy(ctx: click.Context, kind: str | None, state: str | None, pids: tuple
       sudo tracer destroy --kind close_wait --pid $(pgrep -o myapp) --yes
       sudo tracer destroy --kind fin_wait2_orphan --fin-wait2-after 30 --max 20 --yes
       sudo tracer destroy --state CLOSE_WAIT --port 5432
+      sudo tracer destroy --kind idle_established --idle-after 600 --pid 1234 --via bpf --yes
     """
     if (kind is None) == (state is None):
         raise click.UsageError("give exactly one of --kind or --state")
@@ -126,7 +131,7 @@ def destroy(ctx: click.Context, kind: str | None, state: str | None, pids: tuple
     if yes:
         syslog.openlog("tracer-destroy", syslog.LOG_PID, syslog.LOG_USER)
         try:
-            end(r, th, _log)
+            end(r, th, _log, via)
         except DestroyRefused as exc:
             raise _fail(str(exc)) from None
         finally:

@@ -256,9 +256,31 @@ def can_act() -> str | None:
     return None
 
 
-def end(run: Run, th: Thresholds, on_outcome: Callable[[Outcome], None] = lambda o: None) -> None:
+VIAS = ("sock_diag", "bpf")
+
+
+def _recheck_one(sess: sockdiag.Session, f: Flag, th: Thresholds) -> tuple[str | None, np.ndarray]:
+    """(why to leave it alone or None, the kernel's current row) of one chosen socket."""
+    row = inventory_row(f)
+    found, infos, _ = sess.lookup(row)
+    now = found[found["cookie"] == row["cookie"][0]]
+    state = TcpState.name_of(int(now["state"][0])) if len(now) else None
+    info = infos.get(int(f.cookie or 0))
+    return recheck(f, state, info.idle_ms / 1e3 if info else None, th), now
+
+
+def _outcome(f: Flag, err: int, why: str) -> Outcome:
+    if not err:
+        return Outcome(f, ENDED)
+    return Outcome(f, SKIPPED if err in (errno.ENOENT, errno.ESTALE) else FAILED, why)
+
+
+def end(run: Run, th: Thresholds, on_outcome: Callable[[Outcome], None] = lambda o: None,
+        via: str = "sock_diag") -> None:
     """End every target of ``run.plan``, each re-checked just before
-    (:func:`recheck`), in its own namespace.  Raises DestroyRefused when the
+    (:func:`recheck`), in its own namespace: with SOCK_DESTROY over sock_diag
+    one by one, or (``via="bpf"``) with bpf_sock_destroy() in one iterator
+    pass per namespace after the re-checks.  Raises DestroyRefused when the
     kernel or our capabilities forbid it (asked before the first socket)."""
     targets = run.plan.targets
     if not targets:
@@ -266,20 +288,28 @@ def end(run: Run, th: Thresholds, on_outcome: Callable[[Outcome], None] = lambda
     why = can_act()
     if why:
         raise DestroyRefused(why)
-    err = probe()
-    if err:
-        raise DestroyRefused(explain(err))
+    if via == "sock_diag":
+        err = probe()
+        if err:
+            raise DestroyRefused(explain(err))
+        killer = Destroyer(run.refs)
+    else:
+        from pytracer.inventory.bpfdestroy import BpfEnder, BpfEnderUnavailable
+
+        try:
+            killer = BpfEnder(run.refs).__enter__()
+        except BpfEnderUnavailable as exc:
+            raise DestroyRefused(str(exc)) from None
     refs = [run.refs[ns] for ns in {int(f.netns or 0) for f in targets} if ns in run.refs]
-    with sockdiag.Session(refs) as sess, Destroyer(run.refs) as killer:
+    pending: dict[int, list[Flag]] = {}
+    with sockdiag.Session(refs) as sess, killer:
         for f in targets:  # bounded by the cap
-            row = inventory_row(f)
-            found, infos, _ = sess.lookup(row)
-            now = found[found["cookie"] == row["cookie"][0]]
-            state = TcpState.name_of(int(now["state"][0])) if len(now) else None
-            info = infos.get(int(f.cookie or 0))
-            reason = recheck(f, state, info.idle_ms / 1e3 if info else None, th)
+            reason, now = _recheck_one(sess, f, th)
             if reason:
                 o = Outcome(f, SKIPPED, reason)
+            elif via == "bpf":
+                pending.setdefault(int(f.netns or 0), []).append(f)
+                continue
             else:
                 try:
                     killer.destroy(now[0])
@@ -287,7 +317,18 @@ def end(run: Run, th: Thresholds, on_outcome: Callable[[Outcome], None] = lambda
                 except DestroyError as exc:
                     if exc.errno in (errno.EOPNOTSUPP, errno.EPERM):
                         raise DestroyRefused(exc.strerror or str(exc)) from None
-                    skip = exc.errno in (errno.ENOENT, errno.ESTALE)
-                    o = Outcome(f, SKIPPED if skip else FAILED, exc.strerror or str(exc))
+                    o = _outcome(f, exc.errno or errno.EIO, exc.strerror or str(exc))
             run.outcomes.append(o)
             on_outcome(o)
+        for netns, flags in pending.items():
+            try:
+                res = killer.end(netns, [int(f.cookie or 0) for f in flags])
+            except OSError as exc:
+                res = {int(f.cookie or 0): exc.errno or errno.EIO for f in flags}
+            for f in flags:
+                err = res.get(int(f.cookie or 0), errno.ENOENT)
+                why = ("a minisocket (timewait or request): bpf_sock_destroy() cannot end it, use --via sock_diag"
+                       if err == errno.EOPNOTSUPP else explain(err))
+                o = _outcome(f, err, why)
+                run.outcomes.append(o)
+                on_outcome(o)

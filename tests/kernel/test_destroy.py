@@ -208,3 +208,47 @@ def test_refusals_change_nothing(leak_net: LeakNet, spawn: Any) -> None:
     assert res.returncode == 2, res.stdout + res.stderr
     assert "CAP_NET_ADMIN" in res.stderr.splitlines()[-1]
     assert by_state(ss(net.server_ns, port), "CLOSE-WAIT", port).keys() == cw.keys()
+
+
+@pytest.mark.parametrize("leak_net", VETH, indirect=True)
+def test_via_bpf_sock_destroy(leak_net: LeakNet, spawn: Any) -> None:
+    """bpf_sock_destroy() from iter/tcp (v6.5+): idle connections ended, busy
+    ones not; a FIN_WAIT2 minisocket cannot be ended that way, and says so.
+    Before v6.5: one line, exit 2, nothing ended."""
+    net = leak_net
+    srv = spawn(server_argv("hold", net.server_host, "--lifetime", 60), net.server_ns, "server")
+    port = srv.expect("listening")["port"]
+    cli = spawn(client_argv("keepalive", net.server_host, port, "--idle", 2, "--chatty", 2, "--every", 0.2,
+                            "--lifetime", 60), net.client_ns, "client")
+    cli.expect("ready")
+    conns = [e for e in cli.events if e.get("event") == "conn"]
+    chatty_ports = {e["lport"] for e in conns if e["kind"] == "chatty"}
+
+    def idle_now() -> dict[int, SsRow] | None:
+        rows = by_state(ss(net.server_ns, port), "ESTAB", port)
+        idle = {c: r for c, r in rows.items() if min(r.ms("lastsnd") or 0, r.ms("lastrcv") or 0) >= 2000}
+        return idle if len(rows) == 4 and len(idle) == 2 else None
+
+    idle = wait_until(idle_now, 10, "2 of 4 connections idle for 2 s")
+    res = destroy("--kind", "idle_established", "--idle-after", 1.5, "--pid", srv.pid, "--via", "bpf", "--yes")
+    if res.returncode == 2 and "bpf_sock_destroy" in res.stderr:
+        assert res.stderr.strip().count("\n") == 0 and "use --via sock_diag" in res.stderr
+        assert by_state(ss(net.server_ns, port), "ESTAB", port).keys() >= idle.keys()
+        pytest.skip(f"no bpf_sock_destroy() here ({os.uname().release}): its one-line refusal was checked")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert cookies_in(res.stderr, "ended") == set(idle)
+    estab = by_state(ss(net.server_ns, port), "ESTAB", port)
+    assert not set(idle) & set(estab)
+    assert {r.rport for r in estab.values()} == chatty_ports
+    assert by_state(ss(net.server_ns, port), "LISTEN", port)
+
+    # FIN_WAIT2 orphans are timewait minisockets: the kfunc refuses them, the run says so and exits 1.
+    hang = spawn(client_argv("hangup", net.server_host, port, 2, "--lifetime", 60), net.client_ns, "hangup")
+    hang.expect("closed")
+    fw2 = wait_until(lambda: (lambda d: d if len(d) == 2 else None)(by_state(ss(net.client_ns, port), "FIN-WAIT-2",
+                                                                             port)), 10, "2 FIN-WAIT-2 orphans")
+    res = destroy("--kind", "fin_wait2_orphan", "--fin-wait2-after", 0, "--port", port,
+                  "--via", "bpf", "--yes")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert cookies_in(res.stderr, "failed") == set(fw2) and "minisocket" in res.stderr
+    assert by_state(ss(net.client_ns, port), "FIN-WAIT-2", port).keys() == fw2.keys()
