@@ -98,7 +98,7 @@ def _sock_destroy() -> dict:
     try:
         err = probe()
     except OSError as exc:
-        return {"available": None, "why": f"could not ask: {exc}"}
+        return {"available": False, "why": f"could not ask the kernel: {exc}"}
     if err:
         return {"available": False, "why": explain(err)}
     return {"available": True, "why": "SOCK_DESTROY over sock_diag answered (CONFIG_INET_DIAG_DESTROY)"}
