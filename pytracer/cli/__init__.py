@@ -19,7 +19,8 @@ class LazyGroup(click.Group):
     """Imports a command's module only when that command runs, so `watch`
     does not pay for the exporter's HTTP stack (prometheus_client, ssl)."""
 
-    commands_by_module = {"watch": "watch", "leaks": "leaks", "export": "export", "doctor": "doctor", "run": "run"}
+    commands_by_module = {"watch": "watch", "leaks": "leaks", "export": "export", "doctor": "doctor", "run": "run",
+                          "destroy": "destroy"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(self.commands_by_module)

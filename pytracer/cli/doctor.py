@@ -87,7 +87,21 @@ def gather(obj: Context) -> dict:
     method, why = fdscan.method()
     fdscan.close_shared()
     out["fd_scan"] = {"method": method, "why": why}
+    out["sock_destroy"] = _sock_destroy()
     return out
+
+
+def _sock_destroy() -> dict:
+    """Can `tracer destroy` end sockets here (CONFIG_INET_DIAG_DESTROY)?"""
+    from pytracer.inventory.destroy import explain, probe
+
+    try:
+        err = probe()
+    except OSError as exc:
+        return {"available": False, "why": f"could not ask the kernel: {exc}"}
+    if err:
+        return {"available": False, "why": explain(err)}
+    return {"available": True, "why": "SOCK_DESTROY over sock_diag answered (CONFIG_INET_DIAG_DESTROY)"}
 
 
 @click.command()
@@ -139,6 +153,8 @@ def doctor(obj: Context, as_json: bool) -> None:
             click.echo(f"syscall tax   {progs}{tax['why']}")
         fs = info["fd_scan"]
         click.echo("fd scan       " + ("BPF iterators: " if fs["method"] == "bpf" else "/proc walk: ") + fs["why"])
+        sd = info["sock_destroy"]
+        click.echo(f"sock destroy  {yes[sd['available']]}: {sd['why']}")
         click.echo(f"status        {info['status']}")
     if not str(info["status"]).startswith("ok"):
         raise SystemExit(1)

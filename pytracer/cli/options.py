@@ -170,8 +170,7 @@ def make_tracer(ctx: Context, pids: Iterable[int] = (), max_sockets: int = DEFAU
                   services=slots, services_auto=auto, follow_forks=follow_forks)
 
 
-def threshold_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """The detectors' thresholds as options: ``watch``, ``leaks`` and ``export`` take the same set."""
+def _threshold_opts(sockets_only: bool) -> list[Callable[..., Any]]:
     d = Thresholds()
     secs = click.FloatRange(0, None)
     ratio = click.FloatRange(0, 1, min_open=True)
@@ -184,6 +183,10 @@ def threshold_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Flag sockets stuck in LAST_ACK longer than S seconds."),
         click.option("--fin-wait2-after", type=secs, default=None, metavar="S",
                      help="Flag FIN_WAIT2 sockets older than S seconds [default: net.ipv4.tcp_fin_timeout]."),
+    ]
+    if sockets_only:
+        return opts
+    return opts + [
         click.option("--fd-warn-ratio", type=ratio, default=d.fd_warn_ratio, show_default=True, metavar="R",
                      help="Flag processes using this fraction of RLIMIT_NOFILE."),
         click.option("--time-wait-warn-ratio", type=ratio, default=d.time_wait_warn_ratio, show_default=True,
@@ -194,7 +197,18 @@ def threshold_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--growth-min", type=click.IntRange(1, None), default=d.growth_min, show_default=True,
                      metavar="N", help="...and a rise of at least N sockets."),
     ]
-    for o in reversed(opts):
+
+
+def threshold_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The detectors' thresholds as options: ``watch``, ``leaks`` and ``export`` take the same set."""
+    for o in reversed(_threshold_opts(False)):
+        f = o(f)
+    return f
+
+
+def socket_threshold_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The thresholds of the per-socket detectors only (``destroy``): the same options, names and defaults."""
+    for o in reversed(_threshold_opts(True)):
         f = o(f)
     return f
 
@@ -204,7 +218,7 @@ THRESHOLD_KEYS = ("close_wait_after", "idle_after", "last_ack_after", "fin_wait2
 
 
 def thresholds_from(kw: dict[str, Any], top: int | None = None) -> Thresholds:
-    th = Thresholds(**{k: kw.pop(k) for k in THRESHOLD_KEYS})
+    th = Thresholds(**{k: kw.pop(k) for k in THRESHOLD_KEYS if k in kw})
     if top is not None:
         th.top = top
     try:

@@ -243,7 +243,7 @@ def scan(sc: Scanner, snap: Snapshot, rep: LeakReport) -> None:
     pids = _owner_pids(sc, snap, idx, np.concatenate([rows, lst_rows]), lst_idx)
     scan_ = _fd_scan(sc, pids) if pids else FdScan()
     owners = scan_.sockets
-    relevant = scope_mask(rows, owners, sc.pids)
+    relevant = scope_mask(rows, owners, sc.pids, sc.ports)
     listeners = joins.listeners(lst_rows, owners)
 
     # Time in state from the table, where it still holds (same state).

@@ -111,7 +111,7 @@ class Scanner:
                  reap_after: float = REAP_AFTER_S, *, fd_scan: Callable[..., procs.FdScan] | None = None,
                  netns_refs: Callable[..., list[procs.NetnsRef]] | None = None,
                  session: Callable[[list[procs.NetnsRef]], Any] | None = None, incremental: bool = False,
-                 full_every: float = FULL_EVERY_S, full_budget: float = FULL_BUDGET) -> None:
+                 full_every: float = FULL_EVERY_S, full_budget: float = FULL_BUDGET, ports: Iterable[int] = ()) -> None:
         self.tracer = tracer
         self.fd_scan = fd_scan
         self._netns_refs = netns_refs
@@ -119,6 +119,7 @@ class Scanner:
         self.thresholds = thresholds or Thresholds()
         self.thresholds.validate()
         self.pids = tuple(sorted(set(int(p) for p in pids)))
+        self.ports = tuple(sorted(set(int(p) for p in ports)))
         self.proc = proc
         self.max_socket_facts = max_socket_facts
         self._lock = threading.Lock()
@@ -262,7 +263,7 @@ class Scanner:
             order = np.argsort(rows["cookie"], kind="stable")
             self._cookies, self._inodes = rows["cookie"][order], rows["inode"][order].astype(np.uint64)
             self.full_owners = owners
-            relevant = scope_mask(rows, owners, self.pids)
+            relevant = scope_mask(rows, owners, self.pids, self.ports)
             listeners = joins.listeners(rows, owners)
             self._name_services(rows, rep)
             counts_by_state = np.bincount(rows["state"][relevant], minlength=16)
