@@ -66,16 +66,14 @@ def run(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def validate_pids(pids: Iterable[int]) -> tuple[int, ...]:
+    from pytracer.inventory import procs  # noqa: PLC0415 - numpy: loaded in the background otherwise
+
     out = []
     for pid in pids:
         if pid <= 0 or not os.path.isdir(f"/proc/{pid}"):
             raise click.BadParameter(f"no process with pid {pid}", param_hint="--pid")
         # A thread id is not a process: the kernel records tgids.
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                tgid = next((int(line.split()[1]) for line in f if line.startswith("Tgid:")), pid)
-        except OSError:
-            tgid = pid
+        tgid = procs.tgid(pid) or pid
         if tgid != pid:
             raise click.BadParameter(f"{pid} is a thread of process {tgid}: pass {tgid}", param_hint="--pid")
         out.append(pid)
