@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
 import signal
 import sys
@@ -65,6 +66,19 @@ def run(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+class FiniteRange(click.FloatRange):
+    """click.FloatRange without NaN and infinity, which its bounds let through
+    (every comparison with NaN is false) and time.sleep() refuses."""
+
+    name = "finite float range"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
 def validate_pids(pids: Iterable[int]) -> tuple[int, ...]:
     from pytracer.inventory import procs  # noqa: PLC0415 - numpy: loaded in the background otherwise
 
@@ -123,8 +137,8 @@ def make_tracer(ctx: Context, pids: Iterable[int] = (), max_sockets: int = DEFAU
 def threshold_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The detectors' thresholds as options: ``watch``, ``leaks`` and ``export`` take the same set."""
     d = Thresholds()
-    secs = click.FloatRange(0, None)
-    ratio = click.FloatRange(0, 1, min_open=True)
+    secs = FiniteRange(0, None)
+    ratio = FiniteRange(0, 1, min_open=True)
     opts = [
         click.option("--close-wait-after", type=secs, default=d.close_wait_after, show_default=True, metavar="S",
                      help="Flag sockets in CLOSE_WAIT longer than S seconds."),

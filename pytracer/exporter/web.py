@@ -24,6 +24,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import re
 import socket
 import ssl
 import threading
@@ -64,6 +65,13 @@ _UNSUPPORTED_TLS = {
 }
 
 
+# A bcrypt hash in modular crypt format: $2a$/$2b$/$2y$, a two-digit cost, 22 + 31 characters.
+_BCRYPT_HASH = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
+# RFC 9110: a header name is a token; a value is visible characters, spaces and tabs (no CR, LF or NUL).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\U0010ffff]*")
+
+
 @dataclass
 class WebConfig:
     cert_file: str | None = None
@@ -89,7 +97,7 @@ def parse_web_config(doc: Any, base_dir: str = ".") -> WebConfig:
         raise ExportError("web config: expected a mapping at the top level")
     unknown = set(doc) - {"tls_server_config", "basic_auth_users", "http_server_config"}
     if unknown:
-        raise ExportError(f"web config: unknown key(s) {', '.join(sorted(unknown))}")
+        raise ExportError(f"web config: unknown key(s) {_names(unknown)}")
     wc = WebConfig()
 
     def path(v: Any, what: str) -> str:
@@ -106,7 +114,7 @@ def parse_web_config(doc: Any, base_dir: str = ".") -> WebConfig:
             raise ExportError("web config: tls_server_config must be a mapping")
         unknown = set(tls) - _TLS_KEYS
         if unknown:
-            raise ExportError(f"web config: unknown tls_server_config key(s) {', '.join(sorted(unknown))}")
+            raise ExportError(f"web config: unknown tls_server_config key(s) {_names(unknown)}")
         for key, why in _UNSUPPORTED_TLS.items():
             if tls.get(key):
                 raise ExportError(f"web config: tls_server_config.{key} is not supported by pytracer ({why})")
@@ -115,7 +123,7 @@ def parse_web_config(doc: Any, base_dir: str = ".") -> WebConfig:
         wc.cert_file = path(tls["cert_file"], "cert_file")
         wc.key_file = path(tls["key_file"], "key_file")
         auth = tls.get("client_auth_type") or "NoClientCert"
-        if auth not in _CLIENT_AUTH:
+        if not isinstance(auth, str) or auth not in _CLIENT_AUTH:
             raise ExportError(
                 f"web config: client_auth_type {auth!r} is not supported (use one of {', '.join(_CLIENT_AUTH)})"
             )
@@ -128,7 +136,7 @@ def parse_web_config(doc: Any, base_dir: str = ".") -> WebConfig:
             v = tls.get(key)
             if v is None:
                 continue
-            if v not in _TLS_VERSIONS:
+            if not isinstance(v, str) or v not in _TLS_VERSIONS:
                 raise ExportError(f"web config: {key} {v!r}: use one of {', '.join(_TLS_VERSIONS)}")
             setattr(wc, key, _TLS_VERSIONS[v])
 
@@ -136,10 +144,13 @@ def parse_web_config(doc: Any, base_dir: str = ".") -> WebConfig:
     if not isinstance(users, dict):
         raise ExportError("web config: basic_auth_users must map user names to bcrypt hashes")
     for user, hashed in users.items():
-        if not isinstance(hashed, str) or not hashed.startswith(("$2a$", "$2b$", "$2y$")):
-            raise ExportError(f"web config: basic_auth_users.{user}: expected a bcrypt hash ($2y$...)")
-        if ":" in str(user):
-            raise ExportError(f"web config: basic_auth_users: user name {user!r} contains ':'")
+        if not isinstance(hashed, str) or not _BCRYPT_HASH.fullmatch(hashed):
+            raise ExportError(f"web config: basic_auth_users.{user}: expected a bcrypt hash ($2y$10$ and 53 "
+                              "characters, as htpasswd -nbBC 10 prints it)")
+        if not isinstance(user, (str, int)) or isinstance(user, bool) or not str(user):
+            raise ExportError(f"web config: basic_auth_users: user name {user!r} is not a name")
+        if ":" in str(user) or not str(user).isprintable():
+            raise ExportError(f"web config: basic_auth_users: user name {user!r} contains ':' or a control character")
         wc.users[str(user)] = hashed.encode()
     if wc.users:
         try:
@@ -152,24 +163,36 @@ def parse_web_config(doc: Any, base_dir: str = ".") -> WebConfig:
         raise ExportError("web config: http_server_config must be a mapping")
     unknown = set(http) - {"headers", "http2"}
     if unknown:
-        raise ExportError(f"web config: unknown http_server_config key(s) {', '.join(sorted(unknown))}")
+        raise ExportError(f"web config: unknown http_server_config key(s) {_names(unknown)}")
     headers = http.get("headers") or {}
     if not isinstance(headers, dict):
         raise ExportError("web config: http_server_config.headers must be a mapping")
-    wc.headers = {str(k): str(v) for k, v in headers.items()}
+    for k, v in headers.items():
+        if not isinstance(k, str) or not _HEADER_NAME.fullmatch(k):
+            raise ExportError(f"web config: http_server_config.headers: {k!r} is not a header name")
+        if isinstance(v, (dict, list, bool)) or v is None or not _HEADER_VALUE.fullmatch(str(v)):
+            raise ExportError(f"web config: http_server_config.headers.{k}: the value must be one line of text")
+        wc.headers[k] = str(v)
     return wc
+
+
+def _names(keys: set) -> str:
+    """Key names for a one-line message: YAML keys may be numbers, or text with newlines."""
+    return ", ".join(sorted(k if isinstance(k, str) and k.isprintable() else repr(k) for k in keys))
 
 
 def load_web_config(path: str) -> WebConfig:
     import yaml  # noqa: PLC0415 - only needed with --web-config
 
     try:
-        with open(path) as f:
+        with open(path, "rb") as f:  # bytes: the YAML reader checks the encoding and says where it breaks
             doc = yaml.safe_load(f)
     except OSError as exc:
         raise ExportError(f"web config {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise ExportError(f"web config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise ExportError(f"web config {path}: not valid YAML (nested too deeply)") from None
     return parse_web_config(doc, os.path.dirname(os.path.abspath(path)))
 
 
@@ -248,12 +271,17 @@ def parse_listen(listen: str) -> tuple[str, int]:
         raise ExportError(f"--listen {listen!r}: expected HOST:PORT, e.g. {DEFAULT_LISTEN}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    try:
-        p = int(port)
-    except ValueError:
-        raise ExportError(f"--listen {listen!r}: port {port!r} is not a number") from None
+        if not host or "[" in host or "]" in host:
+            raise ExportError(f"--listen {listen!r}: expected [IPV6]:PORT, e.g. [::1]:9808")
+    elif ":" in host or "[" in host or "]" in host:
+        raise ExportError(f"--listen {listen!r}: put an IPv6 address in brackets, e.g. [::1]:9808")
+    if not re.fullmatch(r"[0-9]{1,5}", port):  # not int(): it takes " 80", "8_0" and other scripts' digits
+        raise ExportError(f"--listen {listen!r}: port {port!r} is not a number")
+    p = int(port)
     if not 0 <= p <= 65535:
         raise ExportError(f"--listen {listen!r}: port out of range")
+    if not host.isprintable() or any(c.isspace() for c in host) or "\0" in host:
+        raise ExportError(f"--listen {listen!r}: {host!r} is not a host name or address")
     return host, p
 
 
