@@ -21,13 +21,16 @@ import errno
 import gzip
 import hashlib
 import hmac
+import io
 import ipaddress
 import logging
 import os
 import re
+import resource
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Mapping
@@ -225,12 +228,18 @@ class BasicAuth:
         self._key = os.urandom(32)
         self._ok: dict[bytes, bool] = {}
         self._lock = threading.Lock()
+        # One uncached bcrypt check at a time: a flood of wrong passwords then
+        # costs one core, not all of them, and cached (good) clients never wait.
+        self._slow = threading.Semaphore(1)
         if not self.users:
             return
         import bcrypt  # noqa: PLC0415 - only with basic_auth_users
 
         self._bcrypt = bcrypt
-        self._dummy = bcrypt.hashpw(b"pytracer-dummy", bcrypt.gensalt(rounds=10))
+        # The dummy hash costs what the users' hashes cost (the highest), so a
+        # wrong password takes as long for an unknown user as for a known one.
+        cost = max(int(h.split(b"$")[2]) for h in self.users.values())
+        self._dummy = bcrypt.hashpw(b"pytracer-dummy", bcrypt.gensalt(rounds=cost))
 
     def check(self, header: str | None) -> bool:
         if not self.users:
@@ -250,7 +259,8 @@ class BasicAuth:
                 return True
         hashed = self.users.get(user)
         try:
-            ok = self._bcrypt.checkpw(password.encode(), hashed or self._dummy) and hashed is not None
+            with self._slow:  # checkpw compares in constant time
+                ok = self._bcrypt.checkpw(password.encode(), hashed or self._dummy) and hashed is not None
         except ValueError:
             ok = False
         if ok:
@@ -290,10 +300,86 @@ LANDING = b"""<html><head><title>pytracer exporter</title></head><body>
 """
 
 
+# Limits on what a client may send and how slowly (the request head: its
+# line and headers; GET and HEAD have no body).
+HEAD_TIMEOUT_S = 10.0  # from a request's first byte to its last header (and a TLS handshake)
+IDLE_TIMEOUT_S = 30.0  # a kept-alive connection waiting for its next request
+WRITE_TIMEOUT_S = 30.0  # a client reading the response
+MAX_REQUEST_LINE = 8 << 10
+MAX_HEADER_BYTES = 16 << 10  # every header line together
+MAX_HEADERS = 64
+MAX_CONNECTIONS = 4096  # at once; past it a new connection is closed at once (lowered to fit RLIMIT_NOFILE)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: ExporterServer
     server_version = f"pytracer/{__version__}"
     protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"  # errors about a bad request line still get a status line
+
+    def handle_one_request(self) -> None:
+        """One request, with the limits above (BaseHTTPRequestHandler allows
+        64 KiB lines, 100 headers and as long as each byte arrives within the
+        socket timeout: a slow-loris client could hold a thread for ever)."""
+        srv = self.server
+        try:
+            srv.deadlines.set(self.connection, IDLE_TIMEOUT_S)
+            if not self.rfile.peek(1):
+                self.close_connection = True
+                return
+            srv.deadlines.set(self.connection, HEAD_TIMEOUT_S)
+            head = self._read_head()
+            if head is None:
+                return
+            self.raw_requestline, rest = head
+            words = self.raw_requestline.split()
+            if len(words) == 2 or (len(words) > 2 and words[-1].startswith(b"HTTP/0.")):
+                # HTTP/0.9: answered without status line or headers; refused, in silence.
+                self.close_connection = True
+                return
+            rfile, self.rfile = self.rfile, io.BytesIO(rest)  # parse_request reads the headers from it
+            try:
+                if not self.parse_request():
+                    return
+            finally:
+                self.rfile = rfile
+            srv.deadlines.set(self.connection, WRITE_TIMEOUT_S)
+            method = getattr(self, f"do_{self.command}", None)
+            if method is None:
+                self.send_error(501, f"Unsupported method ({self.command!r})")
+                return
+            method()
+            self.wfile.flush()
+        except (TimeoutError, OSError, ValueError):
+            # A deadline shut the socket, the client went away, or the connection was torn down.
+            self.close_connection = True
+
+    def _read_head(self) -> tuple[bytes, bytes] | None:
+        """(request line, header lines) within the size limits; None once an
+        error has been sent or the client closed."""
+        line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+        if not line:
+            self.close_connection = True
+            return None
+        if len(line) > MAX_REQUEST_LINE or not line.endswith(b"\n"):
+            self._refuse(414, "Request line too long")
+            return None
+        rest = []
+        size = 0
+        while True:
+            h = self.rfile.readline(MAX_HEADER_BYTES - size + 1)
+            size += len(h)
+            if size > MAX_HEADER_BYTES or (h and not h.endswith(b"\n")) or len(rest) > MAX_HEADERS:
+                self._refuse(431, "Request header fields too large")
+                return None
+            rest.append(h)
+            if h in (b"\r\n", b"\n", b""):
+                return line, b"".join(rest)
+
+    def _refuse(self, code: int, message: str) -> None:
+        self.requestline, self.request_version, self.command = "", "HTTP/1.1", "GET"
+        self.close_connection = True
+        self.send_error(code, message)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s %s", self.address_string(), format % args)
@@ -342,9 +428,9 @@ class ExporterServer(ThreadingHTTPServer):
     """
 
     daemon_threads = True
-    request_queue_size = 64
+    request_queue_size = 128
     allow_reuse_address = True
-    timeout_seconds = 30.0
+    timeout_seconds = 30.0  # on every blocking read or write, under the deadlines
 
     def __init__(self, host: str, port: int, web: WebConfig, registry: CollectorRegistry) -> None:
         fam = socket.AF_INET
@@ -359,6 +445,8 @@ class ExporterServer(ThreadingHTTPServer):
         self.registry = registry
         self.ssl_context = tls_context(web) if web.tls else None
         self.auth = BasicAuth(web.users)
+        self.max_connections = _connection_budget()
+        self.deadlines = Deadlines()
         super().__init__((host or ("::" if fam == socket.AF_INET6 else "0.0.0.0"), port), _Handler)
 
     @property
@@ -370,9 +458,14 @@ class ExporterServer(ThreadingHTTPServer):
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, addr = self.socket.accept()
+        if len(self.deadlines) >= self.max_connections:
+            log.debug("refusing %s: %d connections open", addr, len(self.deadlines))
+            sock.close()
+            raise OSError(errno.EMFILE, "too many connections")  # socketserver drops this request
         sock.settimeout(self.timeout_seconds)
         if self.ssl_context is not None:
             sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        self.deadlines.set(sock, HEAD_TIMEOUT_S)  # the TLS handshake and the first request head
         return sock, addr
 
     def finish_request(self, request: Any, client_address: Any) -> None:
@@ -384,8 +477,85 @@ class ExporterServer(ThreadingHTTPServer):
                 return
         super().finish_request(request, client_address)
 
+    def shutdown_request(self, request: Any) -> None:
+        self.deadlines.forget(request)
+        super().shutdown_request(request)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self.deadlines.start()
+        try:
+            super().serve_forever(poll_interval)
+        finally:
+            self.deadlines.stop()
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("error serving %s", client_address, exc_info=True)
+
+
+class Deadlines:
+    """A deadline for each open connection, enforced by one thread: a socket
+    past its deadline is shut down, which ends the blocking read or write of
+    the thread serving it.  (A socket timeout alone bounds each read, not a
+    request: a client sending one byte every few seconds never trips it.)"""
+
+    def __init__(self, tick_s: float = 0.25) -> None:
+        self._due: dict[socket.socket, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._tick_s = tick_s
+        self._thread: threading.Thread | None = None
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def set(self, sock: socket.socket, seconds: float) -> None:
+        with self._lock:
+            self._due[sock] = time.monotonic() + seconds
+
+    def forget(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._due.pop(sock, None)
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="pytracer-http-deadlines", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._tick_s):
+            now = time.monotonic()
+            with self._lock:
+                late = [s for s, t in self._due.items() if t <= now]
+                for s in late:
+                    del self._due[s]
+            for s in late:
+                try:
+                    # The plain socket's shutdown, also under TLS (SSLSocket.shutdown would unwrap).
+                    socket.socket.shutdown(s, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def _connection_budget() -> int:
+    """Connections served at once: MAX_CONNECTIONS, within RLIMIT_NOFILE,
+    whose soft limit is raised to the hard one if need be (as Go does at
+    start; the systemd default soft limit is 1,024)."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = MAX_CONNECTIONS + 256
+        if soft != resource.RLIM_INFINITY and soft < want:
+            new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+    except (OSError, ValueError):
+        return MAX_CONNECTIONS // 4
+    # The rest of the process (maps, sock_diag sockets, /proc) keeps 256 fds.
+    return MAX_CONNECTIONS if soft == resource.RLIM_INFINITY else max(16, min(MAX_CONNECTIONS, soft - 256))
 
 
 def make_server(listen: str, web: WebConfig | None, registry: CollectorRegistry) -> ExporterServer:
