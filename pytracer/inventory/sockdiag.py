@@ -60,6 +60,7 @@ import numpy as np
 
 from pytracer.format import AF_INET, AF_INET6
 from pytracer.inventory.procs import NetnsRef
+from pytracer.kernel.environment import NETNS_NOTE, say_once
 from pytracer.kernel.tcp_states import TcpState
 
 # include/uapi/linux/netlink.h, sock_diag.h
@@ -521,7 +522,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def _setns(fd: int) -> None:
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
+        need = " (needs CAP_SYS_ADMIN)" if err == errno.EPERM else ""
+        raise OSError(err, f"setns: {os.strerror(err)}{need}")
 
 
 @dataclass
@@ -670,6 +672,8 @@ class Session:
                 sock = None
             if sock is None:
                 self.errors.append(f"{ref.label} (netns {ref.ino}): {info.error or 'unavailable'}")
+                if "CAP_SYS_ADMIN" in (info.error or ""):
+                    say_once("netns", NETNS_NOTE)
                 continue
             sock.settimeout(self.timeout)
             self.socks[ref.ino] = sock
