@@ -339,6 +339,9 @@ def walk_fds(only: Iterable[int] | None = None, proc: str = PROC, max_fds: int =
         try:
             try:
                 links = [readlink(name, dir_fd=dfd) for name in names]
+            except PermissionError:  # listed but not readable: another user's, without CAP_SYS_PTRACE
+                links = []
+                out.unreadable += 1
             except OSError:  # an fd closed while we read: one at a time
                 links = [_readlink_or_empty(name, dfd) for name in names]
         finally:

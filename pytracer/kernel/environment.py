@@ -69,6 +69,24 @@ def require_privileges() -> None:
         )
 
 
+# What each capability gives pytracer, for `tracer doctor` (docs/privileges.md: the
+# same table, with what was observed on a kernel without each one).
+CAPABILITY_USES = (
+    ("CAP_BPF", CAP_BPF, "load the tracing programs and the fd-scan iterators, read their maps (with CAP_PERFMON)"),
+    ("CAP_PERFMON", CAP_PERFMON, "attach tracing programs (with CAP_BPF)"),
+    ("CAP_SYS_PTRACE", CAP_SYS_PTRACE, "read other processes' /proc/PID/fd links when the fd scan walks /proc"),
+    ("CAP_DAC_READ_SEARCH", CAP_DAC_READ_SEARCH, "list other users' /proc/PID/fd directories when the fd scan "
+     "walks /proc"),
+    ("CAP_SYS_ADMIN", CAP_SYS_ADMIN, "enter other network namespaces (their socket inventory), use --bpf-stats, "
+     "or mount bpffs and tracefs when absent"),
+)
+
+
+def missing_capabilities(caps: int) -> list[str]:
+    """One line per capability pytracer uses that ``caps`` lacks, saying what goes missing."""
+    return [f"no {name}: cannot {use}" for name, bit, use in CAPABILITY_USES if not has_cap(caps, bit)]
+
+
 # What goes missing without a capability, said once per run (docs/privileges.md has the table).
 NETNS_NOTE = ("no CAP_SYS_ADMIN: sockets in other network namespaces are left out of the inventory "
               "(entering one with setns(2) needs it); the kernel-side counts still include them")
@@ -89,9 +107,11 @@ def fd_walk_note(caps: int, unreadable: int) -> str:
     """The line for ``unreadable`` /proc/PID/fd tables the walk could not read."""
     missing = [n for n, bit in (("CAP_SYS_PTRACE", CAP_SYS_PTRACE), ("CAP_DAC_READ_SEARCH", CAP_DAC_READ_SEARCH))
                if not has_cap(caps, bit)]
-    why = (f"no {' and no '.join(missing)}" if missing else "permission denied")
-    return (f"{why}: the fd tables of {unreadable} processes are unreadable, so their sockets show no owner "
-            "(reading other users' /proc/PID/fd needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH)")
+    if not missing:
+        return (f"the fd tables of {unreadable} processes are unreadable (permission denied: processes holding "
+                "capabilities this one lacks), so their sockets show no owner")
+    return (f"no {' and no '.join(missing)}: the fd tables of {unreadable} processes are unreadable, so their "
+            "sockets show no owner (reading other users' /proc/PID/fd needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH)")
 
 
 def _mounted(path: str, fstype: str) -> bool:
