@@ -108,7 +108,7 @@ def parse_web_config(doc: Any, base_dir: str = ".") -> WebConfig:
             raise ExportError(f"web config: tls_server_config.{what} must be a file path")
         p = v if os.path.isabs(v) else os.path.join(base_dir, v)
         if not os.path.isfile(p):
-            raise ExportError(f"web config: tls_server_config.{what}: no such file {p}")
+            raise ExportError(f"web config: tls_server_config.{what}: no such file {_show(p)}")
         return p
 
     tls = doc.get("tls_server_config")
@@ -148,7 +148,7 @@ def parse_web_config(doc: Any, base_dir: str = ".") -> WebConfig:
         raise ExportError("web config: basic_auth_users must map user names to bcrypt hashes")
     for user, hashed in users.items():
         if not isinstance(hashed, str) or not _BCRYPT_HASH.fullmatch(hashed):
-            raise ExportError(f"web config: basic_auth_users.{user}: expected a bcrypt hash ($2y$10$ and 53 "
+            raise ExportError(f"web config: basic_auth_users.{_show(user)}: expected a bcrypt hash ($2y$10$ and 53 "
                               "characters, as htpasswd -nbBC 10 prints it)")
         if not isinstance(user, (str, int)) or isinstance(user, bool) or not str(user):
             raise ExportError(f"web config: basic_auth_users: user name {user!r} is not a name")
@@ -179,9 +179,13 @@ def parse_web_config(doc: Any, base_dir: str = ".") -> WebConfig:
     return wc
 
 
+def _show(v: Any) -> str:
+    """A value from the file, for a one-line message: YAML keys may be numbers, or text with newlines."""
+    return v if isinstance(v, str) and v.isprintable() else repr(v)
+
+
 def _names(keys: set) -> str:
-    """Key names for a one-line message: YAML keys may be numbers, or text with newlines."""
-    return ", ".join(sorted(k if isinstance(k, str) and k.isprintable() else repr(k) for k in keys))
+    return ", ".join(sorted(_show(k) for k in keys))
 
 
 def load_web_config(path: str) -> WebConfig:
@@ -191,11 +195,11 @@ def load_web_config(path: str) -> WebConfig:
         with open(path, "rb") as f:  # bytes: the YAML reader checks the encoding and says where it breaks
             doc = yaml.safe_load(f)
     except OSError as exc:
-        raise ExportError(f"web config {path}: {exc.strerror}") from None
+        raise ExportError(f"web config {_show(path)}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ExportError(f"web config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ExportError(f"web config {_show(path)}: not valid YAML ({str(exc).splitlines()[0]})") from None
     except RecursionError:
-        raise ExportError(f"web config {path}: not valid YAML (nested too deeply)") from None
+        raise ExportError(f"web config {_show(path)}: not valid YAML (nested too deeply)") from None
     return parse_web_config(doc, os.path.dirname(os.path.abspath(path)))
 
 

@@ -68,6 +68,8 @@ def tls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @example({"http_server_config": {"headers": {"X-A": "1\r\nSet-Cookie: s=1"}}})  # header injection
 @example({"http_server_config": {"headers": {"Bad Name:": "1"}}})
 @example({"basic_auth_users": {"prom": "$2y$10$short"}})  # would fail every login, silently
+@example({"tls_server_config": {"cert_file": "\n", "key_file": 1}})  # (make fuzz) a path with a newline in the message
+@example({"basic_auth_users": {"\r": None}})  # (make fuzz) a user name with a CR in the message
 def test_any_document_is_a_config_or_one_line_error(tls_dir: Path, doc: Any) -> None:
     wc = one_line_refusal(parse_web_config, doc, str(tls_dir))
     if wc is None:
