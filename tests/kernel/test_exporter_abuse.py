@@ -166,15 +166,18 @@ def plain(tmp_path_factory: pytest.TempPathFactory, quiet_pid: int) -> Iterator[
     (tmp / "web.yml").write_text(f"basic_auth_users:\n  prometheus: {hashed}\n")
     exp = Exporter("--web-config", str(tmp / "web.yml"), "--pid", str(quiet_pid), *SCOPE, tmp=tmp,
                    auth=("prometheus", PASSWORD))
-    exp.wait_ready()
     good = GoodClient(exp.port)
-    good.start()
-    with good.phase("baseline"):
-        time.sleep(3)
-    yield exp, good
-    good.stop_ev.set()
-    good.join(timeout=15)
-    rc = exp.stop()
+    try:
+        exp.wait_ready()
+        good.start()
+        with good.phase("baseline"):
+            time.sleep(3)
+        yield exp, good
+    finally:  # also when the baseline fails: nothing left running or attached
+        good.stop_ev.set()
+        if good.is_alive():
+            good.join(timeout=15)
+        rc = exp.stop()
     assert rc == 0 and "Traceback" not in exp.stderr(), exp.stderr()
 
 
