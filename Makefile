@@ -4,6 +4,7 @@
 #   sudo make watch      install dependencies, build, install, run `tracer watch`
 #   sudo make test       install dependencies, build, run every test tier
 #   make unit-test       pure-logic tests, no root needed
+#   make fuzz            the property tests of the parsers, long profile
 
 CLANG     ?= clang
 BPFTOOL   ?= bpftool
@@ -19,7 +20,7 @@ FDSCAN_OBJ := pytracer/bpf/fdscan.bpf.o
 # `tracer destroy --via bpf`: bpf_sock_destroy() from an iter/tcp program (v6.5+).
 DESTROY_OBJ := pytracer/bpf/sockdestroy.bpf.o
 
-.PHONY: all bpf deps install watch test unit-test kernel-test lint clean vmlinux
+.PHONY: all bpf deps install watch test unit-test kernel-test fuzz lint clean vmlinux
 
 all: bpf
 
@@ -61,6 +62,11 @@ watch: install
 
 unit-test:
 	$(VENV)/bin/python -m pytest tests/unit -q
+
+# The property tests of every parser of outside input, with the long hypothesis
+# profile (tests/conftest.py): thousands of examples each instead of the normal run's bounded count.
+fuzz:
+	$(VENV)/bin/python -m pytest tests/unit -q -m fuzz --hypothesis-profile=fuzz --hypothesis-show-statistics
 
 kernel-test:
 	$(VENV)/bin/python -m pytest tests/kernel -q

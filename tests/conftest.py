@@ -16,6 +16,7 @@ if str(ROOT) not in sys.path:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "kernel: needs root and the real kernel")
     config.addinivalue_line("markers", "slow: long-running; still part of the default run")
+    config.addinivalue_line("markers", "fuzz: hypothesis property tests of a parser of outside input (make fuzz)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -25,3 +26,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "kernel" in item.keywords:
             item.add_marker(skip)
+
+
+# Property tests (hypothesis): a bounded run in every `pytest tests`, a long one in `make fuzz`
+# (--hypothesis-profile=fuzz).  No deadline: the machine is shared, and a slow example is not a bug.
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # the test extra is not installed: the fuzz modules skip themselves
+    pass
+else:
+    settings.register_profile("ci", max_examples=60, deadline=None, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("fuzz", max_examples=5000, deadline=None, print_blob=True,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -18,6 +18,7 @@ CAPS = {
     "CAP_SYS_ADMIN": env.CAP_SYS_ADMIN,
     "CAP_NET_ADMIN": env.CAP_NET_ADMIN,
     "CAP_SYS_PTRACE": env.CAP_SYS_PTRACE,
+    "CAP_DAC_READ_SEARCH": env.CAP_DAC_READ_SEARCH,
     "CAP_SYS_RESOURCE": env.CAP_SYS_RESOURCE,
 }
 
@@ -28,6 +29,7 @@ def gather(obj: Context) -> dict:
         "kernel": env.kernel_release(),
         "btf": os.path.exists(env.VMLINUX_BTF),
         "capabilities": {name: env.has_cap(caps, bit) for name, bit in CAPS.items()},
+        "missing_capabilities": env.missing_capabilities(caps),
         "memlock": env.memlock_limit(),
     }
     out["mounts"] = env.ensure_mounts() if env.can_trace(caps) else {}
@@ -123,6 +125,8 @@ def doctor(obj: Context, as_json: bool) -> None:
         click.echo(f"kernel        {info['kernel']}")
         click.echo(f"BTF           {yes[info['btf']]} ({env.VMLINUX_BTF})")
         click.echo("capabilities  " + " ".join(f"{k}={yes[v]}" for k, v in info["capabilities"].items()))
+        for line in info["missing_capabilities"]:
+            click.echo(f"              {line}")
         click.echo(f"memlock       {info['memlock']}")
         for path, what in info["mounts"].items():
             click.echo(f"mount         {path}: {what}")

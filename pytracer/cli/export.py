@@ -19,6 +19,7 @@ import click
 
 from pytracer.cli.options import (
     Context,
+    FiniteRange,
     make_tracer,
     max_sockets_option,
     pid_option,
@@ -74,7 +75,7 @@ from pytracer.exporter.web import DEFAULT_LISTEN, ExporterServer, WebConfig, loa
 @threshold_options
 @click.option(
     "--leak-interval",
-    type=click.FloatRange(0, 3600),
+    type=FiniteRange(0, 3600),
     default=DEFAULT_LEAK_INTERVAL,
     show_default=True,
     metavar="SECONDS",
@@ -86,7 +87,7 @@ from pytracer.exporter.web import DEFAULT_LISTEN, ExporterServer, WebConfig, loa
     is_flag=True,
     help="Turn on kernel BPF run-time statistics while running (BPF_ENABLE_STATS; needs CAP_SYS_ADMIN).",
 )
-@click.option("--duration", type=click.FloatRange(0.1, None), default=None, help="Exit after this many seconds.")
+@click.option("--duration", type=FiniteRange(0.1, None), default=None, help="Exit after this many seconds.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request and read at debug level.")
 @click.pass_obj
 @run

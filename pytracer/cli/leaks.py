@@ -11,6 +11,7 @@ import click
 
 from pytracer.cli.options import (
     Context,
+    FiniteRange,
     exit_codes,
     make_tracer,
     max_sockets_option,
@@ -36,7 +37,7 @@ EXIT_FLAGGED = 1
 @threshold_options
 @click.option("--samples", type=click.IntRange(1, 10000), default=1, show_default=True,
               help="Scans to take, --interval apart; CLOSE_WAIT growth needs --growth-polls + 1.")
-@click.option("--interval", type=click.FloatRange(0.1, 3600), default=1.0, show_default=True,
+@click.option("--interval", type=FiniteRange(0.1, 3600), default=1.0, show_default=True,
               help="Seconds between samples.")
 @click.option("--top", type=click.IntRange(1, 10000), default=10, show_default=True,
               help="TIME_WAIT destinations listed.")

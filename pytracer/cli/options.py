@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
 import signal
 import sys
@@ -82,17 +83,28 @@ def exit_codes(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+class FiniteRange(click.FloatRange):
+    """click.FloatRange without NaN and infinity, which its bounds let through
+    (every comparison with NaN is false) and time.sleep() refuses."""
+
+    name = "finite float range"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
 def validate_pids(pids: Iterable[int]) -> tuple[int, ...]:
+    from pytracer.inventory import procs  # noqa: PLC0415 - numpy: loaded in the background otherwise
+
     out = []
     for pid in pids:
         if pid <= 0 or not os.path.isdir(f"/proc/{pid}"):
             raise click.BadParameter(f"no process with pid {pid}", param_hint="--pid")
         # A thread id is not a process: the kernel records tgids.
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                tgid = next((int(line.split()[1]) for line in f if line.startswith("Tgid:")), pid)
-        except OSError:
-            tgid = pid
+        tgid = procs.tgid(pid) or pid
         if tgid != pid:
             raise click.BadParameter(f"{pid} is a thread of process {tgid}: pass {tgid}", param_hint="--pid")
         out.append(pid)
@@ -136,7 +148,9 @@ def services_from(kw: dict[str, Any]) -> tuple[dict[Any, int], bool]:
     """Pop --service-ports from ``kw``: the kernel slots of the services, and
     whether ports found while running may take the free ones (auto)."""
     from pytracer.inventory import services  # noqa: PLC0415 - discovery pulls numpy
+    from pytracer.kernel.environment import require_privileges  # noqa: PLC0415
 
+    require_privileges()  # before discovery, whose own warnings would come first
     try:
         spec = services.parse(kw.pop("service_ports", None))
     except ValueError as exc:
@@ -172,8 +186,8 @@ def make_tracer(ctx: Context, pids: Iterable[int] = (), max_sockets: int = DEFAU
 
 def _threshold_opts(sockets_only: bool) -> list[Callable[..., Any]]:
     d = Thresholds()
-    secs = click.FloatRange(0, None)
-    ratio = click.FloatRange(0, 1, min_open=True)
+    secs = FiniteRange(0, None)
+    ratio = FiniteRange(0, 1, min_open=True)
     opts = [
         click.option("--close-wait-after", type=secs, default=d.close_wait_after, show_default=True, metavar="S",
                      help="Flag sockets in CLOSE_WAIT longer than S seconds."),

@@ -21,6 +21,7 @@ import click
 
 from pytracer.cli.options import (
     Context,
+    FiniteRange,
     exit_codes,
     make_tracer,
     max_sockets_option,
@@ -51,7 +52,7 @@ from pytracer.leaks.gate import DEFAULT_FAIL_ON, parse_kinds
               help="Write a JUnit XML file, one test case per flag kind.")
 @click.option("--user", default=None, metavar="U",
               help="Run the command as this user [default: $SUDO_USER, else the invoker].")
-@click.option("--interval", type=click.FloatRange(0.1, 3600), default=1.0, show_default=True,
+@click.option("--interval", type=FiniteRange(0.1, 3600), default=1.0, show_default=True,
               help="Seconds between leak scans while the command runs.")
 @max_sockets_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)

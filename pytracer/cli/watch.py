@@ -21,6 +21,7 @@ import click
 
 from pytracer.cli.options import (
     Context,
+    FiniteRange,
     make_tracer,
     max_sockets_option,
     pid_option,
@@ -100,9 +101,9 @@ def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: fl
 
 @click.command()
 @pid_option
-@click.option("--interval", type=click.FloatRange(0.05, 3600), default=1.0, show_default=True,
+@click.option("--interval", type=FiniteRange(0.05, 3600), default=1.0, show_default=True,
               help="Seconds between updates.")
-@click.option("--duration", type=click.FloatRange(0.05, None), default=None, help="Exit after this many seconds.")
+@click.option("--duration", type=FiniteRange(0.05, None), default=None, help="Exit after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per interval, one per line.")
 @click.option("--top", type=click.IntRange(0, 10000), default=10, show_default=True, help="Sockets per list.")
 @click.option("--no-leaks", is_flag=True, help="Skip the leak scan (sock_diag and /proc) each interval.")

@@ -21,12 +21,16 @@ import errno
 import gzip
 import hashlib
 import hmac
+import io
 import ipaddress
 import logging
 import os
+import re
+import resource
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Mapping
@@ -64,6 +68,13 @@ _UNSUPPORTED_TLS = {
 }
 
 
+# A bcrypt hash in modular crypt format: $2a$/$2b$/$2y$, a two-digit cost, 22 + 31 characters.
+_BCRYPT_HASH = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
+# RFC 9110: a header name is a token; a value is visible characters, spaces and tabs (no CR, LF or NUL).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\U0010ffff]*")
+
+
 @dataclass
 class WebConfig:
     cert_file: str | None = None
@@ -89,7 +100,7 @@ def parse_web_config(doc: Any, base_dir: str = ".") -> WebConfig:
         raise ExportError("web config: expected a mapping at the top level")
     unknown = set(doc) - {"tls_server_config", "basic_auth_users", "http_server_config"}
     if unknown:
-        raise ExportError(f"web config: unknown key(s) {', '.join(sorted(unknown))}")
+        raise ExportError(f"web config: unknown key(s) {_names(unknown)}")
     wc = WebConfig()
 
     def path(v: Any, what: str) -> str:
@@ -97,7 +108,7 @@ def parse_web_config(doc: Any, base_dir: str = ".") -> WebConfig:
             raise ExportError(f"web config: tls_server_config.{what} must be a file path")
         p = v if os.path.isabs(v) else os.path.join(base_dir, v)
         if not os.path.isfile(p):
-            raise ExportError(f"web config: tls_server_config.{what}: no such file {p}")
+            raise ExportError(f"web config: tls_server_config.{what}: no such file {_show(p)}")
         return p
 
     tls = doc.get("tls_server_config")
@@ -106,7 +117,7 @@ def parse_web_config(doc: Any, base_dir: str = ".") -> WebConfig:
             raise ExportError("web config: tls_server_config must be a mapping")
         unknown = set(tls) - _TLS_KEYS
         if unknown:
-            raise ExportError(f"web config: unknown tls_server_config key(s) {', '.join(sorted(unknown))}")
+            raise ExportError(f"web config: unknown tls_server_config key(s) {_names(unknown)}")
         for key, why in _UNSUPPORTED_TLS.items():
             if tls.get(key):
                 raise ExportError(f"web config: tls_server_config.{key} is not supported by pytracer ({why})")
@@ -115,7 +126,7 @@ def parse_web_config(doc: Any, base_dir: str = ".") -> WebConfig:
         wc.cert_file = path(tls["cert_file"], "cert_file")
         wc.key_file = path(tls["key_file"], "key_file")
         auth = tls.get("client_auth_type") or "NoClientCert"
-        if auth not in _CLIENT_AUTH:
+        if not isinstance(auth, str) or auth not in _CLIENT_AUTH:
             raise ExportError(
                 f"web config: client_auth_type {auth!r} is not supported (use one of {', '.join(_CLIENT_AUTH)})"
             )
@@ -128,7 +139,7 @@ def parse_web_config(doc: Any, base_dir: str = ".") -> WebConfig:
             v = tls.get(key)
             if v is None:
                 continue
-            if v not in _TLS_VERSIONS:
+            if not isinstance(v, str) or v not in _TLS_VERSIONS:
                 raise ExportError(f"web config: {key} {v!r}: use one of {', '.join(_TLS_VERSIONS)}")
             setattr(wc, key, _TLS_VERSIONS[v])
 
@@ -136,10 +147,13 @@ def parse_web_config(doc: Any, base_dir: str = ".") -> WebConfig:
     if not isinstance(users, dict):
         raise ExportError("web config: basic_auth_users must map user names to bcrypt hashes")
     for user, hashed in users.items():
-        if not isinstance(hashed, str) or not hashed.startswith(("$2a$", "$2b$", "$2y$")):
-            raise ExportError(f"web config: basic_auth_users.{user}: expected a bcrypt hash ($2y$...)")
-        if ":" in str(user):
-            raise ExportError(f"web config: basic_auth_users: user name {user!r} contains ':'")
+        if not isinstance(hashed, str) or not _BCRYPT_HASH.fullmatch(hashed):
+            raise ExportError(f"web config: basic_auth_users.{_show(user)}: expected a bcrypt hash ($2y$10$ and 53 "
+                              "characters, as htpasswd -nbBC 10 prints it)")
+        if not isinstance(user, (str, int)) or isinstance(user, bool) or not str(user):
+            raise ExportError(f"web config: basic_auth_users: user name {user!r} is not a name")
+        if ":" in str(user) or not str(user).isprintable():
+            raise ExportError(f"web config: basic_auth_users: user name {user!r} contains ':' or a control character")
         wc.users[str(user)] = hashed.encode()
     if wc.users:
         try:
@@ -152,24 +166,40 @@ def parse_web_config(doc: Any, base_dir: str = ".") -> WebConfig:
         raise ExportError("web config: http_server_config must be a mapping")
     unknown = set(http) - {"headers", "http2"}
     if unknown:
-        raise ExportError(f"web config: unknown http_server_config key(s) {', '.join(sorted(unknown))}")
+        raise ExportError(f"web config: unknown http_server_config key(s) {_names(unknown)}")
     headers = http.get("headers") or {}
     if not isinstance(headers, dict):
         raise ExportError("web config: http_server_config.headers must be a mapping")
-    wc.headers = {str(k): str(v) for k, v in headers.items()}
+    for k, v in headers.items():
+        if not isinstance(k, str) or not _HEADER_NAME.fullmatch(k):
+            raise ExportError(f"web config: http_server_config.headers: {k!r} is not a header name")
+        if isinstance(v, (dict, list, bool)) or v is None or not _HEADER_VALUE.fullmatch(str(v)):
+            raise ExportError(f"web config: http_server_config.headers.{k}: the value must be one line of text")
+        wc.headers[k] = str(v)
     return wc
+
+
+def _show(v: Any) -> str:
+    """A value from the file, for a one-line message: YAML keys may be numbers, or text with newlines."""
+    return v if isinstance(v, str) and v.isprintable() else repr(v)
+
+
+def _names(keys: set) -> str:
+    return ", ".join(sorted(_show(k) for k in keys))
 
 
 def load_web_config(path: str) -> WebConfig:
     import yaml  # noqa: PLC0415 - only needed with --web-config
 
     try:
-        with open(path) as f:
+        with open(path, "rb") as f:  # bytes: the YAML reader checks the encoding and says where it breaks
             doc = yaml.safe_load(f)
     except OSError as exc:
-        raise ExportError(f"web config {path}: {exc.strerror}") from None
+        raise ExportError(f"web config {_show(path)}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ExportError(f"web config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ExportError(f"web config {_show(path)}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise ExportError(f"web config {_show(path)}: not valid YAML (nested too deeply)") from None
     return parse_web_config(doc, os.path.dirname(os.path.abspath(path)))
 
 
@@ -202,12 +232,18 @@ class BasicAuth:
         self._key = os.urandom(32)
         self._ok: dict[bytes, bool] = {}
         self._lock = threading.Lock()
+        # One uncached bcrypt check at a time: a flood of wrong passwords then
+        # costs one core, not all of them, and cached (good) clients never wait.
+        self._slow = threading.Semaphore(1)
         if not self.users:
             return
         import bcrypt  # noqa: PLC0415 - only with basic_auth_users
 
         self._bcrypt = bcrypt
-        self._dummy = bcrypt.hashpw(b"pytracer-dummy", bcrypt.gensalt(rounds=10))
+        # The dummy hash costs what the users' hashes cost (the highest), so a
+        # wrong password takes as long for an unknown user as for a known one.
+        cost = max(int(h.split(b"$")[2]) for h in self.users.values())
+        self._dummy = bcrypt.hashpw(b"pytracer-dummy", bcrypt.gensalt(rounds=cost))
 
     def check(self, header: str | None) -> bool:
         if not self.users:
@@ -227,7 +263,8 @@ class BasicAuth:
                 return True
         hashed = self.users.get(user)
         try:
-            ok = self._bcrypt.checkpw(password.encode(), hashed or self._dummy) and hashed is not None
+            with self._slow:  # checkpw compares in constant time
+                ok = self._bcrypt.checkpw(password.encode(), hashed or self._dummy) and hashed is not None
         except ValueError:
             ok = False
         if ok:
@@ -248,12 +285,17 @@ def parse_listen(listen: str) -> tuple[str, int]:
         raise ExportError(f"--listen {listen!r}: expected HOST:PORT, e.g. {DEFAULT_LISTEN}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    try:
-        p = int(port)
-    except ValueError:
-        raise ExportError(f"--listen {listen!r}: port {port!r} is not a number") from None
+        if not host or "[" in host or "]" in host:
+            raise ExportError(f"--listen {listen!r}: expected [IPV6]:PORT, e.g. [::1]:9808")
+    elif ":" in host or "[" in host or "]" in host:
+        raise ExportError(f"--listen {listen!r}: put an IPv6 address in brackets, e.g. [::1]:9808")
+    if not re.fullmatch(r"[0-9]{1,5}", port):  # not int(): it takes " 80", "8_0" and other scripts' digits
+        raise ExportError(f"--listen {listen!r}: port {port!r} is not a number")
+    p = int(port)
     if not 0 <= p <= 65535:
         raise ExportError(f"--listen {listen!r}: port out of range")
+    if not host.isprintable() or any(c.isspace() for c in host) or "\0" in host:
+        raise ExportError(f"--listen {listen!r}: {host!r} is not a host name or address")
     return host, p
 
 
@@ -262,10 +304,86 @@ LANDING = b"""<html><head><title>pytracer exporter</title></head><body>
 """
 
 
+# Limits on what a client may send and how slowly (the request head: its
+# line and headers; GET and HEAD have no body).
+HEAD_TIMEOUT_S = 10.0  # from a request's first byte to its last header (and a TLS handshake)
+IDLE_TIMEOUT_S = 30.0  # a kept-alive connection waiting for its next request
+WRITE_TIMEOUT_S = 30.0  # a client reading the response
+MAX_REQUEST_LINE = 8 << 10
+MAX_HEADER_BYTES = 16 << 10  # every header line together
+MAX_HEADERS = 64
+MAX_CONNECTIONS = 4096  # at once; past it a new connection is closed at once (lowered to fit RLIMIT_NOFILE)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: ExporterServer
     server_version = f"pytracer/{__version__}"
     protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"  # errors about a bad request line still get a status line
+
+    def handle_one_request(self) -> None:
+        """One request, with the limits above (BaseHTTPRequestHandler allows
+        64 KiB lines, 100 headers and as long as each byte arrives within the
+        socket timeout: a slow-loris client could hold a thread for ever)."""
+        srv = self.server
+        try:
+            srv.deadlines.set(self.connection, IDLE_TIMEOUT_S)
+            if not self.rfile.peek(1):
+                self.close_connection = True
+                return
+            srv.deadlines.set(self.connection, HEAD_TIMEOUT_S)
+            head = self._read_head()
+            if head is None:
+                return
+            self.raw_requestline, rest = head
+            words = self.raw_requestline.split()
+            if len(words) == 2 or (len(words) > 2 and words[-1].startswith(b"HTTP/0.")):
+                # HTTP/0.9: answered without status line or headers; refused, in silence.
+                self.close_connection = True
+                return
+            rfile, self.rfile = self.rfile, io.BytesIO(rest)  # parse_request reads the headers from it
+            try:
+                if not self.parse_request():
+                    return
+            finally:
+                self.rfile = rfile
+            srv.deadlines.set(self.connection, WRITE_TIMEOUT_S)
+            method = getattr(self, f"do_{self.command}", None)
+            if method is None:
+                self.send_error(501, f"Unsupported method ({self.command!r})")
+                return
+            method()
+            self.wfile.flush()
+        except (TimeoutError, OSError, ValueError):
+            # A deadline shut the socket, the client went away, or the connection was torn down.
+            self.close_connection = True
+
+    def _read_head(self) -> tuple[bytes, bytes] | None:
+        """(request line, header lines) within the size limits; None once an
+        error has been sent or the client closed."""
+        line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+        if not line:
+            self.close_connection = True
+            return None
+        if len(line) > MAX_REQUEST_LINE or not line.endswith(b"\n"):
+            self._refuse(414, "Request line too long")
+            return None
+        rest = []
+        size = 0
+        while True:
+            h = self.rfile.readline(MAX_HEADER_BYTES - size + 1)
+            size += len(h)
+            if size > MAX_HEADER_BYTES or (h and not h.endswith(b"\n")) or len(rest) > MAX_HEADERS:
+                self._refuse(431, "Request header fields too large")
+                return None
+            rest.append(h)
+            if h in (b"\r\n", b"\n", b""):
+                return line, b"".join(rest)
+
+    def _refuse(self, code: int, message: str) -> None:
+        self.requestline, self.request_version, self.command = "", "HTTP/1.1", "GET"
+        self.close_connection = True
+        self.send_error(code, message)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s %s", self.address_string(), format % args)
@@ -314,9 +432,9 @@ class ExporterServer(ThreadingHTTPServer):
     """
 
     daemon_threads = True
-    request_queue_size = 64
+    request_queue_size = 128
     allow_reuse_address = True
-    timeout_seconds = 30.0
+    timeout_seconds = 30.0  # on every blocking read or write, under the deadlines
 
     def __init__(self, host: str, port: int, web: WebConfig, registry: CollectorRegistry) -> None:
         fam = socket.AF_INET
@@ -331,6 +449,8 @@ class ExporterServer(ThreadingHTTPServer):
         self.registry = registry
         self.ssl_context = tls_context(web) if web.tls else None
         self.auth = BasicAuth(web.users)
+        self.max_connections = _connection_budget()
+        self.deadlines = Deadlines()
         super().__init__((host or ("::" if fam == socket.AF_INET6 else "0.0.0.0"), port), _Handler)
 
     @property
@@ -342,9 +462,14 @@ class ExporterServer(ThreadingHTTPServer):
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, addr = self.socket.accept()
+        if len(self.deadlines) >= self.max_connections:
+            log.debug("refusing %s: %d connections open", addr, len(self.deadlines))
+            sock.close()
+            raise OSError(errno.EMFILE, "too many connections")  # socketserver drops this request
         sock.settimeout(self.timeout_seconds)
         if self.ssl_context is not None:
             sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        self.deadlines.set(sock, HEAD_TIMEOUT_S)  # the TLS handshake and the first request head
         return sock, addr
 
     def finish_request(self, request: Any, client_address: Any) -> None:
@@ -356,8 +481,85 @@ class ExporterServer(ThreadingHTTPServer):
                 return
         super().finish_request(request, client_address)
 
+    def shutdown_request(self, request: Any) -> None:
+        self.deadlines.forget(request)
+        super().shutdown_request(request)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self.deadlines.start()
+        try:
+            super().serve_forever(poll_interval)
+        finally:
+            self.deadlines.stop()
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("error serving %s", client_address, exc_info=True)
+
+
+class Deadlines:
+    """A deadline for each open connection, enforced by one thread: a socket
+    past its deadline is shut down, which ends the blocking read or write of
+    the thread serving it.  (A socket timeout alone bounds each read, not a
+    request: a client sending one byte every few seconds never trips it.)"""
+
+    def __init__(self, tick_s: float = 0.25) -> None:
+        self._due: dict[socket.socket, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._tick_s = tick_s
+        self._thread: threading.Thread | None = None
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def set(self, sock: socket.socket, seconds: float) -> None:
+        with self._lock:
+            self._due[sock] = time.monotonic() + seconds
+
+    def forget(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._due.pop(sock, None)
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="pytracer-http-deadlines", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._tick_s):
+            now = time.monotonic()
+            with self._lock:
+                late = [s for s, t in self._due.items() if t <= now]
+                for s in late:
+                    del self._due[s]
+            for s in late:
+                try:
+                    # The plain socket's shutdown, also under TLS (SSLSocket.shutdown would unwrap).
+                    socket.socket.shutdown(s, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def _connection_budget() -> int:
+    """Connections served at once: MAX_CONNECTIONS, within RLIMIT_NOFILE,
+    whose soft limit is raised to the hard one if need be (as Go does at
+    start; the systemd default soft limit is 1,024)."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = MAX_CONNECTIONS + 256
+        if soft != resource.RLIM_INFINITY and soft < want:
+            new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+    except (OSError, ValueError):
+        return MAX_CONNECTIONS // 4
+    # The rest of the process (maps, sock_diag sockets, /proc) keeps 256 fds.
+    return MAX_CONNECTIONS if soft == resource.RLIM_INFINITY else max(16, min(MAX_CONNECTIONS, soft - 256))
 
 
 def make_server(listen: str, web: WebConfig | None, registry: CollectorRegistry) -> ExporterServer:

@@ -17,6 +17,7 @@ import numpy as np
 
 from pytracer.inventory import fdscan
 from pytracer.inventory.procs import MAX_FDS_TOTAL, PROC, FdScan, SocketOwners, walk_fds
+from pytracer.kernel.environment import effective_caps, fd_walk_note, say_once
 from pytracer.kernel.tcp_states import TcpState
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,10 @@ def scan_fds(only: Iterable[int] | None = None, proc: str = PROC, max_fds: int =
             pass  # logged once, when the load failed
         except OSError as exc:
             log.debug("socket owners: BPF iterator read failed (%s), walking /proc", exc)
-    return walk_fds(only, proc, max_fds)
+    out = walk_fds(only, proc, max_fds)
+    if out.unreadable and proc == PROC:
+        say_once("fd-walk", fd_walk_note(effective_caps(), out.unreadable))
+    return out
 
 
 def scope_mask(rows: np.ndarray, owners: SocketOwners, pids: Iterable[int], ports: Iterable[int] = ()) -> np.ndarray:

@@ -45,8 +45,13 @@ CGROUP2_ROOT = "/sys/fs/cgroup"
 MAX_FDS_TOTAL = 4_000_000
 MAX_PROCESSES = 1_000_000
 
-_NET_LINK = re.compile(r"^net:\[(\d+)\]$")
+# fd links: "socket:[INODE]" (net/socket.c sockfs_dname), "net:[INODE]" (nsfs); matched whole.
+_NET_LINK = re.compile(r"net:\[([0-9]{1,20})\]")
+_SOCKET_LINK = re.compile(r"socket:\[([0-9]{1,20})\]")
 # docker/containerd/cri-o/podman put a 64-hex id in the cgroup path.
+# "Max open files            1024                 524288               files" (fs/proc/base.c proc_pid_limits)
+_NOFILE = re.compile(rb"^Max open files[ \t]+([0-9]+)[ \t]", re.M)
+_TGID = re.compile(rb"^Tgid:[ \t]*([0-9]+)[ \t]*$", re.M)
 _CONTAINER_ID = re.compile(r"(?:^|[/-])(?:docker-|cri-containerd-|crio-|libpod-)?([0-9a-f]{64})(?:\.scope)?(?:/|$)")
 
 
@@ -171,7 +176,10 @@ def pids(proc: str = PROC) -> list[int]:
 
 def comm(pid: int, proc: str = PROC) -> str | None:
     raw = _read(f"{proc}/{pid}/comm", 256)
-    return raw.rstrip(b"\n").decode(errors="replace") if raw is not None else None
+    if raw is None:
+        return None
+    # The kernel adds one newline; a name may hold newlines of its own (prctl PR_SET_NAME).
+    return (raw[:-1] if raw.endswith(b"\n") else raw).decode(errors="replace")
 
 
 def cmdline(pid: int, proc: str = PROC, limit: int = 4096) -> str | None:
@@ -182,21 +190,30 @@ def cmdline(pid: int, proc: str = PROC, limit: int = 4096) -> str | None:
     return text or None  # kernel threads have an empty cmdline
 
 
-def cgroup(pid: int, proc: str = PROC) -> str | None:
-    """The cgroup v2 path (``0::/...``), else the first v1 hierarchy's path."""
+def cgroup_raw(pid: int, proc: str = PROC) -> bytes | None:
+    """The cgroup v2 path (``0::/...``), else the first v1 hierarchy's path, as
+    the kernel wrote it: bytes, since a cgroup's name may be any bytes but
+    '/' and NUL (not UTF-8, spaces, colons, form feeds...).  Lines end at
+    '\n' only."""
     raw = _read(f"{proc}/{pid}/cgroup")
     if raw is None:
         return None
     first = None
-    for line in raw.decode(errors="replace").splitlines():
-        parts = line.split(":", 2)
+    for line in raw.split(b"\n"):
+        parts = line.split(b":", 2)
         if len(parts) != 3:
             continue
-        if parts[0] == "0" and parts[1] == "":
+        if parts[0] == b"0" and parts[1] == b"":
             return parts[2]
         if first is None:
             first = parts[2]
     return first
+
+
+def cgroup(pid: int, proc: str = PROC) -> str | None:
+    """:func:`cgroup_raw` for display (bytes that are not UTF-8 shown as U+FFFD)."""
+    raw = cgroup_raw(pid, proc)
+    return raw.decode(errors="replace") if raw is not None else None
 
 
 def container_id(cgroup_path: str | None) -> str | None:
@@ -207,14 +224,16 @@ def container_id(cgroup_path: str | None) -> str | None:
     return m.group(1)[:12] if m else None
 
 
-def cgroup_id(cgroup_path: str | None, root: str = CGROUP2_ROOT) -> int:
+def cgroup_id(cgroup_path: str | bytes | None, root: str = CGROUP2_ROOT) -> int:
     """The cgroup v2 id (what bpf_get_current_cgroup_id() returns): the inode
-    of the cgroup's directory in cgroupfs (kernfs node id on 64-bit)."""
+    of the cgroup's directory in cgroupfs (kernfs node id on 64-bit).  Pass
+    :func:`cgroup_raw`'s bytes: a name that is not UTF-8 has no str path."""
     if not cgroup_path:
         return 0
+    path = os.fsencode(cgroup_path)
     try:
-        return os.stat(os.path.join(root, cgroup_path.lstrip("/"))).st_ino
-    except OSError:
+        return os.stat(os.path.join(os.fsencode(root), path.lstrip(b"/"))).st_ino
+    except (OSError, ValueError):  # ValueError: an embedded NUL
         return 0
 
 
@@ -223,11 +242,15 @@ def nofile_limit(pid: int, proc: str = PROC) -> int | None:
     raw = _read(f"{proc}/{pid}/limits")
     if raw is None:
         return None
-    for line in raw.decode(errors="replace").splitlines():
-        if line.startswith("Max open files"):
-            soft = line[len("Max open files") :].split()[0]
-            return int(soft) if soft.isdigit() else None
-    return None
+    m = _NOFILE.search(raw)
+    return int(m.group(1)) if m else None
+
+
+def tgid(pid: int, proc: str = PROC) -> int | None:
+    """The process (thread group) a task id belongs to, from /proc/PID/status."""
+    raw = _read(f"{proc}/{pid}/status")
+    m = _TGID.search(raw) if raw is not None else None
+    return int(m.group(1)) if m else None
 
 
 def start_ticks(pid: int, proc: str = PROC) -> int | None:
@@ -316,18 +339,22 @@ def walk_fds(only: Iterable[int] | None = None, proc: str = PROC, max_fds: int =
         try:
             try:
                 links = [readlink(name, dir_fd=dfd) for name in names]
+            except PermissionError:  # listed but not readable: another user's, without CAP_SYS_PTRACE
+                links = []
+                out.unreadable += 1
             except OSError:  # an fd closed while we read: one at a time
                 links = [_readlink_or_empty(name, dfd) for name in names]
         finally:
             os.close(dfd)
         # "socket:[INODE]" (net/socket.c sockfs_dname), "net:[INODE]" (nsfs).
         for name, link in zip(names, links):
-            if link[:8] == "socket:[" and link[-1:] == "]":
-                s_ino.append(int(link[8:-1]))
+            m = _SOCKET_LINK.fullmatch(link) if link[:8] == "socket:[" else None
+            if m and name.isascii() and name.isdigit() and int(m.group(1)) < 1 << 64:
+                s_ino.append(int(m.group(1)))
                 s_pid.append(pid)
                 s_fd.append(int(name))
-            elif link[:5] == "net:[" and _NET_LINK.match(link):
-                out.netns_fds.setdefault(int(link[5:-1]), f"{proc}/{pid}/fd/{name}")
+            elif link[:5] == "net:[" and (m := _NET_LINK.fullmatch(link)):
+                out.netns_fds.setdefault(int(m.group(1)), f"{proc}/{pid}/fd/{name}")
         out.processes += 1
         out.fd_counts[pid] = n
         ino = netns_ino(pid, proc)

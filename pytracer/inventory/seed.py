@@ -41,7 +41,7 @@ def owner_columns(recs: np.ndarray, rows: np.ndarray, owners: procs.SocketOwners
     cgids = np.zeros(len(uniq), np.uint64)
     for j, p in enumerate(uniq.tolist()):
         comms[j] = (procs.comm(p, proc) or "").encode()[:15]
-        cgids[j] = procs.cgroup_id(procs.cgroup(p, proc))
+        cgids[j] = procs.cgroup_id(procs.cgroup_raw(p, proc))
     recs["owner_comm"][has] = comms[inverse].view(np.dtype("S1")).reshape(-1, 16)
     recs["cgroup_id"][has] = cgids[inverse]
     return int(has.sum())

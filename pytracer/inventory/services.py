@@ -98,14 +98,14 @@ def assign(spec: Spec, discovered: Iterable[Service] = (), cap: int = CAP) -> di
 
 
 def discover(cap: int = CAP) -> list[Service]:
-    """The host's listening ports and its connections' most used remote
-    ports, in every network namespace we can find (sock_diag)."""
+    """The host's listening ports, in every network namespace we can find
+    (sock_diag), at start.  Listeners only: a dump of every connection
+    would cost start-up ~1 s per 100k sockets; the most used remote ports
+    come from the first full leak scan, which sees them anyway (auto)."""
     from pytracer.inventory import procs, sockdiag  # noqa: PLC0415 - they pull numpy: import on use
     from pytracer.kernel.tcp_states import TcpState  # noqa: PLC0415
 
-    # Listeners and live connections only: TIME_WAIT can be most of a busy
-    # host's sockets, and adds nothing a live connection does not show.
-    states = (1 << int(TcpState.LISTEN)) | (1 << int(TcpState.ESTABLISHED))
+    states = 1 << int(TcpState.LISTEN)
     return from_rows(sockdiag.inventory(procs.netns_refs(), states=states).rows, cap)
 
 

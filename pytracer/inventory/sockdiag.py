@@ -61,6 +61,7 @@ import numpy as np
 
 from pytracer.format import AF_INET, AF_INET6
 from pytracer.inventory.procs import NetnsRef
+from pytracer.kernel.environment import NETNS_NOTE, say_once
 from pytracer.kernel.tcp_states import TcpState
 
 # include/uapi/linux/netlink.h, sock_diag.h
@@ -132,7 +133,36 @@ MAX_ROWS = 4_000_000  # bound on one dump
 
 
 class SockDiagError(OSError):
-    """A sock_diag request failed; ``errno`` holds the kernel's reason."""
+    """A sock_diag request failed; ``errno`` holds the kernel's reason (EBADMSG: the
+    reply itself was malformed, and nothing of that datagram is trusted)."""
+
+
+def _malformed(what: str, off: int, n: int) -> SockDiagError:
+    return SockDiagError(errno.EBADMSG, f"sock_diag: malformed reply ({what} at byte {off} of {n})")
+
+
+def _frame(buf: bytes, off: int, n: int) -> tuple[int, int, int]:
+    """(length, type, sequence) of the netlink message at ``off``; a header
+    whose length does not fit the datagram is refused, never skipped."""
+    length, typ, mseq = _NLMSG_LTS.unpack_from(buf, off)
+    if length < 16 or off + length > n:
+        raise _malformed(f"message claiming {length} bytes", off, n)
+    return length, typ, mseq
+
+
+def _nlmsg_errno(buf: bytes, off: int, length: int) -> int:
+    """The (positive) errno of an NLMSG_ERROR message; 0 is an acknowledgement."""
+    if length < 20:
+        raise _malformed(f"NLMSG_ERROR of {length} bytes", off, len(buf))
+    code = struct.unpack_from("=i", buf, off + 16)[0]
+    if code > 0:
+        raise _malformed(f"NLMSG_ERROR with code {code}", off, len(buf))
+    return -code
+
+
+def _check_end(off: int, n: int) -> None:
+    if off < n:  # 1..15 bytes that cannot be a message
+        raise _malformed(f"{n - off} trailing bytes", off, n)
 
 
 # --- the wire format, derived from the declarations above -------------------
@@ -203,7 +233,9 @@ def parse_dump(buf: bytes, seq: int | None = None) -> tuple[np.ndarray, bool, in
     """Parse one netlink datagram of a sock_diag reply.
 
     Returns (rows as MSG_DTYPE, done, error): ``done`` once NLMSG_DONE is
-    seen, ``error`` the (positive) errno of an NLMSG_ERROR, else 0.
+    seen, ``error`` the (positive) errno of an NLMSG_ERROR, else 0.  A
+    malformed datagram (a message overrunning it, a short inet_diag_msg or
+    error message, trailing bytes) raises :class:`SockDiagError` (EBADMSG).
 
     A dump's messages mostly have one length (same family, same
     attributes), so runs of equal-length messages are checked and viewed
@@ -216,17 +248,13 @@ def parse_dump(buf: bytes, seq: int | None = None) -> tuple[np.ndarray, bool, in
     off = 0
     n = len(buf)
     need = 16 + MSG_DTYPE.itemsize
-    unpack = _NLMSG_LTS.unpack_from
     # Bounded by the buffer: every round consumes at least one message.
     while off + 16 <= n:
-        length, typ, mseq = unpack(buf, off)
-        if length < 16 or off + length > n:
-            break
+        length, typ, mseq = _frame(buf, off, n)
         step = (length + 3) & ~3
         if typ == SOCK_DIAG_BY_FAMILY and (seq is None or mseq == seq):
             if length < need:
-                off += step
-                continue
+                raise _malformed(f"inet_diag_msg of {length} bytes", off, n)
             k = (n - off - length) // step + 1  # messages of this length that would fit
             if k > 1:
                 hdr = np.ndarray((k,), dtype=_HDR_DTYPE, buffer=buf, offset=off, strides=(step,))
@@ -241,11 +269,10 @@ def parse_dump(buf: bytes, seq: int | None = None) -> tuple[np.ndarray, bool, in
             if typ == NLMSG_DONE:
                 done = True
             elif typ == NLMSG_ERROR:
-                code = struct.unpack_from("=i", buf, off + 16)[0]
-                if code:
-                    err = -code
+                err = _nlmsg_errno(buf, off, length)
                 done = True
         off += step
+    _check_end(off, n)
     if not runs:
         return np.zeros(0, MSG_DTYPE), done, err
     return np.concatenate(runs), done, err
@@ -464,7 +491,7 @@ def _attrs(buf: bytes, start: int, end: int) -> dict[int, bytes]:
     while off + 4 <= end:
         length, typ = _RTATTR.unpack_from(buf, off)
         if length < 4 or off + length > end:
-            break
+            raise _malformed(f"attribute claiming {length} bytes", off, end)
         out[typ & 0x3FFF] = buf[off + 4 : off + length]
         off += (length + 3) & ~3
     return out
@@ -497,7 +524,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def _setns(fd: int) -> None:
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
+        need = " (needs CAP_SYS_ADMIN)" if err == errno.EPERM else ""
+        raise OSError(err, f"setns: {os.strerror(err)}{need}")
 
 
 @dataclass
@@ -669,6 +697,8 @@ class Session:
                 sock = None
             if sock is None:
                 self.errors.append(f"{ref.label} (netns {ref.ino}): {info.error or 'unavailable'}")
+                if "CAP_SYS_ADMIN" in (info.error or ""):
+                    say_once("netns", NETNS_NOTE)
                 continue
             sock.settimeout(self.timeout)
             self.socks[ref.ino] = sock
@@ -892,11 +922,11 @@ def parse_info_dump(buf: bytes, seq: int, wanted: set[int], into: TcpInfoTable |
     n = len(buf)
     need = 16 + MSG_DTYPE.itemsize
     while off + 16 <= n:
-        length, typ, mseq = _NLMSG_LTS.unpack_from(buf, off)
-        if length < 16 or off + length > n:
-            break
+        length, typ, mseq = _frame(buf, off, n)
         if mseq == seq:
-            if typ == SOCK_DIAG_BY_FAMILY and length >= need:
+            if typ == SOCK_DIAG_BY_FAMILY:
+                if length < need:
+                    raise _malformed(f"inet_diag_msg of {length} bytes", off, n)
                 lo, hi = _COOKIE.unpack_from(buf, off + _COOKIE_OFFSET)
                 cookie = lo | hi << 32
                 if cookie in wanted:
@@ -906,10 +936,10 @@ def parse_info_dump(buf: bytes, seq: int, wanted: set[int], into: TcpInfoTable |
             elif typ == NLMSG_DONE:
                 done = True
             elif typ == NLMSG_ERROR:
-                code = struct.unpack_from("=i", buf, off + 16)[0]
-                err = -code if code else 0
+                err = _nlmsg_errno(buf, off, length)
                 done = True
         off += (length + 3) & ~3
+    _check_end(off, n)
     return out, done, err
 
 
@@ -926,18 +956,22 @@ def parse_lookup_replies(buf: bytes) -> dict[int, tuple[np.ndarray | None, TcpIn
     without one (timewait)."""
     out: dict[int, tuple[np.ndarray | None, TcpInfo | None]] = {}
     off = 0
-    while off + 16 <= len(buf):
-        length, typ, _f, mseq, _p = _NLMSGHDR.unpack_from(buf, off)
-        if length < 16 or off + length > len(buf):
-            break
+    n = len(buf)
+    while off + 16 <= n:
+        length, typ, mseq = _frame(buf, off, n)
         info = msg = None
-        if typ == SOCK_DIAG_BY_FAMILY and length >= 16 + MSG_DTYPE.itemsize:
+        if typ == NLMSG_ERROR:
+            _nlmsg_errno(buf, off, length)
+        elif typ == SOCK_DIAG_BY_FAMILY:
+            if length < 16 + MSG_DTYPE.itemsize:
+                raise _malformed(f"inet_diag_msg of {length} bytes", off, n)
             msg = np.frombuffer(buf, MSG_DTYPE, count=1, offset=off + 16).copy()
             attrs = _attrs(buf, off + 16 + MSG_DTYPE.itemsize, off + length)
             if INET_DIAG_INFO in attrs:
                 info = decode_tcp_info(attrs[INET_DIAG_INFO])
         out[mseq] = (msg, info)
         off += (length + 3) & ~3
+    _check_end(off, n)
     return out
 
 

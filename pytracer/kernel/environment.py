@@ -8,6 +8,7 @@ tracefs; bpffs is where pinned objects would live).
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import platform
 import re
@@ -18,6 +19,7 @@ BPFFS = "/sys/fs/bpf"
 VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
 
 # include/uapi/linux/capability.h
+CAP_DAC_READ_SEARCH = 2
 CAP_NET_ADMIN = 12
 CAP_SYS_PTRACE = 19
 CAP_SYS_ADMIN = 21
@@ -57,10 +59,59 @@ def can_trace(caps: int) -> bool:
 
 
 def require_privileges() -> None:
-    if not can_trace(effective_caps()):
+    caps = effective_caps()
+    if not can_trace(caps):
+        missing = " and ".join(n for n, bit in (("CAP_BPF", CAP_BPF), ("CAP_PERFMON", CAP_PERFMON))
+                               if not has_cap(caps, bit))
         raise EnvironmentProblem(
-            "pytracer needs root (CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN): run it with sudo"
+            f"pytracer needs root: missing {missing} (or CAP_SYS_ADMIN) to load its tracing programs; "
+            "run it with sudo (docs/privileges.md)"
         )
+
+
+# What each capability gives pytracer, for `tracer doctor` (docs/privileges.md: the
+# same table, with what was observed on a kernel without each one).
+CAPABILITY_USES = (
+    ("CAP_BPF", CAP_BPF, "load the tracing programs and the fd-scan iterators, read their maps (with CAP_PERFMON)"),
+    ("CAP_PERFMON", CAP_PERFMON, "attach tracing programs (with CAP_BPF)"),
+    ("CAP_SYS_PTRACE", CAP_SYS_PTRACE, "read other processes' /proc/PID/fd links when the fd scan walks /proc"),
+    ("CAP_DAC_READ_SEARCH", CAP_DAC_READ_SEARCH, "list other users' /proc/PID/fd directories when the fd scan "
+     "walks /proc"),
+    ("CAP_SYS_ADMIN", CAP_SYS_ADMIN, "enter other network namespaces (their socket inventory), use --bpf-stats, "
+     "or mount bpffs and tracefs when absent"),
+)
+
+
+def missing_capabilities(caps: int) -> list[str]:
+    """One line per capability pytracer uses that ``caps`` lacks, saying what goes missing."""
+    return [f"no {name}: cannot {use}" for name, bit, use in CAPABILITY_USES if not has_cap(caps, bit)]
+
+
+# What goes missing without a capability, said once per run (docs/privileges.md has the table).
+NETNS_NOTE = ("no CAP_SYS_ADMIN: sockets in other network namespaces are left out of the inventory "
+              "(entering one with setns(2) needs it); the kernel-side counts still include them")
+
+
+_said: set[str] = set()
+
+
+def say_once(key: str, line: str) -> None:
+    """A warning the run prints once, however many scans meet the cause (logging's
+    last-resort handler writes it to stderr when the command configured none)."""
+    if key not in _said:
+        _said.add(key)
+        logging.getLogger("pytracer").warning("%s", line)
+
+
+def fd_walk_note(caps: int, unreadable: int) -> str:
+    """The line for ``unreadable`` /proc/PID/fd tables the walk could not read."""
+    missing = [n for n, bit in (("CAP_SYS_PTRACE", CAP_SYS_PTRACE), ("CAP_DAC_READ_SEARCH", CAP_DAC_READ_SEARCH))
+               if not has_cap(caps, bit)]
+    if not missing:
+        return (f"the fd tables of {unreadable} processes are unreadable (permission denied: processes holding "
+                "capabilities this one lacks), so their sockets show no owner")
+    return (f"no {' and no '.join(missing)}: the fd tables of {unreadable} processes are unreadable, so their "
+            "sockets show no owner (reading other users' /proc/PID/fd needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH)")
 
 
 def _mounted(path: str, fstype: str) -> bool:

@@ -26,6 +26,9 @@ import bcrypt
 import pytest
 import yaml
 
+from pytracer.kernel import environment
+from tests.privileges import granted
+
 from .conftest import Proc, tracer_cmd
 from .exporter_helpers import (
     ROOT,
@@ -369,14 +372,15 @@ def test_runs_with_only_the_documented_capabilities(tmp_path: Path, cleanup: lis
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     leaky = start_workload("leaky", "127.0.0.1", 3, 0.05, prefix=nobody)
     cleanup.append(leaky)
-    caps = ["setpriv", "--inh-caps=-all", "--bounding-set=-all,+bpf,+perfmon,+sys_ptrace,+dac_read_search"]
+    bounding = "-all" + "".join(f",+{c.removeprefix('CAP_').lower()}" for c in sorted(granted()))
+    caps = ["setpriv", "--inh-caps=-all", f"--bounding-set={bounding}"]  # docs/privileges.md's set
     exp = Exporter("--pid", str(leaky.pid), "--close-wait-after", "1", "--leak-interval", "0", tmp=tmp_path,
                    prefix=caps)
     cleanup.append(exp)
     exp.wait_ready()
     status = Path(f"/proc/{exp.pid}/status").read_text()
     eff = int(re.search(r"CapEff:\s+([0-9a-f]+)", status).group(1), 16)
-    assert eff == (1 << 39) | (1 << 38) | (1 << 19) | (1 << 2), hex(eff)  # BPF PERFMON SYS_PTRACE DAC_READ_SEARCH
+    assert eff == sum(1 << getattr(environment, cap) for cap in granted()), hex(eff)
     leaky.send()
     leaky.expect("done", timeout=60)
     time.sleep(2.5)

@@ -17,6 +17,8 @@ import yaml
 from pytracer.exporter.collector import TracerCollector
 from pytracer.exporter.families import ExportOptions, MapStat, ProgramStat, ScrapeInput, build_families
 from pytracer.kernel import abi
+from pytracer.kernel.environment import CAPABILITY_USES
+from tests.privileges import documented_capabilities, granted
 
 ROOT = Path(__file__).resolve().parents[3]
 DEPLOY = ROOT / "deploy"
@@ -166,7 +168,8 @@ def test_daemonset_least_privilege() -> None:
     assert sc["allowPrivilegeEscalation"] is False
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["capabilities"]["drop"] == ["ALL"]
-    assert set(sc["capabilities"]["add"]) == {"BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH"}
+    # Exactly the set docs/privileges.md says the deploy files grant (Kubernetes drops the CAP_ prefix).
+    assert {"CAP_" + c for c in sc["capabilities"]["add"]} == granted()
     assert c["args"][0] == "export"
     assert not any(v.get("hostPath", {}).get("path") == "/" for v in pod["volumes"])
     for m in c["volumeMounts"]:
@@ -174,10 +177,17 @@ def test_daemonset_least_privilege() -> None:
             assert m["readOnly"] is True
 
 
+def test_privileges_doc_covers_every_capability_the_code_names() -> None:
+    documented = documented_capabilities()
+    assert {name for name, _, _ in CAPABILITY_USES} <= set(documented)
+    assert {"CAP_BPF", "CAP_PERFMON"} <= granted() and "CAP_SYS_ADMIN" not in granted()
+
+
 def test_systemd_unit_least_privilege() -> None:
     text = UNIT.read_text()
     caps = re.search(r"^CapabilityBoundingSet=(.*)$", text, re.M)
-    assert caps and set(caps.group(1).split()) == {"CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"}
+    assert caps and set(caps.group(1).split()) == granted()  # exactly docs/privileges.md's set
+    assert not re.search(r"^AmbientCapabilities=", text, re.M)
     assert re.search(r"^ExecStart=\S+/tracer export --listen 127\.0\.0\.1:", text, re.M)
     assert "NoNewPrivileges=yes" in text and "ProtectSystem=strict" in text
     analyze = shutil.which("systemd-analyze")
