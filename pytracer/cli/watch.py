@@ -60,8 +60,10 @@ def intervals(interval: float, duration: float | None, clock: Callable[[], float
 
 def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: float | None, top: int,
             start_ns: int, enrichers: Iterable[Callable[..., Any]] = (),
-            extra: dict[str, Any] | None = None) -> Iterator[tuple[dict[str, Any], poller.Snapshot]]:
+            extra: dict[str, Any] | None = None, seed_failed: int = 0,
+            ) -> Iterator[tuple[dict[str, Any], poller.Snapshot]]:
     from pytracer.table import poll as poller
+    from pytracer.table.health import FillTracker, failed_inserts
     from pytracer.views import model
 
     opts = model.ReportOptions(pids=pids, top=top, start_mono_ns=start_ns, max_sockets=tracer.max_sockets,
@@ -69,9 +71,15 @@ def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: fl
     prev = None
     state: dict[str, Any] = {}
     buffers = poller.SockBuffers()  # the table is read into the same arrays every interval
+    fill = FillTracker(start_ns)
     for _ in intervals(interval, duration):
         snap = poller.snapshot(tracer, buffers=buffers)
         report = model.build_report(snap, prev, opts)
+        # Sockets the table could not take (seeding's included) are in no count: say so while recent.
+        table = fill.update(snap.mono_ns, len(snap.socks), tracer.max_sockets,
+                            failed_inserts(snap.totals) + seed_failed)
+        report["tracer"].update(table.to_json())
+        report["warnings"] = [w for w in (table.warning(),) if w]
         # Each enricher adds to the report (the leak detectors' flags).
         for enrich in enrichers:
             enrich(report, snap, tracer, opts, state)
@@ -124,7 +132,7 @@ def watch(obj: Context, pids: tuple[int, ...], interval: float, duration: float 
         if seeded.skipped:
             extra["seed_skipped"] = seeded.skipped
         enrichers = [] if no_leaks else [watch_enricher(thresholds)]
-        stream = reports(tracer, pids, interval, duration, top, start_ns, enrichers, extra)
+        stream = reports(tracer, pids, interval, duration, top, start_ns, enrichers, extra, seeded.failed)
         if as_json:
             for report, _ in stream:
                 sys.stdout.write(json.dumps(report, separators=(",", ":")) + "\n")

@@ -30,7 +30,14 @@ import zlib
 from typing import Iterable
 
 from pytracer.kernel import abi, libbpf
-from pytracer.kernel.environment import EnvironmentProblem, Features, ensure_mounts, probe_features, require_privileges
+from pytracer.kernel.environment import (
+    EnvironmentProblem,
+    Features,
+    ensure_mounts,
+    memlock_limit,
+    probe_features,
+    require_privileges,
+)
 from pytracer.kernel.hooks import (
     FORCED,
     HOOKS,
@@ -288,8 +295,10 @@ class Tracer(TracerHandle):
             what = "loading " + ", ".join(sorted(names))
         hint = ""
         old_kernel = self.features is not None and self.features.version < (5, 11)
-        if exc.errno in (1, 13) and "ulimit" in exc.log and old_kernel:
-            hint = " (kernel refused; on kernels before 5.11 raise `ulimit -l`)"
+        if exc.errno in (1, 13) and old_kernel and memlock_limit() != "unlimited":
+            # libbpf raises the limit itself where it may (CAP_SYS_RESOURCE); here it could not.
+            hint = (f" (RLIMIT_MEMLOCK is {memlock_limit()} and kernels before 5.11 charge BPF memory to it: "
+                    "run `ulimit -l unlimited` first, or grant CAP_SYS_RESOURCE)")
         return f"{what} failed: {os.strerror(exc.errno)}{hint}"
 
     def _load_and_attach(self, data: bytes, plan: dict[str, Choice]) -> None:

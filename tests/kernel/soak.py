@@ -40,6 +40,14 @@ ROOT = HERE.parent.parent
 CHURN_SRC = ROOT / "bench" / "harness" / "churn.c"
 
 
+def build_churn(dest: Path) -> str:
+    """bench/harness/churn.c (the epoll load generator) built into dest."""
+    out = dest / "churn"
+    if not out.exists():
+        subprocess.run(["gcc", "-O2", "-o", str(out), str(CHURN_SRC)], check=True)
+    return str(out)
+
+
 def tracer_cmd() -> list[str]:
     override = os.environ.get("PYTRACER_SOAK_TRACER")
     if override:
@@ -64,8 +72,8 @@ def free_port() -> int:
     raise RuntimeError("no free port below the ephemeral range")
 
 
-def rss_kib(pid: int) -> int:
-    m = re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    m = re.search(field + r":\s+(\d+)", Path(f"/proc/{pid}/status").read_text())
     return int(m.group(1)) if m else 0
 
 
@@ -255,8 +263,7 @@ class AbLoop(threading.Thread):
 
 def soak(minutes: float, churn_rate: int, ab_rate: int, out: Path | None = None, log: Any = print) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="pytracer-soak-"))
-    churn = tmp / "churn"
-    subprocess.run(["gcc", "-O2", "-o", str(churn), str(CHURN_SRC)], check=True)
+    churn = build_churn(tmp)
     p_churn, p_http, p_exp = free_port(), free_port(), free_port()
     duration = minutes * 60
     started: list[Any] = []
@@ -288,8 +295,9 @@ def soak(minutes: float, churn_rate: int, ab_rate: int, out: Path | None = None,
         baseline_scrape = urllib.request.urlopen(url, timeout=10).read().decode()
         baseline_exp_entries = metric_value(baseline_scrape, "pytracer_map_entries", 'map="socks"')
 
-        samples: dict[str, list] = {"t": [], "scrape_s": [], "rss_watch": [], "rss_export": [], "fd_watch": [],
-                                    "fd_export": [], "scrape_errors": []}
+        samples: dict[str, list] = {k: [] for k in (
+            "scrape_s", "scrape_errors", "rss_watch", "rss_export", "anon_watch", "anon_export", "fd_watch",
+            "fd_export")}
         halt = threading.Event()
         t0 = time.monotonic()
 
@@ -305,6 +313,7 @@ def soak(minutes: float, churn_rate: int, ab_rate: int, out: Path | None = None,
                     samples["scrape_errors"].append((t, str(exc)))
                 for name, proc in (("watch", watch), ("export", export)):
                     samples[f"rss_{name}"].append((t, rss_kib(proc.p.pid)))
+                    samples[f"anon_{name}"].append((t, rss_kib(proc.p.pid, "RssAnon")))
                     samples[f"fd_{name}"].append((t, fd_count(proc.p.pid)))
                 i += 1
                 halt.wait(max(0.0, i - (time.monotonic() - t0)))
@@ -392,6 +401,7 @@ def soak(minutes: float, churn_rate: int, ab_rate: int, out: Path | None = None,
                                              for m in range(int(load_end // 60) + 1)]},
             "flat_from_s": after,
             "rss_kib": {n: flat(samples[f"rss_{n}"], after) for n in ("watch", "export")},
+            "rss_anon_kib": {n: flat(samples[f"anon_{n}"], after) for n in ("watch", "export")},
             "fds": {n: flat(samples[f"fd_{n}"], after) for n in ("watch", "export")},
             "load_after": os.getloadavg(),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
