@@ -42,7 +42,8 @@ def intervals(interval: float, duration: float | None, clock: Callable[[], float
 
     A consumer slower than the interval (a leak scan takes ~16 s at 1M
     sockets) skips the ticks it missed: one report follows at once, not one
-    per missed tick back to back.
+    per missed tick back to back.  A stopped process (SIGSTOP) wakes into one
+    catch-up report, then back on the grid.
     """
     start = clock()
     n = math.inf if duration is None else max(1, math.ceil(duration / interval - 1e-9))
@@ -55,6 +56,10 @@ def intervals(interval: float, duration: float | None, clock: Callable[[], float
         delay = deadline - clock()
         if delay > 0:
             sleep(delay)
+            # A sleep that overran (the process was stopped: SIGSTOP, a paused VM) wakes
+            # into a catch-up report: count it as the current tick, so the next one waits
+            # for the grid instead of following at once.
+            i = int(min(n, max(i, int((clock() - start) / interval))))
         yield i
 
 

@@ -17,6 +17,7 @@ import yaml
 from pytracer.exporter.collector import TracerCollector
 from pytracer.exporter.families import ExportOptions, MapStat, ProgramStat, ScrapeInput, build_families
 from pytracer.kernel import abi
+from pytracer.table.health import TableFill
 
 ROOT = Path(__file__).resolve().parents[3]
 DEPLOY = ROOT / "deploy"
@@ -65,7 +66,7 @@ def exported_metric_names() -> set[str]:
     inp = ScrapeInput(
         totals=make_totals([agg]), socks=sock_table([(1, 1)]), poll_seconds=0.1, leaks=leak_report(),
         maps=[MapStat("socks", 1, 10)], programs=[ProgramStat("p", 1, 1, 0)], bpf_stats=True,
-        hooks=[("state", "tp_btf", "p")], build={"version": "v"},
+        hooks=[("state", "tp_btf", "p")], build={"version": "v"}, table=TableFill(1, 10, 0, 0, 10.0),
     )
     fams, _ = build_families(inp, ExportOptions())
     collector = TracerCollector(None, scanner=SimpleNamespace(scan=None))
@@ -107,6 +108,7 @@ def test_required_alerts_exist() -> None:
     assert "histogram_quantile(0.95" in exprs["PytracerConnectionLifetimeP95High"]
     assert "pytracer_process_fd_usage_ratio" in exprs["PytracerFdExhaustionAhead"]
     assert "pytracer_lost_events_total" in exprs["PytracerLosingData"]
+    assert "pytracer_socket_table_full" in exprs["PytracerSocketTableFull"]
 
 
 def test_queries_name_only_metrics_the_exporter_exports() -> None:
