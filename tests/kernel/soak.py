@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -38,6 +39,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 CHURN_SRC = ROOT / "bench" / "harness" / "churn.c"
+# One churn client runs at most this long (churn.c stops a client after 10 minutes).
+SEGMENT_S = float(os.environ.get("PYTRACER_SOAK_SEGMENT_S", "300"))
 
 
 def build_churn(dest: Path) -> str:
@@ -261,6 +264,29 @@ class AbLoop(threading.Thread):
             self.halt.wait(max(0.0, start + i - time.monotonic()))
 
 
+class ChurnChain(threading.Thread):
+    """The churn clients one after another, each told "go" when the previous one exits."""
+
+    def __init__(self, clients: list[Lines]) -> None:
+        super().__init__(daemon=True)
+        self.clients = clients
+        self.results: list[dict[str, Any]] = []
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        for c in self.clients:
+            assert c.p.stdin is not None
+            c.p.stdin.write("go\n")
+            c.p.stdin.flush()
+            c.p.wait()
+            c.reader.join(timeout=10)
+            out = [json.loads(x) for x in c.lines if x.startswith("{") and '"client"' in x]
+            if not out:
+                self.errors.append(f"client {c.p.pid} exited {c.p.returncode}: {c.stderr()[-300:]}")
+                return
+            self.results.append(out[-1])
+
+
 def soak(minutes: float, churn_rate: int, ab_rate: int, out: Path | None = None, log: Any = print) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="pytracer-soak-"))
     churn = build_churn(tmp)
@@ -275,13 +301,19 @@ def soak(minutes: float, churn_rate: int, ab_rate: int, out: Path | None = None,
         started.append(server)
         wait_for(lambda: any('"ready"' in x for x in server.lines), 10, "churn server ready")
         nginx = start_nginx(tmp, p_http)
-        n_churn = int(churn_rate * duration)
-        client = Lines([churn, "client", "127.0.0.1", str(p_churn), str(n_churn), "32", str(churn_rate)],
-                       stdin=True, env={"CHURN_WAIT": "1"})
-        started.append(client)
-        pids = [server.p.pid, client.p.pid, nginx.pid, *children(nginx.pid)]
+        started.append(nginx)
+        # churn's client stops itself after 10 minutes: a chain of clients, each
+        # waiting for "go" (their pids are known to the tracers from the start).
+        seg_lens = [min(SEGMENT_S, duration - k * SEGMENT_S) for k in range(math.ceil(duration / SEGMENT_S))]
+        clients = [Lines([churn, "client", "127.0.0.1", str(p_churn), str(int(churn_rate * seg)), "32",
+                          str(churn_rate)], stdin=True, env={"CHURN_WAIT": "1"},
+                         stderr_path=tmp / f"client{k}.err") for k, seg in enumerate(seg_lens)]
+        started += clients
+        chain = ChurnChain(clients)
+        pids = [server.p.pid, *(c.p.pid for c in clients), nginx.pid, *children(nginx.pid)]
         pid_args = [a for p in pids for a in ("--pid", str(p))]
         oracle = Oracle((p_churn, p_http))
+        started.append(oracle)
         watch = Lines([*tracer_cmd(), "watch", "--json", "--interval", "1", "--top", "3", *pid_args],
                       stderr_path=tmp / "watch.err")
         started.append(watch)
@@ -321,9 +353,7 @@ def soak(minutes: float, churn_rate: int, ab_rate: int, out: Path | None = None,
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         ab = AbLoop(f"http://127.0.0.1:{p_http}/", ab_rate)
-        assert client.p.stdin is not None
-        client.p.stdin.write("go\n")
-        client.p.stdin.flush()
+        chain.start()
         ab.start()
         log(f"soak: {minutes} min, churn {churn_rate}/s + ab {ab_rate}/s, tracers pids {watch.p.pid} "
             f"(watch) {export.p.pid} (export)")
@@ -341,9 +371,8 @@ def soak(minutes: float, churn_rate: int, ab_rate: int, out: Path | None = None,
                 next_log += 60
         ab.halt.set()
         ab.join(timeout=120)
-        client.p.wait(timeout=max(60, duration * 0.2))
+        chain.join(timeout=max(60, duration * 0.2))
         load_end = time.monotonic() - t0
-        client.reader.join(timeout=10)
         # Let the last connections close (the server's FIN, the client's last ACK),
         # then read the table while the listeners still exist (as at the baseline).
         time.sleep(5)
@@ -364,7 +393,10 @@ def soak(minutes: float, churn_rate: int, ab_rate: int, out: Path | None = None,
         nginx.send_signal(signal.SIGQUIT)
         nginx.wait(timeout=30)
 
-        cl = next(json.loads(x) for x in client.lines if '"role":"client"' in x.replace(" ", ""))
+        if chain.errors or len(chain.results) != len(clients):
+            raise RuntimeError(f"churn clients failed: {chain.errors}")
+        cl = {k: sum(r[k] for r in chain.results) for k in ("started", "completed", "errors")}
+        cl["segments"] = len(chain.results)
         sv = [json.loads(x) for x in server.lines if '"accepted"' in x][-1]
         o = oracle_counts
         oracle_opened = (o.get(f"open:{p_churn}:active", 0) + o.get(f"open:{p_churn}:passive", 0)
@@ -409,8 +441,10 @@ def soak(minutes: float, churn_rate: int, ab_rate: int, out: Path | None = None,
         return result
     finally:
         for proc in started:
-            if proc.p.poll() is None:
-                proc.p.kill()
+            popen = getattr(proc, "p", proc)
+            if popen.poll() is None:
+                popen.kill()
+                popen.wait(timeout=30)
         if out is not None:
             out.write_text(json.dumps(result, indent=2) + "\n")
         shutil.rmtree(tmp, ignore_errors=True)
