@@ -29,6 +29,16 @@ START_S = 600 if IN_VM else 90
 STOP_S = float(os.environ.get("PYTRACER_FAULT_STOP_S", "8"))
 
 
+FIGURES = Path(os.environ.get("PYTRACER_RELIABILITY_DIR", "/tmp/pytracer-reliability")) / "faults.jsonl"
+
+
+def figure(test: str, **values: Any) -> None:
+    """Keep a test's measured figures for docs/reliability.md (not asserted on)."""
+    FIGURES.parent.mkdir(parents=True, exist_ok=True)
+    with FIGURES.open("a") as f:
+        f.write(json.dumps({"test": test, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **values}) + "\n")
+
+
 @pytest.fixture(scope="module")
 def churn(tmp_path_factory: pytest.TempPathFactory) -> str:
     return build_churn(tmp_path_factory.mktemp("churn"))
@@ -186,6 +196,8 @@ def test_sigstop_under_churn_then_sigcont_totals_exact_one_catch_up_report(
     closed_oracle = sum(1 for _, old, new, _, _ in rows if new == 7 and old != 10)
     assert opened_oracle == closed_oracle == want
     assert watch.last()["opened_total"] == watch.last()["closed_total"] == want
+    figure("sigstop", stopped_s=round(resumed - stopped, 1), connections=counts["completed"], sockets=want,
+           catch_up_interval_s=first["interval_seconds"], reports_in_2_5_s_after=len(after))
 
 
 # --- two tracers at once -----------------------------------------------------------------
@@ -232,6 +244,7 @@ def test_watch_and_export_at_once_both_exact_neither_disturbs_the_other(
     assert last["opened_total"] == last["closed_total"] == opened_oracle == closed_oracle == n1 + n2 + n3
     # Per-interval counts add up across export's start and stop: nothing counted twice or lost.
     assert sum(r["opened"] for _, r in watch.arrivals) == n1 + n2 + n3
+    figure("two_tracers", watch_sockets=n1 + n2 + n3, export_sockets=n2, oracle=opened_oracle)
 
 
 # --- SIGKILL while seeding 100k sockets --------------------------------------------------
@@ -274,10 +287,12 @@ def test_sigkill_while_seeding_100k_sockets_leaves_nothing_attached(
             break
         time.sleep(0.005)
     w.p.wait(timeout=30)
+    killed = time.monotonic()
     assert seen_links, "watch never attached"
     assert "attached" not in w.stderr(), "killed after seeding, not during it"
 
     assert gone(seen_progs), "programs left loaded after SIGKILL"
+    freed_s = time.monotonic() - killed
     links = json.loads(subprocess.run(["bpftool", "-j", "link", "list"], capture_output=True, text=True).stdout or "[]")
     assert not {li["id"] for li in links} & seen_links, "links left after SIGKILL"
     maps = json.loads(subprocess.run(["bpftool", "-j", "map", "list"], capture_output=True, text=True).stdout or "[]")
@@ -289,6 +304,8 @@ def test_sigkill_while_seeding_100k_sockets_leaves_nothing_attached(
     assert nxt.p.wait(timeout=START_S) == 0, nxt.stderr()
     nxt.reader.join(timeout=10)
     assert nxt.last()["states"].get("ESTABLISHED") == n_sockets, nxt.last()["states"]
+    figure("sigkill_seeding", sockets=n_sockets, progs=len(seen_progs), links=len(seen_links), maps=len(seen_maps),
+           freed_within_s=round(freed_s, 2), next_start_established=n_sockets)
 
 
 # --- a full socket table -------------------------------------------------------------------
@@ -377,6 +394,8 @@ def test_full_table_warns_everywhere_and_clears_when_sockets_close(
     assert rep["tracer"]["insert_failed"] >= n_ss - FULL_CAPACITY  # the total stays in the figures
     # A scrape looks back to the newest scrape at least 10 s old.
     wait_for(lambda: metric_value(export.scrape(), "pytracer_socket_table_full") == 0, 30, "the gauge to clear")
+    figure("full_table", capacity=FULL_CAPACITY, ss_sockets=n_ss, insert_failed=rep["tracer"]["insert_failed"],
+           cleared_after_last_failure_s=round(cleared - last_fail, 1))
     assert not any("WARNING" in x for x in plain.lines[-6:]), plain.lines[-6:]
 
 
