@@ -278,8 +278,10 @@ class ChurnChain(threading.Thread):
             assert c.p.stdin is not None
             c.p.stdin.write("go\n")
             c.p.stdin.flush()
-            c.p.wait()
-            c.reader.join(timeout=10)
+            # Wait for its stdout to end, not for its exit status: unreaped, its pid
+            # stays reserved (pid_max may be 32768), so no later process (an ab
+            # batch) can take a pid the tracers watch.  Reaped at the end.
+            c.reader.join()
             out = [json.loads(x) for x in c.lines if x.startswith("{") and '"client"' in x]
             if not out:
                 self.errors.append(f"client {c.p.pid} exited {c.p.returncode}: {c.stderr()[-300:]}")
@@ -434,6 +436,9 @@ def soak(minutes: float, churn_rate: int, ab_rate: int, out: Path | None = None,
             "flat_from_s": after,
             "rss_kib": {n: flat(samples[f"rss_{n}"], after) for n in ("watch", "export")},
             "rss_anon_kib": {n: flat(samples[f"anon_{n}"], after) for n in ("watch", "export")},
+            "rss_kib_per_minute": {n: [[min(v for t, v in samples[f"rss_{n}"] if m * 60 <= t < (m + 1) * 60),
+                                        max(v for t, v in samples[f"rss_{n}"] if m * 60 <= t < (m + 1) * 60)]
+                                       for m in range(int(load_end // 60))] for n in ("watch", "export")},
             "fds": {n: flat(samples[f"fd_{n}"], after) for n in ("watch", "export")},
             "load_after": os.getloadavg(),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

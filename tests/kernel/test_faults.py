@@ -129,9 +129,11 @@ def go(p: Lines) -> None:
 
 
 def finish(client: Lines, timeout: float = 120) -> dict[str, Any]:
-    """The client's own counts, once every one of its connections is closed."""
-    client.p.wait(timeout=timeout)
-    client.reader.join(timeout=10)
+    """The client's own counts, once every one of its connections is closed.
+    Left unreaped (the procs fixture reaps it), so its pid, which the tracers
+    watch, cannot go to another process meanwhile."""
+    client.reader.join(timeout=timeout)
+    assert not client.reader.is_alive(), "client still running"
     out = next(json.loads(x) for x in client.lines if '"role":"client"' in x.replace(" ", ""))
     assert out["errors"] == 0 and out["completed"] == out["started"], out
     return out
