@@ -392,7 +392,8 @@ def test_time_wait_lists_whole_host(scenario: Scenario) -> None:
     check_golden("time_wait_whole_host", got, {"leaks": leaks_tw, "watch": watch_tw})
 
 
-def test_doctor_json_shape() -> None:
+def test_doctor_json_shape(scenario: Scenario) -> None:
+    # With the scenario's tracers running, so running_tracers[] has its shape.
     require_root()
     r, progs, links = run_watching_ids(["doctor", "--json"])
     assert r.returncode == 0, r.stderr
