@@ -99,7 +99,7 @@ def running() -> tuple[list[dict] | str, list[str]]:
     try:
         tables = running_tables(exclude_pid=os.getpid())
     except (libbpf.LibbpfError, OSError) as exc:
-        return f"not readable: {exc}", []
+        return f"not readable ({exc}): reading other tracers' tables needs CAP_SYS_ADMIN", []
     rows, warnings = [], []
     for t in tables:
         who = f"{t.comm} (pid {t.pid})"

@@ -466,8 +466,12 @@ def map_ids() -> Iterator[int]:
     lib = library()
     cur = c_uint32(0)
     for _ in range(1 << 24):
-        if lib.bpf_map_get_next_id(cur.value, ctypes.byref(cur)) < 0:
-            return
+        rc = lib.bpf_map_get_next_id(cur.value, ctypes.byref(cur))
+        if rc < 0:
+            err = _errno_of(rc)
+            if err == errno_mod.ENOENT:  # the last one
+                return
+            raise LibbpfError(err, "list BPF maps")
         yield cur.value
 
 
