@@ -1,6 +1,6 @@
 # pytracer: build the CO-RE object, install, test.
 #
-#   make                 build pytracer/bpf/pytracer.bpf.o and pytracer/bpf/fdscan.bpf.o
+#   make                 build pytracer/bpf/pytracer.bpf.o, fdscan.bpf.o and sockdestroy.bpf.o
 #   sudo make watch      install dependencies, build, install, run `tracer watch`
 #   sudo make test       install dependencies, build, run every test tier
 #   make unit-test       pure-logic tests, no root needed
@@ -16,6 +16,8 @@ BPF_SRC   := bpf/pytracer.bpf.c
 BPF_HDRS  := bpf/pytracer.h bpf/lifecycle.bpf.h bpf/core_fixes.bpf.h bpf/vmlinux.h
 # The task-file iterator that finds socket owners (pytracer/fdscan.py).
 FDSCAN_OBJ := pytracer/bpf/fdscan.bpf.o
+# `tracer destroy --via bpf`: bpf_sock_destroy() from an iter/tcp program (v6.5+).
+DESTROY_OBJ := pytracer/bpf/sockdestroy.bpf.o
 
 .PHONY: all bpf deps install watch test unit-test kernel-test lint clean vmlinux
 
@@ -24,7 +26,7 @@ all: bpf
 # The bcc backend compiles its C at start-up: ship it beside the object.
 BCC_SRC := pytracer/bpf/pytracer_bcc.c pytracer/bpf/pytracer.h pytracer/bpf/lifecycle.bpf.h
 
-bpf: $(BPF_OBJ) $(FDSCAN_OBJ) $(BCC_SRC)
+bpf: $(BPF_OBJ) $(FDSCAN_OBJ) $(DESTROY_OBJ) $(BCC_SRC)
 
 pytracer/bpf/%: bpf/%
 	@mkdir -p $(dir $@)
@@ -32,8 +34,9 @@ pytracer/bpf/%: bpf/%
 
 $(BPF_OBJ): $(BPF_SRC) $(BPF_HDRS)
 $(FDSCAN_OBJ): bpf/fdscan.bpf.c bpf/fdscan.h bpf/vmlinux.h
+$(DESTROY_OBJ): bpf/sockdestroy.bpf.c bpf/vmlinux.h
 
-$(BPF_OBJ) $(FDSCAN_OBJ):
+$(BPF_OBJ) $(FDSCAN_OBJ) $(DESTROY_OBJ):
 	@mkdir -p $(dir $@)
 	$(CLANG) -g -O2 -target bpf -D__TARGET_ARCH_$(ARCH) -Wall -Werror \
 		-Ibpf -c $< -o $@.tmp

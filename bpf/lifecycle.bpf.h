@@ -36,6 +36,12 @@
  *     read_addrs(rec, sk, btf) family, ports and addresses into rec
  *     netns_of(sk, btf)        network namespace inode
  *     sk_ino(sk, btf)          inode of the socket's file, or 0
+ *   idle before end, per service (once per connection, at its end)
+ *     PT_CFG_HZ                the kernel's HZ
+ *     svc_slot(k)              __u32 * (the slot) in "svc_ports", or NULL
+ *     svc_get(slot)            this run's struct pt_svc * for slot in "svc"
+ *                              (one writer at a time, as agg_get()), or NULL
+ *     read_end_facts(sk, f, btf)  the tcp_sock's clocks and errors into f
  *
  * Include it after pytracer.h and the kernel types (struct sock, TCP_*).
  */
@@ -311,8 +317,10 @@ static __always_inline void step(struct pt_agg *a, struct pt_sock *rec,
 	if (!rec->lport || (!rec->rport && rec->direction != PT_DIR_LISTEN))
 		read_addrs(rec, sk, btf);
 	if (old == TCP_ESTABLISHED && new == TCP_CLOSE_WAIT &&
-	    !rec->app_closed)
+	    !rec->app_closed) {
 		rec->flags |= PT_F_PEER_FIN;
+		rec->peer_fin_t = now >> 20;	/* for svc_end() */
+	}
 	/* Only tcp_close()/tcp_shutdown() send our FIN, in process context. */
 	if (new == TCP_FIN_WAIT1 || new == TCP_LAST_ACK)
 		note_app_close(a, rec, bpf_get_current_pid_tgid() >> 32, now,
@@ -485,9 +493,192 @@ static __always_inline void handle_reset(__u64 key)
 		rec->flags |= PT_F_RESET;
 }
 
-static __always_inline void do_destroy(struct sock *sk, __u64 key)
+/* --- idle before end, per service ---------------------------------------- */
+
+/*
+ * What the tcp_sock knows at the end.  The three clocks are tcp_jiffies32
+ * stamps (jiffies, wrapping at 2^32), and each moves only on real traffic:
+ *
+ *   lrcvtime    icsk_ack.lrcvtime, the last segment with data received
+ *               (tcp_event_data_recv(); a bare FIN, ACK or RST leaves it)
+ *   lsndtime    tp->lsndtime, the last segment with data sent
+ *               (tcp_event_data_sent(); a bare FIN or RST leaves it)
+ *   rcv_tstamp  tp->rcv_tstamp, the last ACK tcp_ack() accepted: when the
+ *               peer was last heard from (a RST never gets there)
+ */
+struct pt_end_facts {
+	__u32 lrcvtime;
+	__u32 lsndtime;
+	__u32 rcv_tstamp;
+	__s32 err;		/* sk->sk_err (ETIMEDOUT after a timeout) */
+	__u8 probes_out;	/* keepalive or zero-window probes unanswered */
+	__u8 retransmits;	/* RTO retransmissions unanswered */
+};
+
+#define PT_ETIMEDOUT		110
+
+/* The later of two tcp_jiffies32 stamps. */
+static __always_inline __u32 later_j(__u32 a, __u32 b)
+{
+	return (__s32)(a - b) > 0 ? a : b;
+}
+
+/* The service slot of a connection: the listener's port for an accepted
+ * one, the peer's port for a connected one; 0 ("other") when user space
+ * named neither.  A socket first seen mid-life tries both. */
+static __always_inline __u32 service_of(struct pt_sock *rec)
+{
+	struct pt_svc_key k = {};
+	__u32 *slot = NULL;
+
+	if (rec->direction != PT_DIR_ACTIVE) {
+		k.port = rec->lport;
+		k.role = PT_ROLE_SERVER;
+		slot = svc_slot(&k);
+	}
+	if (!slot && rec->direction != PT_DIR_PASSIVE) {
+		k.port = rec->rport;
+		k.role = PT_ROLE_CLIENT;
+		slot = svc_slot(&k);
+	}
+	return slot && *slot < PT_SVC_SLOTS ? *slot : 0;
+}
+
+/* The i-th state a record entered (i < transitions), 0 when unknown. */
+static __always_inline __u8 history_at(struct pt_sock *rec, __u32 i)
+{
+	__u64 idx = i & (PT_HISTORY - 1);
+
+	opaque(idx);
+	if (i >= rec->transitions || idx >= PT_HISTORY)
+		return 0;
+	return rec->history[idx];
+}
+
+/*
+ * Who ended it.  A RST received is flagged by the reset hook; a timeout
+ * leaves ETIMEDOUT in sk_err (until the application reads it) or probes and
+ * retransmissions still unanswered; the peer's FIN is flagged by the
+ * ESTABLISHED -> CLOSE_WAIT transition.  Left: the application closed.  It
+ * closed with a FIN unless the socket went to CLOSE straight from a state
+ * that still carried data, which only an abort does (tcp_close() with
+ * unread data or SO_LINGER 0, tcp_disconnect(), tcp_abort(), SOCK_DESTROY).
+ */
+static __always_inline __u32 ender_of(struct pt_sock *rec,
+				      struct pt_end_facts *f)
+{
+	__u8 prev = rec->transitions >= 2 ?
+		history_at(rec, rec->transitions - 2) : 0;
+	bool abrupt = rec->state == TCP_CLOSE &&
+		(prev == TCP_ESTABLISHED || prev == TCP_CLOSE_WAIT ||
+		 prev == TCP_SYN_SENT || prev == TCP_SYN_RECV);
+
+	if (rec->flags & PT_F_RESET)
+		return PT_END_RESET;
+	if (f->err == PT_ETIMEDOUT ||
+	    (abrupt && (f->probes_out || f->retransmits)))
+		return PT_END_TIMEOUT;
+	if (rec->flags & PT_F_PEER_FIN)
+		return PT_END_PEER;
+	return abrupt ? PT_END_ABORT : PT_END_LOCAL;
+}
+
+/* Did the connection ever carry data: was it established? */
+static __always_inline bool was_established(struct pt_sock *rec)
+{
+	if (rec->direction == PT_DIR_UNKNOWN)
+		return rec->state != TCP_SYN_SENT && rec->state != TCP_SYN_RECV;
+	return history_at(rec, 0) == TCP_ESTABLISHED ||
+	       history_at(rec, 1) == TCP_ESTABLISHED;
+}
+
+/*
+ * How long the connection had carried no data when it ended.  The end is
+ * the moment it stopped being a connection: the application's close, the
+ * peer's FIN, or the move to CLOSE (RST, abort, timeout); the socket may be
+ * destroyed much later (an application that closes a reset socket only when
+ * it next looks at it).  The start is the last data either way, except
+ * after a RST received or a timeout: there it is the last time the peer was
+ * heard from, because the request that meets a dead flow is what draws the
+ * reset and is no sign of life.  Clocks: the tcp_sock's are jiffies, ours
+ * ns; both are read now, so the gap between them converts exactly.
+ */
+static __always_inline __u64 idle_ns(struct pt_sock *rec, __u32 ender,
+				     struct pt_end_facts *f, __u64 now)
+{
+	__u32 now_j = (__u32)bpf_jiffies64(), last;
+	__u64 end = now, idle, since_end;
+	__u32 hz = PT_CFG_HZ ? PT_CFG_HZ : 250;
+
+	if (ender == PT_END_RESET || ender == PT_END_TIMEOUT)
+		last = later_j(f->lrcvtime, f->rcv_tstamp);
+	else
+		last = later_j(f->lrcvtime, f->lsndtime);
+	if (ender == PT_END_LOCAL && rec->close_ns && rec->close_ns <= now)
+		end = rec->close_ns;
+	else if (ender == PT_END_PEER)
+		end = now - ((__u64)((__u32)(now >> 20) - rec->peer_fin_t) << 20);
+	else if (rec->state == TCP_CLOSE && rec->state_ns <= now)
+		end = rec->state_ns;
+	if ((__s32)(now_j - last) <= 0)
+		return 0;
+	idle = (__u64)(now_j - last) * 1000000000ULL / hz;
+	since_end = now - end;
+	return idle > since_end ? idle - since_end : 0;
+}
+
+static __always_inline void svc_observe(struct pt_hist *h, __u64 ns)
+{
+	__u64 us = ns / 1000;
+	__u64 slot = hist_slot(us);
+
+	opaque(slot);
+	if (slot >= PT_HIST_SLOTS)
+		return;
+	agg_add(&h->slots[slot], 1);
+	agg_add(&h->sum_us, us);
+}
+
+/*
+ * A connection's end, once per socket: its lifetime and its idle before
+ * end, by ender, into its service's histograms.  svc_get() hands out an
+ * entry with one writer at a time, as agg_get() does, so agg_add() is
+ * exact.
+ */
+static __always_inline void svc_end(struct sock *sk, struct pt_sock *rec,
+				    __u64 now, bool btf)
+{
+	struct pt_end_facts f = {};
+	struct pt_svc *s;
+	__u32 ender;
+	__u64 e;
+
+	if (!rec->counted || rec->direction == PT_DIR_LISTEN)
+		return;
+	s = svc_get(service_of(rec));
+	if (!s)
+		return;
+	agg_add(&s->ends, 1);
+	if (rec->birth_ns && rec->birth_ns <= now)
+		svc_observe(&s->lifetime, now - rec->birth_ns);
+	if (!was_established(rec)) {
+		agg_add(&s->no_idle, 1);
+		return;
+	}
+	read_end_facts(sk, &f, btf);
+	ender = ender_of(rec, &f);
+	e = ender;
+	opaque(e);
+	if (e >= PT_ENDERS)
+		return;
+	svc_observe(&s->idle[e], idle_ns(rec, ender, &f, now));
+	s->owner[e] = rec->owner_tgid ? rec->owner_tgid : rec->listener_tgid;
+}
+
+static __always_inline void do_destroy(struct sock *sk, __u64 key, bool btf)
 {
 	struct pt_sock *rec;
+	__u64 now;
 
 	if (!key)
 		return;
@@ -498,16 +689,19 @@ static __always_inline void do_destroy(struct sock *sk, __u64 key)
 			embryo_drop(sk);
 		return;
 	}
-	finish(agg_get(), rec, bpf_ktime_get_ns());
+	now = bpf_ktime_get_ns();
+	svc_end(sk, rec, now, btf);
+	finish(agg_get(), rec, now);
 	sock_delete(key);
 }
 
 /* The end of sk, whose record is under key (0: none). */
-static __always_inline void handle_destroy(struct sock *sk, __u64 key)
+static __always_inline void handle_destroy(struct sock *sk, __u64 key,
+					   bool btf)
 {
 	__u32 was = enter();
 
-	do_destroy(sk, key);
+	do_destroy(sk, key, btf);
 	leave(was);
 }
 

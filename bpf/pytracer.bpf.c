@@ -91,12 +91,30 @@ struct {
 	__type(value, __u64);
 } embryos SEC(".maps");
 
+/* Service ports named by user space (--service-ports): port -> slot. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, PT_SVC_SLOTS);
+	__type(key, struct pt_svc_key);
+	__type(value, __u32);
+} svc_ports SEC(".maps");
+
+/* Per service slot (0: other): lifetime and idle-before-end histograms.
+ * Like agg, twice: slot + PT_SVC_SLOTS takes the runs nested in another. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, PT_SVC_SLOTS * PT_AGG_ENTRIES);
+	__type(key, __u32);
+	__type(value, struct pt_svc);
+} svc SEC(".maps");
+
 const volatile struct pt_config cfg = {};
 
 /* --- what bpf/lifecycle.bpf.h needs: configuration --------------------- */
 
 #define PT_CFG_FILTER_OWNER	cfg.filter_owner
 #define PT_CFG_KEY_BY_PTR	cfg.key_by_ptr
+#define PT_CFG_HZ		cfg.hz
 
 /* --- aggregation --------------------------------------------------------- */
 
@@ -260,7 +278,54 @@ static __always_inline __u64 sk_ino(struct sock *sk, bool btf)
 	return BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
 }
 
+/* --- idle before end ----------------------------------------------------- */
+
+#define svc_slot(k)		bpf_map_lookup_elem(&svc_ports, k)
+
+/* The entry of this run, nested or not (see agg_get()). */
+static __always_inline struct pt_svc *svc_get(__u32 slot)
+{
+	__u32 zero = 0, *d = bpf_map_lookup_elem(&depth, &zero);
+	__u32 idx = slot + (d && *d > 1 ? PT_SVC_SLOTS : 0);
+
+	return bpf_map_lookup_elem(&svc, &idx);
+}
+
+struct pt_end_facts;
+static __always_inline void read_end_facts(struct sock *sk,
+					   struct pt_end_facts *f, bool btf);
+
 #include "lifecycle.bpf.h"
+
+/* Once per connection, at its end.  `btf`: direct loads, as read_addrs(). */
+static __always_inline void read_end_facts(struct sock *sk,
+					   struct pt_end_facts *f, bool btf)
+{
+	struct inet_connection_sock *icsk = (void *)sk;
+	struct tcp_sock *tp = (void *)sk;
+
+	/* A BTF struct sock pointer reaches its tcp_sock only through the
+	 * helper's checked cast (v5.9); then the loads are direct. */
+	if (btf) {
+		struct tcp_sock *t = bpf_skc_to_tcp_sock(sk);
+
+		if (!t)
+			return;
+		f->lrcvtime = t->inet_conn.icsk_ack.lrcvtime;
+		f->lsndtime = t->lsndtime;
+		f->rcv_tstamp = t->rcv_tstamp;
+		f->err = t->inet_conn.icsk_inet.sk.sk_err;
+		f->probes_out = t->inet_conn.icsk_probes_out;
+		f->retransmits = t->inet_conn.icsk_retransmits;
+		return;
+	}
+	f->lrcvtime = BPF_CORE_READ(icsk, icsk_ack.lrcvtime);
+	f->lsndtime = BPF_CORE_READ(tp, lsndtime);
+	f->rcv_tstamp = BPF_CORE_READ(tp, rcv_tstamp);
+	f->err = BPF_CORE_READ(sk, sk_err);
+	f->probes_out = BPF_CORE_READ(icsk, icsk_probes_out);
+	f->retransmits = BPF_CORE_READ(icsk, icsk_retransmits);
+}
 
 /* --- state change -------------------------------------------------------- */
 
@@ -520,14 +585,115 @@ int BPF_PROG(reset_tp_btf, struct sock *sk)
 SEC("tp_btf/tcp_destroy_sock")
 int BPF_PROG(destroy_tp_btf, struct sock *sk)
 {
-	handle_destroy(sk, key_btf(sk));
+	handle_destroy(sk, key_btf(sk), true);
 	return 0;
 }
 
 SEC("tracepoint/tcp/tcp_destroy_sock")
 int destroy_tracepoint(struct trace_event_raw_tcp_event_sk *ctx)
 {
-	handle_destroy((struct sock *)ctx->skaddr, key_raw((struct sock *)ctx->skaddr));
+	handle_destroy((struct sock *)ctx->skaddr, key_raw((struct sock *)ctx->skaddr),
+		       false);
+	return 0;
+}
+
+/* --- process tree (tracer run) ------------------------------------------ */
+
+/*
+ * `tracer run` follows the command's whole tree in the kernel: a process
+ * forked by one in "owners" joins it before it can run any code, and a
+ * process leaves it when its last thread exits (so a suite forking
+ * thousands of processes fits the bounded map, and a recycled pid never
+ * inherits membership).  Sockets already recorded keep their records: the
+ * filter only decides births.  The loader attaches these only for `tracer
+ * run` (pytracer/kernel/hooks.py, FOLLOW), so plain --pid costs nothing.
+ * Neither is a syscall tracepoint.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pt_tree);
+} tree SEC(".maps");
+
+static __always_inline struct pt_tree *tree_counts(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&tree, &zero);
+}
+
+static __always_inline void follow_fork(__u32 parent_tgid, __u32 child)
+{
+	struct pt_tree *t;
+	__u8 one = 1;
+
+	if (!bpf_map_lookup_elem(&owners, &parent_tgid))
+		return;
+	t = tree_counts();
+	if (bpf_map_update_elem(&owners, &child, &one, BPF_ANY)) {
+		if (t)
+			__sync_fetch_and_add(&t->full, 1);
+		return;
+	}
+	if (t)
+		__sync_fetch_and_add(&t->followed, 1);
+}
+
+static __always_inline void follow_exit(__u32 id)
+{
+	struct pt_tree *t;
+
+	if (bpf_map_delete_elem(&owners, &id))
+		return;
+	t = tree_counts();
+	if (t)
+		__sync_fetch_and_add(&t->exited, 1);
+}
+
+/* From kernel_clone(), in the parent's context, before the child runs. */
+SEC("tp_btf/sched_process_fork")
+int BPF_PROG(fork_tp_btf, struct task_struct *parent, struct task_struct *child)
+{
+	__u32 ptgid = parent->tgid, ctgid = child->tgid;
+
+	if (ctgid != ptgid)	/* not a new thread */
+		follow_fork(ptgid, ctgid);
+	return 0;
+}
+
+/* From do_exit(), after signal->live was decremented: 0 means this is the
+ * process's last thread (the leader may exit before its other threads). */
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(exit_tp_btf, struct task_struct *p)
+{
+	if (p->signal->live.counter == 0)
+		follow_exit(p->tgid);
+	return 0;
+}
+
+/*
+ * Classic tracepoint twins: the fork event names the child by its pid
+ * only, which for a new thread is a thread id; such an entry is taken out
+ * when that thread exits (a tid is never another live process's tgid).
+ */
+SEC("tracepoint/sched/sched_process_fork")
+int fork_tracepoint(struct trace_event_raw_sched_process_fork *ctx)
+{
+	follow_fork(bpf_get_current_pid_tgid() >> 32, ctx->child_pid);
+	return 0;
+}
+
+SEC("tracepoint/sched/sched_process_exit")
+int exit_tracepoint(void *ctx)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct task_struct *task = (void *)bpf_get_current_task();
+
+	if ((__u32)id != (__u32)(id >> 32))
+		follow_exit((__u32)id);
+	if (BPF_CORE_READ(task, signal, live.counter) == 0)
+		follow_exit(id >> 32);
 	return 0;
 }
 

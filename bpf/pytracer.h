@@ -77,7 +77,8 @@ struct pt_sock {
 	__u32 closer_tgid;
 	__s32 owner_fd;		/* fd accept() returned, or -1 */
 	__u32 listener_tgid;	/* passive: who listened on the port */
-	__u32 pad0;
+	__u32 peer_fin_t;	/* when the peer's FIN came, in units of 2^20 ns
+				 * of CLOCK_MONOTONIC (wraps: compare mod 2^32) */
 	__u16 transitions;
 	__u8 state;
 	__u8 direction;		/* enum pt_direction */
@@ -130,7 +131,63 @@ struct pt_agg {
 struct pt_config {
 	__u8 filter_owner;	/* only count sockets of tgids in "owners" */
 	__u8 key_by_ptr;	/* key records by sk pointer, not cookie */
-	__u8 pad[6];
+	__u16 hz;		/* the kernel's HZ, to turn jiffies into ns */
+	__u8 pad[4];
+};
+
+/*
+ * Idle before end, per service.  At a connection's end the kernel works out
+ * who ended it and how long it had carried no data, and adds both, with its
+ * lifetime, to the histograms of its service.  Nothing here runs per event:
+ * see svc_end() in lifecycle.bpf.h.
+ */
+
+/* Who ended a connection: the index of pt_svc.idle. */
+enum pt_ender {
+	PT_END_LOCAL	= 0,	/* the local application closed first (FIN) */
+	PT_END_PEER	= 1,	/* the peer's FIN came first */
+	PT_END_RESET	= 2,	/* a RST was received */
+	PT_END_ABORT	= 3,	/* the local side aborted: sent a RST */
+	PT_END_TIMEOUT	= 4,	/* keepalive or retransmission timeout */
+	PT_ENDERS	= 5,
+};
+
+/* Service slots: 0 is "other", the rest are given out by user space. */
+#define PT_SVC_SLOTS		16
+
+/* Which port names the service: the listener's (accepted sockets) or the
+ * peer's (connected sockets). */
+enum pt_svc_role {
+	PT_ROLE_SERVER	= 0,
+	PT_ROLE_CLIENT	= 1,
+};
+
+/* Key of the "svc_ports" map (value: __u32 slot, 1 .. PT_SVC_SLOTS - 1). */
+struct pt_svc_key {
+	__u16 port;
+	__u8 role;		/* enum pt_svc_role */
+	__u8 pad;
+};
+
+/* One service's aggregates: the value of the per-CPU "svc" array. */
+struct pt_svc {
+	__u64 ends;		/* connections ended (slot 0: folded into other) */
+	__u64 no_idle;		/* ended without ever carrying data (never
+				 * established): no idle figure */
+	__u32 owner[PT_ENDERS + 1];	/* tgid of the last one ended, by ender */
+	struct pt_hist lifetime;
+	struct pt_hist idle[PT_ENDERS];	/* idle before end, by ender */
+};
+
+/*
+ * Following a process tree (`tracer run`): the "tree" array's one value.
+ * Its programs (sched_process_fork, sched_process_exit) are attached only
+ * for `tracer run`; every count only goes up.
+ */
+struct pt_tree {
+	__u64 followed;		/* forks whose child joined "owners" */
+	__u64 exited;		/* processes that left "owners" when their last thread exited */
+	__u64 full;		/* children not followed: "owners" full */
 };
 
 #endif /* __PYTRACER_H */

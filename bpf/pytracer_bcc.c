@@ -49,6 +49,8 @@
 #include <net/inet_sock.h>
 #include <net/net_namespace.h>
 #include <net/tcp_states.h>
+#include <net/inet_connection_sock.h>
+#include <linux/tcp.h>
 #include "pytracer.h"
 
 #ifndef PT_MAX_SOCKETS
@@ -69,17 +71,29 @@ BPF_F_TABLE("hash", u64, struct pt_sock, socks, PT_MAX_SOCKETS, BPF_F_NO_PREALLO
 
 BPF_PERCPU_ARRAY(agg, struct pt_agg, 1);
 
-/* Owner filter (--pid): tgids whose sockets are counted. */
-BPF_HASH(owners, u32, u8, 1024);
+#ifndef PT_MAX_OWNERS
+#define PT_MAX_OWNERS		1024
+#endif
+
+/* Owner filter (--pid): tgids whose sockets are counted.  Sized by the
+ * loader (PT_MAX_OWNERS) when it follows a process tree (tracer run). */
+BPF_HASH(owners, u32, u8, PT_MAX_OWNERS);
 
 /* Listening sockets' owners, so accepted children can be attributed (and
  * filtered) from birth, and never-accepted ones still name a process. */
 BPF_HASH(listeners, struct pt_listen_key, u32, 16384);
 
+/* Service ports named by user space (--service-ports): port -> slot. */
+BPF_HASH(svc_ports, struct pt_svc_key, u32, PT_SVC_SLOTS);
+
+/* Per service slot (0: other): lifetime and idle-before-end histograms. */
+BPF_PERCPU_ARRAY(svc, struct pt_svc, PT_SVC_SLOTS);
+
 /* --- what bpf/lifecycle.bpf.h needs: configuration --------------------- */
 
 #define PT_CFG_FILTER_OWNER	PT_FILTER_OWNER
 #define PT_CFG_KEY_BY_PTR	1
+#define PT_CFG_HZ		HZ
 
 /* --- aggregation --------------------------------------------------------- */
 
@@ -264,7 +278,38 @@ static __always_inline u64 sk_ino(struct sock *sk, bool btf)
 	return file_ino(file);
 }
 
+/* --- idle before end ----------------------------------------------------- */
+
+static __always_inline u32 *svc_slot(struct pt_svc_key *k)
+{
+	return svc_ports.lookup(k);
+}
+
+static __always_inline struct pt_svc *svc_get(u32 slot)
+{
+	return svc.lookup(&slot);
+}
+
+struct pt_end_facts;
+static __always_inline void read_end_facts(struct sock *sk,
+					   struct pt_end_facts *f, bool btf);
+
 #include "lifecycle.bpf.h"
+
+/* Once per connection, at its end.  `btf` is always false here. */
+static __always_inline void read_end_facts(struct sock *sk,
+					   struct pt_end_facts *f, bool btf)
+{
+	struct inet_connection_sock *icsk = (struct inet_connection_sock *)sk;
+	struct tcp_sock *tp = (struct tcp_sock *)sk;
+
+	READ(f->lrcvtime, icsk->icsk_ack.lrcvtime);
+	READ(f->lsndtime, tp->lsndtime);
+	READ(f->rcv_tstamp, tp->rcv_tstamp);
+	READ(f->err, sk->sk_err);
+	READ(f->probes_out, icsk->icsk_probes_out);
+	READ(f->retransmits, icsk->icsk_retransmits);
+}
 
 /* --- state change -------------------------------------------------------- */
 
@@ -450,7 +495,73 @@ int destroy_tracepoint(struct tracepoint__tcp__tcp_destroy_sock *args)
 {
 	struct sock *sk = (struct sock *)args->skaddr;
 
-	handle_destroy(sk, key_of(sk));
+	handle_destroy(sk, key_of(sk), false);
+	return 0;
+}
+#endif
+
+/* --- process tree (tracer run; only with PT_FOLLOW) ---------------------- */
+
+/*
+ * The twins of the CO-RE program's fork_tracepoint and exit_tracepoint
+ * (bpf/pytracer.bpf.c says why): a child forked by a process in "owners"
+ * joins it, and a process leaves it when its last thread exits.  The fork
+ * event names the child by pid, a thread id for a new thread, so a thread's
+ * entry is taken out when the thread exits.  Compiled only for `tracer run`.
+ */
+#ifdef PT_FOLLOW
+BPF_ARRAY(tree, struct pt_tree, 1);
+
+static __always_inline void follow_fork(u32 parent_tgid, u32 child)
+{
+	struct pt_tree *t;
+	int zero = 0;
+	u8 one = 1;
+
+	if (!owners.lookup(&parent_tgid))
+		return;
+	t = tree.lookup(&zero);
+	if (owners.update(&child, &one)) {
+		if (t)
+			__sync_fetch_and_add(&t->full, 1);
+		return;
+	}
+	if (t)
+		__sync_fetch_and_add(&t->followed, 1);
+}
+
+static __always_inline void follow_exit(u32 id)
+{
+	struct pt_tree *t;
+	int zero = 0;
+
+	if (owners.delete(&id))
+		return;
+	t = tree.lookup(&zero);
+	if (t)
+		__sync_fetch_and_add(&t->exited, 1);
+}
+
+int fork_tracepoint(struct tracepoint__sched__sched_process_fork *args)
+{
+	follow_fork(bpf_get_current_pid_tgid() >> 32, args->child_pid);
+	return 0;
+}
+
+int exit_tracepoint(struct tracepoint__sched__sched_process_exit *args)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct signal_struct *sig = NULL;
+	int live = 1;
+
+	if ((u32)id != (u32)(id >> 32))
+		follow_exit((u32)id);
+	READ(sig, task->signal);
+	if (sig)
+		READ(live, sig->live.counter);
+	if (live == 0)
+		follow_exit(id >> 32);
 	return 0;
 }
 #endif

@@ -39,6 +39,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -65,7 +66,8 @@ from lib import (  # noqa: E402
 if TYPE_CHECKING:
     from run import Bench
 
-CONDITIONS = ("off", "watch", "export", "bpftrace", "tcplife", "tcpstates")
+# floor: empty programs on the hooks pytracer uses here (floor.py): the cost of attaching anything at all.
+CONDITIONS = ("off", "floor", "watch", "export", "bpftrace", "tcplife", "tcpstates")
 TRACERS = ("watch", "export")  # the product's two long-running commands
 DEFAULT_RATE = 4000  # connections/s: below saturation for both loads on this 2-core host
 FIXED_WINDOW_S = 8.0  # seconds of load per fixed-rate run ...
@@ -248,6 +250,14 @@ def start_observer(cond: str, tmp: Path, port: int, timeout: float = 120) -> Obs
         return Observer(cond)
     if cond == "bpftrace":
         return Observer(cond, start_bpftrace(HERE / "lifetime.bt", timeout=timeout))
+    if cond == "floor":
+        proc = Proc([sys.executable, str(HERE / "floor.py")], name="floor")
+        try:
+            proc.wait_for(lambda x: x == "ready", timeout)
+        except BaseException:
+            proc.stop()
+            raise
+        return Observer(cond, proc)
     out = tmp / f"{cond}.out"
     if cond == "watch":
         argv = [TRACER, "watch"]
@@ -353,6 +363,7 @@ class Watching:
             "watch": "tracer watch > FILE",
             "export": f"tracer export --listen 127.0.0.1:PORT, GET /metrics every {SCRAPE_EVERY_S:g} s",
             "bpftrace": "bpftrace bench/harness/lifetime.bt",
+            "floor": "python3 bench/harness/floor.py  # empty tp_btf programs on pytracer's hooks here",
             "tcplife": "tcplife > FILE  # libbpf-tools",
             "tcpstates": "tcpstates > FILE  # libbpf-tools",
             "saturation": f"ab -q -n {SAT_AB_N} -c 16 http://127.0.0.1:PORT/ (nginx above); "
@@ -565,6 +576,19 @@ class Watching:
         per_proc = lim["connections_per_holder"]
         holders: list[Proc] = []
         rows: dict[str, list[dict[str, Any]]] = {c: [] for c in self.tracers}
+        # The same observers before any socket is held: the RSS the live sockets add is over this.
+        empty: dict[str, dict[str, int | None]] = {}
+        for cond in self.tracers:
+            obs = start_observer(cond, self.tmp, self.b.next_port(), timeout=300)
+            try:
+                time.sleep(self.settle_s + (export_window if cond == "export" else window))
+                assert obs.proc is not None
+                rss = rss_kib(obs.proc.pid)
+                empty[cond] = {"rss_kib": rss.get("VmRSS"), "hwm_kib": rss.get("VmHWM")}
+            finally:
+                obs.stop()
+            log(f"  idle, no held sockets, {cond}: RSS {(empty[cond]['rss_kib'] or 0) / 1024:.0f} MiB, "
+                f"peak {(empty[cond]['hwm_kib'] or 0) / 1024:.0f} MiB")
         try:
             left, i = sockets // 2, 0
             t0 = time.monotonic()
@@ -592,8 +616,11 @@ class Watching:
                         rss = rss_kib(pid)
                     finally:
                         obs.stop()
+                    base = empty.get(cond, {}).get("hwm_kib")
                     rows[cond].append({"cpu_pct": cpu_delta_s(a, b) / wall * 100, "window_s": wall,
                                        "rss_kib": rss.get("VmRSS"), "hwm_kib": rss.get("VmHWM"),
+                                       "added_hwm_kib": (rss["VmHWM"] - base) if base and rss.get("VmHWM")
+                                       else None,
                                        "host_tcp": sockstat(), "round": r})
                     log(f"  idle r{r} {cond:6s} {rows[cond][-1]['cpu_pct']:.2f}% of a core, "
                         f"RSS {(rss.get('VmRSS') or 0) / 1024:.0f} MiB")
@@ -607,5 +634,8 @@ class Watching:
             for h in holders:
                 h.stop(timeout=60)
         return {"sockets": sockets, "holders": len(holders), "window_s": window, "export_window_s": export_window,
-                **{c: {"cpu_pct": ratio_stats(v, "cpu_pct"), "rss_kib": ratio_stats(v, "rss_kib"), "runs": v}
+                "empty": empty,
+                **{c: {"cpu_pct": ratio_stats(v, "cpu_pct"), "rss_kib": ratio_stats(v, "rss_kib"),
+                       "hwm_kib": ratio_stats(v, "hwm_kib"), "added_hwm_kib": ratio_stats(v, "added_hwm_kib"),
+                       "runs": v}
                    for c, v in rows.items()}}

@@ -10,6 +10,7 @@ from typing import Any
 
 LABELS = {
     "off": "off",
+    "floor": "floor: empty programs on the same hooks",
     "watch": "`tracer watch`",
     "export": "`tracer export`",
     "bpftrace": "bpftrace one-liner (`lifetime.bt`)",
@@ -133,6 +134,10 @@ def targets(w: dict[str, Any]) -> list[tuple[str, str, str]]:
         if s:
             rows.append((f"`{cond}` own CPU ≤1% of a core idle with {idle['sockets']:,} sockets", mmm(s, "%", 2),
                          verdict(s["median"] <= 1.0)))
+        s = (idle.get(cond) or {}).get("added_hwm_kib")
+        if s:
+            rows.append((f"`{cond}` peak RSS with {idle['sockets']:,} sockets minus with none ≤10 MB",
+                         mmm(_mib(s), " MiB", 1), verdict(s["median"] * 1024 <= 10e6)))
     return rows
 
 
@@ -178,7 +183,8 @@ def markdown(w: dict[str, Any]) -> list[str]:
             "and the observer (`/proc/PID/task/*/schedstat`). BPF programs run in the task that hits the hook, "
             "so their time is in the load's CPU. Change = on/off − 1, per round. Loads: "
             f"`{cmd.get('nginx')}`; `{cmd.get('epoll')}`.",
-            f"- **Conditions**: watch `{cmd.get('watch')}`; export `{cmd.get('export')}`; "
+            f"- **Conditions**: floor `{cmd.get('floor')}` (what attaching anything to these events costs); "
+            f"watch `{cmd.get('watch')}`; export `{cmd.get('export')}`; "
             f"`{cmd.get('bpftrace')}`; `{cmd.get('tcplife')}`; `{cmd.get('tcpstates')}`.",
             f"- **Saturation**: {w.get('pairs')} rounds of off / watch / export, each ratio over the `off` of its "
             f"round; `{cmd.get('saturation')}`; the `off` row is requests/s.",
@@ -212,6 +218,9 @@ def markdown(w: dict[str, Any]) -> list[str]:
     if idle:
         out += ["", f"Idle with {idle['sockets']:,} live sockets, RSS: "
                 + "; ".join(f"`{c}` {mmm(_mib(idle[c]['rss_kib']), ' MiB', 0)}"
+                            + (f", peak {mmm(_mib(idle[c]['hwm_kib']), ' MiB', 0)}" if idle[c].get("hwm_kib") else "")
+                            + (f" (with none held: peak {(idle['empty'][c].get('hwm_kib') or 0) / 1024:.0f} MiB)"
+                               if (idle.get("empty") or {}).get(c) else "")
                             for c in ("watch", "export") if c in idle) + "."]
     out.append("")
     return out

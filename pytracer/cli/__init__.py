@@ -19,7 +19,8 @@ class LazyGroup(click.Group):
     """Imports a command's module only when that command runs, so `watch`
     does not pay for the exporter's HTTP stack (prometheus_client, ssl)."""
 
-    commands_by_module = {"watch": "watch", "leaks": "leaks", "export": "export", "doctor": "doctor"}
+    commands_by_module = {"watch": "watch", "leaks": "leaks", "export": "export", "doctor": "doctor", "run": "run",
+                          "destroy": "destroy"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(self.commands_by_module)
@@ -68,6 +69,7 @@ def cli(ctx: click.Context, attach: str, backend: str, syscall_hooks: bool) -> N
       sudo tracer watch --pid 1234      # sockets that pid accepted or connected
       sudo tracer watch --json --duration 10
       sudo tracer doctor                # kernel features and the hooks chosen
+      sudo tracer run -- pytest tests/  # fail a test suite that leaks connections
     """
     tune_malloc()
     ctx.obj = Context(attach=attach, backend=backend, syscall_hooks=syscall_hooks)

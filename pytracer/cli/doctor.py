@@ -87,6 +87,7 @@ def gather(obj: Context) -> dict:
     method, why = fdscan.method()
     fdscan.close_shared()
     out["fd_scan"] = {"method": method, "why": why}
+    out["sock_destroy"] = _sock_destroy()
     out["running_tracers"], out["warnings"] = running()
     return out
 
@@ -112,6 +113,19 @@ def running() -> tuple[list[dict] | str, list[str]]:
         rows.append({"pid": t.pid, "command": t.comm, "entries": t.entries, "capacity": t.capacity,
                      "insert_failed": t.failed_total, "table_full": full})
     return rows, warnings
+
+
+def _sock_destroy() -> dict:
+    """Can `tracer destroy` end sockets here (CONFIG_INET_DIAG_DESTROY)?"""
+    from pytracer.inventory.destroy import explain, probe
+
+    try:
+        err = probe()
+    except OSError as exc:
+        return {"available": False, "why": f"could not ask the kernel: {exc}"}
+    if err:
+        return {"available": False, "why": explain(err)}
+    return {"available": True, "why": "SOCK_DESTROY over sock_diag answered (CONFIG_INET_DIAG_DESTROY)"}
 
 
 @click.command()
@@ -163,6 +177,8 @@ def doctor(obj: Context, as_json: bool) -> None:
             click.echo(f"syscall tax   {progs}{tax['why']}")
         fs = info["fd_scan"]
         click.echo("fd scan       " + ("BPF iterators: " if fs["method"] == "bpf" else "/proc walk: ") + fs["why"])
+        sd = info["sock_destroy"]
+        click.echo(f"sock destroy  {yes[sd['available']]}: {sd['why']}")
         tracers = info["running_tracers"]
         if isinstance(tracers, str) or not tracers:
             click.echo(f"tracers       {tracers or 'none running'}")

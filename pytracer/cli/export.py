@@ -23,6 +23,8 @@ from pytracer.cli.options import (
     max_sockets_option,
     pid_option,
     run,
+    service_ports_option,
+    services_from,
     threshold_options,
     thresholds_from,
     validate_pids,
@@ -49,6 +51,7 @@ from pytracer.exporter.web import DEFAULT_LISTEN, ExporterServer, WebConfig, loa
 )
 @pid_option
 @max_sockets_option
+@service_ports_option
 @click.option(
     "--max-comms",
     type=click.IntRange(1, 10000),
@@ -108,6 +111,7 @@ def export(
     Examples:
       sudo tracer export                                  # http://127.0.0.1:9808/metrics
       sudo tracer export --pid $(pgrep -o nginx)
+      sudo tracer export --service-ports auto,client:5432 # per-service histograms
       sudo tracer export --listen :9808 --web-config /etc/pytracer/web.yml
     """
     logging.basicConfig(
@@ -115,6 +119,7 @@ def export(
     )
     pids = validate_pids(pids)
     thresholds = dataclasses.asdict(thresholds_from(kw, time_wait_top))
+    services = services_from(kw)
     opts = ExportOptions(
         pids=pids, max_comms=max_comms, time_wait_top=time_wait_top, label_addresses=label_addresses
     )
@@ -125,16 +130,17 @@ def export(
     except ExportError as exc:
         raise click.ClickException(str(exc)) from None
     try:
-        _serve(obj, server, registry, opts, thresholds, max_sockets, bpf_stats, duration, leak_interval)
+        _serve(obj, server, registry, opts, thresholds, max_sockets, bpf_stats, duration, leak_interval,
+               services)
     finally:
         server.server_close()
 
 
 def _serve(obj: Context, server: ExporterServer, registry, opts: ExportOptions,
            thresholds: dict, max_sockets: int, bpf_stats: bool, duration: float | None,
-           leak_interval: float) -> None:
+           leak_interval: float, services: tuple | None = None) -> None:
     stats = None
-    tracer = make_tracer(obj, opts.pids, max_sockets)
+    tracer = make_tracer(obj, opts.pids, max_sockets, services)
     with tracer:
         if bpf_stats:
             try:

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from pytracer.cli.options import (
     Context,
+    exit_codes,
     make_tracer,
     max_sockets_option,
     pid_option,
     preload_leaks,
     run,
+    service_ports_option,
+    services_from,
     threshold_options,
     thresholds_from,
     validate_pids,
@@ -24,21 +26,6 @@ from pytracer.cli.options import (
 from pytracer.views.leaks import render_text
 
 EXIT_FLAGGED = 1
-EXIT_ERROR = 2
-
-
-def _exit_codes(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Errors exit 2, so 1 always means "something is flagged"."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except click.ClickException as exc:
-            exc.exit_code = EXIT_ERROR
-            raise
-
-    return wrapper
 
 
 # --- the command ---------------------------------------------------------------------
@@ -55,8 +42,9 @@ def _exit_codes(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="TIME_WAIT destinations listed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @max_sockets_option
+@service_ports_option
 @click.pass_obj
-@_exit_codes
+@exit_codes
 @run
 def leaks(obj: Context, pids: tuple[int, ...], samples: int, interval: float, top: int, as_json: bool,
           max_sockets: int, **kw: Any) -> None:
@@ -67,7 +55,9 @@ def leaks(obj: Context, pids: tuple[int, ...], samples: int, interval: float, to
     processes whose CLOSE_WAIT count keeps growing or whose fds near
     RLIMIT_NOFILE, and destinations whose TIME_WAIT sockets use up the
     ephemeral ports.  Sockets older than the tracer are included; their time
-    in state is a lower bound, shown as ">=".
+    in state is a lower bound, shown as ">=".  Across samples, services
+    whose connections are reset after one idle time (idle_reset: a NAT or
+    firewall forgetting idle flows) are flagged with that time and the fix.
 
     Exit status: 0 nothing flagged, 1 something flagged, 2 error.
 
@@ -76,11 +66,12 @@ def leaks(obj: Context, pids: tuple[int, ...], samples: int, interval: float, to
       sudo tracer leaks
       sudo tracer leaks --pid $(pgrep -o nginx) --idle-after 60
       sudo tracer leaks --samples 5 --interval 2 --json   # growth trends too
+      sudo tracer leaks --service-ports client:5432 --samples 60   # idle resets to port 5432
     """
     pids = validate_pids(pids)
     thresholds = thresholds_from(kw, top)
     preload_leaks()
-    tracer = make_tracer(obj, pids, max_sockets)
+    tracer = make_tracer(obj, pids, max_sockets, services_from(kw))
     start_ns = time.monotonic_ns()
     with tracer:
         from pytracer.inventory.seed import seed  # preloaded while attaching

@@ -65,6 +65,23 @@ def run(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+EXIT_ERROR = 2
+
+
+def exit_codes(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Errors exit 2, so that 1 can mean "something is flagged" (leaks, run)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException as exc:
+            exc.exit_code = EXIT_ERROR
+            raise
+
+    return wrapper
+
+
 def validate_pids(pids: Iterable[int]) -> tuple[int, ...]:
     out = []
     for pid in pids:
@@ -103,13 +120,42 @@ def max_sockets_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
-def make_tracer(ctx: Context, pids: Iterable[int] = (), max_sockets: int = DEFAULT_MAX_SOCKETS) -> Tracer:
+def service_ports_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--service-ports",
+        default="auto",
+        show_default=True,
+        metavar="LIST",
+        help="Services with their own lifetime and idle-before-end histograms: PORT, server:PORT, client:PORT "
+        "or auto (the host's listening ports, then its most used remote ports), comma-separated, at most 15; "
+        "the rest fold into service=\"other\".",
+    )(f)
+
+
+def services_from(kw: dict[str, Any]) -> tuple[dict[Any, int], bool]:
+    """Pop --service-ports from ``kw``: the kernel slots of the services, and
+    whether ports found while running may take the free ones (auto)."""
+    from pytracer.inventory import services  # noqa: PLC0415 - discovery pulls numpy
+
+    try:
+        spec = services.parse(kw.pop("service_ports", None))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--service-ports") from None
+    found = services.discover() if spec.auto else []
+    return services.assign(spec, found), spec.auto
+
+
+def make_tracer(ctx: Context, pids: Iterable[int] = (), max_sockets: int = DEFAULT_MAX_SOCKETS,
+                services: tuple[dict[Any, int], bool] | None = None, follow_forks: bool = False) -> Tracer:
+    """``services``: what services_from() returns."""
+    slots, auto = services or ({}, False)
     backend = ctx.backend
     if backend == "bcc":
         from pytracer.kernel.bcc import BccTracer  # noqa: PLC0415 - optional backend
 
         return BccTracer(  # type: ignore[return-value]
-            max_sockets=max_sockets, pids=pids, attach=ctx.attach, syscall_hooks=ctx.syscall_hooks
+            max_sockets=max_sockets, pids=pids, attach=ctx.attach, syscall_hooks=ctx.syscall_hooks,
+            services=slots, services_auto=auto, follow_forks=follow_forks,
         )
     if backend == "auto" and not os.path.exists("/sys/kernel/btf/vmlinux"):
         from pytracer.kernel.bcc import BccTracer  # noqa: PLC0415
@@ -118,12 +164,13 @@ def make_tracer(ctx: Context, pids: Iterable[int] = (), max_sockets: int = DEFAU
         return BccTracer(  # type: ignore[return-value]
             max_sockets=max_sockets, pids=pids, attach=ctx.attach, syscall_hooks=ctx.syscall_hooks,
             reason="auto: this kernel has no BTF (/sys/kernel/btf/vmlinux) for the CO-RE backend",
+            services=slots, services_auto=auto, follow_forks=follow_forks,
         )
-    return Tracer(max_sockets=max_sockets, pids=pids, attach=ctx.attach, syscall_hooks=ctx.syscall_hooks)
+    return Tracer(max_sockets=max_sockets, pids=pids, attach=ctx.attach, syscall_hooks=ctx.syscall_hooks,
+                  services=slots, services_auto=auto, follow_forks=follow_forks)
 
 
-def threshold_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """The detectors' thresholds as options: ``watch``, ``leaks`` and ``export`` take the same set."""
+def _threshold_opts(sockets_only: bool) -> list[Callable[..., Any]]:
     d = Thresholds()
     secs = click.FloatRange(0, None)
     ratio = click.FloatRange(0, 1, min_open=True)
@@ -136,6 +183,10 @@ def threshold_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      help="Flag sockets stuck in LAST_ACK longer than S seconds."),
         click.option("--fin-wait2-after", type=secs, default=None, metavar="S",
                      help="Flag FIN_WAIT2 sockets older than S seconds [default: net.ipv4.tcp_fin_timeout]."),
+    ]
+    if sockets_only:
+        return opts
+    return opts + [
         click.option("--fd-warn-ratio", type=ratio, default=d.fd_warn_ratio, show_default=True, metavar="R",
                      help="Flag processes using this fraction of RLIMIT_NOFILE."),
         click.option("--time-wait-warn-ratio", type=ratio, default=d.time_wait_warn_ratio, show_default=True,
@@ -146,7 +197,18 @@ def threshold_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--growth-min", type=click.IntRange(1, None), default=d.growth_min, show_default=True,
                      metavar="N", help="...and a rise of at least N sockets."),
     ]
-    for o in reversed(opts):
+
+
+def threshold_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The detectors' thresholds as options: ``watch``, ``leaks`` and ``export`` take the same set."""
+    for o in reversed(_threshold_opts(False)):
+        f = o(f)
+    return f
+
+
+def socket_threshold_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The thresholds of the per-socket detectors only (``destroy``): the same options, names and defaults."""
+    for o in reversed(_threshold_opts(True)):
         f = o(f)
     return f
 
@@ -156,7 +218,7 @@ THRESHOLD_KEYS = ("close_wait_after", "idle_after", "last_ack_after", "fin_wait2
 
 
 def thresholds_from(kw: dict[str, Any], top: int | None = None) -> Thresholds:
-    th = Thresholds(**{k: kw.pop(k) for k in THRESHOLD_KEYS})
+    th = Thresholds(**{k: kw.pop(k) for k in THRESHOLD_KEYS if k in kw})
     if top is not None:
         th.top = top
     try:

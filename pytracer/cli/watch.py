@@ -26,6 +26,8 @@ from pytracer.cli.options import (
     pid_option,
     preload_leaks,
     run,
+    service_ports_option,
+    services_from,
     threshold_options,
     thresholds_from,
     validate_pids,
@@ -63,6 +65,14 @@ def intervals(interval: float, duration: float | None, clock: Callable[[], float
         yield i
 
 
+def services_enricher(report: dict[str, Any], snap: Any, tracer: Any, opts: Any, state: dict[str, Any]) -> None:
+    """Each report's ``services``: per-service lifetime and idle before end
+    (one map lookup per service; see pytracer.table.services)."""
+    from pytracer.table import services
+
+    report["services"] = [s.to_json() for s in services.read(tracer) if s.ends]
+
+
 def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: float | None, top: int,
             start_ns: int, enrichers: Iterable[Callable[..., Any]] = (),
             extra: dict[str, Any] | None = None, seed_failed: int = 0,
@@ -75,17 +85,25 @@ def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: fl
                                extra=dict(extra or {}))
     prev = None
     state: dict[str, Any] = {}
-    buffers = poller.SockBuffers()  # the table is read into the same arrays every interval
+    # The aggregates every interval, the table as its cost allows.
+    table = poller.TablePoller(tracer)
+    view: model.TableView | None = None
     fill = FillTracker(start_ns)
     for _ in intervals(interval, duration):
-        snap = poller.snapshot(tracer, buffers=buffers)
-        report = model.build_report(snap, prev, opts)
+        snap = table.poll()
+        if view is None or view.table_mono_ns != snap.table_mono_ns:
+            # A fresh table: the view's work on it is part of its cost.
+            t0 = time.perf_counter()
+            view = model.table_view(snap, opts)
+            table.charge(time.perf_counter() - t0)
+        report = model.build_report(snap, prev, opts, view)
         # Sockets the table could not take (seeding's included) are in no count: say so while recent.
-        table = fill.update(snap.mono_ns, len(snap.socks), tracer.max_sockets,
-                            failed_inserts(snap.totals) + seed_failed)
-        report["tracer"].update(table.to_json())
-        report["warnings"] = [w for w in (table.warning(),) if w]
-        # Each enricher adds to the report (the leak detectors' flags).
+        health = fill.update(snap.mono_ns, len(snap.socks), tracer.max_sockets,
+                             failed_inserts(snap.totals) + seed_failed)
+        report["tracer"].update(health.to_json())
+        report["warnings"] = [w for w in (health.warning(),) if w]
+        # Each enricher adds to the report (the leak detectors' flags; they
+        # keep their own duty cycle).
         for enrich in enrichers:
             enrich(report, snap, tracer, opts, state)
         yield report, snap
@@ -103,6 +121,7 @@ def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: fl
 @click.option("--no-leaks", is_flag=True, help="Skip the leak scan (sock_diag and /proc) each interval.")
 @threshold_options
 @max_sockets_option
+@service_ports_option
 @click.pass_obj
 @run
 def watch(obj: Context, pids: tuple[int, ...], interval: float, duration: float | None, as_json: bool, top: int,
@@ -114,11 +133,12 @@ def watch(obj: Context, pids: tuple[int, ...], interval: float, duration: float 
       sudo tracer watch
       sudo tracer watch --pid $(pgrep -o nginx) --interval 2
       sudo tracer watch --json --duration 30 > sockets.jsonl
+      sudo tracer watch --service-ports 80,client:5432   # per-service idle before end
     """
     pids = validate_pids(pids)
     thresholds = thresholds_from(kw)
     preload_leaks()  # seeding needs it even with --no-leaks
-    tracer = make_tracer(obj, pids, max_sockets)
+    tracer = make_tracer(obj, pids, max_sockets, services_from(kw))
     start_ns = time.monotonic_ns()
     with tracer:
         # Imported once attached (numpy and the leak layer take a moment,
@@ -136,7 +156,7 @@ def watch(obj: Context, pids: tuple[int, ...], interval: float, duration: float 
         extra = {"seeded": seeded.seeded, "seed_failed": seeded.failed}
         if seeded.skipped:
             extra["seed_skipped"] = seeded.skipped
-        enrichers = [] if no_leaks else [watch_enricher(thresholds)]
+        enrichers = [services_enricher] + ([] if no_leaks else [watch_enricher(thresholds)])
         stream = reports(tracer, pids, interval, duration, top, start_ns, enrichers, extra, seeded.failed)
         if as_json:
             for report, _ in stream:

@@ -39,10 +39,10 @@ log = logging.getLogger("pytracer.exporter")
 DEFAULT_LEAK_INTERVAL = 15.0
 
 # Hash maps whose fill level is worth watching; missing ones are skipped.
-WATCHED_MAPS = ("socks", "owners", "listeners")
+WATCHED_MAPS = ("socks", "owners", "listeners", "svc_ports")
 
 # Reads a scrape makes; their error counters exist from the start at 0.
-READS = ("agg", "socks", "maps", "programs", "leaks")
+READS = ("agg", "socks", "services", "maps", "programs", "leaks")
 
 
 def bpf_stats_enabled(path: str = "/proc/sys/kernel/bpf_stats_enabled") -> bool:
@@ -271,6 +271,12 @@ class TracerCollector(Collector):
             keys, socks = poller.read_socks(self.tracer, self._sock_buffers)
         except Exception as exc:  # noqa: BLE001
             self._failed("socks", exc)
+        try:
+            from pytracer.table import services  # noqa: PLC0415 - as poller above
+
+            inp.services = services.read(self.tracer)
+        except Exception as exc:  # noqa: BLE001
+            self._failed("services", exc)
         mono = time.monotonic_ns()
         inp.totals, inp.socks = totals, socks
         if totals is not None and socks is not None:

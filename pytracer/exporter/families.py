@@ -108,6 +108,7 @@ class ScrapeInput:
     programs: list[ProgramStat] | None = None
     bpf_stats: bool = False
     leaks: Any = None  # pytracer.leaks.scanner.LeakReport
+    services: list[Any] | None = None  # pytracer.table.services.ServiceStats
     hooks: list[tuple[str, str, str]] = field(default_factory=list)  # (hook, kind, program)
     build: dict[str, str] = field(default_factory=dict)
     table: Any = None  # pytracer.table.health.TableFill
@@ -208,10 +209,51 @@ def build_families(inp: ScrapeInput, opts: ExportOptions) -> tuple[list[Metric],
         out.append(events)
 
     out.extend(_socket_families(inp, opts))
+    if inp.services is not None:
+        out.extend(_service_families(inp.services, opts))
     if inp.leaks is not None:
         out.extend(_leak_families(inp.leaks, opts, folded))
     out.extend(_tracer_families(inp))
     return out, dict(folded)
+
+
+def _service_families(services: Iterable[Any], opts: ExportOptions) -> list[Metric]:
+    """Per service (bounded: at most PT_SVC_SLOTS - 1 named, the rest in
+    service="other"): lifetime, idle before end by ender, and ends."""
+    ns = NAMESPACE
+    life = HistogramMetricFamily(
+        f"{ns}_service_connection_lifetime_seconds",
+        "Lifetime of closed TCP connections by service: the listener's port (role=server) or the peer's port "
+        "(role=client), named by --service-ports; the rest are service=\"other\".",
+        labels=["service", "role"],
+    )
+    idle = HistogramMetricFamily(
+        f"{ns}_connection_idle_before_end_seconds",
+        "How long a TCP connection had carried no data when it ended, by service and by who ended it: "
+        "local_close, peer_fin, reset_received, local_abort, timeout.",
+        labels=["service", "role", "ender"],
+    )
+    ends = CounterMetricFamily(
+        f"{ns}_service_connections_ended",
+        "TCP connections ended, by service and by who ended them (never_established: no idle figure); "
+        "service=\"other\" counts the ends folded there.  Every ender of a service that has ended a "
+        "connection is present, zeros included, so increase() sees the first reset.",
+        labels=["service", "role", "ender"],
+    )
+    for s in services:
+        if not s.ends:
+            continue
+        for ender, h in s.idle.items():
+            ends.add_metric([s.service, s.role, ender], float(h.count))
+        ends.add_metric([s.service, s.role, "never_established"], float(s.no_idle))
+        if s.lifetime.count:
+            life.add_metric([s.service, s.role], histogram_buckets(s.lifetime, opts.buckets_seconds),
+                            sum_value=s.lifetime.sum_us / 1e6)
+        for ender, h in s.idle.items():
+            if h.count:
+                idle.add_metric([s.service, s.role, ender], histogram_buckets(h, opts.buckets_seconds),
+                                sum_value=h.sum_us / 1e6)
+    return [life, idle, ends]
 
 
 def _socket_families(inp: ScrapeInput, opts: ExportOptions) -> list[Metric]:
@@ -292,6 +334,24 @@ def _leak_families(report: Any, opts: ExportOptions, folded: dict[str, int]) -> 
     for kind in sorted(oldest):
         old.add_metric([kind], oldest[kind])
     out.append(old)
+
+    resets = [f for f in flags if getattr(f, "kind", None) == "idle_reset"]
+    t_fam = GaugeMetricFamily(
+        f"{ns}_idle_reset_seconds",
+        "Idle time T after which a service's connections are reset (or closed by the peer), from the "
+        "idle_reset rule; absent when none is flagged.",
+        labels=["service", "role"],
+    )
+    hit_fam = GaugeMetricFamily(
+        f"{ns}_idle_reset_connections",
+        "Connections of a flagged service that ended by a RST (or the peer's FIN) at idle T.",
+        labels=["service", "role"],
+    )
+    for f in resets:
+        key = [str(f.extra.get("service")), str(f.extra.get("role"))]
+        t_fam.add_metric(key, float(f.extra.get("t_seconds") or 0.0))
+        hit_fam.add_metric(key, float(f.extra.get("hits") or 0))
+    out += [t_fam, hit_fam]
 
     raw_tw = getattr(report, "time_wait", None)
     if raw_tw is not None:

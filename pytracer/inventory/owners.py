@@ -52,10 +52,15 @@ def scan_fds(only: Iterable[int] | None = None, proc: str = PROC, max_fds: int =
     return walk_fds(only, proc, max_fds)
 
 
-def scope_mask(rows: np.ndarray, owners: SocketOwners, pids: Iterable[int]) -> np.ndarray:
+def scope_mask(rows: np.ndarray, owners: SocketOwners, pids: Iterable[int], ports: Iterable[int] = ()) -> np.ndarray:
     """Sockets in scope: all, or those ``pids`` hold an fd for, plus the
-    unaccepted (and orphaned) sockets on the ports of their listeners."""
+    unaccepted (and orphaned) sockets on the ports of their listeners; and,
+    with ``ports``, only those with one of them at either end."""
     wanted = set(pids)
+    if ports:
+        p = np.fromiter(set(ports), dtype=np.uint16)
+        on_port = np.isin(rows["lport"], p) | np.isin(rows["rport"], p)
+        return on_port & scope_mask(rows, owners, wanted) if wanted else on_port
     if not wanted:
         return np.ones(len(rows), dtype=bool)
     held = owners.held_by(wanted)

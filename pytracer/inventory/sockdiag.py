@@ -25,8 +25,9 @@ include/uapi/linux/inet_diag.h and tcp.h); requests are encoded from them,
 and the numpy dtype and tcp_info offsets are derived from them, so there is
 one description of the wire format.  tests/unit/inventory/test_sockdiag.py checks it
 field by field against pyroute2's own declarations.  pyroute2 itself is not
-imported at run time: the whole package costs about 20 MB of memory and
-0.3 s of start-up, and its per-message objects cost 30-115 us per socket
+imported here (only by :mod:`pytracer.inventory.destroy`, to end a socket):
+the whole package costs about 20 MB of memory and 0.3 s of start-up, and
+its per-message objects cost 30-115 us per socket
 (measured with pyroute2 0.9.7: 0.35 s for 3,000 sockets), which a
 TIME_WAIT storm of 30,000 sockets turns into seconds per scan.  The
 transport is a plain netlink socket, parsed in bulk (about 1 us per socket).
@@ -54,7 +55,7 @@ import time
 from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
@@ -104,6 +105,7 @@ TCP_INFO_FIELDS = (
 )
 
 IPPROTO_TCP = socket.IPPROTO_TCP
+T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
 
 # include/uapi/linux/inet_diag.h: extension bits are 1 << (attr - 1).
@@ -557,10 +559,23 @@ def _diag_socket() -> socket.socket:
     return s
 
 
-def _open_in(ref: NetnsRef, info: NetnsInfo, timeout: float) -> socket.socket | None:
-    """Create a sock_diag socket inside another namespace (see module doc)."""
-    result: list[socket.socket] = []
-    errors: list[str] = []
+def own_netns() -> int:
+    """The inode of the calling thread's network namespace (-1 if unreadable)."""
+    try:
+        return os.stat("/proc/thread-self/ns/net").st_ino
+    except OSError:
+        return -1
+
+
+def run_in_netns(ref: NetnsRef, fn: Callable[[], T], timeout: float = 5.0) -> T:
+    """``fn()`` run inside the namespace ``ref`` names, by a short-lived
+    thread that enters it with setns(2) (which changes only the calling
+    thread), calls ``fn``, returns to its own namespace and exits.  What
+    ``fn`` creates there (a socket) stays in that namespace.  Raises
+    OSError when the namespace cannot be entered, changed under its path,
+    or the thread does not finish within ``timeout``."""
+    result: list[T] = []
+    errors: list[OSError] = []
 
     def work() -> None:
         home = target = -1
@@ -568,16 +583,15 @@ def _open_in(ref: NetnsRef, info: NetnsInfo, timeout: float) -> socket.socket | 
             home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
             target = os.open(ref.path, os.O_RDONLY | os.O_CLOEXEC)
             if os.fstat(target).st_ino != ref.ino:
-                errors.append("namespace changed under its path")
+                errors.append(OSError(errno.ESTALE, "namespace changed under its path"))
                 return
             _setns(target)
             try:
-                result.append(_diag_socket())
-                _read_sysctls(info)
+                result.append(fn())
             finally:
                 _setns(home)
         except OSError as exc:
-            errors.append(exc.strerror or str(exc))
+            errors.append(exc)
         finally:
             for fd in (home, target):
                 if fd >= 0:
@@ -587,11 +601,25 @@ def _open_in(ref: NetnsRef, info: NetnsInfo, timeout: float) -> socket.socket | 
     t.start()
     t.join(timeout)
     if t.is_alive():
-        info.error = "timed out entering the namespace"
-        return None
+        raise OSError(errno.ETIMEDOUT, "timed out entering the namespace")
     if errors:
-        info.error = errors[0]
-    return result[0] if result else None
+        raise errors[0]
+    return result[0]
+
+
+def _open_in(ref: NetnsRef, info: NetnsInfo, timeout: float) -> socket.socket | None:
+    """Create a sock_diag socket inside another namespace, and read its sysctls there (see module doc)."""
+
+    def open_there() -> socket.socket:
+        sock = _diag_socket()
+        _read_sysctls(info)
+        return sock
+
+    try:
+        return run_in_netns(ref, open_there, timeout)
+    except OSError as exc:
+        info.error = exc.strerror or str(exc)
+        return None
 
 
 # --- the session -------------------------------------------------------------
@@ -626,10 +654,7 @@ class Session:
         self._seq = int(time.monotonic_ns()) & 0x7FFFFFFF
 
     def __enter__(self) -> Session:
-        try:
-            own = os.stat("/proc/thread-self/ns/net").st_ino
-        except OSError:
-            own = -1
+        own = own_netns()
         for ref in self.refs:
             info = NetnsInfo(ref.ino, ref.label, ref.path)
             self.netns[ref.ino] = info

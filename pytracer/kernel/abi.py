@@ -66,7 +66,7 @@ class PtSock(ctypes.Structure):
         ("closer_tgid", ctypes.c_uint32),
         ("owner_fd", ctypes.c_int32),
         ("listener_tgid", ctypes.c_uint32),
-        ("pad0", ctypes.c_uint32),
+        ("peer_fin_t", ctypes.c_uint32),  # units of 2**20 ns, wraps
         ("transitions", ctypes.c_uint16),
         ("state", ctypes.c_uint8),
         ("direction", ctypes.c_uint8),
@@ -105,8 +105,53 @@ class PtConfig(ctypes.Structure):
     _fields_ = [
         ("filter_owner", ctypes.c_uint8),
         ("key_by_ptr", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 6),
+        ("hz", ctypes.c_uint16),
+        ("pad", ctypes.c_uint8 * 4),
     ]
+
+
+# --- idle before end, per service (pytracer.h: pt_svc) ---------------------
+
+
+class Ender(enum.IntEnum):
+    """Who ended a connection (pt_svc.idle index)."""
+
+    LOCAL = 0  # the local application closed first (FIN)
+    PEER = 1  # the peer's FIN came first
+    RESET = 2  # a RST was received
+    ABORT = 3  # the local side aborted: sent a RST
+    TIMEOUT = 4  # keepalive or retransmission timeout
+
+
+PT_ENDERS = 5
+PT_SVC_SLOTS = 16  # slot 0: "other"
+
+
+class Role(enum.IntEnum):
+    """Which port names a service: the listener's, or the peer's."""
+
+    SERVER = 0
+    CLIENT = 1
+
+
+class PtSvcKey(ctypes.Structure):
+    _fields_ = [("port", ctypes.c_uint16), ("role", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
+
+
+class PtSvc(ctypes.Structure):
+    _fields_ = [
+        ("ends", ctypes.c_uint64),
+        ("no_idle", ctypes.c_uint64),
+        ("owner", ctypes.c_uint32 * (PT_ENDERS + 1)),
+        ("lifetime", PtHist),
+        ("idle", PtHist * PT_ENDERS),
+    ]
+
+
+class PtTree(ctypes.Structure):
+    """The "tree" map's value: counts of `tracer run`'s process-tree following."""
+
+    _fields_ = [("followed", ctypes.c_uint64), ("exited", ctypes.c_uint64), ("full", ctypes.c_uint64)]
 
 
 def percpu_stride(value_size: int) -> int:

@@ -32,10 +32,10 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 from pytracer.kernel import libbpf
-from pytracer.kernel.core import DEFAULT_MAX_SOCKETS, TracerHandle
+from pytracer.kernel.core import DEFAULT_MAX_SOCKETS, FOLLOW_MAX_PIDS, TracerHandle
 from pytracer.kernel.environment import (
     TRACEFS,
     EnvironmentProblem,
@@ -47,6 +47,7 @@ from pytracer.kernel.environment import (
 from pytracer.kernel.hooks import (
     HOOK_TARGETS,
     HOOKS,
+    OPT_IN_HOOKS,
     Candidate,
     Choice,
     Probe,
@@ -294,8 +295,11 @@ class BccTracer(TracerHandle):
         attach: str | None = None,
         reason: str | None = None,
         syscall_hooks: bool | None = None,
+        services: Mapping[Any, int] | None = None,
+        services_auto: bool = False,
+        follow_forks: bool = False,
     ) -> None:
-        super().__init__(max_sockets, pids, attach, syscall_hooks)
+        super().__init__(max_sockets, pids, attach, syscall_hooks, services, services_auto, follow_forks)
         self.reason = reason or "--backend bcc"
         self.features: Features | None = None
         self.choices: dict[str, Choice] = {}
@@ -341,12 +345,14 @@ class BccTracer(TracerHandle):
         from pytracer.table import writer  # noqa: PLC0415 - the one writer of the tracer's maps
 
         writer.fill_pid_filter(self.map("owners"), self.pids)
+        if self.services:
+            writer.fill_services(self.map("svc_ports"), self.services)
         return self
 
     def _plan(self, f: Features) -> dict[str, list[Candidate]]:
         """Per hook, the candidates left after the cheap probes, best first."""
         plan: dict[str, list[Candidate]] = {}
-        for hook in HOOKS:
+        for hook in (*HOOKS, *(OPT_IN_HOOKS if self.follow_forks else ())):
             ch = Choice(hook)
             left = []
             for c in candidates(hook, "bcc", self.attach_mode):
@@ -371,6 +377,8 @@ class BccTracer(TracerHandle):
             f"-I{self.source.parent}",
             f"-DPT_MAX_SOCKETS={int(self.max_sockets)}",
             f"-DPT_FILTER_OWNER={1 if self.pids else 0}",
+            # The process-tree twins (tracer run) and the filter's size for them.
+            *(["-DPT_FOLLOW=1", f"-DPT_MAX_OWNERS={FOLLOW_MAX_PIDS}"] if self.follow_forks else []),
             # Kernel headers warn a lot under bcc's clang; keep stderr readable.
             "-Wno-unused-function",
         ]

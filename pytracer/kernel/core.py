@@ -27,13 +27,14 @@ import json
 import os
 import re
 import zlib
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 from pytracer.kernel import abi, libbpf
 from pytracer.kernel.environment import (
     EnvironmentProblem,
     Features,
     ensure_mounts,
+    kernel_hz,
     memlock_limit,
     probe_features,
     require_privileges,
@@ -41,6 +42,7 @@ from pytracer.kernel.environment import (
 from pytracer.kernel.hooks import (
     FORCED,
     HOOKS,
+    OPT_IN_HOOKS,
     Choice,
     TracerError,
     candidates,
@@ -53,6 +55,10 @@ from pytracer.kernel.hooks import (
 )
 
 DEFAULT_MAX_SOCKETS = 262144
+# Capacity of the "owners" filter when it follows a process tree (tracer
+# run): processes alive at once in the tree; exited ones leave it.  A
+# plain --pid list keeps the object's 1024.
+FOLLOW_MAX_PIDS = 65536
 
 
 def _program_bytes() -> bytes:
@@ -136,12 +142,26 @@ class TracerHandle:
         pids: Iterable[int] = (),
         attach: str | None = None,
         syscall_hooks: bool | None = None,
+        services: Mapping[Any, int] | None = None,
+        services_auto: bool = False,
+        follow_forks: bool = False,
     ) -> None:
         """``attach``: a mode of hooks.ATTACH_MODES (None: $PYTRACER_ATTACH or
         auto); ``syscall_hooks``: allow syscall tracepoints (None:
-        $PYTRACER_SYSCALL_HOOKS; see pytracer.kernel.hooks)."""
+        $PYTRACER_SYSCALL_HOOKS; see pytracer.kernel.hooks); ``services``:
+        the named services' slots (pytracer.inventory.services.assign),
+        written into "svc_ports" at load; none: every end folds into other;
+        ``services_auto``: full leak scans name the ports they find in the
+        slots still free (--service-ports auto); ``follow_forks``: the pid
+        filter follows the processes' descendants in the kernel (the opt-in
+        "follow" hook; needs ``pids``)."""
         self.max_sockets = max_sockets
+        self.services = dict(services or {})
+        self.services_auto = services_auto
         self.pids = sorted(set(pids))
+        self.follow_forks = follow_forks
+        if follow_forks and not self.pids:
+            raise TracerError("following forks needs a pid filter to start from")
         self.attach_mode = attach or os.environ.get("PYTRACER_ATTACH") or "auto"
         check_attach_mode(self.attach_mode, "core")  # a backend's own limits are checked at open()
         self.syscall_hooks = syscall_hooks_wanted(syscall_hooks, self.attach_mode)
@@ -183,8 +203,11 @@ class Tracer(TracerHandle):
         pids: Iterable[int] = (),
         attach: str | None = None,
         syscall_hooks: bool | None = None,
+        services: Mapping[Any, int] | None = None,
+        services_auto: bool = False,
+        follow_forks: bool = False,
     ) -> None:
-        super().__init__(max_sockets, pids, attach, syscall_hooks)
+        super().__init__(max_sockets, pids, attach, syscall_hooks, services, services_auto, follow_forks)
         self.features: Features | None = None
         self.choices: dict[str, Choice] = {}
         self.key_by_ptr = False
@@ -202,7 +225,7 @@ class Tracer(TracerHandle):
         assert f is not None
         plan: dict[str, Choice] = {}
         forced = self.attach_mode in FORCED
-        for hook in HOOKS:
+        for hook in (*HOOKS, *(OPT_IN_HOOKS if self.follow_forks else ())):
             ch = Choice(hook)
             why_not = not_needed(hook, plan)
             if why_not:
@@ -311,16 +334,21 @@ class Tracer(TracerHandle):
             prog.autoload = prog.name in wanted
         # Keying: a cookie needs a BTF-pointer program on v5.12+; else the pointer.
         self.key_by_ptr = plan["state"].kind not in ("tp_btf", "fentry") or not f.cookie_in_tracing
-        cfg = abi.PtConfig(filter_owner=1 if self.pids else 0, key_by_ptr=1 if self.key_by_ptr else 0)
+        cfg = abi.PtConfig(filter_owner=1 if self.pids else 0, key_by_ptr=1 if self.key_by_ptr else 0,
+                           hz=kernel_hz())
         rodata = obj.map(".rodata")
         if rodata.initial_value_size() != ctypes.sizeof(cfg):
             raise TracerError("BPF object and pytracer/abi.py disagree on the config layout: rebuild with `make`")
         rodata.set_initial_value(bytes(cfg))
         obj.map("socks").max_entries = self.max_sockets
+        if self.follow_forks:
+            obj.map("owners").max_entries = FOLLOW_MAX_PIDS
         obj.load()
         from pytracer.table import writer  # noqa: PLC0415 - the one writer of the tracer's maps
 
         writer.fill_pid_filter(obj.map("owners"), self.pids)
+        if self.services:
+            writer.fill_services(obj.map("svc_ports"), self.services)
         for ch in plan.values():
             for name in ch.programs:
                 self.links.append(obj.program(name).attach())

@@ -130,6 +130,8 @@ TRACEPOINTS = (
     "syscalls/sys_exit_accept4",
     "syscalls/sys_exit_accept",
     "syscalls/sys_enter_close",
+    "sched/sched_process_fork",  # the opt-in "follow" hook (tracer run)
+    "sched/sched_process_exit",
 )
 
 
@@ -188,3 +190,51 @@ def memlock_limit() -> str:
 
     soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     return "unlimited" if soft == resource.RLIM_INFINITY else f"{soft // 1024} KiB"
+
+
+# The HZ values Linux is configured with (kernel/Kconfig.hz).
+KNOWN_HZ = (100, 250, 300, 1000)
+
+
+def hz_from_config(text: str) -> int | None:
+    """CONFIG_HZ from a kernel config's text, or None."""
+    m = re.search(r"^CONFIG_HZ=(\d+)$", text, re.M)
+    return int(m.group(1)) if m else None
+
+
+def hz_from_timer_list(text: str, uptime_s: float) -> int | None:
+    """HZ from /proc/timer_list's jiffies and the uptime it was read at.
+
+    jiffies start at INITIAL_JIFFIES = 2**32 - 300 * HZ (include/linux/jiffies.h),
+    so jiffies - 2**32 = HZ * (uptime - 300); the nearest known HZ wins."""
+    m = re.search(r"^jiffies: (\d+)$", text, re.M)
+    if not m or uptime_s <= 330:
+        return None
+    est = (int(m.group(1)) - (1 << 32)) / (uptime_s - 300)
+    best = min(KNOWN_HZ, key=lambda hz: abs(hz - est))
+    return best if abs(best - est) < 0.05 * best else None
+
+
+def kernel_hz() -> int:
+    """The running kernel's HZ, to turn the tcp_sock's jiffies stamps into
+    time: its config (/proc/config.gz, /boot/config-RELEASE), else
+    /proc/timer_list, else 250 (the x86 and arm64 defaults' middle)."""
+    import gzip  # noqa: PLC0415 - only at load
+
+    for path in ("/proc/config.gz", f"/boot/config-{os.uname().release}"):
+        try:
+            opener = gzip.open if path.endswith(".gz") else open
+            with opener(path, "rt") as f:  # type: ignore[operator]
+                hz = hz_from_config(f.read())
+            if hz:
+                return hz
+        except OSError:
+            continue
+    try:
+        with open("/proc/timer_list") as f:
+            head = f.read(1 << 16)
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return hz_from_timer_list(head, uptime) or 250
+    except (OSError, ValueError, IndexError):
+        return 250

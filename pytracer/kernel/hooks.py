@@ -22,6 +22,7 @@ functions: no I/O.
     reset      tp_btf/tcp_receive_reset (CO-RE) | tracepoint (bcc)   optional
     accept_fd  sys_exit_accept{4,}, when accept is not already the syscall
     listen     fexit/kprobe inet_csk_listen_start, for tcp_set_state() hooks
+    follow     tp_btf > tracepoint sched_process_fork + sched_process_exit   opt-in (tracer run)
 """
 
 from __future__ import annotations
@@ -111,6 +112,19 @@ HOOKS: dict[str, tuple[Candidate, ...]] = {
     ),
 }
 OPTIONAL_HOOKS = {"reset", "accept_fd"}
+# Opt-in hooks, planned only when a command asks (never for watch, leaks or
+# export, which so pay nothing for them).  "follow": `tracer run` follows a
+# process tree in the kernel's "owners" filter, a forked child joining it
+# and a process whose last thread exits leaving it (bpf/pytracer.bpf.c).
+# Scheduler tracepoints, not syscall ones.
+OPT_IN_HOOKS: dict[str, tuple[Candidate, ...]] = {
+    "follow": (
+        Candidate("tp_btf", (Probe("tp_btf", "sched:sched_process_fork", "fork_tp_btf"),
+                             Probe("tp_btf", "sched:sched_process_exit", "exit_tp_btf")), CORE),
+        Candidate("tracepoint", (Probe("tracepoint", "sched:sched_process_fork", "fork_tracepoint"),
+                                 Probe("tracepoint", "sched:sched_process_exit", "exit_tracepoint"))),
+    ),
+}
 # Hooks whose every remaining candidate may be a syscall tracepoint, and
 # what the tracer does without them.
 WITHOUT_SYSCALL_HOOKS = {
@@ -131,22 +145,24 @@ HOOK_TARGETS = {
     "reset": "tcp_receive_reset",
     "accept_fd": "accept(2) exit, for the fd",
     "listen": "inet_csk_listen_start",
+    "follow": "sched_process_fork / sched_process_exit",
 }
 
 # With a forced attach mode, the kind each hook uses (a backend without that
 # kind for a hook leaves it out: bcc has no BTF programs, CO-RE no reset
 # tracepoint).
 FORCED = {
-    "tp_btf": {"state": "tp_btf", "accept": "syscall", "close": "syscall", "destroy": "tp_btf", "reset": "tp_btf"},
+    "tp_btf": {"state": "tp_btf", "accept": "syscall", "close": "syscall", "destroy": "tp_btf", "reset": "tp_btf",
+               "follow": "tp_btf"},
     "tracepoint": {"state": "tracepoint", "accept": "syscall", "close": "syscall", "destroy": "tracepoint",
-                   "reset": "tracepoint"},
+                   "reset": "tracepoint", "follow": "tracepoint"},
     "fentry": {
         "state": "fentry", "accept": "fentry", "close": "fentry", "destroy": "tp_btf", "reset": "tp_btf",
-        "accept_fd": "syscall", "listen": "fentry",
+        "accept_fd": "syscall", "listen": "fentry", "follow": "tp_btf",
     },
     "kprobe": {
         "state": "kprobe", "accept": "kprobe", "close": "kprobe", "destroy": "tracepoint", "reset": "tracepoint",
-        "accept_fd": "syscall", "listen": "kprobe",
+        "accept_fd": "syscall", "listen": "kprobe", "follow": "tracepoint",
     },
 }
 BTF_MODES = ("tp_btf", "fentry")
@@ -211,7 +227,7 @@ def candidates(hook: str, backend: str, mode: str = "auto") -> tuple[Candidate, 
     """The backend's candidates for ``hook``, best first, under attach ``mode``."""
     forced = FORCED.get(mode)
     return tuple(
-        c for c in HOOKS[hook]
+        c for c in (HOOKS.get(hook) or OPT_IN_HOOKS[hook])
         if backend in c.backends and (forced is None or forced.get(hook) == c.kind)
     )
 
@@ -229,7 +245,7 @@ def not_needed(hook: str, choices: dict[str, Choice]) -> str | None:
 def tracepoints() -> tuple[str, ...]:
     """Every tracepoint a candidate attaches to, as "category/event"."""
     seen: dict[str, None] = {}
-    for cands in HOOKS.values():
+    for cands in (*HOOKS.values(), *OPT_IN_HOOKS.values()):
         for c in cands:
             for p in c.probes:
                 if p.how in ("tp_btf", "tracepoint"):

@@ -14,11 +14,41 @@ import time
 from typing import Any
 
 from pytracer.inventory import procs
+from pytracer.leaks.report import LeakReport
 from pytracer.leaks.scanner import Scanner
 from pytracer.leaks.thresholds import Thresholds
 from pytracer.table.poll import Snapshot
 
-__all__ = ["watch_enricher"]
+__all__ = ["DutyCycle", "watch_enricher"]
+
+
+class DutyCycle:
+    """A :class:`~pytracer.leaks.scanner.Scanner` held to ``duty`` of the wall
+    clock: a new scan starts only once (1/duty - 1) times the last scan's
+    duration has passed; in between, :meth:`scan` returns the last findings.
+    ``tracer watch`` (below) and ``tracer run`` (:mod:`pytracer.leaks.gate`)
+    scan through one."""
+
+    def __init__(self, scanner: Scanner, duty: float = 0.25) -> None:
+        self.scanner = scanner
+        self.duty = duty
+        self.last: tuple[LeakReport, float, float] | None = None  # (report, monotonic end, cost)
+        self.table_ns: int | None = None  # when the table the last scan judged was read
+
+    def scan(self, snap: Snapshot | None) -> tuple[LeakReport, bool]:
+        """The latest findings, and whether this call scanned afresh."""
+        now = time.monotonic()
+        last = self.last
+        # Candidate scans select from the table: only a table read since the
+        # last scan has anything new for them (see TablePoller).
+        table_ns = snap.table_mono_ns if snap is not None else None
+        fresh = table_ns is None or table_ns != self.table_ns
+        if last is None or (fresh and now - last[1] >= last[2] * (1.0 / self.duty - 1.0)):
+            self.table_ns = table_ns
+            lr = self.scanner.scan(snap)
+            self.last = (lr, time.monotonic(), float(lr.stats.get("scan_seconds") or 0.0))
+            return lr, True
+        return last[0], False
 
 
 def watch_enricher(thresholds: Thresholds, duty: float = 0.25):
@@ -36,16 +66,13 @@ def watch_enricher(thresholds: Thresholds, duty: float = 0.25):
     """
 
     def enrich(report: dict[str, Any], snap: Snapshot, tracer: Any, opts: Any, state: dict[str, Any]) -> None:
-        scanner = state.get("leak_scanner")
-        if scanner is None:
-            scanner = state["leak_scanner"] = Scanner(tracer, thresholds, pids=getattr(opts, "pids", ()),
-                                                     incremental=True)
-        last = state.get("leak_last")  # (report, monotonic end, cost)
+        cycle = state.get("leak_cycle")
+        if cycle is None:
+            cycle = state["leak_cycle"] = DutyCycle(
+                Scanner(tracer, thresholds, pids=getattr(opts, "pids", ()), incremental=True), duty)
+        scanner = cycle.scanner
+        lr, _ = cycle.scan(snap)
         now = time.monotonic()
-        if last is None or now - last[1] >= last[2] * (1.0 / duty - 1.0):
-            lr = scanner.scan(snap)
-            last = state["leak_last"] = (lr, time.monotonic(), float(lr.stats.get("scan_seconds") or 0.0))
-        lr = last[0]
         report["flags"] = [f.to_json() for f in lr.flags]
         _name_holders(report.get("sockets") or [], scanner, tracer, snap)
         if not scanner.pids:

@@ -29,6 +29,9 @@ close_wait_growth      a process's CLOSE_WAIT count rising over successive polls
 fd_exhaustion          open fds at ``fd_warn_ratio`` of RLIMIT_NOFILE
 time_wait_pressure     TIME_WAIT sockets to one destination using
                        ``time_wait_warn_ratio`` of ip_local_port_range
+idle_reset             a service whose connections end by a RST (or, as a
+                       client, by the peer's FIN) after the same idle time
+                       T, from the kernel's idle-before-end histograms
 =====================  =====================================================
 """
 
@@ -40,6 +43,7 @@ from typing import Any, Iterable, Mapping
 from pytracer.format import duration, endpoint, family_name
 from pytracer.inventory.procs import ProcFacts
 from pytracer.inventory.sockdiag import TIMER_TIMEWAIT
+from pytracer.kernel.histogram import Histogram, slot_lower_us, slot_upper_us
 from pytracer.leaks.thresholds import Thresholds
 
 # include/net/tcp.h: TCP_TIMEWAIT_LEN, how long TIME_WAIT lasts.
@@ -54,6 +58,7 @@ KINDS = (
     "close_wait_growth",
     "fd_exhaustion",
     "time_wait_pressure",
+    "idle_reset",
 )
 
 
@@ -343,12 +348,86 @@ def socket_flags(socks: Iterable[SockFacts], procs: Mapping[int, ProcFacts], th:
     return out
 
 
+# --- idle resets (per service, from the kernel's histograms) -----------------
+
+
+def _peak(h: Histogram) -> tuple[int, int, int]:
+    """(first slot, last slot, count) of the densest window of three
+    adjacent slots: the most common idle time, give or take one bucket."""
+    slots = h.slots
+    best = (0, 0, 0)
+    for i in range(len(slots)):
+        n = sum(slots[max(0, i - 1): i + 2])
+        if n > best[2]:
+            lo = next(j for j in range(max(0, i - 1), i + 2) if slots[j])
+            hi = max(j for j in range(max(0, i - 1), min(len(slots), i + 2)) if slots[j])
+            best = (lo, hi, n)
+    return best
+
+
+def idle_reset_flags(services: Iterable[Any], procs: Mapping[int, ProcFacts], th: Thresholds) -> list[Flag]:
+    """Services whose connections die at one idle time T.
+
+    ``services``: objects with ``service`` (a port, or "other"), ``role``
+    ("server" or "client"), ``idle`` (ender name -> Histogram of idle before
+    end) and ``owners`` (ender name -> tgid of the last one ended), as
+    :func:`pytracer.table.services.read` returns.
+
+    The hits are the connections that ended by a RST received, and for a
+    client also those the peer closed first: a server seeing its clients
+    close idle connections is only their pool's own timeout.  A service is
+    flagged when at least ``idle_reset_min_hits`` hits gather in one bucket
+    and its neighbours (``idle_reset_peak`` of them), at an idle time of at
+    least ``idle_reset_min_seconds``, while the local side's own closes (if
+    any) come later than that: something between the two ends, or the peer,
+    drops idle flows the local side still counts on.  T is the lower edge of
+    that peak: a middlebox that forgets a flow after T resets it at the next
+    packet, so resets come at T or a little after, never before.
+    """
+    out = []
+    for s in services:
+        if s.service == "other":
+            continue
+        resets = s.idle.get("reset_received", Histogram.empty())
+        fins = s.idle.get("peer_fin", Histogram.empty()) if s.role == "client" else Histogram.empty()
+        hits = resets + fins
+        if hits.count < th.idle_reset_min_hits:
+            continue
+        lo, hi, n = _peak(hits)
+        t, top = slot_lower_us(lo) / 1e6, slot_upper_us(hi) / 1e6
+        if n < th.idle_reset_min_hits or n < th.idle_reset_peak * hits.count or t < th.idle_reset_min_seconds:
+            continue
+        local = s.idle.get("local_close", Histogram.empty())
+        local_p90 = local.quantile(0.9)
+        if local_p90 is not None and local_p90 < t:
+            continue  # the local side already retires idle connections before T
+        pid = s.owners.get("reset_received") or s.owners.get("peer_fin") or None
+        port = int(s.service)
+        what = ("reset" if not fins.count else "reset or closed by the peer" if resets.count else "closed by the peer")
+        side = "connections accepted on port" if s.role == "server" else "connections to port"
+        f = Flag(kind="idle_reset", pid=pid, comm=procs[pid].comm if pid in procs else None,
+                 cmdline=procs[pid].cmdline if pid in procs else None, seconds=t, idle_seconds=t,
+                 lport=port if s.role == "server" else None, rport=port if s.role == "client" else None)
+        f.extra.update(service=s.service, role=s.role, t_seconds=round(t, 3), spread_seconds=round(top - t, 3),
+                       hits=n, resets=resets.count, peer_fins=fins.count,
+                       local_close_p90_seconds=None if local_p90 is None else round(local_p90, 3))
+        f.detail = (
+            f"{n} {side} {s.service} were {what} after {human(t)} to {human(top)} idle, "
+            f"while {who(pid, procs)} kept idle connections longer: something on the path (a NAT, load balancer "
+            f"or firewall) or the peer drops flows idle for about {human(t)}. "
+            f"Fix: set an idle timeout or TCP keepalive below {human(t)} on the side that pools "
+            f"({who(pid, procs)})."
+        )
+        out.append(f)
+    return out
+
+
 # --- ordering -------------------------------------------------------------------
 
 
 def ordered(flags: Iterable[Flag]) -> list[Flag]:
     """Most urgent first: process-level trends, then sockets by age."""
     rank = {k: i for i, k in enumerate(
-        ("fd_exhaustion", "close_wait_growth", "time_wait_pressure", "close_wait", "last_ack_stuck",
+        ("fd_exhaustion", "close_wait_growth", "idle_reset", "time_wait_pressure", "close_wait", "last_ack_stuck",
          "fin_wait2_stuck", "fin_wait2_orphan", "idle_established"))}
     return sorted(flags, key=lambda f: (rank.get(f.kind, 99), -(f.seconds or 0.0), f.pid or 0, f.cookie or 0))

@@ -24,11 +24,13 @@ and their last known holders), the kernel visiting no other process
 socket is O(candidates); over the table it is a few vectorized compares.
 
 What the table cannot know stays with the full scan, on its slow cadence:
-pre-existing sockets of unknown age beyond their seeding, TIME_WAIT per
-destination and other minisockets, new network namespaces, the reaper,
+pre-existing sockets of unknown age beyond their seeding, new network
+namespaces, the reaper,
 processes that newly hold TCP sockets.  A candidate whose holder the
 bounded fd scan does not find (an fd inherited by a child, passed over a
 unix socket) is not flagged here but brings the next full scan forward.
+TIME_WAIT per destination and the other minisockets come from a dump of
+those states alone (:func:`refresh_time_wait`) every 15 s.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from pytracer.kernel.tcp_states import TcpState
 from pytracer.leaks import facts as joins
 from pytracer.leaks.detectors import socket_flags
 from pytracer.leaks.report import LeakReport
+from pytracer.leaks.time_wait import time_wait_findings
 from pytracer.table.poll import Snapshot
 
 # ``sc`` below is the pytracer.leaks.scanner.Scanner running the scan (its
@@ -240,7 +243,7 @@ def scan(sc: Scanner, snap: Snapshot, rep: LeakReport) -> None:
     pids = _owner_pids(sc, snap, idx, np.concatenate([rows, lst_rows]), lst_idx)
     scan_ = _fd_scan(sc, pids) if pids else FdScan()
     owners = scan_.sockets
-    relevant = scope_mask(rows, owners, sc.pids)
+    relevant = scope_mask(rows, owners, sc.pids, sc.ports)
     listeners = joins.listeners(lst_rows, owners)
 
     # Time in state from the table, where it still holds (same state).
@@ -269,6 +272,8 @@ def scan(sc: Scanner, snap: Snapshot, rep: LeakReport) -> None:
     sc.last_facts, sc.last_procs = facts, pfacts
     flags = socket_flags(facts, pfacts, th)
     flags += sc.process_flags(now, counts, summaries, pfacts)
+    if not sc.pids and sc.last_time_wait is not None and now - sc.last_time_wait >= sc.time_wait_every:
+        refresh_time_wait(sc, rep, now)
     flags += list(sc.carried.get("flags", []))
     rep.flags = flags
     rep.processes = summaries
@@ -318,6 +323,38 @@ def resolve_holders(sc: Scanner, snap: Snapshot, cookies: list[int], now: float)
     return out
 
 
+# What a TIME_WAIT refresh dumps: the minisockets, FIN_WAIT2 (orphans are
+# minisockets too) and the listeners (their ports are not "used up").
+TIME_WAIT_STATES = sum(1 << int(s) for s in (S.TIME_WAIT, S.NEW_SYN_RECV, S.FIN_WAIT2, S.LISTEN))
+
+
+def refresh_time_wait(sc: Scanner, rep: LeakReport, now: float) -> None:
+    """TIME_WAIT per destination, its flags and the minisocket counts, from
+    a dump of those states alone in the namespaces the last full scan knew
+    (host-wide only: TIME_WAIT has no owner, so never under --pid)."""
+    sc.last_time_wait = now
+    with (sc.session_factory or sockdiag.Session)(sc.refs) as sess:
+        inv = sess.dump(states=TIME_WAIT_STATES)
+    if inv.errors:
+        rep.errors.extend(inv.errors)
+        return  # keep the last full scan's findings rather than half of them
+    rows = inv.rows
+    host_ino = next((r.ino for r in sc.refs if r.label == "host"), None)
+    listed, flags = time_wait_findings(rows, inv.netns, host_ino, sc.thresholds)
+    sc.carried.update(flags=flags, time_wait=listed,
+                      mini_states=_mini_counts(rows, np.ones(len(rows), bool)))
+    rep.stats["time_wait_dump_seconds"] = round(inv.seconds, 6)
+
+
+def _mini_counts(rows: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """Per state, the minisockets the table never holds: TIME_WAIT, request
+    sockets and FIN_WAIT2 orphans (sock_diag shows those with the TIME_WAIT
+    timer)."""
+    mini = relevant & ((rows["state"] == int(S.TIME_WAIT)) | (rows["state"] == int(S.NEW_SYN_RECV))
+                       | (rows["timer"] == sockdiag.TIMER_TIMEWAIT))
+    return np.bincount(rows["state"][mini], minlength=16)[:16].astype(np.int64)
+
+
 def _states(snap: Snapshot, sc: Scanner) -> dict[str, int]:
     """Sockets by state: the table's live records (counted, or seeded at
     start; CLOSE is not listed by sock_diag), plus the minisockets the
@@ -332,14 +369,11 @@ def _states(snap: Snapshot, sc: Scanner) -> dict[str, int]:
 
 def carry_of(rows: np.ndarray, relevant: np.ndarray, flags: list[Any], rep: LeakReport) -> dict[str, Any]:
     """What a full scan hands the candidate scans until the next one."""
-    mini = relevant & ((rows["state"] == int(S.TIME_WAIT)) | (rows["state"] == int(S.NEW_SYN_RECV))
-                       | (rows["timer"] == sockdiag.TIMER_TIMEWAIT))
-    counts = np.bincount(rows["state"][mini], minlength=16)
     return {
         "flags": [f for f in flags if f.kind == "time_wait_pressure"],
         "time_wait": list(rep.time_wait),
         "netns": list(rep.netns),
-        "mini_states": counts[:16].astype(np.int64),
+        "mini_states": _mini_counts(rows, relevant),
         "stats": {k: rep.stats[k] for k in ("sockets", "netns_covered", "netns_failed", "dump_seconds")
                   if k in rep.stats},
         "processes_scanned": rep.stats.get("processes_scanned"),

@@ -41,6 +41,9 @@ class LeakReport:
     netns: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    # Per-service aggregates (pytracer.table.services.ServiceStats) the
+    # idle_reset rule judged; empty without a tracer.
+    services: list[Any] = field(default_factory=list)
     mono_ns: int = 0
     wall: float = 0.0
 
@@ -57,4 +60,5 @@ class LeakReport:
             "netns": self.netns,
             "errors": self.errors,
             "stats": self.stats,
+            "services": [s.to_json() for s in self.services if s.ends],
         }

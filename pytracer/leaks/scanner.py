@@ -52,13 +52,14 @@ from pytracer.leaks.detectors import (
     Flag,
     SockFacts,
     Thresholds,
+    idle_reset_flags,
     ordered,
     socket_flags,
 )
 from pytracer.leaks.processes import GrowthSample, fd_flags, growth_flags, growth_rate, update_growth
 from pytracer.leaks.reaper import Reaper
 from pytracer.leaks.report import LeakReport, ProcessSummary
-from pytracer.leaks.time_wait import TimeWaitDest, time_wait_by_destination, time_wait_flags
+from pytracer.leaks.time_wait import time_wait_findings
 from pytracer.table.poll import Snapshot
 
 __all__ = ["Flag", "LeakReport", "ProcessSummary", "Scanner", "Thresholds", "scope_mask"]
@@ -76,6 +77,10 @@ REAP_AFTER_S = 30.0
 # allows while a candidate's holder is unknown.
 FULL_EVERY_S = 60.0
 FULL_BUDGET = 0.005
+# Between full scans, TIME_WAIT per destination comes from a dump of the
+# minisockets (and listeners) alone, this often: its cost follows the
+# TIME_WAIT count, not the host's sockets.
+TIME_WAIT_EVERY_S = 15.0
 
 
 class Scanner:
@@ -106,7 +111,7 @@ class Scanner:
                  reap_after: float = REAP_AFTER_S, *, fd_scan: Callable[..., procs.FdScan] | None = None,
                  netns_refs: Callable[..., list[procs.NetnsRef]] | None = None,
                  session: Callable[[list[procs.NetnsRef]], Any] | None = None, incremental: bool = False,
-                 full_every: float = FULL_EVERY_S, full_budget: float = FULL_BUDGET) -> None:
+                 full_every: float = FULL_EVERY_S, full_budget: float = FULL_BUDGET, ports: Iterable[int] = ()) -> None:
         self.tracer = tracer
         self.fd_scan = fd_scan
         self._netns_refs = netns_refs
@@ -114,6 +119,7 @@ class Scanner:
         self.thresholds = thresholds or Thresholds()
         self.thresholds.validate()
         self.pids = tuple(sorted(set(int(p) for p in pids)))
+        self.ports = tuple(sorted(set(int(p) for p in ports)))
         self.proc = proc
         self.max_socket_facts = max_socket_facts
         self._lock = threading.Lock()
@@ -146,6 +152,9 @@ class Scanner:
         self.summaries: dict[int, ProcessSummary] = {}
         self.rechecks = incremental_scan.Rechecks.empty()
         self.holder_cache: dict[int, tuple[Any, float]] = {}  # cookie -> ((pid, fd, inode) or None, when)
+        # TIME_WAIT per destination between full scans (see incremental.refresh_time_wait).
+        self.time_wait_every = TIME_WAIT_EVERY_S
+        self.last_time_wait: float | None = None
 
     # -- the scan ----------------------------------------------------------
 
@@ -158,6 +167,7 @@ class Scanner:
             except Exception as exc:  # a scan never raises
                 log.exception("leak scan failed")
                 rep.errors.append(f"scan: {type(exc).__name__}: {exc}")
+            self._idle_resets(rep)
             self.scans += 1
             rep.stats["scan_seconds"] = round(time.perf_counter() - t0, 6)
             rep.stats["scans"] = self.scans
@@ -184,6 +194,37 @@ class Scanner:
         finally:
             self.last_full_end, self.last_full_cost = time.monotonic(), time.perf_counter() - t0
             self.full_wanted = False
+
+    def _idle_resets(self, rep: LeakReport) -> None:
+        """The per-service rule: read the kernel's service histograms (one
+        lookup per service) and judge them."""
+        if self.tracer is None or getattr(self.tracer, "obj", True) is None:
+            return
+        try:
+            from pytracer.table import services  # noqa: PLC0415 - only with a tracer
+
+            rep.services = services.read(self.tracer)
+            pids = {pid for s in rep.services for pid in s.owners.values()}
+            facts = {pid: pf for pid in sorted(pids)[:64] if (pf := self._proc_facts(pid)) is not None}
+            found = idle_reset_flags(rep.services, facts, self.thresholds)
+        except Exception as exc:  # a scan never raises
+            rep.errors.append(f"services: {type(exc).__name__}: {exc}")
+            return
+        if found:
+            rep.flags = ordered([*rep.flags, *found])
+
+    def _name_services(self, rows: np.ndarray, rep: LeakReport) -> None:
+        """--service-ports auto, while running: ports this full scan finds
+        listening (or busy as remote ports) take the free service slots."""
+        if self.tracer is None or not getattr(self.tracer, "services_auto", False):
+            return
+        try:
+            from pytracer.inventory import services  # noqa: PLC0415 - only with a tracer
+            from pytracer.table import writer  # noqa: PLC0415 - the one writer of the tracer's maps
+
+            rep.stats["services_named"] = writer.add_services(self.tracer, services.from_rows(rows))
+        except Exception as exc:  # a scan never raises
+            rep.errors.append(f"services: {type(exc).__name__}: {exc}")
 
     def _full_due(self, snap: Snapshot) -> bool:
         if not self.incremental or self.last_full_end is None or getattr(self.tracer, "key_by_ptr", False):
@@ -222,8 +263,9 @@ class Scanner:
             order = np.argsort(rows["cookie"], kind="stable")
             self._cookies, self._inodes = rows["cookie"][order], rows["inode"][order].astype(np.uint64)
             self.full_owners = owners
-            relevant = scope_mask(rows, owners, self.pids)
+            relevant = scope_mask(rows, owners, self.pids, self.ports)
             listeners = joins.listeners(rows, owners)
+            self._name_services(rows, rep)
             counts_by_state = np.bincount(rows["state"][relevant], minlength=16)
             rep.inventory_states = {TcpState.name_of(s): int(n) for s, n in enumerate(counts_by_state) if n}
 
@@ -265,11 +307,8 @@ class Scanner:
 
             # TIME_WAIT per destination (not under --pid: TIME_WAIT has no owner).
             if not self.pids:
-                port_ranges = {ino: n.port_range for ino, n in inv.netns.items()}
-                dests: list[TimeWaitDest] = time_wait_by_destination(rows, port_ranges, host_ino, th.top,
-                                                                     th.time_wait_warn_ratio)
-                rep.time_wait = [(d.dest, d.count, d.range_size or 0) for d in dests[: th.top]]
-                flags += time_wait_flags(dests, th, {ino: n.tw_reuse for ino, n in inv.netns.items()})
+                rep.time_wait, tw_flags = time_wait_findings(rows, inv.netns, host_ino, th)
+                flags += tw_flags
             if self.incremental:  # what the candidate scans start from
                 self.refs, self.fin_timeouts = list(refs), fin_timeout
                 self.listen_holders = {k: {p for e in v for p, _ in e[2]} for k, v in listeners.items()}
@@ -279,6 +318,7 @@ class Scanner:
                 self.summaries = {pid: dataclasses.replace(p) for pid, p in summaries.items()}
                 self.prev_scan_ns = now_ns
                 self.holder_cache = {}
+                self.last_time_wait = now
 
             rep.flags = ordered(flags)
             rep.processes = summaries
@@ -322,7 +362,9 @@ class Scanner:
         if start is None:
             return None
         cached = self.proc_cache.get(pid)
-        if cached is not None and cached.start_ticks == start:
+        # Same process (start time) and same program: exec() keeps the pid
+        # and the start time but changes comm and cmdline.
+        if cached is not None and cached.start_ticks == start and cached.comm == procs.comm(pid, self.proc):
             cached.open_fds = procs.count_fds(pid, self.proc)
             cached.max_fds = procs.nofile_limit(pid, self.proc)
             return cached

@@ -26,6 +26,13 @@ class Thresholds:
     # tcp_info: exact lookups per namespace per scan; a namespace with more
     # candidates gets one dump with tcp_info instead (cheaper per socket).
     max_exact_lookups: int = 256
+    # idle_reset: at least this many connections reset (or, as a client,
+    # closed by the peer) after the same idle time of at least
+    # idle_reset_min_seconds, with idle_reset_peak of them within one
+    # bucket of the most common one.
+    idle_reset_min_hits: int = 3
+    idle_reset_min_seconds: float = 1.0
+    idle_reset_peak: float = 0.6
 
     def validate(self) -> None:
         for name in ("close_wait_after", "idle_after", "last_ack_after"):
@@ -36,5 +43,7 @@ class Thresholds:
         for name in ("fd_warn_ratio", "time_wait_warn_ratio"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1]")
+        if self.idle_reset_min_hits < 1 or self.idle_reset_min_seconds < 0 or not 0 < self.idle_reset_peak <= 1:
+            raise ValueError("idle_reset_min_hits must be >= 1, idle_reset_min_seconds >= 0, idle_reset_peak in (0, 1]")
         if self.growth_polls < 1 or self.growth_min < 1:
             raise ValueError("growth_polls and growth_min must be >= 1")

@@ -7,7 +7,7 @@ sock_diag inventory in, destinations and flags out.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -138,3 +138,16 @@ def time_wait_flags(dests: Iterable[TimeWaitDest], th: Thresholds, tw_reuse: Map
             )
         )
     return out
+
+
+def time_wait_findings(rows: np.ndarray, netns: Mapping[int, Any], host_netns: int | None, th: Thresholds
+                       ) -> tuple[list[tuple[str, int, int]], list[Flag]]:
+    """The report's TIME_WAIT list (destination, count, range size) and the
+    ``time_wait_pressure`` flags, from inventory rows (TIME_WAIT and the
+    listeners at least) and the namespaces' facts (``port_range``,
+    ``tw_reuse``) by inode.  One place for the full scan and the TIME_WAIT
+    refresh between full scans."""
+    port_ranges = {ino: n.port_range for ino, n in netns.items()}
+    dests = time_wait_by_destination(rows, port_ranges, host_netns, th.top, th.time_wait_warn_ratio)
+    listed = [(d.dest, d.count, d.range_size or 0) for d in dests[: th.top]]
+    return listed, time_wait_flags(dests, th, {ino: n.tw_reuse for ino, n in netns.items()})

@@ -129,7 +129,7 @@ def _comm(pid: int | None) -> str:
             argv = f.read().split(b"\0")
         # `tracer watch`, `python -m pytracer export`: the subcommand says which.
         words = [w.decode(errors="replace") for w in argv if w]
-        sub = next((w for w in words if w in ("watch", "export", "leaks", "doctor")), "")
+        sub = next((w for w in words if w in ("watch", "export", "leaks", "doctor", "run")), "")
         return f"tracer {sub}".strip()
     except OSError:
         return "?"

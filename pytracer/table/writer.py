@@ -11,6 +11,7 @@ place:
   listeners that predate the tracer, so their accepted children are
   attributed (and kept under --pid);
 * the "owners" pid filter (:func:`fill_pid_filter`, :func:`add_pids`);
+* the "svc_ports" service names (:func:`fill_services`);
 * reaping (:func:`reap`): deleting a record whose socket is gone without a
   destroy event (the leak scanner decides which; this checks the record did
   not change since and deletes it).
@@ -27,7 +28,7 @@ import os
 import struct
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable, Mapping, Protocol
 
 import numpy as np
 
@@ -325,3 +326,35 @@ def reap(tracer: Any, cookie: int, state_ns: int, transitions: int) -> np.ndarra
     if not table.delete(key):
         return None
     return rec
+
+
+# --- the service ports map ----------------------------------------------------
+
+
+def fill_services(svc_ports: Any, slots: Mapping[Any, int]) -> int:
+    """Name services for the kernel: (port, role) -> slot into "svc_ports".
+    ``slots`` maps pytracer.inventory.services.Service to 1..PT_SVC_SLOTS-1.
+    Returns how many went in (a full map refuses the rest)."""
+    n = 0
+    for svc, slot in slots.items():
+        key = bytes(abi.PtSvcKey(port=svc.port, role=int(svc.role)))
+        try:
+            svc_ports.update(key, struct.pack("=I", slot))
+            n += 1
+        except OSError as exc:
+            if not _is_full(exc.errno):
+                raise
+    return n
+
+
+def add_services(tracer: Any, found: Iterable[Any]) -> int:
+    """Give services found while running the slots still free, in order;
+    slots already given keep their port.  Returns how many were added."""
+    have = tracer.services
+    free = sorted(set(range(1, abi.PT_SVC_SLOTS)) - set(have.values()))
+    new = [s for s in dict.fromkeys(found) if s not in have][: len(free)]
+    slots = dict(zip(new, free))
+    if slots:
+        fill_services(tracer.map("svc_ports"), slots)
+        have.update(slots)
+    return len(slots)

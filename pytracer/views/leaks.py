@@ -46,6 +46,20 @@ def _table(rows: list[list[str]], indent: str = "") -> list[str]:
     return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
+def flag_lines(flags: list[Flag], indent: str = "  ") -> list[str]:
+    """The flag table: a header, then each flag and the sentences that explain it."""
+    if not flags:
+        return []
+    table = _table([HEADERS, *(_cells(f) for f in flags)], indent)
+    lines = [table[0]]
+    for f, line in zip(flags, table[1:]):
+        lines.append(line)
+        lines.append(f"{indent}    {f.detail}")
+        if f.cmdline:
+            lines.append(f"{indent}    cmdline: {f.cmdline[:200]}")
+    return lines
+
+
 def render_text(rep: LeakReport, sr: SeedResult | None, scope: str) -> str:
     lines = []
     states = ", ".join(f"{k} {v}" for k, v in sorted(rep.inventory_states.items())) or "none"
@@ -59,14 +73,7 @@ def render_text(rep: LeakReport, sr: SeedResult | None, scope: str) -> str:
         lines.append("nothing flagged")
     else:
         lines.append(f"{len(rep.flags)} flagged:")
-        rows = [HEADERS, *(_cells(f) for f in rep.flags)]
-        table = _table(rows, "  ")
-        lines.append(table[0])
-        for f, line in zip(rep.flags, table[1:]):
-            lines.append(line)
-            lines.append(f"      {f.detail}")
-            if f.cmdline:
-                lines.append(f"      cmdline: {f.cmdline[:200]}")
+        lines.extend(flag_lines(rep.flags))
     if rep.time_wait:
         lines.append("TIME_WAIT by destination (local ports in use / ephemeral range):")
         rows = [[d, str(n), f"/ {r}" if r else "", f"({n / r:.1%})" if r else ""] for d, n, r in rep.time_wait]

@@ -18,7 +18,7 @@ from pytracer.kernel import abi
 from pytracer.kernel.abi import Direction, Stat
 from pytracer.kernel.histogram import Histogram
 from pytracer.kernel.tcp_states import TcpState
-from pytracer.table.poll import Snapshot, Totals
+from pytracer.table.poll import Snapshot, Totals, live_delta
 
 CONNECTION_DIRECTIONS = (Direction.ACTIVE, Direction.PASSIVE)
 
@@ -143,7 +143,35 @@ def _r(v: float | None) -> float | None:
     return None if v is None else round(v, 6)
 
 
-def build_report(cur: Snapshot, prev: Snapshot | None, opts: ReportOptions) -> dict[str, Any]:
+@dataclass
+class TableView:
+    """What a report takes from one read of the socket table: the work
+    proportional to the table, done once per read (see
+    pytracer.table.poll.TablePoller), whatever the number of reports."""
+
+    table_mono_ns: int
+    counts: np.ndarray  # live records per state, --pid applied
+    tracked: int  # connections (not listeners), --pid applied
+    longest_lived: np.ndarray  # table indices, oldest first
+    longest_in_state: np.ndarray
+
+
+def table_view(cur: Snapshot, opts: ReportOptions) -> TableView:
+    socks = cur.socks
+    conn = select(socks, opts.pids, connections_only=True)
+    births = effective_birth(socks, opts.start_mono_ns)
+    # States come from the socket table itself (it includes sockets seeded at
+    # start); --pid applies.  TIME_WAIT minisockets are not in the table: an
+    # inventory (sock_diag) adds them when available (the leak enricher).
+    counts = np.bincount(socks["state"][select(socks, opts.pids)], minlength=abi.PT_STATES)[: abi.PT_STATES]
+    return TableView(cur.table_mono_ns, counts, int(conn.sum()), top_indices(births, conn, opts.top),
+                     top_indices(socks["state_ns"].astype(np.uint64), conn, opts.top))
+
+
+def build_report(cur: Snapshot, prev: Snapshot | None, opts: ReportOptions,
+                 view: TableView | None = None) -> dict[str, Any]:
+    """One interval's report.  ``view``: :func:`table_view` of ``cur``'s
+    table, when the caller keeps it across reports on the same table."""
     t, p = cur.totals, (prev.totals if prev else None)
     interval = (cur.mono_ns - prev.mono_ns) / 1e9 if prev else (cur.mono_ns - opts.start_mono_ns) / 1e9
     interval = max(interval, 1e-9)
@@ -151,17 +179,17 @@ def build_report(cur: Snapshot, prev: Snapshot | None, opts: ReportOptions) -> d
     closed = sum(_delta(t, p, Stat.CLOSED, int(d)) for d in CONNECTION_DIRECTIONS)
 
     socks, keys = cur.socks, cur.keys
-    conn = select(socks, opts.pids, connections_only=True)
-    births = effective_birth(socks, opts.start_mono_ns)
-    longest_lived = top_indices(births, conn, opts.top)
-    longest_in_state = top_indices(socks["state_ns"].astype(np.uint64), conn, opts.top)
+    if view is None or view.table_mono_ns != cur.table_mono_ns:
+        view = table_view(cur, opts)
+    longest_lived, longest_in_state = view.longest_lived, view.longest_in_state
     shown = list(dict.fromkeys([*longest_lived.tolist(), *longest_in_state.tolist()]))
     rows = {i: socket_row(int(keys[i]), socks[i], cur.mono_ns, opts.start_mono_ns) for i in shown}
 
-    # States come from the socket table itself (it includes sockets seeded at
-    # start); --pid applies.  TIME_WAIT minisockets are not in the table: an
-    # inventory (sock_diag) adds them when available, via opts.extra_states.
-    counts = np.bincount(socks["state"][select(socks, opts.pids)], minlength=abi.PT_STATES)
+    counts = view.counts
+    if cur.table_totals is not None and cur.table_totals is not t:
+        # An older table (see pytracer.table.poll.TablePoller): its counts
+        # plus what the kernel counted entering and leaving each state since.
+        counts = np.maximum(counts.astype(np.int64) + live_delta(t, cur.table_totals), 0)
     states = {TcpState.name_of(s): int(n) for s, n in enumerate(counts) if n}
     life = lifetime_all(t)
     report: dict[str, Any] = {
@@ -179,7 +207,7 @@ def build_report(cur: Snapshot, prev: Snapshot | None, opts: ReportOptions) -> d
             "all": summary(life),
             **{d.name.lower(): summary(t.lifetime(d)) for d in CONNECTION_DIRECTIONS},
         },
-        "tracked_sockets": int(conn.sum()),
+        "tracked_sockets": view.tracked,
         "sockets": [rows[i] for i in shown],
         "longest_lived": [int(keys[i]) for i in longest_lived],
         "longest_in_state": [int(keys[i]) for i in longest_in_state],
@@ -190,6 +218,7 @@ def build_report(cur: Snapshot, prev: Snapshot | None, opts: ReportOptions) -> d
             "first_seen_midlife": t.stat(Stat.MIDLIFE),
             "accept_untracked": t.stat(Stat.ACCEPT_UNTRACKED),
             "read_seconds": round(cur.read_seconds, 6),
+            "table_age_seconds": round(cur.table_age_seconds, 3),
             **opts.extra,
         },
     }

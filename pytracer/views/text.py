@@ -27,6 +27,13 @@ def chart_rows(h: Histogram) -> list[tuple[str, int]]:
     return rows[nonzero[0] : nonzero[-1] + 1]
 
 
+def chart_lines(hist: Histogram, indent: str = "  ") -> list[str]:
+    """The lifetime histogram as text bars, one line per display bucket."""
+    rows = chart_rows(hist)
+    peak = max((n for _, n in rows), default=0)
+    return [f"{indent}{label:>10} {n:>8} {'#' * (round(30 * n / peak) if peak else 0)}" for label, n in rows]
+
+
 def endpoint(addr: str, port: int) -> str:
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
@@ -64,10 +71,7 @@ def plain(report: dict[str, Any], hist: Histogram) -> str:
         f"  lifetime: n={life['count']} p50={duration(life['p50_seconds'])} "
         f"p90={duration(life['p90_seconds'])} p99={duration(life['p99_seconds'])}"
     )
-    peak = max((n for _, n in chart_rows(hist)), default=0)
-    for label, n in chart_rows(hist):
-        bar = "#" * (round(30 * n / peak) if peak else 0)
-        lines.append(f"  {label:>10} {n:>8} {bar}")
+    lines.extend(chart_lines(hist))
     by_key = {s["cookie"]: s for s in report["sockets"]}
     for title, keys in (("longest-lived", report["longest_lived"]), ("longest in state", report["longest_in_state"])):
         if not keys:
@@ -76,9 +80,23 @@ def plain(report: dict[str, Any], hist: Histogram) -> str:
         lines.append("    " + "  ".join(SOCKET_HEADERS))
         for k in keys:
             lines.append("    " + "  ".join(socket_cells(by_key[k])))
+    for line in service_lines(report.get("services") or []):
+        lines.append("  " + line)
     flags = report.get("flags") or []
     if flags:
         lines.append(f"  flagged: {len(flags)}")
         for fl in flags[:20]:
             lines.append(f"    {fl['kind']} pid={fl.get('pid')} {fl.get('comm')} fd={fl.get('fd')} {fl.get('detail')}")
     return "\n".join(lines)
+
+
+def service_lines(services: list[dict[str, Any]]) -> list[str]:
+    """One line per service that ended connections: lifetime and, by who
+    ended them, the median idle before the end."""
+    out = []
+    for s in services:
+        name = s["service"] if not s["role"] else f"{s['role']}:{s['service']}"
+        idle = " ".join(f"{e}={v['count']}@{duration(v['p50_s'])}" for e, v in s["idle_before_end"].items())
+        out.append(f"service {name}: ended {s['ends']} lifetime p95={duration(s['lifetime_p95_s'])} "
+                   f"idle before end: {idle or '-'}")
+    return out

@@ -12,6 +12,7 @@ the listener's port.  Every loop is bounded; the hold has a deadline.
     python exporter_workload.py fdhog HOST N LIMIT      # RLIMIT_NOFILE=LIMIT, up to N conns, 4 fds short
     python exporter_workload.py flood HOST N            # N connections, fast
     python exporter_workload.py holder HOSTS N          # N connections spread over HOSTS (a,b,..)
+    python exporter_workload.py idlereset HOST N IDLE   # N connections its clients abort after IDLE s idle
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import sys
 import time
 
 HOLD_DEADLINE_SECONDS = 900
+SETTLE_S = 10.0  # idlereset: longer than a test scrape interval (4 s), twice
 
 
 def emit(**kw: object) -> None:
@@ -195,6 +197,38 @@ def holder(hosts: list[str], n: int) -> None:
     hold(keep, abort=True)  # 100k sockets must not leave 50k TIME_WAIT for other tests
 
 
+def idlereset(host: str, n: int, idle_s: float) -> None:
+    """A server whose clients reset their connections after IDLE seconds
+    without data: resets at one idle time, on the server's side.  The
+    listener exists before "ready", so the exporter names its port."""
+    set_comm("idlereset")
+    ls = listener(host)
+    emit(event="ready", port=ls.getsockname()[1])
+    sys.stdin.readline()
+    # One orderly connection first, and a few scrapes' time: the service's
+    # counters exist (at 0 resets) before the resets come.
+    c, a = pair(ls)
+    c.close()
+    a.close()
+    time.sleep(SETTLE_S)
+    conns = []
+    for _ in range(n):
+        c, a = pair(ls)
+        c.sendall(b"q")
+        a.recv(1)
+        a.sendall(b"a")
+        c.recv(1)
+        conns.append((c, a))
+    time.sleep(idle_s)
+    for c, _a in conns:
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+    for _c, a in conns:
+        a.close()
+    emit(event="done")
+    hold([ls])
+
+
 def main(argv: list[str]) -> None:
     role = argv[0]
     if role == "leaky":
@@ -209,6 +243,8 @@ def main(argv: list[str]) -> None:
         flood(argv[1], int(argv[2]))
     elif role == "holder":
         holder(argv[1].split(","), int(argv[2]))
+    elif role == "idlereset":
+        idlereset(argv[1], int(argv[2]), float(argv[3]))
     else:
         raise SystemExit(f"unknown role {role}")
 

@@ -50,6 +50,7 @@ GRAFANA_VARS = {"$__rate_interval": "40s", "$instance": ".*"}
 # Each original text must be present, so a changed rule fails loudly.
 ALERT_OVERRIDES = {
     "PytracerConnectionLifetimeP95High": (") > 300", ") > 0.5"),
+    "PytracerServiceLifetimeP95High": (") > 60", ") > 0.5"),
 }
 
 
@@ -82,7 +83,9 @@ def test_prometheus_scrapes_workload_every_panel_and_alert_returns_data(tmp_path
     churn = start_workload("churn", host, 300, 30, 1.0)
     fdhog = start_workload("fdhog", host, 100, 80)
     flood = start_workload("flood", host, 500)
-    procs = [leaky, idle, churn, fdhog, flood]
+    # Listening before the exporters start, so --service-ports auto names it.
+    resets = start_workload("idlereset", host, 5, 1.5)
+    procs = [leaky, idle, churn, fdhog, flood, resets]
     cleanup.extend(procs)
     pid_args = [a for p in procs for a in ("--pid", str(p.pid))]
     # A small table, so the flood really overflows it (the "losing data" alert).
@@ -103,9 +106,9 @@ def test_prometheus_scrapes_workload_every_panel_and_alert_returns_data(tmp_path
     cleanup.append(prom)
     prom.wait_for('count(up{job=~"pytracer.*"} == 1) == 2', timeout=90)
 
-    for p in (leaky, idle, churn, fdhog):
+    for p in (leaky, idle, churn, fdhog, resets):
         p.send()
-    for p in (leaky, idle, churn, fdhog):
+    for p in (leaky, idle, churn, fdhog, resets):
         p.expect("done", timeout=120)
     flood.send()
     flood.expect("done", timeout=120)
@@ -122,6 +125,12 @@ def test_prometheus_scrapes_workload_every_panel_and_alert_returns_data(tmp_path
     assert value(samples, "pytracer_lost_events_total", reason="insert_failed") > 0
     assert value(samples, "pytracer_connection_lifetime_seconds_count", direction="active") >= 330
     assert series(samples, "pytracer_bpf_program_runs_total")
+    # The clients' resets after 1.5 s idle, on the listener's service, flagged.
+    got = series(samples, "pytracer_connection_idle_before_end_seconds_count", role="server",
+                 ender="reset_received")
+    assert sorted(got.values()) == [5.0], got
+    [(labels, t)] = series(samples, "pytracer_idle_reset_seconds", role="server").items()
+    assert 1.0 <= t <= 1.5 and dict(labels)["service"] == dict(next(iter(got)))["service"], (labels, t)
 
     missing = []
     dash = json.loads(DASHBOARD.read_text())

@@ -9,6 +9,7 @@ tests/kernel/test_leaks.py does for full scans.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from typing import Any
 
@@ -118,3 +119,37 @@ def test_idle_keepalive_from_candidates(leak_tracer: Any, leak_net: LeakNet, spa
         if r.cookie in got:
             assert (got[r.cookie].pid, got[r.cookie].fd) == held_by(r)
             assert got[r.cookie].idle_seconds >= 2.0
+
+
+@pytest.mark.parametrize("leak_net", ["veth4"], indirect=True)
+def test_time_wait_pressure_between_full_scans(leak_tracer: Any, leak_net: LeakNet, spawn: Any) -> None:
+    """TIME_WAIT per destination refreshes from a TIME_WAIT-only dump on its
+    own cadence, not only with full scans; checked against ss."""
+    net = leak_net
+    subprocess.run(["ip", "netns", "exec", str(net.client_ns), "sysctl", "-qw",
+                    "net.ipv4.ip_local_port_range=40000 40099"], check=True, timeout=20)
+    srv = spawn(server_argv("serve", net.server_host), net.server_ns, "server")
+    port = srv.expect("listening")["port"]
+    sc = incremental(leak_tracer, top=100000)
+    ns = net.netns_ino(net.client_ns)
+    dest = f"{net.server_host}:{port}@netns:{ns}"
+    spawn(client_argv("storm", net.server_host, port, 70), net.client_ns, "storm").expect("done", timeout=60)
+    truth = [r for r in ss(net.client_ns, port) if r.state == "TIME-WAIT"]
+    assert len(truth) == 70
+
+    # Not due yet: the candidate scan carries the full scan's (empty) list.
+    sc.time_wait_every = 3600.0
+    rep = sc.scan()
+    assert sc.last_kind == "candidates"
+    assert dest not in {d for d, _, _ in rep.time_wait}
+
+    sc.time_wait_every = 0.0
+    rep = sc.scan()
+    assert sc.last_kind == "candidates"
+    assert "time_wait_dump_seconds" in rep.stats, rep.stats
+    assert (dest, len(truth), 100) in rep.time_wait, rep.time_wait
+    (flag,) = [f for f in rep.flags if f.kind == "time_wait_pressure" and f.netns == ns]
+    assert (flag.raddr, flag.rport) == (net.server_host, port)
+    assert flag.extra["time_wait"] == len(truth)
+    # The minisockets counted for the views, as ss counts them in that namespace.
+    assert rep.inventory_states.get("TIME_WAIT", 0) >= len(truth)

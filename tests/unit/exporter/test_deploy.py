@@ -57,14 +57,18 @@ def alert_rules() -> list[dict]:
 
 def exported_metric_names() -> set[str]:
     """Every series name a scrape can produce, from a fully populated input."""
-    from tests.unit.exporter.test_families import leak_report, make_totals, sock_table
+    from tests.unit.exporter.test_families import leak_report, make_totals, service_stats, sock_table
 
     agg = abi.PtAgg()
     agg.hists[0].slots[10] = 1
     agg.hists[abi.PT_HIST_STATE + 1].slots[10] = 1
     agg.transitions[1][8] = 1
+    rep = leak_report()
+    rep.flags.append(SimpleNamespace(kind="idle_reset", comm="api", pid=1, seconds=300.0,
+                                     extra={"service": "5432", "role": "client", "t_seconds": 300.0, "hits": 3}))
     inp = ScrapeInput(
-        totals=make_totals([agg]), socks=sock_table([(1, 1)]), poll_seconds=0.1, leaks=leak_report(),
+        totals=make_totals([agg]), socks=sock_table([(1, 1)]), poll_seconds=0.1, leaks=rep,
+        services=service_stats(),
         maps=[MapStat("socks", 1, 10)], programs=[ProgramStat("p", 1, 1, 0)], bpf_stats=True,
         hooks=[("state", "tp_btf", "p")], build={"version": "v"}, table=TableFill(1, 10, 0, 0, 10.0),
     )
@@ -109,6 +113,8 @@ def test_required_alerts_exist() -> None:
     assert "pytracer_process_fd_usage_ratio" in exprs["PytracerFdExhaustionAhead"]
     assert "pytracer_lost_events_total" in exprs["PytracerLosingData"]
     assert "pytracer_socket_table_full" in exprs["PytracerSocketTableFull"]
+    assert "pytracer_service_connection_lifetime_seconds_bucket" in exprs["PytracerServiceLifetimeP95High"]
+    assert 'pytracer_service_connections_ended_total{ender="reset_received"}' in exprs["PytracerIdleResets"]
 
 
 def test_queries_name_only_metrics_the_exporter_exports() -> None:

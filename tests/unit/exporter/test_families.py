@@ -272,3 +272,55 @@ def test_build_and_hook_info() -> None:
     assert reg.get("pytracer_map_entries", map="socks") == 12
     assert reg.get("pytracer_map_entries", map="owners") is None  # unread: absent, not 0
     assert reg.get("pytracer_map_capacity_entries", map="owners") == 1024
+
+
+def service_stats() -> list:
+    from pytracer.kernel.histogram import Histogram
+    from pytracer.table.services import ENDERS, ServiceStats
+
+    def h(*seconds: float) -> Histogram:
+        slots = [0] * abi.PT_HIST_SLOTS
+        for x in seconds:
+            slots[slot_of(int(x * 1e6))] += 1
+        return Histogram(tuple(slots), int(sum(seconds) * 1e6))
+
+    empty = {e: Histogram.empty() for e in ENDERS}
+    return [
+        ServiceStats("5432", "client", ends=4, lifetime=h(100, 100, 100, 100),
+                     idle={**empty, "reset_received": h(300, 300, 301), "local_close": h(1)}),
+        ServiceStats("80", "server", ends=0, idle=dict(empty)),
+        ServiceStats("other", "", ends=7, lifetime=h(*[0.01] * 7), idle={**empty, "local_close": h(*[0.005] * 7)}),
+    ]
+
+
+def test_service_families_bounded_labels_and_exact_buckets() -> None:
+    reg, _ = render(ScrapeInput(services=service_stats()))
+    ended = reg.series("pytracer_service_connections_ended_total")
+    by_service: dict = {}
+    for labels, v in ended.items():
+        key = (dict(labels)["service"], dict(labels)["role"])
+        by_service.setdefault(key, {})[dict(labels)["ender"]] = v
+    assert by_service[("5432", "client")] == {"local_close": 1, "peer_fin": 0, "reset_received": 3,
+                                              "local_abort": 0, "timeout": 0, "never_established": 0}
+    assert sum(by_service[("other", "")].values()) == 7
+    # A named service that never ended a connection has no series yet.
+    assert ("80", "server") not in by_service
+    assert reg.get("pytracer_connection_idle_before_end_seconds_count", service="5432", role="client",
+                   ender="reset_received") == 3
+    assert reg.get("pytracer_connection_idle_before_end_seconds_bucket", service="5432", role="client",
+                   ender="reset_received", le="268.435456") == 0
+    assert reg.get("pytracer_connection_idle_before_end_seconds_bucket", service="5432", role="client",
+                   ender="reset_received", le="536.870912") == 3
+    assert reg.get("pytracer_connection_idle_before_end_seconds_count", service="5432", role="client",
+                   ender="peer_fin") is None
+    assert reg.get("pytracer_service_connection_lifetime_seconds_count", service="other", role="") == 7
+
+
+def test_idle_reset_flag_gauges() -> None:
+    rep = leak_report()
+    rep.flags.append(SimpleNamespace(kind="idle_reset", comm="api", pid=1, seconds=300.0,
+                                     extra={"service": "5432", "role": "client", "t_seconds": 300.0, "hits": 3}))
+    reg, _ = render(ScrapeInput(leaks=rep))
+    assert reg.get("pytracer_idle_reset_seconds", service="5432", role="client") == 300.0
+    assert reg.get("pytracer_idle_reset_connections", service="5432", role="client") == 3
+    assert reg.get("pytracer_flagged_sockets", kind="idle_reset", comm="api") == 1

@@ -28,7 +28,8 @@ def btf_structs() -> dict[str, dict]:
 
 @pytest.mark.parametrize("cname,pytype", [
     ("pt_sock", abi.PtSock), ("pt_hist", abi.PtHist), ("pt_agg", abi.PtAgg), ("pt_config", abi.PtConfig),
-    ("pt_listen_key", abi.PtListenKey),
+    ("pt_listen_key", abi.PtListenKey), ("pt_svc_key", abi.PtSvcKey), ("pt_svc", abi.PtSvc),
+    ("pt_tree", abi.PtTree),
 ])
 def test_struct_layout_matches_btf(cname: str, pytype: type[ctypes.Structure]) -> None:
     st = btf_structs()[cname]
@@ -42,10 +43,20 @@ def test_struct_layout_matches_btf(cname: str, pytype: type[ctypes.Structure]) -
 def test_constants_match_header() -> None:
     header = (Path(__file__).resolve().parents[3] / "bpf" / "pytracer.h").read_text()
     for name in ("PT_STATES", "PT_HIST_SLOTS", "PT_HISTORY", "PT_HIST_STATE", "PT_HIST_LIFETIME",
-                 "PT_AGG_ENTRIES"):
+                 "PT_AGG_ENTRIES", "PT_SVC_SLOTS"):
         line = next(x for x in header.splitlines() if x.startswith((f"#define {name}\t", f"#define {name} ")))
         assert int(line.split()[2]) == getattr(abi, name), name
     for stat in abi.Stat:
         assert f"PT_S_{stat.name}" in header
         line = next(x for x in header.splitlines() if f"PT_S_{stat.name}\t" in x or f"PT_S_{stat.name} " in x)
         assert int(line.split("=")[1].split(",")[0]) == stat.value, stat
+
+
+def test_enders_and_roles_match_header() -> None:
+    header = (Path(__file__).resolve().parents[3] / "bpf" / "pytracer.h").read_text()
+    for prefix, enum_ in (("PT_END_", abi.Ender), ("PT_ROLE_", abi.Role)):
+        for member in enum_:
+            line = next(x for x in header.splitlines() if f"{prefix}{member.name}\t" in x)
+            assert int(line.split("=")[1].split(",")[0]) == member.value, member
+    line = next(x for x in header.splitlines() if "PT_ENDERS\t" in x)
+    assert int(line.split("=")[1].split(",")[0]) == abi.PT_ENDERS

@@ -36,8 +36,14 @@ def test_the_c_program_uses_the_abi_header_and_the_core_map_names() -> None:
         "BPF_PERCPU_ARRAY(agg, struct pt_agg, 1)",
         "BPF_HASH(owners, u32, u8,",
         "BPF_HASH(listeners, struct pt_listen_key, u32,",
+        "BPF_HASH(svc_ports, struct pt_svc_key, u32, PT_SVC_SLOTS)",
+        "BPF_PERCPU_ARRAY(svc, struct pt_svc, PT_SVC_SLOTS)",
     ):
         assert decl in src
+    # What bpf/lifecycle.bpf.h asks of the including file, for idle before end.
+    for accessor in ("#define PT_CFG_HZ", "svc_slot(struct pt_svc_key *k)", "struct pt_svc *svc_get(u32 slot)",
+                     "void read_end_facts(struct sock *sk,"):
+        assert accessor in src, accessor
     # Every program the planner can attach exists in the source.
     for hook in hooks.HOOKS:
         for c in hooks.candidates(hook, "bcc"):
@@ -171,3 +177,25 @@ def test_syscall_hooks_default_comes_from_the_environment(monkeypatch: pytest.Mo
     monkeypatch.setenv("PYTRACER_SYSCALL_HOOKS", "1")
     assert bb.BccTracer().syscall_hooks and Tracer().syscall_hooks
     assert not Tracer(syscall_hooks=False).syscall_hooks
+
+
+def test_following_a_tree_plans_and_compiles_the_fork_twins_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bb, "_tp_exists", lambda target: True)
+    monkeypatch.setattr(bb, "_tp_has_field", lambda target, field: True)
+    src = (ROOT / "bpf" / bb.SOURCE_NAME).read_text()
+    plain = bb.BccTracer(pids=[1])
+    plain.source = ROOT / "bpf" / bb.SOURCE_NAME
+    assert "follow" not in plain._plan(features())
+    assert not any("PT_FOLLOW" in f for f in plain._cflags(features()))
+    t = bb.BccTracer(pids=[1], follow_forks=True)
+    t.source = plain.source
+    plan = t._plan(features())
+    assert [c.programs for c in plan["follow"]] == [("fork_tracepoint", "exit_tracepoint")]
+    for p in plan["follow"][0].programs:
+        assert f"int {p}(" in src, p
+    assert {"-DPT_FOLLOW=1", f"-DPT_MAX_OWNERS={bb.FOLLOW_MAX_PIDS}"} <= set(t._cflags(features()))
+    # The twins sit behind PT_FOLLOW: the default compile is what it was.
+    follow = src.index("#ifdef PT_FOLLOW")
+    assert src.index("int fork_tracepoint(") > follow and src.index("int exit_tracepoint(") > follow
+    with pytest.raises(TracerError, match="needs a pid filter"):
+        bb.BccTracer(follow_forks=True)

@@ -1,0 +1,80 @@
+"""Reports on an older table (pytracer.table.poll.TablePoller): between table
+reads, the state counts follow the kernel's counters.  Ground truth: the
+connections this test opens and closes itself, on a port nobody else uses.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import pytest
+
+from pytracer.kernel.core import Tracer
+from pytracer.table import poll as poller
+from pytracer.views import model
+
+pytestmark = pytest.mark.kernel
+
+
+def _pairs(n: int) -> tuple[socket.socket, list[tuple[socket.socket, socket.socket]]]:
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(n)
+    out = []
+    for _ in range(n):
+        c = socket.create_connection(lst.getsockname(), timeout=5)
+        s, _ = lst.accept()
+        out.append((c, s))
+    return lst, out
+
+
+def _established(report: dict[str, Any]) -> int:
+    return int(report["states"].get("ESTABLISHED", 0))
+
+
+def test_state_counts_between_table_reads() -> None:
+    me = os.getpid()
+    # Filtered to this process in the kernel: other tenants' sockets don't count.
+    with Tracer(pids=[me]) as t:
+        tp = poller.TablePoller(t, duty=1e-9, max_age=3600)  # one table read, then never due
+        opts = model.ReportOptions(pids=(me,), top=5, start_mono_ns=time.monotonic_ns())
+        first = tp.poll()
+        base = model.build_report(first, None, opts)
+        assert base["tracer"]["table_age_seconds"] == 0.0
+        lst, pairs = _pairs(20)
+        try:
+            time.sleep(0.2)
+            snap = tp.poll()
+            assert tp.reads == 1 and snap.table_mono_ns == first.table_mono_ns
+            rep = model.build_report(snap, first, opts)
+            assert rep["tracer"]["table_age_seconds"] > 0.1
+            # Both ends of each connection: the table read before them has none.
+            assert _established(base) == 0
+            assert _established(rep) == 40, rep["states"]
+            for c, s in pairs[:10]:
+                c.close()
+                s.close()
+            time.sleep(0.2)
+            rep2 = model.build_report(tp.poll(), snap, opts)
+            assert _established(rep2) == 20, rep2["states"]
+        finally:
+            for c, s in pairs:
+                c.close()
+                s.close()
+            lst.close()
+
+
+def test_table_read_as_its_cost_allows() -> None:
+    with Tracer() as t:
+        tp = poller.TablePoller(t, duty=0.5)
+        tp.poll()
+        assert tp.reads == 1
+        tp.charge(10.0)  # as if the read and its view took 10 s: next read due in 20 s
+        tp.poll()
+        assert tp.reads == 1
+        tp.max_age = 0.0  # bound on staleness wins
+        tp.poll()
+        assert tp.reads == 2
