@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import pytest
 
 from .conftest import IN_VM, fdinfo_ids, live_prog_ids, tracer_cmd
-from .soak import Lines, build_churn, free_port, metric_value, wait_for
+from .soak import Lines, Oracle, build_churn, free_port, metric_value, wait_for
 
 START_S = 600 if IN_VM else 90
 # How long the tracers stay stopped under load.  The property (the kernel
@@ -122,6 +122,20 @@ def start_client(churn: str, port: int, n: int, rate: int, procs: list[Lines]) -
     return c
 
 
+def start_oracle(port: int, procs: list[Any]) -> Oracle:
+    """bpftrace counting opens and closes on port, in its own maps."""
+    o = Oracle((port, port))
+    procs.append(o)
+    return o
+
+
+def oracle_counts(o: Oracle, port: int) -> tuple[int, int]:
+    """(opened, closed) sockets on port, both sides, as bpftrace counted them."""
+    c = o.stop()
+    return tuple(c.get(f"{what}:{port}:active", 0) + c.get(f"{what}:{port}:passive", 0)  # type: ignore[return-value]
+                 for what in ("open", "close"))
+
+
 def go(p: Lines) -> None:
     assert p.p.stdin is not None
     p.p.stdin.write("go\n")
@@ -153,13 +167,13 @@ def gone(ids: set[int], timeout: float = 20) -> bool:
 
 
 def test_sigstop_under_churn_then_sigcont_totals_exact_one_catch_up_report(
-        churn: str, procs: list[Lines], oracle: Any, tmp_path: Path) -> None:
+        churn: str, procs: list[Lines], tmp_path: Path) -> None:
     """Both tracers stopped for STOP_S while every connection of the load
     happens; after SIGCONT the next scrape and one watch report carry it all."""
     server, port = start_server(churn, procs)
     rate = 500
     client = start_client(churn, port, int(rate * (STOP_S - 2)), rate, procs)
-    o = oracle(port, count_only=True)
+    o = start_oracle(port, procs)
     watch, export = Watch(tmp_path, *pid_args(server, client)), Export(tmp_path, *pid_args(server, client))
     procs += [watch, export]
     watch.wait_attached()
@@ -193,9 +207,7 @@ def test_sigstop_under_churn_then_sigcont_totals_exact_one_catch_up_report(
     assert len(after) <= 4, f"{len(after)} reports in {time.monotonic() - resumed:.1f} s after resuming"
     assert all(r["opened"] == 0 for _, r in after[1:])
 
-    rows = o.stop()
-    opened_oracle = sum(1 for _, old, new, _, _ in rows if (old, new) in ((7, 2), (10, 3)))
-    closed_oracle = sum(1 for _, old, new, _, _ in rows if new == 7 and old != 10)
+    opened_oracle, closed_oracle = oracle_counts(o, port)
     assert opened_oracle == closed_oracle == want
     assert watch.last()["opened_total"] == watch.last()["closed_total"] == want
     figure("sigstop", stopped_s=round(resumed - stopped, 1), connections=counts["completed"], sockets=want,
@@ -206,12 +218,12 @@ def test_sigstop_under_churn_then_sigcont_totals_exact_one_catch_up_report(
 
 
 def test_watch_and_export_at_once_both_exact_neither_disturbs_the_other(
-        churn: str, procs: list[Lines], oracle: Any, tmp_path: Path) -> None:
+        churn: str, procs: list[Lines], tmp_path: Path) -> None:
     """watch runs throughout; export starts after burst 1 and stops after
     burst 2.  watch counts all three bursts, export exactly burst 2."""
     server, port = start_server(churn, procs)
     clients = [start_client(churn, port, 3000, 1500, procs) for _ in range(3)]
-    o = oracle(port, count_only=True)
+    o = start_oracle(port, procs)
     watch = Watch(tmp_path, *pid_args(server, *clients))
     procs.append(watch)
     watch.wait_attached()
@@ -240,9 +252,7 @@ def test_watch_and_export_at_once_both_exact_neither_disturbs_the_other(
     go(clients[2])
     n3 = 2 * finish(clients[2])["completed"]
     last = watch.settle("closed_total", n1 + n2 + n3)
-    rows = o.stop()
-    opened_oracle = sum(1 for _, old, new, _, _ in rows if (old, new) in ((7, 2), (10, 3)))
-    closed_oracle = sum(1 for _, old, new, _, _ in rows if new == 7 and old != 10)
+    opened_oracle, closed_oracle = oracle_counts(o, port)
     assert last["opened_total"] == last["closed_total"] == opened_oracle == closed_oracle == n1 + n2 + n3
     # Per-interval counts add up across export's start and stop: nothing counted twice or lost.
     assert sum(r["opened"] for _, r in watch.arrivals) == n1 + n2 + n3
