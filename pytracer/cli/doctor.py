@@ -90,7 +90,31 @@ def gather(obj: Context) -> dict:
     fdscan.close_shared()
     out["fd_scan"] = {"method": method, "why": why}
     out["sock_destroy"] = _sock_destroy()
+    out["running_tracers"], out["warnings"] = running()
     return out
+
+
+def running() -> tuple[list[dict] | str, list[str]]:
+    """The socket tables of the tracers running on this host, and a warning
+    for each one that is full now (or a note for one that was earlier)."""
+    from pytracer.table.health import running_tables
+
+    try:
+        tables = running_tables(exclude_pid=os.getpid())
+    except (libbpf.LibbpfError, OSError) as exc:
+        return f"not readable ({exc}): reading other tracers' tables needs CAP_SYS_ADMIN", []
+    rows, warnings = [], []
+    for t in tables:
+        who = f"{t.comm} (pid {t.pid})"
+        # One reading from outside: a table at capacity refuses every new socket.
+        full = t.capacity > 0 and t.entries >= t.capacity
+        if full:
+            warnings.append(f"WARNING: {who}: socket table full ({t.entries:,}/{t.capacity:,} entries), "
+                            f"{t.failed_total:,} socket(s) could not be tracked since it started: "
+                            "its counts cover tracked sockets only: restart it with a larger --max-sockets")
+        rows.append({"pid": t.pid, "command": t.comm, "entries": t.entries, "capacity": t.capacity,
+                     "insert_failed": t.failed_total, "table_full": full})
+    return rows, warnings
 
 
 def _sock_destroy() -> dict:
@@ -159,6 +183,15 @@ def doctor(obj: Context, as_json: bool) -> None:
         click.echo("fd scan       " + ("BPF iterators: " if fs["method"] == "bpf" else "/proc walk: ") + fs["why"])
         sd = info["sock_destroy"]
         click.echo(f"sock destroy  {yes[sd['available']]}: {sd['why']}")
+        tracers = info["running_tracers"]
+        if isinstance(tracers, str) or not tracers:
+            click.echo(f"tracers       {tracers or 'none running'}")
+        for t in tracers if isinstance(tracers, list) else []:
+            failed = f", {t['insert_failed']:,} could not be tracked since it started" if t["insert_failed"] else ""
+            click.echo(f"tracer        pid {t['pid']} {t['command']}: socket table {t['entries']:,}/{t['capacity']:,}"
+                       + failed)
+        for w in info["warnings"]:
+            click.echo(w)
         click.echo(f"status        {info['status']}")
     if not str(info["status"]).startswith("ok"):
         raise SystemExit(1)

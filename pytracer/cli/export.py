@@ -148,9 +148,9 @@ def _serve(obj: Context, server: ExporterServer, registry, opts: ExportOptions,
                 stats = BpfStats()
             except ExportError as exc:
                 log.warning("%s; continuing without", exc)
-        _seed(tracer, opts.pids)
+        seed_failed = _seed(tracer, opts.pids)
         collector = TracerCollector(tracer, opts, thresholds=thresholds, bpf_stats=stats is not None,
-                                    leak_interval=leak_interval)
+                                    leak_interval=leak_interval, seed_failed=seed_failed)
         thread = None
         try:
             collector.start()
@@ -179,19 +179,20 @@ def _serve(obj: Context, server: ExporterServer, registry, opts: ExportOptions,
             log.info("stopped after %d scrape(s); detaching", collector.scrapes)
 
 
-def _seed(tracer, pids: tuple[int, ...]) -> None:
+def _seed(tracer, pids: tuple[int, ...]) -> int:
     """Put the sockets that already exist into the kernel table (pytracer.inventory.seed),
-    so pytracer_sockets counts them from the first scrape."""
+    so pytracer_sockets counts them from the first scrape.  Returns how many did not fit."""
     try:
         from pytracer.inventory.seed import seed  # noqa: PLC0415 - optional layer
     except ImportError:
         log.info("leak detection layer not installed: pre-existing sockets are not seeded")
-        return
+        return 0
     try:
         res = seed(tracer, pids)
     except Exception as exc:  # noqa: BLE001 - seeding is best effort; the tracer still runs
         log.warning("seeding pre-existing sockets failed: %s", exc)
-        return
+        return 0
     log.info("%s (%.2fs)", res.summary(), res.seconds)
     for err in res.errors[:5]:
         log.warning("seeding: %s", err)
+    return int(res.failed)

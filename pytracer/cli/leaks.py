@@ -73,9 +73,12 @@ def leaks(obj: Context, pids: tuple[int, ...], samples: int, interval: float, to
     thresholds = thresholds_from(kw, top)
     preload_leaks()
     tracer = make_tracer(obj, pids, max_sockets, services_from(kw))
+    start_ns = time.monotonic_ns()
     with tracer:
         from pytracer.inventory.seed import seed  # preloaded while attaching
         from pytracer.leaks.scanner import Scanner
+        from pytracer.table import poll as poller
+        from pytracer.table.health import FillTracker, failed_inserts
 
         sr = seed(tracer, pids)
         scanner = Scanner(tracer, thresholds, pids=pids)
@@ -84,6 +87,10 @@ def leaks(obj: Context, pids: tuple[int, ...], samples: int, interval: float, to
         for _ in range(samples - 1):
             time.sleep(interval)
             rep = scanner.scan()
+        # Sockets the table could not take (seeding's included) were not scanned as candidates.
+        table = FillTracker(start_ns).update(time.monotonic_ns(), len(poller.read_socks(tracer)[0]),
+                                             tracer.max_sockets, failed_inserts(poller.read_totals(tracer)) + sr.failed)
+    warnings = [w for w in (table.warning(),) if w]
     if not rep.stats.get("netns_covered"):
         raise click.ClickException("could not read the TCP socket inventory: " + ("; ".join(rep.errors) or "?"))
     scope = "pids " + ",".join(map(str, pids)) if pids else "whole host"
@@ -91,9 +98,12 @@ def leaks(obj: Context, pids: tuple[int, ...], samples: int, interval: float, to
         out = rep.to_json()
         out["seed"] = sr.to_json()
         out["thresholds"] = dict(thresholds.__dict__)
+        out["table"] = {"entries": table.entries, "capacity": table.capacity, "insert_failed": table.failed_total,
+                        **table.to_json()}
+        out["warnings"] = warnings
         click.echo(json.dumps(out, separators=(",", ":")))
     else:
-        click.echo(render_text(rep, sr, scope))
+        click.echo("\n".join([*warnings, render_text(rep, sr, scope)]))
     sys.stdout.flush()
     if rep.flags:
         sys.exit(EXIT_FLAGGED)

@@ -45,7 +45,8 @@ def intervals(interval: float, duration: float | None, clock: Callable[[], float
 
     A consumer slower than the interval (a leak scan takes ~16 s at 1M
     sockets) skips the ticks it missed: one report follows at once, not one
-    per missed tick back to back.
+    per missed tick back to back.  A stopped process (SIGSTOP) wakes into one
+    catch-up report, then back on the grid.
     """
     start = clock()
     n = math.inf if duration is None else max(1, math.ceil(duration / interval - 1e-9))
@@ -58,6 +59,10 @@ def intervals(interval: float, duration: float | None, clock: Callable[[], float
         delay = deadline - clock()
         if delay > 0:
             sleep(delay)
+            # A sleep that overran (the process was stopped: SIGSTOP, a paused VM) wakes
+            # into a catch-up report: count it as the current tick, so the next one waits
+            # for the grid instead of following at once.
+            i = int(min(n, max(i, int((clock() - start) / interval))))
         yield i
 
 
@@ -71,8 +76,10 @@ def services_enricher(report: dict[str, Any], snap: Any, tracer: Any, opts: Any,
 
 def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: float | None, top: int,
             start_ns: int, enrichers: Iterable[Callable[..., Any]] = (),
-            extra: dict[str, Any] | None = None) -> Iterator[tuple[dict[str, Any], poller.Snapshot]]:
+            extra: dict[str, Any] | None = None, seed_failed: int = 0,
+            ) -> Iterator[tuple[dict[str, Any], poller.Snapshot]]:
     from pytracer.table import poll as poller
+    from pytracer.table.health import FillTracker, failed_inserts
     from pytracer.views import model
 
     opts = model.ReportOptions(pids=pids, top=top, start_mono_ns=start_ns, max_sockets=tracer.max_sockets,
@@ -82,6 +89,7 @@ def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: fl
     # The aggregates every interval, the table as its cost allows.
     table = poller.TablePoller(tracer)
     view: model.TableView | None = None
+    fill = FillTracker(start_ns)
     for _ in intervals(interval, duration):
         snap = table.poll()
         if view is None or view.table_mono_ns != snap.table_mono_ns:
@@ -90,6 +98,11 @@ def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: fl
             view = model.table_view(snap, opts)
             table.charge(time.perf_counter() - t0)
         report = model.build_report(snap, prev, opts, view)
+        # Sockets the table could not take (seeding's included) are in no count: say so while recent.
+        health = fill.update(snap.mono_ns, len(snap.socks), tracer.max_sockets,
+                             failed_inserts(snap.totals) + seed_failed)
+        report["tracer"].update(health.to_json())
+        report["warnings"] = [w for w in (health.warning(),) if w]
         # Each enricher adds to the report (the leak detectors' flags; they
         # keep their own duty cycle).
         for enrich in enrichers:
@@ -145,7 +158,7 @@ def watch(obj: Context, pids: tuple[int, ...], interval: float, duration: float 
         if seeded.skipped:
             extra["seed_skipped"] = seeded.skipped
         enrichers = [services_enricher] + ([] if no_leaks else [watch_enricher(thresholds)])
-        stream = reports(tracer, pids, interval, duration, top, start_ns, enrichers, extra)
+        stream = reports(tracer, pids, interval, duration, top, start_ns, enrichers, extra, seeded.failed)
         if as_json:
             for report, _ in stream:
                 sys.stdout.write(json.dumps(report, separators=(",", ":")) + "\n")

@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 from pytracer import __version__
 from pytracer.exporter import ExportError
 from pytracer.exporter.families import NAMESPACE, ExportOptions, MapStat, ProgramStat, ScrapeInput, build_families
+from pytracer.table.health import FillTracker, failed_inserts
 
 log = logging.getLogger("pytracer.exporter")
 
@@ -112,8 +113,12 @@ class TracerCollector(Collector):
         thresholds: Mapping[str, Any] | None = None,
         bpf_stats: bool = False,
         leak_interval: float = DEFAULT_LEAK_INTERVAL,
+        seed_failed: int = 0,
     ) -> None:
         self.tracer = tracer
+        # Failed inserts (seeding's too) by time, for pytracer_socket_table_full.
+        self._fill = FillTracker(time.monotonic_ns())
+        self._seed_failed = seed_failed
         self.leak_interval = leak_interval
         # Held around every read of the tracer's maps (scrape and scan thread)
         # so close() can wait for them before the tracer frees its maps.
@@ -274,6 +279,9 @@ class TracerCollector(Collector):
             self._failed("services", exc)
         mono = time.monotonic_ns()
         inp.totals, inp.socks = totals, socks
+        if totals is not None and socks is not None:
+            inp.table = self._fill.update(mono, len(socks), int(getattr(self.tracer, "max_sockets", 0)),
+                                          failed_inserts(totals) + self._seed_failed)
         inp.poll_seconds = time.perf_counter() - t0
 
         try:

@@ -111,6 +111,7 @@ class ScrapeInput:
     services: list[Any] | None = None  # pytracer.table.services.ServiceStats
     hooks: list[tuple[str, str, str]] = field(default_factory=list)  # (hook, kind, program)
     build: dict[str, str] = field(default_factory=dict)
+    table: Any = None  # pytracer.table.health.TableFill
 
 
 def fold_top(
@@ -437,6 +438,14 @@ def _tracer_families(inp: ScrapeInput) -> list[Metric]:
         for name, st in INSERT_FAILURE_STATS.items():
             fails.add_metric([name], float(t.stat(st)))
         out.append(fails)
+    if inp.table is not None:
+        full = GaugeMetricFamily(
+            f"{ns}_socket_table_full",
+            "1 while the socket table is full or refused an insert in the last 10 s or more (since the previous "
+            "scrape at least): the socket and state figures then miss the sockets it could not track.",
+        )
+        full.add_metric([], float(inp.table.full))
+        out.append(full)
     if t is not None or misses is not None:
         lost = CounterMetricFamily(
             f"{ns}_lost_events",

@@ -35,6 +35,7 @@ from pytracer.kernel.environment import (
     Features,
     ensure_mounts,
     kernel_hz,
+    memlock_limit,
     probe_features,
     require_privileges,
 )
@@ -317,8 +318,10 @@ class Tracer(TracerHandle):
             what = "loading " + ", ".join(sorted(names))
         hint = ""
         old_kernel = self.features is not None and self.features.version < (5, 11)
-        if exc.errno in (1, 13) and "ulimit" in exc.log and old_kernel:
-            hint = " (kernel refused; on kernels before 5.11 raise `ulimit -l`)"
+        if exc.errno in (1, 13) and old_kernel and memlock_limit() != "unlimited":
+            # libbpf raises the limit itself where it may (CAP_SYS_RESOURCE); here it could not.
+            hint = (f" (RLIMIT_MEMLOCK is {memlock_limit()} and kernels before 5.11 charge BPF memory to it: "
+                    "run `ulimit -l unlimited` first, or grant CAP_SYS_RESOURCE)")
         return f"{what} failed: {os.strerror(exc.errno)}{hint}"
 
     def _load_and_attach(self, data: bytes, plan: dict[str, Choice]) -> None:

@@ -81,12 +81,18 @@ def _load() -> ctypes.CDLL:
         if not hasattr(lib, "bpf_object__open_mem") or not hasattr(lib, "bpf_program__set_autoload"):
             errors.append(f"{name} is older than libbpf 1.0")
             continue
+        try:
+            _declare(lib)
+        except AttributeError as exc:  # a 0.x libbpf: some function we call is missing
+            missing = str(exc).rsplit(": ", 1)[-1]
+            errors.append(f"{name} is older than libbpf 1.0 ({missing})")
+            continue
         _lib = lib
-        _declare(lib)
         return lib
+    found = any("older than" in e for e in errors)
     raise LibbpfMissing(
-        "libbpf.so.1 not found (" + "; ".join(errors or ["no candidates"]) + "): "
-        "install it (apt install libbpf1) or set PYTRACER_LIBBPF=/path/to/libbpf.so.1"
+        ("no usable libbpf" if found else "libbpf.so.1 not found") + " (" + "; ".join(errors or ["no candidates"])
+        + "): install libbpf 1.0 or newer (apt install libbpf1) or set PYTRACER_LIBBPF=/path/to/libbpf.so.1"
     )
 
 
@@ -283,6 +289,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         [c_int, c_void_p, c_void_p, ctypes.POINTER(c_uint32), ctypes.POINTER(BpfMapBatchOpts)], None)
     _fn(lib, "bpf_map_get_next_key", c_int, [c_int, c_void_p, c_void_p], None)
     _fn(lib, "bpf_obj_get_info_by_fd", c_int, [c_int, c_void_p, ctypes.POINTER(c_uint32)], None)
+    _fn(lib, "bpf_map_get_next_id", c_int, [c_uint32, ctypes.POINTER(c_uint32)], None)
+    _fn(lib, "bpf_map_get_fd_by_id", c_int, [c_uint32], None)
     _fn(lib, "libbpf_num_possible_cpus", c_int, [], N)
     _fn(lib, "libbpf_probe_bpf_prog_type", c_int, [c_int, c_void_p], None)
     lib.libbpf_set_print(_print_cb)
@@ -443,6 +451,28 @@ class Program:
         if rc < 0:
             raise LibbpfError(_errno_of(rc), f"prog info {self.name}")
         return info
+
+
+class MapInfo(ctypes.Structure):
+    """The head of struct bpf_map_info (include/uapi/linux/bpf.h): the kernel
+    fills as much as we ask for."""
+
+    _fields_ = [("type", c_uint32), ("id", c_uint32), ("key_size", c_uint32), ("value_size", c_uint32),
+                ("max_entries", c_uint32), ("map_flags", c_uint32), ("name", ctypes.c_char * 16)]
+
+
+def map_ids() -> Iterator[int]:
+    """IDs of every BPF map on the host (needs CAP_SYS_ADMIN).  Bounded by the ID space."""
+    lib = library()
+    cur = c_uint32(0)
+    for _ in range(1 << 24):
+        rc = lib.bpf_map_get_next_id(cur.value, ctypes.byref(cur))
+        if rc < 0:
+            err = _errno_of(rc)
+            if err == errno_mod.ENOENT:  # the last one
+                return
+            raise LibbpfError(err, "list BPF maps")
+        yield cur.value
 
 
 class Map:
@@ -671,6 +701,53 @@ class Map:
             failed.append((done, err))
             done += 1
         return count - len(failed), failed
+
+
+class MapById(Map):
+    """A map another process loaded, opened by its ID (needs CAP_SYS_ADMIN):
+    the same reads as :class:`Map`.  Close it (or use ``with``)."""
+
+    def __init__(self, map_id: int) -> None:
+        fd = library().bpf_map_get_fd_by_id(map_id)
+        if fd < 0:
+            raise LibbpfError(_errno_of(fd), f"open map id {map_id}")
+        self._fd = fd
+        info = MapInfo()
+        size = c_uint32(ctypes.sizeof(info))
+        rc = library().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size))
+        if rc < 0:
+            os.close(fd)
+            raise LibbpfError(_errno_of(rc), f"map info of id {map_id}")
+        self.info = info
+        self.id = map_id
+        self.name = info.name.decode(errors="replace")
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @property
+    def max_entries(self) -> int:
+        return int(self.info.max_entries)
+
+    @property
+    def key_size(self) -> int:
+        return int(self.info.key_size)
+
+    @property
+    def value_size(self) -> int:
+        return int(self.info.value_size)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> MapById:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class BpfObject:

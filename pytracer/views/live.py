@@ -71,6 +71,7 @@ def render(report: dict[str, Any], hist: Histogram, header: str) -> Group:
         f"lifetime p50 {duration(life['p50_seconds'])} p99 {duration(life['p99_seconds'])}   ",
         (f"map {tr['map_entries']}/{tr['map_capacity']}   ", ""),
         (f"insert failures {tr['insert_failed']}", "bold red" if tr["insert_failed"] else "green"),
+        *(("\n" + w, "bold red") for w in report.get("warnings") or []),
     )
     top = Table.grid(padding=(0, 4))
     top.add_row(_states_table(report), _chart(hist))

@@ -59,7 +59,7 @@ SOCKET_HEADERS = ["PID", "COMM", "STATE", "AGE", "IN STATE", "LOCAL", "REMOTE", 
 
 def plain(report: dict[str, Any], hist: Histogram) -> str:
     """A compact text block for non-terminal output."""
-    lines = []
+    lines = list(report.get("warnings") or [])
     states = " ".join(f"{k}={v}" for k, v in report["states"].items()) or "(none)"
     lines.append(
         f"[{report['ts']:.0f}] opened {report['opened']} ({report['opened_per_second']}/s) "

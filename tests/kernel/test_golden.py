@@ -394,7 +394,15 @@ def test_time_wait_lists_whole_host(scenario: Scenario) -> None:
 
 def test_doctor_json_shape() -> None:
     require_root()
-    r, progs, links = run_watching_ids(["doctor", "--json"])
+    # A tracer of our own runs meanwhile, so running_tracers has a row to shape.
+    other = subprocess.Popen([*tracer_cmd(), "watch", "--json", "--pid", str(os.getpid())],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert other.stderr is not None and "attached" in other.stderr.readline()
+        r, progs, links = run_watching_ids(["doctor", "--json"])
+    finally:
+        other.terminate()
+        other.wait(timeout=60)
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["status"].startswith("ok"), info["status"]

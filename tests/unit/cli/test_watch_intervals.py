@@ -53,3 +53,21 @@ def test_slow_consumer_still_ends_at_duration_with_one_last_report() -> None:
     got = run(2.0, 12.0, {0: 16.0})
     assert [round(at, 6) for _, at in got] == [2.0, 18.0]
     assert got[-1][0] == 6
+
+
+def test_stopped_process_wakes_into_one_report_then_the_grid() -> None:
+    """SIGSTOP for 8.3 s during the sleep before tick 2: one catch-up report on waking, not two."""
+    c = FakeClock()
+    stretched = []
+
+    def sleep(s: float) -> None:
+        c.sleep(s + (8.3 if len(stretched) == 1 else 0.0))
+        stretched.append(s)
+
+    got = []
+    for k, _ in enumerate(intervals(1.0, None, clock=c, sleep=sleep)):
+        got.append(round(c.now - 100.0, 6))
+        c.now += 0.01
+        if k >= 3:
+            break
+    assert got == [1.0, 10.3, 11.0, 12.0]

@@ -18,6 +18,7 @@ from pytracer.exporter.collector import TracerCollector
 from pytracer.exporter.families import ExportOptions, MapStat, ProgramStat, ScrapeInput, build_families
 from pytracer.kernel import abi
 from pytracer.kernel.environment import CAPABILITY_USES
+from pytracer.table.health import TableFill
 from tests.privileges import documented_capabilities, granted
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -71,7 +72,7 @@ def exported_metric_names() -> set[str]:
         totals=make_totals([agg]), socks=sock_table([(1, 1)]), poll_seconds=0.1, leaks=rep,
         services=service_stats(),
         maps=[MapStat("socks", 1, 10)], programs=[ProgramStat("p", 1, 1, 0)], bpf_stats=True,
-        hooks=[("state", "tp_btf", "p")], build={"version": "v"},
+        hooks=[("state", "tp_btf", "p")], build={"version": "v"}, table=TableFill(1, 10, 0, 0, 10.0),
     )
     fams, _ = build_families(inp, ExportOptions())
     collector = TracerCollector(None, scanner=SimpleNamespace(scan=None))
@@ -113,6 +114,7 @@ def test_required_alerts_exist() -> None:
     assert "histogram_quantile(0.95" in exprs["PytracerConnectionLifetimeP95High"]
     assert "pytracer_process_fd_usage_ratio" in exprs["PytracerFdExhaustionAhead"]
     assert "pytracer_lost_events_total" in exprs["PytracerLosingData"]
+    assert "pytracer_socket_table_full" in exprs["PytracerSocketTableFull"]
     assert "pytracer_service_connection_lifetime_seconds_bucket" in exprs["PytracerServiceLifetimeP95High"]
     assert 'pytracer_service_connections_ended_total{ender="reset_received"}' in exprs["PytracerIdleResets"]
 
