@@ -350,6 +350,24 @@ def live_prog_ids() -> set[int]:
     return {p["id"] for p in json.loads(out.stdout or "[]")}
 
 
+def live_link_ids() -> set[int]:
+    out = subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True, timeout=30)
+    return {int(x["id"]) for x in json.loads(out.stdout or "[]")}
+
+
+def gone(progs: set[int], links: set[int] = frozenset(), timeout: float = 10) -> bool:
+    """Every program and link in the sets freed (bpftool as the witness)?
+    The kernel frees a program a little after its last fd closes (deferred
+    work), so a check made right at a process's exit may still see it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not (progs & live_prog_ids()) and not (links and links & live_link_ids()):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
 @pytest.fixture
 def bpf_stats() -> Any:
     """kernel.bpf_stats_enabled=1 for the test (run_time_ns, run_cnt)."""

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from .conftest import IN_VM, fdinfo_ids, live_prog_ids, tracer_cmd
+from .conftest import IN_VM, fdinfo_ids, gone, live_prog_ids, tracer_cmd
 from .soak import Lines, Oracle, build_churn, free_port, metric_value, wait_for
 
 START_S = 600 if IN_VM else 90
@@ -151,16 +151,6 @@ def finish(client: Lines, timeout: float = 120) -> dict[str, Any]:
     out = next(json.loads(x) for x in client.lines if '"role":"client"' in x.replace(" ", ""))
     assert out["errors"] == 0 and out["completed"] == out["started"], out
     return out
-
-
-def gone(ids: set[int], timeout: float = 20) -> bool:
-    """Every BPF program in ids freed (bpftool as the witness)?"""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not ids & live_prog_ids():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 # --- SIGSTOP / SIGCONT ---------------------------------------------------------------

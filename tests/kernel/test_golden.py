@@ -47,7 +47,7 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import IN_VM, PYTHON, ROOT, WORKLOAD, Proc, fdinfo_ids, live_prog_ids, tracer_cmd
+from .conftest import IN_VM, PYTHON, ROOT, WORKLOAD, Proc, fdinfo_ids, gone, live_prog_ids, tracer_cmd
 from .exporter_helpers import Exporter, bpftool_ids, start_workload
 from .leaky_support import require_root, wait_until
 
@@ -359,7 +359,7 @@ def test_leaks_json_shape(scenario: Scenario) -> None:
     kinds = {f["kind"] for f in rep["flags"]}
     assert FLAG_KINDS <= kinds, f"scenario: flags {sorted(kinds)}, want {sorted(FLAG_KINDS)}"
     assert not rep["errors"], rep["errors"]
-    assert not (progs & live_prog_ids()) and not (links & bpftool_ids("link")), "tracer leaks left BPF attached"
+    assert gone(progs, links), "tracer leaks left BPF attached"
     check_golden("leaks", json_shape(rep), rep)
 
 
@@ -386,7 +386,7 @@ def test_time_wait_lists_whole_host(scenario: Scenario) -> None:
     watch_tw = json.loads(w.stdout.splitlines()[-1])["leaks"]["time_wait"]
     assert leaks_tw and watch_tw, f"scenario: no TIME_WAIT destinations on the host ({leaks_tw}, {watch_tw})"
     for who, (p, lk) in {"leaks": (progs, links), "watch": (wprogs, wlinks)}.items():
-        assert not (p & live_prog_ids()) and not (lk & bpftool_ids("link")), f"tracer {who} left BPF attached"
+        assert gone(p, lk), f"tracer {who} left BPF attached"
     got = {f"leaks: {k}": v for k, v in json_shape({"time_wait": leaks_tw}).items()}
     got.update({f"watch: leaks.{k}": v for k, v in json_shape({"time_wait": watch_tw}).items()})
     check_golden("time_wait_whole_host", got, {"leaks": leaks_tw, "watch": watch_tw})
@@ -406,7 +406,7 @@ def test_doctor_json_shape() -> None:
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["status"].startswith("ok"), info["status"]
-    assert not (progs & live_prog_ids()) and not (links & bpftool_ids("link")), "tracer doctor left BPF attached"
+    assert gone(progs, links), "tracer doctor left BPF attached"
     check_golden("doctor", json_shape(info), info)
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from pytracer.kernel import hooks
 
-from .conftest import IN_VM, live_prog_ids, prog_ids_of, tracer_cmd
+from .conftest import IN_VM, gone, live_prog_ids, prog_ids_of, tracer_cmd
 from .leaky_support import Nginx, ss, wait_until
 
 pytest_plugins = ["tests.kernel.conftest_leaks"]
@@ -223,7 +223,7 @@ def test_nothing_left_attached_after_a_normal_exit() -> None:
     p, ids, _ = _start("--", "sleep", "1")
     p.communicate(timeout=TIMEOUT)
     assert p.returncode == 0
-    assert not (ids & live_prog_ids())
+    assert gone(ids)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -236,7 +236,7 @@ def test_signals_go_to_the_command_then_the_tracer_detaches(sig: signal.Signals)
     assert time.monotonic() - t0 < 10
     assert not _alive(cmd)
     assert f"exited {128 + sig}" in out
-    assert not (ids & live_prog_ids())
+    assert gone(ids)
 
 
 def test_kill_9_of_the_tracer_leaves_nothing_attached_and_stops_the_command() -> None:
