@@ -14,7 +14,6 @@ cost no tracer can remove.
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 import threading
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from typing import Iterator
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from lib import BUILD, REPO  # noqa: E402
+from lib import REPO, build_bpf  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 
@@ -33,13 +32,7 @@ PROGS = ("floor_state", "floor_destroy", "floor_reset")
 
 
 def build() -> bytes:
-    BUILD.mkdir(exist_ok=True)
-    out = BUILD / "floor.bpf.o"
-    src = HERE / "floor.bpf.c"
-    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-        subprocess.run(["clang", "-g", "-O2", "-target", "bpf", "-D__TARGET_ARCH_x86", "-Wall", "-Werror",
-                        f"-I{REPO / 'bpf'}", "-c", str(src), "-o", str(out)], check=True, timeout=120)
-    return out.read_bytes()
+    return build_bpf("floor")
 
 
 @contextmanager

@@ -83,6 +83,18 @@ def build_c(name: str) -> str:
     return str(out)
 
 
+def build_bpf(name: str) -> bytes:
+    """bench/harness/NAME.bpf.c built (CO-RE, against bpf/) into bench/build/NAME.bpf.o when missing or
+    older than its source; the object's bytes."""
+    BUILD.mkdir(exist_ok=True)
+    out = BUILD / f"{name}.bpf.o"
+    src = HERE / f"{name}.bpf.c"
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        subprocess.run(["clang", "-g", "-O2", "-target", "bpf", "-D__TARGET_ARCH_x86", "-Wall", "-Werror",
+                        f"-I{REPO / 'bpf'}", "-c", str(src), "-o", str(out)], check=True, timeout=120)
+    return out.read_bytes()
+
+
 def build_churn() -> str:
     return build_c("churn")
 

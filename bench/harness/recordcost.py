@@ -24,7 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from lib import BUILD, REPO, bpf_stats_enabled, build_churn, prog_stats  # noqa: E402
+from lib import REPO, bpf_stats_enabled, build_bpf, build_churn, prog_stats  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 
@@ -34,13 +34,7 @@ PROGS = ["rc_empty", "rc_hash", "rc_sk_storage"]
 
 
 def build() -> bytes:
-    BUILD.mkdir(exist_ok=True)
-    out = BUILD / "recordcost.bpf.o"
-    src = HERE / "recordcost.bpf.c"
-    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-        subprocess.run(["clang", "-g", "-O2", "-target", "bpf", "-D__TARGET_ARCH_x86", "-Wall", "-Werror",
-                        f"-I{REPO / 'bpf'}", "-c", str(src), "-o", str(out)], check=True)
-    return out.read_bytes()
+    return build_bpf("recordcost")
 
 
 def session(data: bytes, order: list[str], runs: int, fill: int, churn: str, n: int) -> dict[str, float]:

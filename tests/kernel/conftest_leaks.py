@@ -109,7 +109,7 @@ def nginx(spawn: Callable[..., Helper]) -> Iterator[Callable[..., Nginx]]:
             s.close()
         listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         conf = Path(prefix) / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(prefix=prefix, keepalive=keepalive, listen=listen))
+        conf.write_text(NGINX_CONF.format(prefix=prefix, keepalive=keepalive, listen=listen, connections=256))
         master = spawn([exe, "-p", prefix, "-c", str(conf), "-e", f"{prefix}/error.log"], netns, "nginx")
         ng = Nginx(master, port, prefix)
         started.append(ng)

@@ -230,6 +230,8 @@ def ss(netns: str | None = None, port: int | None = None) -> list[SsRow]:
 # --- nginx --------------------------------------------------------------------------------------
 
 
+# Format with prefix, keepalive (seconds; 0: none), listen (nginx's listen
+# arguments, e.g. "127.0.0.1:8080 backlog=4096") and connections.
 NGINX_CONF = """\
 worker_processes 1;
 daemon off;
@@ -237,7 +239,7 @@ master_process on;
 user root root;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
-events {{ worker_connections 256; }}
+events {{ worker_connections {connections}; }}
 http {{
     access_log off;
     client_body_temp_path {prefix}/body;

@@ -36,6 +36,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+try:  # a module of the test package, or a script run from tests/kernel
+    from .leaky_support import NGINX_CONF
+except ImportError:
+    from leaky_support import NGINX_CONF  # type: ignore[no-redef]
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 CHURN_SRC = ROOT / "bench" / "harness" / "churn.c"
@@ -216,20 +221,8 @@ def wait_for(pred: Any, timeout: float, what: str) -> None:
 
 def start_nginx(d: Path, port: int) -> subprocess.Popen:
     conf = d / "nginx.conf"
-    conf.write_text(f"""
-worker_processes 1;
-daemon off;
-pid {d}/nginx.pid;
-error_log {d}/error.log crit;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  keepalive_timeout 0;
-  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
-  uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
-  server {{ listen 127.0.0.1:{port} backlog=4096; location / {{ return 200 "ok\\n"; }} }}
-}}
-""")
+    conf.write_text(NGINX_CONF.format(prefix=d, keepalive=0, listen=f"127.0.0.1:{port} backlog=4096",
+                                      connections=4096))
     p = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(d)], stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     wait_for(lambda: bool(children(p.pid)), 10, "nginx worker")
