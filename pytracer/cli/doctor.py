@@ -125,6 +125,8 @@ def _sock_destroy() -> dict:
         err = probe()
     except OSError as exc:
         return {"available": False, "why": f"could not ask the kernel: {exc}"}
+    except Exception as exc:  # doctor reports, never fails: e.g. a pyroute2 it does not know
+        return {"available": False, "why": f"could not ask the kernel ({type(exc).__name__}: {exc})"}
     if err:
         return {"available": False, "why": explain(err)}
     return {"available": True, "why": "SOCK_DESTROY over sock_diag answered (CONFIG_INET_DIAG_DESTROY)"}

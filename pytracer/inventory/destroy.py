@@ -30,6 +30,7 @@ closes them all on exit.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 import struct
@@ -134,6 +135,15 @@ class Destroyer:
                                        f"cannot enter {ref.label} (netns {netns}): {exc.strerror or exc}") from None
             try:
                 self._socks[netns] = NetlinkSocket(NETLINK_SOCK_DIAG, use_socket=raw)
+            except TypeError:
+                # pyroute2 before 0.8 takes no socket: it opens its own in its
+                # constructor, so build it in the namespace (a thread of its own).
+                raw.close()
+                make = functools.partial(NetlinkSocket, NETLINK_SOCK_DIAG)
+                if netns == self._own:
+                    self._socks[netns] = make()
+                else:
+                    self._socks[netns] = run_in_netns(self.refs[netns], make, self.timeout)
             except BaseException:
                 raw.close()
                 raise
