@@ -66,7 +66,11 @@ def start_tracer(out: Path) -> tuple[Proc, dict[int, str]]:
             p.stop()
             raise RuntimeError(f"tracer watch did not report: {p.stderr.strip()[-300:]}")
         time.sleep(0.05)
-    return p, tracer_prog_ids(p.pid)
+    try:
+        return p, tracer_prog_ids(p.pid)
+    except BaseException:
+        p.stop()
+        raise
 
 
 def one_order(tracer_first: bool, runs: int, n: int, churn: str, out: Path) -> dict[str, Any]:
