@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pytracer.format import duration
+from pytracer.format import duration, endpoint
 from pytracer.kernel.histogram import Histogram
 
 # Display rows for the lifetime chart: powers of 4 in microseconds, which
@@ -32,10 +32,6 @@ def chart_lines(hist: Histogram, indent: str = "  ") -> list[str]:
     rows = chart_rows(hist)
     peak = max((n for _, n in rows), default=0)
     return [f"{indent}{label:>10} {n:>8} {'#' * (round(30 * n / peak) if peak else 0)}" for label, n in rows]
-
-
-def endpoint(addr: str, port: int) -> str:
-    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
 def socket_cells(s: dict[str, Any]) -> list[str]:
