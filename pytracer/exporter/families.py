@@ -1,6 +1,7 @@
 """Metric families for one scrape, built from what the scrape read.  Pure.
 
-(A little over 400 lines: it holds every metric built from the kernel's and
+(About 500 lines: it holds every metric, the per-service and table-health
+families included, built from the kernel's and
 the leak scan's data, one function per group, so their names, labels and
 HELP texts are read in one file.  The exporter's own bookkeeping metrics,
 read errors and scrape timings, come from the collector that keeps them.)

@@ -9,6 +9,10 @@ serving with other settings than the file asks for.  :func:`make_server`
 binds before the tracer loads anything into the kernel, so a busy port
 fails early.
 
+(Over 500 lines, one job: the HTTP side of `tracer export`.  The web config,
+TLS, basic auth and the per-client limits that keep scrapes answered under
+abuse (head deadlines, size limits, a connection cap) are all that job.)
+
 The server knows nothing of the tracer: it serves whatever registry it is
 given (:func:`make_registry`, to which ``tracer export`` adds the
 :class:`~pytracer.exporter.collector.TracerCollector`).
