@@ -163,7 +163,7 @@ def markdown(r: dict[str, Any], plots: bool) -> str:
     cost = r.get("cost")
     if cost:
         out += ["## 1. Kernel cost per event", "",
-                f"`{cost['command']}` — bpf_stats (`kernel.bpf_stats_enabled=1` during the run, restored after) "
+                f"`{cost['command']}` — bpf_stats (held on with `BPF_ENABLE_STATS` during the run only) "
                 "deltas of `run_time_ns` / `run_cnt` for the tracer's own programs (found through its fdinfo), "
                 f"over a sequential loop of {cost['modes'].get('tp_btf', {}).get('connections_per_run', '?')} "
                 "connect → accept → close (server side first) on 127.0.0.1.", "",

@@ -643,8 +643,11 @@ def main() -> int:
              "startup": b.startup}
     # The cost of watching runs without turning bpf_stats on: it would add its own cost to every program.
     if "watching" in todo:
+        if Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip() == "1":
+            log("warning: kernel.bpf_stats_enabled=1 (left on by another tool): every BPF program run pays "
+                "two clock reads, so every observer's cost reads high; `sysctl -w kernel.bpf_stats_enabled=0`")
         b.watching()
-    # run_time_ns/run_cnt are only counted while bpf_stats is on; restored after.
+    # run_time_ns/run_cnt are only counted while bpf_stats is on (an fd held for these sections).
     with bpf_stats_enabled():
         for s in todo:
             if s != "watching":

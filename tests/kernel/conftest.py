@@ -370,15 +370,16 @@ def gone(progs: set[int], links: set[int] = frozenset(), timeout: float = 10) ->
 
 @pytest.fixture
 def bpf_stats() -> Any:
-    """kernel.bpf_stats_enabled=1 for the test (run_time_ns, run_cnt)."""
-    path = "/proc/sys/kernel/bpf_stats_enabled"
-    with open(path) as f:
-        old = f.read().strip()
-    with open(path, "w") as f:
-        f.write("1")
-    yield
-    with open(path, "w") as f:
-        f.write(old)
+    """BPF run-time statistics (run_time_ns, run_cnt) on for the test.
+
+    Through BPF_ENABLE_STATS, so a concurrent test run or benchmark never
+    switches them off under this one, and the kernel.bpf_stats_enabled
+    sysctl is never left on by an interrupted run.
+    """
+    from pytracer.exporter.collector import BpfStats
+
+    with BpfStats():
+        yield
 
 
 def lifetime_ranges(
