@@ -50,14 +50,6 @@ struct {
 	__type(value, struct pt_agg);
 } agg SEC(".maps");
 
-/* How many of our programs are running on this CPU (see agg_get). */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u32);
-} depth SEC(".maps");
-
 /* Owner filter (--pid): tgids whose sockets are counted. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -76,20 +68,34 @@ struct {
 } listeners SEC(".maps");
 
 /*
- * Accepted children between their birth (LISTEN -> SYN_RECV) and their next
- * event, keyed by sk pointer.  inet_csk_clone_lock() reports SYN_RECV and
- * only then sets the child's cookie from the request socket (v5.10 .. v6.12
- * at least), so a cookie taken at SYN_RECV would not be the socket's cookie
- * for the rest of its life.  The record is made at the next event, under
- * the stable cookie, with the birth time kept here.
+ * Per CPU: how many of our programs are running on it (see enter()), and
+ * the accepted child born last on it, between its birth and its next event.
+ *
+ * inet_csk_clone_lock() reports a child's LISTEN -> SYN_RECV and only then
+ * sets its cookie from the request socket (v5.10 .. v6.12 at least), so a
+ * record made at SYN_RECV would be under the wrong key.  The record is made
+ * at the child's next event, under its lasting cookie, with the birth time
+ * kept here.  That next event comes in the same softirq, on the same CPU,
+ * before any other packet is handled there (tcp_check_req() creates the
+ * child, tcp_child_process() completes the handshake), so one slot per CPU
+ * holds every child: no map insert, lookup or delete per connection.  Only
+ * a TCP Fast Open child waits a round trip in SYN_RECV: when another child
+ * is born on that CPU first, or its ACK lands on another CPU, its birth is
+ * taken at its next event instead (its lifetime then lacks that round trip).
  */
+struct pt_cpu {
+	__u32 depth;
+	__u32 pad;
+	__u64 child_sk;		/* the child's struct sock, or 0 */
+	__u64 child_ns;		/* its LISTEN -> SYN_RECV time */
+};
+
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, __u64);
-	__type(value, __u64);
-} embryos SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pt_cpu);
+} percpu SEC(".maps");
 
 /* Service ports named by user space (--service-ports): port -> slot. */
 struct {
@@ -129,29 +135,37 @@ const volatile struct pt_config cfg = {};
  * interrupted between its load and store of depth sees the nested run undo
  * its own increment before it resumes.
  */
+static __always_inline struct pt_cpu *this_cpu(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&percpu, &zero);
+}
+
 static __always_inline __u32 enter(void)
 {
-	__u32 zero = 0, *d = bpf_map_lookup_elem(&depth, &zero), was;
+	struct pt_cpu *c = this_cpu();
+	__u32 was;
 
-	if (!d)
+	if (!c)
 		return 0;
-	was = *d;
-	*d = was + 1;
+	was = c->depth;
+	c->depth = was + 1;
 	return was;
 }
 
 static __always_inline void leave(__u32 was)
 {
-	__u32 zero = 0, *d = bpf_map_lookup_elem(&depth, &zero);
+	struct pt_cpu *c = this_cpu();
 
-	if (d)
-		*d = was;
+	if (c)
+		c->depth = was;
 }
 
 static __always_inline struct pt_agg *agg_get(void)
 {
-	__u32 zero = 0, *d = bpf_map_lookup_elem(&depth, &zero);
-	__u32 entry = d && *d > 1 ? 1 : 0;
+	struct pt_cpu *c = this_cpu();
+	__u32 entry = c && c->depth > 1 ? 1 : 0;
 
 	return bpf_map_lookup_elem(&agg, &entry);
 }
@@ -183,23 +197,34 @@ static __always_inline struct pt_agg *agg_top(void)
 #define listener_delete(lk)	bpf_map_delete_elem(&listeners, lk)
 #define owner_listed(tgid)	(bpf_map_lookup_elem(&owners, &(tgid)) != NULL)
 
+/* A child's birth, kept in this CPU's slot (see "percpu"). */
+static __always_inline void embryo_keep(struct sock *sk, __u64 born_ns)
+{
+	struct pt_cpu *c = this_cpu();
+
+	if (c) {
+		c->child_sk = (__u64)sk;
+		c->child_ns = born_ns;
+	}
+}
+
 static __always_inline bool embryo_take(struct sock *sk, __u64 *born_ns)
 {
-	__u64 ptr = (__u64)sk;
-	__u64 *born = bpf_map_lookup_elem(&embryos, &ptr);
+	struct pt_cpu *c = this_cpu();
 
-	if (!born)
+	if (!c || c->child_sk != (__u64)sk)
 		return false;
-	*born_ns = *born;
-	bpf_map_delete_elem(&embryos, &ptr);
+	*born_ns = c->child_ns;
+	c->child_sk = 0;
 	return true;
 }
 
 static __always_inline void embryo_drop(struct sock *sk)
 {
-	__u64 ptr = (__u64)sk;
+	struct pt_cpu *c = this_cpu();
 
-	bpf_map_delete_elem(&embryos, &ptr);
+	if (c && c->child_sk == (__u64)sk)
+		c->child_sk = 0;
 }
 
 /* --- socket facts -------------------------------------------------------- */
@@ -285,8 +310,8 @@ static __always_inline __u64 sk_ino(struct sock *sk, bool btf)
 /* The entry of this run, nested or not (see agg_get()). */
 static __always_inline struct pt_svc *svc_get(__u32 slot)
 {
-	__u32 zero = 0, *d = bpf_map_lookup_elem(&depth, &zero);
-	__u32 idx = slot + (d && *d > 1 ? PT_SVC_SLOTS : 0);
+	struct pt_cpu *c = this_cpu();
+	__u32 idx = slot + (c && c->depth > 1 ? PT_SVC_SLOTS : 0);
 
 	return bpf_map_lookup_elem(&svc, &idx);
 }
@@ -335,15 +360,8 @@ int BPF_PROG(state_tp_btf, struct sock *sk, int old, int new)
 	if (sk->sk_protocol != IPPROTO_TCP)
 		return 0;
 	if (!cfg.key_by_ptr && old == TCP_LISTEN && new == TCP_SYN_RECV) {
-		/* Not the child's final cookie yet: see "embryos". */
-		__u64 ptr = (__u64)sk, now = bpf_ktime_get_ns();
-
-		if (bpf_map_update_elem(&embryos, &ptr, &now, BPF_ANY)) {
-			__u32 was = enter();
-
-			stat_add(agg_get(), PT_S_INSERT_FAILED);
-			leave(was);
-		}
+		/* Not the child's final cookie yet: see "percpu". */
+		embryo_keep(sk, bpf_ktime_get_ns());
 		return 0;
 	}
 	handle_state(sk, key_btf(sk), old, new, true);

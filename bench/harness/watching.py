@@ -67,8 +67,19 @@ if TYPE_CHECKING:
     from run import Bench
 
 # floor: empty programs on the hooks pytracer uses here (floor.py): the cost of attaching anything at all.
-CONDITIONS = ("off", "floor", "watch", "export", "bpftrace", "tcplife", "tcpstates")
-TRACERS = ("watch", "export")  # the product's two long-running commands
+# BENCH_BEFORE_TRACER names another build's `tracer` (e.g. the tree before a change, installed with
+# PREFIX=/opt/pt-before): its watch and export then run as two more conditions, interleaved with the rest,
+# so before and after come from one run.  BENCH_BEFORE_LABEL says what that build is.
+BEFORE_TRACER = os.environ.get("BENCH_BEFORE_TRACER", "")
+BEFORE_LABEL = os.environ.get("BENCH_BEFORE_LABEL", "before")
+_BEFORE = ("watch_before", "export_before") if BEFORE_TRACER else ()
+CONDITIONS = ("off", "floor", "watch", "export", *_BEFORE, "bpftrace", "tcplife", "tcpstates")
+TRACERS = ("watch", "export", *_BEFORE)  # the product's two long-running commands (and the other build's)
+
+
+def base_of(cond: str) -> str:
+    """watch_before -> watch: what a condition runs, whichever build runs it."""
+    return cond.removesuffix("_before")
 DEFAULT_RATE = 4000  # connections/s: below saturation for both loads on this 2-core host
 FIXED_WINDOW_S = 8.0  # seconds of load per fixed-rate run ...
 # ... except `tracer export`, whose background leak scan runs every --leak-interval (default 15 s): a window of
@@ -259,10 +270,12 @@ def start_observer(cond: str, tmp: Path, port: int, timeout: float = 120) -> Obs
             raise
         return Observer(cond, proc)
     out = tmp / f"{cond}.out"
-    if cond == "watch":
-        argv = [TRACER, "watch"]
-    elif cond == "export":
-        argv = [TRACER, "export", "--listen", f"127.0.0.1:{port}"]
+    base = base_of(cond)
+    tracer = BEFORE_TRACER if cond in _BEFORE else TRACER
+    if base == "watch":
+        argv = [tracer, "watch"]
+    elif base == "export":
+        argv = [tracer, "export", "--listen", f"127.0.0.1:{port}"]
     else:
         tool = libbpf_tool(cond)
         if not tool:
@@ -271,10 +284,10 @@ def start_observer(cond: str, tmp: Path, port: int, timeout: float = 120) -> Obs
     obs = Observer(cond, Proc(argv, stdout_file=str(out), stdin=False, name=cond), out)
     try:
         assert obs.proc is not None
-        if cond == "watch":
+        if base == "watch":
             # The first report is written after attach, seeding and one interval.
             _wait(lambda: out.stat().st_size > 0, obs.proc, timeout, "reporting")
-        elif cond == "export":
+        elif base == "export":
             url = f"http://127.0.0.1:{port}/metrics"
 
             def served() -> bool:
@@ -320,7 +333,7 @@ class Watching:
         self.syscalls = build_syscalls()
         self.tmp = Path(tempfile.mkdtemp(prefix="pytracer-watching-"))
         self.skipped: dict[str, str] = {}
-        self.conds = [c for c in CONDITIONS if c != "export" or bench.have_export]
+        self.conds = [c for c in CONDITIONS if base_of(c) != "export" or bench.have_export]
         if not bench.have_export:
             self.skipped["export"] = f"{TRACER} has no export command"
         for tool in ("tcplife", "tcpstates"):
@@ -361,6 +374,9 @@ class Watching:
             "epoll": f"churn server 127.0.0.1 PORT; churn client 127.0.0.1 PORT {n} {CLIENT_CONC} {r}",
             "off": "(no observer)",
             "watch": "tracer watch > FILE",
+            **({"watch_before": f"{BEFORE_TRACER} watch > FILE  # {BEFORE_LABEL}",
+                "export_before": f"{BEFORE_TRACER} export --listen 127.0.0.1:PORT  # {BEFORE_LABEL}, scraped as export"}
+               if BEFORE_TRACER else {}),
             "export": f"tracer export --listen 127.0.0.1:PORT, GET /metrics every {SCRAPE_EVERY_S:g} s",
             "bpftrace": "bpftrace bench/harness/lifetime.bt",
             "floor": "python3 bench/harness/floor.py  # empty tp_btf programs on pytracer's hooks here",
@@ -406,7 +422,7 @@ class Watching:
                     f"{', '.join(conds)}")
                 for r in range(self.rounds):
                     for cond in rotate(conds, r):
-                        w = export_window if cond == "export" else window
+                        w = export_window if base_of(cond) == "export" else window
                         row = self._fixed_run(load, cond, port, server_pids, int(self.rate * w))
                         row["round"] = r
                         runs[cond].append(row)
@@ -581,7 +597,7 @@ class Watching:
         for cond in self.tracers:
             obs = start_observer(cond, self.tmp, self.b.next_port(), timeout=300)
             try:
-                time.sleep(self.settle_s + (export_window if cond == "export" else window))
+                time.sleep(self.settle_s + (export_window if base_of(cond) == "export" else window))
                 assert obs.proc is not None
                 rss = rss_kib(obs.proc.pid)
                 empty[cond] = {"rss_kib": rss.get("VmRSS"), "hwm_kib": rss.get("VmHWM")}
@@ -604,7 +620,7 @@ class Watching:
                 f"{time.monotonic() - t0:.1f}s), {self.rounds} rounds of {', '.join(self.tracers)}")
             for r in range(self.rounds):
                 for cond in rotate(list(self.tracers), r):
-                    w = export_window if cond == "export" else window
+                    w = export_window if base_of(cond) == "export" else window
                     obs = start_observer(cond, self.tmp, self.b.next_port(), timeout=300)
                     try:
                         time.sleep(self.settle_s)

@@ -13,6 +13,8 @@ LABELS = {
     "floor": "floor: empty programs on the same hooks",
     "watch": "`tracer watch`",
     "export": "`tracer export`",
+    "watch_before": "`tracer watch`, the build before (`BENCH_BEFORE_TRACER`)",
+    "export_before": "`tracer export`, the build before",
     "bpftrace": "bpftrace one-liner (`lifetime.bt`)",
     "tcplife": "libbpf-tools `tcplife`",
     "tcpstates": "libbpf-tools `tcpstates`",
@@ -185,7 +187,9 @@ def markdown(w: dict[str, Any]) -> list[str]:
             f"`{cmd.get('nginx')}`; `{cmd.get('epoll')}`.",
             f"- **Conditions**: floor `{cmd.get('floor')}` (what attaching anything to these events costs); "
             f"watch `{cmd.get('watch')}`; export `{cmd.get('export')}`; "
-            f"`{cmd.get('bpftrace')}`; `{cmd.get('tcplife')}`; `{cmd.get('tcpstates')}`.",
+            f"`{cmd.get('bpftrace')}`; `{cmd.get('tcplife')}`; `{cmd.get('tcpstates')}`"
+            + (f"; the build before: `{cmd['watch_before']}`, `{cmd['export_before']}`" if "watch_before" in cmd
+               else "") + ".",
             f"- **Saturation**: {w.get('pairs')} rounds of off / watch / export, each ratio over the `off` of its "
             f"round; `{cmd.get('saturation')}`; the `off` row is requests/s.",
             f"- **Syscall loops**: `{cmd.get('syscalls')}`, {w.get('pairs')} rounds; the median batch by the "
@@ -221,6 +225,6 @@ def markdown(w: dict[str, Any]) -> list[str]:
                             + (f", peak {mmm(_mib(idle[c]['hwm_kib']), ' MiB', 0)}" if idle[c].get("hwm_kib") else "")
                             + (f" (with none held: peak {(idle['empty'][c].get('hwm_kib') or 0) / 1024:.0f} MiB)"
                                if (idle.get("empty") or {}).get(c) else "")
-                            for c in ("watch", "export") if c in idle) + "."]
+                            for c in ("watch", "export", "watch_before", "export_before") if c in idle) + "."]
     out.append("")
     return out
