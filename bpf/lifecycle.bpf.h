@@ -28,6 +28,10 @@
  *     listener_update(lk, tgid)  nonzero on failure
  *     listener_delete(lk)
  *     owner_listed(tgid)       true if tgid is in "owners"
+ *   the process tree, for `tracer run` (only where PT_HAVE_FOLLOW is defined)
+ *     owner_add(tgid)          put tgid in "owners"; nonzero on failure
+ *     owner_remove(tgid)       take tgid out of "owners"; nonzero if absent
+ *     tree_counts()            struct pt_tree * (followed, exited, full)
  *     embryo_take(sk, &born_ns)  true, and the child's SYN_RECV time, if an
  *                              embryo was kept for sk (then forget it)
  *     embryo_drop(sk)          forget sk's embryo, if any
@@ -377,6 +381,9 @@ static __always_inline void midlife(struct pt_agg *a, struct sock *sk,
 		count_entry(a, old, new);
 }
 
+static __always_inline void svc_end(struct sock *sk, struct pt_sock *rec,
+				    __u64 now, bool btf);
+
 static __always_inline void do_state(struct sock *sk, __u64 key, int old,
 				     int new, bool btf)
 {
@@ -402,8 +409,10 @@ static __always_inline void do_state(struct sock *sk, __u64 key, int old,
 	rec = sock_lookup(key);
 	dir = birth_direction(old, new, rec != NULL);
 	if (dir >= 0) {
-		if (rec)	/* a reused socket: the old life ends here */
+		if (rec) {	/* a reused socket: the old life ends here */
+			svc_end(sk, rec, now, btf);
 			finish(a, rec, now);
+		}
 		if (old != TCP_SYN_RECV) {
 			birth(a, sk, key, dir, old, new, now, btf);
 			return;
@@ -704,5 +713,47 @@ static __always_inline void handle_destroy(struct sock *sk, __u64 key,
 	do_destroy(sk, key, btf);
 	leave(was);
 }
+
+/* --- the process tree (tracer run) -------------------------------------- */
+
+#ifdef PT_HAVE_FOLLOW
+/*
+ * `tracer run` follows the command's whole tree in the kernel: a process
+ * forked by one in "owners" joins it before it can run any code, and a
+ * process leaves it when its last thread exits (so a suite forking
+ * thousands of processes fits the bounded map, and a recycled pid never
+ * inherits membership).  Sockets already recorded keep their records: the
+ * filter only decides births.  The fork and exit hooks run in process
+ * context at the top level, so their counters are atomic adds on
+ * agg_top() (see stat_add_top()).
+ */
+static __always_inline void follow_fork(__u32 parent_tgid, __u32 child)
+{
+	struct pt_tree *t;
+
+	if (!owner_listed(parent_tgid))
+		return;
+	t = tree_counts();
+	if (owner_add(child)) {
+		stat_add_top(agg_top(), PT_S_FILTER_FULL);
+		if (t)
+			__sync_fetch_and_add(&t->full, 1);
+		return;
+	}
+	if (t)
+		__sync_fetch_and_add(&t->followed, 1);
+}
+
+static __always_inline void follow_exit(__u32 id)
+{
+	struct pt_tree *t;
+
+	if (owner_remove(id))
+		return;
+	t = tree_counts();
+	if (t)
+		__sync_fetch_and_add(&t->exited, 1);
+}
+#endif /* PT_HAVE_FOLLOW */
 
 #endif /* __LIFECYCLE_BPF_H */

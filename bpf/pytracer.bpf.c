@@ -316,6 +316,26 @@ static __always_inline struct pt_svc *svc_get(__u32 slot)
 	return bpf_map_lookup_elem(&svc, &idx);
 }
 
+/* --- the process tree (tracer run) -------------------------------------- */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pt_tree);
+} tree SEC(".maps");
+
+#define PT_HAVE_FOLLOW		1
+#define owner_add(tgid)		bpf_map_update_elem(&owners, &(tgid), &(__u8){1}, BPF_ANY)
+#define owner_remove(tgid)	bpf_map_delete_elem(&owners, &(tgid))
+
+static __always_inline struct pt_tree *tree_counts(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&tree, &zero);
+}
+
 struct pt_end_facts;
 static __always_inline void read_end_facts(struct sock *sk,
 					   struct pt_end_facts *f, bool btf);
@@ -618,57 +638,11 @@ int destroy_tracepoint(struct trace_event_raw_tcp_event_sk *ctx)
 /* --- process tree (tracer run) ------------------------------------------ */
 
 /*
- * `tracer run` follows the command's whole tree in the kernel: a process
- * forked by one in "owners" joins it before it can run any code, and a
- * process leaves it when its last thread exits (so a suite forking
- * thousands of processes fits the bounded map, and a recycled pid never
- * inherits membership).  Sockets already recorded keep their records: the
- * filter only decides births.  The loader attaches these only for `tracer
- * run` (pytracer/kernel/hooks.py, FOLLOW), so plain --pid costs nothing.
+ * `tracer run` follows the command's tree (follow_fork(), follow_exit() in
+ * bpf/lifecycle.bpf.h).  The loader attaches these only for `tracer run`
+ * (pytracer/kernel/hooks.py, FOLLOW), so plain --pid costs nothing.
  * Neither is a syscall tracepoint.
  */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct pt_tree);
-} tree SEC(".maps");
-
-static __always_inline struct pt_tree *tree_counts(void)
-{
-	__u32 zero = 0;
-
-	return bpf_map_lookup_elem(&tree, &zero);
-}
-
-static __always_inline void follow_fork(__u32 parent_tgid, __u32 child)
-{
-	struct pt_tree *t;
-	__u8 one = 1;
-
-	if (!bpf_map_lookup_elem(&owners, &parent_tgid))
-		return;
-	t = tree_counts();
-	if (bpf_map_update_elem(&owners, &child, &one, BPF_ANY)) {
-		if (t)
-			__sync_fetch_and_add(&t->full, 1);
-		return;
-	}
-	if (t)
-		__sync_fetch_and_add(&t->followed, 1);
-}
-
-static __always_inline void follow_exit(__u32 id)
-{
-	struct pt_tree *t;
-
-	if (bpf_map_delete_elem(&owners, &id))
-		return;
-	t = tree_counts();
-	if (t)
-		__sync_fetch_and_add(&t->exited, 1);
-}
-
 /* From kernel_clone(), in the parent's context, before the child runs. */
 SEC("tp_btf/sched_process_fork")
 int BPF_PROG(fork_tp_btf, struct task_struct *parent, struct task_struct *child)

@@ -290,6 +290,32 @@ static __always_inline struct pt_svc *svc_get(u32 slot)
 	return svc.lookup(&slot);
 }
 
+/* The process tree, for `tracer run` (compiled only with PT_FOLLOW). */
+#ifdef PT_FOLLOW
+BPF_ARRAY(tree, struct pt_tree, 1);
+
+#define PT_HAVE_FOLLOW 1
+
+static __always_inline int owner_add(u32 tgid)
+{
+	u8 one = 1;
+
+	return owners.update(&tgid, &one);
+}
+
+static __always_inline int owner_remove(u32 tgid)
+{
+	return owners.delete(&tgid);
+}
+
+static __always_inline struct pt_tree *tree_counts(void)
+{
+	int zero = 0;
+
+	return tree.lookup(&zero);
+}
+#endif
+
 struct pt_end_facts;
 static __always_inline void read_end_facts(struct sock *sk,
 					   struct pt_end_facts *f, bool btf);
@@ -504,44 +530,11 @@ int destroy_tracepoint(struct tracepoint__tcp__tcp_destroy_sock *args)
 
 /*
  * The twins of the CO-RE program's fork_tracepoint and exit_tracepoint
- * (bpf/pytracer.bpf.c says why): a child forked by a process in "owners"
- * joins it, and a process leaves it when its last thread exits.  The fork
+ * (follow_fork() and follow_exit() are in bpf/lifecycle.bpf.h).  The fork
  * event names the child by pid, a thread id for a new thread, so a thread's
  * entry is taken out when the thread exits.  Compiled only for `tracer run`.
  */
 #ifdef PT_FOLLOW
-BPF_ARRAY(tree, struct pt_tree, 1);
-
-static __always_inline void follow_fork(u32 parent_tgid, u32 child)
-{
-	struct pt_tree *t;
-	int zero = 0;
-	u8 one = 1;
-
-	if (!owners.lookup(&parent_tgid))
-		return;
-	t = tree.lookup(&zero);
-	if (owners.update(&child, &one)) {
-		if (t)
-			__sync_fetch_and_add(&t->full, 1);
-		return;
-	}
-	if (t)
-		__sync_fetch_and_add(&t->followed, 1);
-}
-
-static __always_inline void follow_exit(u32 id)
-{
-	struct pt_tree *t;
-	int zero = 0;
-
-	if (owners.delete(&id))
-		return;
-	t = tree.lookup(&zero);
-	if (t)
-		__sync_fetch_and_add(&t->exited, 1);
-}
-
 int fork_tracepoint(struct tracepoint__sched__sched_process_fork *args)
 {
 	follow_fork(bpf_get_current_pid_tgid() >> 32, args->child_pid);

@@ -160,8 +160,8 @@ def watch(obj: Context, pids: tuple[int, ...], interval: float, duration: float 
         enrichers = [services_enricher] + ([] if no_leaks else [watch_enricher(thresholds)])
         stream = reports(tracer, pids, interval, duration, top, start_ns, enrichers, extra, seeded.failed)
         if as_json:
-            for report, _ in stream:
-                sys.stdout.write(json.dumps(report, separators=(",", ":")) + "\n")
+            for line in json_lines(report for report, _ in stream):
+                sys.stdout.write(line)
                 sys.stdout.flush()
         elif sys.stdout.isatty():
             _live(stream, tracer, pids)
@@ -170,6 +170,26 @@ def watch(obj: Context, pids: tuple[int, ...], interval: float, duration: float 
 
             for report, snap in stream:
                 print(plain(report, model.lifetime_all(snap.totals)), flush=True)
+
+
+_FLAGS_MARK = "\0flags\0"
+
+
+def json_lines(reports: Iterable[dict[str, Any]]) -> Iterator[str]:
+    """One JSON line per report.  Reports between two leak scans share one
+    list of flags (thousands, in a leak pile): it is encoded once per scan
+    and spliced into each line, not encoded again every interval."""
+    last: tuple[list[Any], str] | None = None
+    mark = json.dumps(_FLAGS_MARK)
+    for report in reports:
+        flags = report.get("flags")
+        if not isinstance(flags, list) or not flags:
+            yield json.dumps(report, separators=(",", ":")) + "\n"
+            continue
+        if last is None or last[0] is not flags:
+            last = (flags, json.dumps(flags, separators=(",", ":")))
+        line = json.dumps({**report, "flags": _FLAGS_MARK}, separators=(",", ":"))
+        yield line.replace(mark, last[1], 1) + "\n"
 
 
 def _live(stream: Iterator[tuple[dict[str, Any], poller.Snapshot]], tracer: Tracer, pids: tuple[int, ...]) -> None:

@@ -171,6 +171,7 @@ class TracerCollector(Collector):
             self._maps_lock.release()
 
     def _scan_loop(self) -> None:
+        from pytracer.leaks.cadence import LEAK_DUTY
         from pytracer.table import poll as poller
 
         scanner = self._scanner
@@ -188,7 +189,7 @@ class TracerCollector(Collector):
             if snap is not None:
                 self._scan_once(scanner, snap, t0)
             spent = time.monotonic() - t0
-            period = max(self.leak_interval, 4 * spent)
+            period = max(self.leak_interval, spent / LEAK_DUTY)
             self._stop.wait(max(period - spent, 0.05))
 
     def _scan_once(self, scanner: Any, snap: Any, t0: float) -> Any:

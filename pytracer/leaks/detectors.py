@@ -88,7 +88,10 @@ class Flag:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
+        # Not dataclasses.asdict(): its recursive deep copy was most of a report's cost with
+        # thousands of flags.  Fields in their order; ``extra`` holds only JSON values.
+        out = dict(self.__dict__)
+        out["extra"] = dict(self.extra)
         for k in ("seconds", "idle_seconds"):
             if out[k] is not None:
                 out[k] = round(out[k], 3)

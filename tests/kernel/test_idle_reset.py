@@ -278,6 +278,48 @@ def test_each_ender_and_its_idle_time_on_loopback() -> None:
         assert abs(slot - slot_of(int(truth[key] * 1e6))) <= 1, (key, slot, truth[key])
 
 
+def _disconnect(sock: socket.socket) -> None:
+    """connect(AF_UNSPEC): the kernel's tcp_disconnect(), the socket back to CLOSE, reusable."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    addr = struct.pack("HH12x", socket.AF_UNSPEC, 0)
+    if libc.connect(sock.fileno(), addr, len(addr)) != 0:
+        raise OSError(ctypes.get_errno(), "connect(AF_UNSPEC)")
+
+
+def test_a_reused_socket_ends_each_connection_for_its_service() -> None:
+    """One client socket connected, disconnected and connected again: two connections end for the
+    service (the first at the reuse, which is where the kernel sees its life end), each with its lifetime."""
+    from pytracer.inventory.services import Service, Spec, assign
+    from pytracer.kernel.abi import Role
+    from pytracer.kernel.core import Tracer
+    from pytracer.table import services
+
+    port = PORT_SAFE + 1001
+    slots = assign(Spec((Service(port, Role.CLIENT),), auto=False))
+    with Tracer(services=slots) as t, socket.socket() as ls:
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("127.0.0.1", port))
+        ls.listen(8)
+        c = socket.socket()
+        try:
+            for _ in range(2):
+                c.connect(("127.0.0.1", port))
+                s, _ = ls.accept()
+                c.sendall(b"q")
+                s.recv(1)
+                s.close()
+                _disconnect(c)
+            c.close()
+        finally:
+            c.close()
+        time.sleep(0.3)
+        [st] = [x for x in services.read(t) if x.service == str(port) and x.role == "client"]
+    assert st.ends == 2, st
+    assert st.lifetime.count == 2, st
+
+
 SILENT = """
 table inet silent {
   chain input {
