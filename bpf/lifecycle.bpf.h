@@ -28,13 +28,13 @@
  *     listener_update(lk, tgid)  nonzero on failure
  *     listener_delete(lk)
  *     owner_listed(tgid)       true if tgid is in "owners"
+ *     embryo_take(sk, &born_ns)  true, and the child's SYN_RECV time, if an
+ *                              embryo was kept for sk (then forget it)
+ *     embryo_drop(sk)          forget sk's embryo, if any
  *   the process tree, for `tracer run` (only where PT_HAVE_FOLLOW is defined)
  *     owner_add(tgid)          put tgid in "owners"; nonzero on failure
  *     owner_remove(tgid)       take tgid out of "owners"; nonzero if absent
  *     tree_counts()            struct pt_tree * (followed, exited, full)
- *     embryo_take(sk, &born_ns)  true, and the child's SYN_RECV time, if an
- *                              embryo was kept for sk (then forget it)
- *     embryo_drop(sk)          forget sk's embryo, if any
  *   socket facts (btf: a compile-time constant, true in programs that have
  *   BTF pointers; an accessor without such programs ignores it)
  *     read_addrs(rec, sk, btf) family, ports and addresses into rec

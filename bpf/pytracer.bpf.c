@@ -125,6 +125,14 @@ const volatile struct pt_config cfg = {};
 /* --- aggregation --------------------------------------------------------- */
 
 
+/* This CPU's entry of "percpu". */
+static __always_inline struct pt_cpu *this_cpu(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&percpu, &zero);
+}
+
 /*
  * Programs run with migration off, but a program in process context can be
  * interrupted by a softirq that runs another of ours on the same CPU.  So
@@ -135,13 +143,6 @@ const volatile struct pt_config cfg = {};
  * interrupted between its load and store of depth sees the nested run undo
  * its own increment before it resumes.
  */
-static __always_inline struct pt_cpu *this_cpu(void)
-{
-	__u32 zero = 0;
-
-	return bpf_map_lookup_elem(&percpu, &zero);
-}
-
 static __always_inline __u32 enter(void)
 {
 	struct pt_cpu *c = this_cpu();

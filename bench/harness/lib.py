@@ -353,6 +353,8 @@ def bpf_stats_enabled() -> Iterator[None]:
     benchmarks, a test run, `tracer export --bpf-stats`) never switch each
     other off or leave statistics on: the fd closes with this process, even
     when it is killed.  The kernel.bpf_stats_enabled sysctl is not touched.
+    (pytracer.exporter.collector.BpfStats is its twin in the product; the
+    harness runs under the system Python, without pytracer's packages.)
     """
     import ctypes
 
