@@ -436,7 +436,10 @@ class ExporterServer(ThreadingHTTPServer):
     """
 
     daemon_threads = True
-    request_queue_size = 128
+    # The listen backlog (the kernel caps it at net.core.somaxconn).  A burst of
+    # new connections past it drops SYNs, and a scrape caught in it waits the
+    # 1 s SYN retransmit: 1,000 connections opened at once overflowed 128.
+    request_queue_size = 4096
     allow_reuse_address = True
     timeout_seconds = 30.0  # on every blocking read or write, under the deadlines
 

@@ -97,10 +97,12 @@ def children(pid: int) -> list[int]:
 
 
 def percentile(values: list[float], q: float) -> float:
+    """Nearest rank: the ceil(q n)-th smallest (of 100 samples, p99 is the
+    99th, not the largest)."""
     if not values:
         return 0.0
     s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
 
 
 def metric_value(text: str, name: str, labels: str = "") -> float:

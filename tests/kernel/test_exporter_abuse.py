@@ -29,6 +29,7 @@ import bcrypt
 import pytest
 
 from .exporter_helpers import Exporter
+from .soak import percentile
 
 pytestmark = pytest.mark.kernel
 
@@ -125,9 +126,11 @@ class GoodClient(threading.Thread):
         yield
         lat = sorted(self.lat[n_lat:])
         errors = self.errors[n_err:]
-        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("inf")
+        p99 = percentile(lat, 0.99)  # nearest rank: one stall in 100 scrapes shows in max_ms, two fail
         FIGURES[name] = {"scrapes": len(lat), "errors": len(errors), "p50_ms": round(statistics.median(lat) * 1e3, 1)
-                         if lat else None, "p99_ms": round(p99 * 1e3, 1)}
+                         if lat else None, "p99_ms": round(p99 * 1e3, 1),
+                         "max_ms": round(lat[-1] * 1e3, 1) if lat else None,
+                         "over_limit": sum(t >= P99_LIMIT_S for t in lat)}
         assert not errors, (name, errors[:5])
         assert len(lat) >= 20, (name, FIGURES[name])
         assert p99 < P99_LIMIT_S, (name, FIGURES[name])
