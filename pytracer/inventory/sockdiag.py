@@ -226,6 +226,28 @@ INV_DTYPE = np.dtype(
 )
 
 
+# What finds a socket again by exact lookup (:meth:`Session.lookup`,
+# :meth:`Session.tcp_info`): the key columns of INV_DTYPE, packed (58 bytes).
+LOOKUP_FIELDS = ("cookie", "netns", "family", "state", "lport", "rport", "laddr", "raddr", "ifindex")
+LOOKUP_DTYPE = np.dtype([(n, INV_DTYPE.fields[n][0]) for n in LOOKUP_FIELDS])
+
+
+def lookup_keys(rows: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """LOOKUP_DTYPE of ``rows[idx]`` (INV_DTYPE), a column at a time: the
+    whole rows are never copied."""
+    out = np.empty(len(idx), LOOKUP_DTYPE)
+    for name in LOOKUP_FIELDS:
+        out[name] = rows[name][idx]
+    return out
+
+
+def inventory_rows(keys: np.ndarray) -> np.ndarray:
+    """INV_DTYPE rows for lookup keys (the other columns zero)."""
+    out = np.zeros(len(keys), INV_DTYPE)
+    for name in LOOKUP_FIELDS:
+        out[name] = keys[name]
+    return out
+
 _HDR_DTYPE = np.dtype([("len", "=u4"), ("type", "=u2"), ("flags", "=u2"), ("seq", "=u4"), ("pid", "=u4")])
 
 
@@ -382,6 +404,11 @@ _INFO_DTYPE = np.dtype({
 })
 
 
+_U32 = struct.Struct("=I")
+_SENT_AT, _RECV_AT = TCP_INFO_OFFSETS["tcpi_last_data_sent"][0], TCP_INFO_OFFSETS["tcpi_last_data_recv"][0]
+_ESTABLISHED = int(TcpState.ESTABLISHED)
+
+
 class TcpInfoTable(Mapping):
     """cookie -> :class:`TcpInfo`, for many sockets at once.
 
@@ -390,19 +417,39 @@ class TcpInfoTable(Mapping):
     tcp_info in one buffer (under 150 bytes per socket), answers bulk
     questions with numpy (:meth:`idle_ms`), and builds a TcpInfo only for
     a socket that is looked up.
+
+    With ``brief_below_ms``, an ESTABLISHED socket idle for less than that
+    keeps only its idle time (12 bytes): a leak scan asks every ESTABLISHED
+    candidate when it could be idle, and needs the rest of tcp_info only
+    for the ones that are.  Such a socket is in :meth:`idle_ms` and
+    :attr:`answered`, not in the mapping.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, brief_below_ms: int | None = None) -> None:
+        self.brief_below_ms = brief_below_ms
         self._cookies = array("Q")
         self._raw = bytearray()
         self._lens = array("H")
+        self._brief_cookies = array("Q")
+        self._brief_idle = array("I")
         self._frozen: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    @property
+    def answered(self) -> int:
+        """Sockets answered for: in the mapping, or kept brief."""
+        return len(self._cookies) + len(self._brief_cookies)
 
     def add(self, cookie: int, payload: bytes) -> bool:
         """Keep one socket's tcp_info; False (and nothing kept) when it is
         too short to hold the fields every answer needs."""
         if len(payload) < _INFO_NEED:
             return False
+        if self.brief_below_ms is not None and payload[0] == _ESTABLISHED:
+            idle = min(_U32.unpack_from(payload, _SENT_AT)[0], _U32.unpack_from(payload, _RECV_AT)[0])
+            if idle < self.brief_below_ms:
+                self._brief_cookies.append(cookie)
+                self._brief_idle.append(idle)
+                return True
         n = min(len(payload), _INFO_KEEP)
         self._cookies.append(cookie)
         self._raw += payload[:n]
@@ -417,6 +464,8 @@ class TcpInfoTable(Mapping):
             self._cookies.extend(other._cookies)
             self._raw += other._raw
             self._lens.extend(other._lens)
+            self._brief_cookies.extend(other._brief_cookies)
+            self._brief_idle.extend(other._brief_idle)
             self._frozen = None
             return
         for cookie, info in other.items():
@@ -452,11 +501,19 @@ class TcpInfoTable(Mapping):
 
     def idle_ms(self, cookies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(found, ms without data either way) for each cookie."""
+        cookies = np.asarray(cookies, dtype=np.uint64)
         pos, found = self._pos(cookies)
         rows = self._arrays()[1]
-        if not len(rows):
-            return found, np.zeros(len(found), np.int64)
-        idle = np.minimum(rows["last_data_sent_ms"][pos], rows["last_data_recv_ms"][pos]).astype(np.int64)
+        idle = (np.minimum(rows["last_data_sent_ms"][pos], rows["last_data_recv_ms"][pos]).astype(np.int64)
+                if len(rows) else np.zeros(len(found), np.int64))
+        if len(self._brief_cookies):
+            keys = np.frombuffer(self._brief_cookies, np.uint64)
+            order = np.argsort(keys, kind="stable")
+            keys = keys[order]
+            bpos = np.minimum(np.searchsorted(keys, cookies), len(keys) - 1)
+            bfound = ~found & (keys[bpos] == cookies)
+            idle[bfound] = np.frombuffer(self._brief_idle, np.uint32)[order][bpos[bfound]]
+            found = found | bfound
         return found, idle
 
     def __getitem__(self, cookie: int) -> TcpInfo:
@@ -772,36 +829,39 @@ class Session:
 
     # -- exact lookups ---------------------------------------------------
 
-    def tcp_info(self, rows: np.ndarray, exact_max: int = 256) -> tuple[TcpInfoTable, int]:
+    def tcp_info(self, rows: np.ndarray, exact_max: int = 256, brief_below_ms: int | None = None
+                 ) -> tuple[TcpInfoTable, int]:
         """tcp_info for each row (INV_DTYPE), in its namespace.
 
         Up to ``exact_max`` sockets of a namespace are looked up one by one
         (exact match on 4-tuple and cookie, about 50 us each); past that, one
         dump of their states with INET_DIAG_INFO is cheaper, and only the
-        wanted sockets' tcp_info is decoded from it.
+        wanted sockets' tcp_info is decoded from it.  ``brief_below_ms``:
+        see :class:`TcpInfoTable`.
 
         Returns (cookie -> TcpInfo, sockets without an answer: gone,
         timewait, or in a namespace we could not enter).
         """
-        out = TcpInfoTable()
+        out = TcpInfoTable(brief_below_ms)
         missed = 0
         for ino, sock, sel in self._by_netns(rows):
             if sock is None:
                 missed += len(sel)
                 continue
-            before = len(out)
+            before = out.answered
             try:
                 if len(sel) > exact_max:
-                    out.update(self._dump_info(sock, sel))
+                    self._dump_info(sock, sel, out)
                 else:
                     for start in range(0, len(sel), _BATCH):
-                        out.update(self._lookup_batch(sock, sel[start : start + _BATCH])[1])
+                        self._lookup_batch(sock, sel[start : start + _BATCH], into=out)
             except OSError as exc:  # e.g. ENOBUFS: replies were dropped
                 self.errors.append(f"{self.netns[int(ino)].label} (netns {ino}) tcp_info: {exc}")
-            missed += len(sel) - (len(out) - before)
+            missed += len(sel) - (out.answered - before)
         return out, missed
 
-    def lookup(self, rows: np.ndarray, exact_max: int = 256) -> tuple[np.ndarray, TcpInfoTable, int]:
+    def lookup(self, rows: np.ndarray, exact_max: int = 256, brief_below_ms: int | None = None
+               ) -> tuple[np.ndarray, TcpInfoTable, int]:
         """The kernel's current row (INV_DTYPE) and tcp_info of each socket
         ``rows`` names (INV_DTYPE: cookie, netns, family, ports and
         addresses are enough; a socket of the BPF table, say), in its
@@ -810,11 +870,13 @@ class Session:
         their states with INET_DIAG_INFO is cheaper (then the cost is that
         of every socket in those states).
 
+        ``brief_below_ms``: see :class:`TcpInfoTable`.
+
         Returns (rows found, cookie -> TcpInfo, sockets without an answer:
         gone, or in a namespace this session has no socket for).
         """
         found: list[np.ndarray] = []
-        infos = TcpInfoTable()
+        infos = TcpInfoTable(brief_below_ms)
         missed = 0
         for ino, sock, sel in self._by_netns(rows):
             if sock is None:
@@ -828,13 +890,12 @@ class Session:
                         states |= 1 << int(st)
                     part = self.dump(states=states).rows
                     part = part[(part["netns"] == ino) & np.isin(part["cookie"], sel["cookie"])]
-                    infos.update(self._dump_info(sock, part))
+                    self._dump_info(sock, part, infos)
                     found.append(part)
                     got = len(part)
                 else:
                     for start in range(0, len(sel), _BATCH):
-                        part, table, _ = self._lookup_batch(sock, sel[start : start + _BATCH], int(ino))
-                        infos.update(table)
+                        part, _, _ = self._lookup_batch(sock, sel[start : start + _BATCH], int(ino), infos)
                         found.append(part)
                         got += len(part)
             except OSError as exc:
@@ -846,12 +907,13 @@ class Session:
     def _by_netns(self, rows: np.ndarray) -> Iterator[tuple[int, socket.socket | None, np.ndarray]]:
         """Per network namespace of ``rows``: its inode, this session's
         socket there (None: not entered), and the rows in it."""
-        for ino in np.unique(rows["netns"]).tolist() if len(rows) else []:
-            yield int(ino), self.socks.get(int(ino)), rows[rows["netns"] == ino]
+        inos = np.unique(rows["netns"]).tolist() if len(rows) else []
+        for ino in inos:  # one namespace (the usual case): the rows as they are, not a copy
+            yield int(ino), self.socks.get(int(ino)), rows if len(inos) == 1 else rows[rows["netns"] == ino]
 
-    def _dump_info(self, sock: socket.socket, rows: np.ndarray) -> TcpInfoTable:
-        out = TcpInfoTable()
-        wanted = set(rows["cookie"].tolist())
+    def _dump_info(self, sock: socket.socket, rows: np.ndarray, into: TcpInfoTable | None = None) -> TcpInfoTable:
+        out = into if into is not None else TcpInfoTable()
+        wanted = np.unique(rows["cookie"])  # sorted
         deadline = time.monotonic() + self.timeout * 4
         for fam in np.unique(rows["family"]).tolist():
             states = 0
@@ -868,8 +930,8 @@ class Session:
                     break
         return out
 
-    def _lookup_batch(self, sock: socket.socket, rows: np.ndarray, netns: int = 0
-                      ) -> tuple[np.ndarray, TcpInfoTable, int]:
+    def _lookup_batch(self, sock: socket.socket, rows: np.ndarray, netns: int = 0,
+                      into: TcpInfoTable | None = None) -> tuple[np.ndarray, TcpInfoTable, int]:
         templates = {}
         wanted: dict[int, int] = {}  # seq -> cookie
         data = bytearray()
@@ -884,7 +946,7 @@ class Session:
             data += req
             wanted[seq] = int(row["cookie"])
         sock.send(bytes(data))
-        out = TcpInfoTable()
+        out = into if into is not None else TcpInfoTable()
         msgs: list[np.ndarray] = []
         pending = set(wanted)
         # Each request gets exactly one reply (the socket, or an error).
@@ -910,17 +972,20 @@ _COOKIE_OFFSET = 16 + MSG_DTYPE.fields["idiag_cookie"][1]  # from the nlmsghdr
 _COOKIE = struct.Struct("=II")  # cookie[0] (low), cookie[1] (high)
 
 
-def parse_info_dump(buf: bytes, seq: int, wanted: set[int], into: TcpInfoTable | None = None
+def parse_info_dump(buf: bytes, seq: int, wanted: set[int] | np.ndarray, into: TcpInfoTable | None = None
                     ) -> tuple[TcpInfoTable, bool, int]:
     """One datagram of a dump with INET_DIAG_INFO: tcp_info of the ``wanted``
     cookies only (the others are skipped without decoding), added to
-    ``into`` (or a new table).  Returns (the table, done, errno)."""
+    ``into`` (or a new table).  ``wanted``: a set, or a sorted uint64 array
+    (100k cookies as a set of Python ints cost ~8 MB).  Returns (the table,
+    done, errno)."""
     out = into if into is not None else TcpInfoTable()
     done = False
     err = 0
     off = 0
     n = len(buf)
     need = 16 + MSG_DTYPE.itemsize
+    found: list[tuple[int, int, int]] = []  # (offset, length, cookie) of each socket message
     while off + 16 <= n:
         length, typ, mseq = _frame(buf, off, n)
         if mseq == seq:
@@ -928,11 +993,7 @@ def parse_info_dump(buf: bytes, seq: int, wanted: set[int], into: TcpInfoTable |
                 if length < need:
                     raise _malformed(f"inet_diag_msg of {length} bytes", off, n)
                 lo, hi = _COOKIE.unpack_from(buf, off + _COOKIE_OFFSET)
-                cookie = lo | hi << 32
-                if cookie in wanted:
-                    attrs = _attrs(buf, off + need, off + length)
-                    if INET_DIAG_INFO in attrs:
-                        out.add(cookie, attrs[INET_DIAG_INFO])
+                found.append((off, length, lo | hi << 32))
             elif typ == NLMSG_DONE:
                 done = True
             elif typ == NLMSG_ERROR:
@@ -940,6 +1001,18 @@ def parse_info_dump(buf: bytes, seq: int, wanted: set[int], into: TcpInfoTable |
                 done = True
         off += (length + 3) & ~3
     _check_end(off, n)
+    if isinstance(wanted, np.ndarray):
+        if not len(wanted) or not found:
+            return out, done, err
+        cookies = np.fromiter((c for _, _, c in found), np.uint64, len(found))
+        pos = np.minimum(np.searchsorted(wanted, cookies), len(wanted) - 1)
+        found = [m for m, hit in zip(found, (wanted[pos] == cookies).tolist()) if hit]
+    else:
+        found = [m for m in found if m[2] in wanted]
+    for moff, length, cookie in found:
+        attrs = _attrs(buf, moff + need, moff + length)
+        if INET_DIAG_INFO in attrs:
+            out.add(cookie, attrs[INET_DIAG_INFO])
     return out, done, err
 
 

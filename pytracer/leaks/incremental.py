@@ -60,12 +60,10 @@ MAX_BOUND_PIDS = 64  # past this many processes, one filtered pass of every fd t
 
 
 _FIELDS = ("rows", "not_before", "began", "known_since", "accepted")
-
-
 @dataclass
 class Rechecks:
     """ESTABLISHED sockets to ask tcp_info again once they could be idle
-    for ``idle_after``: their lookup keys (INV_DTYPE rows), that time, and
+    for ``idle_after``: their lookup keys (sockdiag.LOOKUP_DTYPE), that time, and
     what the table said of their time in state (monotonic seconds the state
     began if exact, else since when it is known; NaN: neither).
 
@@ -84,7 +82,7 @@ class Rechecks:
 
     @classmethod
     def empty(cls) -> Rechecks:
-        return cls(np.zeros(0, sockdiag.INV_DTYPE), np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, np.int8))
+        return cls(np.zeros(0, sockdiag.LOOKUP_DTYPE), np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, np.int8))
 
     def __len__(self) -> int:
         return len(self.not_before) + (len(self.tail) if self.tail is not None else 0)
@@ -126,11 +124,12 @@ def _concat(a: Rechecks, b: Rechecks) -> Rechecks:
 def rechecks_of(rows: np.ndarray, est_idx: np.ndarray, hist: dict[str, np.ndarray], exact: np.ndarray,
                 bound: np.ndarray, accepted: np.ndarray, now: float) -> Rechecks:
     """The ESTABLISHED rows tcp_info answered for, with their next check
-    (sorted by it)."""
+    (sorted by it).  Each column is taken once, already in order."""
     nb = hist["not_before"][est_idx]
     idx = est_idx[nb > 0]
-    return Rechecks(rows[idx].copy(), hist["not_before"][idx].copy(), now - exact[idx], now - bound[idx],
-                    accepted[idx].copy()).sorted()
+    idx = idx[np.argsort(hist["not_before"][idx], kind="stable")]
+    return Rechecks(sockdiag.lookup_keys(rows, idx), hist["not_before"][idx], now - exact[idx], now - bound[idx],
+                    accepted[idx])
 
 
 def table_rows(snap: Snapshot, idx: np.ndarray) -> np.ndarray:
@@ -201,7 +200,7 @@ def scan(sc: Scanner, snap: Snapshot, rep: LeakReport) -> None:
     idx = select(snap, sc, now_ns, sc.prev_scan_ns or now_ns)
     sc.prev_scan_ns = now_ns
     r = sc.rechecks.pop_due(now)  # answered ones come back below
-    cand = np.concatenate([table_rows(snap, idx), r.rows])
+    cand = np.concatenate([table_rows(snap, idx), sockdiag.inventory_rows(r.rows)])
     socks = snap.socks[idx]
     age = (now_ns - socks["state_ns"].astype(np.int64)) / 1e9
     seeded = ((socks["flags"] & abi.PT_F_SEEDED) != 0) & (socks["transitions"] == 0)
@@ -229,7 +228,7 @@ def scan(sc: Scanner, snap: Snapshot, rep: LeakReport) -> None:
     missed = 0
     if len(ask):
         with (sc.session_factory or sockdiag.Session)(refs) as sess:
-            found, infos, missed = sess.lookup(ask, th.max_exact_lookups)
+            found, infos, missed = sess.lookup(ask, th.max_exact_lookups, th.idle_brief_ms)
             rep.errors.extend(e for e in sess.errors if "lookup" in e)
             for ino, info in sess.netns.items():
                 sc.fin_timeouts[ino] = info.fin_timeout

@@ -286,7 +286,8 @@ class Scanner:
             missed = 0
             if len(query):
                 errors_before = len(sess.errors)
-                infos, missed = sess.tcp_info(rows[query], th.max_exact_lookups)
+                infos, missed = sess.tcp_info(sockdiag.lookup_keys(rows, query), th.max_exact_lookups,
+                                               th.idle_brief_ms)
                 rep.errors.extend(sess.errors[errors_before:])
                 hist["checked"][query] = now
             rep.stats.update(candidates=int(len(stuck_idx) + len(est_idx)), info_queries=int(len(query)),

@@ -34,6 +34,12 @@ class Thresholds:
     idle_reset_min_seconds: float = 1.0
     idle_reset_peak: float = 0.6
 
+    @property
+    def idle_brief_ms(self) -> int:
+        """tcp_info of an ESTABLISHED socket idle for less than this is only
+        its idle time (see pytracer.inventory.sockdiag.TcpInfoTable)."""
+        return int(self.idle_after * 1000)
+
     def validate(self) -> None:
         for name in ("close_wait_after", "idle_after", "last_ack_after"):
             if getattr(self, name) < 0:

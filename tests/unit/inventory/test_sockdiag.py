@@ -140,6 +140,30 @@ def test_recorded_dump_with_info_decodes_only_wanted() -> None:
     got, _, _ = sockdiag.parse_info_dump(raw, 79, set(some))
     assert set(got) == set(some) and all(got[c] == everything[c] for c in some)
     assert sockdiag.parse_info_dump(raw, 80, set(rows))[0] == {}  # another request's sequence
+    # The same, wanted as a sorted array (how a session asks for many).
+    arr, _, _ = sockdiag.parse_info_dump(raw, 79, np.array(some, np.uint64))
+    assert set(arr) == set(some) and all(arr[c] == everything[c] for c in some)
+    assert not sockdiag.parse_info_dump(raw, 79, np.zeros(0, np.uint64))[0].answered
+
+
+def test_tcp_info_table_keeps_only_the_idle_time_of_busy_established_sockets() -> None:
+    def info(state: int, sent_ms: int, recv_ms: int) -> bytes:
+        b = bytearray(232)
+        struct.pack_into("=BBB", b, 0, state, 0, 4)  # state, ca_state, retransmits
+        struct.pack_into("=III", b, 44, sent_ms, 0, recv_ms)  # last_data_sent, last_ack_sent, last_data_recv
+        return bytes(b)
+
+    table = sockdiag.TcpInfoTable(brief_below_ms=300_000)
+    assert table.add(1, info(1, 5_000, 299_999))  # ESTABLISHED, idle 5 s: its idle time only
+    assert table.add(2, info(1, 300_000, 400_000))  # ESTABLISHED, idle 300 s: all of it
+    assert table.add(3, info(8, 10, 10))  # CLOSE_WAIT: all of it, however busy
+    assert set(table) == {2, 3} and 1 not in table and len(table) == 2 and table.answered == 3
+    assert table[2].retransmits == 4 and table[3].state == 8
+    found, idle = table.idle_ms(np.array([3, 1, 9, 2], np.uint64))
+    assert found.tolist() == [True, True, False, True] and idle[found].tolist() == [10, 5_000, 300_000]
+    both = sockdiag.TcpInfoTable()
+    both.update(table)
+    assert both.answered == 3 and both.idle_ms(np.array([1], np.uint64))[1].tolist() == [5_000]
 
 
 def test_tcp_info_table_answers_like_decode() -> None:

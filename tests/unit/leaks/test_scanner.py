@@ -111,10 +111,12 @@ class RecordedSession:
                                   tw_reuse=2)
         return sockdiag.Inventory(rows=rows, netns={NS: info})
 
-    def tcp_info(self, rows: np.ndarray, exact_max: int = 256) -> tuple[sockdiag.TcpInfoTable, int]:
+    def tcp_info(self, rows: np.ndarray, exact_max: int = 256, brief_below_ms: int | None = None
+                 ) -> tuple[sockdiag.TcpInfoTable, int]:
         wanted = {int(c) for c in rows["cookie"]}
         self.asked += sorted(wanted)
-        table, done, err = sockdiag.parse_info_dump((FIX / "dump_info.bin").read_bytes(), 79, wanted)
+        table, done, err = sockdiag.parse_info_dump((FIX / "dump_info.bin").read_bytes(), 79, wanted,
+                                                    sockdiag.TcpInfoTable(brief_below_ms))
         assert done and err == 0
         return table, 0
 
