@@ -25,8 +25,9 @@ __all__ = ["LEAK_DUTY", "DutyCycle", "watch_enricher"]
 # ``tracer export`` (pytracer.exporter.collector).  Scans between
 # full scans cost in proportion to their candidates (milliseconds on a
 # healthy host), so the cycle matters only when there is a pile: 20,000
-# idle ESTABLISHED sockets make a scan of ~1.3 s here, repeated every ~25 s
-# at 5% (every ~4 s at 25%, which held watch at a quarter of a core).
+# idle ESTABLISHED sockets made every scan ~1.3 s here (held to every ~25 s
+# at 5%); their flags are now carried between rechecks a minute apart
+# (pytracer.leaks.idle_carry), and only the recheck costs that much.
 LEAK_DUTY = 0.05
 
 

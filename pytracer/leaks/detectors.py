@@ -88,13 +88,20 @@ class Flag:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
+        """Its fields as JSON values.  Made once: a flag is not changed once
+        its rule has made it, and a carried flag (pytracer.leaks.idle_carry)
+        is in many reports; the dict is shared, so do not change it."""
         # Not dataclasses.asdict(): its recursive deep copy was most of a report's cost with
         # thousands of flags.  Fields in their order; ``extra`` holds only JSON values.
-        out = dict(self.__dict__)
+        made = self.__dict__.get("_json")
+        if made is not None:
+            return made
+        out = {k: v for k, v in self.__dict__.items() if k != "_json"}
         out["extra"] = dict(self.extra)
         for k in ("seconds", "idle_seconds"):
             if out[k] is not None:
                 out[k] = round(out[k], 3)
+        self.__dict__["_json"] = out
         return out
 
 

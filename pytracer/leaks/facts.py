@@ -193,7 +193,7 @@ def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, exa
                table_bound: np.ndarray, hist: dict[str, np.ndarray], accepted: np.ndarray,
                infos: sockdiag.TcpInfoTable, owners: procs.SocketOwners, lst: Listeners,
                fin_timeout: dict[int, int | None], now: float, idle_after: float, max_facts: int,
-               errors: list[Any]) -> list[SockFacts]:
+               errors: list[Any], recheck_s: float = 0.0) -> list[SockFacts]:
     """The facts of the stuck candidates, then of the ESTABLISHED ones idle
     for ``idle_after`` (at most ``max_facts``; the cut is noted in ``errors``).
     Updates ``hist`` (kernel floors, when an ESTABLISHED one may be idle)."""
@@ -209,6 +209,10 @@ def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, exa
         errors.append(f"{len(idx) - max_facts} flagged-looking sockets not judged this scan "
                       f"(more than {max_facts})")
         idx = idx[:max_facts]
+    # The idle ones judged here are measured again ``recheck_s`` later; their
+    # flags are carried until then (pytracer.leaks.idle_carry).
+    judged_idle = np.asarray(idx[len(stuck_idx):], np.intp)
+    hist["not_before"][judged_idle] = now + recheck_s
     out = []
     for i in idx:
         r = rows[i]

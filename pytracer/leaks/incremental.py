@@ -47,7 +47,8 @@ from pytracer.inventory.procs import FdScan
 from pytracer.kernel import abi
 from pytracer.kernel.tcp_states import TcpState
 from pytracer.leaks import facts as joins
-from pytracer.leaks.detectors import socket_flags
+from pytracer.leaks.detectors import ordered, socket_flags
+from pytracer.leaks.idle_carry import IdleCarry
 from pytracer.leaks.report import LeakReport
 from pytracer.leaks.time_wait import time_wait_findings
 from pytracer.table.poll import Snapshot
@@ -258,7 +259,8 @@ def scan(sc: Scanner, snap: Snapshot, rep: LeakReport) -> None:
     stuck_idx, est_idx, query = joins.candidates(th, rows, relevant, exact, bound, hist, fin_timeout, now)
     hist["checked"][query] = now
     facts = joins.sock_facts(rows, stuck_idx, est_idx, exact, bound, hist, accepted, infos, owners, listeners,
-                             fin_timeout, now, th.idle_after, sc.max_socket_facts, rep.errors)
+                             fin_timeout, now, th.idle_after, sc.max_socket_facts, rep.errors,
+                             th.idle_recheck_s)
     sc.history.merge(rows, hist)
     sc.rechecks.add(rechecks_of(rows, est_idx, hist, exact, bound, accepted, now))
     unresolved = [f for f in facts if f.inode and not f.owners]
@@ -270,11 +272,13 @@ def scan(sc: Scanner, snap: Snapshot, rep: LeakReport) -> None:
     pfacts = {pid: sc.proc_cache[pid] for pid in summaries if pid in sc.proc_cache}
     sc.last_facts, sc.last_procs = facts, pfacts
     flags = socket_flags(facts, pfacts, th)
+    idle = sc.idle_carry.merge(IdleCarry.idle(flags), rows["cookie"][query], snap, limit=sc.max_socket_facts)
+    flags = IdleCarry.others(flags)
     flags += sc.process_flags(now, counts, summaries, pfacts)
     if not sc.pids and sc.last_time_wait is not None and now - sc.last_time_wait >= sc.time_wait_every:
         refresh_time_wait(sc, rep, now)
     flags += list(sc.carried.get("flags", []))
-    rep.flags = flags
+    rep.flags = ordered(flags) + idle  # idle_established sorts last; the carry keeps its own in order
     rep.processes = summaries
     rep.time_wait = list(sc.carried.get("time_wait", []))
     rep.netns = list(sc.carried.get("netns", []))
@@ -284,7 +288,7 @@ def scan(sc: Scanner, snap: Snapshot, rep: LeakReport) -> None:
                      fd_tables_unreadable=scan_.unreadable, table_records=int(len(snap.keys)),
                      table_matched=int(len(rows)), records_reaped=sc.reaped,
                      candidates=int(len(stuck_idx) + len(est_idx)), info_queries=int(len(query)),
-                     info_missed=int(missed))
+                     info_missed=int(missed), idle_carried=sc.idle_carry.carried)
 
 
 def resolve_holders(sc: Scanner, snap: Snapshot, cookies: list[int], now: float) -> dict[int, tuple[int, int, int]]:

@@ -56,6 +56,7 @@ from pytracer.leaks.detectors import (
     ordered,
     socket_flags,
 )
+from pytracer.leaks.idle_carry import IdleCarry
 from pytracer.leaks.processes import GrowthSample, fd_flags, growth_flags, growth_rate, update_growth
 from pytracer.leaks.reaper import Reaper
 from pytracer.leaks.report import LeakReport, ProcessSummary
@@ -126,6 +127,7 @@ class Scanner:
         self._growth: dict[tuple, list[GrowthSample]] = {}
         self.proc_cache: dict[int, procs.ProcFacts] = {}
         self.history = joins.History()
+        self.idle_carry = IdleCarry()  # idle flags between their rechecks
         self.scans = 0
         self.reaper = Reaper(tracer, reap_after)
         # The facts the last scan judged (for debugging and recording fixtures).
@@ -185,7 +187,6 @@ class Scanner:
         if snapshot is not None and not self._full_due(snapshot):
             self.last_kind = "candidates"
             incremental_scan.scan(self, snapshot, rep)
-            rep.flags = ordered(rep.flags)
             return
         self.last_kind = "full"
         t0 = time.perf_counter()
@@ -295,7 +296,7 @@ class Scanner:
 
             facts = joins.sock_facts(rows, stuck_idx, est_idx, exact_s, table_bound_s, hist, accepted, infos,
                                      owners, listeners, fin_timeout, now, th.idle_after, self.max_socket_facts,
-                                     rep.errors)
+                                     rep.errors, th.idle_recheck_s)
             self.history.store(rows, hist)
 
             # Processes: who holds TCP sockets (or the --pid set).
@@ -304,6 +305,10 @@ class Scanner:
 
             self.last_facts, self.last_procs = facts, pfacts
             flags = socket_flags(facts, pfacts, th)
+            idle = self.idle_carry.merge(IdleCarry.idle(flags), rows["cookie"][query], snapshot,
+                                         listed=rows["cookie"], limit=self.max_socket_facts)
+            rep.stats["idle_carried"] = self.idle_carry.carried
+            flags = IdleCarry.others(flags)
             flags += self.process_flags(now, counts, summaries, pfacts)
 
             # TIME_WAIT per destination (not under --pid: TIME_WAIT has no owner).
@@ -321,7 +326,7 @@ class Scanner:
                 self.holder_cache = {}
                 self.last_time_wait = now
 
-            rep.flags = ordered(flags)
+            rep.flags = ordered(flags) + idle  # idle_established sorts last; the carry keeps its own in order
             rep.processes = summaries
 
     @property

@@ -33,6 +33,16 @@ class Thresholds:
     idle_reset_min_hits: int = 3
     idle_reset_min_seconds: float = 1.0
     idle_reset_peak: float = 0.6
+    # A socket flagged idle_established is measured again (tcp_info) this
+    # often, its flag carried in between (pytracer.leaks.idle_carry).  None:
+    # a fifth of idle_after, within 1-60 s.
+    idle_recheck: float | None = None
+
+    @property
+    def idle_recheck_s(self) -> float:
+        if self.idle_recheck is not None:
+            return self.idle_recheck
+        return min(60.0, max(1.0, self.idle_after / 5))
 
     @property
     def idle_brief_ms(self) -> int:
@@ -46,6 +56,8 @@ class Thresholds:
                 raise ValueError(f"{name} must be >= 0")
         if self.fin_wait2_after is not None and self.fin_wait2_after < 0:
             raise ValueError("fin_wait2_after must be >= 0")
+        if self.idle_recheck is not None and self.idle_recheck < 0:
+            raise ValueError("idle_recheck must be >= 0")
         for name in ("fd_warn_ratio", "time_wait_warn_ratio"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1]")

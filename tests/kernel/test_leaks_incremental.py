@@ -153,3 +153,50 @@ def test_time_wait_pressure_between_full_scans(leak_tracer: Any, leak_net: LeakN
     assert flag.extra["time_wait"] == len(truth)
     # The minisockets counted for the views, as ss counts them in that namespace.
     assert rep.inventory_states.get("TIME_WAIT", 0) >= len(truth)
+
+
+@pytest.mark.parametrize("leak_net", ["loopback4"], indirect=True)
+def test_idle_flags_are_carried_between_rechecks(leak_tracer: Any, leak_net: LeakNet, spawn: Any) -> None:
+    """A socket flagged idle is asked tcp_info once per idle_recheck, its
+    flag carried in between as measured (ss shows it idle for longer since);
+    when its connection closes, the next scan drops it."""
+    net = leak_net
+    srv = spawn(server_argv("hold", net.server_host), net.server_ns, "server")
+    port = srv.expect("listening")["port"]
+    cli = spawn(client_argv("keepalive", net.server_host, port, "--idle", 3), net.client_ns, "client")
+    cli.expect("ready")
+    sc = incremental(leak_tracer, [srv.pid, cli.pid], idle_after=1.0, idle_recheck=2.5)
+    nss = {net.netns_ino(net.server_ns), net.netns_ino(net.client_ns)}
+
+    def truth() -> dict[int, float]:
+        """cookie -> idle seconds (no data either way), per ss, of the scenario's connections."""
+        return {r.cookie: min(r.ms("lastsnd") or 0, r.ms("lastrcv") or 0) / 1000
+                for ns in {net.server_ns, net.client_ns} for r in ss(ns, port) if r.state == "ESTAB"}
+
+    time.sleep(1.3)
+    first = sc.scan()  # every connection crossed idle_after since the full scan: asked and flagged
+    t_first = time.monotonic()
+    got = ours(first, "idle_established", port, nss)
+    assert len(truth()) == 6 and set(got) == set(truth()), why(first, list(truth()))
+    assert first.stats["info_queries"] >= 6 and first.stats["idle_carried"] == 0, first.stats
+
+    time.sleep(1.0)
+    second = sc.scan()  # within idle_recheck: carried, not asked again
+    ss_idle = truth()
+    assert sc.last_kind == "candidates" and time.monotonic() - t_first < 2.5
+    carried = ours(second, "idle_established", port, nss)
+    assert set(carried) == set(ss_idle), why(second, list(ss_idle))
+    assert second.stats["info_queries"] == 0 and second.stats["idle_carried"] == 6, second.stats
+    for cookie, f in carried.items():
+        assert f.idle_seconds == got[cookie].idle_seconds  # as measured by the first scan
+        assert 0.5 < ss_idle[cookie] - f.idle_seconds < 1.5, (f.idle_seconds, ss_idle[cookie])
+
+    time.sleep(max(0.0, t_first + 2.7 - time.monotonic()))
+    third = sc.scan()  # idle_recheck passed: asked again
+    assert set(ours(third, "idle_established", port, nss)) == set(ss_idle)
+    assert third.stats["info_queries"] >= 6 and third.stats["idle_carried"] == 0, third.stats
+
+    cli.kill()  # every connection closes: the client's ends go, the server's leave ESTABLISHED
+    wait_until(lambda: not truth() or None, 10, "the connections closed")
+    fourth = sc.scan()
+    assert not ours(fourth, "idle_established", port, nss), fourth.flags
