@@ -221,6 +221,15 @@ def wait_for(pred: Any, timeout: float, what: str) -> None:
     raise TimeoutError(f"{what} within {timeout} s")
 
 
+def open_on(ports: tuple[int, ...]) -> list[str]:
+    """ss lines of the connections to or from ``ports`` still open (not
+    listeners, not TIME-WAIT minisockets: neither is in the table)."""
+    flt = " or ".join(f"sport = :{p} or dport = :{p}" for p in ports)
+    out = subprocess.run(["ss", "-tanH", "state", "all", f"( {flt} )"], capture_output=True, text=True,
+                         timeout=30).stdout
+    return [ln for ln in out.splitlines() if ln.split() and ln.split()[0] not in ("LISTEN", "TIME-WAIT")]
+
+
 def start_nginx(d: Path, port: int) -> subprocess.Popen:
     conf = d / "nginx.conf"
     conf.write_text(NGINX_CONF.format(prefix=d, keepalive=0, listen=f"127.0.0.1:{port} backlog=4096",
@@ -370,9 +379,16 @@ def soak(minutes: float, churn_rate: int, ab_rate: int, out: Path | None = None,
         ab.join(timeout=120)
         chain.join(timeout=max(60, duration * 0.2))
         load_end = time.monotonic() - t0
-        # Let the last connections close (the server's FIN, the client's last ACK),
-        # then read the table while the listeners still exist (as at the baseline).
-        time.sleep(5)
+        # Let the last connections close (the server's FIN, the client's last ACK; a
+        # lost segment waits a retransmission), as ss sees them, then read the table
+        # while the listeners still exist (as at the baseline).
+        time.sleep(1)
+        try:
+            wait_for(lambda: not open_on((p_churn, p_http)), 30, "every load connection closed (ss)")
+        except TimeoutError:
+            pass  # judged below: the oracle's count and the table say what stayed open
+        leftover = open_on((p_churn, p_http))
+        time.sleep(2)  # a watch report and a table read after the last close
         after_entries = watch.json_lines()[-1]["tracer"]["map_entries"]
         after_exp_entries = metric_value(urllib.request.urlopen(url, timeout=10).read().decode(),
                                          "pytracer_map_entries", 'map="socks"')
@@ -420,6 +436,7 @@ def soak(minutes: float, churn_rate: int, ab_rate: int, out: Path | None = None,
             "export": {"opened_total": exp_opened, "closed_total": exp_closed},
             "table": {"baseline": baseline_entries, "after": after_entries,
                       "export_baseline": baseline_exp_entries, "export_after": after_exp_entries,
+                      "open_at_read": leftover[:10],
                       "peak": max(r["tracer"]["map_entries"] for r in watch.json_lines())},
             "scrape": {"count": len(scrape_all), "errors": len(samples["scrape_errors"]),
                        "p50_ms": round(1000 * percentile(scrape_all, 0.5), 1),
