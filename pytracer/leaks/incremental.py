@@ -61,6 +61,8 @@ MAX_BOUND_PIDS = 64  # past this many processes, one filtered pass of every fd t
 
 
 _FIELDS = ("rows", "not_before", "began", "known_since", "accepted")
+
+
 @dataclass
 class Rechecks:
     """ESTABLISHED sockets to ask tcp_info again once they could be idle
