@@ -241,13 +241,6 @@ def lookup_keys(rows: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return out
 
 
-def inventory_rows(keys: np.ndarray) -> np.ndarray:
-    """INV_DTYPE rows for lookup keys (the other columns zero)."""
-    out = np.zeros(len(keys), INV_DTYPE)
-    for name in LOOKUP_FIELDS:
-        out[name] = keys[name]
-    return out
-
 _HDR_DTYPE = np.dtype([("len", "=u4"), ("type", "=u2"), ("flags", "=u2"), ("seq", "=u4"), ("pid", "=u4")])
 
 
@@ -458,18 +451,6 @@ class TcpInfoTable(Mapping):
         self._lens.append(n)
         self._frozen = None
         return True
-
-    def update(self, other: Mapping) -> None:  # type: ignore[override]
-        if isinstance(other, TcpInfoTable):
-            self._cookies.extend(other._cookies)
-            self._raw += other._raw
-            self._lens.extend(other._lens)
-            self._brief_cookies.extend(other._brief_cookies)
-            self._brief_idle.extend(other._brief_idle)
-            self._frozen = None
-            return
-        for cookie, info in other.items():
-            self.add_info(cookie, info)
 
     def add_info(self, cookie: int, info: TcpInfo) -> None:
         rec = np.zeros(1, _INFO_DTYPE)
@@ -863,8 +844,8 @@ class Session:
     def lookup(self, rows: np.ndarray, exact_max: int = 256, brief_below_ms: int | None = None
                ) -> tuple[np.ndarray, TcpInfoTable, int]:
         """The kernel's current row (INV_DTYPE) and tcp_info of each socket
-        ``rows`` names (INV_DTYPE: cookie, netns, family, ports and
-        addresses are enough; a socket of the BPF table, say), in its
+        ``rows`` names (INV_DTYPE or LOOKUP_DTYPE: a socket of the BPF
+        table, say), in its
         namespace, without a dump: exact lookups by 4-tuple and cookie, in
         batches.  Past ``exact_max`` sockets in a namespace, one dump of
         their states with INET_DIAG_INFO is cheaper (then the cost is that

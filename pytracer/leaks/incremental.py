@@ -136,9 +136,9 @@ def rechecks_of(rows: np.ndarray, est_idx: np.ndarray, hist: dict[str, np.ndarra
 
 
 def table_rows(snap: Snapshot, idx: np.ndarray) -> np.ndarray:
-    """Lookup keys (INV_DTYPE) of table records."""
+    """Lookup keys (sockdiag.LOOKUP_DTYPE) of table records."""
     socks = snap.socks[idx]
-    out = np.zeros(len(idx), sockdiag.INV_DTYPE)
+    out = np.zeros(len(idx), sockdiag.LOOKUP_DTYPE)
     out["cookie"] = snap.keys[idx]
     out["netns"] = socks["netns_ino"]
     for name in ("family", "state", "lport", "rport", "laddr", "raddr"):
@@ -203,7 +203,7 @@ def scan(sc: Scanner, snap: Snapshot, rep: LeakReport) -> None:
     idx = select(snap, sc, now_ns, sc.prev_scan_ns or now_ns)
     sc.prev_scan_ns = now_ns
     r = sc.rechecks.pop_due(now)  # answered ones come back below
-    cand = np.concatenate([table_rows(snap, idx), sockdiag.inventory_rows(r.rows)])
+    cand = np.concatenate([table_rows(snap, idx), r.rows])
     socks = snap.socks[idx]
     age = (now_ns - socks["state_ns"].astype(np.int64)) / 1e9
     seeded = ((socks["flags"] & abi.PT_F_SEEDED) != 0) & (socks["transitions"] == 0)

@@ -161,9 +161,6 @@ def test_tcp_info_table_keeps_only_the_idle_time_of_busy_established_sockets() -
     assert table[2].retransmits == 4 and table[3].state == 8
     found, idle = table.idle_ms(np.array([3, 1, 9, 2], np.uint64))
     assert found.tolist() == [True, True, False, True] and idle[found].tolist() == [10, 5_000, 300_000]
-    both = sockdiag.TcpInfoTable()
-    both.update(table)
-    assert both.answered == 3 and both.idle_ms(np.array([1], np.uint64))[1].tolist() == [5_000]
 
 
 def test_tcp_info_table_answers_like_decode() -> None:
