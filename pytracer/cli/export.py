@@ -172,7 +172,9 @@ def _serve(obj: Context, server: ExporterServer, registry, opts: ExportOptions,
             # Order matters: no scrape or scan may touch the maps once the
             # tracer closes them (leaving the `with`).
             if thread is not None:
-                server.shutdown()
+                left = server.stop()
+                if left:
+                    log.warning("stopping: %d scrape(s) still under way after 5 s are cut short", left)
             collector.close()
             if stats is not None:
                 stats.close()

@@ -352,12 +352,19 @@ class _Handler(BaseHTTPRequestHandler):
             finally:
                 self.rfile = rfile
             srv.deadlines.set(self.connection, WRITE_TIMEOUT_S)
-            method = getattr(self, f"do_{self.command}", None)
-            if method is None:
-                self.send_error(501, f"Unsupported method ({self.command!r})")
+            if not srv.requests.enter():
+                self.close_connection = True  # stopping: closed unanswered, as by a server gone
                 return
-            method()
-            self.wfile.flush()
+            try:
+                method = getattr(self, f"do_{self.command}", None)
+                if method is None:
+                    self.send_error(501, f"Unsupported method ({self.command!r})")
+                    return
+                method()
+                self.wfile.flush()
+            finally:
+                if srv.requests.leave():
+                    self.close_connection = True  # stopping: no next request on this connection
         except (TimeoutError, OSError, ValueError):
             # A deadline shut the socket, the client went away, or the connection was torn down.
             self.close_connection = True
@@ -398,6 +405,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for k, v in {**self.server.web.headers, **(extra or {})}.items():
             self.send_header(k, v)
+        if self.server.requests.closing:
+            self.send_header("Connection", "close")  # the server is stopping
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -458,6 +467,7 @@ class ExporterServer(ThreadingHTTPServer):
         self.auth = BasicAuth(web.users)
         self.max_connections = _connection_budget()
         self.deadlines = Deadlines()
+        self.requests = InFlight()
         super().__init__((host or ("::" if fam == socket.AF_INET6 else "0.0.0.0"), port), _Handler)
 
     @property
@@ -502,6 +512,49 @@ class ExporterServer(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("error serving %s", client_address, exc_info=True)
 
+    def stop(self, timeout: float = 5.0) -> int:
+        """Stop serving, once: accept no more connections, let the responses
+        under way finish (for at most `timeout` s; a scrape cut short would
+        reach its client as a truncated body), then close the connections left
+        idle.  Returns how many responses were still under way at the timeout."""
+        self.shutdown()
+        left = self.requests.close(timeout)
+        self.deadlines.expire_all()
+        return left
+
+
+class InFlight:
+    """The responses under way, and whether new ones may start."""
+
+    def __init__(self) -> None:
+        self._n = 0
+        self._closing = False
+        self._cv = threading.Condition()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def enter(self) -> bool:
+        with self._cv:
+            if self._closing:
+                return False
+            self._n += 1
+            return True
+
+    def leave(self) -> bool:
+        """True when the server is stopping."""
+        with self._cv:
+            self._n -= 1
+            self._cv.notify_all()
+            return self._closing
+
+    def close(self, timeout: float) -> int:
+        with self._cv:
+            self._closing = True
+            self._cv.wait_for(lambda: self._n == 0, timeout)
+            return self._n
+
 
 class Deadlines:
     """A deadline for each open connection, enforced by one thread: a socket
@@ -537,6 +590,12 @@ class Deadlines:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
+    def expire_all(self) -> None:
+        """Shut every open connection down now (a reader waiting for its next request returns at once)."""
+        with self._lock:
+            late, self._due = list(self._due), {}
+        _shut(late)
+
     def _run(self) -> None:
         while not self._stop.wait(self._tick_s):
             now = time.monotonic()
@@ -544,12 +603,16 @@ class Deadlines:
                 late = [s for s, t in self._due.items() if t <= now]
                 for s in late:
                     del self._due[s]
-            for s in late:
-                try:
-                    # The plain socket's shutdown, also under TLS (SSLSocket.shutdown would unwrap).
-                    socket.socket.shutdown(s, socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _shut(late)
+
+
+def _shut(socks: list[socket.socket]) -> None:
+    for s in socks:
+        try:
+            # The plain socket's shutdown, also under TLS (SSLSocket.shutdown would unwrap).
+            socket.socket.shutdown(s, socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _connection_budget() -> int:

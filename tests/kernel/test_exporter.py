@@ -219,7 +219,21 @@ def test_exported_states_agree_with_ss(tmp_path: Path, netns: str, cleanup: list
     # of the leaky server's clients) have no owner: checked separately below.
     full = ss_states(netns, minisocks=False)
     exported = {dict(lab)["state"]: int(v) for lab, v in series(samples, "pytracer_sockets").items()}
-    assert {k: v for k, v in exported.items() if v} == full
+    exported = {k: v for k, v in exported.items() if v}
+    if exported != full:
+        # What the kernel table held, for the report: every record of the exporter's socket map.
+        maps = fdinfo_ids(exp.pid, "map_id")
+        dump = subprocess.run(["bpftool", "-j", "map", "dump", "name", "socks"], capture_output=True,
+                              text=True, timeout=60).stdout if maps else ""
+        report("scrape-vs-ss-mismatch.txt", f"exported {exported}\nss {full}\nmaps {sorted(maps)}\n\n"
+               f"{text}\n\n{dump}")
+    # A state change the kernel skipped (a program interrupted on its CPU by a
+    # softirq running it again: pytracer_lost_events{reason="recursion_miss"})
+    # is the one loss the exporter may have, and it counts it.  One skipped
+    # transition leaves one socket in the wrong state: two counts off.
+    misses = int(value(samples, "pytracer_lost_events_total", reason="recursion_miss") or 0)
+    off = sum(abs(exported.get(k, 0) - full.get(k, 0)) for k in exported.keys() | full.keys())
+    assert off <= 2 * misses, (exported, full, f"recursion misses {misses}")
     assert full == {"CLOSE_WAIT": 7, "ESTABLISHED": 10, "LISTEN": 3}
     assert ss_states(netns, minisocks=True) == {"TIME_WAIT": 25, "FIN_WAIT2": 7}
 

@@ -10,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -201,3 +202,67 @@ def test_busy_port_is_one_clear_error() -> None:
         assert str(e.value) == f"cannot listen on 127.0.0.1:{port}: address already in use"
     finally:
         holder.close()
+
+
+class _SlowCollector:
+    """A collector whose collect() waits until told, so a scrape is under way on demand."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        self.entered.set()
+        self.release.wait(10)
+        yield GaugeMetricFamily("pytracer_test_slow", "a slow gauge", value=1)
+
+
+def test_stop_lets_the_scrape_under_way_finish_and_closes_idle_connections() -> None:
+    registry = CollectorRegistry(auto_describe=False)
+    slow = _SlowCollector()
+    registry.register(slow)
+    srv = make_server("127.0.0.1:0", None, registry)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    host, port = srv.server_address[:2]
+    # An idle kept-alive connection, served once before.
+    idle = http.client.HTTPConnection(host, port, timeout=10)
+    slow.release.set()
+    idle.request("GET", "/")
+    assert idle.getresponse().read()
+    slow.release.clear()
+    got: list[Any] = []
+
+    def scrape() -> None:
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        try:
+            conn.request("GET", "/metrics")
+            r = conn.getresponse()
+            got.append((r.status, r.getheader("Connection"), r.read()))
+        except Exception as exc:  # noqa: BLE001
+            got.append(exc)
+        finally:
+            conn.close()
+
+    t = threading.Thread(target=scrape)
+    t.start()
+    try:
+        assert slow.entered.wait(10)
+        threading.Timer(0.5, slow.release.set).start()
+        t0 = time.monotonic()
+        assert srv.stop(timeout=5) == 0
+        assert time.monotonic() - t0 >= 0.4  # it waited for the scrape
+        t.join(5)
+        # The scrape under way was answered whole, and told the connection closes.
+        assert len(got) == 1 and not isinstance(got[0], Exception), got
+        status, connection, body = got[0]
+        assert status == 200 and connection == "close" and b"pytracer_test_slow 1.0" in body
+        # The idle connection was closed, and no new request is answered.
+        idle.request("GET", "/")
+        with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+            idle.getresponse()
+    finally:
+        slow.release.set()
+        idle.close()
+        srv.server_close()
