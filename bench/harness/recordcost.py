@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Per-state-change cost of a pt_sock record in a hash vs in SK_STORAGE.
+"""Per-state-change cost of a pt_sock record in a hash, in SK_STORAGE, and in a cookie-indexed array slot.
 
     python3 bench/harness/recordcost.py [--runs N] [--fill N]
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 import pytracer  # noqa: E402
 
-PROGS = ["rc_empty", "rc_hash", "rc_sk_storage"]
+PROGS = ["rc_empty", "rc_hash", "rc_sk_storage", "rc_slot"]
 
 
 def build() -> bytes:
@@ -42,11 +42,14 @@ def session(data: bytes, order: list[str], runs: int, fill: int, churn: str, n: 
     links = []
     try:
         obj.load()
-        recs = obj.map("hash_recs")
         rnd = random.Random(1)
         blank = bytes(144)
-        for _ in range(fill):
-            recs.update(struct.pack("=Q", rnd.getrandbits(62) | 1 << 62), blank)
+        # The host's other sockets: in the hash, and (long-lived, moved out of
+        # their slots) in the slot design's spill hash.
+        for name in ("hash_recs", "slot_spill"):
+            recs = obj.map(name)
+            for _ in range(fill):
+                recs.update(struct.pack("=Q", rnd.getrandbits(62) | 1 << 62), blank)
         links = [obj.program(p).attach() for p in order]
         ids = {obj.program(p).info().id: p for p in order}
         per: dict[str, list[float]] = {p: [] for p in order}
