@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Per-state-change cost of a pt_sock record in a hash, in SK_STORAGE, and in a cookie-indexed array slot.
 
-    python3 bench/harness/recordcost.py [--runs N] [--fill N]
+    python3 bench/harness/recordcost.py [--runs N] [--fill N] [--alone]
 
 Loads bench/harness/recordcost.bpf.c (built here with clang) through pytracer's own
 libbpf binding (the public pytracer.BpfObject), fills the hash with --fill records (the host's other
@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 import pytracer  # noqa: E402
 
-PROGS = ["rc_empty", "rc_hash", "rc_sk_storage", "rc_slot"]
+PROGS = ["rc_empty", "rc_clock", "rc_hash", "rc_sk_storage", "rc_slot"]
 
 
 def build() -> bytes:
@@ -73,11 +73,24 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--fill", type=int, default=100000, help="records put in the hash first")
     ap.add_argument("--connections", type=int, default=20000)
+    ap.add_argument("--alone", action="store_true",
+                    help="each layout attached alone beside the empty program (both orders), not all together")
     args = ap.parse_args()
     data, churn = build(), build_churn()
     with bpf_stats_enabled():
-        fwd = session(data, PROGS, args.runs, args.fill, churn, args.connections)
-        rev = session(data, PROGS[::-1], args.runs, args.fill, churn, args.connections)
+        if args.alone:
+            fwd, rev = {}, {}
+            for p in PROGS[1:]:
+                a = session(data, [p, PROGS[0]], args.runs, args.fill, churn, args.connections)
+                b = session(data, [PROGS[0], p], args.runs, args.fill, churn, args.connections)
+                fwd[p], rev[p] = a[p], b[p]
+                fwd.setdefault(PROGS[0], []).append(a[PROGS[0]])
+                rev.setdefault(PROGS[0], []).append(b[PROGS[0]])
+            fwd[PROGS[0]] = statistics.median(fwd[PROGS[0]])
+            rev[PROGS[0]] = statistics.median(rev[PROGS[0]])
+        else:
+            fwd = session(data, PROGS, args.runs, args.fill, churn, args.connections)
+            rev = session(data, PROGS[::-1], args.runs, args.fill, churn, args.connections)
     print(f"{'program':<15} {'first order':>11} {'reversed':>9} {'mean':>6}  ns/run")
     for p in PROGS:
         print(f"{p:<15} {fwd[p]:>11.0f} {rev[p]:>9.0f} {(fwd[p] + rev[p]) / 2:>6.0f}")
