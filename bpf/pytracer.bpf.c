@@ -43,6 +43,24 @@ struct {
 	__type(value, struct pt_sock);
 } socks SEC(".maps");
 
+/*
+ * The nursery: one slot per cookie modulo its size (sized by the loader,
+ * a power of two; cfg.nursery_bits), in front of "socks".  Cookies are
+ * handed out in increasing order, so sockets born together sit in
+ * neighbouring slots: a record's lookup is an array access the verifier
+ * inlines, and a birth takes no bucket lock and allocates nothing (a hash
+ * record costs 2.2x a slot per event here: bench/harness/recordcost.py).
+ * A socket still alive when a socket 2^nursery_bits cookies younger is
+ * born moves to "socks", once; seeded records and keys by pointer live
+ * there from the start.  slot.key 0: free.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct pt_slot);
+} nursery SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, PT_AGG_ENTRIES);
@@ -190,13 +208,88 @@ static __always_inline struct pt_agg *agg_top(void)
  * caller's own key (the code is then what it was before lifecycle.bpf.h):
  * key and lk are lvalues in every use.
  */
-#define sock_lookup(key)	bpf_map_lookup_elem(&socks, &(key))
-#define sock_update(key, rec)	bpf_map_update_elem(&socks, &(key), rec, BPF_ANY)
-#define sock_delete(key)	bpf_map_delete_elem(&socks, &(key))
+#define sock_lookup(key)	sock_find(key)
+#define sock_update(key, rec)	sock_put(key, rec)
+#define sock_delete(key)	sock_drop(key)
 #define listener_lookup(lk)	bpf_map_lookup_elem(&listeners, lk)
 #define listener_update(lk, tgid) bpf_map_update_elem(&listeners, lk, tgid, BPF_ANY)
 #define listener_delete(lk)	bpf_map_delete_elem(&listeners, lk)
 #define owner_listed(tgid)	(bpf_map_lookup_elem(&owners, &(tgid)) != NULL)
+
+/*
+ * A key is a cookie (or, with cfg.key_by_ptr, the sk pointer), with
+ * PT_KEY_FRESH set by the state hooks when the socket had no cookie before
+ * this event: nobody ever keyed it, so it has no record anywhere and its
+ * birth looks nowhere.
+ */
+static __always_inline struct pt_slot *slot_of(__u64 key)
+{
+	__u32 i = key & ((1U << cfg.nursery_bits) - 1);
+
+	return bpf_map_lookup_elem(&nursery, &i);
+}
+
+static __always_inline struct pt_sock *sock_find(__u64 key)
+{
+	__u64 k = key & ~PT_KEY_FRESH;
+	struct pt_slot *s;
+
+	if (cfg.nursery_bits) {
+		s = slot_of(k);
+		if (s && s->key == k)
+			return &s->rec;
+		if (key & PT_KEY_FRESH)
+			return NULL;
+	}
+	return bpf_map_lookup_elem(&socks, &k);
+}
+
+/* Insert or replace.  Nonzero when the record could not go in; a record
+ * that could not move out of its slot is counted as a failed insert too. */
+static __always_inline long sock_put(__u64 key, struct pt_sock *rec)
+{
+	__u64 k = key & ~PT_KEY_FRESH;
+	struct pt_slot *s;
+	struct pt_agg *a;
+
+	if (!cfg.nursery_bits)
+		return bpf_map_update_elem(&socks, &k, rec, BPF_ANY);
+	s = slot_of(k);
+	if (!s)
+		return -1;
+	if (s->key != k) {
+		/* This socket's own earlier record (seeded, or moved out)
+		 * is replaced, not kept beside the new one. */
+		if (!(key & PT_KEY_FRESH))
+			bpf_map_delete_elem(&socks, &k);
+		if (s->key &&
+		    bpf_map_update_elem(&socks, &s->key, &s->rec, BPF_ANY)) {
+			a = agg_get();
+			if (a)
+				agg_add(&a->stats[PT_S_INSERT_FAILED], 1);
+		}
+	}
+	s->key = k;
+	s->rec = *rec;
+	return 0;
+}
+
+static __always_inline void sock_drop(__u64 key)
+{
+	__u64 k = key & ~PT_KEY_FRESH;
+	struct pt_slot *s;
+
+	if (cfg.nursery_bits) {
+		s = slot_of(k);
+		if (s && s->key == k) {
+			s->key = 0;
+			return;
+		}
+		if (key & PT_KEY_FRESH)
+			return;
+	}
+	bpf_map_delete_elem(&socks, &k);
+}
 
 /* A child's birth, kept in this CPU's slot (see "percpu"). */
 static __always_inline void embryo_keep(struct sock *sk, __u64 born_ns)
@@ -235,6 +328,19 @@ static __always_inline __u64 key_btf(struct sock *sk)
 	if (cfg.key_by_ptr)
 		return (__u64)sk;
 	return bpf_get_socket_cookie(sk);
+}
+
+/* The state hooks' key: PT_KEY_FRESH when the cookie is made now. */
+static __always_inline __u64 key_state(struct sock *sk)
+{
+	__u64 raw;
+
+	if (cfg.key_by_ptr)
+		return (__u64)sk;
+	raw = sk->__sk_common.skc_cookie.counter;
+	if (raw)
+		return raw;
+	return bpf_get_socket_cookie(sk) | PT_KEY_FRESH;
 }
 
 /* Without a BTF pointer the helper is not callable: read the cookie the
@@ -385,7 +491,7 @@ int BPF_PROG(state_tp_btf, struct sock *sk, int old, int new)
 		embryo_keep(sk, bpf_ktime_get_ns());
 		return 0;
 	}
-	handle_state(sk, key_btf(sk), old, new, true);
+	handle_state(sk, key_state(sk), old, new, true);
 	return 0;
 }
 
@@ -403,7 +509,7 @@ int state_tracepoint(struct trace_event_raw_inet_sock_set_state *ctx)
 SEC("fentry/tcp_set_state")
 int BPF_PROG(state_fentry, struct sock *sk, int state)
 {
-	handle_state(sk, key_btf(sk), sk->__sk_common.skc_state, state, true);
+	handle_state(sk, key_state(sk), sk->__sk_common.skc_state, state, true);
 	return 0;
 }
 
@@ -447,7 +553,7 @@ SEC("fexit/inet_csk_listen_start")
 int BPF_PROG(listen_fexit, struct sock *sk)
 {
 	if (sk->__sk_common.skc_state == TCP_LISTEN && is_tcp(sk))
-		handle_state(sk, key_btf(sk), TCP_CLOSE, TCP_LISTEN, true);
+		handle_state(sk, key_state(sk), TCP_CLOSE, TCP_LISTEN, true);
 	return 0;
 }
 

@@ -132,8 +132,19 @@ struct pt_config {
 	__u8 filter_owner;	/* only count sockets of tgids in "owners" */
 	__u8 key_by_ptr;	/* key records by sk pointer, not cookie */
 	__u16 hz;		/* the kernel's HZ, to turn jiffies into ns */
-	__u8 pad[4];
+	__u8 nursery_bits;	/* log2 of the nursery's slots; 0: none */
+	__u8 pad[3];
 };
+
+/* A nursery slot (CO-RE build): the record of the socket whose cookie is
+ * key, or free (key 0).  See "nursery" in pytracer.bpf.c. */
+struct pt_slot {
+	__u64 key;
+	struct pt_sock rec;
+};
+
+/* Set in a state hook's key when the socket's cookie was made by that event. */
+#define PT_KEY_FRESH	(1ULL << 63)
 
 /*
  * Idle before end, per service.  At a connection's end the kernel works out

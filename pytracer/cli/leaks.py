@@ -89,7 +89,7 @@ def leaks(obj: Context, pids: tuple[int, ...], samples: int, interval: float, to
             rep = scanner.scan()
         # Sockets the table could not take (seeding's included) were not scanned as candidates.
         table = FillTracker(start_ns).update(time.monotonic_ns(), len(poller.read_socks(tracer)[0]),
-                                             tracer.max_sockets, failed_inserts(poller.read_totals(tracer)) + sr.failed)
+                                             tracer.capacity, failed_inserts(poller.read_totals(tracer)) + sr.failed)
     warnings = [w for w in (table.warning(),) if w]
     if not rep.stats.get("netns_covered"):
         raise click.ClickException("could not read the TCP socket inventory: " + ("; ".join(rep.errors) or "?"))

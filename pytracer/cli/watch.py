@@ -82,7 +82,7 @@ def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: fl
     from pytracer.table.health import FillTracker, failed_inserts
     from pytracer.views import model
 
-    opts = model.ReportOptions(pids=pids, top=top, start_mono_ns=start_ns, max_sockets=tracer.max_sockets,
+    opts = model.ReportOptions(pids=pids, top=top, start_mono_ns=start_ns, max_sockets=tracer.capacity,
                                extra=dict(extra or {}))
     prev = None
     state: dict[str, Any] = {}
@@ -99,7 +99,7 @@ def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: fl
             table.charge(time.perf_counter() - t0)
         report = model.build_report(snap, prev, opts, view)
         # Sockets the table could not take (seeding's included) are in no count: say so while recent.
-        health = fill.update(snap.mono_ns, len(snap.socks), tracer.max_sockets,
+        health = fill.update(snap.mono_ns, len(snap.socks), tracer.capacity,
                              failed_inserts(snap.totals) + seed_failed)
         report["tracer"].update(health.to_json())
         report["warnings"] = [w for w in (health.warning(),) if w]

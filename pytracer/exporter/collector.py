@@ -241,6 +241,8 @@ class TracerCollector(Collector):
             try:
                 m = self.tracer.map(name)
                 capacity = m.max_entries
+                if name == "socks":  # with the nursery in front of it
+                    capacity += int(getattr(self.tracer, "nursery_slots", 0) or 0)
             except Exception:  # noqa: BLE001 - this backend or version has no such map
                 continue
             out.append(MapStat(name, None, capacity))
@@ -281,7 +283,7 @@ class TracerCollector(Collector):
         mono = time.monotonic_ns()
         inp.totals, inp.socks = totals, socks
         if totals is not None and socks is not None:
-            inp.table = self._fill.update(mono, len(socks), int(getattr(self.tracer, "max_sockets", 0)),
+            inp.table = self._fill.update(mono, len(socks), int(getattr(self.tracer, "capacity", 0)),
                                           failed_inserts(totals) + self._seed_failed)
         inp.poll_seconds = time.perf_counter() - t0
 

@@ -106,7 +106,8 @@ class PtConfig(ctypes.Structure):
         ("filter_owner", ctypes.c_uint8),
         ("key_by_ptr", ctypes.c_uint8),
         ("hz", ctypes.c_uint16),
-        ("pad", ctypes.c_uint8 * 4),
+        ("nursery_bits", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
     ]
 
 

@@ -127,6 +127,22 @@ def save_refused(data: bytes, refused: dict[str, str]) -> None:
 _FAILED_PROG = re.compile(r"prog '(\w+)': (?:BPF program load failed|failed to load)")
 
 
+# The nursery in front of the socket table (CO-RE build, cookie keys; see
+# "nursery" in bpf/pytracer.bpf.c): slots for the sockets born last, a
+# power of two.  At 4,000 connections/s a socket keeps its slot ~2 s, which
+# holds every short connection; 16,384 slots are 2.4 MiB of kernel memory.
+NURSERY_SLOTS = 16384
+
+
+def nursery_slots(max_sockets: int, key_by_ptr: bool) -> int:
+    """The nursery's size for a table of ``max_sockets``: none when keys are
+    pointers, or for a table so small (under four nurseries) that it is
+    sized to be filled on purpose."""
+    if key_by_ptr or max_sockets < 4 * NURSERY_SLOTS:
+        return 0
+    return NURSERY_SLOTS
+
+
 class TracerHandle:
     """What both backends share: their configuration, context management,
     and widening the pid filter (through pytracer.table.writer, the one
@@ -135,6 +151,7 @@ class TracerHandle:
 
     backend = "core"
     key_by_ptr = False
+    nursery_slots = 0  # see NURSERY_SLOTS
 
     def __init__(
         self,
@@ -165,6 +182,11 @@ class TracerHandle:
         self.attach_mode = attach or os.environ.get("PYTRACER_ATTACH") or "auto"
         check_attach_mode(self.attach_mode, "core")  # a backend's own limits are checked at open()
         self.syscall_hooks = syscall_hooks_wanted(syscall_hooks, self.attach_mode)
+
+    @property
+    def capacity(self) -> int:
+        """Records the kernel can hold: the table and its nursery."""
+        return self.max_sockets + self.nursery_slots
 
     def open(self) -> TracerHandle:
         raise NotImplementedError
@@ -334,13 +356,15 @@ class Tracer(TracerHandle):
             prog.autoload = prog.name in wanted
         # Keying: a cookie needs a BTF-pointer program on v5.12+; else the pointer.
         self.key_by_ptr = plan["state"].kind not in ("tp_btf", "fentry") or not f.cookie_in_tracing
+        self.nursery_slots = nursery_slots(self.max_sockets, self.key_by_ptr)
         cfg = abi.PtConfig(filter_owner=1 if self.pids else 0, key_by_ptr=1 if self.key_by_ptr else 0,
-                           hz=kernel_hz())
+                           hz=kernel_hz(), nursery_bits=max(0, self.nursery_slots.bit_length() - 1))
         rodata = obj.map(".rodata")
         if rodata.initial_value_size() != ctypes.sizeof(cfg):
             raise TracerError("BPF object and pytracer/abi.py disagree on the config layout: rebuild with `make`")
         rodata.set_initial_value(bytes(cfg))
         obj.map("socks").max_entries = self.max_sockets
+        obj.map("nursery").max_entries = max(1, self.nursery_slots)
         if self.follow_forks:
             obj.map("owners").max_entries = FOLLOW_MAX_PIDS
         obj.load()

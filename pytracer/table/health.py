@@ -93,9 +93,14 @@ class _Maps:
     socks: Any
     agg: Any
     ncpus: int
+    nursery: Any = None  # its "nursery" map (CO-RE build), if it has one
+
+    @property
+    def nursery_slots(self) -> int:
+        return int(self.nursery.max_entries) if self.nursery is not None else 0
 
     def map(self, name: str) -> Any:
-        return self.socks if name == "socks" else self.agg
+        return {"socks": self.socks, "nursery": self.nursery}.get(name, self.agg)
 
 
 def _map_owners(ids: set[int]) -> dict[int, int]:
@@ -142,6 +147,7 @@ def running_tables(exclude_pid: int | None = None) -> list[RunningTable]:
     from pytracer.table import poll as poller
 
     sock_size, agg_size = ctypes.sizeof(abi.PtSock), ctypes.sizeof(abi.PtAgg)
+    ours = {("socks", sock_size), ("agg", agg_size), ("nursery", poller.SLOT_DTYPE.itemsize)}
     opened: dict[int, libbpf.MapById] = {}
     try:
         for mid in libbpf.map_ids():
@@ -149,7 +155,7 @@ def running_tables(exclude_pid: int | None = None) -> list[RunningTable]:
                 m = libbpf.MapById(mid)
             except libbpf.LibbpfError:
                 continue
-            if (m.name, m.value_size) in (("socks", sock_size), ("agg", agg_size)):
+            if (m.name, m.value_size) in ours:
                 opened[mid] = m
             else:
                 m.close()
@@ -157,16 +163,18 @@ def running_tables(exclude_pid: int | None = None) -> list[RunningTable]:
             return []
         owners = _map_owners(set(opened))
         aggs = {owners.get(mid): m for mid, m in opened.items() if m.name == "agg"}
+        # A nursery of one slot is the object's placeholder: not in use.
+        nurseries = {owners.get(mid): m for mid, m in opened.items() if m.name == "nursery" and m.max_entries > 1}
         ncpus = libbpf.num_possible_cpus()
         out = []
         for mid, m in sorted(opened.items()):
             pid = owners.get(mid)
             if m.name != "socks" or pid == exclude_pid or pid not in aggs:
                 continue
-            src = _Maps(m, aggs[pid], ncpus)
+            src = _Maps(m, aggs[pid], ncpus, nurseries.get(pid))
             entries = len(poller.read_socks(src)[0])
             failed = failed_inserts(poller.read_totals(src))
-            out.append(RunningTable(pid, _comm(pid), entries, m.max_entries, failed))
+            out.append(RunningTable(pid, _comm(pid), entries, m.max_entries + src.nursery_slots, failed))
         return out
     finally:
         for m in opened.values():

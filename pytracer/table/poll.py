@@ -31,12 +31,16 @@ from pytracer.kernel.abi import Stat
 from pytracer.kernel.histogram import Histogram
 
 SOCK_DTYPE = np.dtype(abi.PtSock)
+# A nursery slot (pytracer.h: pt_slot): key 0 is a free slot.
+SLOT_DTYPE = np.dtype([("key", np.uint64), ("rec", SOCK_DTYPE)])
 _AGG_WORDS = ctypes.sizeof(abi.PtAgg) // 8
 _HIST_WORDS = abi.PT_HIST_SLOTS + 1
 
 
 class MapSource(Protocol):
-    """What the poller needs from a loaded tracer (CO-RE or bcc backend)."""
+    """What the poller needs from a loaded tracer (CO-RE or bcc backend);
+    a source with a ``nursery_slots`` attribute above 0 keeps its youngest
+    records in the "nursery" map, in front of "socks"."""
 
     ncpus: int
 
@@ -131,20 +135,57 @@ class SockBuffers:
     def __init__(self) -> None:
         self.keys = np.zeros(0, np.uint64)
         self.socks = np.zeros(0, SOCK_DTYPE)
+        self.slots = np.zeros(0, SLOT_DTYPE)
+        self._slot_idx = np.zeros(0, np.uint32)
 
     def read(self, src: MapSource) -> tuple[np.ndarray, np.ndarray]:
         m = src.map("socks")
-        want = max(int(m.max_entries), 1)
+        nursery = int(getattr(src, "nursery_slots", 0) or 0)
+        want = max(int(m.max_entries), 1) + nursery
         # Bounded: each failed pass doubles the buffers.
         for _ in range(32):
             if len(self.keys) < want:
                 self.keys = np.empty(want, np.uint64)
                 self.socks = np.empty(want, SOCK_DTYPE)
             done, n = m.dump_into(self.keys, self.socks, SOCK_DTYPE.itemsize)
-            if done:
-                return self.keys[:n], self.socks[:n]
+            if done and len(self.keys) - n >= nursery:
+                break
             want = len(self.keys) * 2
-        raise RuntimeError("the socket table kept outgrowing the read buffers")
+        else:
+            raise RuntimeError("the socket table kept outgrowing the read buffers")
+        if nursery:
+            # After "socks": a record that moves out of its slot between the
+            # two reads is missed by this read (never counted twice).
+            n += self._read_nursery(src.map("nursery"), nursery, n)
+        return self.keys[:n], self.socks[:n]
+
+    def _read_nursery(self, m, slots: int, at: int) -> int:
+        """The nursery's occupied slots, appended at ``at``; how many."""
+        if len(self.slots) != slots + 1:  # one spare: a full buffer reads as "more to come"
+            self.slots = np.empty(slots + 1, SLOT_DTYPE)
+            self._slot_idx = np.empty(slots + 1, np.uint32)
+        done, got = m.dump_into(self._slot_idx, self.slots, SLOT_DTYPE.itemsize)
+        if not done:
+            raise RuntimeError(f"the nursery returned more than its {slots} slots")
+        taken = self.slots[:got]
+        live = np.flatnonzero(taken["key"])
+        self.keys[at : at + len(live)] = taken["key"][live]
+        self.socks[at : at + len(live)] = taken["rec"][live]
+        return len(live)
+
+
+def lookup_record(src: MapSource, cookie: int) -> np.ndarray | None:
+    """One socket's record (a SOCK_DTYPE scalar copy), wherever it is:
+    its nursery slot, else "socks"; None when it has none."""
+    slots = int(getattr(src, "nursery_slots", 0) or 0)
+    if slots:
+        raw = src.map("nursery").lookup(struct.pack("=I", cookie & (slots - 1)), SLOT_DTYPE.itemsize)
+        if raw is not None:
+            slot = np.frombuffer(raw, SLOT_DTYPE)[0]
+            if int(slot["key"]) == cookie:
+                return slot["rec"].copy()
+    raw = src.map("socks").lookup(struct.pack("=Q", cookie), SOCK_DTYPE.itemsize)
+    return None if raw is None else np.frombuffer(raw, SOCK_DTYPE)[0].copy()
 
 
 def read_socks(src: MapSource, buffers: SockBuffers | None = None) -> tuple[np.ndarray, np.ndarray]:

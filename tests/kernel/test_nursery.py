@@ -1,0 +1,115 @@
+"""The nursery in front of the socket table (bpf/pytracer.bpf.c, "nursery"):
+a socket that outlives its slot moves to "socks" whole, keeps being
+followed there, and leaves nothing behind; checked against the socket's own
+cookie (SO_COOKIE), ss, and the test's clock."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from pytracer import Tracer
+from pytracer.kernel.abi import Stat
+from pytracer.table import poll as poller
+
+pytestmark = pytest.mark.kernel
+
+SO_COOKIE = 57
+ESTABLISHED, CLOSE_WAIT, LISTEN = 1, 8, 10
+
+
+def cookie_of(s: socket.socket) -> int:
+    return struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+
+
+def in_slot(t: Tracer, cookie: int) -> bool:
+    raw = t.map("nursery").lookup(struct.pack("=I", cookie & (t.nursery_slots - 1)), poller.SLOT_DTYPE.itemsize)
+    return raw is not None and int(np.frombuffer(raw, poller.SLOT_DTYPE)[0]["key"]) == cookie
+
+
+def ss_state(port: int, cookie: int) -> str | None:
+    out = subprocess.run(["ss", "-tanieH", f"( sport = :{port} or dport = :{port} )"], capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+    for line in out.splitlines():
+        if f"sk:{cookie:x}" in line:
+            return line.split()[0]
+    return None
+
+
+def churn(lsn: socket.socket, n: int) -> None:
+    """n connections to lsn, each closed by the server first (its end waits in
+    TIME_WAIT, the client's port is free again at once)."""
+    addr = lsn.getsockname()
+    for _ in range(n):
+        c = socket.create_connection(addr)
+        a, _ = lsn.accept()
+        a.close()
+        c.close()
+
+
+def wait_for(what, timeout: float, desc: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = what()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"no {desc} within {timeout} s")
+
+
+def test_a_socket_outliving_its_slot_moves_to_the_table_whole() -> None:
+    with Tracer() as t:
+        if not t.nursery_slots:
+            pytest.skip("this attach mode keys records by pointer: no nursery")
+        lsn = socket.socket()
+        lsn.bind(("127.0.0.1", 0))
+        lsn.listen(256)
+        port = lsn.getsockname()[1]
+        cli = socket.create_connection(("127.0.0.1", port))
+        acc, _ = lsn.accept()
+        held = {"client": cookie_of(cli), "server": cookie_of(acc)}
+        t0 = time.monotonic_ns()
+        try:
+            first = {k: wait_for(lambda c=c: poller.lookup_record(t, c), 5, f"{k} record") for k, c in held.items()}
+            assert all(in_slot(t, c) for c in held.values()), "a new socket's record starts in its slot"
+            failed0 = poller.read_totals(t).stat(Stat.INSERT_FAILED)
+            # Newer sockets until both held ones are moved out of their slots (cookies come
+            # in per-CPU batches, so the slot's next owner may take more than one lap).
+            made = 0
+            while any(in_slot(t, c) for c in held.values()):
+                assert made < 30 * t.nursery_slots, f"still in their slots after {made} connections"
+                churn(lsn, 2000)
+                made += 2000
+            for k, c in held.items():
+                rec = poller.lookup_record(t, c)
+                assert rec is not None, f"the {k} record was lost when it left its slot"
+                # Whole: the same life, as it was.
+                for field in ("birth_ns", "state_ns", "transitions", "state", "direction", "owner_tgid", "lport",
+                              "rport", "counted"):
+                    assert rec[field] == first[k][field], (k, field, rec[field], first[k][field])
+                assert int(rec["state"]) == ESTABLISHED and 0 < int(rec["birth_ns"]) <= t0
+            # Followed where it is now: the peer's FIN, then the server's close.
+            cli.close()
+            rec = wait_for(lambda: (r := poller.lookup_record(t, held["server"])) is not None
+                           and int(r["state"]) == CLOSE_WAIT and r, 5, "CLOSE_WAIT on the moved record")
+            assert ss_state(port, held["server"]) == "CLOSE-WAIT"
+            n = int(rec["transitions"])
+            assert [int(x) for x in rec["history"][: n]][-2:] == [ESTABLISHED, CLOSE_WAIT]
+            acc.close()
+            wait_for(lambda: poller.lookup_record(t, held["server"]) is None, 10, "the server record's removal")
+            wait_for(lambda: poller.lookup_record(t, held["client"]) is None, 10, "the client record's removal")
+            # Nothing of the churn is left: the listener is this port's only record,
+            # and no insert (or move out of a slot) failed.
+            keys, socks = poller.read_socks(t)
+            ours = (socks["lport"] == port) | (socks["rport"] == port)
+            assert int(ours.sum()) == 1 and int(socks["state"][ours][0]) == LISTEN, socks[ours]
+            assert len(set(keys.tolist())) == len(keys), "a record both in a slot and in the table"
+            assert poller.read_totals(t).stat(Stat.INSERT_FAILED) == failed0
+        finally:
+            for s in (cli, acc, lsn):
+                s.close()
