@@ -21,9 +21,10 @@
  *     agg_add(p, v)            add v to the __u64 at p
  *     enter(), leave(was)      bracket a state change or a destroy
  *   maps
- *     sock_lookup(key)         struct pt_sock * in "socks", or NULL
+ *     sock_lookup(key)         struct pt_sock * in the table, or NULL
  *     sock_update(key, rec)    insert or replace; nonzero on failure
- *     sock_delete(key)
+ *     sock_delete(key)         (a key is opaque here: the CO-RE file's
+ *                              carry a flag for its nursery)
  *     listener_lookup(lk)      __u32 * (the tgid) in "listeners", or NULL
  *     listener_update(lk, tgid)  nonzero on failure
  *     listener_delete(lk)

@@ -229,18 +229,24 @@ static __always_inline struct pt_slot *slot_of(__u64 key)
 	return bpf_map_lookup_elem(&nursery, &i);
 }
 
+/*
+ * Without a nursery a key may be the sk pointer itself, which the verifier
+ * forbids any arithmetic on (the masks below): only keys that are cookies,
+ * that is with a nursery, are masked.
+ */
 static __always_inline struct pt_sock *sock_find(__u64 key)
 {
-	__u64 k = key & ~PT_KEY_FRESH;
 	struct pt_slot *s;
+	__u64 k;
 
-	if (cfg.nursery_bits) {
-		s = slot_of(k);
-		if (s && s->key == k)
-			return &s->rec;
-		if (key & PT_KEY_FRESH)
-			return NULL;
-	}
+	if (!cfg.nursery_bits)
+		return bpf_map_lookup_elem(&socks, &key);
+	k = key & ~PT_KEY_FRESH;
+	s = slot_of(k);
+	if (s && s->key == k)
+		return &s->rec;
+	if (key & PT_KEY_FRESH)
+		return NULL;
 	return bpf_map_lookup_elem(&socks, &k);
 }
 
@@ -248,12 +254,13 @@ static __always_inline struct pt_sock *sock_find(__u64 key)
  * that could not move out of its slot is counted as a failed insert too. */
 static __always_inline long sock_put(__u64 key, struct pt_sock *rec)
 {
-	__u64 k = key & ~PT_KEY_FRESH;
 	struct pt_slot *s;
 	struct pt_agg *a;
+	__u64 k;
 
 	if (!cfg.nursery_bits)
-		return bpf_map_update_elem(&socks, &k, rec, BPF_ANY);
+		return bpf_map_update_elem(&socks, &key, rec, BPF_ANY);
+	k = key & ~PT_KEY_FRESH;
 	s = slot_of(k);
 	if (!s)
 		return -1;
@@ -276,19 +283,19 @@ static __always_inline long sock_put(__u64 key, struct pt_sock *rec)
 
 static __always_inline void sock_drop(__u64 key)
 {
-	__u64 k = key & ~PT_KEY_FRESH;
 	struct pt_slot *s;
+	__u64 k;
 
-	if (cfg.nursery_bits) {
-		s = slot_of(k);
-		if (s && s->key == k) {
-			s->key = 0;
-			return;
-		}
-		if (key & PT_KEY_FRESH)
-			return;
+	if (!cfg.nursery_bits) {
+		bpf_map_delete_elem(&socks, &key);
+		return;
 	}
-	bpf_map_delete_elem(&socks, &k);
+	k = key & ~PT_KEY_FRESH;
+	s = slot_of(k);
+	if (s && s->key == k)
+		s->key = 0;
+	else if (!(key & PT_KEY_FRESH))
+		bpf_map_delete_elem(&socks, &k);
 }
 
 /* A child's birth, kept in this CPU's slot (see "percpu"). */
