@@ -57,6 +57,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_MMAPABLE);	/* read in place (pytracer.table.poll) */
 	__type(key, __u32);
 	__type(value, struct pt_slot);
 } nursery SEC(".maps");

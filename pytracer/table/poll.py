@@ -19,6 +19,7 @@ percent of a core; see :func:`live_delta` for the state counts in between.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import struct
 import time
 from dataclasses import dataclass
@@ -137,6 +138,7 @@ class SockBuffers:
         self.socks = np.zeros(0, SOCK_DTYPE)
         self.slots = np.zeros(0, SLOT_DTYPE)
         self._slot_idx = np.zeros(0, np.uint32)
+        self._mapped: tuple[tuple[int, int], mmap.mmap] | None = None
 
     def read(self, src: MapSource) -> tuple[np.ndarray, np.ndarray]:
         m = src.map("socks")
@@ -160,18 +162,41 @@ class SockBuffers:
         return self.keys[:n], self.socks[:n]
 
     def _read_nursery(self, m, slots: int, at: int) -> int:
-        """The nursery's occupied slots, appended at ``at``; how many."""
-        if len(self.slots) != slots + 1:  # one spare: a full buffer reads as "more to come"
-            self.slots = np.empty(slots + 1, SLOT_DTYPE)
-            self._slot_idx = np.empty(slots + 1, np.uint32)
-        done, got = m.dump_into(self._slot_idx, self.slots, SLOT_DTYPE.itemsize)
-        if not done:
-            raise RuntimeError(f"the nursery returned more than its {slots} slots")
-        taken = self.slots[:got]
-        live = np.flatnonzero(taken["key"])
-        self.keys[at : at + len(live)] = taken["key"][live]
-        self.socks[at : at + len(live)] = taken["rec"][live]
-        return len(live)
+        """The nursery's occupied slots, appended at ``at``; how many.
+
+        Read in place through a shared mapping (the map is BPF_F_MMAPABLE):
+        no copy of the free slots, no system call.  A slot whose key changed
+        while its record was copied (its socket ended, or a newer one took
+        it) is left to the next read."""
+        view = self._nursery_view(m, slots)
+        if view is None:  # not mappable here: one batch read of every slot
+            if len(self.slots) != slots + 1:  # one spare: a full buffer reads as "more to come"
+                self.slots = np.empty(slots + 1, SLOT_DTYPE)
+                self._slot_idx = np.empty(slots + 1, np.uint32)
+            done, got = m.dump_into(self._slot_idx, self.slots, SLOT_DTYPE.itemsize)
+            if not done:
+                raise RuntimeError(f"the nursery returned more than its {slots} slots")
+            view = self.slots[:got]
+        live = np.flatnonzero(view["key"])
+        keys = view["key"][live]
+        recs = view["rec"][live]
+        same = view["key"][live] == keys
+        n = int(same.sum())
+        self.keys[at : at + n] = keys[same]
+        self.socks[at : at + n] = recs[same]
+        return n
+
+    def _nursery_view(self, m, slots: int) -> np.ndarray | None:
+        fd = int(m.fd)
+        if self._mapped is None or self._mapped[0] != (fd, slots):
+            size = slots * SLOT_DTYPE.itemsize
+            try:
+                mm = mmap.mmap(fd, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE, flags=mmap.MAP_SHARED,
+                               prot=mmap.PROT_READ)
+            except (OSError, ValueError):
+                return None
+            self._mapped = ((fd, slots), mm)
+        return np.frombuffer(self._mapped[1], SLOT_DTYPE, count=slots)
 
 
 def lookup_record(src: MapSource, cookie: int) -> np.ndarray | None:
