@@ -338,13 +338,14 @@ static __always_inline __u64 key_btf(struct sock *sk)
 	return bpf_get_socket_cookie(sk);
 }
 
-/* The state hooks' key: PT_KEY_FRESH when the cookie is made now. */
+/* The state hooks' key: with a nursery, PT_KEY_FRESH when the cookie is
+ * made now (only the nursery's accessors know to mask it off). */
 static __always_inline __u64 key_state(struct sock *sk)
 {
 	__u64 raw;
 
-	if (cfg.key_by_ptr)
-		return (__u64)sk;
+	if (!cfg.nursery_bits)
+		return key_btf(sk);
 	raw = sk->__sk_common.skc_cookie.counter;
 	if (raw)
 		return raw;

@@ -113,3 +113,36 @@ def test_a_socket_outliving_its_slot_moves_to_the_table_whole() -> None:
         finally:
             for s in (cli, acc, lsn):
                 s.close()
+
+
+@pytest.mark.parametrize("max_sockets", [4096, 262144], ids=["table alone", "with nursery"])
+def test_records_are_keyed_by_the_sockets_own_cookie(max_sockets: int) -> None:
+    """Whatever holds the records, each is found under the cookie the socket
+    reports (SO_COOKIE), in the state ss shows, and goes with the socket."""
+    with Tracer(max_sockets=max_sockets) as t:
+        assert bool(t.nursery_slots) == (max_sockets >= 65536 and not t.key_by_ptr)
+        if t.key_by_ptr:
+            pytest.skip("this attach mode keys records by pointer")
+        lsn = socket.socket()
+        lsn.bind(("127.0.0.1", 0))
+        lsn.listen(8)
+        port = lsn.getsockname()[1]
+        cli = socket.create_connection(("127.0.0.1", port))
+        acc, _ = lsn.accept()
+        try:
+            for s in (lsn, cli, acc):
+                c = cookie_of(s)
+                rec = wait_for(lambda c=c: poller.lookup_record(t, c), 5, f"the record of cookie {c}")
+                want = LISTEN if s is lsn else ESTABLISHED
+                assert int(rec["state"]) == want and ss_state(port, c) == ("LISTEN" if s is lsn else "ESTAB")
+            keys, _ = poller.read_socks(t)
+            assert {cookie_of(s) for s in (lsn, cli, acc)} <= set(keys.tolist())
+            gone = [cookie_of(s) for s in (cli, acc)]
+            cli.close()
+            acc.close()
+            for c in gone:
+                wait_for(lambda c=c: poller.lookup_record(t, c) is None, 10, f"cookie {c}'s record to go")
+        finally:
+            for s in (cli, acc, lsn):
+                s.close()
+
