@@ -240,9 +240,8 @@ class TracerCollector(Collector):
         for name in WATCHED_MAPS:
             try:
                 m = self.tracer.map(name)
-                capacity = m.max_entries
-                if name == "socks":  # with the nursery in front of it
-                    capacity += int(getattr(self.tracer, "nursery_slots", 0) or 0)
+                # The socket table's capacity includes the nursery in front of it.
+                capacity = self.tracer.capacity if name == "socks" else m.max_entries
             except Exception:  # noqa: BLE001 - this backend or version has no such map
                 continue
             out.append(MapStat(name, None, capacity))

@@ -136,8 +136,6 @@ class SockBuffers:
     def __init__(self) -> None:
         self.keys = np.zeros(0, np.uint64)
         self.socks = np.zeros(0, SOCK_DTYPE)
-        self.slots = np.zeros(0, SLOT_DTYPE)
-        self._slot_idx = np.zeros(0, np.uint32)
         self._mapped: tuple[tuple[int, int], mmap.mmap] | None = None
 
     def read(self, src: MapSource) -> tuple[np.ndarray, np.ndarray]:
@@ -167,16 +165,9 @@ class SockBuffers:
         Read in place through a shared mapping (the map is BPF_F_MMAPABLE):
         no copy of the free slots, no system call.  A slot whose key changed
         while its record was copied (its socket ended, or a newer one took
-        it) is left to the next read."""
+        it) is left to the next read.  The map is created mappable wherever
+        there is a nursery (v5.12+; BPF_F_MMAPABLE is v5.5)."""
         view = self._nursery_view(m, slots)
-        if view is None:  # not mappable here: one batch read of every slot
-            if len(self.slots) != slots + 1:  # one spare: a full buffer reads as "more to come"
-                self.slots = np.empty(slots + 1, SLOT_DTYPE)
-                self._slot_idx = np.empty(slots + 1, np.uint32)
-            done, got = m.dump_into(self._slot_idx, self.slots, SLOT_DTYPE.itemsize)
-            if not done:
-                raise RuntimeError(f"the nursery returned more than its {slots} slots")
-            view = self.slots[:got]
         live = np.flatnonzero(view["key"])
         keys = view["key"][live]
         recs = view["rec"][live]
@@ -186,15 +177,12 @@ class SockBuffers:
         self.socks[at : at + n] = recs[same]
         return n
 
-    def _nursery_view(self, m, slots: int) -> np.ndarray | None:
+    def _nursery_view(self, m, slots: int) -> np.ndarray:
         fd = int(m.fd)
         if self._mapped is None or self._mapped[0] != (fd, slots):
             size = slots * SLOT_DTYPE.itemsize
-            try:
-                mm = mmap.mmap(fd, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE, flags=mmap.MAP_SHARED,
-                               prot=mmap.PROT_READ)
-            except (OSError, ValueError):
-                return None
+            mm = mmap.mmap(fd, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE, flags=mmap.MAP_SHARED,
+                           prot=mmap.PROT_READ)
             self._mapped = ((fd, slots), mm)
         return np.frombuffer(self._mapped[1], SLOT_DTYPE, count=slots)
 
