@@ -144,8 +144,22 @@ tracepoint:sock:inet_sock_set_state /args->protocol == 6/ {
     if (args->dport == $1 || args->dport == $2) { @close[args->dport, "active"] = count(); }
     if (args->sport == $1 || args->sport == $2) { @close[args->sport, "passive"] = count(); }
   }
+  if (args->sport == $1 || args->sport == $2 || args->dport == $1 || args->dport == $2) {
+    if (args->newstate == 7) { delete(@live[args->skaddr]); delete(@where[args->skaddr]); }
+    else { @live[args->skaddr] = args->newstate; @where[args->skaddr] = (args->sport, args->dport); }
+  }
 }
+// A socket of the load destroyed before its CLOSE transition: the kernel path
+// that would leave a table record behind (the reaper's case), by its last state.
+tracepoint:tcp:tcp_destroy_sock /@live[args->skaddr]/ {
+  @destroyed_open[@live[args->skaddr]] = count();
+  delete(@live[args->skaddr]); delete(@where[args->skaddr]);
+}
+END { print(@where); clear(@where); print(@live); clear(@live); }
 """
+# What the oracle still held at its end (sockets of the load never seen to close),
+# and the sockets destroyed without a CLOSE: printed by the test when a count is off.
+UNCLOSED = re.compile(r"@(where|live|destroyed_open)\[")
 
 
 class Oracle:
@@ -153,7 +167,9 @@ class Oracle:
 
     def __init__(self, ports: tuple[int, int]) -> None:
         self.p = subprocess.Popen(["bpftrace", "-B", "line", "-e", ORACLE, *map(str, ports)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env={**os.environ, "BPFTRACE_MAP_KEYS_MAX": "65536"})
+        self.unclosed: list[str] = []
         self.lines: list[str] = []
         ready = threading.Event()
 
@@ -179,6 +195,7 @@ class Oracle:
             m = re.match(r'@(open|close)\[(\d+), (\w+)\]: (\d+)', line.strip())
             if m:
                 counts[f"{m.group(1)}:{m.group(2)}:{m.group(3)}"] = int(m.group(4))
+        self.unclosed = [ln.strip() for ln in self.lines if UNCLOSED.match(ln.strip())][:40]
         return counts
 
 
@@ -438,7 +455,7 @@ def soak(minutes: float, churn_rate: int, ab_rate: int, out: Path | None = None,
             "generator": {"churn_client": cl, "churn_server": sv, "ab_complete": ab.complete,
                           "ab_failed": ab.failed, "ab_batches": ab.batches, "ab_errors": ab.errors[:3],
                           "opened_expected": gen_opened},
-            "oracle": {"counts": o, "opened": oracle_opened, "closed": oracle_closed},
+            "oracle": {"counts": o, "opened": oracle_opened, "closed": oracle_closed, "unclosed": oracle.unclosed},
             "watch": {"opened_total": last["opened_total"], "closed_total": last["closed_total"],
                       "reports": len(watch.json_lines()), "insert_failed": last["tracer"]["insert_failed"]},
             "export": {"opened_total": exp_opened, "closed_total": exp_closed},

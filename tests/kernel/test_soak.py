@@ -25,4 +25,6 @@ def test_soak_exact_flat_and_fast(capsys) -> None:  # noqa: ANN001 - pytest fixt
                f"scrape p99 {r['scrape']['p99_ms']} ms; RSS {r['rss_kib']}; fds {r['fds']}; table {r['table']}")
     with capsys.disabled():
         print("\nsoak: " + summary)
-    assert all(v.values()), {k: ok for k, ok in v.items() if not ok} | {"figures": summary}
+    assert all(v.values()), ({k: ok for k, ok in v.items() if not ok}
+                             | {"figures": summary, "oracle": r["oracle"]["counts"],
+                                "oracle at its end (listeners, unclosed, destroyed open)": r["oracle"]["unclosed"]})
