@@ -18,6 +18,7 @@ import json
 import os
 import queue
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -211,6 +212,18 @@ def parse_ss(text: str) -> list[SsRow]:
             ino=int(info.get("ino", "0") or 0), cookie=int(sk, 16) if sk else None, timer=timer, info=info,
         ))
     return rows
+
+
+def loopback_pair(backlog: int = 8) -> tuple[socket.socket, socket.socket, socket.socket, int]:
+    """A listener on 127.0.0.1 and one connection to it, accepted:
+    (listener, client, accepted, port).  The caller closes all three."""
+    lsn = socket.socket()
+    lsn.bind(("127.0.0.1", 0))
+    lsn.listen(backlog)
+    port = lsn.getsockname()[1]
+    cli = socket.create_connection(("127.0.0.1", port))
+    acc, _ = lsn.accept()
+    return lsn, cli, acc, port
 
 
 def ss(netns: str | None = None, port: int | None = None) -> list[SsRow]:

@@ -31,6 +31,7 @@ from .leaky_support import (
     LeakNet,
     SsRow,
     client_argv,
+    loopback_pair,
     server_argv,
     ss,
     wait_until,
@@ -515,15 +516,9 @@ def test_gone_socket_record_is_reaped(leak_tracer: Any) -> None:
     and counted; live sockets' records, CLOSE records (unhashed sockets are
     not listed), records in namespaces not dumped and records that changed
     in between are kept."""
-    import socket
     import struct
 
-    lsn = socket.socket()
-    lsn.bind(("127.0.0.1", 0))
-    lsn.listen(4)
-    port = lsn.getsockname()[1]
-    cli = socket.create_connection(("127.0.0.1", port))
-    acc, _ = lsn.accept()
+    lsn, cli, acc, port = loopback_pair(4)
     socks = leak_tracer.map("socks")
     try:
         live = wait_until(lambda: [r for r in ss(None, port) if r.state == "ESTAB" and r.lport == port and r.cookie]

@@ -17,6 +17,8 @@ from pytracer import Tracer
 from pytracer.kernel.abi import Stat
 from pytracer.table import poll as poller
 
+from .leaky_support import loopback_pair
+
 pytestmark = pytest.mark.kernel
 
 SO_COOKIE = 57
@@ -66,12 +68,7 @@ def test_a_socket_outliving_its_slot_moves_to_the_table_whole() -> None:
     with Tracer() as t:
         if not t.nursery_slots:
             pytest.skip("this attach mode keys records by pointer: no nursery")
-        lsn = socket.socket()
-        lsn.bind(("127.0.0.1", 0))
-        lsn.listen(256)
-        port = lsn.getsockname()[1]
-        cli = socket.create_connection(("127.0.0.1", port))
-        acc, _ = lsn.accept()
+        lsn, cli, acc, port = loopback_pair(256)
         held = {"client": cookie_of(cli), "server": cookie_of(acc)}
         t0 = time.monotonic_ns()
         try:
@@ -123,12 +120,7 @@ def test_records_are_keyed_by_the_sockets_own_cookie(max_sockets: int) -> None:
         assert bool(t.nursery_slots) == (max_sockets >= 65536 and not t.key_by_ptr)
         if t.key_by_ptr:
             pytest.skip("this attach mode keys records by pointer")
-        lsn = socket.socket()
-        lsn.bind(("127.0.0.1", 0))
-        lsn.listen(8)
-        port = lsn.getsockname()[1]
-        cli = socket.create_connection(("127.0.0.1", port))
-        acc, _ = lsn.accept()
+        lsn, cli, acc, port = loopback_pair(8)
         try:
             for s in (lsn, cli, acc):
                 c = cookie_of(s)
@@ -145,4 +137,3 @@ def test_records_are_keyed_by_the_sockets_own_cookie(max_sockets: int) -> None:
         finally:
             for s in (cli, acc, lsn):
                 s.close()
-
