@@ -25,7 +25,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from lib import TRACER, BenchError, Proc, bpf_ids, bpf_stats_enabled, prog_stats, running, start_nginx, stats  # noqa: E402
+from lib import TRACER, BenchError, Proc, bpf_stats_enabled, loaded_progs, prog_stats, running, start_nginx, stats  # noqa: E402
 
 PORT = 18094
 CONDITIONS = {
@@ -37,13 +37,7 @@ CONDITIONS = {
 def one(name: str, requests: int, port: int) -> dict[str, dict[str, float]]:
     proc = Proc(CONDITIONS[name], name=name)
     with running(proc):
-        deadline = time.monotonic() + 120
-        while not bpf_ids(proc.pid):
-            if time.monotonic() > deadline or proc.p.poll() is not None:
-                raise BenchError(f"{name} did not load: {proc.stderr[-300:]}")
-            time.sleep(0.2)
-        time.sleep(5)  # attached and seeded
-        ids = bpf_ids(proc.pid)
+        ids = loaded_progs(proc)
         before = prog_stats(ids)
         ab = Proc(["ab", "-q", "-n", str(requests), "-c", "16", f"http://127.0.0.1:{port}/"], name="ab", stdin=False)
         if ab.wait(600) != 0:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from lib import TRACER, BenchError, Proc, bpf_ids, running, start_nginx  # noqa: E402
+from lib import TRACER, BenchError, Proc, loaded_progs, running, start_nginx  # noqa: E402
 
 PORT = 18093
 # struct bpf_prog_info (include/uapi/linux/bpf.h): the offsets of the fields read here.
@@ -130,16 +130,10 @@ def main() -> int:
     tracer = Proc([TRACER, "watch", *(a.tracer_args or ["--interval", "3600", "--no-leaks"])], name="tracer",
                   stdin=False)
     with running(nginx, tracer):
-        deadline = time.monotonic() + 120
-        while not bpf_ids(tracer.pid):  # loaded; attached and seeded a moment later
-            if time.monotonic() > deadline or tracer.p.poll() is not None:
-                raise BenchError(f"tracer did not load: {tracer.stderr[-300:]}")
-            time.sleep(0.2)
-        time.sleep(5)
         progs = []
-        for pid in bpf_ids(tracer.pid):
+        for prog_id in loaded_progs(tracer):
             try:
-                progs.append(ProgLines(lib, pid))
+                progs.append(ProgLines(lib, prog_id))
             except BenchError as exc:
                 print(f"(skipped: {exc})", file=sys.stderr)
         ab = Proc(["ab", "-q", "-t", str(int(a.seconds + 4)), "-n", "100000000", "-c", "16",

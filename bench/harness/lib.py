@@ -325,6 +325,18 @@ def bpf_ids(pid: int, kind: str = "prog") -> list[int]:
     return sorted(set(ids))
 
 
+def loaded_progs(proc: Proc, timeout: float = 120, settle: float = 5) -> list[int]:
+    """The BPF program ids ``proc`` holds, once it has loaded some and
+    ``settle`` seconds more have passed (attached and seeded by then)."""
+    deadline = time.monotonic() + timeout
+    while not bpf_ids(proc.pid):
+        if time.monotonic() > deadline or proc.p.poll() is not None:
+            raise BenchError(f"{proc.name} did not load its programs: {proc.stderr[-300:]}")
+        time.sleep(0.2)
+    time.sleep(settle)
+    return bpf_ids(proc.pid)
+
+
 def _bpftool_json(*args: str) -> Any:
     out = subprocess.run(["bpftool", "-j", *args], check=True, capture_output=True, text=True, timeout=30).stdout
     return json.loads(out)
