@@ -47,6 +47,10 @@
  *     svc_get(slot)            this run's struct pt_svc * for slot in "svc"
  *                              (one writer at a time, as agg_get()), or NULL
  *     read_end_facts(sk, f, btf)  the tcp_sock's clocks and errors into f
+ *   time
+ *     transition_ns(sk, old, new, since, btf)  when old -> new on sk, in a
+ *                              state entered at since (0: unknown), happens
+ *                              (ns, CLOCK_MONOTONIC: bpf_ktime_get_ns())
  *
  * Include it after pytracer.h and the kernel types (struct sock, TCP_*).
  */
@@ -396,18 +400,20 @@ static __always_inline void do_state(struct sock *sk, __u64 key, int old,
 	if (!key)
 		return;
 	a = agg_get();
-	now = bpf_ktime_get_ns();
 	/* Only a child's first event after SYN_RECV can find an embryo, and
 	 * a child that has one has no record yet. */
 	if (!PT_CFG_KEY_BY_PTR && old == TCP_SYN_RECV) {
 		__u64 born_ns;
 
 		if (embryo_take(sk, &born_ns)) {
-			child_birth(a, sk, key, new, born_ns, now, btf);
+			child_birth(a, sk, key, new, born_ns,
+				    transition_ns(sk, old, new, born_ns, btf),
+				    btf);
 			return;
 		}
 	}
 	rec = sock_lookup(key);
+	now = transition_ns(sk, old, new, rec ? rec->state_ns : 0, btf);
 	dir = birth_direction(old, new, rec != NULL);
 	if (dir >= 0) {
 		if (rec) {	/* a reused socket: the old life ends here */

@@ -456,6 +456,51 @@ struct pt_end_facts;
 static __always_inline void read_end_facts(struct sock *sk,
 					   struct pt_end_facts *f, bool btf);
 
+/*
+ * When a transition happens.  bpf_ktime_get_ns() is a helper call, and the
+ * largest single cost of a run here (25-35 ns of ~120; bench/notes.md).
+ * The kernel stamps a tcp_sock with the same clock (tcp_mstamp_refresh():
+ * ktime_get_ns(), CLOCK_MONOTONIC) as it starts to handle each segment it
+ * receives: tcp_rcv_established() at its start, tcp_rcv_state_process() for
+ * every state but LISTEN and CLOSE.  The transitions below are made only
+ * later in that handling, on v5.10, v6.1, v6.12 and v6.18 alike, so the
+ * stamp is now to within it; tests/kernel/test_clock.py checks each against
+ * the test's clock after a quiet second.  The others are also made by
+ * system calls (close(), connect(), shutdown(), SOCK_DESTROY), by ICMP
+ * errors, or with no segment at all, where the stamp is the socket's last
+ * activity: they read the clock.  So does SYN_SENT -> ESTABLISHED under
+ * TCP_REPAIR, which connect() makes before any stamp: a stamp that is not
+ * after `since`, the state's own start, was not made on the way here.
+ * v6.7+ keep the stamp in ns (tcp_clock_cache), older kernels in us
+ * (tcp_mstamp), which the same test then fails over to the clock.
+ */
+static __always_inline bool stamped_by_receive(int old, int new)
+{
+	return (new == TCP_ESTABLISHED &&
+		(old == TCP_SYN_SENT || old == TCP_SYN_RECV)) ||
+	       (old == TCP_ESTABLISHED && new == TCP_CLOSE_WAIT) ||
+	       (old == TCP_FIN_WAIT1 &&
+		(new == TCP_FIN_WAIT2 || new == TCP_CLOSING));
+}
+
+static __always_inline __u64 transition_ns(struct sock *sk, int old, int new,
+					   __u64 since, bool btf)
+{
+	struct tcp_sock *tp;
+	__u64 stamp;
+
+	if (!btf || !stamped_by_receive(old, new))
+		return bpf_ktime_get_ns();
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return bpf_ktime_get_ns();
+	if (bpf_core_field_exists(tp->tcp_clock_cache))
+		stamp = tp->tcp_clock_cache;
+	else
+		stamp = tp->tcp_mstamp * 1000;
+	return stamp > since ? stamp : bpf_ktime_get_ns();
+}
+
 #include "lifecycle.bpf.h"
 
 /* Once per connection, at its end.  `btf`: direct loads, as read_addrs(). */

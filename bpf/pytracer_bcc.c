@@ -320,6 +320,10 @@ struct pt_end_facts;
 static __always_inline void read_end_facts(struct sock *sk,
 					   struct pt_end_facts *f, bool btf);
 
+/* The CO-RE program reads the socket's own stamp on some transitions; here
+ * every one reads the clock (a probe read would cost about as much). */
+#define transition_ns(sk, old, new, since, btf)	bpf_ktime_get_ns()
+
 #include "lifecycle.bpf.h"
 
 /* Once per connection, at its end.  `btf` is always false here. */

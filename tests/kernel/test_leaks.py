@@ -518,6 +518,8 @@ def test_gone_socket_record_is_reaped(leak_tracer: Any) -> None:
     in between are kept."""
     import struct
 
+    if leak_tracer.key_by_ptr:
+        pytest.skip("this attach mode keys records by pointer: sock_diag cannot name them, so nothing is reaped")
     lsn, cli, acc, port = loopback_pair(4)
     socks = leak_tracer.map("socks")
     try:

@@ -1,0 +1,104 @@
+"""When a transition happened, against the test's own clock.
+
+A record's ``state_ns`` is the time its socket entered its state; every
+time-in-state figure (the CLOSE_WAIT and FIN_WAIT2 flags' ages, the
+``state_duration`` histograms) is a difference of two of them.  On the
+transitions the kernel makes while handling a received segment, the
+programs read the socket's own clock, which the kernel set when it began
+handling that segment, instead of calling bpf_ktime_get_ns() (see
+transition_ns() in bpf/pytracer.bpf.c).  That is exact only if the kernel
+really did set it then: a stale one would read as the socket's previous
+activity.  So each socket here sits still for a second first, and each
+transition's time must fall inside the window the test brackets it with.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import pytest
+
+from pytracer import Tracer
+from pytracer.table import poll as poller
+
+from .leaky_support import wait_until
+
+pytestmark = pytest.mark.kernel
+
+SO_COOKIE = 57
+ESTABLISHED, FIN_WAIT2, CLOSE, CLOSE_WAIT = 1, 5, 7, 8
+QUIET_S = 1.0
+# Kernels before v6.7 keep the socket's clock in microseconds (tcp_mstamp):
+# a time read from it may be up to 1 us before the nanosecond it stands for.
+US = 1000
+
+
+def cookie_of(s: socket.socket) -> int:
+    return struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+
+
+def record_in(t: Tracer, cookie: int, state: int) -> object:
+    return wait_until(lambda: (r := poller.lookup_record(t, cookie)) is not None and int(r["state"]) == state
+                      and r, 10, f"cookie {cookie:#x} in state {state}")
+
+
+def within(name: str, ns: int, lo: int, hi: int) -> None:
+    assert lo - US <= ns <= hi, (f"{name} was stamped {(ns - lo) / 1e6:+.3f} ms from the start of the "
+                                 f"{(hi - lo) / 1e6:.3f} ms window the test saw it happen in")
+
+
+def test_transition_times_are_when_they_happen_not_the_sockets_last_activity() -> None:
+    with Tracer() as t:
+        if t.key_by_ptr:
+            pytest.skip("this attach mode keys records by pointer: the test finds records by SO_COOKIE")
+        lsn = socket.socket()
+        cli = socket.socket()
+        acc = None
+        try:
+            lsn.bind(("127.0.0.1", 0))
+            lsn.listen(8)
+            time.sleep(QUIET_S)  # the listener's clock, which a child starts from, is a second old
+
+            # SYN_SENT -> ESTABLISHED (client), SYN_RECV -> ESTABLISHED (the accepted child).
+            t0 = time.monotonic_ns()
+            cli.connect(lsn.getsockname())
+            t1 = time.monotonic_ns()
+            acc, _ = lsn.accept()
+            t2 = time.monotonic_ns()
+            client, server = cookie_of(cli), cookie_of(acc)
+            within("the client's ESTABLISHED", int(record_in(t, client, ESTABLISHED)["state_ns"]), t0, t1)
+            within("the child's ESTABLISHED", int(record_in(t, server, ESTABLISHED)["state_ns"]), t0, t2)
+
+            # ESTABLISHED -> CLOSE_WAIT (server) and FIN_WAIT1 -> FIN_WAIT2 (client), after a
+            # quiet second on both: the client's FIN, and the ACK of it.
+            cli.sendall(b"x")
+            assert acc.recv(1) == b"x"
+            time.sleep(QUIET_S)
+            t3 = time.monotonic_ns()
+            cli.shutdown(socket.SHUT_WR)
+            fin_wait2 = int(record_in(t, client, FIN_WAIT2)["state_ns"])
+            close_wait = int(record_in(t, server, CLOSE_WAIT)["state_ns"])
+            t4 = time.monotonic_ns()
+            within("the client's FIN_WAIT2", fin_wait2, t3, t4)
+            within("the server's CLOSE_WAIT", close_wait, t3, t4)
+
+            # CLOSE_WAIT -> LAST_ACK is made by the server's shutdown(), not by a segment, and
+            # must read the clock itself: its CLOSE_WAIT lasted the quiet second at least (with
+            # the socket's clock, it would read as ~0).  Then LAST_ACK -> CLOSE, on the ACK.
+            before = poller.read_totals(t).state_hist(CLOSE_WAIT)
+            time.sleep(QUIET_S)
+            t5 = time.monotonic_ns()
+            acc.shutdown(socket.SHUT_WR)
+            closed = int(record_in(t, server, CLOSE)["state_ns"])
+            t6 = time.monotonic_ns()
+            within("the server's CLOSE", closed, t5, t6)
+            after = poller.read_totals(t).state_hist(CLOSE_WAIT)
+            assert after.count > before.count
+            assert after.sum_us - before.sum_us >= (t5 - close_wait) / 1000, \
+                f"CLOSE_WAIT dwell {(after.sum_us - before.sum_us) / 1e6:.3f} s, held {(t5 - close_wait) / 1e9:.3f} s"
+        finally:
+            for s in (cli, acc, lsn):
+                if s is not None:
+                    s.close()
