@@ -471,8 +471,8 @@ static __always_inline void read_end_facts(struct sock *sk,
  * activity: they read the clock.  So does SYN_SENT -> ESTABLISHED under
  * TCP_REPAIR, which connect() makes before any stamp: a stamp that is not
  * after `since`, the state's own start, was not made on the way here.
- * v6.7+ keep the stamp in ns (tcp_clock_cache), older kernels in us
- * (tcp_mstamp), which the same test then fails over to the clock.
+ * The stamp is in ns in tcp_clock_cache from v4.20 (in us in tcp_mstamp
+ * before it).
  */
 static __always_inline bool stamped_by_receive(int old, int new)
 {

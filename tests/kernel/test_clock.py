@@ -3,20 +3,22 @@
 A record's ``state_ns`` is the time its socket entered its state; every
 time-in-state figure (the CLOSE_WAIT and FIN_WAIT2 flags' ages, the
 ``state_duration`` histograms) is a difference of two of them.  On the
-transitions the kernel makes while handling a received segment, the
-programs read the socket's own clock, which the kernel set when it began
+transitions the kernel makes only while handling a received segment, the
+programs with BTF read the stamp the kernel put on the socket as it began
 handling that segment, instead of calling bpf_ktime_get_ns() (see
 transition_ns() in bpf/pytracer.bpf.c).  That is exact only if the kernel
-really did set it then: a stale one would read as the socket's previous
+really did stamp it then: a stale stamp would read as the socket's previous
 activity.  So each socket here sits still for a second first, and each
 transition's time must fall inside the window the test brackets it with.
+Records are found by their ports, so every attach mode runs this (those
+without BTF read the clock on every transition).
 """
 
 from __future__ import annotations
 
 import socket
-import struct
 import time
+from typing import Any
 
 import pytest
 
@@ -27,21 +29,20 @@ from .leaky_support import wait_until
 
 pytestmark = pytest.mark.kernel
 
-SO_COOKIE = 57
 ESTABLISHED, FIN_WAIT2, CLOSE, CLOSE_WAIT = 1, 5, 7, 8
 QUIET_S = 1.0
-# Kernels before v6.7 keep the socket's clock in microseconds (tcp_mstamp):
-# a time read from it may be up to 1 us before the nanosecond it stands for.
+# A stamp kept in microseconds (tcp_mstamp, before v4.20) may fall up to 1 us
+# before the nanosecond it stands for.
 US = 1000
 
 
-def cookie_of(s: socket.socket) -> int:
-    return struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
-
-
-def record_in(t: Tracer, cookie: int, state: int) -> object:
-    return wait_until(lambda: (r := poller.lookup_record(t, cookie)) is not None and int(r["state"]) == state
-                      and r, 10, f"cookie {cookie:#x} in state {state}")
+def record_in(t: Tracer, lport: int, rport: int, state: int) -> Any:
+    """The record of the socket lport -> rport, once it is in ``state``."""
+    def find() -> Any:
+        _, socks = poller.read_socks(t)
+        hit = socks[(socks["lport"] == lport) & (socks["rport"] == rport) & (socks["state"] == state)]
+        return hit[int(hit["state_ns"].argmax())] if len(hit) else None
+    return wait_until(find, 10, f"the record of {lport} -> {rport} in state {state}")
 
 
 def within(name: str, ns: int, lo: int, hi: int) -> None:
@@ -51,15 +52,14 @@ def within(name: str, ns: int, lo: int, hi: int) -> None:
 
 def test_transition_times_are_when_they_happen_not_the_sockets_last_activity() -> None:
     with Tracer() as t:
-        if t.key_by_ptr:
-            pytest.skip("this attach mode keys records by pointer: the test finds records by SO_COOKIE")
         lsn = socket.socket()
         cli = socket.socket()
         acc = None
         try:
             lsn.bind(("127.0.0.1", 0))
             lsn.listen(8)
-            time.sleep(QUIET_S)  # the listener's clock, which a child starts from, is a second old
+            sport = lsn.getsockname()[1]
+            time.sleep(QUIET_S)  # the listener's stamp, which a child starts from, is a second old
 
             # SYN_SENT -> ESTABLISHED (client), SYN_RECV -> ESTABLISHED (the accepted child).
             t0 = time.monotonic_ns()
@@ -67,9 +67,9 @@ def test_transition_times_are_when_they_happen_not_the_sockets_last_activity() -
             t1 = time.monotonic_ns()
             acc, _ = lsn.accept()
             t2 = time.monotonic_ns()
-            client, server = cookie_of(cli), cookie_of(acc)
-            within("the client's ESTABLISHED", int(record_in(t, client, ESTABLISHED)["state_ns"]), t0, t1)
-            within("the child's ESTABLISHED", int(record_in(t, server, ESTABLISHED)["state_ns"]), t0, t2)
+            cport = cli.getsockname()[1]
+            within("the client's ESTABLISHED", int(record_in(t, cport, sport, ESTABLISHED)["state_ns"]), t0, t1)
+            within("the child's ESTABLISHED", int(record_in(t, sport, cport, ESTABLISHED)["state_ns"]), t0, t2)
 
             # ESTABLISHED -> CLOSE_WAIT (server) and FIN_WAIT1 -> FIN_WAIT2 (client), after a
             # quiet second on both: the client's FIN, and the ACK of it.
@@ -78,20 +78,20 @@ def test_transition_times_are_when_they_happen_not_the_sockets_last_activity() -
             time.sleep(QUIET_S)
             t3 = time.monotonic_ns()
             cli.shutdown(socket.SHUT_WR)
-            fin_wait2 = int(record_in(t, client, FIN_WAIT2)["state_ns"])
-            close_wait = int(record_in(t, server, CLOSE_WAIT)["state_ns"])
+            fin_wait2 = int(record_in(t, cport, sport, FIN_WAIT2)["state_ns"])
+            close_wait = int(record_in(t, sport, cport, CLOSE_WAIT)["state_ns"])
             t4 = time.monotonic_ns()
             within("the client's FIN_WAIT2", fin_wait2, t3, t4)
             within("the server's CLOSE_WAIT", close_wait, t3, t4)
 
             # CLOSE_WAIT -> LAST_ACK is made by the server's shutdown(), not by a segment, and
             # must read the clock itself: its CLOSE_WAIT lasted the quiet second at least (with
-            # the socket's clock, it would read as ~0).  Then LAST_ACK -> CLOSE, on the ACK.
+            # the socket's stamp, it would read as ~0).  Then LAST_ACK -> CLOSE, on the ACK.
             before = poller.read_totals(t).state_hist(CLOSE_WAIT)
             time.sleep(QUIET_S)
             t5 = time.monotonic_ns()
             acc.shutdown(socket.SHUT_WR)
-            closed = int(record_in(t, server, CLOSE)["state_ns"])
+            closed = int(record_in(t, sport, cport, CLOSE)["state_ns"])
             t6 = time.monotonic_ns()
             within("the server's CLOSE", closed, t5, t6)
             after = poller.read_totals(t).state_hist(CLOSE_WAIT)
