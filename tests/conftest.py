@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -11,6 +12,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# A suite started in the background of a non-interactive shell (`make test &`)
+# inherits SIGINT ignored, and so would every tracer it starts: Python then
+# installs no KeyboardInterrupt handler, and the tests that stop a tracer with
+# SIGINT (as Ctrl-C does) would wait on one that never hears it.  A handler
+# set here is reset to the default in each child at exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -96,7 +96,8 @@ def test_transition_times_are_when_they_happen_not_the_sockets_last_activity() -
             within("the server's CLOSE", closed, t5, t6)
             after = poller.read_totals(t).state_hist(CLOSE_WAIT)
             assert after.count > before.count
-            assert after.sum_us - before.sum_us >= (t5 - close_wait) / 1000, \
+            # (sums are in whole microseconds: 1 us of slack)
+            assert after.sum_us - before.sum_us >= (t5 - close_wait) / 1000 - 1, \
                 f"CLOSE_WAIT dwell {(after.sum_us - before.sum_us) / 1e6:.3f} s, held {(t5 - close_wait) / 1e9:.3f} s"
         finally:
             for s in (cli, acc, lsn):
