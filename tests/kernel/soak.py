@@ -510,15 +510,31 @@ def soak(minutes: float, churn_rate: int, ab_rate: int, out: Path | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# The open issue in conftest.py (STALE_PER_BURST): now and then a socket's
+# last events reach no program on the host, ours or bpftrace's, with no miss
+# counted (seen here: one connection, both sides, in 252,200 sockets).  The
+# oracle's closes may then fall short of its opens by that much; the ground
+# truth for "closed" is the kernel's socket table (ss), and pytracer must
+# still agree with the oracle exactly.
+UNREPORTED_ENDS_PER_100K = 2
+
+
+def unreported_ends_allowed(opened: int) -> int:
+    return UNREPORTED_ENDS_PER_100K * max(1, math.ceil(opened / 100_000))
+
+
 def verdicts(r: dict[str, Any]) -> dict[str, bool]:
     """What the soak shows, one boolean each."""
+    unreported = r["oracle"]["opened"] - r["oracle"]["closed"]
     return {
         "opened exact vs oracle (watch, export)":
             r["watch"]["opened_total"] == r["oracle"]["opened"] == r["export"]["opened_total"],
         "opened exact vs load generators": r["oracle"]["opened"] == r["generator"]["opened_expected"],
         "closed exact vs oracle (watch, export)":
             r["watch"]["closed_total"] == r["oracle"]["closed"] == r["export"]["closed_total"],
-        "every connection closed": r["oracle"]["closed"] == r["oracle"]["opened"],
+        "every connection closed (ss)": not r["table"]["open_at_read"],
+        "ends the kernel never reported, within the allowance":
+            0 <= unreported <= unreported_ends_allowed(r["oracle"]["opened"]),
         "socket table back to baseline": (r["table"]["after"] == r["table"]["baseline"]
                                           and r["table"]["export_after"] == r["table"]["export_baseline"]),
         "RSS flat (+-5%)": all(v["ok"] for v in r["rss_kib"].values()),
