@@ -17,7 +17,7 @@ from pytracer import Tracer
 from pytracer.kernel.abi import Stat
 from pytracer.table import poll as poller
 
-from .leaky_support import loopback_pair
+from .leaky_support import loopback_pair, wait_until
 
 pytestmark = pytest.mark.kernel
 
@@ -54,16 +54,6 @@ def churn(lsn: socket.socket, n: int) -> None:
         c.close()
 
 
-def wait_for(what, timeout: float, desc: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = what()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"no {desc} within {timeout} s")
-
-
 def test_a_socket_outliving_its_slot_moves_to_the_table_whole() -> None:
     with Tracer() as t:
         if not t.nursery_slots:
@@ -72,7 +62,7 @@ def test_a_socket_outliving_its_slot_moves_to_the_table_whole() -> None:
         held = {"client": cookie_of(cli), "server": cookie_of(acc)}
         t0 = time.monotonic_ns()
         try:
-            first = {k: wait_for(lambda c=c: poller.lookup_record(t, c), 5, f"{k} record") for k, c in held.items()}
+            first = {k: wait_until(lambda c=c: poller.lookup_record(t, c), 5, f"{k} record") for k, c in held.items()}
             assert all(in_slot(t, c) for c in held.values()), "a new socket's record starts in its slot"
             failed0 = poller.read_totals(t).stat(Stat.INSERT_FAILED)
             # Newer sockets until both held ones are moved out of their slots (cookies come
@@ -92,14 +82,14 @@ def test_a_socket_outliving_its_slot_moves_to_the_table_whole() -> None:
                 assert int(rec["state"]) == ESTABLISHED and 0 < int(rec["birth_ns"]) <= t0
             # Followed where it is now: the peer's FIN, then the server's close.
             cli.close()
-            rec = wait_for(lambda: (r := poller.lookup_record(t, held["server"])) is not None
+            rec = wait_until(lambda: (r := poller.lookup_record(t, held["server"])) is not None
                            and int(r["state"]) == CLOSE_WAIT and r, 5, "CLOSE_WAIT on the moved record")
             assert ss_state(port, held["server"]) == "CLOSE-WAIT"
             n = int(rec["transitions"])
             assert [int(x) for x in rec["history"][: n]][-2:] == [ESTABLISHED, CLOSE_WAIT]
             acc.close()
-            wait_for(lambda: poller.lookup_record(t, held["server"]) is None, 10, "the server record's removal")
-            wait_for(lambda: poller.lookup_record(t, held["client"]) is None, 10, "the client record's removal")
+            wait_until(lambda: poller.lookup_record(t, held["server"]) is None, 10, "the server record's removal")
+            wait_until(lambda: poller.lookup_record(t, held["client"]) is None, 10, "the client record's removal")
             # Nothing of the churn is left: the listener is this port's only record,
             # and no insert (or move out of a slot) failed.
             keys, socks = poller.read_socks(t)
@@ -124,7 +114,7 @@ def test_records_are_keyed_by_the_sockets_own_cookie(max_sockets: int) -> None:
         try:
             for s in (lsn, cli, acc):
                 c = cookie_of(s)
-                rec = wait_for(lambda c=c: poller.lookup_record(t, c), 5, f"the record of cookie {c}")
+                rec = wait_until(lambda c=c: poller.lookup_record(t, c), 5, f"the record of cookie {c}")
                 want = LISTEN if s is lsn else ESTABLISHED
                 assert int(rec["state"]) == want and ss_state(port, c) == ("LISTEN" if s is lsn else "ESTAB")
             keys, _ = poller.read_socks(t)
@@ -133,7 +123,7 @@ def test_records_are_keyed_by_the_sockets_own_cookie(max_sockets: int) -> None:
             cli.close()
             acc.close()
             for c in gone:
-                wait_for(lambda c=c: poller.lookup_record(t, c) is None, 10, f"cookie {c}'s record to go")
+                wait_until(lambda c=c: poller.lookup_record(t, c) is None, 10, f"cookie {c}'s record to go")
         finally:
             for s in (cli, acc, lsn):
                 s.close()
