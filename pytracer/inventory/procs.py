@@ -126,9 +126,17 @@ class SocketOwners(Mapping):
 
     def pairs(self, inodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(inode, pid) for every holder of the given inodes, each pair once."""
-        mask = np.isin(self.inodes, np.asarray(inodes, dtype=np.uint64))
-        both = np.unique(np.stack([self.inodes[mask], self.pids[mask].astype(np.uint64)]), axis=1)
-        return both[0], both[1].astype(np.int64)
+        inodes = np.asarray(inodes, dtype=np.uint64)
+        if not len(self._keys) or not len(inodes):
+            return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+        # Through the sorted unique inodes: no sort of either side.
+        i = np.minimum(np.searchsorted(self._keys, inodes), len(self._keys) - 1)
+        wanted = np.zeros(len(self._keys), bool)
+        wanted[i[self._keys[i] == inodes]] = True
+        keep = np.repeat(wanted, self._count)
+        # The arrays are in (inode, pid, fd) order: a pair's first fd.
+        keep[1:] &= (self.inodes[1:] != self.inodes[:-1]) | (self.pids[1:] != self.pids[:-1])
+        return self.inodes[keep], self.pids[keep]
 
 
 @dataclass

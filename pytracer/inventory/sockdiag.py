@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import socket
 import struct
@@ -241,6 +242,17 @@ def lookup_keys(rows: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return out
 
 
+# What a dump with INET_DIAG_INFO needs of the sockets it is for (10 bytes).
+_DUMP_KEY_DTYPE = np.dtype([("cookie", "u8"), ("family", "u1"), ("state", "u1")])
+
+
+def _dump_keys(rows: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    out = np.empty(len(idx), _DUMP_KEY_DTYPE)
+    for name in _DUMP_KEY_DTYPE.names:
+        out[name] = rows[name][idx]
+    return out
+
+
 _HDR_DTYPE = np.dtype([("len", "=u4"), ("type", "=u2"), ("flags", "=u2"), ("seq", "=u4"), ("pid", "=u4")])
 
 
@@ -291,6 +303,42 @@ def parse_dump(buf: bytes, seq: int | None = None) -> tuple[np.ndarray, bool, in
     if not runs:
         return np.zeros(0, MSG_DTYPE), done, err
     return np.concatenate(runs), done, err
+
+
+class Rows:
+    """An array filled a datagram at a time, in an anonymous mapping sized
+    for ``capacity`` rows: the kernel backs only the pages written, so a
+    dump holds its rows once (not its parts and their concatenation too),
+    and never copies or zero-fills what it has not reached."""
+
+    def __init__(self, dtype: np.dtype, capacity: int = MAX_ROWS) -> None:
+        self._dtype = np.dtype(dtype)
+        self._buf = self._map(max(1, capacity))
+        self._n = 0
+
+    def _map(self, rows: int) -> np.ndarray:
+        return np.frombuffer(mmap.mmap(-1, rows * self._dtype.itemsize, flags=mmap.MAP_PRIVATE), self._dtype)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def append(self, part: np.ndarray) -> None:
+        end = self._n + len(part)
+        if end > len(self._buf):  # past the capacity: a bigger mapping (bounded by the callers' max_rows)
+            bigger = self._map(max(end, 2 * len(self._buf)))
+            bigger[: self._n] = self._buf[: self._n]
+            self._buf = bigger
+        self._buf[self._n : end] = part
+        self._n = end
+
+    def truncate(self, n: int) -> None:
+        self._n = min(self._n, n)
+
+    def take(self) -> np.ndarray:
+        """The rows (a view that keeps the mapping); the object is empty after."""
+        out = self._buf[: self._n]
+        self._buf, self._n = np.zeros(0, self._dtype), 0
+        return out
 
 
 def _cookies_of(msgs: np.ndarray) -> np.ndarray:
@@ -757,88 +805,98 @@ class Session:
     # -- dumps -----------------------------------------------------------
 
     def _dump_one(self, sock: socket.socket, family: int, states: int, max_rows: int,
-                  convert: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-        """One dump; each datagram's messages go through ``convert`` as they
-        arrive, so only the converted rows are held (not every raw message
-        as well)."""
+                  convert: Callable[[np.ndarray], np.ndarray], into: Rows) -> None:
+        """One dump, appended to ``into``; each datagram's messages go
+        through ``convert`` as they arrive, so only the converted rows are
+        held (not every raw message as well).  On an error ``into`` keeps
+        the rows it had before this dump."""
         seq = self._next_seq()
         sock.send(_request(family, states, 0, NLM_F_REQUEST | NLM_F_DUMP, seq))
-        parts = []
-        total = 0
+        start = total = len(into)
         deadline = time.monotonic() + self.timeout * 4
-        # Bounded: every datagram carries at least one message, and a deadline.
-        for _ in range(max_rows + 2):
-            buf = sock.recv(1 << 18)
-            rows, done, err = parse_dump(buf, seq)
-            if err:
-                raise SockDiagError(err, f"sock_diag dump: {os.strerror(err)}")
-            if len(rows):
-                parts.append(convert(rows))
-                total += len(rows)
-            if done:
-                break
-            if total > max_rows or time.monotonic() > deadline:
-                raise SockDiagError(errno.E2BIG, f"sock_diag dump exceeded {max_rows} sockets or its deadline")
-        return np.concatenate(parts) if parts else convert(np.zeros(0, MSG_DTYPE))
+        try:
+            # Bounded: every datagram carries at least one message, and a deadline.
+            for _ in range(max_rows + 2):
+                buf = sock.recv(1 << 18)
+                rows, done, err = parse_dump(buf, seq)
+                if err:
+                    raise SockDiagError(err, f"sock_diag dump: {os.strerror(err)}")
+                if len(rows):
+                    into.append(convert(rows))
+                    total += len(rows)
+                if done:
+                    return
+                if total - start > max_rows or time.monotonic() > deadline:
+                    raise SockDiagError(errno.E2BIG, f"sock_diag dump exceeded {max_rows} sockets or its deadline")
+        except BaseException:
+            into.truncate(start)
+            raise
 
     def dump(self, families: Iterable[int] = (AF_INET, AF_INET6), states: int = ALL_STATES,
              max_rows: int = MAX_ROWS) -> Inventory:
         """Every TCP socket of the given families and states, in every namespace."""
         t0 = time.perf_counter()
-        parts = []
+        rows = Rows(INV_DTYPE)
         errors = list(self.errors)
         for ino, sock in self.socks.items():
             for fam in families:
                 try:
-                    parts.append(self._dump_one(sock, fam, states, max_rows,
-                                                lambda msgs, ino=ino: to_inventory(msgs, ino)))
+                    self._dump_one(sock, fam, states, max_rows, lambda msgs, ino=ino: to_inventory(msgs, ino), rows)
                 except OSError as exc:
                     errors.append(f"{self.netns[ino].label} (netns {ino}) family {fam}: {exc}")
-        rows = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.zeros(0, INV_DTYPE)
-        return Inventory(rows, dict(self.netns), errors, time.perf_counter() - t0)
+        return Inventory(rows.take(), dict(self.netns), errors, time.perf_counter() - t0)
 
     def cookies(self, families: Iterable[int] = (AF_INET, AF_INET6), states: int = ALL_STATES,
                 max_rows: int = MAX_ROWS) -> np.ndarray:
         """The cookies of every socket :meth:`dump` would return (8 bytes a
         socket instead of a full row).  Raises OSError if any namespace's
         dump fails: a partial answer would look like closed sockets."""
-        parts = []
+        out = Rows(np.dtype(np.uint64))
         for sock in self.socks.values():
             for fam in families:
-                parts.append(self._dump_one(sock, fam, states, max_rows, _cookies_of))
-        return np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+                self._dump_one(sock, fam, states, max_rows, _cookies_of, out)
+        return out.take()
 
     # -- exact lookups ---------------------------------------------------
 
-    def tcp_info(self, rows: np.ndarray, exact_max: int = 256, brief_below_ms: int | None = None
-                 ) -> tuple[TcpInfoTable, int]:
-        """tcp_info for each row (INV_DTYPE), in its namespace.
+    def tcp_info(self, rows: np.ndarray, exact_max: int = 256, brief_below_ms: int | None = None,
+                 idx: np.ndarray | None = None) -> tuple[TcpInfoTable, int]:
+        """tcp_info for each row (INV_DTYPE or LOOKUP_DTYPE), in its
+        namespace; with ``idx``, for ``rows[idx]`` only.
 
         Up to ``exact_max`` sockets of a namespace are looked up one by one
         (exact match on 4-tuple and cookie, about 50 us each); past that, one
         dump of their states with INET_DIAG_INFO is cheaper, and only the
-        wanted sockets' tcp_info is decoded from it.  ``brief_below_ms``:
-        see :class:`TcpInfoTable`.
+        wanted sockets' tcp_info is decoded from it (then only their cookie,
+        family and state are taken from ``rows``).  ``brief_below_ms``: see
+        :class:`TcpInfoTable`.
 
         Returns (cookie -> TcpInfo, sockets without an answer: gone,
         timewait, or in a namespace we could not enter).
         """
         out = TcpInfoTable(brief_below_ms)
         missed = 0
-        for ino, sock, sel in self._by_netns(rows):
+        if idx is None:
+            idx = np.arange(len(rows))
+        netns = rows["netns"][idx]
+        inos = np.unique(netns).tolist() if len(idx) else []
+        for ino in inos:
+            at = idx if len(inos) == 1 else idx[netns == ino]
+            sock = self.socks.get(int(ino))
             if sock is None:
-                missed += len(sel)
+                missed += len(at)
                 continue
             before = out.answered
             try:
-                if len(sel) > exact_max:
-                    self._dump_info(sock, sel, out)
+                if len(at) > exact_max:
+                    self._dump_info(sock, _dump_keys(rows, at), out)
                 else:
+                    sel = lookup_keys(rows, at)
                     for start in range(0, len(sel), _BATCH):
                         self._lookup_batch(sock, sel[start : start + _BATCH], into=out)
             except OSError as exc:  # e.g. ENOBUFS: replies were dropped
                 self.errors.append(f"{self.netns[int(ino)].label} (netns {ino}) tcp_info: {exc}")
-            missed += len(sel) - (out.answered - before)
+            missed += len(at) - (out.answered - before)
         return out, missed
 
     def lookup(self, rows: np.ndarray, exact_max: int = 256, brief_below_ms: int | None = None

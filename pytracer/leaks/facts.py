@@ -30,8 +30,11 @@ S = TcpState
 STUCK_STATES = (S.CLOSE_WAIT, S.LAST_ACK, S.FIN_WAIT2)
 
 # Per-socket history a Scanner carries between scans, one array each,
-# aligned with the sorted cookies (see History.carry).
-_HISTORY = (("since", np.nan), ("not_before", 0.0), ("checked", 0.0), ("floor", np.nan), ("floor_at", np.nan))
+# aligned with the sorted cookies (see History.carry).  Monotonic seconds:
+# since when the socket has been seen in its state; when it could be idle
+# for idle_after at the earliest; when the state began at the latest, by the
+# largest kernel floor measured (now - floor when measured).
+_HISTORY = (("since", np.nan), ("not_before", 0.0), ("floor_began", np.nan))
 
 # (netns, port) -> [(laddr raw, family, holders, (queued, limit))]
 Listeners = dict[tuple[int, int], list]
@@ -49,6 +52,11 @@ class History:
         self._state = np.zeros(0, np.uint8)
         self._hist: dict[str, np.ndarray] = {name: np.zeros(0) for name, _ in _HISTORY}
 
+    @property
+    def cookies(self) -> np.ndarray:
+        """The sorted cookies the history is kept for (read-only)."""
+        return self._cookie
+
     def carry(self, rows: np.ndarray, now: float) -> dict[str, np.ndarray]:
         """History aligned with ``rows``: carried over for sockets still in the
         state they were in last scan, fresh otherwise."""
@@ -57,13 +65,15 @@ class History:
         out["since"][:] = now
         if len(self._cookie) and n:
             pos = np.minimum(np.searchsorted(self._cookie, rows["cookie"]), len(self._cookie) - 1)
-            same = (self._cookie[pos] == rows["cookie"]) & (self._state[pos] == rows["state"])
+            same = np.flatnonzero((self._cookie[pos] == rows["cookie"]) & (self._state[pos] == rows["state"]))
+            pos = pos[same]
             for name, _ in _HISTORY:
-                out[name] = np.where(same, self._hist[name][pos], out[name])
+                out[name][same] = self._hist[name][pos]
+            del pos, same
         # Seconds seen in this state (the first sighting proves nothing), and
-        # the last kernel floor, grown by the time since it was measured.
+        # the largest kernel floor, grown by the time since it was measured.
         out["seen"] = np.where(out["since"] < now, now - out["since"], np.nan)
-        out["floor_now"] = out["floor"] + (now - out["floor_at"])
+        out["floor_now"] = now - out["floor_began"]
         return out
 
     def merge(self, rows: np.ndarray, hist: dict[str, np.ndarray]) -> None:
@@ -91,10 +101,28 @@ class History:
                 self._hist[name] = np.insert(self._hist[name], at, hist[name][order][new])
 
     def store(self, rows: np.ndarray, hist: dict[str, np.ndarray]) -> None:
-        order = np.argsort(rows["cookie"], kind="stable")
-        self._cookie = rows["cookie"][order].copy()
-        self._state = rows["state"][order].copy()
-        self._hist = {name: hist[name][order].copy() for name, _ in _HISTORY}
+        """Replace the whole history with ``hist``, aligned with ``rows``
+        (a full scan's every socket).  Rows sorted by cookie (see
+        :func:`sort_by_cookie`) hand their history arrays over as they are,
+        with no copy: the caller must not write to them afterwards."""
+        cookie = rows["cookie"]
+        if len(cookie) > 1 and not bool(np.all(cookie[1:] >= cookie[:-1])):
+            order = np.argsort(cookie, kind="stable")
+            self._cookie, self._state = cookie[order], rows["state"][order]
+            self._hist = {name: hist[name][order] for name, _ in _HISTORY}
+            return
+        self._cookie, self._state = cookie.copy(), rows["state"].copy()
+        self._hist = {name: hist[name] for name, _ in _HISTORY}
+
+
+def sort_by_cookie(rows: np.ndarray) -> np.ndarray:
+    """``rows`` (INV_DTYPE) reordered by cookie, in place, one field at a
+    time: the transient is one field's copy, not a second table."""
+    order = np.argsort(rows["cookie"], kind="stable")
+    if len(order) > 1 and not bool(np.all(order[1:] > order[:-1])):
+        for name in rows.dtype.names:
+            rows[name] = rows[name][order]
+    return rows
 
 
 def listeners(rows: np.ndarray, owners: procs.SocketOwners) -> Listeners:
@@ -229,9 +257,8 @@ def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, exa
                                        expires_seconds=int(r["expires_ms"]) / 1000, fin_timeout=ft)
         if floor is not None:
             prev = hist["floor_now"][i]
-            hist["floor"][i] = floor if np.isnan(prev) else max(floor, float(prev))
-            hist["floor_at"][i] = now
-            hist["floor_now"][i] = hist["floor"][i]
+            hist["floor_now"][i] = floor if np.isnan(prev) else max(floor, float(prev))
+            hist["floor_began"][i] = now - hist["floor_now"][i]
         floor_now = None if np.isnan(hist["floor_now"][i]) else float(hist["floor_now"][i])
         seen_bounds = [float(x) for x in (table_bound[i], hist["seen"][i]) if not np.isnan(x)]
         secs, is_exact = combine_state_time(None if np.isnan(exact[i]) else float(exact[i]),

@@ -259,7 +259,6 @@ def scan(sc: Scanner, snap: Snapshot, rep: LeakReport) -> None:
     hist = sc.history.carry(rows, now)
     fin_timeout = dict(sc.fin_timeouts)
     stuck_idx, est_idx, query = joins.candidates(th, rows, relevant, exact, bound, hist, fin_timeout, now)
-    hist["checked"][query] = now
     facts = joins.sock_facts(rows, stuck_idx, est_idx, exact, bound, hist, accepted, infos, owners, listeners,
                              fin_timeout, now, th.idle_after, sc.max_socket_facts, rep.errors,
                              th.idle_recheck_s)

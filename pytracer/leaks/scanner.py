@@ -254,15 +254,15 @@ class Scanner:
             now_ns = time.monotonic_ns()
             rep.errors.extend(inv.errors)
             rep.netns = [n.to_json() for n in inv.netns.values()]
-            rows = inv.rows
+            # In cookie order from here on: the history is kept in that order
+            # and takes its arrays from this scan without copying them.
+            rows = joins.sort_by_cookie(inv.rows)
             rep.stats.update(sockets=int(len(rows)), netns_covered=len(sess.socks),
                              netns_failed=len(refs) - len(sess.socks), dump_seconds=round(inv.seconds, 6))
             host_ino = next((r.ino for r in refs if r.label == "host"), None)
 
             # Which sockets are ours to judge.
             owners = fdscan.sockets
-            order = np.argsort(rows["cookie"], kind="stable")
-            self._cookies, self._inodes = rows["cookie"][order], rows["inode"][order].astype(np.uint64)
             self.full_owners = owners
             relevant = scope_mask(rows, owners, self.pids, self.ports)
             listeners = joins.listeners(rows, owners)
@@ -287,17 +287,25 @@ class Scanner:
             missed = 0
             if len(query):
                 errors_before = len(sess.errors)
-                infos, missed = sess.tcp_info(sockdiag.lookup_keys(rows, query), th.max_exact_lookups,
-                                               th.idle_brief_ms)
+                infos, missed = sess.tcp_info(rows, th.max_exact_lookups, th.idle_brief_ms, idx=query)
                 rep.errors.extend(sess.errors[errors_before:])
-                hist["checked"][query] = now
             rep.stats.update(candidates=int(len(stuck_idx) + len(est_idx)), info_queries=int(len(query)),
                              info_missed=int(missed))
 
             facts = joins.sock_facts(rows, stuck_idx, est_idx, exact_s, table_bound_s, hist, accepted, infos,
                                      owners, listeners, fin_timeout, now, th.idle_after, self.max_socket_facts,
                                      rep.errors, th.idle_recheck_s)
+            # The per-row joins are done.  What is kept is taken, and the rest
+            # let go, step by step: at 100k sockets each array is ~1 MB, and
+            # the scan's peak is the sum of those alive at once.
+            queried = rows["cookie"][query]
+            del infos, query, stuck_idx, matched, hist["seen"], hist["floor_now"]
+            rechecks = (incremental_scan.rechecks_of(rows, est_idx, hist, exact_s, table_bound_s, accepted, now)
+                        if self.incremental else None)
+            del exact_s, table_bound_s, accepted, est_idx
             self.history.store(rows, hist)
+            self._cookies, self._inodes = self.history.cookies, rows["inode"].copy()
+            del hist
 
             # Processes: who holds TCP sockets (or the --pid set).
             summaries, counts = self.process_counts(rows, relevant, owners, listeners)
@@ -305,7 +313,7 @@ class Scanner:
 
             self.last_facts, self.last_procs = facts, pfacts
             flags = socket_flags(facts, pfacts, th)
-            idle = self.idle_carry.merge(IdleCarry.idle(flags), rows["cookie"][query], snapshot,
+            idle = self.idle_carry.merge(IdleCarry.idle(flags), queried, snapshot,
                                          listed=rows["cookie"], limit=self.max_socket_facts)
             rep.stats["idle_carried"] = self.idle_carry.carried
             flags = IdleCarry.others(flags)
@@ -318,8 +326,7 @@ class Scanner:
             if self.incremental:  # what the candidate scans start from
                 self.refs, self.fin_timeouts = list(refs), fin_timeout
                 self.listen_holders = {k: {p for e in v for p, _ in e[2]} for k, v in listeners.items()}
-                self.rechecks = incremental_scan.rechecks_of(rows, est_idx, hist, exact_s, table_bound_s, accepted,
-                                                             now)
+                self.rechecks = rechecks
                 self.carried = incremental_scan.carry_of(rows, relevant, flags, rep)
                 self.summaries = {pid: dataclasses.replace(p) for pid, p in summaries.items()}
                 self.prev_scan_ns = now_ns

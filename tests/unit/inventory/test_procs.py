@@ -83,3 +83,11 @@ def test_socket_owners_bulk_questions() -> None:
     ino, holder = owners.pairs(np.array([555], np.uint64))
     assert sorted(zip(ino.tolist(), holder.tolist())) == [(555, 77), (555, 4242)]
     assert owners.get(999) is None and dict(owners)[557] == [(77, 1)]
+
+
+def test_socket_owners_pairs_once_per_process() -> None:
+    # 555: pid 77 twice (a dup'd fd), pid 4242 once; 556: pid 4242 twice; 557 not asked.
+    owners = procs.SocketOwners([555, 555, 555, 556, 556, 557], [77, 4242, 77, 4242, 4242, 9], [3, 5, 8, 1, 2, 4])
+    ino, holder = owners.pairs(np.array([556, 555, 999], np.uint64))
+    assert list(zip(ino.tolist(), holder.tolist())) == [(555, 77), (555, 4242), (556, 4242)]
+    assert [len(a) for a in procs.SocketOwners().pairs(np.array([1], np.uint64))] == [0, 0]

@@ -184,3 +184,16 @@ def test_tcp_info_table_answers_like_decode() -> None:
     struct.pack_into("=I", full, 52, 5)
     table.add(11, bytes(full))
     assert table[11].last_data_recv_ms == 5 and len(table) == 2
+
+
+def test_rows_grow_past_their_capacity_and_truncate() -> None:
+    rows = sockdiag.Rows(np.dtype(np.uint64), capacity=3)
+    rows.append(np.arange(2, dtype=np.uint64))
+    rows.append(np.arange(10, 15, dtype=np.uint64))  # past the capacity: a bigger mapping, rows kept
+    assert len(rows) == 7
+    rows.truncate(4)  # a failed dump's rows are dropped
+    rows.append(np.array([99], np.uint64))
+    out = rows.take()
+    assert out.tolist() == [0, 1, 10, 11, 99] and len(rows) == 0
+    out.sort()  # the rows are the caller's, writable
+    assert sockdiag.Rows(sockdiag.INV_DTYPE).take().dtype == sockdiag.INV_DTYPE

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from pytracer.inventory.procs import ProcFacts
+from pytracer.leaks import time_wait
 from pytracer.leaks.detectors import (
     KINDS,
     Flag,
@@ -330,3 +331,29 @@ def test_thresholds_validate(bad: dict) -> None:
     with pytest.raises(ValueError):
         Thresholds(**bad).validate()
     Thresholds().validate()
+
+
+def _key_bytes(netns, family, raddr, rport) -> list[bytes]:
+    """Each row's destination key as bytes, which sort as the keys do."""
+    return [int(a).to_bytes(8, "big") + bytes([int(f)]) + bytes(r) + int(p).to_bytes(2, "big")
+            for a, f, r, p in zip(netns, family, raddr, rport)]
+
+
+@pytest.mark.parametrize("collide", [False, True])
+def test_time_wait_grouping_is_exact(monkeypatch: pytest.MonkeyPatch, collide: bool) -> None:
+    rng = np.random.default_rng(7)
+    n = 5000
+    netns = rng.choice(np.array([4026531840, 4026532001], np.uint64), n)
+    family = rng.choice(np.array([2, 10], np.uint8), n)
+    raddr = np.zeros((n, 16), np.uint8)
+    raddr[:, :4] = rng.integers(0, 3, (n, 4))
+    raddr[:, 15] = rng.integers(0, 2, n)
+    rport = rng.choice(np.array([80, 443, 65535], np.uint16), n)
+    if collide:  # every key mixes to the same value: the check must catch it
+        monkeypatch.setattr(time_wait, "_mix", lambda netns, *_: np.zeros(len(netns), np.uint64))
+    first, counts = time_wait._group(netns, family, raddr, rport)
+    want: dict[bytes, int] = {}
+    for k in _key_bytes(netns, family, raddr, rport):
+        want[k] = want.get(k, 0) + 1
+    got = _key_bytes(netns[first], family[first], raddr[first], rport[first])
+    assert got == sorted(want) and counts.tolist() == [want[k] for k in got]

@@ -111,9 +111,9 @@ class RecordedSession:
                                   tw_reuse=2)
         return sockdiag.Inventory(rows=rows, netns={NS: info})
 
-    def tcp_info(self, rows: np.ndarray, exact_max: int = 256, brief_below_ms: int | None = None
-                 ) -> tuple[sockdiag.TcpInfoTable, int]:
-        wanted = {int(c) for c in rows["cookie"]}
+    def tcp_info(self, rows: np.ndarray, exact_max: int = 256, brief_below_ms: int | None = None,
+                 idx: np.ndarray | None = None) -> tuple[sockdiag.TcpInfoTable, int]:
+        wanted = {int(c) for c in (rows["cookie"] if idx is None else rows["cookie"][idx])}
         self.asked += sorted(wanted)
         table, done, err = sockdiag.parse_info_dump((FIX / "dump_info.bin").read_bytes(), 79, wanted,
                                                     sockdiag.TcpInfoTable(brief_below_ms))
@@ -247,3 +247,29 @@ def test_pid_scope(tmp_path: Path, who: str) -> None:
     pids = {f.pid for f in rep.flags if f.kind in ("close_wait", "idle_established")}
     assert pids == {PIDS[who]}
     assert set(rep.processes) == {PIDS[who]}
+
+
+def test_history_hands_over_sorted_rows_and_keeps_the_largest_floor() -> None:
+    from pytracer.leaks import facts
+
+    rows = np.zeros(4, sockdiag.INV_DTYPE)
+    rows["cookie"] = [40, 10, 30, 20]
+    rows["state"] = [1, 8, 1, 1]
+    assert facts.sort_by_cookie(rows) is rows and rows["cookie"].tolist() == [10, 20, 30, 40]
+    assert rows["state"].tolist() == [8, 1, 1, 1]  # every field moved with its cookie
+    h = facts.History()
+    hist = h.carry(rows, now=100.0)
+    assert np.isnan(hist["seen"]).all() and np.isnan(hist["floor_now"]).all()
+    hist["floor_began"][0] = 100.0 - 30.0  # a kernel floor of 30 s, measured at 100
+    h.store(rows, hist)
+    assert h.cookies.tolist() == [10, 20, 30, 40]
+    # 5 s later, in the same state: seen for 5 s, the floor grown to 35 s.
+    later = h.carry(rows, now=105.0)
+    assert later["seen"].tolist() == [5.0] * 4 and later["floor_now"][0] == 35.0
+    # A socket whose state changed starts afresh.
+    rows["state"][0] = 9
+    again = h.carry(rows, now=106.0)
+    assert np.isnan(again["seen"][0]) and np.isnan(again["floor_now"][0]) and again["seen"][1] == 6.0
+    # Unsorted rows are sorted for the history (not handed over).
+    h.store(rows[::-1].copy(), {k: v[::-1].copy() for k, v in again.items()})
+    assert h.cookies.tolist() == [10, 20, 30, 40]
