@@ -295,8 +295,12 @@ class AbLoop(threading.Thread):
         start = time.monotonic()
         i = 0
         while not self.halt.is_set():
-            r = subprocess.run(["ab", "-q", "-n", str(self.rate), "-c", "1", "-s", "10", self.url],
-                               capture_output=True, text=True, timeout=120)
+            try:
+                r = subprocess.run(["ab", "-q", "-n", str(self.rate), "-c", "1", "-s", "10", self.url],
+                                   capture_output=True, text=True, timeout=120)
+            except (OSError, subprocess.SubprocessError) as exc:  # no ab: the verdict says so
+                self.errors.append(f"ab: {exc}")
+                return
             done = re.search(r"Complete requests:\s+(\d+)", r.stdout)
             failed = re.search(r"Failed requests:\s+(\d+)", r.stdout)
             if done is None:
@@ -542,6 +546,9 @@ def verdicts(r: dict[str, Any]) -> dict[str, bool]:
         "scrape p99 < 100 ms, every minute": (max(r["scrape"]["per_minute_p99_ms"]) < 100
                                               and r["scrape"]["errors"] == 0),
         "nothing failed to insert": r["watch"]["insert_failed"] == 0,
+        # Both loads ran: ab's batches (one a second) completed, none failed to start.
+        "ab load ran": (r["generator"]["ab_complete"] >= r["ab_rate"] * r["load_seconds"] // 2
+                        and not r["generator"]["ab_errors"]),
     }
 
 
