@@ -71,7 +71,12 @@ def services_enricher(report: dict[str, Any], snap: Any, tracer: Any, opts: Any,
     (one map lookup per service; see pytracer.table.services)."""
     from pytracer.table import services
 
-    report["services"] = [s.to_json() for s in services.read(tracer) if s.ends]
+    # Between connection ends nothing changes: the same objects, their JSON made once.
+    stats = [s for s in services.read(tracer, state.setdefault("services_cache", {})) if s.ends]
+    last = state.get("services_json")
+    if last is None or len(last[0]) != len(stats) or any(a is not b for a, b in zip(last[0], stats)):
+        last = state["services_json"] = (stats, [s.to_json() for s in stats])
+    report["services"] = last[1]
 
 
 def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: float | None, top: int,

@@ -143,6 +143,7 @@ class TracerCollector(Collector):
         # collect() reads into them, one scrape at a time (self._lock); the
         # scan thread reads its own.
         self._sock_buffers: Any = None
+        self._services_cache: dict[int, Any] = {}  # see pytracer.table.services.read
         self.label_overflow: dict[str, int] = {"comm": 0, "destination": 0}
         self.scrapes = 0
         self.last_scrape_seconds: float | None = None
@@ -276,7 +277,7 @@ class TracerCollector(Collector):
         try:
             from pytracer.table import services  # noqa: PLC0415 - as poller above
 
-            inp.services = services.read(self.tracer)
+            inp.services = services.read(self.tracer, self._services_cache)
         except Exception as exc:  # noqa: BLE001
             self._failed("services", exc)
         mono = time.monotonic_ns()

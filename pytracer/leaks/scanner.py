@@ -157,6 +157,7 @@ class Scanner:
         # TIME_WAIT per destination between full scans (see incremental.refresh_time_wait).
         self.time_wait_every = TIME_WAIT_EVERY_S
         self.last_time_wait: float | None = None
+        self.services_cache: dict[int, Any] = {}  # see pytracer.table.services.read
 
     # -- the scan ----------------------------------------------------------
 
@@ -204,7 +205,7 @@ class Scanner:
         try:
             from pytracer.table import services  # noqa: PLC0415 - only with a tracer
 
-            rep.services = services.read(self.tracer)
+            rep.services = services.read(self.tracer, self.services_cache)
             pids = {pid for s in rep.services for pid in s.owners.values()}
             facts = {pid: pf for pid in sorted(pids)[:64] if (pf := self._proc_facts(pid)) is not None}
             found = idle_reset_flags(rep.services, facts, self.thresholds)

@@ -99,9 +99,13 @@ def names(src: Any) -> dict[int, tuple[str, str]]:
     return out
 
 
-def read(src: Any) -> list[ServiceStats]:
+def read(src: Any, cache: dict[int, tuple[Any, ServiceStats]] | None = None) -> list[ServiceStats]:
     """Every named service and ``other``; a slot that has never ended a
-    connection is still listed when it is named (a zero is a fact)."""
+    connection is still listed when it is named (a zero is a fact).
+
+    ``cache`` (the caller's, kept between reads): a slot whose name and
+    per-CPU values are unchanged since the last read returns the same
+    ServiceStats object, not decoded again; callers must not modify it."""
     size = abi.percpu_stride(_SVC_SIZE) * src.ncpus
     m = src.map("svc")
     labels = names(src)
@@ -116,7 +120,15 @@ def read(src: Any) -> list[ServiceStats]:
         if not present:
             continue
         service, role = labels.get(slot, (OTHER, ""))
-        out.append(decode(b"".join(present), src.ncpus * len(present), service, role))
+        raw = b"".join(present)
+        hit = cache.get(slot) if cache is not None else None
+        if hit is not None and hit[0] == (service, role, raw):
+            out.append(hit[1])
+            continue
+        stats = decode(raw, src.ncpus * len(present), service, role)
+        if cache is not None:
+            cache[slot] = ((service, role, raw), stats)
+        out.append(stats)
     return out
 
 
