@@ -1,8 +1,10 @@
 """The Prometheus Collector: reads the kernel maps at scrape time.
 
 Nothing here keeps a second copy of the kernel's truth.  Every scrape reads
-the per-CPU aggregate and the socket table (:mod:`pytracer.table.poll`), the
-programs' run statistics and the latest leak report, and hands them to the
+the per-CPU aggregate and the socket table (:mod:`pytracer.table.poll`; with
+the scan thread running, only its live records per state are needed, so it
+is counted a chunk at a time and never held whole), the programs' run
+statistics and the latest leak report, and hands them to the
 pure :func:`pytracer.exporter.families.build_families`.  Each read is in its
 own ``try``: a failed read is logged and counted
 (``pytracer_read_errors_total{what}``) and never fails the scrape.  The only
@@ -137,11 +139,12 @@ class TracerCollector(Collector):
         self._lock = threading.Lock()
         self._closed = False
         self.read_errors: dict[str, int] = {w: 0 for w in READS}
-        # Scrapes read the socket table into the same arrays every time (as
-        # `tracer watch` does): fresh ones cost a page fault per 4 KiB the
-        # kernel writes, ~0.1 s of a ~0.5 s scrape at 1M sockets.  Only
-        # collect() reads into them, one scrape at a time (self._lock); the
-        # scan thread reads its own.
+        # A scrape that scans reads the socket table into the same arrays
+        # every time (as `tracer watch` does): fresh ones cost a page fault
+        # per 4 KiB the kernel writes, ~0.1 s of a ~0.5 s scrape at 1M
+        # sockets.  Only collect() reads into them, one scrape at a time
+        # (self._lock); the scan thread reads its own.  (A scrape that only
+        # counts keeps the nursery's mapping here.)
         self._sock_buffers: Any = None
         self._services_cache: dict[int, Any] = {}  # see pytracer.table.services.read
         self.label_overflow: dict[str, int] = {"comm": 0, "destination": 0}
@@ -264,6 +267,8 @@ class TracerCollector(Collector):
             return inp
         t0 = time.perf_counter()
         totals = socks = keys = None
+        records: int | None = None
+        scanner = self._scanner_obj()
         try:
             totals = poller.read_totals(self.tracer)
         except Exception as exc:  # noqa: BLE001
@@ -271,7 +276,14 @@ class TracerCollector(Collector):
         try:
             if self._sock_buffers is None:
                 self._sock_buffers = poller.SockBuffers()
-            keys, socks = poller.read_socks(self.tracer, self._sock_buffers)
+            if self._thread is not None or scanner is None:
+                # The metrics need only the live records per state: counted a
+                # chunk at a time, the table is never held (the scan thread
+                # reads its own).
+                inp.table_states, records = poller.count_socks(self.tracer, self._sock_buffers)
+            else:  # this scrape scans: the whole table
+                keys, socks = poller.read_socks(self.tracer, self._sock_buffers)
+                records = len(socks)
         except Exception as exc:  # noqa: BLE001
             self._failed("socks", exc)
         try:
@@ -282,8 +294,8 @@ class TracerCollector(Collector):
             self._failed("services", exc)
         mono = time.monotonic_ns()
         inp.totals, inp.socks = totals, socks
-        if totals is not None and socks is not None:
-            inp.table = self._fill.update(mono, len(socks), int(getattr(self.tracer, "capacity", 0)),
+        if totals is not None and records is not None:
+            inp.table = self._fill.update(mono, records, int(getattr(self.tracer, "capacity", 0)),
                                           failed_inserts(totals) + self._seed_failed)
         inp.poll_seconds = time.perf_counter() - t0
 
@@ -291,7 +303,7 @@ class TracerCollector(Collector):
             inp.maps = self._maps()
             for m in inp.maps:
                 if m.name == "socks":
-                    m.entries = len(socks) if socks is not None else None
+                    m.entries = records
                 else:
                     m.entries = self.tracer.map(m.name).dump(self.tracer.map(m.name).value_size)[2]
         except Exception as exc:  # noqa: BLE001
@@ -302,7 +314,6 @@ class TracerCollector(Collector):
             self._failed("programs", exc)
         inp.bpf_stats = self.bpf_stats_held or bpf_stats_enabled()
 
-        scanner = self._scanner_obj()
         if self._thread is not None:
             inp.leaks = self._report
         elif scanner is not None and totals is not None and socks is not None:

@@ -35,6 +35,7 @@ from pytracer.kernel.abi import Direction, Stat
 from pytracer.kernel.histogram import Histogram, log2_bounds_seconds
 from pytracer.kernel.tcp_states import TcpState
 from pytracer.leaks.detectors import KINDS
+from pytracer.table.poll import live_states
 
 NAMESPACE = "pytracer"
 DEFAULT_MAX_COMMS = 20
@@ -104,6 +105,7 @@ class ScrapeInput:
 
     totals: Any = None  # poller.Totals
     socks: np.ndarray | None = None  # poller.SOCK_DTYPE records
+    table_states: np.ndarray | None = None  # poller.live_states of the table, when read by counts alone
     poll_seconds: float | None = None
     maps: list[MapStat] = field(default_factory=list)
     programs: list[ProgramStat] | None = None
@@ -280,15 +282,8 @@ def _socket_families(inp: ScrapeInput, opts: ExportOptions) -> list[Metric]:
         for s in STABLE_STATES:
             counts.setdefault(s.name, 0.0)
         counts.setdefault("TIME_WAIT", 0.0)
-    elif inp.socks is not None:
-        socks = inp.socks
-        # Records that count: the kernel counted them, or they were seeded
-        # from the inventory at start (seeded records stay out of the
-        # histograms, their birth being unknown, but they are live sockets).
-        # Left out: other processes' passive sockets under --pid, kept only
-        # until accept() names their owner.
-        live = (socks["counted"] != 0) | ((socks["flags"] & abi.PT_F_SEEDED) != 0)
-        by_state = np.bincount(socks["state"][live].astype(np.intp), minlength=abi.PT_STATES)
+    elif inp.table_states is not None or inp.socks is not None:
+        by_state = inp.table_states if inp.table_states is not None else live_states(inp.socks)
         for s in range(len(by_state)):
             if by_state[s] or s in STABLE_STATES:
                 counts[TcpState.name_of(s)] = float(by_state[s])

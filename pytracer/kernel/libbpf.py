@@ -548,11 +548,23 @@ class Map:
         call).  Falls back to get_next_key + lookup on kernels without batch
         ops (< 5.6).
         """
-        lib = library()
-        ksz = self.key_size
         keys_parts: list[bytes] = []
         vals_parts: list[bytes] = []
         total = 0
+        for kbuf, vbuf, n in self.batches(value_size, chunk):
+            keys_parts.append(bytes(kbuf[: n * self.key_size]))
+            vals_parts.append(bytes(vbuf[: n * value_size]))
+            total += n
+        return b"".join(keys_parts), b"".join(vals_parts), total
+
+    def batches(self, value_size: int, chunk: int = 8192) -> Iterator[tuple[memoryview, memoryview, int]]:
+        """One pass over the map, ``chunk`` entries at a time: yields (keys,
+        values, count), the first ``count`` entries of two buffers that the
+        next batch overwrites, so a caller reducing them holds one chunk,
+        not the table.  Without batch ops (< 5.6): one batch of everything.
+        """
+        lib = library()
+        ksz = self.key_size
         in_batch = ctypes.create_string_buffer(8)
         out_batch = ctypes.create_string_buffer(8)
         kbuf = ctypes.create_string_buffer(ksz * chunk)
@@ -568,7 +580,9 @@ class Map:
             err = _errno_of(rc) if rc < 0 else 0
             if err and err not in (errno_mod.ENOENT, errno_mod.ENOSPC):
                 if first and err in (errno_mod.EINVAL, 524):  # 524: ENOTSUPP (kernel-internal)
-                    return self._dump_slow(value_size)
+                    keys, vals, n = self._dump_slow(value_size)
+                    yield memoryview(keys), memoryview(vals), n
+                    return
                 raise LibbpfError(err, f"batch lookup in {self.name}")
             if err == errno_mod.ENOSPC and count.value == 0:
                 # One bucket holds more than `chunk` entries: grow and retry.
@@ -576,16 +590,13 @@ class Map:
                 kbuf = ctypes.create_string_buffer(ksz * chunk)
                 vbuf = ctypes.create_string_buffer(value_size * chunk)
                 continue
-            n = count.value
-            if n:
-                keys_parts.append(ctypes.string_at(kbuf, n * ksz))
-                vals_parts.append(ctypes.string_at(vbuf, n * value_size))
-                total += n
+            if count.value:
+                yield memoryview(kbuf).cast("B"), memoryview(vbuf).cast("B"), count.value
             if err == errno_mod.ENOENT:
-                break
+                return
             ctypes.memmove(in_batch, out_batch, 8)
             first = False
-        return b"".join(keys_parts), b"".join(vals_parts), total
+        raise LibbpfError(errno_mod.E2BIG, f"batch lookup in {self.name} did not end")
 
     def dump_into(self, keys: Any, values: Any, value_size: int) -> tuple[bool, int]:
         """Read every (key, value) into two writable buffers with

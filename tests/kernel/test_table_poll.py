@@ -78,3 +78,30 @@ def test_table_read_as_its_cost_allows() -> None:
         tp.max_age = 0.0  # bound on staleness wins
         tp.poll()
         assert tp.reads == 2
+
+
+def test_counts_read_a_chunk_at_a_time_match_the_connections() -> None:
+    """count_socks (what an export scrape reads) against this test's own
+    connections, in chunks smaller than the table so the walk takes many
+    batches, with the nursery's young records included."""
+    me = os.getpid()
+    with Tracer(pids=[me]) as t:
+        lst, pairs = _pairs(60)
+        try:
+            for c, _ in pairs[:25]:
+                c.shutdown(socket.SHUT_WR)  # the server's end sees the FIN: CLOSE_WAIT
+            time.sleep(0.3)
+            states, records = poller.count_socks(t, chunk=7)
+            est, cw = int(states[1]), int(states[8])
+            # 35 pairs untouched (both ends), 25 servers in CLOSE_WAIT; the
+            # 25 clients are in FIN_WAIT2 and the listener is a record too.
+            assert (est, cw, int(states[5])) == (70, 25, 25), states.tolist()
+            assert records >= 121 and int(states[10]) == 1
+            # The same as the whole table read at once.
+            _, socks = poller.read_socks(t)
+            assert states.tolist() == poller.live_states(socks).tolist() and records == len(socks)
+        finally:
+            for c, s in pairs:
+                c.close()
+                s.close()
+            lst.close()
