@@ -124,19 +124,39 @@ class SocketOwners(Mapping):
         mask = np.isin(self.pids, np.asarray(list(pids), dtype=np.int64))
         return np.unique(self.inodes[mask])
 
-    def pairs(self, inodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(inode, pid) for every holder of the given inodes, each pair once."""
+    def _entries_of(self, inodes: np.ndarray) -> np.ndarray:
+        """A mask over the (inode, pid, fd) entries: those of ``inodes``.
+        Through the sorted unique inodes, with no sort of either side."""
         inodes = np.asarray(inodes, dtype=np.uint64)
         if not len(self._keys) or not len(inodes):
-            return np.zeros(0, np.uint64), np.zeros(0, np.int64)
-        # Through the sorted unique inodes: no sort of either side.
+            return np.zeros(len(self.inodes), bool)
         i = np.minimum(np.searchsorted(self._keys, inodes), len(self._keys) - 1)
         wanted = np.zeros(len(self._keys), bool)
         wanted[i[self._keys[i] == inodes]] = True
-        keep = np.repeat(wanted, self._count)
+        return np.repeat(wanted, self._count)
+
+    def pairs(self, inodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(inode, pid) for every holder of the given inodes, each pair once."""
+        keep = self._entries_of(inodes)
         # The arrays are in (inode, pid, fd) order: a pair's first fd.
         keep[1:] &= (self.inodes[1:] != self.inodes[:-1]) | (self.pids[1:] != self.pids[:-1])
         return self.inodes[keep], self.pids[keep]
+
+    def holder_pids(self, inodes: np.ndarray) -> np.ndarray:
+        """Sorted unique pids holding any of ``inodes``."""
+        return np.unique(self.pids[self._entries_of(inodes)])
+
+    def get_many(self, inodes: Iterable[int]) -> list[list[tuple[int, int]]]:
+        """``self.get(ino, [])`` for each inode, in one search."""
+        inodes = np.asarray(list(inodes) if not isinstance(inodes, np.ndarray) else inodes, dtype=np.uint64)
+        if not len(self._keys) or not len(inodes):
+            return [[] for _ in range(len(inodes))]
+        i = np.minimum(np.searchsorted(self._keys, inodes), len(self._keys) - 1)
+        hit = (self._keys[i] == inodes).tolist()
+        start, count = self._start[i].tolist(), self._count[i].tolist()
+        pids, fds = self.pids, self.fds
+        return [list(zip(pids[s : s + n].tolist(), fds[s : s + n].tolist())) if h else []
+                for h, s, n in zip(hit, start, count)]
 
 
 @dataclass

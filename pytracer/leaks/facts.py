@@ -242,7 +242,8 @@ def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, exa
     judged_idle = np.asarray(idx[len(stuck_idx):], np.intp)
     hist["not_before"][judged_idle] = now + recheck_s
     out = []
-    for i in idx:
+    held = owners.get_many(rows["inode"][np.asarray(idx, np.intp)]) if idx else []
+    for k, i in enumerate(idx):
         r = rows[i]
         cookie, st, fam = int(r["cookie"]), int(r["state"]), int(r["family"])
         info = infos.get(cookie)
@@ -268,7 +269,7 @@ def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, exa
             cookie=cookie, netns=int(r["netns"]), family=fam, state=state_name,
             laddr=address(fam, r["laddr"]), lport=int(r["lport"]), raddr=address(fam, r["raddr"]),
             rport=int(r["rport"]), inode=inode, timer=int(r["timer"]),
-            expires_seconds=int(r["expires_ms"]) / 1000, owners=list(owners.get(inode, [])) if inode else [],
+            expires_seconds=int(r["expires_ms"]) / 1000, owners=held[k] if inode else [],
             state_seconds=secs, state_exact=is_exact, fin_timeout=ft,
             accepted=None if accepted[i] < 0 else bool(accepted[i]),
         )

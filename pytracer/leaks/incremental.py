@@ -177,11 +177,13 @@ def _owner_pids(sc: Scanner, snap: Snapshot, idx: np.ndarray, rows: np.ndarray, 
     for name in ("owner_tgid", "listener_tgid"):
         pids.update(socks[name][idx].tolist())
     pids.update(socks["owner_tgid"][lst_idx].tolist())
-    for ns, port in zip(rows["netns"].tolist(), rows["lport"].tolist()):
-        pids.update(sc.listen_holders.get((ns, port), ()))
-    for ino in rows["inode"].tolist():
-        if ino:
-            pids.update(p for p, _ in sc.full_owners.get(ino, ()))
+    if sc.listen_holders and len(rows):
+        ports = np.unique(rows["netns"].astype(np.uint64) * np.uint64(65536) + rows["lport"].astype(np.uint64))
+        for key in ports.tolist():
+            pids.update(sc.listen_holders.get((key >> 16, key & 0xFFFF), ()))
+    inodes = rows["inode"][rows["inode"] != 0]
+    if len(inodes) and len(sc.full_owners):
+        pids.update(sc.full_owners.holder_pids(inodes).tolist())
     pids.discard(0)
     return pids
 

@@ -91,3 +91,10 @@ def test_socket_owners_pairs_once_per_process() -> None:
     ino, holder = owners.pairs(np.array([556, 555, 999], np.uint64))
     assert list(zip(ino.tolist(), holder.tolist())) == [(555, 77), (555, 4242), (556, 4242)]
     assert [len(a) for a in procs.SocketOwners().pairs(np.array([1], np.uint64))] == [0, 0]
+    assert owners.holder_pids(np.array([556, 999], np.uint64)).tolist() == [4242]
+    assert owners.holder_pids(np.array([555, 557], np.uint64)).tolist() == [9, 77, 4242]
+    # get_many answers as get(ino, []) does, one inode at a time.
+    asked = [557, 0, 555, 999, 556]
+    assert owners.get_many(np.array(asked, np.uint64)) == [owners.get(i, []) for i in asked]
+    assert owners.get_many([555]) == [[(77, 3), (77, 8), (4242, 5)]]
+    assert procs.SocketOwners().get_many([1, 2]) == [[], []]
