@@ -53,10 +53,11 @@ class Reaper:
             return
         socks = snap.socks
         netns = np.fromiter((ino & 0xFFFFFFFF for ino in covered), np.uint32, len(covered))
-        absent = ~np.isin(snap.keys, rows["cookie"])
-        absent &= np.isin(socks["state"], [int(st) for st in SEED_STATES])
+        absent = np.isin(socks["state"], [int(st) for st in SEED_STATES])
         absent &= np.isin(socks["netns_ino"], netns)
         absent &= socks["state_ns"].astype(np.int64) < np.int64(now_ns - int(self.reap_after * 1e9))
+        at = np.flatnonzero(absent)
+        absent[at[_listed(snap.keys[at], rows["cookie"])]] = False
         missing: dict[int, tuple[int, int, float]] = {}
         due = []
         for i in np.flatnonzero(absent).tolist():
@@ -82,3 +83,15 @@ class Reaper:
                             "port %d -> %d, netns %d, last change %.1f s ago", int(snap.keys[i]),
                             TcpState.name_of(int(rec["state"])), int(rec["lport"]), int(rec["rport"]),
                             int(rec["netns_ino"]), (now_ns - int(rec["state_ns"])) / 1e9)
+
+
+def _listed(keys: np.ndarray, cookies: np.ndarray) -> np.ndarray:
+    """Which ``keys`` are among ``cookies``: a binary search when the
+    cookies are sorted (a full scan's rows are), else ``isin``, which sorts
+    both sides together."""
+    if not len(cookies) or not len(keys):
+        return np.zeros(len(keys), bool)
+    if len(cookies) > 1 and not bool(np.all(cookies[1:] >= cookies[:-1])):
+        return np.isin(keys, cookies)
+    pos = np.minimum(np.searchsorted(cookies, keys), len(cookies) - 1)
+    return cookies[pos] == keys

@@ -273,3 +273,13 @@ def test_history_hands_over_sorted_rows_and_keeps_the_largest_floor() -> None:
     # Unsorted rows are sorted for the history (not handed over).
     h.store(rows[::-1].copy(), {k: v[::-1].copy() for k, v in again.items()})
     assert h.cookies.tolist() == [10, 20, 30, 40]
+
+
+def test_reaper_membership_sorted_or_not() -> None:
+    from pytracer.leaks.reaper import _listed
+
+    keys = np.array([5, 1, 9, 7, 0], np.uint64)
+    for cookies in (np.array([1, 3, 7, 11], np.uint64), np.array([11, 7, 1, 3], np.uint64)):
+        assert _listed(keys, cookies).tolist() == [False, True, False, True, False]
+    assert _listed(keys, np.zeros(0, np.uint64)).tolist() == [False] * 5
+    assert _listed(np.array([12], np.uint64), np.array([1, 3, 7, 11], np.uint64)).tolist() == [False]
