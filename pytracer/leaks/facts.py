@@ -117,9 +117,12 @@ class History:
 
 def sort_by_cookie(rows: np.ndarray) -> np.ndarray:
     """``rows`` (INV_DTYPE) reordered by cookie, in place, one field at a
-    time: the transient is one field's copy, not a second table."""
+    time: the transient is one field's copy, not a second table (a
+    read-only array is copied first)."""
     order = np.argsort(rows["cookie"], kind="stable")
     if len(order) > 1 and not bool(np.all(order[1:] > order[:-1])):
+        if not rows.flags.writeable:
+            rows = rows.copy()
         for name in rows.dtype.names:
             rows[name] = rows[name][order]
     return rows

@@ -255,6 +255,9 @@ def test_history_hands_over_sorted_rows_and_keeps_the_largest_floor() -> None:
     rows = np.zeros(4, sockdiag.INV_DTYPE)
     rows["cookie"] = [40, 10, 30, 20]
     rows["state"] = [1, 8, 1, 1]
+    frozen = rows.copy()
+    frozen.flags.writeable = False
+    assert facts.sort_by_cookie(frozen)["cookie"].tolist() == [10, 20, 30, 40]
     assert facts.sort_by_cookie(rows) is rows and rows["cookie"].tolist() == [10, 20, 30, 40]
     assert rows["state"].tolist() == [8, 1, 1, 1]  # every field moved with its cookie
     h = facts.History()
