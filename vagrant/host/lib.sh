@@ -46,16 +46,29 @@ image_dir() { echo "$VM_CACHE/$1"; }
 
 # Install Debian packages on the host if any is missing (idempotent, quiet
 # when everything is present). apt-get update runs at most once per call.
-ensure_host_pkgs() {
-    local missing=() p
+missing_host_pkgs() {
+    local p
     for p in "$@"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' \
-            || missing+=("$p")
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || echo "$p"
     done
+}
+
+# Several run-vm processes start side by side (vm-matrix -j): the first one
+# installs, the others wait on the lock and then find nothing missing,
+# instead of failing on apt's own lock.
+ensure_host_pkgs() {
+    local missing=()
+    mapfile -t missing < <(missing_host_pkgs "$@")
     [ ${#missing[@]} -eq 0 ] && return 0
     [ "$(id -u)" -eq 0 ] || die "host packages missing (${missing[*]}) and not root to install them"
-    log "installing host packages: ${missing[*]}"
-    apt-get update -qq >/dev/null || log "apt-get update reported errors (continuing)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        "${missing[@]}" >/dev/null || die "apt-get install ${missing[*]} failed"
+    exec 9>/var/lock/pytracer-host-pkgs
+    flock -w 900 9 || die "waited 15 min for another install of host packages"
+    mapfile -t missing < <(missing_host_pkgs "$@")
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "installing host packages: ${missing[*]}"
+        apt-get update -qq >/dev/null || log "apt-get update reported errors (continuing)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${missing[@]}" >/dev/null || { exec 9>&-; die "apt-get install ${missing[*]} failed"; }
+    fi
+    exec 9>&-
 }
