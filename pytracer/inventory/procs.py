@@ -35,6 +35,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from pytracer.arrays import find_sorted
+
 log = logging.getLogger(__name__)
 
 PROC = "/proc"
@@ -111,10 +113,8 @@ class SocketOwners(Mapping):
         inodes = np.asarray(inodes, dtype=np.uint64)
         pid = np.zeros(len(inodes), np.int64)
         fd = np.full(len(inodes), -1, np.int64)
-        if not len(self._keys) or not len(inodes):
-            return pid, fd
-        i = np.minimum(np.searchsorted(self._keys, inodes), len(self._keys) - 1)
-        hit = (self._keys[i] == inodes) & (inodes != 0)
+        i, hit = find_sorted(self._keys, inodes)
+        hit &= inodes != 0
         pid[hit] = self.pids[self._start[i[hit]]]
         fd[hit] = self.fds[self._start[i[hit]]]
         return pid, fd
@@ -127,12 +127,9 @@ class SocketOwners(Mapping):
     def _entries_of(self, inodes: np.ndarray) -> np.ndarray:
         """A mask over the (inode, pid, fd) entries: those of ``inodes``.
         Through the sorted unique inodes, with no sort of either side."""
-        inodes = np.asarray(inodes, dtype=np.uint64)
-        if not len(self._keys) or not len(inodes):
-            return np.zeros(len(self.inodes), bool)
-        i = np.minimum(np.searchsorted(self._keys, inodes), len(self._keys) - 1)
+        i, hit = find_sorted(self._keys, np.asarray(inodes, dtype=np.uint64))
         wanted = np.zeros(len(self._keys), bool)
-        wanted[i[self._keys[i] == inodes]] = True
+        wanted[i[hit]] = True
         return np.repeat(wanted, self._count)
 
     def pairs(self, inodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -149,11 +146,10 @@ class SocketOwners(Mapping):
     def get_many(self, inodes: Iterable[int]) -> list[list[tuple[int, int]]]:
         """``self.get(ino, [])`` for each inode, in one search."""
         inodes = np.asarray(list(inodes) if not isinstance(inodes, np.ndarray) else inodes, dtype=np.uint64)
-        if not len(self._keys) or not len(inodes):
+        if not len(self._keys):
             return [[] for _ in range(len(inodes))]
-        i = np.minimum(np.searchsorted(self._keys, inodes), len(self._keys) - 1)
-        hit = (self._keys[i] == inodes).tolist()
-        start, count = self._start[i].tolist(), self._count[i].tolist()
+        i, found = find_sorted(self._keys, inodes)
+        hit, start, count = found.tolist(), self._start[i].tolist(), self._count[i].tolist()
         pids, fds = self.pids, self.fds
         return [list(zip(pids[s : s + n].tolist(), fds[s : s + n].tolist())) if h else []
                 for h, s, n in zip(hit, start, count)]

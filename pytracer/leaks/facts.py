@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pytracer.arrays import find_sorted, is_sorted
 from pytracer.format import address
 from pytracer.inventory import procs, sockdiag
 from pytracer.kernel import abi
@@ -64,8 +65,8 @@ class History:
         out = {name: np.full(n, default) for name, default in _HISTORY}
         out["since"][:] = now
         if len(self._cookie) and n:
-            pos = np.minimum(np.searchsorted(self._cookie, rows["cookie"]), len(self._cookie) - 1)
-            same = np.flatnonzero((self._cookie[pos] == rows["cookie"]) & (self._state[pos] == rows["state"]))
+            pos, hit = find_sorted(self._cookie, rows["cookie"])
+            same = np.flatnonzero(hit & (self._state[pos] == rows["state"]))
             pos = pos[same]
             for name, _ in _HISTORY:
                 out[name][same] = self._hist[name][pos]
@@ -106,7 +107,7 @@ class History:
         :func:`sort_by_cookie`) hand their history arrays over as they are,
         with no copy: the caller must not write to them afterwards."""
         cookie = rows["cookie"]
-        if len(cookie) > 1 and not bool(np.all(cookie[1:] >= cookie[:-1])):
+        if not is_sorted(cookie):
             order = np.argsort(cookie, kind="stable")
             self._cookie, self._state = cookie[order], rows["state"][order]
             self._hist = {name: hist[name][order] for name, _ in _HISTORY}
@@ -119,12 +120,13 @@ def sort_by_cookie(rows: np.ndarray) -> np.ndarray:
     """``rows`` (INV_DTYPE) reordered by cookie, in place, one field at a
     time: the transient is one field's copy, not a second table (a
     read-only array is copied first)."""
+    if is_sorted(rows["cookie"]):
+        return rows
     order = np.argsort(rows["cookie"], kind="stable")
-    if len(order) > 1 and not bool(np.all(order[1:] > order[:-1])):
-        if not rows.flags.writeable:
-            rows = rows.copy()
-        for name in rows.dtype.names:
-            rows[name] = rows[name][order]
+    if not rows.flags.writeable:
+        rows = rows.copy()
+    for name in rows.dtype.names:
+        rows[name] = rows[name][order]
     return rows
 
 
@@ -166,8 +168,7 @@ def join_table(rows: np.ndarray, snap: Snapshot | None, now_ns: int, key_by_ptr:
         return exact, bound, accepted, matched
     order = np.argsort(snap.keys, kind="stable")
     keys = snap.keys[order]
-    pos = np.minimum(np.searchsorted(keys, rows["cookie"]), len(keys) - 1)
-    matched = keys[pos] == rows["cookie"]
+    pos, matched = find_sorted(keys, rows["cookie"])
     idx = order[pos]
     socks = snap.socks
     same = matched & (socks["state"][idx] == rows["state"])

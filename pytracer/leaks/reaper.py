@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from pytracer.arrays import find_sorted, is_sorted
 from pytracer.kernel.tcp_states import TcpState
 from pytracer.table import writer
 from pytracer.table.poll import Snapshot
@@ -89,9 +90,6 @@ def _listed(keys: np.ndarray, cookies: np.ndarray) -> np.ndarray:
     """Which ``keys`` are among ``cookies``: a binary search when the
     cookies are sorted (a full scan's rows are), else ``isin``, which sorts
     both sides together."""
-    if not len(cookies) or not len(keys):
-        return np.zeros(len(keys), bool)
-    if len(cookies) > 1 and not bool(np.all(cookies[1:] >= cookies[:-1])):
+    if not is_sorted(cookies):
         return np.isin(keys, cookies)
-    pos = np.minimum(np.searchsorted(cookies, keys), len(cookies) - 1)
-    return cookies[pos] == keys
+    return find_sorted(cookies, keys)[1]
