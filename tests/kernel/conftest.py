@@ -14,7 +14,6 @@ import queue
 import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+
+from .soak import stop_bpftrace
 
 # Inside the kernel test VMs (vagrant/host/run-vm sets it): QEMU without KVM, on
 # a shared host, where a vCPU can stall for tens of milliseconds.
@@ -259,21 +260,15 @@ class Oracle:
 
     def stop(self) -> list[tuple[int, int, int, int, int]]:
         time.sleep(0.3)  # let the last lines drain
-        self.p.send_signal(signal.SIGINT)
         # bpftrace prints its maps only after detaching, which is slow under
         # emulation with other guests on the host: give it time there.
-        self.killed = False
-        try:
-            self.p.wait(timeout=STOP_WAIT_S)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            self.p.wait(timeout=30)
-            self.killed = True
+        self.how = stop_bpftrace(self.p, STOP_WAIT_S)
+        self.killed = self.how == "killed"
         # The process has exited, but its last lines (the maps END prints)
         # may still be in the pipe: read to EOF before counting.
         self._reader.join(timeout=30)
         if self.count_only and not any(line.startswith("@t[") for line in self.out):
-            raise RuntimeError(f"bpftrace oracle gave no counts (killed after {STOP_WAIT_S}s: {self.killed}, "
+            raise RuntimeError(f"bpftrace oracle gave no counts (stopped by {self.how}, {STOP_WAIT_S}s in all, "
                                f"exit {self.p.returncode}): {''.join(self.errors)[-500:]}")
         rows = []
         for line in self.out:

@@ -157,6 +157,30 @@ tracepoint:tcp:tcp_destroy_sock /@live[args->skaddr]/ {
 }
 END { print(@where); clear(@where); print(@live); clear(@live); }
 """
+def stop_bpftrace(p: subprocess.Popen, wait_s: float) -> str:
+    """Stop a bpftrace oracle the way that lets it print its maps, and say how
+    it went: "SIGINT", "SIGINT twice", "SIGTERM" or "killed" (no END output).
+
+    A second SIGINT covers a first one that found no handler yet; SIGTERM runs
+    the same exit path; a kill is the last resort.  Each step waits a share of
+    ``wait_s``, so a slow detach under emulation still gets most of it."""
+    for sig, share, how in ((signal.SIGINT, 0.6, "SIGINT"), (signal.SIGINT, 0.2, "SIGINT twice"),
+                            (signal.SIGTERM, 0.2, "SIGTERM")):
+        if p.poll() is not None:
+            break
+        p.send_signal(sig)
+        try:
+            p.wait(timeout=wait_s * share)
+            return how
+        except subprocess.TimeoutExpired:
+            sys.stderr.write(f"bpftrace oracle (pid {p.pid}) still running {wait_s * share:.0f} s after {how}\n")
+    else:
+        p.kill()
+        p.wait(timeout=30)
+        return "killed"
+    return "SIGINT"
+
+
 # What the oracle still held at its end (sockets of the load never seen to close),
 # and the sockets destroyed without a CLOSE: printed by the test when a count is off.
 UNCLOSED = re.compile(r"@(where|live|destroyed_open)\[")
@@ -187,8 +211,7 @@ class Oracle:
             raise RuntimeError("bpftrace oracle did not attach in 90 s: " + "".join(self.lines)[-400:])
 
     def stop(self) -> dict[str, int]:
-        self.p.send_signal(signal.SIGINT)
-        self.p.wait(timeout=120)
+        self.how = stop_bpftrace(self.p, 120)
         self.reader.join(timeout=30)
         counts: dict[str, int] = {}
         for line in self.lines:
