@@ -187,7 +187,7 @@ class TracerCollector(Collector):
                 if self._closed:
                     return
                 try:
-                    snap = poller.snapshot(self.tracer)
+                    snap = poller.snapshot(self.tracer, narrow=True)
                 except Exception as exc:  # noqa: BLE001
                     self._failed("leaks", exc)
             if snap is not None:
@@ -282,7 +282,7 @@ class TracerCollector(Collector):
                 # reads its own).
                 inp.table_states, records = poller.count_socks(self.tracer, self._sock_buffers)
             else:  # this scrape scans: the whole table
-                keys, socks = poller.read_socks(self.tracer, self._sock_buffers)
+                keys, socks = poller.read_socks(self.tracer, self._sock_buffers, narrow=True)
                 records = len(socks)
         except Exception as exc:  # noqa: BLE001
             self._failed("socks", exc)
@@ -317,7 +317,7 @@ class TracerCollector(Collector):
         if self._thread is not None:
             inp.leaks = self._report
         elif scanner is not None and totals is not None and socks is not None:
-            snap = poller.Snapshot(mono, time.time(), totals, keys, socks, inp.poll_seconds)
+            snap = poller.Snapshot(mono, time.time(), totals, keys, socks, inp.poll_seconds, src=self.tracer)
             inp.leaks = self._scan_once(scanner, snap, time.monotonic())
 
         inp.build = {

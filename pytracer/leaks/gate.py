@@ -119,7 +119,7 @@ class Gate:
         fd iterators load and the scanner's first, full scan is behind us,
         so the scans while the command runs are the cheap candidate scans,
         every tick, instead of the duty cycle waiting out a slow first one."""
-        self.cycle.scanner.scan(poll.snapshot(self.tracer, buffers=self.buffers))
+        self.cycle.scanner.scan(poll.snapshot(self.tracer, buffers=self.buffers, narrow=True))
 
     def tick(self) -> list[Flag]:
         """Scan the tree's processes (held to the duty cycle); the flags not seen before."""
@@ -127,7 +127,7 @@ class Gate:
         if not tree.pids:
             return []  # nobody left to hold a socket (and no pids would mean the whole host)
         self.cycle.scanner.pids = tree.pids
-        snap = poll.snapshot(self.tracer, buffers=self.buffers)
+        snap = poll.snapshot(self.tracer, buffers=self.buffers, narrow=True)
         lr, fresh = self.cycle.scan(snap)
         if not fresh:
             return []
@@ -171,7 +171,7 @@ class Gate:
         """One last scan of the survivors, whatever the duty cycle says."""
         sc = self.cycle.scanner
         sc.pids = tree.pids
-        lr = sc.scan(poll.snapshot(self.tracer, buffers=self.buffers))
+        lr = sc.scan(poll.snapshot(self.tracer, buffers=self.buffers, narrow=True))
         return self.record(lr.flags)
 
     def outlived(self, pids: tuple[int, ...]) -> list[dict[str, Any]]:

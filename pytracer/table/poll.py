@@ -34,6 +34,14 @@ from pytracer.kernel.histogram import Histogram
 SOCK_DTYPE = np.dtype(abi.PtSock)
 # A nursery slot (pytracer.h: pt_slot): key 0 is a free slot.
 SLOT_DTYPE = np.dtype([("key", np.uint64), ("rec", SOCK_DTYPE)])
+# The columns a poll keeps of each record: what every whole-table use reads
+# (state counts, the view's rankings and --pid filter, the leak scan's
+# selection, joins and lookup keys).  80 bytes instead of 152; the few
+# records a report shows are read again whole, by cookie (Snapshot.record).
+NARROW_FIELDS = ("birth_ns", "state_ns", "laddr", "raddr", "netns_ino", "owner_tgid", "listener_tgid",
+                 "transitions", "family", "lport", "rport", "state", "direction", "flags", "counted", "accepted")
+NARROW_DTYPE = np.dtype([(f, SOCK_DTYPE.fields[f][0]) for f in NARROW_FIELDS], align=True)
+READ_CHUNK = 4096  # records per batch of a chunked read (~0.6 MB of whole records)
 _AGG_WORDS = ctypes.sizeof(abi.PtAgg) // 8
 _HIST_WORDS = abi.PT_HIST_SLOTS + 1
 
@@ -95,6 +103,18 @@ class Snapshot:
     # table than the totals (see TablePoller).  0 / None: read together.
     table_mono_ns: int = 0
     table_totals: Totals | None = None
+    # Where a narrow table (NARROW_DTYPE) was read from, for Snapshot.record.
+    src: MapSource | None = None
+
+    def record(self, i: int) -> np.void | None:
+        """Record ``i`` whole: from the table when it was read whole, else
+        read again from the kernel by its cookie (now, so newer than the
+        table); None when its socket has gone since the table was read."""
+        if self.socks.dtype == SOCK_DTYPE:
+            return self.socks[i]
+        if self.src is None:
+            return None
+        return lookup_record(self.src, int(self.keys[i]))
 
     @property
     def table_age_seconds(self) -> float:
@@ -138,13 +158,18 @@ class SockBuffers:
         self.socks = np.zeros(0, SOCK_DTYPE)
         self._mapped: tuple[tuple[int, int], mmap.mmap] | None = None
 
-    def read(self, src: MapSource) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, src: MapSource, narrow: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, records) of the whole table; ``narrow``: NARROW_DTYPE
+        records, read a chunk at a time, so the whole records are never
+        all held (a source without batched reads, bcc, returns whole ones)."""
         m = src.map("socks")
+        if narrow and getattr(m, "batches", None) is not None:
+            return self._read_narrow(src, m)
         nursery = int(getattr(src, "nursery_slots", 0) or 0)
         want = max(int(m.max_entries), 1) + nursery
         # Bounded: each failed pass doubles the buffers.
         for _ in range(32):
-            if len(self.keys) < want:
+            if len(self.keys) < want or self.socks.dtype != SOCK_DTYPE:
                 self.keys = np.empty(want, np.uint64)
                 self.socks = np.empty(want, SOCK_DTYPE)
             done, n = m.dump_into(self.keys, self.socks, SOCK_DTYPE.itemsize)
@@ -156,6 +181,26 @@ class SockBuffers:
         if nursery:
             # After "socks": a record that moves out of its slot between the
             # two reads is missed by this read (never counted twice).
+            n += self._read_nursery(src.map("nursery"), nursery, n)
+        return self.keys[:n], self.socks[:n]
+
+    def _read_narrow(self, src: MapSource, m) -> tuple[np.ndarray, np.ndarray]:
+        nursery = int(getattr(src, "nursery_slots", 0) or 0)
+        want = max(int(m.max_entries), 1) + nursery
+        if len(self.keys) < want or self.socks.dtype != NARROW_DTYPE:
+            # Resident only as written: the pages of the rows a read fills.
+            self.keys = np.empty(want, np.uint64)
+            self.socks = np.empty(want, NARROW_DTYPE)
+        n = 0
+        for kbuf, vbuf, c in m.batches(SOCK_DTYPE.itemsize, READ_CHUNK):
+            if n + c > len(self.keys) - nursery:  # a walk that met more than max_entries (bounded: doubles)
+                self.keys = np.concatenate([self.keys[:n], np.empty(len(self.keys), np.uint64)])
+                self.socks = np.concatenate([self.socks[:n], np.empty(len(self.socks), NARROW_DTYPE)])
+            self.keys[n : n + c] = np.frombuffer(kbuf, np.uint64, count=c)
+            # Fields by position: the narrow dtype lists them in NARROW_FIELDS' order.
+            self.socks[n : n + c] = np.frombuffer(vbuf, SOCK_DTYPE, count=c)[list(NARROW_FIELDS)]
+            n += c
+        if nursery:
             n += self._read_nursery(src.map("nursery"), nursery, n)
         return self.keys[:n], self.socks[:n]
 
@@ -174,7 +219,8 @@ class SockBuffers:
         same = view["key"][live] == keys
         n = int(same.sum())
         self.keys[at : at + n] = keys[same]
-        self.socks[at : at + n] = recs[same]
+        recs = recs[same]
+        self.socks[at : at + n] = recs if self.socks.dtype == SOCK_DTYPE else recs[list(NARROW_FIELDS)]
         return n
 
     def _nursery_view(self, m, slots: int) -> np.ndarray:
@@ -239,25 +285,28 @@ def count_socks(src: MapSource, buffers: SockBuffers | None = None, chunk: int =
     return states, total
 
 
-def read_socks(src: MapSource, buffers: SockBuffers | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(keys, records) of the whole table.  Without ``buffers`` the arrays
-    are the caller's own (fresh buffers for this read)."""
-    return (buffers or SockBuffers()).read(src)
+def read_socks(src: MapSource, buffers: SockBuffers | None = None, narrow: bool = False
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, records) of the whole table (``narrow``: see SockBuffers.read).
+    Without ``buffers`` the arrays are the caller's own (fresh buffers)."""
+    return (buffers or SockBuffers()).read(src, narrow)
 
 
-def snapshot(src: MapSource, with_socks: bool = True, buffers: SockBuffers | None = None) -> Snapshot:
-    """Aggregates and (``with_socks``) the socket table.  With ``buffers``
-    the table arrays are views valid until the next read through them."""
+def snapshot(src: MapSource, with_socks: bool = True, buffers: SockBuffers | None = None,
+             narrow: bool = False) -> Snapshot:
+    """Aggregates and (``with_socks``) the socket table, whole records or
+    (``narrow``) NARROW_DTYPE ones.  With ``buffers`` the table arrays are
+    views valid until the next read through them."""
     t0 = time.perf_counter()
     totals = read_totals(src)
     if with_socks:
-        keys, socks = read_socks(src, buffers)
+        keys, socks = read_socks(src, buffers, narrow)
     else:
         keys, socks = np.zeros(0, np.uint64), np.zeros(0, SOCK_DTYPE)
     # Taken after the reads, so no record is younger than "now".
     mono = time.monotonic_ns()
     return Snapshot(mono, time.time(), totals, keys, socks, time.perf_counter() - t0, table_mono_ns=mono,
-                    table_totals=totals)
+                    table_totals=totals, src=src)
 
 
 class TablePoller:
@@ -297,7 +346,7 @@ class TablePoller:
         t0 = time.perf_counter()
         totals = read_totals(self.src)
         if self.due(time.monotonic_ns()):
-            keys, socks = self.buffers.read(self.src)
+            keys, socks = self.buffers.read(self.src, narrow=True)
             mono = time.monotonic_ns()
             self._table = (keys, socks, mono, totals)
             self._cost = time.perf_counter() - t0
@@ -306,7 +355,7 @@ class TablePoller:
             mono = time.monotonic_ns()
         keys, socks, table_ns, table_totals = self._table  # type: ignore[misc]
         return Snapshot(mono, time.time(), totals, keys, socks, time.perf_counter() - t0,
-                        table_mono_ns=table_ns, table_totals=table_totals)
+                        table_mono_ns=table_ns, table_totals=table_totals, src=self.src)
 
 
 @dataclass

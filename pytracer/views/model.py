@@ -183,7 +183,11 @@ def build_report(cur: Snapshot, prev: Snapshot | None, opts: ReportOptions,
         view = table_view(cur, opts)
     longest_lived, longest_in_state = view.longest_lived, view.longest_in_state
     shown = list(dict.fromkeys([*longest_lived.tolist(), *longest_in_state.tolist()]))
-    rows = {i: socket_row(int(keys[i]), socks[i], cur.mono_ns, opts.start_mono_ns) for i in shown}
+    # Whole records of the shown sockets only (the table may hold a narrow
+    # projection); a socket gone since the table was read is not shown.
+    recs = {i: cur.record(i) for i in shown}
+    rows = {i: socket_row(int(keys[i]), rec, cur.mono_ns, opts.start_mono_ns) for i, rec in recs.items()
+            if rec is not None}
 
     counts = view.counts
     if cur.table_totals is not None and cur.table_totals is not t:
@@ -208,9 +212,9 @@ def build_report(cur: Snapshot, prev: Snapshot | None, opts: ReportOptions,
             **{d.name.lower(): summary(t.lifetime(d)) for d in CONNECTION_DIRECTIONS},
         },
         "tracked_sockets": view.tracked,
-        "sockets": [rows[i] for i in shown],
-        "longest_lived": [int(keys[i]) for i in longest_lived],
-        "longest_in_state": [int(keys[i]) for i in longest_in_state],
+        "sockets": [rows[i] for i in shown if i in rows],
+        "longest_lived": [int(keys[i]) for i in longest_lived if i in rows],
+        "longest_in_state": [int(keys[i]) for i in longest_in_state if i in rows],
         "tracer": {
             "map_entries": int(len(socks)),
             "map_capacity": opts.max_sockets,

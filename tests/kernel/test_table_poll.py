@@ -10,6 +10,7 @@ import socket
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 
 from pytracer.kernel.core import Tracer
@@ -105,3 +106,43 @@ def test_counts_read_a_chunk_at_a_time_match_the_connections() -> None:
                 c.close()
                 s.close()
             lst.close()
+
+
+def test_narrow_read_a_chunk_at_a_time_keeps_each_connection_and_reads_shown_ones_whole(monkeypatch) -> None:
+    """The narrow table (what watch's poller and the leak scan keep) against
+    this test's own connections: every socket in it once, with its ports,
+    addresses and state; and a record read again whole by its cookie names
+    this process, as a report's shown rows do."""
+    me = os.getpid()
+    monkeypatch.setattr(poller, "READ_CHUNK", 7)  # many batches, chunks splitting the test's sockets
+    with Tracer(pids=[me]) as t:
+        lst, pairs = _pairs(40)
+        try:
+            for c, _ in pairs[:15]:
+                c.shutdown(socket.SHUT_WR)
+            time.sleep(0.3)
+            snap = poller.snapshot(t, narrow=True)
+            socks = snap.socks
+            assert socks.dtype == poller.NARROW_DTYPE and len(snap.keys) == len(set(snap.keys.tolist()))
+            port = lst.getsockname()[1]
+            mine = (socks["lport"] == port) | (socks["rport"] == port)
+            got = sorted((int(s["lport"]), int(s["rport"]), int(s["state"])) for s in socks[mine])
+            want = sorted([(port, 0, 10)]
+                          + [(c.getsockname()[1], port, 5 if i < 15 else 1) for i, (c, _) in enumerate(pairs)]
+                          + [(port, c.getsockname()[1], 8 if i < 15 else 1) for i, (c, _) in enumerate(pairs)])
+            assert got == want
+            peers = socks["raddr"][mine & (socks["rport"] != 0)]
+            assert all(bytes(a[:4]) == socket.inet_aton("127.0.0.1") for a in peers)
+            i = int(np.flatnonzero(mine & (socks["state"] == 5))[0])  # a client: connect() named its owner
+            whole = snap.record(i)
+            assert whole is not None and whole.dtype == poller.SOCK_DTYPE
+            assert int(whole["owner_tgid"]) == me and int(whole["rport"]) == port and int(whole["state"]) == 5
+            assert bytes(whole["owner_comm"]).split(b"\0")[0] and int(whole["state_ns"]) == int(socks["state_ns"][i])
+        finally:
+            for c, s in pairs:
+                c.close()
+                s.close()
+            lst.close()
+        # Gone sockets: their records are read as None, not as someone else's.
+        time.sleep(0.3)
+        assert snap.record(i) is None
