@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from pytracer.arrays import find_sorted
 from pytracer.inventory import fdscan, sockdiag
 from pytracer.inventory.owners import scan_fds, scope_mask
 from pytracer.inventory.procs import FdScan
@@ -66,9 +67,14 @@ _FIELDS = ("rows", "not_before", "began", "known_since", "accepted")
 @dataclass
 class Rechecks:
     """ESTABLISHED sockets to ask tcp_info again once they could be idle
-    for ``idle_after``: their lookup keys (sockdiag.LOOKUP_DTYPE), that time, and
-    what the table said of their time in state (monotonic seconds the state
-    began if exact, else since when it is known; NaN: neither).
+    for ``idle_after``: which sockets, that time, and what the table said of
+    their time in state (monotonic seconds the state began if exact, else
+    since when it is known; NaN: neither).
+
+    ``rows`` names the sockets by cookie (uint64, 8 bytes each) where the
+    socket table is keyed by cookie: their lookup keys are read from the
+    table when they are due (:func:`due_rows`).  Where it is keyed by
+    pointer, ``rows`` holds whole lookup keys (sockdiag.LOOKUP_DTYPE, 58 bytes).
 
     Kept sorted by ``not_before``, so the due ones are a prefix taken
     without touching the rest; new ones wait in a small unsorted tail that
@@ -121,18 +127,40 @@ class Rechecks:
 
 
 def _concat(a: Rechecks, b: Rechecks) -> Rechecks:
+    # An empty side may name its sockets the other way (Rechecks.empty()).
+    if not len(b.not_before):
+        return a.take(slice(None))
+    if not len(a.not_before):
+        return b.take(slice(None))
     return Rechecks(*(np.concatenate([getattr(a, f), getattr(b, f)]) for f in _FIELDS))
 
 
 def rechecks_of(rows: np.ndarray, est_idx: np.ndarray, hist: dict[str, np.ndarray], exact: np.ndarray,
-                bound: np.ndarray, accepted: np.ndarray, now: float) -> Rechecks:
+                bound: np.ndarray, accepted: np.ndarray, now: float, by_cookie: bool = False) -> Rechecks:
     """The ESTABLISHED rows tcp_info answered for, with their next check
-    (sorted by it).  Each column is taken once, already in order."""
+    (sorted by it).  Each column is taken once, already in order.
+    ``by_cookie``: name them by cookie (the table is keyed by cookie)."""
     nb = hist["not_before"][est_idx]
     idx = est_idx[nb > 0]
     idx = idx[np.argsort(hist["not_before"][idx], kind="stable")]
-    return Rechecks(sockdiag.lookup_keys(rows, idx), hist["not_before"][idx], now - exact[idx], now - bound[idx],
-                    accepted[idx])
+    names = rows["cookie"][idx] if by_cookie else sockdiag.lookup_keys(rows, idx)
+    return Rechecks(names, hist["not_before"][idx], now - exact[idx], now - bound[idx], accepted[idx])
+
+
+def due_rows(r: Rechecks, snap: Snapshot) -> tuple[Rechecks, np.ndarray]:
+    """The due rechecks ``r`` with their lookup keys (sockdiag.LOOKUP_DTYPE),
+    in the same order.  Named by cookie, their keys come from the table; a
+    socket the table no longer has is dropped: it has ended (its record goes
+    with it), or the table never had it, and then the next full scan, which
+    keeps each socket's next check in its history, asks again.  One search of
+    the table's keys in the few due cookies, no sort of the table."""
+    if r.rows.dtype != np.uint64:
+        return r, r.rows
+    order = np.argsort(r.rows, kind="stable")
+    pos, hit = find_sorted(r.rows[order], snap.keys)
+    at = np.flatnonzero(hit)  # table indices of due sockets
+    which, first = np.unique(order[pos[at]], return_index=True)  # a cookie read twice counts once
+    return r.take(which), table_rows(snap, at[first])
 
 
 def table_rows(snap: Snapshot, idx: np.ndarray) -> np.ndarray:
@@ -204,8 +232,8 @@ def scan(sc: Scanner, snap: Snapshot, rep: LeakReport) -> None:
     now, now_ns = time.monotonic(), time.monotonic_ns()
     idx = select(snap, sc, now_ns, sc.prev_scan_ns or now_ns)
     sc.prev_scan_ns = now_ns
-    r = sc.rechecks.pop_due(now)  # answered ones come back below
-    cand = np.concatenate([table_rows(snap, idx), r.rows])
+    r, r_rows = due_rows(sc.rechecks.pop_due(now), snap)  # answered ones come back below
+    cand = np.concatenate([table_rows(snap, idx), r_rows])
     socks = snap.socks[idx]
     age = (now_ns - socks["state_ns"].astype(np.int64)) / 1e9
     seeded = ((socks["flags"] & abi.PT_F_SEEDED) != 0) & (socks["transitions"] == 0)
@@ -265,7 +293,7 @@ def scan(sc: Scanner, snap: Snapshot, rep: LeakReport) -> None:
                              fin_timeout, now, th.idle_after, sc.max_socket_facts, rep.errors,
                              th.idle_recheck_s)
     sc.history.merge(rows, hist)
-    sc.rechecks.add(rechecks_of(rows, est_idx, hist, exact, bound, accepted, now))
+    sc.rechecks.add(rechecks_of(rows, est_idx, hist, exact, bound, accepted, now, sc.rechecks_by_cookie))
     unresolved = [f for f in facts if f.inode and not f.owners]
     if unresolved:
         sc.full_wanted = True

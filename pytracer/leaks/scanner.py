@@ -181,7 +181,7 @@ class Scanner:
             try:
                 from pytracer.table import poll as poller
 
-                snapshot = poller.snapshot(self.tracer)
+                snapshot = poller.snapshot(self.tracer, narrow=True)
             except Exception as exc:
                 rep.errors.append(f"socket table: {exc}")
 
@@ -301,8 +301,8 @@ class Scanner:
             # the scan's peak is the sum of those alive at once.
             queried = rows["cookie"][query]
             del infos, query, stuck_idx, matched, hist["seen"], hist["floor_now"]
-            rechecks = (incremental_scan.rechecks_of(rows, est_idx, hist, exact_s, table_bound_s, accepted, now)
-                        if self.incremental else None)
+            rechecks = (incremental_scan.rechecks_of(rows, est_idx, hist, exact_s, table_bound_s, accepted, now,
+                                                     self.rechecks_by_cookie) if self.incremental else None)
             del exact_s, table_bound_s, accepted, est_idx
             self.history.store(rows, hist)
             self._cookies, self._inodes = self.history.cookies, rows["inode"].copy()
@@ -336,6 +336,12 @@ class Scanner:
 
             rep.flags = ordered(flags) + idle  # idle_established sorts last; the carry keeps its own in order
             rep.processes = summaries
+
+    @property
+    def rechecks_by_cookie(self) -> bool:
+        """Whether rechecks can name their sockets by cookie alone: the
+        candidate scans that take them read a table keyed by cookie."""
+        return self.tracer is not None and not getattr(self.tracer, "key_by_ptr", False)
 
     @property
     def reaped(self) -> int:
