@@ -27,24 +27,38 @@ __all__ = ["SeedResult", "seed"]
 log = logging.getLogger(__name__)
 
 
-def owner_columns(recs: np.ndarray, rows: np.ndarray, owners: procs.SocketOwners, proc: str) -> int:
-    """Fill owner pid, fd, comm and cgroup id from the fd scan; /proc is read
-    once per owning process, not per socket.  Returns sockets with an owner."""
-    pid, fd = owners.first(rows["inode"].astype(np.uint64))
-    has = pid != 0
-    recs["owner_tgid"] = pid.astype(np.uint32)
-    recs["owner_fd"] = fd.astype(np.int32)
-    if not has.any():
-        return 0
-    uniq, inverse = np.unique(pid[has], return_inverse=True)
-    comms = np.zeros(len(uniq), np.dtype("S16"))
-    cgids = np.zeros(len(uniq), np.uint64)
-    for j, p in enumerate(uniq.tolist()):
-        comms[j] = (procs.comm(p, proc) or "").encode()[:15]
-        cgids[j] = procs.cgroup_id(procs.cgroup_raw(p, proc))
-    recs["owner_comm"][has] = comms[inverse].view(np.dtype("S1")).reshape(-1, 16)
-    recs["cgroup_id"][has] = cgids[inverse]
-    return int(has.sum())
+class Owners:
+    """Owner pid, fd, comm and cgroup id of inventory rows, from the fd scan.
+    /proc is read once per owning process, however many chunks ask."""
+
+    def __init__(self, rows: np.ndarray, owners: procs.SocketOwners, proc: str) -> None:
+        pid, fd = owners.first(rows["inode"].astype(np.uint64))
+        self.pid, self.fd = pid.astype(np.uint32), fd.astype(np.int32)
+        self.proc = proc
+        self._facts: dict[int, tuple[bytes, int]] = {}
+
+    @property
+    def found(self) -> int:
+        return int(np.count_nonzero(self.pid))
+
+    def fill(self, recs: np.ndarray, idx: np.ndarray) -> None:
+        """The owner columns of ``recs``, the records of rows ``idx``."""
+        pid = self.pid[idx]
+        recs["owner_tgid"] = pid
+        recs["owner_fd"] = self.fd[idx]
+        has = pid != 0
+        if not has.any():
+            return
+        uniq, inverse = np.unique(pid[has], return_inverse=True)
+        comms = np.zeros(len(uniq), np.dtype("S16"))
+        cgids = np.zeros(len(uniq), np.uint64)
+        for j, p in enumerate(uniq.tolist()):
+            if p not in self._facts:
+                self._facts[p] = ((procs.comm(p, self.proc) or "").encode()[:15],
+                                  procs.cgroup_id(procs.cgroup_raw(p, self.proc)))
+            comms[j], cgids[j] = self._facts[p]
+        recs["owner_comm"][has] = comms[inverse].view(np.dtype("S1")).reshape(-1, 16)
+        recs["cgroup_id"][has] = cgids[inverse]
 
 
 def seed(tracer: Any, pids: Iterable[int] | None = None, proc: str = procs.PROC) -> SeedResult:
@@ -56,9 +70,10 @@ def seed(tracer: Any, pids: Iterable[int] | None = None, proc: str = procs.PROC)
     reads "at least"), the owner found in /proc, and the inode.  A record
     the kernel created meanwhile wins (see :func:`pytracer.table.writer.insert_new`).
 
-    The records are built as one numpy array and go in with one
-    BPF_MAP_UPDATE_BATCH; each element that fails (table full) is counted
-    and the batch carries on after it.
+    The records are built and written a chunk at a time
+    (:data:`pytracer.table.writer.SEED_CHUNK`, one BPF_MAP_UPDATE_BATCH
+    each), so seeding never holds every socket's whole record; each element
+    that fails (table full) is counted and the batch carries on after it.
     """
     res = SeedResult()
     t0 = time.perf_counter()
@@ -91,14 +106,20 @@ def seed(tracer: Any, pids: Iterable[int] | None = None, proc: str = procs.PROC)
             if not mask.all():
                 rows = rows[mask]
             del mask
-            recs = writer.seed_records(rows, seen_ns)
-            res.with_owner = owner_columns(recs, rows, fds.sockets, proc)
+            owners = Owners(rows, fds.sockets, proc)
+            res.with_owner = owners.found
             del fds
             if by_ptr:
-                res.listeners = writer.seed_listeners(tracer, rows, recs, res)
+                res.listeners = writer.seed_listeners(tracer, rows, owners.pid, res)
                 res.seconds = round(time.perf_counter() - t0, 6)
                 return res
-            writer.write_seeded(tracer, sess, states, rows, recs, res)
+
+            def records(idx: np.ndarray) -> np.ndarray:
+                recs = writer.seed_records(rows[idx], seen_ns)
+                owners.fill(recs, idx)
+                return recs
+
+            writer.write_seeded(tracer, sess, states, rows, records, owners.pid, res)
     except Exception as exc:  # seeding is best effort: the scan finds these sockets anyway
         log.warning("seeding pre-existing sockets failed: %s", exc)
         res.errors.append(f"seeding: {type(exc).__name__}: {exc}")

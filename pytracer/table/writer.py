@@ -28,7 +28,7 @@ import os
 import struct
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import numpy as np
 
@@ -47,6 +47,8 @@ BPF_EXIST = 2
 # timewait: seeding them would leave records nobody deletes.
 SEED_STATES = (S.ESTABLISHED, S.SYN_SENT, S.SYN_RECV, S.FIN_WAIT1, S.FIN_WAIT2, S.CLOSE_WAIT, S.LAST_ACK, S.LISTEN,
                S.CLOSING)
+# Seeded records built and written per batch: ~1.2 MB of whole records at a time.
+SEED_CHUNK = 8192
 
 
 class Redump(Protocol):
@@ -132,18 +134,19 @@ def add_listener(tracer: Any, netns_ino: int, port: int, family: int, tgid: int)
     return True
 
 
-def seed_listeners(tracer: Any, rows: np.ndarray, recs: np.ndarray, res: SeedResult) -> int:
-    """Name pre-existing listeners' owners in the kernel's "listeners" map, so
-    children born after start are attributed to them (and counted under --pid)."""
+def seed_listeners(tracer: Any, rows: np.ndarray, owner: np.ndarray, res: SeedResult) -> int:
+    """Name pre-existing listeners' owners (``owner``: a pid per row, 0 when
+    unknown) in the kernel's "listeners" map, so children born after start
+    are attributed to them (and counted under --pid)."""
     try:
         tracer.map("listeners")
     except Exception:  # an object or backend without the map
         return 0
     n = 0
-    for i in np.flatnonzero((rows["state"] == int(S.LISTEN)) & (recs["owner_tgid"] != 0)).tolist():
+    for i in np.flatnonzero((rows["state"] == int(S.LISTEN)) & (owner != 0)).tolist():
         try:
             if add_listener(tracer, int(rows["netns"][i]), int(rows["lport"][i]), int(rows["family"][i]),
-                            int(recs["owner_tgid"][i])):
+                            int(owner[i])):
                 n += 1
         except LibbpfError as exc:
             if len(res.errors) < 10:
@@ -182,7 +185,8 @@ def midlife_count(tracer: Any) -> int | None:
         return None
 
 
-def insert_new(tracer: Any, socks: Any, keys: np.ndarray, recs: np.ndarray, res: SeedResult) -> np.ndarray:
+def insert_new(tracer: Any, socks: Any, keys: np.ndarray, states: np.ndarray,
+               records: Callable[[np.ndarray], np.ndarray], res: SeedResult) -> np.ndarray:
     """Insert the records whose keys the kernel does not have yet, never
     overwriting one the kernel made; returns which went in.
 
@@ -197,29 +201,30 @@ def insert_new(tracer: Any, socks: Any, keys: np.ndarray, recs: np.ndarray, res:
     BPF_NOEXIST.  An unchanged counter then proves nothing was overwritten;
     when it moved, :func:`repair` checks the seeded records against a
     fresh dump.
+
+    ``states`` are the sockets' states; ``records(idx)`` builds the records
+    of keys ``idx`` (SOCK_DTYPE), asked SEED_CHUNK at a time.
     """
     before = midlife_count(tracer)
-    existing, _ = poll.read_socks(tracer)
+    existing, _ = poll.read_socks(tracer, narrow=True)
     have = np.isin(keys, existing)
     del existing
     res.existed = int(have.sum())
-    one_by_one = ~have & (recs["state"] == int(S.SYN_RECV))
+    one_by_one = ~have & (states == int(S.SYN_RECV))
     todo = np.flatnonzero(~have & ~one_by_one)
     ok = np.zeros(len(keys), dtype=bool)
     errs: list[int] = []
-    if len(todo) == len(keys):
-        k, v = keys, recs
-    else:
-        k, v = np.ascontiguousarray(keys[todo]), np.ascontiguousarray(recs[todo])
-    _, failures = socks.update_batch(k, v, len(todo))
-    ok[todo] = True
-    for j, err in failures:
-        ok[todo[j]] = False
-        errs.append(err)
+    for at in range(0, len(todo), SEED_CHUNK):
+        part = todo[at : at + SEED_CHUNK]
+        _, failures = socks.update_batch(np.ascontiguousarray(keys[part]), records(part), len(part))
+        ok[part] = True
+        for j, err in failures:
+            ok[part[j]] = False
+            errs.append(err)
     after = midlife_count(tracer)
     for i in np.flatnonzero(one_by_one).tolist():
         try:
-            socks.update(keys[i].tobytes(), recs[i].tobytes(), BPF_NOEXIST)
+            socks.update(keys[i].tobytes(), records(np.array([i]))[0].tobytes(), BPF_NOEXIST)
             ok[i] = True
         except LibbpfError as exc:
             if exc.errno == errno.EEXIST:
@@ -245,7 +250,7 @@ def _untouched_seeded(socks: Any, key: bytes) -> np.ndarray | None:
     return rec
 
 
-def repair(socks: Any, keys: np.ndarray, recs: np.ndarray, ok: np.ndarray, live: np.ndarray,
+def repair(socks: Any, keys: np.ndarray, states: np.ndarray, ok: np.ndarray, live: np.ndarray,
            res: SeedResult) -> None:
     """The kernel saw sockets change state while we seeded (see
     :func:`insert_new`): a seeded record that is still untouched but whose
@@ -258,7 +263,7 @@ def repair(socks: Any, keys: np.ndarray, recs: np.ndarray, ok: np.ndarray, live:
     pos = np.minimum(np.searchsorted(lk, keys), len(lk) - 1)
     found = ok & (lk[pos] == keys)
     now_state = live["state"][order][pos]
-    for i in np.flatnonzero(found & (now_state != recs["state"])).tolist():
+    for i in np.flatnonzero(found & (now_state != states)).tolist():
         key = _cookie_key(int(keys[i]))
         seeded = _untouched_seeded(socks, key)
         if seeded is None:
@@ -273,23 +278,24 @@ def repair(socks: Any, keys: np.ndarray, recs: np.ndarray, ok: np.ndarray, live:
             continue
 
 
-def write_seeded(tracer: Any, sess: Redump, states: int, rows: np.ndarray, recs: np.ndarray,
-                 res: SeedResult) -> None:
-    """Put the seeded records ``recs`` (one per inventory row) into the
-    table, then the listeners' owners; with a fresh look through ``sess``,
-    repair what changed state meanwhile and take back the records of
-    sockets destroyed between the dump and their insert."""
+def write_seeded(tracer: Any, sess: Redump, states: int, rows: np.ndarray,
+                 records: Callable[[np.ndarray], np.ndarray], owner: np.ndarray, res: SeedResult) -> None:
+    """Put the seeded records of the inventory ``rows`` (``records(idx)``
+    builds those of rows ``idx``; ``owner``: each row's owner pid or 0) into
+    the table, then the listeners' owners; with a fresh look through
+    ``sess``, repair what changed state meanwhile and take back the records
+    of sockets destroyed between the dump and their insert."""
     socks = tracer.map("socks")
     keys = np.ascontiguousarray(rows["cookie"], dtype=np.uint64)
-    ok = insert_new(tracer, socks, keys, recs, res)
+    ok = insert_new(tracer, socks, keys, rows["state"], records, res)
     counts = np.bincount(rows["state"][ok], minlength=abi.PT_STATES)
     res.by_state = {TcpState.name_of(st): int(n) for st, n in enumerate(counts) if n}
     res.seeded = int(ok.sum())
-    res.listeners = seed_listeners(tracer, rows, recs, res)
+    res.listeners = seed_listeners(tracer, rows, owner, res)
     if not res.seeded:
         return
     if res.midlife_during:
-        repair(socks, keys, recs, ok, sess.dump(states=states).rows, res)
+        repair(socks, keys, rows["state"], ok, sess.dump(states=states).rows, res)
     try:
         live = sess.cookies(states=states)
     except OSError as exc:

@@ -216,9 +216,13 @@ def test_idle_keepalive_flagged_busy_not(leak_tracer: Any, leak_net: LeakNet, sp
 
 
 @pytest.mark.parametrize("leak_net", NETS, indirect=True)
-def test_preexisting_sockets_found_with_owner(leak_net: LeakNet, spawn: Any) -> None:
+def test_preexisting_sockets_found_with_owner(leak_net: LeakNet, spawn: Any, monkeypatch: Any) -> None:
     from pytracer.kernel.core import Tracer
+    from pytracer.table import writer
 
+    # Records are built and written a few at a time: this scenario's sockets
+    # (and the host's) span many chunks, and owners are named across them.
+    monkeypatch.setattr(writer, "SEED_CHUNK", 3)
     net = leak_net
     srv = spawn(server_argv("hold", net.server_host), net.server_ns, "server")
     port = srv.expect("listening")["port"]
