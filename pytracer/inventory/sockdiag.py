@@ -60,6 +60,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
+from pytracer.arrays import find_sorted
 from pytracer.format import AF_INET, AF_INET6
 from pytracer.inventory.procs import NetnsRef
 from pytracer.kernel.environment import NETNS_NOTE, say_once
@@ -131,6 +132,7 @@ _RTATTR = struct.Struct("=HH")
 _REQ_ID_OFFSET = 16 + 8  # nlmsghdr + family/protocol/ext/pad/states
 _BATCH = 32  # exact lookups per send()
 MAX_ROWS = 4_000_000  # bound on one dump
+FIRST_ROWS = 16_384  # a dump's first mapping (Rows), doubled as it fills
 
 
 class SockDiagError(OSError):
@@ -306,29 +308,32 @@ def parse_dump(buf: bytes, seq: int | None = None) -> tuple[np.ndarray, bool, in
 
 
 class Rows:
-    """An array filled a datagram at a time, in an anonymous mapping sized
-    for ``capacity`` rows: the kernel backs only the pages written, so a
-    dump holds its rows once (not its parts and their concatenation too),
-    and never copies or zero-fills what it has not reached."""
+    """An array filled a datagram at a time, in an anonymous mapping that
+    starts at ``capacity`` rows and doubles in place (mremap: the kernel moves
+    the pages, nothing is copied): a dump holds its rows once (not its parts
+    and their concatenation too), the kernel backs only the pages written,
+    and the address space reserved is at most twice the rows (a host with
+    strict overcommit accounting is charged for what a dump can use)."""
 
-    def __init__(self, dtype: np.dtype, capacity: int = MAX_ROWS) -> None:
+    def __init__(self, dtype: np.dtype, capacity: int = FIRST_ROWS) -> None:
         self._dtype = np.dtype(dtype)
-        self._buf = self._map(max(1, capacity))
+        self._cap = max(1, capacity)
+        self._mm: mmap.mmap | None = mmap.mmap(-1, self._cap * self._dtype.itemsize, flags=mmap.MAP_PRIVATE)
         self._n = 0
-
-    def _map(self, rows: int) -> np.ndarray:
-        return np.frombuffer(mmap.mmap(-1, rows * self._dtype.itemsize, flags=mmap.MAP_PRIVATE), self._dtype)
 
     def __len__(self) -> int:
         return self._n
 
     def append(self, part: np.ndarray) -> None:
+        if self._mm is None:
+            raise ValueError("Rows.append after take()")
         end = self._n + len(part)
-        if end > len(self._buf):  # past the capacity: a bigger mapping (bounded by the callers' max_rows)
-            bigger = self._map(max(end, 2 * len(self._buf)))
-            bigger[: self._n] = self._buf[: self._n]
-            self._buf = bigger
-        self._buf[self._n : end] = part
+        if end > self._cap:  # bounded by the callers' max_rows
+            self._cap = max(end, 2 * self._cap)
+            self._mm.resize(self._cap * self._dtype.itemsize)  # no view of the mapping is alive here
+        view = np.frombuffer(self._mm, self._dtype, count=end)
+        view[self._n : end] = part
+        del view
         self._n = end
 
     def truncate(self, n: int) -> None:
@@ -336,8 +341,9 @@ class Rows:
 
     def take(self) -> np.ndarray:
         """The rows (a view that keeps the mapping); the object is empty after."""
-        out = self._buf[: self._n]
-        self._buf, self._n = np.zeros(0, self._dtype), 0
+        out = np.frombuffer(self._mm, self._dtype, count=self._n) if self._mm is not None else \
+            np.zeros(0, self._dtype)
+        self._mm, self._n, self._cap = None, 0, 0
         return out
 
 
@@ -522,11 +528,7 @@ class TcpInfoTable(Mapping):
 
     def _pos(self, cookies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         keys = self._arrays()[0]
-        cookies = np.asarray(cookies, dtype=np.uint64)
-        if not len(keys):
-            return np.zeros(len(cookies), np.intp), np.zeros(len(cookies), bool)
-        pos = np.minimum(np.searchsorted(keys, cookies), len(keys) - 1)
-        return pos, keys[pos] == cookies
+        return find_sorted(keys, np.asarray(cookies, dtype=np.uint64))
 
     def idle_ms(self, cookies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(found, ms without data either way) for each cookie."""
@@ -539,8 +541,8 @@ class TcpInfoTable(Mapping):
             keys = np.frombuffer(self._brief_cookies, np.uint64)
             order = np.argsort(keys, kind="stable")
             keys = keys[order]
-            bpos = np.minimum(np.searchsorted(keys, cookies), len(keys) - 1)
-            bfound = ~found & (keys[bpos] == cookies)
+            bpos, bhit = find_sorted(keys, cookies)
+            bfound = ~found & bhit
             idle[bfound] = np.frombuffer(self._brief_idle, np.uint32)[order][bpos[bfound]]
             found = found | bfound
         return found, idle
@@ -1044,8 +1046,7 @@ def parse_info_dump(buf: bytes, seq: int, wanted: set[int] | np.ndarray, into: T
         if not len(wanted) or not found:
             return out, done, err
         cookies = np.fromiter((c for _, _, c in found), np.uint64, len(found))
-        pos = np.minimum(np.searchsorted(wanted, cookies), len(wanted) - 1)
-        found = [m for m, hit in zip(found, (wanted[pos] == cookies).tolist()) if hit]
+        found = [m for m, hit in zip(found, find_sorted(wanted, cookies)[1].tolist()) if hit]
     else:
         found = [m for m in found if m[2] in wanted]
     for moff, length, cookie in found:

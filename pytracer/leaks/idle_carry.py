@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from pytracer.arrays import find_sorted
 from pytracer.kernel.tcp_states import TcpState
 from pytracer.leaks.detectors import Flag, ordered
 
@@ -104,6 +105,5 @@ class IdleCarry:
 def _positions(keys: np.ndarray, cookies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(found, index into ``keys``) of each cookie; ``keys`` unsorted."""
     order = np.argsort(keys, kind="stable")
-    pos = np.minimum(np.searchsorted(keys, cookies, sorter=order), len(keys) - 1)
-    at = order[pos]
-    return keys[at] == cookies, at
+    pos, found = find_sorted(keys[order], cookies)
+    return found, order[pos] if len(order) else pos

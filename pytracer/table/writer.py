@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import numpy as np
 
+from pytracer.arrays import find_sorted
 from pytracer.kernel import abi
 from pytracer.kernel.libbpf import LibbpfError
 from pytracer.kernel.tcp_states import TcpState
@@ -260,8 +261,8 @@ def repair(socks: Any, keys: np.ndarray, states: np.ndarray, ok: np.ndarray, liv
     lk = live["cookie"][order]
     if not len(lk):
         return
-    pos = np.minimum(np.searchsorted(lk, keys), len(lk) - 1)
-    found = ok & (lk[pos] == keys)
+    pos, hit = find_sorted(lk, keys)
+    found = ok & hit
     now_state = live["state"][order][pos]
     for i in np.flatnonzero(found & (now_state != states)).tolist():
         key = _cookie_key(int(keys[i]))
