@@ -101,11 +101,15 @@ class History:
             for name, _ in _HISTORY:
                 self._hist[name] = np.insert(self._hist[name], at, hist[name][order][new])
 
-    def store(self, rows: np.ndarray, hist: dict[str, np.ndarray]) -> None:
+    def store(self, rows: np.ndarray, hist: dict[str, np.ndarray], keep: np.ndarray | None = None) -> None:
         """Replace the whole history with ``hist``, aligned with ``rows``
-        (a full scan's every socket).  Rows sorted by cookie (see
-        :func:`sort_by_cookie`) hand their history arrays over as they are,
-        with no copy: the caller must not write to them afterwards."""
+        (a full scan's every socket), or with the rows ``keep`` (a mask)
+        only.  Rows sorted by cookie (see :func:`sort_by_cookie`) hand their
+        history arrays over as they are, with no copy (kept rows: one copy
+        of them): the caller must not write to them afterwards."""
+        if keep is not None and not keep.all():
+            rows = rows[keep]
+            hist = {name: hist[name][keep] for name, _ in _HISTORY}
         cookie = rows["cookie"]
         if not is_sorted(cookie):
             order = np.argsort(cookie, kind="stable")
@@ -114,6 +118,13 @@ class History:
             return
         self._cookie, self._state = cookie.copy(), rows["state"].copy()
         self._hist = {name: hist[name] for name, _ in _HISTORY}
+
+
+def remembered(rows: np.ndarray) -> np.ndarray:
+    """The rows a History keeps between scans: every socket but TIME_WAIT
+    and request minisockets, which no detector judges one by one (a host
+    in a connection storm holds hundreds of thousands of them)."""
+    return (rows["state"] != int(S.TIME_WAIT)) & (rows["state"] != int(S.NEW_SYN_RECV))
 
 
 def sort_by_cookie(rows: np.ndarray) -> np.ndarray:

@@ -304,8 +304,10 @@ class Scanner:
             rechecks = (incremental_scan.rechecks_of(rows, est_idx, hist, exact_s, table_bound_s, accepted, now,
                                                      self.rechecks_by_cookie) if self.incremental else None)
             del exact_s, table_bound_s, accepted, est_idx
-            self.history.store(rows, hist)
-            self._cookies, self._inodes = self.history.cookies, rows["inode"].copy()
+            kept = joins.remembered(rows)
+            self.history.store(rows, hist, kept)
+            self._cookies, self._inodes = self.history.cookies, rows["inode"][kept]
+            del kept
             del hist
 
             # Processes: who holds TCP sockets (or the --pid set).

@@ -278,6 +278,23 @@ def test_history_hands_over_sorted_rows_and_keeps_the_largest_floor() -> None:
     assert h.cookies.tolist() == [10, 20, 30, 40]
 
 
+def test_history_forgets_time_wait_and_request_minisockets() -> None:
+    from pytracer.leaks import facts
+
+    rows = np.zeros(5, sockdiag.INV_DTYPE)
+    rows["cookie"] = [10, 20, 30, 40, 50]
+    rows["state"] = [1, 6, 8, 12, 6]  # ESTABLISHED, TIME_WAIT, CLOSE_WAIT, NEW_SYN_RECV, TIME_WAIT
+    h = facts.History()
+    hist = h.carry(rows, now=100.0)
+    kept = facts.remembered(rows)
+    assert kept.tolist() == [True, False, True, False, False]
+    h.store(rows, hist, kept)
+    assert h.cookies.tolist() == [10, 30]
+    later = h.carry(rows, now=104.0)
+    # Kept sockets carry their sighting; minisockets start afresh each full scan.
+    assert later["seen"][[0, 2]].tolist() == [4.0, 4.0] and np.isnan(later["seen"][[1, 3, 4]]).all()
+
+
 def test_reaper_membership_sorted_or_not() -> None:
     from pytracer.leaks.reaper import _listed
 
