@@ -105,8 +105,10 @@ class RecordedSession:
     def __exit__(self, *exc: object) -> None:
         pass
 
-    def dump(self, states: int = sockdiag.ALL_STATES) -> sockdiag.Inventory:
+    def dump(self, states: int = sockdiag.ALL_STATES, fields: tuple[str, ...] | None = None) -> sockdiag.Inventory:
         rows = ROWS[((1 << ROWS["state"].astype(np.int64)) & states) != 0]
+        if fields is not None:
+            rows = np.array(rows[list(fields)], np.dtype([(f, sockdiag.INV_DTYPE.fields[f][0]) for f in fields]))
         info = sockdiag.NetnsInfo(NS, "netns recorded", "/nonexistent", port_range=(32768, 60999), fin_timeout=60,
                                   tw_reuse=2)
         return sockdiag.Inventory(rows=rows, netns={NS: info})
