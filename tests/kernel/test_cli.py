@@ -85,8 +85,11 @@ def test_pid_filter_shows_only_those_processes(procs: Any) -> None:
     for s in (s1, s2):
         s.send()
     p1, p2 = s1.expect("listening")["port"], s2.expect("listening")["port"]
-    c1 = procs("client", "127.0.0.1", p1, "2.0")
-    c2 = procs("client", "127.0.0.1", p2, "2.0")
+    # Held well past the watch: a report shows live sockets only (its shown
+    # rows are read again at the report), and under emulation the last report
+    # can come seconds after the clients connected.
+    c1 = procs("client", "127.0.0.1", p1, "8.0")
+    c2 = procs("client", "127.0.0.1", p2, "8.0")
     watch = start_watch("--interval", "0.5", "--duration", "1.6", "--pid", str(s1.pid), "--pid", str(c1.pid))
     c1.send()
     c2.send()
