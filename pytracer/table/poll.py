@@ -7,7 +7,10 @@ comes from :class:`pytracer.kernel.abi.PtSock`.
 A poll loop keeps one :class:`SockBuffers`: the kernel then writes the table
 straight into arrays sized for the map's capacity, allocated once, and a
 whole read is one batch call with no copy in Python.  Only the pages the
-table fills are resident.
+table fills are resident.  The views and the leak scans read it *narrow*
+instead (:data:`NARROW_DTYPE`, 80 of a record's 152 bytes), a chunk of
+:data:`READ_CHUNK` records at a time, and read the few records they show
+again whole (:meth:`Snapshot.record`).
 
 The aggregates cost the same at 10 or 1M sockets; the table costs in
 proportion to its records (~40 ms at 100k here).  :class:`TablePoller` reads
