@@ -5,6 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 
+def fields_of(dtype: np.dtype, names: tuple[str, ...] | list[str], align: bool = False) -> np.dtype:
+    """A structured dtype of some of ``dtype``'s fields, in ``names``' order
+    (a whole array of it takes them by position: ``out[:] = a[list(names)]``)."""
+    return np.dtype([(n, dtype.fields[n][0]) for n in names], align=align)
+
+
 def is_sorted(a: np.ndarray) -> bool:
     """Ascending (ties allowed)."""
     return len(a) < 2 or bool(np.all(a[1:] >= a[:-1]))

@@ -60,7 +60,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
-from pytracer.arrays import find_sorted
+from pytracer.arrays import fields_of, find_sorted
 from pytracer.format import AF_INET, AF_INET6
 from pytracer.inventory.procs import NetnsRef
 from pytracer.kernel.environment import NETNS_NOTE, say_once
@@ -232,7 +232,7 @@ INV_DTYPE = np.dtype(
 # What finds a socket again by exact lookup (:meth:`Session.lookup`,
 # :meth:`Session.tcp_info`): the key columns of INV_DTYPE, packed (58 bytes).
 LOOKUP_FIELDS = ("cookie", "netns", "family", "state", "lport", "rport", "laddr", "raddr", "ifindex")
-LOOKUP_DTYPE = np.dtype([(n, INV_DTYPE.fields[n][0]) for n in LOOKUP_FIELDS])
+LOOKUP_DTYPE = fields_of(INV_DTYPE, LOOKUP_FIELDS)
 
 
 def lookup_keys(rows: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -841,16 +841,12 @@ class Session:
         datagram's rows are narrowed as they come, so the whole rows are
         never all held)."""
         t0 = time.perf_counter()
-        if fields is None:
-            rows = Rows(INV_DTYPE)
+        rows = Rows(INV_DTYPE if fields is None else fields_of(INV_DTYPE, fields))
 
-            def convert(msgs: np.ndarray, ino: int) -> np.ndarray:
-                return to_inventory(msgs, ino)
-        else:
-            rows = Rows(np.dtype([(f, INV_DTYPE.fields[f][0]) for f in fields]))
+        def convert(msgs: np.ndarray, ino: int) -> np.ndarray:
+            inv = to_inventory(msgs, ino)
+            return inv if fields is None else inv[list(fields)]  # by position, in ``fields``' order
 
-            def convert(msgs: np.ndarray, ino: int) -> np.ndarray:
-                return to_inventory(msgs, ino)[list(fields)]  # by position, in ``fields``' order
         errors = list(self.errors)
         for ino, sock in self.socks.items():
             for fam in families:

@@ -30,6 +30,7 @@ from typing import Protocol
 
 import numpy as np
 
+from pytracer.arrays import fields_of
 from pytracer.kernel import abi
 from pytracer.kernel.abi import Stat
 from pytracer.kernel.histogram import Histogram
@@ -43,7 +44,7 @@ SLOT_DTYPE = np.dtype([("key", np.uint64), ("rec", SOCK_DTYPE)])
 # records a report shows are read again whole, by cookie (Snapshot.record).
 NARROW_FIELDS = ("birth_ns", "state_ns", "laddr", "raddr", "netns_ino", "owner_tgid", "listener_tgid",
                  "transitions", "family", "lport", "rport", "state", "direction", "flags", "counted", "accepted")
-NARROW_DTYPE = np.dtype([(f, SOCK_DTYPE.fields[f][0]) for f in NARROW_FIELDS], align=True)
+NARROW_DTYPE = fields_of(SOCK_DTYPE, NARROW_FIELDS, align=True)
 READ_CHUNK = 4096  # records per batch of a chunked read (~0.6 MB of whole records)
 _AGG_WORDS = ctypes.sizeof(abi.PtAgg) // 8
 _HIST_WORDS = abi.PT_HIST_SLOTS + 1

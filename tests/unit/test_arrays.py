@@ -15,3 +15,17 @@ def test_find_sorted_and_is_sorted() -> None:
     pos, hit = find_sorted(np.zeros(0, np.uint64), np.array([1, 2], np.uint64))
     assert pos.tolist() == [0, 0] and not hit.any()
     assert is_sorted(keys) and is_sorted(keys[:0]) and not is_sorted(keys[::-1])
+
+
+def test_fields_of_keeps_the_named_fields_in_order_and_takes_them_by_position() -> None:
+    from pytracer.arrays import fields_of
+
+    whole = np.dtype([("a", "u8"), ("b", "u1"), ("c", "u2", (2,)), ("d", "i4")])
+    narrow = fields_of(whole, ("d", "b"))
+    assert narrow.names == ("d", "b") and narrow.itemsize == 5
+    assert fields_of(whole, ("b", "a"), align=True).itemsize == 16
+    src = np.zeros(3, whole)
+    src["b"], src["d"] = [1, 2, 3], [-1, -2, -3]
+    out = np.empty(3, narrow)
+    out[:] = src[["d", "b"]]
+    assert out["d"].tolist() == [-1, -2, -3] and out["b"].tolist() == [1, 2, 3]

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from pytracer.arrays import fields_of
 from pytracer.inventory import procs, sockdiag
 from pytracer.kernel import abi
 from pytracer.kernel.tcp_states import TcpState
@@ -108,7 +109,7 @@ class RecordedSession:
     def dump(self, states: int = sockdiag.ALL_STATES, fields: tuple[str, ...] | None = None) -> sockdiag.Inventory:
         rows = ROWS[((1 << ROWS["state"].astype(np.int64)) & states) != 0]
         if fields is not None:
-            rows = np.array(rows[list(fields)], np.dtype([(f, sockdiag.INV_DTYPE.fields[f][0]) for f in fields]))
+            rows = np.array(rows[list(fields)], fields_of(sockdiag.INV_DTYPE, fields))
         info = sockdiag.NetnsInfo(NS, "netns recorded", "/nonexistent", port_range=(32768, 60999), fin_timeout=60,
                                   tw_reuse=2)
         return sockdiag.Inventory(rows=rows, netns={NS: info})
