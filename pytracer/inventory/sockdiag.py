@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import mmap
 import os
 import socket
 import struct
@@ -60,7 +59,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
-from pytracer.arrays import fields_of, find_sorted
+from pytracer.arrays import Rows, fields_of, find_sorted
 from pytracer.format import AF_INET, AF_INET6
 from pytracer.inventory.procs import NetnsRef
 from pytracer.kernel.environment import NETNS_NOTE, say_once
@@ -132,7 +131,6 @@ _RTATTR = struct.Struct("=HH")
 _REQ_ID_OFFSET = 16 + 8  # nlmsghdr + family/protocol/ext/pad/states
 _BATCH = 32  # exact lookups per send()
 MAX_ROWS = 4_000_000  # bound on one dump
-FIRST_ROWS = 16_384  # a dump's first mapping (Rows), doubled as it fills
 
 
 class SockDiagError(OSError):
@@ -305,46 +303,6 @@ def parse_dump(buf: bytes, seq: int | None = None) -> tuple[np.ndarray, bool, in
     if not runs:
         return np.zeros(0, MSG_DTYPE), done, err
     return np.concatenate(runs), done, err
-
-
-class Rows:
-    """An array filled a datagram at a time, in an anonymous mapping that
-    starts at ``capacity`` rows and doubles in place (mremap: the kernel moves
-    the pages, nothing is copied): a dump holds its rows once (not its parts
-    and their concatenation too), the kernel backs only the pages written,
-    and the address space reserved is at most twice the rows (a host with
-    strict overcommit accounting is charged for what a dump can use)."""
-
-    def __init__(self, dtype: np.dtype, capacity: int = FIRST_ROWS) -> None:
-        self._dtype = np.dtype(dtype)
-        self._cap = max(1, capacity)
-        self._mm: mmap.mmap | None = mmap.mmap(-1, self._cap * self._dtype.itemsize, flags=mmap.MAP_PRIVATE)
-        self._n = 0
-
-    def __len__(self) -> int:
-        return self._n
-
-    def append(self, part: np.ndarray) -> None:
-        if self._mm is None:
-            raise ValueError("Rows.append after take()")
-        end = self._n + len(part)
-        if end > self._cap:  # bounded by the callers' max_rows
-            self._cap = max(end, 2 * self._cap)
-            self._mm.resize(self._cap * self._dtype.itemsize)  # no view of the mapping is alive here
-        view = np.frombuffer(self._mm, self._dtype, count=end)
-        view[self._n : end] = part
-        del view
-        self._n = end
-
-    def truncate(self, n: int) -> None:
-        self._n = min(self._n, n)
-
-    def take(self) -> np.ndarray:
-        """The rows (a view that keeps the mapping); the object is empty after."""
-        out = np.frombuffer(self._mm, self._dtype, count=self._n) if self._mm is not None else \
-            np.zeros(0, self._dtype)
-        self._mm, self._n, self._cap = None, 0, 0
-        return out
 
 
 def _cookies_of(msgs: np.ndarray) -> np.ndarray:

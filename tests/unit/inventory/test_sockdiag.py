@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pytracer import arrays
 from pytracer.inventory import sockdiag
 from pytracer.kernel.tcp_states import TcpState
 
@@ -187,7 +188,7 @@ def test_tcp_info_table_answers_like_decode() -> None:
 
 
 def test_rows_grow_past_their_capacity_and_truncate() -> None:
-    rows = sockdiag.Rows(np.dtype(np.uint64), capacity=3)
+    rows = arrays.Rows(np.dtype(np.uint64), capacity=3)
     rows.append(np.arange(2, dtype=np.uint64))
     rows.append(np.arange(10, 15, dtype=np.uint64))  # past the capacity: a bigger mapping, rows kept
     assert len(rows) == 7
@@ -196,4 +197,4 @@ def test_rows_grow_past_their_capacity_and_truncate() -> None:
     out = rows.take()
     assert out.tolist() == [0, 1, 10, 11, 99] and len(rows) == 0
     out.sort()  # the rows are the caller's, writable
-    assert sockdiag.Rows(sockdiag.INV_DTYPE).take().dtype == sockdiag.INV_DTYPE
+    assert arrays.Rows(sockdiag.INV_DTYPE).take().dtype == sockdiag.INV_DTYPE
