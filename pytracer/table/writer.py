@@ -55,7 +55,7 @@ SEED_CHUNK = 8192
 class Redump(Protocol):
     """What :func:`write_seeded` asks again after inserting (a sock_diag Session)."""
 
-    def dump(self, *, states: int) -> Any: ...
+    def dump(self, *, states: int, fields: tuple[str, ...] | None = None) -> Any: ...
 
     def cookies(self, *, states: int) -> np.ndarray: ...
 
@@ -296,7 +296,7 @@ def write_seeded(tracer: Any, sess: Redump, states: int, rows: np.ndarray,
     if not res.seeded:
         return
     if res.midlife_during:
-        repair(socks, keys, rows["state"], ok, sess.dump(states=states).rows, res)
+        repair(socks, keys, rows["state"], ok, sess.dump(states=states, fields=("cookie", "state")).rows, res)
     try:
         live = sess.cookies(states=states)
     except OSError as exc:
