@@ -157,28 +157,29 @@ tracepoint:tcp:tcp_destroy_sock /@live[args->skaddr]/ {
 }
 END { print(@where); clear(@where); print(@live); clear(@live); }
 """
+
+
 def stop_bpftrace(p: subprocess.Popen, wait_s: float) -> str:
     """Stop a bpftrace oracle the way that lets it print its maps, and say how
-    it went: "SIGINT", "SIGINT twice", "SIGTERM" or "killed" (no END output).
+    it went: "SIGINT", "SIGINT twice", "SIGTERM", "killed" (no END output),
+    or "exited" (it had stopped already).
 
     A second SIGINT covers a first one that found no handler yet; SIGTERM runs
     the same exit path; a kill is the last resort.  Each step waits a share of
     ``wait_s``, so a slow detach under emulation still gets most of it."""
+    if p.poll() is not None:
+        return "exited"
     for sig, share, how in ((signal.SIGINT, 0.6, "SIGINT"), (signal.SIGINT, 0.2, "SIGINT twice"),
                             (signal.SIGTERM, 0.2, "SIGTERM")):
-        if p.poll() is not None:
-            break
-        p.send_signal(sig)
+        p.send_signal(sig)  # a no-op once it has exited
         try:
             p.wait(timeout=wait_s * share)
             return how
         except subprocess.TimeoutExpired:
             sys.stderr.write(f"bpftrace oracle (pid {p.pid}) still running {wait_s * share:.0f} s after {how}\n")
-    else:
-        p.kill()
-        p.wait(timeout=30)
-        return "killed"
-    return "SIGINT"
+    p.kill()
+    p.wait(timeout=30)
+    return "killed"
 
 
 # What the oracle still held at its end (sockets of the load never seen to close),

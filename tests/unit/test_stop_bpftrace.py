@@ -32,3 +32,9 @@ def test_stop_escalates_only_as_far_as_needed(ignore: str, how: str, rc: int) ->
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_an_oracle_that_already_exited_is_not_signalled() -> None:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    assert stop_bpftrace(p, 2.0) == "exited" and p.returncode == 0
