@@ -209,7 +209,15 @@ class SockBuffers:
         return self.keys[:n], self.socks[:n]
 
     def _read_nursery(self, m, slots: int, at: int) -> int:
-        """The nursery's occupied slots, appended at ``at``; how many.
+        """The nursery's occupied slots, appended at ``at``; how many."""
+        keys, recs = self.nursery_records(m, slots)
+        n = len(keys)
+        self.keys[at : at + n] = keys
+        self.socks[at : at + n] = recs if self.socks.dtype == SOCK_DTYPE else recs[list(NARROW_FIELDS)]
+        return n
+
+    def nursery_records(self, m, slots: int) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, records) of the nursery's occupied slots, copies.
 
         Read in place through a shared mapping (the map is BPF_F_MMAPABLE):
         no copy of the free slots, no system call.  A slot whose key changed
@@ -221,11 +229,7 @@ class SockBuffers:
         keys = view["key"][live]
         recs = view["rec"][live]
         same = view["key"][live] == keys
-        n = int(same.sum())
-        self.keys[at : at + n] = keys[same]
-        recs = recs[same]
-        self.socks[at : at + n] = recs if self.socks.dtype == SOCK_DTYPE else recs[list(NARROW_FIELDS)]
-        return n
+        return keys[same], recs[same]
 
     def _nursery_view(self, m, slots: int) -> np.ndarray:
         fd = int(m.fd)
@@ -282,8 +286,7 @@ def count_socks(src: MapSource, buffers: SockBuffers | None = None, chunk: int =
     if slots:
         # In place through the mapping, as SockBuffers reads it; after "socks",
         # so a record that moves between the two reads is missed, never counted twice.
-        view = buffers._nursery_view(src.map("nursery"), slots)
-        recs = view["rec"][view["key"] != 0]
+        _, recs = buffers.nursery_records(src.map("nursery"), slots)
         states += live_states(recs)
         total += len(recs)
     return states, total
