@@ -23,8 +23,8 @@ import errno
 import struct
 from typing import Iterable
 
+from pytracer.inventory.netns import own_netns, run_in_netns
 from pytracer.inventory.procs import NetnsRef
-from pytracer.inventory.sockdiag import own_netns, run_in_netns
 from pytracer.kernel import libbpf
 
 OBJECT = "bpf/sockdestroy.bpf.o"

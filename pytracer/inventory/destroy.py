@@ -23,7 +23,7 @@ net/core/sock_diag.c ``sock_diag_destroy``, net/ipv4/tcp.c ``tcp_abort``):
 
 Namespaces: a sock_diag socket answers for the namespace it was created in,
 so :class:`Destroyer` creates one per namespace, inside it
-(:func:`pytracer.inventory.sockdiag.run_in_netns`), when first needed, and
+(:func:`pytracer.inventory.netns.run_in_netns`), when first needed, and
 closes them all on exit.
 """
 
@@ -39,8 +39,9 @@ from typing import Any
 
 import numpy as np
 
+from pytracer.inventory.netns import own_netns, run_in_netns
 from pytracer.inventory.procs import NetnsRef
-from pytracer.inventory.sockdiag import ALL_STATES, IPPROTO_TCP, NETLINK_SOCK_DIAG, NOCOOKIE, own_netns, run_in_netns
+from pytracer.inventory.sockdiag import ALL_STATES, IPPROTO_TCP, NETLINK_SOCK_DIAG, NOCOOKIE
 
 # include/uapi/linux/sock_diag.h
 SOCK_DESTROY = 21

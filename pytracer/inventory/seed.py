@@ -18,6 +18,7 @@ import numpy as np
 
 from pytracer.inventory import procs, sockdiag
 from pytracer.inventory.owners import scan_fds, scope_mask
+from pytracer.inventory.session import Session
 from pytracer.kernel.tcp_states import TcpState
 from pytracer.table import writer
 from pytracer.table.writer import SEED_STATES, SeedResult
@@ -93,7 +94,7 @@ def seed(tracer: Any, pids: Iterable[int] | None = None, proc: str = procs.PROC)
         if pids:
             wanted = {fds.netns_of[p] for p in pids if p in fds.netns_of}
             refs = [r for r in refs if r.label == "host" or r.ino in wanted]
-        with sockdiag.Session(refs) as sess:
+        with Session(refs) as sess:
             inv = sess.dump(states=states)
             seen_ns = time.monotonic_ns()  # after the dump: a valid "at least" origin
             res.errors.extend(inv.errors)

@@ -102,11 +102,11 @@ def discover(cap: int = CAP) -> list[Service]:
     (sock_diag), at start.  Listeners only: a dump of every connection
     would cost start-up ~1 s per 100k sockets; the most used remote ports
     come from the first full leak scan, which sees them anyway (auto)."""
-    from pytracer.inventory import procs, sockdiag  # noqa: PLC0415 - they pull numpy: import on use
+    from pytracer.inventory import procs, session  # noqa: PLC0415 - they pull numpy: import on use
     from pytracer.kernel.tcp_states import TcpState  # noqa: PLC0415
 
     states = 1 << int(TcpState.LISTEN)
-    return from_rows(sockdiag.inventory(procs.netns_refs(), states=states).rows, cap)
+    return from_rows(session.inventory(procs.netns_refs(), states=states).rows, cap)
 
 
 def from_rows(rows: Any, cap: int = CAP) -> list[Service]:

@@ -37,6 +37,8 @@ from pytracer.format import address, family_name
 from pytracer.inventory import procs, sockdiag
 from pytracer.inventory.destroy import Destroyer, DestroyError, explain, probe
 from pytracer.inventory.owners import scan_fds, scope_mask
+from pytracer.inventory.session import Session
+from pytracer.inventory.tcpinfo import TcpInfoTable
 from pytracer.kernel.tcp_states import TcpState
 from pytracer.leaks.detectors import Flag, kernel_state_floor, ordered
 from pytracer.leaks.facts import listener_of, listeners
@@ -206,7 +208,7 @@ def _state_flags(state: str, pids: tuple[int, ...], port: int | None,
     st = TcpState[state]
     fdscan = scan_fds(pids or None)
     refs = netns_refs(fdscan, procs.PROC)
-    with sockdiag.Session(refs) as sess:
+    with Session(refs) as sess:
         inv = sess.dump(states=(1 << st.value) | (1 << TcpState.LISTEN.value))
         rep.errors.extend(inv.errors)
         rep.stats["netns_covered"] = len(sess.socks)
@@ -218,7 +220,7 @@ def _state_flags(state: str, pids: tuple[int, ...], port: int | None,
             rep.errors.append(f"{len(sel)} sockets in {state}: only the first {MAX_SOCKET_FACTS} considered")
             sel = sel[:MAX_SOCKET_FACTS]
         lst = listeners(rows, owners)
-        infos, _ = sess.tcp_info(sel) if len(sel) else (sockdiag.TcpInfoTable(), 0)
+        infos, _ = sess.tcp_info(sel) if len(sel) else (TcpInfoTable(), 0)
     out = []
     cache: dict[int, procs.ProcFacts] = {}
     for r in sel:  # bounded above
@@ -268,7 +270,7 @@ def can_act() -> str | None:
 VIAS = ("sock_diag", "bpf")
 
 
-def _recheck_one(sess: sockdiag.Session, f: Flag, th: Thresholds) -> tuple[str | None, np.ndarray]:
+def _recheck_one(sess: Session, f: Flag, th: Thresholds) -> tuple[str | None, np.ndarray]:
     """(why to leave it alone or None, the kernel's current row) of one chosen socket."""
     row = inventory_row(f)
     found, infos, _ = sess.lookup(row)
@@ -311,7 +313,7 @@ def end(run: Run, th: Thresholds, on_outcome: Callable[[Outcome], None] = lambda
             raise DestroyRefused(str(exc)) from None
     refs = [run.refs[ns] for ns in {int(f.netns or 0) for f in targets} if ns in run.refs]
     pending: dict[int, list[Flag]] = {}
-    with sockdiag.Session(refs) as sess, killer:
+    with Session(refs) as sess, killer:
         for f in targets:  # bounded by the cap
             reason, now = _recheck_one(sess, f, th)
             if reason:

@@ -21,6 +21,7 @@ import numpy as np
 from pytracer.arrays import find_sorted, is_sorted
 from pytracer.format import address
 from pytracer.inventory import procs, sockdiag
+from pytracer.inventory.tcpinfo import TcpInfoTable
 from pytracer.kernel import abi
 from pytracer.kernel.tcp_states import TcpState
 from pytracer.leaks.detectors import SockFacts, Thresholds, combine_state_time, kernel_state_floor
@@ -234,7 +235,7 @@ def candidates(th: Thresholds, rows: np.ndarray, relevant: np.ndarray, exact: np
 
 def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, exact: np.ndarray,
                table_bound: np.ndarray, hist: dict[str, np.ndarray], accepted: np.ndarray,
-               infos: sockdiag.TcpInfoTable, owners: procs.SocketOwners, lst: Listeners,
+               infos: TcpInfoTable, owners: procs.SocketOwners, lst: Listeners,
                fin_timeout: dict[int, int | None], now: float, idle_after: float, max_facts: int,
                errors: list[Any], recheck_s: float = 0.0) -> list[SockFacts]:
     """The facts of the stuck candidates, then of the ESTABLISHED ones idle

@@ -26,6 +26,7 @@ import numpy as np
 from pytracer.format import address, family_name
 from pytracer.inventory import procs, sockdiag
 from pytracer.inventory.owners import scan_fds
+from pytracer.inventory.session import Session
 from pytracer.kernel.abi import Direction, Stat
 from pytracer.kernel.tcp_states import TcpState
 from pytracer.leaks.cadence import DutyCycle
@@ -200,7 +201,7 @@ def held_sockets(pids: tuple[int, ...]) -> dict[int, list[dict[str, Any]]]:
     wanted = {fds.netns_of[p] for p in pids if p in fds.netns_of}
     refs = [r for r in refs if r.label == "host" or r.ino in wanted]
     out: dict[int, list[dict[str, Any]]] = {}
-    with sockdiag.Session(refs) as sess:
+    with Session(refs) as sess:
         rows = sess.dump(states=sockdiag.ALL_STATES).rows
     rows = rows[rows["inode"] != 0]
     n = 0

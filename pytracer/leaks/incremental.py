@@ -45,6 +45,8 @@ from pytracer.arrays import find_sorted
 from pytracer.inventory import fdscan, sockdiag
 from pytracer.inventory.owners import scan_fds, scope_mask
 from pytracer.inventory.procs import FdScan
+from pytracer.inventory.session import Session
+from pytracer.inventory.tcpinfo import TcpInfoTable
 from pytracer.kernel import abi
 from pytracer.kernel.tcp_states import TcpState
 from pytracer.leaks import facts as joins
@@ -257,10 +259,10 @@ def scan(sc: Scanner, snap: Snapshot, rep: LeakReport) -> None:
     if len(refs) < len(wanted):
         sc.full_wanted = True  # a namespace the last full scan did not know
     rows = np.zeros(0, sockdiag.INV_DTYPE)
-    infos = sockdiag.TcpInfoTable()
+    infos = TcpInfoTable()
     missed = 0
     if len(ask):
-        with (sc.session_factory or sockdiag.Session)(refs) as sess:
+        with (sc.session_factory or Session)(refs) as sess:
             found, infos, missed = sess.lookup(ask, th.max_exact_lookups, th.idle_brief_ms)
             rep.errors.extend(e for e in sess.errors if "lookup" in e)
             for ino, info in sess.netns.items():
@@ -342,7 +344,7 @@ def resolve_holders(sc: Scanner, snap: Snapshot, cookies: list[int], now: float)
     rows = table_rows(snap, idx)
     wanted = {int(n) for n in np.unique(rows["netns"])}
     refs = [ref for ref in sc.refs if (ref.ino & 0xFFFFFFFF) in wanted]
-    with (sc.session_factory or sockdiag.Session)(refs) as sess:
+    with (sc.session_factory or Session)(refs) as sess:
         found, _, _ = sess.lookup(rows, sc.thresholds.max_exact_lookups)
     owners = _fd_scan(sc, _owner_pids(sc, snap, idx, found, np.zeros(0, np.intp))).sockets
     if len(sc.holder_cache) > 4096:
@@ -370,7 +372,7 @@ def refresh_time_wait(sc: Scanner, rep: LeakReport, now: float) -> None:
     a dump of those states alone in the namespaces the last full scan knew
     (host-wide only: TIME_WAIT has no owner, so never under --pid)."""
     sc.last_time_wait = now
-    with (sc.session_factory or sockdiag.Session)(sc.refs) as sess:
+    with (sc.session_factory or Session)(sc.refs) as sess:
         inv = sess.dump(states=TIME_WAIT_STATES, fields=TIME_WAIT_FIELDS)
     if inv.errors:
         rep.errors.extend(inv.errors)

@@ -4,7 +4,7 @@
 
 * the BPF socket table (:mod:`pytracer.table.poll` snapshot): exact time each
   socket entered its state, whether it was accepted;
-* the sock_diag inventory (:mod:`pytracer.inventory.sockdiag`): every TCP socket that
+* the sock_diag inventory (:mod:`pytracer.inventory.session`): every TCP socket that
   exists, in every namespace, including TIME_WAIT and request sockets the
   table never holds, and the inode that links a socket to a process fd;
 * tcp_info, asked for only the candidates: idle clocks, and lower bounds on
@@ -45,6 +45,8 @@ import numpy as np
 
 from pytracer.inventory import procs, sockdiag
 from pytracer.inventory.owners import scan_fds, scope_mask
+from pytracer.inventory.session import Session
+from pytracer.inventory.tcpinfo import TcpInfoTable
 from pytracer.kernel.tcp_states import TcpState
 from pytracer.leaks import facts as joins
 from pytracer.leaks import incremental as incremental_scan
@@ -103,7 +105,7 @@ class Scanner:
     The sources can be swapped (tests drive a Scanner with recorded facts):
     ``fd_scan(pids or None, proc)`` -> :class:`~pytracer.inventory.procs.FdScan`,
     ``netns_refs(fd_scan, proc)`` -> [NetnsRef], ``session(refs)`` -> a
-    context manager like :class:`pytracer.inventory.sockdiag.Session`.  None
+    context manager like :class:`pytracer.inventory.session.Session`.  None
     means the real one, looked up at each scan.
     """
 
@@ -249,7 +251,7 @@ class Scanner:
             refs = [r for r in refs if r.label == "host" or r.ino in wanted]
             states &= ~((1 << int(S.TIME_WAIT)) | (1 << int(S.NEW_SYN_RECV)))
 
-        with (self.session_factory or sockdiag.Session)(refs) as sess:
+        with (self.session_factory or Session)(refs) as sess:
             inv = sess.dump(states=states)
             now = time.monotonic()
             now_ns = time.monotonic_ns()
@@ -284,7 +286,7 @@ class Scanner:
             fin_timeout = {ino: n.fin_timeout for ino, n in inv.netns.items()}
             stuck_idx, est_idx, query = joins.candidates(th, rows, relevant, exact_s, table_bound_s, hist,
                                                          fin_timeout, now)
-            infos = sockdiag.TcpInfoTable()
+            infos = TcpInfoTable()
             missed = 0
             if len(query):
                 errors_before = len(sess.errors)

@@ -47,7 +47,7 @@ class Thresholds:
     @property
     def idle_brief_ms(self) -> int:
         """tcp_info of an ESTABLISHED socket idle for less than this is only
-        its idle time (see pytracer.inventory.sockdiag.TcpInfoTable)."""
+        its idle time (see pytracer.inventory.tcpinfo.TcpInfoTable)."""
         return int(self.idle_after * 1000)
 
     def validate(self) -> None:

@@ -1,4 +1,5 @@
-"""Property tests of the sock_diag parsers (pytracer.inventory.sockdiag).
+"""Property tests of the sock_diag parsers (pytracer.inventory.sockdiag) and of
+tcp_info decoding (pytracer.inventory.tcpinfo).
 
 The independent encoder is pyroute2's own declaration of struct
 inet_diag_msg and tcp_info (include/uapi/linux/inet_diag.h, tcp.h): random
@@ -18,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pytracer.inventory import sockdiag
+from pytracer.inventory import sockdiag, tcpinfo
 
 diag = pytest.importorskip("pyroute2.netlink.diag")
 
@@ -120,13 +121,13 @@ def test_tcp_info_round_trips_through_pyroute2(row: dict, info: dict, seq: int, 
     msg, got = replies[seq]
     assert msg is not None and as_dict(sockdiag.to_inventory(msg, 0)[0]) == {**expected_inventory(row), "netns": 0}
     assert got is not None
-    for attr, field in sockdiag._INFO_FIELDS:
+    for attr, field in tcpinfo._INFO_FIELDS:
         assert getattr(got, attr) == info[field], attr
     # The bulk path (a dump with tcp_info) answers the same, through the table.
     table, done, err = sockdiag.parse_info_dump(buf + done_msg(seq), seq, {row["idiag_cookie"]})
     assert done and err == 0 and table[row["idiag_cookie"]] == got
     # A table filled from TcpInfo objects answers the same again.
-    again = sockdiag.TcpInfoTable()
+    again = tcpinfo.TcpInfoTable()
     again.add_info(row["idiag_cookie"], got)
     assert again[row["idiag_cookie"]] == got
 
@@ -216,8 +217,8 @@ def test_random_bytes_only_typed_errors(buf: bytes, seq: int | None) -> None:
     replies = parse_or_refuse(sockdiag.parse_lookup_replies, buf)
     if replies is not None:
         assert len(replies) <= len(buf) // 16
-    info = sockdiag.decode_tcp_info(buf)
-    table = sockdiag.TcpInfoTable()
+    info = tcpinfo.decode_tcp_info(buf)
+    table = tcpinfo.TcpInfoTable()
     if table.add(1, buf):
         assert info is not None and table[1] == info
     else:
@@ -226,14 +227,14 @@ def test_random_bytes_only_typed_errors(buf: bytes, seq: int | None) -> None:
 
 @given(st.binary(min_size=0, max_size=300), u64)
 def test_tcp_info_of_any_length_decodes_or_is_none(payload: bytes, cookie: int) -> None:
-    info = sockdiag.decode_tcp_info(payload)
-    if len(payload) < sockdiag._INFO_NEED:
+    info = tcpinfo.decode_tcp_info(payload)
+    if len(payload) < tcpinfo._INFO_NEED:
         assert info is None
         return
     assert info is not None
     assert info.last_data_sent_ms == struct.unpack_from("=I", payload, 44)[0]
     assert info.last_data_recv_ms == struct.unpack_from("=I", payload, 52)[0]
-    assert (info.bytes_received is None) == (len(payload) < sockdiag._INFO_KEEP)
+    assert (info.bytes_received is None) == (len(payload) < tcpinfo._INFO_KEEP)
 
 
 def test_recorded_captures_still_parse_whole() -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pytracer import arrays
-from pytracer.inventory import sockdiag
+from pytracer.inventory import sockdiag, tcpinfo
 from pytracer.kernel.tcp_states import TcpState
 
 FIX = Path(__file__).resolve().parents[2] / "fixtures" / "leaks"
@@ -38,7 +38,7 @@ def test_wire_declarations_match_pyroute2() -> None:
     diag = pytest.importorskip("pyroute2.netlink.diag")
     nl = pytest.importorskip("pyroute2.netlink")
     assert sockdiag.INET_DIAG_MSG_FIELDS == tuple(diag.inet_diag_msg.fields)
-    assert sockdiag.TCP_INFO_FIELDS == tuple(diag.inet_diag_msg.tcp_info.fields)
+    assert tcpinfo.TCP_INFO_FIELDS == tuple(diag.inet_diag_msg.tcp_info.fields)
     assert sockdiag.INET_DIAG_REQ_FIELDS == tuple(diag.inet_diag_req.fields)
     assert (sockdiag.NETLINK_SOCK_DIAG, sockdiag.NLM_F_DUMP, sockdiag.NLM_F_REQUEST, sockdiag.NLMSG_DONE,
             sockdiag.NLMSG_ERROR, sockdiag.SOCK_DIAG_BY_FAMILY) == (
@@ -58,11 +58,11 @@ def test_wire_layout_matches_the_kernel_headers() -> None:
     # struct inet_diag_msg is 72 bytes (include/uapi/linux/inet_diag.h).
     assert sockdiag.MSG_DTYPE.itemsize == 72
     # struct tcp_info offsets (include/uapi/linux/tcp.h).
-    assert sockdiag.TCP_INFO_OFFSETS["tcpi_rto"][0] == 8
-    assert sockdiag.TCP_INFO_OFFSETS["tcpi_last_data_sent"][0] == 44
-    assert sockdiag.TCP_INFO_OFFSETS["tcpi_last_data_recv"][0] == 52
-    assert sockdiag.TCP_INFO_OFFSETS["tcpi_last_ack_recv"][0] == 56
-    assert sockdiag.TCP_INFO_OFFSETS["tcpi_pacing_rate"][0] == 104
+    assert tcpinfo.TCP_INFO_OFFSETS["tcpi_rto"][0] == 8
+    assert tcpinfo.TCP_INFO_OFFSETS["tcpi_last_data_sent"][0] == 44
+    assert tcpinfo.TCP_INFO_OFFSETS["tcpi_last_data_recv"][0] == 52
+    assert tcpinfo.TCP_INFO_OFFSETS["tcpi_last_ack_recv"][0] == 56
+    assert tcpinfo.TCP_INFO_OFFSETS["tcpi_pacing_rate"][0] == 104
 
 
 def test_dump_request_always_names_family_and_states() -> None:
@@ -123,10 +123,10 @@ def test_tcp_info_from_an_older_kernel_is_truncated_not_misread() -> None:
     full = bytearray(200)
     struct.pack_into("=I", full, 44, 1234)  # last_data_sent
     struct.pack_into("=I", full, 52, 99)  # last_data_recv
-    old = sockdiag.decode_tcp_info(bytes(full[:104]))  # v3.x-sized struct
+    old = tcpinfo.decode_tcp_info(bytes(full[:104]))  # v3.x-sized struct
     assert old is not None and old.last_data_sent_ms == 1234 and old.idle_ms == 99
     assert old.bytes_acked is None
-    assert sockdiag.decode_tcp_info(bytes(full[:40])) is None
+    assert tcpinfo.decode_tcp_info(bytes(full[:40])) is None
 
 
 def test_recorded_dump_with_info_decodes_only_wanted() -> None:
@@ -154,7 +154,7 @@ def test_tcp_info_table_keeps_only_the_idle_time_of_busy_established_sockets() -
         struct.pack_into("=III", b, 44, sent_ms, 0, recv_ms)  # last_data_sent, last_ack_sent, last_data_recv
         return bytes(b)
 
-    table = sockdiag.TcpInfoTable(brief_below_ms=300_000)
+    table = tcpinfo.TcpInfoTable(brief_below_ms=300_000)
     assert table.add(1, info(1, 5_000, 299_999))  # ESTABLISHED, idle 5 s: its idle time only
     assert table.add(2, info(1, 300_000, 400_000))  # ESTABLISHED, idle 300 s: all of it
     assert table.add(3, info(8, 10, 10))  # CLOSE_WAIT: all of it, however busy
@@ -170,14 +170,14 @@ def test_tcp_info_table_answers_like_decode() -> None:
     struct.pack_into("=I", full, 8, 204000)  # rto
     struct.pack_into("=III", full, 44, 1234, 0, 99)  # last_data_sent, last_ack_sent, last_data_recv
     struct.pack_into("=I", full, 56, 7)  # last_ack_recv
-    struct.pack_into("=Q", full, sockdiag.TCP_INFO_OFFSETS["tcpi_bytes_received"][0], 555)
-    table = sockdiag.TcpInfoTable()
+    struct.pack_into("=Q", full, tcpinfo.TCP_INFO_OFFSETS["tcpi_bytes_received"][0], 555)
+    table = tcpinfo.TcpInfoTable()
     assert table.add(11, bytes(full))
     assert table.add(12, bytes(full[:104]))  # an older kernel's struct
     assert not table.add(13, bytes(full[:40]))  # too short to answer
     assert set(table) == {11, 12} and 13 not in table and len(table) == 2
-    assert table[11] == sockdiag.decode_tcp_info(bytes(full))
-    assert table[12] == sockdiag.decode_tcp_info(bytes(full[:104]))
+    assert table[11] == tcpinfo.decode_tcp_info(bytes(full))
+    assert table[12] == tcpinfo.decode_tcp_info(bytes(full[:104]))
     assert table[12].bytes_received is None and table[11].bytes_received == 555
     found, idle = table.idle_ms(np.array([12, 13, 11], np.uint64))
     assert found.tolist() == [True, False, True] and idle[found].tolist() == [99, 99]

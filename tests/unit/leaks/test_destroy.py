@@ -117,7 +117,7 @@ def test_no_kernel_support_refuses_before_any_socket(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(d, "can_act", lambda: None)
     monkeypatch.setattr(d, "probe", lambda: errno.EOPNOTSUPP)
-    monkeypatch.setattr(d.sockdiag, "Session", lambda refs: pytest.fail("looked up a socket"))
+    monkeypatch.setattr(d, "Session", lambda refs: pytest.fail("looked up a socket"))
     run = d.Run(d.Plan([flag("close_wait", 1)], 1), LeakReport())
     with pytest.raises(d.DestroyRefused, match="CONFIG_INET_DIAG_DESTROY"):
         d.end(run, Thresholds())

@@ -25,6 +25,9 @@ import pytest
 
 from pytracer.arrays import fields_of
 from pytracer.inventory import procs, sockdiag
+from pytracer.inventory.netns import NetnsInfo
+from pytracer.inventory.session import Inventory
+from pytracer.inventory.tcpinfo import TcpInfoTable
 from pytracer.kernel import abi
 from pytracer.kernel.tcp_states import TcpState
 from pytracer.leaks.detectors import Thresholds
@@ -106,20 +109,20 @@ class RecordedSession:
     def __exit__(self, *exc: object) -> None:
         pass
 
-    def dump(self, states: int = sockdiag.ALL_STATES, fields: tuple[str, ...] | None = None) -> sockdiag.Inventory:
+    def dump(self, states: int = sockdiag.ALL_STATES, fields: tuple[str, ...] | None = None) -> Inventory:
         rows = ROWS[((1 << ROWS["state"].astype(np.int64)) & states) != 0]
         if fields is not None:
             rows = np.array(rows[list(fields)], fields_of(sockdiag.INV_DTYPE, fields))
-        info = sockdiag.NetnsInfo(NS, "netns recorded", "/nonexistent", port_range=(32768, 60999), fin_timeout=60,
-                                  tw_reuse=2)
-        return sockdiag.Inventory(rows=rows, netns={NS: info})
+        info = NetnsInfo(NS, "netns recorded", "/nonexistent", port_range=(32768, 60999), fin_timeout=60,
+                         tw_reuse=2)
+        return Inventory(rows=rows, netns={NS: info})
 
     def tcp_info(self, rows: np.ndarray, exact_max: int = 256, brief_below_ms: int | None = None,
-                 idx: np.ndarray | None = None) -> tuple[sockdiag.TcpInfoTable, int]:
+                 idx: np.ndarray | None = None) -> tuple[TcpInfoTable, int]:
         wanted = {int(c) for c in (rows["cookie"] if idx is None else rows["cookie"][idx])}
         self.asked += sorted(wanted)
         table, done, err = sockdiag.parse_info_dump((FIX / "dump_info.bin").read_bytes(), 79, wanted,
-                                                    sockdiag.TcpInfoTable(brief_below_ms))
+                                                    TcpInfoTable(brief_below_ms))
         assert done and err == 0
         return table, 0
 

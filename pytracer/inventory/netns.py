@@ -1,0 +1,136 @@
+"""Network namespaces: entering one, and the sysctls each answers for itself.
+
+A netlink socket answers for the namespace it was created in, and
+/proc/sys/net for the reader's namespace.  To work in another namespace
+(found by :mod:`pytracer.inventory.procs`), :func:`run_in_netns` has a
+short-lived thread enter it with setns(2) (which changes only the calling
+thread), do the work there (create a socket, read the sysctls), return to its
+own namespace and exit.  Nothing here keeps a namespace alive: only what the
+work created there (a socket, which its owner closes).
+
+:class:`NetnsInfo` holds the namespace's sysctls the leak rules use
+(``ip_local_port_range``, ``tcp_fin_timeout``, ``tcp_tw_reuse``,
+``tcp_max_tw_buckets``), as :func:`_read_sysctls` reads them inside it.
+
+Used by the sock_diag sessions (:mod:`pytracer.inventory.session`) and by the
+socket destroyers (:mod:`pytracer.inventory.destroy`,
+:mod:`pytracer.inventory.bpfdestroy`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+from pytracer.inventory.procs import NetnsRef
+
+T = TypeVar("T")
+CLONE_NEWNET = 0x40000000
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        need = " (needs CAP_SYS_ADMIN)" if err == errno.EPERM else ""
+        raise OSError(err, f"setns: {os.strerror(err)}{need}")
+
+
+@dataclass
+class NetnsInfo:
+    ino: int
+    label: str
+    path: str
+    port_range: tuple[int, int] | None = None  # net.ipv4.ip_local_port_range
+    fin_timeout: int | None = None  # net.ipv4.tcp_fin_timeout, seconds
+    tw_reuse: int | None = None  # net.ipv4.tcp_tw_reuse
+    max_tw_buckets: int | None = None  # net.ipv4.tcp_max_tw_buckets
+    error: str | None = None
+
+    @property
+    def port_range_size(self) -> int | None:
+        if self.port_range is None:
+            return None
+        return self.port_range[1] - self.port_range[0] + 1
+
+    def to_json(self) -> dict:
+        return {
+            "netns": self.ino,
+            "label": self.label,
+            "port_range": list(self.port_range) if self.port_range else None,
+            "fin_timeout_seconds": self.fin_timeout,
+            "tw_reuse": self.tw_reuse,
+            "max_tw_buckets": self.max_tw_buckets,
+            "error": self.error,
+        }
+
+
+def _read_sysctls(info: NetnsInfo) -> None:
+    def ints(name: str) -> list[int] | None:
+        try:
+            with open(f"/proc/sys/net/ipv4/{name}") as f:
+                return [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            return None
+
+    pr = ints("ip_local_port_range")
+    if pr and len(pr) == 2:
+        info.port_range = (pr[0], pr[1])
+    for name, attr in (("tcp_fin_timeout", "fin_timeout"), ("tcp_tw_reuse", "tw_reuse"),
+                       ("tcp_max_tw_buckets", "max_tw_buckets")):
+        v = ints(name)
+        if v:
+            setattr(info, attr, v[0])
+
+
+def own_netns() -> int:
+    """The inode of the calling thread's network namespace (-1 if unreadable)."""
+    try:
+        return os.stat("/proc/thread-self/ns/net").st_ino
+    except OSError:
+        return -1
+
+
+def run_in_netns(ref: NetnsRef, fn: Callable[[], T], timeout: float = 5.0) -> T:
+    """``fn()`` run inside the namespace ``ref`` names, by a short-lived
+    thread that enters it with setns(2) (which changes only the calling
+    thread), calls ``fn``, returns to its own namespace and exits.  What
+    ``fn`` creates there (a socket) stays in that namespace.  Raises
+    OSError when the namespace cannot be entered, changed under its path,
+    or the thread does not finish within ``timeout``."""
+    result: list[T] = []
+    errors: list[OSError] = []
+
+    def work() -> None:
+        home = target = -1
+        try:
+            home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            target = os.open(ref.path, os.O_RDONLY | os.O_CLOEXEC)
+            if os.fstat(target).st_ino != ref.ino:
+                errors.append(OSError(errno.ESTALE, "namespace changed under its path"))
+                return
+            _setns(target)
+            try:
+                result.append(fn())
+            finally:
+                _setns(home)
+        except OSError as exc:
+            errors.append(exc)
+        finally:
+            for fd in (home, target):
+                if fd >= 0:
+                    os.close(fd)
+
+    t = threading.Thread(target=work, name=f"pytracer-netns-{ref.ino}", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise OSError(errno.ETIMEDOUT, "timed out entering the namespace")
+    if errors:
+        raise errors[0]
+    return result[0]
