@@ -37,6 +37,10 @@ STUCK_STATES = (S.CLOSE_WAIT, S.LAST_ACK, S.FIN_WAIT2)
 # for idle_after at the earliest; when the state began at the latest, by the
 # largest kernel floor measured (now - floor when measured).
 _HISTORY = (("since", np.nan), ("not_before", 0.0), ("floor_began", np.nan))
+# Kept as float32 seconds from the History's epoch (its first scan): 4 bytes
+# a time instead of 8.  A float32 resolves 4 ms at 9 hours from the epoch and
+# 1 s at 194 days, far finer than any threshold a time is compared with.
+_KEPT = np.float32
 
 # (netns, port) -> [(laddr raw, family, holders, (queued, limit))]
 Listeners = dict[tuple[int, int], list]
@@ -44,24 +48,34 @@ Listeners = dict[tuple[int, int], list]
 
 class History:
     """Per-socket memory between scans, in numpy arrays sorted by cookie:
-    since when it has been seen in its current state, the last kernel lower
-    bound on its time in state (and when measured), when tcp_info was last
-    asked for, and, for ESTABLISHED sockets, the earliest time it could
-    possibly be idle for ``idle_after``."""
+    since when it has been seen in its current state, when its state began
+    at the latest by the largest kernel floor measured, and, for ESTABLISHED
+    sockets, the earliest time it could possibly be idle for
+    ``idle_after`` (so tcp_info is not asked again before then).  Times go
+    in and out as float64 monotonic seconds, and are kept as float32
+    offsets from ``epoch`` (the ``now`` of the first :meth:`carry`)."""
 
     def __init__(self) -> None:
         self._cookie = np.zeros(0, np.uint64)
         self._state = np.zeros(0, np.uint8)
-        self._hist: dict[str, np.ndarray] = {name: np.zeros(0) for name, _ in _HISTORY}
+        self._hist: dict[str, np.ndarray] = {name: np.zeros(0, _KEPT) for name, _ in _HISTORY}
+        self.epoch: float | None = None
 
     @property
     def cookies(self) -> np.ndarray:
         """The sorted cookies the history is kept for (read-only)."""
         return self._cookie
 
+    def _kept(self, times: np.ndarray) -> np.ndarray:
+        if self.epoch is None:
+            self.epoch = 0.0
+        return (times - self.epoch).astype(_KEPT)
+
     def carry(self, rows: np.ndarray, now: float) -> dict[str, np.ndarray]:
         """History aligned with ``rows``: carried over for sockets still in the
         state they were in last scan, fresh otherwise."""
+        if self.epoch is None:
+            self.epoch = float(now)
         n = len(rows)
         out = {name: np.full(n, default) for name, default in _HISTORY}
         out["since"][:] = now
@@ -70,7 +84,7 @@ class History:
             same = np.flatnonzero(hit & (self._state[pos] == rows["state"]))
             pos = pos[same]
             for name, _ in _HISTORY:
-                out[name][same] = self._hist[name][pos]
+                out[name][same] = self._hist[name][pos].astype(np.float64) + self.epoch
             del pos, same
         # Seconds seen in this state (the first sighting proves nothing), and
         # the largest kernel floor, grown by the time since it was measured.
@@ -81,11 +95,13 @@ class History:
     def merge(self, rows: np.ndarray, hist: dict[str, np.ndarray]) -> None:
         """Update the history of ``rows`` only (a candidate scan's few
         sockets), keeping everyone else's: O(len(rows) log n), plus one
-        copy of the arrays when a socket is new to the history."""
+        copy of the arrays when a socket is new to the history.  ``hist``
+        comes from :meth:`carry`."""
         if not len(rows):
             return
         order = np.argsort(rows["cookie"], kind="stable")
         cookie, state = rows["cookie"][order], rows["state"][order]
+        kept = {name: self._kept(hist[name][order]) for name, _ in _HISTORY}
         pos = np.searchsorted(self._cookie, cookie)
         hit = np.zeros(len(cookie), bool)
         if len(self._cookie):
@@ -93,32 +109,30 @@ class History:
         at = pos[hit]
         self._state[at] = state[hit]
         for name, _ in _HISTORY:
-            self._hist[name][at] = hist[name][order][hit]
+            self._hist[name][at] = kept[name][hit]
         new = ~hit
         if new.any():
             at = pos[new]
             self._cookie = np.insert(self._cookie, at, cookie[new])
             self._state = np.insert(self._state, at, state[new])
             for name, _ in _HISTORY:
-                self._hist[name] = np.insert(self._hist[name], at, hist[name][order][new])
+                self._hist[name] = np.insert(self._hist[name], at, kept[name][new])
 
     def store(self, rows: np.ndarray, hist: dict[str, np.ndarray], keep: np.ndarray | None = None) -> None:
-        """Replace the whole history with ``hist``, aligned with ``rows``
-        (a full scan's every socket), or with the rows ``keep`` (a mask)
-        only.  Rows sorted by cookie (see :func:`sort_by_cookie`) hand their
-        history arrays over as they are, with no copy (kept rows: one copy
-        of them): the caller must not write to them afterwards."""
-        if keep is not None and not keep.all():
-            rows = rows[keep]
-            hist = {name: hist[name][keep] for name, _ in _HISTORY}
+        """Replace the whole history with ``hist`` (from :meth:`carry`),
+        aligned with ``rows`` (a full scan's every socket), or with the rows
+        ``keep`` (a mask) only.  The old arrays go before the new ones are
+        made, one at a time, so the two are not held whole at once."""
         cookie = rows["cookie"]
-        if not is_sorted(cookie):
-            order = np.argsort(cookie, kind="stable")
-            self._cookie, self._state = cookie[order], rows["state"][order]
-            self._hist = {name: hist[name][order] for name, _ in _HISTORY}
-            return
-        self._cookie, self._state = cookie.copy(), rows["state"].copy()
-        self._hist = {name: hist[name] for name, _ in _HISTORY}
+        sel: Any = slice(None) if keep is None or keep.all() else np.flatnonzero(keep)
+        order = None if is_sorted(cookie) else np.argsort(cookie[sel], kind="stable")
+        pick = sel if order is None else (order if isinstance(sel, slice) else sel[order])
+        self._cookie, self._state = cookie[pick], rows["state"][pick]
+        if isinstance(pick, slice):  # views of the caller's rows
+            self._cookie, self._state = self._cookie.copy(), self._state.copy()
+        for name, _ in _HISTORY:
+            self._hist[name] = np.zeros(0, _KEPT)
+            self._hist[name] = self._kept(hist[name][pick])
 
 
 def remembered(rows: np.ndarray) -> np.ndarray:

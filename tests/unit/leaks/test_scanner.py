@@ -284,6 +284,37 @@ def test_history_hands_over_sorted_rows_and_keeps_the_largest_floor() -> None:
     assert h.cookies.tolist() == [10, 20, 30, 40]
 
 
+def test_history_keeps_times_in_four_bytes_without_losing_seconds() -> None:
+    from pytracer.leaks import facts
+
+    rows = np.zeros(3, sockdiag.INV_DTYPE)
+    rows["cookie"] = [1, 2, 3]
+    rows["state"] = [1, 8, 1]
+    h = facts.History()
+    epoch = 20_000_000.0  # 231 days of uptime: a float32 of it is 2 s coarse
+    h.carry(rows, now=epoch)
+    month = epoch + 30 * 86_400.0 + 0.123
+    hist = h.carry(rows, now=month)
+    hist["floor_began"][1] = month - 42.0
+    hist["not_before"][2] = month + 300.0
+    h.store(rows, hist)
+    assert {a.dtype.itemsize for a in h._hist.values()} == {4}
+    later = h.carry(rows, now=month + 10.0)
+    # float32 from the epoch resolves 0.25 s a month on: ample for seconds-scale facts.
+    assert np.allclose(later["seen"], 10.0, atol=0.25)
+    assert abs(later["floor_now"][1] - 52.0) <= 0.25 and np.isnan(later["floor_now"][[0, 2]]).all()
+    assert abs(later["not_before"][2] - (month + 300.0)) <= 0.25 and abs(later["not_before"][0]) <= 0.25
+    # A candidate scan's merge keeps the same resolution, for old and new sockets.
+    more = np.zeros(2, sockdiag.INV_DTYPE)
+    more["cookie"], more["state"] = [2, 9], [8, 1]
+    mh = h.carry(more, now=month + 20.0)
+    mh["floor_began"][1] = month + 20.0 - 7.0
+    h.merge(more, mh)
+    assert h.cookies.tolist() == [1, 2, 3, 9]
+    last = h.carry(more, now=month + 21.0)
+    assert abs(last["floor_now"][0] - 63.0) <= 0.25 and abs(last["floor_now"][1] - 8.0) <= 0.25
+
+
 def test_history_forgets_time_wait_and_request_minisockets() -> None:
     from pytracer.leaks import facts
 
