@@ -166,6 +166,7 @@ class TcpInfoTable(Mapping):
         self._brief_cookies = array("Q")
         self._brief_idle = array("I")
         self._frozen: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._brief_frozen: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def answered(self) -> int:
@@ -182,6 +183,7 @@ class TcpInfoTable(Mapping):
             if idle < self.brief_below_ms:
                 self._brief_cookies.append(cookie)
                 self._brief_idle.append(idle)
+                self._brief_frozen = None
                 return True
         n = min(len(payload), _INFO_KEEP)
         self._cookies.append(cookie)
@@ -224,14 +226,21 @@ class TcpInfoTable(Mapping):
         idle = (np.minimum(rows["last_data_sent_ms"][pos], rows["last_data_recv_ms"][pos]).astype(np.int64)
                 if len(rows) else np.zeros(len(found), np.int64))
         if len(self._brief_cookies):
-            keys = np.frombuffer(self._brief_cookies, np.uint64)
-            order = np.argsort(keys, kind="stable")
-            keys = keys[order]
+            keys, brief_idle = self._brief_sorted()
             bpos, bhit = find_sorted(keys, cookies)
             bfound = ~found & bhit
-            idle[bfound] = np.frombuffer(self._brief_idle, np.uint32)[order][bpos[bfound]]
+            idle[bfound] = brief_idle[bpos[bfound]]
             found = found | bfound
         return found, idle
+
+    def _brief_sorted(self) -> tuple[np.ndarray, np.ndarray]:
+        """The brief sockets' cookies, sorted, and their idle ms: sorted
+        once for every :meth:`idle_ms` call until the next brief answer."""
+        if self._brief_frozen is None:
+            keys = np.frombuffer(self._brief_cookies, np.uint64)
+            order = np.argsort(keys, kind="stable")
+            self._brief_frozen = (keys[order], np.frombuffer(self._brief_idle, np.uint32)[order])
+        return self._brief_frozen
 
     def __getitem__(self, cookie: int) -> TcpInfo:
         if not isinstance(cookie, (int, np.integer)) or not 0 <= int(cookie) <= 0xFFFFFFFFFFFFFFFF:

@@ -42,6 +42,9 @@ _HISTORY = (("since", np.nan), ("not_before", 0.0), ("floor_began", np.nan))
 # 1 s at 194 days, far finer than any threshold a time is compared with.
 _KEPT = np.float32
 
+# Rows a step that runs over every candidate takes at a time.
+FACTS_CHUNK = 8192
+
 # (netns, port) -> [(laddr raw, family, holders, (queued, limit))]
 Listeners = dict[tuple[int, int], list]
 
@@ -210,32 +213,39 @@ def candidates(th: Thresholds, rows: np.ndarray, relevant: np.ndarray, exact: np
                hist: dict[str, np.ndarray], fin_timeout: dict[int, int | None], now: float
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(stuck-state rows to judge, ESTABLISHED rows to judge, rows to ask
-    tcp_info for).  Vectorized."""
+    tcp_info for).  Vectorized; the stuck states' arithmetic runs over
+    their rows only, not every socket's."""
     state = rows["state"]
-    is_tw = rows["timer"] == sockdiag.TIMER_TIMEWAIT
-    ns_fin = np.full(len(rows), np.nan)
-    for ino, ft in fin_timeout.items():
-        if ft is not None:
-            ns_fin[rows["netns"] == ino] = ft
+    stuck = np.flatnonzero(relevant & np.isin(state, [int(s) for s in STUCK_STATES]))
+    st = state[stuck]
+    is_tw = rows["timer"][stuck] == sockdiag.TIMER_TIMEWAIT
+    ns_fin = np.full(len(stuck), np.nan)
+    if len(stuck):
+        netns = rows["netns"][stuck]
+        for ino, ft in fin_timeout.items():
+            if ft is not None:
+                ns_fin[netns == ino] = ft
 
     # Stuck states: every one is a candidate unless known to be young.
-    thr = np.full(len(rows), np.inf)
-    thr[state == int(S.CLOSE_WAIT)] = th.close_wait_after
-    thr[state == int(S.LAST_ACK)] = th.last_ack_after
-    fw2 = state == int(S.FIN_WAIT2)
+    thr = np.full(len(stuck), np.inf)
+    thr[st == int(S.CLOSE_WAIT)] = th.close_wait_after
+    thr[st == int(S.LAST_ACK)] = th.last_ack_after
+    fw2 = st == int(S.FIN_WAIT2)
     thr[fw2] = th.fin_wait2_after if th.fin_wait2_after is not None else np.where(np.isnan(ns_fin), np.inf,
                                                                                    ns_fin)[fw2]
-    stuck = relevant & np.isin(state, [int(s) for s in STUCK_STATES])
-    young = ~np.isnan(exact) & (exact < thr)
+    ex = exact[stuck]
+    young = ~np.isnan(ex) & (ex < thr)
     # FIN_WAIT2 orphans in timewait: the timer was armed with fin_timeout,
     # so fin_timeout - remaining is how long they have waited.
-    waited = np.where(is_tw, ns_fin - rows["expires_ms"] / 1000.0, np.nan)
+    waited = np.where(is_tw, ns_fin - rows["expires_ms"][stuck] / 1000.0, np.nan)
     young |= is_tw & ~(waited >= thr)
-    stuck &= ~young
-    bound = np.fmax(np.fmax(table_bound, hist["seen"]), hist["floor_now"])
+    old = ~young
+    stuck, is_tw, thr, ex = stuck[old], is_tw[old], thr[old], ex[old]
+    floor_now = hist["floor_now"][stuck]
+    bound = np.fmax(np.fmax(table_bound[stuck], hist["seen"][stuck]), floor_now)
     # Ask tcp_info when the socket may be flagged (the idle clocks are
     # evidence) or no kernel floor is known yet; minisockets have none.
-    ask_stuck = stuck & ~is_tw & (~np.isnan(exact) | np.isnan(hist["floor_now"]) | (bound >= thr))
+    ask_stuck = stuck[~is_tw & (~np.isnan(ex) | np.isnan(floor_now) | (bound >= thr))]
 
     # ESTABLISHED: idle candidates, unless known to be younger than
     # idle_after, or checked recently enough that they cannot be idle yet.
@@ -243,8 +253,8 @@ def candidates(th: Thresholds, rows: np.ndarray, relevant: np.ndarray, exact: np
     est &= hist["not_before"] <= now
 
     q_est = np.flatnonzero(est)
-    query = np.concatenate([np.flatnonzero(ask_stuck), q_est]).astype(np.intp)
-    return np.flatnonzero(stuck).astype(np.intp), q_est.astype(np.intp), query
+    query = np.concatenate([ask_stuck, q_est]).astype(np.intp)
+    return stuck.astype(np.intp), q_est.astype(np.intp), query
 
 
 def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, exact: np.ndarray,
@@ -256,12 +266,16 @@ def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, exa
     for ``idle_after`` (at most ``max_facts``; the cut is noted in ``errors``).
     Updates ``hist`` (kernel floors, when an ESTABLISHED one may be idle)."""
     # ESTABLISHED: only the idle ones become objects; the rest just learn
-    # when they could be idle at the earliest.
-    found, idle_ms = infos.idle_ms(rows["cookie"][est_idx])
-    answered = est_idx[found]
-    idle = idle_ms[found] / 1000
-    hist["not_before"][answered] = now + np.maximum(0.0, idle_after - idle)
-    idle_idx = answered[idle >= idle_after].tolist()
+    # when they could be idle at the earliest.  A chunk at a time: at the
+    # first scan every seeded ESTABLISHED socket is here.
+    idle_idx: list[int] = []
+    for start in range(0, len(est_idx), FACTS_CHUNK):
+        part = est_idx[start : start + FACTS_CHUNK]
+        found, idle_ms = infos.idle_ms(rows["cookie"][part])
+        answered = part[found]
+        idle = idle_ms[found] / 1000
+        hist["not_before"][answered] = now + np.maximum(0.0, idle_after - idle)
+        idle_idx += answered[idle >= idle_after].tolist()
     idx = stuck_idx.tolist() + idle_idx  # stuck sockets first
     if len(idx) > max_facts:
         errors.append(f"{len(idx) - max_facts} flagged-looking sockets not judged this scan "

@@ -162,6 +162,10 @@ def test_tcp_info_table_keeps_only_the_idle_time_of_busy_established_sockets() -
     assert table[2].retransmits == 4 and table[3].state == 8
     found, idle = table.idle_ms(np.array([3, 1, 9, 2], np.uint64))
     assert found.tolist() == [True, True, False, True] and idle[found].tolist() == [10, 5_000, 300_000]
+    # A brief answer after a question is in the next answer (the sorted brief keys are rebuilt).
+    assert table.add(9, info(1, 7_000, 8_000))
+    found, idle = table.idle_ms(np.array([9, 1], np.uint64))
+    assert found.tolist() == [True, True] and idle.tolist() == [7_000, 5_000]
 
 
 def test_tcp_info_table_answers_like_decode() -> None:

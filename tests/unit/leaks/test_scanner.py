@@ -170,7 +170,12 @@ def test_every_close_wait_socket_is_flagged_with_its_owner(tmp_path: Path) -> No
     assert 9999 not in rep.processes and rep.inventory_states["CLOSE_WAIT"] == 5
 
 
-def test_idle_established_are_the_clients_idle_connections(tmp_path: Path) -> None:
+@pytest.mark.parametrize("chunk", [8192, 3], ids=["one chunk", "chunks of 3"])
+def test_idle_established_are_the_clients_idle_connections(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          chunk: int) -> None:
+    from pytracer.leaks import facts
+
+    monkeypatch.setattr(facts, "FACTS_CHUNK", chunk)
     s, sessions = scanner(tmp_path, TH)
     rep = s.scan()
     idle_ports = set(RECORDED["conns"]["idle"])  # what the client itself reported
