@@ -89,10 +89,6 @@ class History:
             for name, _ in _HISTORY:
                 out[name][same] = self._hist[name][pos].astype(np.float64) + self.epoch
             del pos, same
-        # Seconds seen in this state (the first sighting proves nothing), and
-        # the largest kernel floor, grown by the time since it was measured.
-        out["seen"] = np.where(out["since"] < now, now - out["since"], np.nan)
-        out["floor_now"] = now - out["floor_began"]
         return out
 
     def merge(self, rows: np.ndarray, hist: dict[str, np.ndarray]) -> None:
@@ -136,6 +132,20 @@ class History:
         for name, _ in _HISTORY:
             self._hist[name] = np.zeros(0, _KEPT)
             self._hist[name] = self._kept(hist[name][pick])
+
+
+def seen(hist: dict[str, np.ndarray], idx: Any, now: float) -> np.ndarray:
+    """Seconds the sockets ``idx`` have been seen in their state (NaN at the
+    first sighting, which proves nothing).  Derived where needed, not kept
+    for every socket."""
+    since = hist["since"][idx]
+    return np.where(since < now, now - since, np.nan)
+
+
+def floor_now(hist: dict[str, np.ndarray], idx: Any, now: float) -> np.ndarray:
+    """The largest kernel floor on the time in state of the sockets ``idx``,
+    grown by the time since it was measured (NaN: none)."""
+    return now - hist["floor_began"][idx]
 
 
 def remembered(rows: np.ndarray) -> np.ndarray:
@@ -241,11 +251,11 @@ def candidates(th: Thresholds, rows: np.ndarray, relevant: np.ndarray, exact: np
     young |= is_tw & ~(waited >= thr)
     old = ~young
     stuck, is_tw, thr, ex = stuck[old], is_tw[old], thr[old], ex[old]
-    floor_now = hist["floor_now"][stuck]
-    bound = np.fmax(np.fmax(table_bound[stuck], hist["seen"][stuck]), floor_now)
+    floors = floor_now(hist, stuck, now)
+    bound = np.fmax(np.fmax(table_bound[stuck], seen(hist, stuck, now)), floors)
     # Ask tcp_info when the socket may be flagged (the idle clocks are
     # evidence) or no kernel floor is known yet; minisockets have none.
-    ask_stuck = stuck[~is_tw & (~np.isnan(ex) | np.isnan(floor_now) | (bound >= thr))]
+    ask_stuck = stuck[~is_tw & (~np.isnan(ex) | np.isnan(floors) | (bound >= thr))]
 
     # ESTABLISHED: idle candidates, unless known to be younger than
     # idle_after, or checked recently enough that they cannot be idle yet.
@@ -300,14 +310,14 @@ def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, exa
         elif int(r["timer"]) == sockdiag.TIMER_TIMEWAIT:
             floor = kernel_state_floor(state_name, timer=int(r["timer"]),
                                        expires_seconds=int(r["expires_ms"]) / 1000, fin_timeout=ft)
+        grown = float(floor_now(hist, i, now))
         if floor is not None:
-            prev = hist["floor_now"][i]
-            hist["floor_now"][i] = floor if np.isnan(prev) else max(floor, float(prev))
-            hist["floor_began"][i] = now - hist["floor_now"][i]
-        floor_now = None if np.isnan(hist["floor_now"][i]) else float(hist["floor_now"][i])
-        seen_bounds = [float(x) for x in (table_bound[i], hist["seen"][i]) if not np.isnan(x)]
+            grown = floor if np.isnan(grown) else max(floor, grown)
+            hist["floor_began"][i] = now - grown
+        seen_bounds = [float(x) for x in (table_bound[i], seen(hist, i, now)) if not np.isnan(x)]
         secs, is_exact = combine_state_time(None if np.isnan(exact[i]) else float(exact[i]),
-                                            max(seen_bounds) if seen_bounds else None, floor_now)
+                                            max(seen_bounds) if seen_bounds else None,
+                                            None if np.isnan(grown) else grown)
         inode = int(r["inode"])
         f = SockFacts(
             cookie=cookie, netns=int(r["netns"]), family=fam, state=state_name,

@@ -302,7 +302,7 @@ class Scanner:
             # let go, step by step: at 100k sockets each array is ~1 MB, and
             # the scan's peak is the sum of those alive at once.
             queried = rows["cookie"][query]
-            del infos, query, stuck_idx, matched, hist["seen"], hist["floor_now"]
+            del infos, query, stuck_idx, matched
             rechecks = (incremental_scan.rechecks_of(rows, est_idx, hist, exact_s, table_bound_s, accepted, now,
                                                      self.rechecks_by_cookie) if self.incremental else None)
             del exact_s, table_bound_s, accepted, est_idx

@@ -273,17 +273,19 @@ def test_history_hands_over_sorted_rows_and_keeps_the_largest_floor() -> None:
     assert rows["state"].tolist() == [8, 1, 1, 1]  # every field moved with its cookie
     h = facts.History()
     hist = h.carry(rows, now=100.0)
-    assert np.isnan(hist["seen"]).all() and np.isnan(hist["floor_now"]).all()
+    every = slice(None)
+    assert np.isnan(facts.seen(hist, every, 100.0)).all() and np.isnan(facts.floor_now(hist, every, 100.0)).all()
     hist["floor_began"][0] = 100.0 - 30.0  # a kernel floor of 30 s, measured at 100
     h.store(rows, hist)
     assert h.cookies.tolist() == [10, 20, 30, 40]
     # 5 s later, in the same state: seen for 5 s, the floor grown to 35 s.
     later = h.carry(rows, now=105.0)
-    assert later["seen"].tolist() == [5.0] * 4 and later["floor_now"][0] == 35.0
+    assert facts.seen(later, every, 105.0).tolist() == [5.0] * 4 and facts.floor_now(later, 0, 105.0) == 35.0
     # A socket whose state changed starts afresh.
     rows["state"][0] = 9
     again = h.carry(rows, now=106.0)
-    assert np.isnan(again["seen"][0]) and np.isnan(again["floor_now"][0]) and again["seen"][1] == 6.0
+    assert np.isnan(facts.seen(again, 0, 106.0)) and np.isnan(facts.floor_now(again, 0, 106.0))
+    assert facts.seen(again, 1, 106.0) == 6.0
     # Unsorted rows are sorted for the history (not handed over).
     h.store(rows[::-1].copy(), {k: v[::-1].copy() for k, v in again.items()})
     assert h.cookies.tolist() == [10, 20, 30, 40]
@@ -306,8 +308,9 @@ def test_history_keeps_times_in_four_bytes_without_losing_seconds() -> None:
     assert {a.dtype.itemsize for a in h._hist.values()} == {4}
     later = h.carry(rows, now=month + 10.0)
     # float32 from the epoch resolves 0.25 s a month on: ample for seconds-scale facts.
-    assert np.allclose(later["seen"], 10.0, atol=0.25)
-    assert abs(later["floor_now"][1] - 52.0) <= 0.25 and np.isnan(later["floor_now"][[0, 2]]).all()
+    assert np.allclose(facts.seen(later, slice(None), month + 10.0), 10.0, atol=0.25)
+    grown = facts.floor_now(later, slice(None), month + 10.0)
+    assert abs(grown[1] - 52.0) <= 0.25 and np.isnan(grown[[0, 2]]).all()
     assert abs(later["not_before"][2] - (month + 300.0)) <= 0.25 and abs(later["not_before"][0]) <= 0.25
     # A candidate scan's merge keeps the same resolution, for old and new sockets.
     more = np.zeros(2, sockdiag.INV_DTYPE)
@@ -317,7 +320,8 @@ def test_history_keeps_times_in_four_bytes_without_losing_seconds() -> None:
     h.merge(more, mh)
     assert h.cookies.tolist() == [1, 2, 3, 9]
     last = h.carry(more, now=month + 21.0)
-    assert abs(last["floor_now"][0] - 63.0) <= 0.25 and abs(last["floor_now"][1] - 8.0) <= 0.25
+    grown = facts.floor_now(last, slice(None), month + 21.0)
+    assert abs(grown[0] - 63.0) <= 0.25 and abs(grown[1] - 8.0) <= 0.25
 
 
 def test_history_forgets_time_wait_and_request_minisockets() -> None:
@@ -334,7 +338,8 @@ def test_history_forgets_time_wait_and_request_minisockets() -> None:
     assert h.cookies.tolist() == [10, 30]
     later = h.carry(rows, now=104.0)
     # Kept sockets carry their sighting; minisockets start afresh each full scan.
-    assert later["seen"][[0, 2]].tolist() == [4.0, 4.0] and np.isnan(later["seen"][[1, 3, 4]]).all()
+    sighted = facts.seen(later, slice(None), 104.0)
+    assert sighted[[0, 2]].tolist() == [4.0, 4.0] and np.isnan(sighted[[1, 3, 4]]).all()
 
 
 def test_reaper_membership_sorted_or_not() -> None:
