@@ -69,14 +69,16 @@ _FIELDS = ("rows", "not_before", "began", "known_since", "accepted")
 @dataclass
 class Rechecks:
     """ESTABLISHED sockets to ask tcp_info again once they could be idle
-    for ``idle_after``: which sockets, that time, and what the table said of
-    their time in state (monotonic seconds the state began if exact, else
-    since when it is known; NaN: neither).
+    for ``idle_after``: which sockets, and that time.
 
-    ``rows`` names the sockets by cookie (uint64, 8 bytes each) where the
-    socket table is keyed by cookie: their lookup keys are read from the
-    table when they are due (:func:`due_rows`).  Where it is keyed by
-    pointer, ``rows`` holds whole lookup keys (sockdiag.LOOKUP_DTYPE, 58 bytes).
+    ``rows`` names the sockets by cookie (uint64) where the socket table is
+    keyed by cookie: when they are due, their lookup keys, time in state
+    and "accepted" are read from the table (:func:`due_index`), so 16 bytes
+    a socket are kept.  Where it is keyed by pointer, ``rows`` holds whole
+    lookup keys (sockdiag.LOOKUP_DTYPE, 58 bytes), with what the table said
+    of their time in state (monotonic seconds the state began if exact,
+    else since when it is known; NaN: neither) and "accepted"; the other
+    three fields are None by cookie.
 
     Kept sorted by ``not_before``, so the due ones are a prefix taken
     without touching the rest; new ones wait in a small unsorted tail that
@@ -86,20 +88,27 @@ class Rechecks:
 
     rows: np.ndarray
     not_before: np.ndarray
-    began: np.ndarray
-    known_since: np.ndarray
-    accepted: np.ndarray
+    began: np.ndarray | None = None
+    known_since: np.ndarray | None = None
+    accepted: np.ndarray | None = None
     tail: Rechecks | None = None
 
     @classmethod
     def empty(cls) -> Rechecks:
         return cls(np.zeros(0, sockdiag.LOOKUP_DTYPE), np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, np.int8))
 
+    @property
+    def by_cookie(self) -> bool:
+        return self.rows.dtype == np.uint64
+
     def __len__(self) -> int:
         return len(self.not_before) + (len(self.tail) if self.tail is not None else 0)
 
+    def _columns(self) -> list[tuple[str, np.ndarray]]:
+        return [(f, getattr(self, f)) for f in _FIELDS if getattr(self, f) is not None]
+
     def take(self, sel: Any) -> Rechecks:
-        return Rechecks(*(getattr(self, f)[sel] for f in _FIELDS))
+        return Rechecks(**{f: a[sel] for f, a in self._columns()})
 
     def sorted(self) -> Rechecks:
         return self.take(np.argsort(self.not_before, kind="stable"))
@@ -108,8 +117,8 @@ class Rechecks:
         """Remove and return the ones whose time has come."""
         k = int(np.searchsorted(self.not_before, now, side="right"))
         due = self.take(slice(0, k))
-        for f in _FIELDS:
-            setattr(self, f, getattr(self, f)[k:])
+        for f, a in self._columns():
+            setattr(self, f, a[k:])
         if self.tail is not None and len(self.tail):
             hit = self.tail.not_before <= now
             if hit.any():
@@ -134,35 +143,39 @@ def _concat(a: Rechecks, b: Rechecks) -> Rechecks:
         return a.take(slice(None))
     if not len(a.not_before):
         return b.take(slice(None))
-    return Rechecks(*(np.concatenate([getattr(a, f), getattr(b, f)]) for f in _FIELDS))
+    cols = dict(b._columns())
+    return Rechecks(**{f: np.concatenate([x, cols[f]]) for f, x in a._columns()})
 
 
 def rechecks_of(rows: np.ndarray, est_idx: np.ndarray, hist: dict[str, np.ndarray], exact: np.ndarray,
                 bound: np.ndarray, accepted: np.ndarray, now: float, by_cookie: bool = False) -> Rechecks:
     """The ESTABLISHED rows tcp_info answered for, with their next check
     (sorted by it).  Each column is taken once, already in order.
-    ``by_cookie``: name them by cookie (the table is keyed by cookie)."""
+    ``by_cookie``: name them by cookie (the table is keyed by cookie, and
+    says the rest when they are due)."""
     nb = hist["not_before"][est_idx]
     idx = est_idx[nb > 0]
     idx = idx[np.argsort(hist["not_before"][idx], kind="stable")]
-    names = rows["cookie"][idx] if by_cookie else sockdiag.lookup_keys(rows, idx)
-    return Rechecks(names, hist["not_before"][idx], now - exact[idx], now - bound[idx], accepted[idx])
+    if by_cookie:
+        return Rechecks(rows["cookie"][idx], hist["not_before"][idx])
+    return Rechecks(sockdiag.lookup_keys(rows, idx), hist["not_before"][idx], now - exact[idx], now - bound[idx],
+                    accepted[idx])
 
 
-def due_rows(r: Rechecks, snap: Snapshot) -> tuple[Rechecks, np.ndarray]:
-    """The due rechecks ``r`` with their lookup keys (sockdiag.LOOKUP_DTYPE),
-    in the same order.  Named by cookie, their keys come from the table; a
-    socket the table no longer has is dropped: it has ended (its record goes
-    with it), or the table never had it, and then the next full scan, which
-    keeps each socket's next check in its history, asks again.  One search of
-    the table's keys in the few due cookies, no sort of the table."""
-    if r.rows.dtype != np.uint64:
-        return r, r.rows
-    order = np.argsort(r.rows, kind="stable")
-    pos, hit = find_sorted(r.rows[order], snap.keys)
+def due_index(r: Rechecks, snap: Snapshot) -> np.ndarray:
+    """Table indices of the due rechecks ``r`` named by cookie, each once.
+    A socket the table no longer has is dropped: it has ended (its record
+    goes with it), or the table never had it, and then the next full scan,
+    which keeps each socket's next check in its history, asks again.  One
+    search of the table's keys in the few due cookies, no sort of the
+    table."""
+    if not len(r.rows):
+        return np.zeros(0, np.intp)
+    due = np.unique(r.rows)
+    pos, hit = find_sorted(due, snap.keys)
     at = np.flatnonzero(hit)  # table indices of due sockets
-    which, first = np.unique(order[pos[at]], return_index=True)  # a cookie read twice counts once
-    return r.take(which), table_rows(snap, at[first])
+    _, first = np.unique(pos[at], return_index=True)  # a cookie read twice (both maps) counts once
+    return at[first]
 
 
 def table_rows(snap: Snapshot, idx: np.ndarray) -> np.ndarray:
@@ -234,9 +247,12 @@ def scan(sc: Scanner, snap: Snapshot, rep: LeakReport) -> None:
     now, now_ns = time.monotonic(), time.monotonic_ns()
     idx = select(snap, sc, now_ns, sc.prev_scan_ns or now_ns)
     sc.prev_scan_ns = now_ns
-    r, r_rows = due_rows(sc.rechecks.pop_due(now), snap)  # answered ones come back below
-    cand = np.concatenate([table_rows(snap, idx), r_rows])
+    r = sc.rechecks.pop_due(now)  # answered ones come back below
+    if r.by_cookie:  # the table says the rest of them
+        idx = np.concatenate([idx, due_index(r, snap)])
+        r = Rechecks.empty()
     socks = snap.socks[idx]
+    cand = np.concatenate([table_rows(snap, idx), r.rows])
     age = (now_ns - socks["state_ns"].astype(np.int64)) / 1e9
     seeded = ((socks["flags"] & abi.PT_F_SEEDED) != 0) & (socks["transitions"] == 0)
     exact_c = np.concatenate([np.where(seeded, np.nan, age), now - r.began])

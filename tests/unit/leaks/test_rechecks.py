@@ -1,11 +1,11 @@
-"""Rechecks named by cookie: their lookup keys come from the table when due."""
+"""Rechecks named by cookie: their lookup keys and times come from the table when due."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from pytracer.inventory import sockdiag
-from pytracer.leaks.incremental import Rechecks, due_rows, rechecks_of
+from pytracer.leaks.incremental import Rechecks, due_index, rechecks_of
 from pytracer.table import poll
 
 
@@ -34,25 +34,25 @@ def _rechecks(cookies: list[int], not_before: list[float], by_cookie: bool) -> R
                        by_cookie)
 
 
-def test_by_cookie_keeps_8_bytes_each_and_takes_keys_from_the_table() -> None:
+def test_by_cookie_keeps_16_bytes_each_and_finds_them_in_the_table() -> None:
     r = _rechecks([30, 10, 20, 40], [150.0, 110.0, 120.0, 0.0], by_cookie=True)  # 0: no next check
-    assert r.rows.dtype == np.uint64 and r.rows.tolist() == [10, 20, 30]  # sorted by next check
+    assert r.by_cookie and r.rows.tolist() == [10, 20, 30]  # sorted by next check
+    assert r.began is None and r.known_since is None and r.accepted is None  # the table says them
     due = r.pop_due(125.0)
-    assert due.rows.tolist() == [10, 20] and r.rows.tolist() == [30]
+    assert due.rows.tolist() == [10, 20] and r.rows.tolist() == [30] and r.not_before.tolist() == [150.0]
     # 20 has ended (not in the table), 10 is there twice (read from both maps): once.
     snap = _snap([99, 10, 77, 10])
-    kept, keys = due_rows(due, snap)
-    assert keys.dtype == sockdiag.LOOKUP_DTYPE
-    assert keys["cookie"].tolist() == [10] and keys["lport"].tolist() == [1001]
-    assert kept.rows.tolist() == [10] and kept.not_before.tolist() == [110.0] and kept.began.tolist() == [95.0]
+    at = due_index(due, snap)
+    assert at.tolist() == [1] and snap.socks["lport"][at].tolist() == [1001]
+    assert due_index(Rechecks(np.zeros(0, np.uint64), np.zeros(0)), snap).tolist() == []
 
 
 def test_lookup_keys_are_kept_whole_without_a_cookie_keyed_table() -> None:
     r = _rechecks([30, 10], [150.0, 110.0], by_cookie=False)
-    assert r.rows.dtype == sockdiag.LOOKUP_DTYPE
+    assert r.rows.dtype == sockdiag.LOOKUP_DTYPE and not r.by_cookie
     due = r.pop_due(200.0)
-    kept, keys = due_rows(due, _snap([]))
-    assert keys["cookie"].tolist() == [10, 30] and kept is due
+    assert due.rows["cookie"].tolist() == [10, 30] and due.began.tolist() == [95.0, 95.0]
+    assert due.accepted.tolist() == [1, 1] and np.isnan(due.known_since).all()
 
 
 def test_added_to_an_empty_start_and_merged_in_order() -> None:
