@@ -33,7 +33,8 @@ from pytracer.cli.options import (
 from pytracer.exporter import ExportError
 from pytracer.exporter.collector import DEFAULT_LEAK_INTERVAL, BpfStats, TracerCollector, log
 from pytracer.exporter.families import DEFAULT_MAX_COMMS, DEFAULT_TIME_WAIT_TOP, ExportOptions
-from pytracer.exporter.web import DEFAULT_LISTEN, ExporterServer, WebConfig, load_web_config, make_registry, make_server
+from pytracer.exporter.web import DEFAULT_LISTEN, ExporterServer, make_registry, make_server
+from pytracer.exporter.webconfig import WebConfig, load_web_config
 
 
 @click.command()

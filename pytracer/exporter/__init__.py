@@ -1,8 +1,9 @@
-"""The Prometheus exporter, in three modules by job:
+"""The Prometheus exporter, in four modules by job:
 
 * :mod:`pytracer.exporter.families`: pure, one scrape's reads in, metric families out;
 * :mod:`pytracer.exporter.collector`: the Collector doing those reads (and the background leak scan);
-* :mod:`pytracer.exporter.web`: web config (TLS, basic auth) and the HTTP server.
+* :mod:`pytracer.exporter.webconfig`: the web config file, validated, and the TLS and basic auth built from it;
+* :mod:`pytracer.exporter.web`: the HTTP server.
 
 :class:`ExportError` is the layer's one error type, here so that collector
 and web need not import each other.

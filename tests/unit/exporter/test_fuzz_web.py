@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Gauge
 
 from pytracer.exporter import ExportError
-from pytracer.exporter.web import BasicAuth, WebConfig, load_web_config, make_server, parse_listen, parse_web_config
+from pytracer.exporter.web import make_server, parse_listen
+from pytracer.exporter.webconfig import BasicAuth, WebConfig, load_web_config, parse_web_config
 
 pytestmark = pytest.mark.fuzz
 

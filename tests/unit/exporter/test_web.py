@@ -19,14 +19,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge
 
 from pytracer.exporter import ExportError
-from pytracer.exporter.web import (
-    BasicAuth,
-    ExporterServer,
-    load_web_config,
-    make_server,
-    parse_listen,
-    parse_web_config,
-)
+from pytracer.exporter.web import ExporterServer, make_server, parse_listen
+from pytracer.exporter.webconfig import BasicAuth, load_web_config, parse_web_config
 
 PASSWORD = "s3cret-pass"
 
