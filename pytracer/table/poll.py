@@ -222,13 +222,15 @@ class SockBuffers:
         Read in place through a shared mapping (the map is BPF_F_MMAPABLE):
         no copy of the free slots, no system call.  A slot whose key changed
         while its record was copied (its socket ended, or a newer one took
-        it) is left to the next read.  The map is created mappable wherever
+        it), or that was freed before its key was copied, is left to the
+        next read.  The map is created mappable wherever
         there is a nursery (v5.12+; BPF_F_MMAPABLE is v5.5)."""
         view = self._nursery_view(m, slots)
         live = np.flatnonzero(view["key"])
         keys = view["key"][live]
         recs = view["rec"][live]
-        same = view["key"][live] == keys
+        # A slot freed between the scan for keys and their copy reads 0.
+        same = (view["key"][live] == keys) & (keys != 0)
         return keys[same], recs[same]
 
     def _nursery_view(self, m, slots: int) -> np.ndarray:
