@@ -30,7 +30,7 @@ from typing import Protocol
 
 import numpy as np
 
-from pytracer.arrays import fields_of
+from pytracer.arrays import fields_of, find_sorted
 from pytracer.kernel import abi
 from pytracer.kernel.abi import Stat
 from pytracer.kernel.histogram import Histogram
@@ -170,6 +170,7 @@ class SockBuffers:
         if narrow and getattr(m, "batches", None) is not None:
             return self._read_narrow(src, m)
         nursery = int(getattr(src, "nursery_slots", 0) or 0)
+        first = self.nursery_records(src.map("nursery"), nursery) if nursery else None
         want = max(int(m.max_entries), 1) + nursery
         # Bounded: each failed pass doubles the buffers.
         for _ in range(32):
@@ -182,14 +183,13 @@ class SockBuffers:
             want = len(self.keys) * 2
         else:
             raise RuntimeError("the socket table kept outgrowing the read buffers")
-        if nursery:
-            # After "socks": a record that moves out of its slot between the
-            # two reads is missed by this read (never counted twice).
-            n += self._read_nursery(src.map("nursery"), nursery, n)
+        if first is not None:
+            n = self._add_nursery(first, n)
         return self.keys[:n], self.socks[:n]
 
     def _read_narrow(self, src: MapSource, m) -> tuple[np.ndarray, np.ndarray]:
         nursery = int(getattr(src, "nursery_slots", 0) or 0)
+        first = self.nursery_records(src.map("nursery"), nursery) if nursery else None
         want = max(int(m.max_entries), 1) + nursery
         if len(self.keys) < want or self.socks.dtype != NARROW_DTYPE:
             # Resident only as written: the pages of the rows a read fills.
@@ -204,17 +204,30 @@ class SockBuffers:
             # Fields by position: the narrow dtype lists them in NARROW_FIELDS' order.
             self.socks[n : n + c] = np.frombuffer(vbuf, SOCK_DTYPE, count=c)[list(NARROW_FIELDS)]
             n += c
-        if nursery:
-            n += self._read_nursery(src.map("nursery"), nursery, n)
+        if first is not None:
+            n = self._add_nursery(first, n)
         return self.keys[:n], self.socks[:n]
 
-    def _read_nursery(self, m, slots: int, at: int) -> int:
-        """The nursery's occupied slots, appended at ``at``; how many."""
-        keys, recs = self.nursery_records(m, slots)
-        n = len(keys)
-        self.keys[at : at + n] = keys
-        self.socks[at : at + n] = recs if self.socks.dtype == SOCK_DTYPE else recs[list(NARROW_FIELDS)]
-        return n
+    def _add_nursery(self, first: tuple[np.ndarray, np.ndarray], n: int) -> int:
+        """Append the nursery's records, read before the ``n`` rows of
+        "socks"; how many rows there are then.
+
+        The nursery is read first: a record that moves out of its slot
+        while "socks" is walked is in that copy, whether or not the walk
+        met it too (then the walk's row is dropped).  Read the other way
+        round, a storm's moves go missing from every read."""
+        keys, recs = first
+        if len(keys) and n:
+            _, dup = find_sorted(np.sort(keys), self.keys[:n])
+            if dup.any():
+                keep = np.flatnonzero(~dup)
+                n = len(keep)
+                self.keys[:n] = self.keys[keep]
+                self.socks[:n] = self.socks[keep]
+        m = len(keys)
+        self.keys[n : n + m] = keys
+        self.socks[n : n + m] = recs if self.socks.dtype == SOCK_DTYPE else recs[list(NARROW_FIELDS)]
+        return n + m
 
     def nursery_records(self, m, slots: int) -> tuple[np.ndarray, np.ndarray]:
         """(keys, records) of the nursery's occupied slots, copies.
@@ -279,18 +292,23 @@ def count_socks(src: MapSource, buffers: SockBuffers | None = None, chunk: int =
     if batches is None:
         _, socks = buffers.read(src)
         return live_states(socks), len(socks)
+    slots = int(getattr(src, "nursery_slots", 0) or 0)
+    # The nursery first, in place, as SockBuffers reads it: a record that
+    # moves out of its slot during the walk is counted once, from this copy.
+    nkeys, nrecs = buffers.nursery_records(src.map("nursery"), slots) if slots else (np.zeros(0, np.uint64), None)
+    nsorted = np.sort(nkeys)
     states = np.zeros(abi.PT_STATES, np.int64)
     total = 0
-    for _, vals, n in batches(SOCK_DTYPE.itemsize, chunk):
-        states += live_states(np.frombuffer(vals, SOCK_DTYPE, count=n))
-        total += n
-    slots = int(getattr(src, "nursery_slots", 0) or 0)
-    if slots:
-        # In place through the mapping, as SockBuffers reads it; after "socks",
-        # so a record that moves between the two reads is missed, never counted twice.
-        _, recs = buffers.nursery_records(src.map("nursery"), slots)
+    for keys, vals, n in batches(SOCK_DTYPE.itemsize, chunk):
+        recs = np.frombuffer(vals, SOCK_DTYPE, count=n)
+        if len(nsorted):
+            _, dup = find_sorted(nsorted, np.frombuffer(keys, np.uint64, count=n))
+            recs = recs[~dup]
         states += live_states(recs)
         total += len(recs)
+    if nrecs is not None:
+        states += live_states(nrecs)
+        total += len(nrecs)
     return states, total
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from pytracer.table import poll
 
@@ -45,3 +46,77 @@ def test_a_slot_freed_before_its_key_is_copied_is_left_out() -> None:
 
 def test_a_slot_retaken_while_its_record_is_copied_is_left_out() -> None:
     assert read(ChangingView([[0, 7, 0, 9], [0, 7, 0, 9], [0, 8, 0, 9]])) == ([9], [4])
+
+
+# --- a record that moves from the nursery to "socks" during a read ---------------
+
+
+class Storm:
+    """The nursery (4 slots) and "socks" of a table under a connection storm:
+    walking "socks" moves the record of cookie 7 out of its slot (a newer
+    socket, cookie 11, takes it) into "socks", in a bucket the walk has
+    already passed (``seen`` False) or not yet (True)."""
+
+    nursery_slots = 4
+
+    def __init__(self, seen: bool) -> None:
+        self.seen = seen
+        self.view = np.zeros(4, poll.SLOT_DTYPE)
+        for key in (7, 9):
+            self.view[key % 4]["key"] = key
+            self.view[key % 4]["rec"]["state"] = 1  # ESTABLISHED
+            self.view[key % 4]["rec"]["counted"] = 1
+        self.socks = {5: self.record(1)}
+        self.max_entries = 16
+
+    @staticmethod
+    def record(state: int) -> np.ndarray:
+        rec = np.zeros(1, poll.SOCK_DTYPE)
+        rec["state"] = state
+        rec["counted"] = 1
+        return rec
+
+    def map(self, name: str) -> Storm:
+        return self
+
+    def _walk(self) -> list[tuple[int, np.ndarray]]:
+        before = list(self.socks.items())
+        self.socks[7] = self.view[7 % 4]["rec"].copy().reshape(1)
+        self.view[7 % 4]["key"] = 11
+        self.view[7 % 4]["rec"]["state"] = 2  # SYN_SENT: just born
+        return list(self.socks.items()) if self.seen else before
+
+    def batches(self, value_size: int, chunk: int):
+        rows = self._walk()
+        keys = np.array([k for k, _ in rows], np.uint64)
+        vals = np.concatenate([v for _, v in rows])
+        yield memoryview(keys.tobytes()), memoryview(vals.tobytes()), len(rows)
+
+    def dump_into(self, keys: np.ndarray, socks: np.ndarray, value_size: int) -> tuple[bool, int]:
+        rows = self._walk()
+        for i, (k, v) in enumerate(rows):
+            keys[i] = k
+            socks[i] = v[0]
+        return True, len(rows)
+
+
+def storm_buffers(storm: Storm) -> poll.SockBuffers:
+    buffers = poll.SockBuffers()
+    buffers._nursery_view = lambda m, slots: storm.view  # type: ignore[method-assign]
+    return buffers
+
+
+@pytest.mark.parametrize("seen", [False, True], ids=["walk-passed-its-bucket", "walk-meets-it"])
+def test_a_record_moving_out_of_the_nursery_during_a_count_is_counted_once(seen: bool) -> None:
+    storm = Storm(seen)
+    states, total = poll.count_socks(storm, storm_buffers(storm))  # type: ignore[arg-type]
+    # Cookies 5, 7 and 9, all ESTABLISHED (11 was born after the read began).
+    assert total == 3 and int(states[1]) == 3, states
+
+
+@pytest.mark.parametrize("narrow", [False, True], ids=["whole", "narrow"])
+@pytest.mark.parametrize("seen", [False, True], ids=["walk-passed-its-bucket", "walk-meets-it"])
+def test_a_record_moving_out_of_the_nursery_during_a_read_is_read_once(seen: bool, narrow: bool) -> None:
+    storm = Storm(seen)
+    keys, _ = storm_buffers(storm).read(storm, narrow=narrow)  # type: ignore[arg-type]
+    assert sorted(keys.tolist()) == [5, 7, 9]
