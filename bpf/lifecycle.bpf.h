@@ -19,7 +19,7 @@
  *     agg_top()                the entry the top-level hooks (accept,
  *                              close, listen) write with atomic adds
  *     agg_add(p, v)            add v to the __u64 at p
- *     enter(), leave(was)      bracket a state change or a destroy
+ *     enter(), leave(was)      bracket a state change
  *   maps
  *     sock_lookup(key)         struct pt_sock * in the table, or NULL
  *     sock_update(key, rec)    insert or replace; nonzero on failure
@@ -31,7 +31,6 @@
  *     owner_listed(tgid)       true if tgid is in "owners"
  *     embryo_take(sk, &born_ns)  true, and the child's SYN_RECV time, if an
  *                              embryo was kept for sk (then forget it)
- *     embryo_drop(sk)          forget sk's embryo, if any
  *   the process tree, for `tracer run` (only where PT_HAVE_FOLLOW is defined)
  *     owner_add(tgid)          put tgid in "owners"; nonzero on failure
  *     owner_remove(tgid)       take tgid out of "owners"; nonzero if absent
@@ -153,16 +152,22 @@ static __always_inline int birth_direction(int old, int new, bool known)
 	return -1;
 }
 
-/* End of a life: observe it, count it.  The caller deletes or reuses. */
+/*
+ * End of a life: observe it, count it.  The caller deletes or reuses.  A
+ * life ends when its socket reaches CLOSE (`dwell` false: it has just
+ * entered it, and CLOSE has no time of its own), or, for a record whose
+ * CLOSE was never seen, when the socket is born again (`dwell` true).
+ */
 static __always_inline void finish(struct pt_agg *a, struct pt_sock *rec,
-				   __u64 now)
+				   __u64 now, bool dwell)
 {
 	__u32 st = rec->state & (PT_STATES - 1);
 	__u32 dir = rec->direction & (PT_DIRS - 1);
 
 	if (!rec->counted)
 		return;
-	observe(a, PT_HIST_STATE + st, now - rec->state_ns);
+	if (dwell)
+		observe(a, PT_HIST_STATE + st, now - rec->state_ns);
 	stat_add(a, PT_S_LEFT + st);
 	if (rec->birth_ns)
 		observe(a, PT_HIST_LIFETIME + dir, now - rec->birth_ns);
@@ -336,6 +341,23 @@ static __always_inline void step(struct pt_agg *a, struct pt_sock *rec,
 			       false);
 }
 
+static __always_inline void svc_end(struct sock *sk, struct pt_sock *rec,
+				    __u64 now, bool btf);
+
+/*
+ * A connection is over when its socket reaches CLOSE: what follows is the
+ * socket waiting for its last reference (an orphan is destroyed at once; a
+ * socket the application still holds, after a reset say, when it closes
+ * it).  So the record's life ends here, and the caller deletes it: no
+ * destroy hook, and no record left behind in CLOSE.
+ */
+static __always_inline void end_life(struct pt_agg *a, struct sock *sk,
+				     struct pt_sock *rec, __u64 now, bool btf)
+{
+	svc_end(sk, rec, now, btf);
+	finish(a, rec, now, false);
+}
+
 /*
  * An accepted child's birth (LISTEN -> SYN_RECV at born_ns) and its next
  * transition, to `new` now, go into one new record, inserted once.  Used for
@@ -352,11 +374,13 @@ static __always_inline void child_birth(struct pt_agg *a, struct sock *sk,
 			btf))
 		return;
 	step(a, &rec, sk, TCP_SYN_RECV, new, now, btf);
-	if (!insert(a, key, &rec))
+	if (new != TCP_CLOSE && !insert(a, key, &rec))
 		return;
 	stat_add(a, PT_S_OPENED + PT_DIR_PASSIVE);
 	count_entry(a, TCP_LISTEN, TCP_SYN_RECV);
 	count_step(a, TCP_SYN_RECV, born_ns, new, now);
+	if (new == TCP_CLOSE)	/* reset or aborted before its handshake ended */
+		end_life(a, sk, &rec, now, btf);
 }
 
 /* First sight of a socket that was born before we attached. */
@@ -382,12 +406,14 @@ static __always_inline void midlife(struct pt_agg *a, struct sock *sk,
 	rec.counted = 1;
 	rec.netns_ino = netns_of(sk, btf);
 	read_addrs(&rec, sk, btf);
+	if (new == TCP_CLOSE) {	/* first and last sight at once */
+		count_entry(a, old, new);
+		end_life(a, sk, &rec, now, btf);
+		return;
+	}
 	if (insert(a, key, &rec))
 		count_entry(a, old, new);
 }
-
-static __always_inline void svc_end(struct sock *sk, struct pt_sock *rec,
-				    __u64 now, bool btf);
 
 static __always_inline void do_state(struct sock *sk, __u64 key, int old,
 				     int new, bool btf)
@@ -416,9 +442,9 @@ static __always_inline void do_state(struct sock *sk, __u64 key, int old,
 	now = transition_ns(sk, old, new, rec ? rec->state_ns : 0, btf);
 	dir = birth_direction(old, new, rec != NULL);
 	if (dir >= 0) {
-		if (rec) {	/* a reused socket: the old life ends here */
+		if (rec) {	/* a reborn socket whose CLOSE we missed */
 			svc_end(sk, rec, now, btf);
-			finish(a, rec, now);
+			finish(a, rec, now, true);
 		}
 		if (old != TCP_SYN_RECV) {
 			birth(a, sk, key, dir, old, new, now, btf);
@@ -439,6 +465,10 @@ static __always_inline void do_state(struct sock *sk, __u64 key, int old,
 	if (rec->counted)
 		count_step(a, rec->state, rec->state_ns, new, now);
 	step(a, rec, sk, old, new, now, btf);
+	if (new == TCP_CLOSE) {
+		end_life(a, sk, rec, now, btf);
+		sock_delete(key);
+	}
 }
 
 /* A state change: old -> new on sk, whose record is under key (0: none). */
@@ -689,36 +719,6 @@ static __always_inline void svc_end(struct sock *sk, struct pt_sock *rec,
 		return;
 	svc_observe(&s->idle[e], idle_ns(rec, ender, &f, now));
 	s->owner[e] = rec->owner_tgid ? rec->owner_tgid : rec->listener_tgid;
-}
-
-static __always_inline void do_destroy(struct sock *sk, __u64 key, bool btf)
-{
-	struct pt_sock *rec;
-	__u64 now;
-
-	if (!key)
-		return;
-	rec = sock_lookup(key);
-	if (!rec) {
-		/* A child destroyed before its first event after SYN_RECV. */
-		if (!PT_CFG_KEY_BY_PTR)
-			embryo_drop(sk);
-		return;
-	}
-	now = bpf_ktime_get_ns();
-	svc_end(sk, rec, now, btf);
-	finish(agg_get(), rec, now);
-	sock_delete(key);
-}
-
-/* The end of sk, whose record is under key (0: none). */
-static __always_inline void handle_destroy(struct sock *sk, __u64 key,
-					   bool btf)
-{
-	__u32 was = enter();
-
-	do_destroy(sk, key, btf);
-	leave(was);
 }
 
 /* --- the process tree (tracer run) -------------------------------------- */

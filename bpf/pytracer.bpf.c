@@ -18,7 +18,7 @@
  *   listen         fexit/inet_csk_listen_start > kretprobe (only with the
  *                  tcp_set_state() hooks, which never see CLOSE -> LISTEN)
  *   app close      fentry/tcp_close > kprobe > sys_enter_close
- *   destroy        tp_btf/tcp_destroy_sock > tracepoint
+ *   end            the transition to CLOSE (no destroy hook)
  */
 #include <vmlinux.h>
 #include <bpf/bpf_helpers.h>
@@ -319,14 +319,6 @@ static __always_inline bool embryo_take(struct sock *sk, __u64 *born_ns)
 	*born_ns = c->child_ns;
 	c->child_sk = 0;
 	return true;
-}
-
-static __always_inline void embryo_drop(struct sock *sk)
-{
-	struct pt_cpu *c = this_cpu();
-
-	if (c && c->child_sk == (__u64)sk)
-		c->child_sk = 0;
 }
 
 /* --- socket facts -------------------------------------------------------- */
@@ -776,23 +768,6 @@ SEC("tp_btf/tcp_receive_reset")
 int BPF_PROG(reset_tp_btf, struct sock *sk)
 {
 	handle_reset(key_btf(sk));
-	return 0;
-}
-
-/* --- destroy ------------------------------------------------------------- */
-
-SEC("tp_btf/tcp_destroy_sock")
-int BPF_PROG(destroy_tp_btf, struct sock *sk)
-{
-	handle_destroy(sk, key_btf(sk), true);
-	return 0;
-}
-
-SEC("tracepoint/tcp/tcp_destroy_sock")
-int destroy_tracepoint(struct trace_event_raw_tcp_event_sk *ctx)
-{
-	handle_destroy((struct sock *)ctx->skaddr, key_raw((struct sock *)ctx->skaddr),
-		       false);
 	return 0;
 }
 

@@ -38,7 +38,7 @@
  *   accept owner   kretprobe inet_csk_accept > sys_exit_accept{,4}
  *   connect owner  the CLOSE -> SYN_SENT transition runs in connect()
  *   app close      kprobe tcp_close > sys_enter_close
- *   destroy        tracepoint tcp/tcp_destroy_sock
+ *   end            the transition to CLOSE (no destroy hook)
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/version.h>
@@ -173,10 +173,6 @@ static __always_inline bool owner_listed(u32 tgid)
 static __always_inline bool embryo_take(struct sock *sk, u64 *born_ns)
 {
 	return false;
-}
-
-static __always_inline void embryo_drop(struct sock *sk)
-{
 }
 
 /* --- socket facts -------------------------------------------------------- */
@@ -514,18 +510,6 @@ int close_sys_enter(struct tracepoint__syscalls__sys_enter_close *args)
 int reset_tracepoint(struct tracepoint__tcp__tcp_receive_reset *args)
 {
 	handle_reset(key_of((struct sock *)args->skaddr));
-	return 0;
-}
-#endif
-
-/* --- destroy ------------------------------------------------------------- */
-
-#ifdef PT_TP_DESTROY
-int destroy_tracepoint(struct tracepoint__tcp__tcp_destroy_sock *args)
-{
-	struct sock *sk = (struct sock *)args->skaddr;
-
-	handle_destroy(sk, key_of(sk), false);
 	return 0;
 }
 #endif

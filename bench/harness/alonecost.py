@@ -11,13 +11,15 @@ a program pays them all, as it does on a host that runs only pytracer.  The
 tracer is `tracer watch --interval 3600 --no-leaks` (its kernel side; user
 space is idle).  Per program: ns per run (bpf_stats) and runs per
 connection; per connection: the BPF time of all the programs.  Medians
-(min-max, n) over rounds.
+(min-max, n) over rounds.  With BENCH_BEFORE_TRACER set, that build's
+`watch` is a third condition ("before"), in the same rotation.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -32,6 +34,8 @@ CONDITIONS = {
     "tracer": [TRACER, "watch", "--interval", "3600", "--no-leaks"],
     "floor": [sys.executable, str(HERE / "floor.py")],
 }
+if os.environ.get("BENCH_BEFORE_TRACER"):
+    CONDITIONS["before"] = [os.environ["BENCH_BEFORE_TRACER"], *CONDITIONS["tracer"][1:]]
 
 
 def one(name: str, requests: int, port: int) -> dict[str, dict[str, float]]:
@@ -77,7 +81,7 @@ def main() -> int:
     for name, rs in runs.items():
         progs = sorted({k for r in rs for k in r})
         for p in progs:
-            summary["programs"][p] = {  # type: ignore[index]
+            summary["programs"][p if name != "before" else f"before:{p}"] = {  # type: ignore[index]
                 "ns_per_run": stats([r[p]["ns_per_run"] for r in rs if p in r]),
                 "runs_per_connection": stats([r[p]["runs_per_connection"] for r in rs if p in r])}
         summary[f"{name}_ns_per_connection"] = stats([sum(v["ns_per_connection"] for v in r.values()) for r in rs])

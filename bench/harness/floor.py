@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 import pytracer  # noqa: E402
 
-PROGS = ("floor_state", "floor_destroy", "floor_reset")
+PROGS = ("floor_state", "floor_reset")
 
 
 def build() -> bytes:

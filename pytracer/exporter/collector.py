@@ -373,7 +373,7 @@ class TracerCollector(Collector):
             scans.add_metric([], float(self.leak_scans))
             reaped = CounterMetricFamily(
                 f"{ns}_records_reaped",
-                "Table records deleted because their socket no longer existed and no destroy event was seen "
+                "Table records deleted because their socket no longer existed and no transition to CLOSE was seen "
                 "(each is logged); their lifetimes are not in the histograms.",
             )
             reaped.add_metric([], float(getattr(self._scanner, "reaped", 0)))

@@ -160,7 +160,7 @@ def build_families(inp: ScrapeInput, opts: ExportOptions) -> tuple[list[Metric],
     if t is not None:
         life = HistogramMetricFamily(
             f"{ns}_connection_lifetime_seconds",
-            "Lifetime of closed TCP connections, from the first SYN to destroy, by who opened them.",
+            "Lifetime of closed TCP connections, from the first SYN to CLOSE, by who opened them.",
             labels=["direction"],
         )
         for d in CONNECTION_DIRECTIONS:
@@ -170,7 +170,7 @@ def build_families(inp: ScrapeInput, opts: ExportOptions) -> tuple[list[Metric],
 
         dwell = HistogramMetricFamily(
             f"{ns}_state_duration_seconds",
-            "Time a socket spent in a TCP state before leaving it (or being destroyed in it).",
+            "Time a socket spent in a TCP state before leaving it (CLOSE, where a record ends, has none).",
             labels=["state"],
         )
         for s in range(abi.PT_STATES):
@@ -197,7 +197,7 @@ def build_families(inp: ScrapeInput, opts: ExportOptions) -> tuple[list[Metric],
         out.append(opened)
         closed = CounterMetricFamily(
             f"{ns}_connections_closed",
-            "TCP connections destroyed; direction unknown: sockets first seen mid-life.",
+            "TCP connections closed (reached CLOSE); direction unknown: sockets first seen mid-life.",
             labels=["direction"],
         )
         for d in CLOSED_DIRECTIONS:

@@ -18,7 +18,7 @@ dump is one BPF_MAP_LOOKUP_BATCH walk whichever backend filled the map.
 Hooks get the same kinds of programs as the CO-RE loader's tracepoint and
 kprobe fallbacks: a tracepoint, else a kprobe, for state changes; kretprobe,
 else the accept syscall tracepoints, for accept; kprobe, else close(2), for
-the application's close; the tcp_destroy_sock tracepoint for destroy.
+the application's close.  A record ends at its transition to CLOSE.
 Records are keyed by sk pointer (no socket cookie outside BTF programs).
 """
 
@@ -72,7 +72,6 @@ TP_DEFINES = {
     "syscalls:sys_exit_accept": "PT_TP_ACCEPT",
     "syscalls:sys_enter_close": "PT_TP_CLOSE",
     "tcp:tcp_receive_reset": "PT_TP_RESET",
-    "tcp:tcp_destroy_sock": "PT_TP_DESTROY",
 }
 
 

@@ -176,7 +176,6 @@ class Features:
 
 TRACEPOINTS = (
     "sock/inet_sock_set_state",
-    "tcp/tcp_destroy_sock",
     "tcp/tcp_receive_reset",
     "syscalls/sys_exit_accept4",
     "syscalls/sys_exit_accept",

@@ -18,7 +18,7 @@ functions: no I/O.
     state      tp_btf/inet_sock_set_state > tracepoint > fentry > kprobe tcp_set_state
     accept     fexit/inet_csk_accept > kretprobe > sys_exit_accept{4,}
     close      fentry/tcp_close > kprobe > sys_enter_close
-    destroy    tp_btf/tcp_destroy_sock > tracepoint
+    (a record ends at the state hook's transition to CLOSE: no destroy hook)
     reset      tp_btf/tcp_receive_reset (CO-RE) | tracepoint (bcc)   optional
     accept_fd  sys_exit_accept{4,}, when accept is not already the syscall
     listen     fexit/kprobe inet_csk_listen_start, for tcp_set_state() hooks
@@ -91,10 +91,6 @@ HOOKS: dict[str, tuple[Candidate, ...]] = {
         _one("kprobe", "kprobe", "tcp_close", "close_kprobe"),
         _one("syscall", "tracepoint", "syscalls:sys_enter_close", "close_sys_enter"),
     ),
-    "destroy": (
-        _one("tp_btf", "tp_btf", "tcp:tcp_destroy_sock", "destroy_tp_btf", CORE),
-        _one("tracepoint", "tracepoint", "tcp:tcp_destroy_sock", "destroy_tracepoint"),
-    ),
     "reset": (
         _one("tp_btf", "tp_btf", "tcp:tcp_receive_reset", "reset_tp_btf", CORE),
         _one("tracepoint", "tracepoint", "tcp:tcp_receive_reset", "reset_tracepoint", BCC),
@@ -141,7 +137,6 @@ HOOK_TARGETS = {
     "state": "inet_sock_set_state / tcp_set_state",
     "accept": "inet_csk_accept / accept(2)",
     "close": "tcp_close / close(2)",
-    "destroy": "tcp_destroy_sock",
     "reset": "tcp_receive_reset",
     "accept_fd": "accept(2) exit, for the fd",
     "listen": "inet_csk_listen_start",
@@ -152,16 +147,15 @@ HOOK_TARGETS = {
 # kind for a hook leaves it out: bcc has no BTF programs, CO-RE no reset
 # tracepoint).
 FORCED = {
-    "tp_btf": {"state": "tp_btf", "accept": "syscall", "close": "syscall", "destroy": "tp_btf", "reset": "tp_btf",
-               "follow": "tp_btf"},
-    "tracepoint": {"state": "tracepoint", "accept": "syscall", "close": "syscall", "destroy": "tracepoint",
-                   "reset": "tracepoint", "follow": "tracepoint"},
+    "tp_btf": {"state": "tp_btf", "accept": "syscall", "close": "syscall", "reset": "tp_btf", "follow": "tp_btf"},
+    "tracepoint": {"state": "tracepoint", "accept": "syscall", "close": "syscall", "reset": "tracepoint",
+                   "follow": "tracepoint"},
     "fentry": {
-        "state": "fentry", "accept": "fentry", "close": "fentry", "destroy": "tp_btf", "reset": "tp_btf",
+        "state": "fentry", "accept": "fentry", "close": "fentry", "reset": "tp_btf",
         "accept_fd": "syscall", "listen": "fentry", "follow": "tp_btf",
     },
     "kprobe": {
-        "state": "kprobe", "accept": "kprobe", "close": "kprobe", "destroy": "tracepoint", "reset": "tracepoint",
+        "state": "kprobe", "accept": "kprobe", "close": "kprobe", "reset": "tracepoint",
         "accept_fd": "syscall", "listen": "kprobe", "follow": "tracepoint",
     },
 }

@@ -11,7 +11,7 @@ the scans show nothing changed:
 * the BPF table still holds its record in ESTABLISHED with the same
   ``state_ns`` (no transition since it was measured), or, for a socket the
   table does not hold, a full scan still lists it;
-* a socket whose record is gone (destroyed) or moved on is dropped at once.
+* a socket whose record is gone (closed) or moved on is dropped at once.
 
 A carried flag's ``seconds`` and ``idle_seconds`` are those of its last
 measure, at most ``idle_recheck_s`` old (60 s with the default

@@ -39,8 +39,8 @@ class Reaper:
              now_ns: int) -> None:
         """Delete table records whose socket no longer exists, and count them.
 
-        A record leaves the table when the kernel destroys its socket; if
-        that event never reaches a program, the record would stay forever,
+        A record leaves the table when its socket reaches CLOSE; if that
+        transition never reaches a program, the record would stay forever,
         hold a slot, and its lifetime would never be counted.  Such a record
         is reaped when its socket's cookie is missing from two complete
         sock_diag dumps at least ``reap_after`` apart, in a namespace both
@@ -76,11 +76,11 @@ class Reaper:
         for i in due:
             rec = writer.reap(self.tracer, int(snap.keys[i]), int(socks["state_ns"][i]), int(socks["transitions"][i]))
             if rec is None:
-                continue  # destroyed meanwhile (the kernel counted it), changed, or gone
+                continue  # ended meanwhile (the kernel counted it), changed, or gone
             self.reaped += 1
             if logged < REAP_LOGGED:
                 logged += 1
-                log.warning("reaped a table record whose socket is gone (no destroy event seen): cookie %d, %s, "
+                log.warning("reaped a table record whose socket is gone (no transition to CLOSE seen): cookie %d, %s, "
                             "port %d -> %d, netns %d, last change %.1f s ago", int(snap.keys[i]),
                             TcpState.name_of(int(rec["state"])), int(rec["lport"]), int(rec["rport"]),
                             int(rec["netns_ino"]), (now_ns - int(rec["state_ns"])) / 1e9)

@@ -13,7 +13,7 @@ place:
 * the "owners" pid filter (:func:`fill_pid_filter`, :func:`add_pids`);
 * the "svc_ports" service names (:func:`fill_services`);
 * reaping (:func:`reap`): deleting a record whose socket is gone without a
-  destroy event (the leak scanner decides which; this checks the record did
+  transition to CLOSE (the leak scanner decides which; this checks the record did
   not change since and deletes it).
 
 What to seed is gathered elsewhere (:mod:`pytracer.inventory.seed`: sock_diag
@@ -43,9 +43,9 @@ S = TcpState
 BPF_NOEXIST = 1  # include/uapi/linux/bpf.h
 BPF_EXIST = 2
 # States a seeded record can be in: full sockets the BPF side will see
-# transition and be destroyed.  TIME_WAIT and request sockets are
-# minisockets (no tcp_destroy_sock), and so are FIN_WAIT2 orphans in
-# timewait: seeding them would leave records nobody deletes.
+# transition, and end at CLOSE.  TIME_WAIT and request sockets are
+# minisockets (no state transitions of their own), and so are FIN_WAIT2
+# orphans in timewait: seeding them would leave records nobody deletes.
 SEED_STATES = (S.ESTABLISHED, S.SYN_SENT, S.SYN_RECV, S.FIN_WAIT1, S.FIN_WAIT2, S.CLOSE_WAIT, S.LAST_ACK, S.LISTEN,
                S.CLOSING)
 # Seeded records built and written per batch: ~1.2 MB of whole records at a time.
@@ -302,8 +302,8 @@ def write_seeded(tracer: Any, sess: Redump, states: int, rows: np.ndarray,
     except OSError as exc:
         live = keys  # cannot tell what closed: take nothing back
         res.errors.append(f"re-checking seeded sockets: {exc}")
-    # A socket destroyed between the dump and its insert left a
-    # record no destroy event will remove: take back the untouched ones.
+    # A socket closed between the dump and its insert left a record no
+    # transition will end: take back the untouched ones.
     for i in np.flatnonzero(ok & ~np.isin(keys, live)).tolist():
         key = _cookie_key(int(keys[i]))
         if _untouched_seeded(socks, key) is not None and socks.delete(key):

@@ -47,7 +47,7 @@ pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
 
 HAVE_BTF = os.path.exists("/sys/kernel/btf/vmlinux")
 # Same bounds as test_capture: the kernel stamps inside connect() and at
-# destroy, the workload just before connect() and just after close().
+# CLOSE, the workload just before connect() and just after close().
 TOLERANCE_S = 0.005
 # Between the two backends, which stamp the same events one program apart;
 # a TCG vCPU on a loaded host can stall for milliseconds in between.
@@ -285,7 +285,7 @@ def test_transitions_and_histories_match_core(procs: Any, pair: dict[str, Any]) 
         step.expect("closed")
         time.sleep(0.1)
         for n, t in tracers.items():
-            assert ends(t) == {}, (n, "both records end at destroy")
+            assert ends(t) == {}, (n, "both records end at CLOSE")
         after = {n: poller.read_totals(t) for n, t in tracers.items()}
         step.send()
         step.expect("done")

@@ -36,7 +36,7 @@ def _accept_and_close_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
 ENDS = (Direction.ACTIVE, Direction.PASSIVE)
 
 # Within a few milliseconds (more in the test VMs): the kernel stamps the
-# socket inside connect() and at destroy; the workload stamps just before
+# socket inside connect() and at its CLOSE; the workload stamps just before
 # connect() and just after close().  Loopback and veth add microseconds.
 TOLERANCE_S = CLOCK_TOLERANCE_S
 
@@ -168,7 +168,7 @@ def test_scripted_exchange_every_transition_in_order(procs: Any, oracle: Any) ->
         step.send()
         step.expect("closed")
         time.sleep(0.1)
-        assert by_end() == {}, "both records end at destroy"
+        assert by_end() == {}, "both records end at CLOSE"
         after = poller.read_totals(tracer)
         step.send()
         step.expect("done")

@@ -16,6 +16,7 @@ without BTF read the clock on every transition).
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from typing import Any
@@ -23,13 +24,15 @@ from typing import Any
 import pytest
 
 from pytracer import Tracer
+from pytracer.kernel import abi
 from pytracer.table import poll as poller
 
 from .leaky_support import wait_until
 
 pytestmark = pytest.mark.kernel
 
-ESTABLISHED, FIN_WAIT2, CLOSE, CLOSE_WAIT = 1, 5, 7, 8
+ESTABLISHED, FIN_WAIT2, CLOSE_WAIT = 1, 5, 8
+PASSIVE = abi.Direction.PASSIVE
 QUIET_S = 1.0
 # A stamp kept in microseconds (tcp_mstamp, before v4.20) may fall up to 1 us
 # before the nanosecond it stands for.
@@ -51,7 +54,9 @@ def within(name: str, ns: int, lo: int, hi: int) -> None:
 
 
 def test_transition_times_are_when_they_happen_not_the_sockets_last_activity() -> None:
-    with Tracer() as t:
+    # Only this process's sockets are counted, so the passive lifetime
+    # histogram below holds this test's connection alone.
+    with Tracer(pids=[os.getpid()]) as t:
         lsn = socket.socket()
         cli = socket.socket()
         acc = None
@@ -69,7 +74,9 @@ def test_transition_times_are_when_they_happen_not_the_sockets_last_activity() -
             t2 = time.monotonic_ns()
             cport = cli.getsockname()[1]
             within("the client's ESTABLISHED", int(record_in(t, cport, sport, ESTABLISHED)["state_ns"]), t0, t1)
-            within("the child's ESTABLISHED", int(record_in(t, sport, cport, ESTABLISHED)["state_ns"]), t0, t2)
+            child = record_in(t, sport, cport, ESTABLISHED)
+            within("the child's ESTABLISHED", int(child["state_ns"]), t0, t2)
+            born = int(child["birth_ns"])
 
             # ESTABLISHED -> CLOSE_WAIT (server) and FIN_WAIT1 -> FIN_WAIT2 (client), after a
             # quiet second on both: the client's FIN, and the ACK of it.
@@ -86,15 +93,23 @@ def test_transition_times_are_when_they_happen_not_the_sockets_last_activity() -
 
             # CLOSE_WAIT -> LAST_ACK is made by the server's shutdown(), not by a segment, and
             # must read the clock itself: its CLOSE_WAIT lasted the quiet second at least (with
-            # the socket's stamp, it would read as ~0).  Then LAST_ACK -> CLOSE, on the ACK.
-            before = poller.read_totals(t).state_hist(CLOSE_WAIT)
+            # the socket's stamp, it would read as ~0).  Then LAST_ACK -> CLOSE, on the ACK,
+            # where the record ends: its lifetime (whole microseconds) gives the time.
+            totals = poller.read_totals(t)
+            before, lived = totals.state_hist(CLOSE_WAIT), totals.lifetime(PASSIVE)
             time.sleep(QUIET_S)
             t5 = time.monotonic_ns()
             acc.shutdown(socket.SHUT_WR)
-            closed = int(record_in(t, sport, cport, CLOSE)["state_ns"])
+            wait_until(lambda: poller.read_totals(t).lifetime(PASSIVE).count > lived.count, 10,
+                       "the server's connection to end")
             t6 = time.monotonic_ns()
-            within("the server's CLOSE", closed, t5, t6)
-            after = poller.read_totals(t).state_hist(CLOSE_WAIT)
+            totals = poller.read_totals(t)
+            after, ended = totals.state_hist(CLOSE_WAIT), totals.lifetime(PASSIVE)
+            assert ended.count == lived.count + 1
+            _, socks = poller.read_socks(t)
+            assert not ((socks["lport"] == sport) & (socks["rport"] == cport)).any(), "the record ends at CLOSE"
+            # The lifetime is truncated to whole microseconds: within() allows 1 us before t5.
+            within("the server's CLOSE", born + (ended.sum_us - lived.sum_us) * 1000, t5, t6)
             assert after.count > before.count
             # (sums are in whole microseconds: 1 us of slack)
             assert after.sum_us - before.sum_us >= (t5 - close_wait) / 1000 - 1, \

@@ -515,8 +515,8 @@ def test_tracer_leaks_and_watch_cli(leak_net: LeakNet, spawn: Any) -> None:
 
 
 def test_gone_socket_record_is_reaped(leak_tracer: Any) -> None:
-    """A record whose socket sock_diag no longer lists (the kernel's destroy
-    event never reached us) is deleted after two scans ``reap_after`` apart
+    """A record whose socket sock_diag no longer lists (its transition to
+    CLOSE never reached us) is deleted after two scans ``reap_after`` apart
     and counted; live sockets' records, CLOSE records (unhashed sockets are
     not listed), records in namespaces not dumped and records that changed
     in between are kept."""

@@ -206,7 +206,7 @@ def _start(*args: str) -> tuple[subprocess.Popen, set[int], int]:
     assert line.startswith("tracer: attached"), line
     cmd_pid = int(line.rsplit("pid ", 1)[1].rstrip(")\n"))
     ids = prog_ids_of(p.pid)
-    assert len(ids) >= 4, ids  # state, destroy, fork, exit at least
+    assert len(ids) >= 3, ids  # state, fork, exit at least
     assert ids <= live_prog_ids()
     return p, ids, cmd_pid
 

@@ -47,8 +47,8 @@ def test_settle_raises_for_required_and_explains_optional() -> None:
     assert ch.reason.startswith("off: the application's close is its FIN")
     with pytest.raises(hooks.TracerError, match="cannot hook tcp_close"):
         hooks.settle(hooks.Choice("close", rejected=[("kprobe", "refused")]), syscall_hooks=True)
-    with pytest.raises(hooks.TracerError, match="cannot hook tcp_destroy_sock"):
-        hooks.settle(hooks.Choice("destroy"), syscall_hooks=False)
+    with pytest.raises(hooks.TracerError, match="cannot hook inet_sock_set_state / tcp_set_state"):
+        hooks.settle(hooks.Choice("state"), syscall_hooks=False)
     done = hooks.Choice("state", kind="tp_btf", programs=("state_tp_btf",))
     hooks.settle(done, syscall_hooks=False)
     assert done.reason == ""
