@@ -30,7 +30,7 @@ from typing import Protocol
 
 import numpy as np
 
-from pytracer.arrays import fields_of, find_sorted
+from pytracer.arrays import fields_of
 from pytracer.kernel import abi
 from pytracer.kernel.abi import Stat
 from pytracer.kernel.histogram import Histogram
@@ -184,7 +184,7 @@ class SockBuffers:
         else:
             raise RuntimeError("the socket table kept outgrowing the read buffers")
         if first is not None:
-            n = self._add_nursery(first, n)
+            n = self._add_nursery(first, nursery, n)
         return self.keys[:n], self.socks[:n]
 
     def _read_narrow(self, src: MapSource, m) -> tuple[np.ndarray, np.ndarray]:
@@ -205,10 +205,10 @@ class SockBuffers:
             self.socks[n : n + c] = np.frombuffer(vbuf, SOCK_DTYPE, count=c)[list(NARROW_FIELDS)]
             n += c
         if first is not None:
-            n = self._add_nursery(first, n)
+            n = self._add_nursery(first, nursery, n)
         return self.keys[:n], self.socks[:n]
 
-    def _add_nursery(self, first: tuple[np.ndarray, np.ndarray], n: int) -> int:
+    def _add_nursery(self, first: tuple[np.ndarray, np.ndarray], slots: int, n: int) -> int:
         """Append the nursery's records, read before the ``n`` rows of
         "socks"; how many rows there are then.
 
@@ -218,7 +218,7 @@ class SockBuffers:
         round, a storm's moves go missing from every read."""
         keys, recs = first
         if len(keys) and n:
-            _, dup = find_sorted(np.sort(keys), self.keys[:n])
+            dup = in_nursery(by_slot(keys, slots), self.keys[:n])
             if dup.any():
                 keep = np.flatnonzero(~dup)
                 n = len(keep)
@@ -254,6 +254,20 @@ class SockBuffers:
                            prot=mmap.PROT_READ)
             self._mapped = ((fd, slots), mm)
         return np.frombuffer(self._mapped[1], SLOT_DTYPE, count=slots)
+
+
+def by_slot(keys: np.ndarray, slots: int) -> np.ndarray:
+    """A nursery read's keys laid out by slot (0: free): a cookie can only
+    ever sit in slot ``cookie & (slots - 1)``."""
+    out = np.zeros(slots, np.uint64)
+    out[keys & np.uint64(slots - 1)] = keys
+    return out
+
+
+def in_nursery(slotted: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Which of ``keys`` (cookies, not 0) were in the nursery read that
+    :func:`by_slot` laid out: one load per key, no sort, no search."""
+    return slotted[keys & np.uint64(len(slotted) - 1)] == keys
 
 
 def lookup_record(src: MapSource, cookie: int) -> np.ndarray | None:
@@ -296,14 +310,13 @@ def count_socks(src: MapSource, buffers: SockBuffers | None = None, chunk: int =
     # The nursery first, in place, as SockBuffers reads it: a record that
     # moves out of its slot during the walk is counted once, from this copy.
     nkeys, nrecs = buffers.nursery_records(src.map("nursery"), slots) if slots else (np.zeros(0, np.uint64), None)
-    nsorted = np.sort(nkeys)
+    copied = by_slot(nkeys, slots) if len(nkeys) else None
     states = np.zeros(abi.PT_STATES, np.int64)
     total = 0
     for keys, vals, n in batches(SOCK_DTYPE.itemsize, chunk):
         recs = np.frombuffer(vals, SOCK_DTYPE, count=n)
-        if len(nsorted):
-            _, dup = find_sorted(nsorted, np.frombuffer(keys, np.uint64, count=n))
-            recs = recs[~dup]
+        if copied is not None:
+            recs = recs[~in_nursery(copied, np.frombuffer(keys, np.uint64, count=n))]
         states += live_states(recs)
         total += len(recs)
     if nrecs is not None:

@@ -120,3 +120,11 @@ def test_a_record_moving_out_of_the_nursery_during_a_read_is_read_once(seen: boo
     storm = Storm(seen)
     keys, _ = storm_buffers(storm).read(storm, narrow=narrow)  # type: ignore[arg-type]
     assert sorted(keys.tolist()) == [5, 7, 9]
+
+
+def test_nursery_membership_is_by_slot() -> None:
+    slotted = poll.by_slot(np.array([100, 141, 202], np.uint64), 4)
+    assert slotted.tolist() == [100, 141, 202, 0]
+    keys = np.array([1, 96, 100, 104, 141, 145, 202, 10**18], np.uint64)
+    assert poll.in_nursery(slotted, keys).tolist() == [False, False, True, False, True, False, True, False]
+    assert poll.in_nursery(slotted, np.zeros(0, np.uint64)).tolist() == []
