@@ -251,3 +251,36 @@ def test_inventory_of_some_fields_is_the_whole_rows_narrowed(fields: tuple[str, 
         assert np.array_equal(some[name], whole[name]), name
     assert np.array_equal(some, np.array(whole[list(fields)], dtype))
     assert len(sockdiag.to_inventory(msgs[:0], 1, dtype)) == 0
+
+
+def _one_by_one(buf: bytes, seq: int) -> list[bytes]:
+    """The socket messages' inet_diag_msg bytes, read one message at a time."""
+    out, off = [], 0
+    while off + 16 <= len(buf):
+        length, typ, mseq = struct.unpack_from("=IH2xI", buf, off)
+        if typ == sockdiag.SOCK_DIAG_BY_FAMILY and mseq == seq:
+            out.append(buf[off + 16 : off + 16 + sockdiag.MSG_DTYPE.itemsize])
+        off += (length + 3) & ~3
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_runs_of_any_length_parse_like_one_message_at_a_time(seed: int) -> None:
+    # Runs of 1..300 equal-length messages (past the first windows of the run
+    # check), lengths alternating, another sequence's message inside a run.
+    rng = np.random.default_rng(seed)
+    parts = []
+    for _run in range(40):
+        extra = int(rng.integers(0, 3))
+        for _ in range(int(rng.choice([1, 1, 2, 3, 17, 90, 300]))):
+            body = bytearray(rng.integers(0, 256, sockdiag.MSG_DTYPE.itemsize, np.uint8).tobytes())
+            body += (struct.pack("=HH", 8, 8) + bytes(4)) * extra
+            mseq = 77 if rng.random() > 0.01 else 78
+            parts.append(struct.pack("=IHHII", 16 + len(body), 20, 2, mseq, 0) + bytes(body))
+    buf = b"".join(parts) + struct.pack("=IHHII", 20, sockdiag.NLMSG_DONE, 2, 77, 0) + bytes(4)
+    msgs, done, err = sockdiag.parse_dump(buf, 77)
+    want = _one_by_one(buf, 77)
+    assert done and err == 0 and len(msgs) == len(want) > 40
+    ref = np.frombuffer(b"".join(want), sockdiag.MSG_DTYPE)
+    for name in sockdiag.MSG_DTYPE.names:
+        assert np.array_equal(msgs[name], ref[name]), name
