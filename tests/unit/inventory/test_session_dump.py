@@ -14,6 +14,7 @@ from pytracer.inventory import session as session_mod
 from pytracer.inventory import sockdiag
 from pytracer.inventory.netns import NetnsInfo, parse_sockstat
 from pytracer.inventory.session import Session
+from pytracer.kernel.tcp_states import TcpState
 
 FIX = Path(__file__).resolve().parents[2] / "fixtures" / "leaks"
 DUMP = (FIX / "dump.bin").read_bytes()  # 20 sockets and NLMSG_DONE, sequence 77
@@ -67,8 +68,8 @@ def session(**infos: NetnsInfo) -> tuple[Session, dict[int, RecordedSocket]]:
     return s, socks
 
 
-def info(label: str, tcp_sockets: int | None) -> NetnsInfo:
-    return NetnsInfo(0, label, "/nonexistent", tcp_sockets=tcp_sockets)
+def info(label: str, tcp_sockets: int | None, tcp6_inuse: int | None = 0) -> NetnsInfo:
+    return NetnsInfo(0, label, "/nonexistent", tcp_sockets=tcp_sockets, tcp6_inuse=tcp6_inuse)
 
 
 @pytest.fixture(autouse=True)
@@ -85,6 +86,19 @@ def test_both_families_in_one_walk_and_namespaces_without_tcp_skipped() -> None:
     assert len(inv.rows) == 40 and not inv.errors
     assert np.bincount(inv.rows["netns"].astype(np.intp)).tolist() == [0, 20, 0, 20]
     assert inv.rows.dtype.names == ("cookie", "netns", "state")
+
+
+def test_with_ipv6_full_sockets_only_minisockets_are_dumped_in_one_walk() -> None:
+    # IPv4 and IPv6 full sockets in one walk would alternate message lengths.
+    s, socks = session(a=info("dual stack", 12, tcp6_inuse=4), b=info("not known", None, tcp6_inuse=None))
+    s.dump(states=sockdiag.ALL_STATES)
+    per_family = [(sockdiag.SOCK_DIAG_BY_FAMILY, 2), (sockdiag.SOCK_DIAG_BY_FAMILY, 10)]
+    assert socks[1].requests == socks[2].requests == per_family
+    tw, nsr, lst = (1 << int(TcpState.TIME_WAIT)), (1 << int(TcpState.NEW_SYN_RECV)), (1 << int(TcpState.LISTEN))
+    s.dump(states=tw | nsr | lst)
+    assert socks[1].requests[2:] == socks[2].requests[2:] == [(sockdiag.TCPDIAG_GETSOCK, 0)]
+    s.dump(states=tw | (1 << int(TcpState.FIN_WAIT2)))  # FIN_WAIT2 full sockets too
+    assert socks[1].requests[3:] == per_family
 
 
 def test_one_family_is_asked_for_on_its_own() -> None:
@@ -106,9 +120,10 @@ def test_a_kernel_refusing_the_one_walk_is_asked_per_family_from_then_on() -> No
 
 
 def test_sockstat_counts_hashed_and_timewait_sockets_of_both_families() -> None:
-    assert parse_sockstat(V4, V6) == 5 + 7 + 3
-    assert parse_sockstat(V4.replace("inuse 5", "inuse 0").replace("tw 7", "tw 0"), "TCP6: inuse 0\n") == 0
-    assert parse_sockstat(V4, "") is None  # no IPv6: not known, never skipped
-    assert parse_sockstat("TCP: inuse 5 orphan 0\n", V6) is None  # no tw field
-    assert parse_sockstat(V4.replace("inuse 5", "inuse -1"), V6) is None  # a per-CPU sum mid-update
-    assert parse_sockstat(V4.replace("tw 7", "tw x"), V6) is None
+    assert parse_sockstat(V4, V6) == (5 + 7 + 3, 3)
+    assert parse_sockstat(V4.replace("inuse 5", "inuse 0").replace("tw 7", "tw 0"), "TCP6: inuse 0\n") == (0, 0)
+    unknown = (None, None)
+    assert parse_sockstat(V4, "") == unknown  # no IPv6: not known, never skipped
+    assert parse_sockstat("TCP: inuse 5 orphan 0\n", V6) == unknown  # no tw field
+    assert parse_sockstat(V4.replace("inuse 5", "inuse -1"), V6) == unknown  # a per-CPU sum mid-update
+    assert parse_sockstat(V4.replace("tw 7", "tw x"), V6) == unknown
