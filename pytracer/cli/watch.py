@@ -72,7 +72,10 @@ def services_enricher(report: dict[str, Any], snap: Any, tracer: Any, opts: Any,
     from pytracer.table import services
 
     # Between connection ends nothing changes: the same objects, their JSON made once.
-    stats = [s for s in services.read(tracer, state.setdefault("services_cache", {})) if s.ends]
+    read = services.read(tracer, state.setdefault("services_cache", {}))
+    if snap is not None:
+        snap.services = read  # the leak scan of this interval judges the same read
+    stats = [s for s in read if s.ends]
     last = state.get("services_json")
     if last is None or len(last[0]) != len(stats) or any(a is not b for a, b in zip(last[0], stats)):
         last = state["services_json"] = (stats, [s.to_json() for s in stats])

@@ -317,7 +317,8 @@ class TracerCollector(Collector):
         if self._thread is not None:
             inp.leaks = self._report
         elif scanner is not None and totals is not None and socks is not None:
-            snap = poller.Snapshot(mono, time.time(), totals, keys, socks, inp.poll_seconds, src=self.tracer)
+            snap = poller.Snapshot(mono, time.time(), totals, keys, socks, inp.poll_seconds, src=self.tracer,
+                                   services=inp.services)
             inp.leaks = self._scan_once(scanner, snap, time.monotonic())
 
         inp.build = {

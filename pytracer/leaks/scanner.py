@@ -172,7 +172,7 @@ class Scanner:
             except Exception as exc:  # a scan never raises
                 log.exception("leak scan failed")
                 rep.errors.append(f"scan: {type(exc).__name__}: {exc}")
-            self._idle_resets(rep)
+            self._idle_resets(rep, snapshot)
             self.scans += 1
             rep.stats["scan_seconds"] = round(time.perf_counter() - t0, 6)
             rep.stats["scans"] = self.scans
@@ -199,18 +199,25 @@ class Scanner:
             self.last_full_end, self.last_full_cost = time.monotonic(), time.perf_counter() - t0
             self.full_wanted = False
 
-    def _idle_resets(self, rep: LeakReport) -> None:
-        """The per-service rule: read the kernel's service histograms (one
-        lookup per service) and judge them."""
+    def _idle_resets(self, rep: LeakReport, snapshot: Snapshot | None = None) -> None:
+        """The per-service rule: judge the kernel's service histograms, as
+        the snapshot's reader read them (``snapshot.services``), else read
+        now (one lookup per service).  /proc is read only for the processes
+        a flag names (most scans flag nothing)."""
         if self.tracer is None or getattr(self.tracer, "obj", True) is None:
             return
         try:
-            from pytracer.table import services  # noqa: PLC0415 - only with a tracer
+            if snapshot is not None and snapshot.services is not None:
+                rep.services = snapshot.services
+            else:
+                from pytracer.table import services  # noqa: PLC0415 - only with a tracer
 
-            rep.services = services.read(self.tracer, self.services_cache)
-            pids = {pid for s in rep.services for pid in s.owners.values()}
-            facts = {pid: pf for pid in sorted(pids)[:64] if (pf := self._proc_facts(pid)) is not None}
-            found = idle_reset_flags(rep.services, facts, self.thresholds)
+                rep.services = services.read(self.tracer, self.services_cache)
+            found = idle_reset_flags(rep.services, {}, self.thresholds)
+            pids = {f.pid for f in found if f.pid}
+            if pids:  # the flags again, now naming their processes
+                facts = {pid: pf for pid in sorted(pids)[:64] if (pf := self._proc_facts(pid)) is not None}
+                found = idle_reset_flags(rep.services, facts, self.thresholds)
         except Exception as exc:  # a scan never raises
             rep.errors.append(f"services: {type(exc).__name__}: {exc}")
             return

@@ -109,6 +109,10 @@ class Snapshot:
     table_totals: Totals | None = None
     # Where a narrow table (NARROW_DTYPE) was read from, for Snapshot.record.
     src: MapSource | None = None
+    # The per-service aggregates (pytracer.table.services.read), when the
+    # snapshot's reader read them this interval: a leak scan judging the
+    # snapshot uses them instead of reading the maps again.
+    services: list | None = None
 
     def record(self, i: int) -> np.void | None:
         """Record ``i`` whole: from the table when it was read whole, else

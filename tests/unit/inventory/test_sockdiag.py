@@ -202,3 +202,85 @@ def test_rows_grow_past_their_capacity_and_truncate() -> None:
     assert out.tolist() == [0, 1, 10, 11, 99] and len(rows) == 0
     out.sort()  # the rows are the caller's, writable
     assert arrays.Rows(sockdiag.INV_DTYPE).take().dtype == sockdiag.INV_DTYPE
+
+
+def _retyped(raw: bytes, seq: int, typ: int | None = None) -> bytes:
+    """A recorded reply with every message's sequence number set to ``seq``
+    and (``typ``) its socket messages' type changed."""
+    out = bytearray(raw)
+    off = 0
+    while off + 16 <= len(out):
+        length, mtype = struct.unpack_from("=IH", out, off)
+        if typ is not None and mtype == sockdiag.SOCK_DIAG_BY_FAMILY:
+            struct.pack_into("=H", out, off + 4, typ)
+        struct.pack_into("=I", out, off + 8, seq)
+        off += (length + 3) & ~3
+    return bytes(out)
+
+
+def test_one_walk_request_is_a_struct_inet_diag_req_for_every_family() -> None:
+    req = sockdiag._compat_request(sockdiag.ALL_STATES, 0, 0x301, 9)
+    length, typ, flags, seq, _pid = struct.unpack_from("=IHHII", req)
+    # nlmsghdr + struct inet_diag_req (family, src_len, dst_len, ext, sockid[48], states, dbs): 16 + 60.
+    assert (length, typ, flags, seq) == (76, sockdiag.TCPDIAG_GETSOCK, 0x301, 9) and len(req) == 76
+    assert struct.unpack_from("=BBBB", req, 16) == (0, 0, 0, 0)
+    assert req[20:60] == bytes(40)  # ports, addresses and interface: any
+    assert struct.unpack_from("=QII", req, 60) == (sockdiag.NOCOOKIE, sockdiag.ALL_STATES, 0)
+
+
+def test_parse_dump_takes_the_socket_messages_of_the_request_type_only() -> None:
+    raw = (FIX / "dump.bin").read_bytes()
+    want, _, _ = sockdiag.parse_dump(raw, 77)
+    compat = _retyped(raw, 77, sockdiag.TCPDIAG_GETSOCK)
+    got, done, err = sockdiag.parse_dump(compat, 77, sockdiag.TCPDIAG_GETSOCK)
+    assert done and err == 0 and len(got) == len(want) == 20
+    assert got.tobytes() == want.tobytes()
+    other, done, _ = sockdiag.parse_dump(compat, 77)  # not what a SOCK_DIAG_BY_FAMILY dump asked for
+    assert len(other) == 0 and done
+
+
+@pytest.mark.parametrize("fields", [("netns", "family", "state", "timer", "lport", "rport", "raddr"),
+                                    ("cookie", "state"), ("inode", "cookie", "netns")])
+def test_inventory_of_some_fields_is_the_whole_rows_narrowed(fields: tuple[str, ...]) -> None:
+    msgs, _, _ = sockdiag.parse_dump((FIX / "dump.bin").read_bytes(), 77)
+    whole = sockdiag.to_inventory(msgs, 4026531993)
+    dtype = arrays.fields_of(sockdiag.INV_DTYPE, fields)
+    some = sockdiag.to_inventory(msgs, 4026531993, dtype)
+    assert some.dtype == dtype and len(some) == len(whole) == 20
+    for name in fields:
+        assert np.array_equal(some[name], whole[name]), name
+    assert np.array_equal(some, np.array(whole[list(fields)], dtype))
+    assert len(sockdiag.to_inventory(msgs[:0], 1, dtype)) == 0
+
+
+def _one_by_one(buf: bytes, seq: int) -> list[bytes]:
+    """The socket messages' inet_diag_msg bytes, read one message at a time."""
+    out, off = [], 0
+    while off + 16 <= len(buf):
+        length, typ, mseq = struct.unpack_from("=IH2xI", buf, off)
+        if typ == sockdiag.SOCK_DIAG_BY_FAMILY and mseq == seq:
+            out.append(buf[off + 16 : off + 16 + sockdiag.MSG_DTYPE.itemsize])
+        off += (length + 3) & ~3
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_runs_of_any_length_parse_like_one_message_at_a_time(seed: int) -> None:
+    # Runs of 1..300 equal-length messages (past the first windows of the run
+    # check), lengths alternating, another sequence's message inside a run.
+    rng = np.random.default_rng(seed)
+    parts = []
+    for _run in range(40):
+        extra = int(rng.integers(0, 3))
+        for _ in range(int(rng.choice([1, 1, 2, 3, 17, 90, 300]))):
+            body = bytearray(rng.integers(0, 256, sockdiag.MSG_DTYPE.itemsize, np.uint8).tobytes())
+            body += (struct.pack("=HH", 8, 8) + bytes(4)) * extra
+            mseq = 77 if rng.random() > 0.01 else 78
+            parts.append(struct.pack("=IHHII", 16 + len(body), 20, 2, mseq, 0) + bytes(body))
+    buf = b"".join(parts) + struct.pack("=IHHII", 20, sockdiag.NLMSG_DONE, 2, 77, 0) + bytes(4)
+    msgs, done, err = sockdiag.parse_dump(buf, 77)
+    want = _one_by_one(buf, 77)
+    assert done and err == 0 and len(msgs) == len(want) > 40
+    ref = np.frombuffer(b"".join(want), sockdiag.MSG_DTYPE)
+    for name in sockdiag.MSG_DTYPE.names:
+        assert np.array_equal(msgs[name], ref[name]), name

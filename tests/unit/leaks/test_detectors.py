@@ -316,6 +316,35 @@ def test_time_wait_top_and_warned() -> None:
     assert not time_wait_flags(warned, Thresholds(time_wait_warn_ratio=0.7))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_time_wait_counts_match_a_row_by_row_count(seed: int) -> None:
+    # Random mixes: one or several namespaces (one without a known port range),
+    # listeners inside and outside the ephemeral range, one or many destinations.
+    rng = np.random.default_rng(seed)
+    n = 3000
+    nss = [1] if seed % 2 else [1, 2, 3]
+    dests = [("10.0.0.9", 80)] if seed % 3 == 0 else [("10.0.0.9", 80), ("10.0.0.7", 443), ("fd00::1", 80)]
+    specs = []
+    for _ in range(n):
+        raddr, rport = dests[int(rng.integers(len(dests)))]
+        fam = 10 if ":" in raddr else 2
+        raw = raddr if fam == 2 else "fd" + "0" * 29 + "1"
+        specs.append((int(rng.choice(nss)), int(rng.choice([6, 6, 6, 1, 8])), fam,
+                      int(rng.choice([8080, 40001, int(rng.integers(1024, 65535))])), raw, rport))
+    listeners = [(ns, 10, 2, port, "0.0.0.0", 0) for ns in nss for port in (8080, 40001)][: 1 + seed % 4]
+    r = rows(*specs, *listeners)
+    ranges = {1: (32768, 60999), 2: (40000, 40099), 3: None}
+    listening = {(ns, port) for ns, _, _, port, _, _ in listeners}
+    want: dict[tuple, int] = {}
+    for ns, state, fam, lport, _raddr, rport in specs:
+        pr = ranges.get(ns)
+        if state != 6 or (ns, lport) in listening or (pr is not None and not pr[0] <= lport <= pr[1]):
+            continue
+        want[(ns, rport, fam)] = want.get((ns, rport, fam), 0) + 1
+    got = {(d.netns, d.rport, d.family): d.count for d in time_wait_by_destination(r, ranges, 1)}
+    assert got == want and sum(got.values()) > 0
+
+
 def test_time_wait_ipv6_destination() -> None:
     r = rows((1, 6, 10, 40001, "fd000000000000000000000000000001", 8443))
     (d,) = time_wait_by_destination(r, {1: (32768, 60999)}, 1)

@@ -81,3 +81,30 @@ def test_other_is_never_flagged_and_flags_rank_with_process_trends() -> None:
     [f] = idle_reset_flags([svc(reset_received=[3.3] * 4)], {}, Thresholds())
     assert f.comm is None and "pid 4242" in f.detail
     assert ordered([f])[0] is f
+
+
+def test_a_scan_judges_the_snapshots_services_and_reads_proc_only_for_flagged_pids() -> None:
+    from pytracer.leaks.report import LeakReport
+    from pytracer.leaks.scanner import Scanner
+
+    class NoMaps:  # a tracer whose maps must not be read: the snapshot has the services
+        obj = object()
+
+        def map(self, name: str) -> Any:
+            raise AssertionError(f"map {name} read again")
+
+    sc = Scanner(NoMaps(), Thresholds())
+    asked: list[int] = []
+    sc._proc_facts = lambda pid: asked.append(pid) or PROCS.get(pid)  # type: ignore[method-assign]
+    quiet = svc(port=6379, owners={"local_close": 777, "peer_fin": 778}, local_close=[1.0, 2.0])
+    flagged = svc(reset_received=[3.3, 3.35, 3.4, 3.31, 3.45])
+    rep = LeakReport(mono_ns=0, wall=0.0)
+    sc._idle_resets(rep, SimpleNamespace(services=[quiet, flagged]))
+    assert not rep.errors and rep.services == [quiet, flagged]
+    [f] = rep.flags
+    assert f.kind == "idle_reset" and f.pid == 4242 and f.comm == "api" and "pid 4242 (api)" in f.detail
+    assert f == idle_reset_flags([quiet, flagged], PROCS, Thresholds())[0]
+    assert asked == [4242]  # not the quiet service's processes
+    rep = LeakReport(mono_ns=0, wall=0.0)
+    sc._idle_resets(rep, SimpleNamespace(services=[quiet]))
+    assert rep.flags == [] and asked == [4242]  # nothing flagged: no /proc read

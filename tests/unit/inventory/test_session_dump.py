@@ -1,0 +1,129 @@
+"""Session.dump's requests and how it reads their replies, on a socket
+that answers from a recorded dump (tests/fixtures/leaks/dump.bin).  No kernel."""
+
+from __future__ import annotations
+
+import errno
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pytracer.inventory import session as session_mod
+from pytracer.inventory import sockdiag
+from pytracer.inventory.netns import NetnsInfo, parse_sockstat
+from pytracer.inventory.session import Session
+from pytracer.kernel.tcp_states import TcpState
+
+FIX = Path(__file__).resolve().parents[2] / "fixtures" / "leaks"
+DUMP = (FIX / "dump.bin").read_bytes()  # 20 sockets and NLMSG_DONE, sequence 77
+V4 = ("sockets: used 230\nTCP: inuse 5 orphan 0 tw 7 alloc 9 mem 1\nUDP: inuse 1 mem 0\n"
+      "UDPLITE: inuse 0\nRAW: inuse 0\nFRAG: inuse 0 memory 0\n")
+V6 = "TCP6: inuse 3\nUDP6: inuse 0\nUDPLITE6: inuse 0\nRAW6: inuse 0\nFRAG6: inuse 0 memory 0\n"
+
+
+def _reply(seq: int, typ: int) -> bytes:
+    out = bytearray(DUMP)
+    off = 0
+    while off + 16 <= len(out):
+        length, mtype = struct.unpack_from("=IH", out, off)
+        if mtype == sockdiag.SOCK_DIAG_BY_FAMILY:
+            struct.pack_into("=H", out, off + 4, typ)
+        struct.pack_into("=I", out, off + 8, seq)
+        off += (length + 3) & ~3
+    return bytes(out)
+
+
+class RecordedSocket:
+    """Answers each dump request with the recording (as the request's
+    type); ``refuse_one_walk``: answers the one-walk request as a kernel
+    without it would (NLMSG_ERROR EOPNOTSUPP)."""
+
+    def __init__(self, refuse_one_walk: bool = False) -> None:
+        self.refuse = refuse_one_walk
+        self.requests: list[tuple[int, int]] = []  # (message type, family)
+        self.pending: list[bytes] = []
+
+    def send(self, req: bytes) -> int:
+        _, typ, _, seq, _ = struct.unpack_from("=IHHII", req)
+        self.requests.append((typ, req[16]))
+        if typ == sockdiag.TCPDIAG_GETSOCK and self.refuse:
+            self.pending.append(struct.pack("=IHHII", 36, sockdiag.NLMSG_ERROR, 0, seq, 0)
+                                + struct.pack("=i", -errno.EOPNOTSUPP) + bytes(16))
+        else:
+            self.pending.append(_reply(seq, typ))
+        return len(req)
+
+    def recv(self, size: int) -> bytes:
+        return self.pending.pop(0)
+
+
+def session(**infos: NetnsInfo) -> tuple[Session, dict[int, RecordedSocket]]:
+    s = Session([])
+    socks = {}
+    for i, info in enumerate(infos.values(), 1):
+        s.netns[i] = info
+        s.socks[i] = socks[i] = RecordedSocket(refuse_one_walk=info.label == "old kernel")
+    return s, socks
+
+
+def info(label: str, tcp_sockets: int | None, tcp6_inuse: int | None = 0) -> NetnsInfo:
+    return NetnsInfo(0, label, "/nonexistent", tcp_sockets=tcp_sockets, tcp6_inuse=tcp6_inuse)
+
+
+@pytest.fixture(autouse=True)
+def _one_walk(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(session_mod._one_walk, "ok", True)
+
+
+def test_both_families_in_one_walk_and_namespaces_without_tcp_skipped() -> None:
+    s, socks = session(a=info("busy", 12), b=info("empty", 0), c=info("unknown", None))
+    inv = s.dump(states=sockdiag.ALL_STATES, fields=("cookie", "netns", "state"))
+    assert socks[1].requests == [(sockdiag.TCPDIAG_GETSOCK, 0)]
+    assert socks[2].requests == []  # its sockstat counted no TCP socket
+    assert socks[3].requests == [(sockdiag.TCPDIAG_GETSOCK, 0)]  # not known: walked
+    assert len(inv.rows) == 40 and not inv.errors
+    assert np.bincount(inv.rows["netns"].astype(np.intp)).tolist() == [0, 20, 0, 20]
+    assert inv.rows.dtype.names == ("cookie", "netns", "state")
+
+
+def test_with_ipv6_full_sockets_only_minisockets_are_dumped_in_one_walk() -> None:
+    # IPv4 and IPv6 full sockets in one walk would alternate message lengths.
+    s, socks = session(a=info("dual stack", 12, tcp6_inuse=4), b=info("not known", None, tcp6_inuse=None))
+    s.dump(states=sockdiag.ALL_STATES)
+    per_family = [(sockdiag.SOCK_DIAG_BY_FAMILY, 2), (sockdiag.SOCK_DIAG_BY_FAMILY, 10)]
+    assert socks[1].requests == socks[2].requests == per_family
+    tw, nsr, lst = (1 << int(TcpState.TIME_WAIT)), (1 << int(TcpState.NEW_SYN_RECV)), (1 << int(TcpState.LISTEN))
+    s.dump(states=tw | nsr | lst)
+    assert socks[1].requests[2:] == socks[2].requests[2:] == [(sockdiag.TCPDIAG_GETSOCK, 0)]
+    s.dump(states=tw | (1 << int(TcpState.FIN_WAIT2)))  # FIN_WAIT2 full sockets too
+    assert socks[1].requests[3:] == per_family
+
+
+def test_one_family_is_asked_for_on_its_own() -> None:
+    s, socks = session(a=info("busy", 12))
+    inv = s.dump(families=(2,), states=sockdiag.ALL_STATES)
+    assert socks[1].requests == [(sockdiag.SOCK_DIAG_BY_FAMILY, 2)] and len(inv.rows) == 20
+
+
+def test_a_kernel_refusing_the_one_walk_is_asked_per_family_from_then_on() -> None:
+    s, socks = session(a=info("old kernel", 12))
+    inv = s.dump()
+    assert socks[1].requests == [(sockdiag.TCPDIAG_GETSOCK, 0), (sockdiag.SOCK_DIAG_BY_FAMILY, 2),
+                                 (sockdiag.SOCK_DIAG_BY_FAMILY, 10)]
+    assert len(inv.rows) == 40 and not inv.errors
+    assert session_mod._one_walk["ok"] is False
+    s2, socks2 = session(a=info("busy", 12))
+    s2.dump()
+    assert [t for t, _ in socks2[1].requests] == [sockdiag.SOCK_DIAG_BY_FAMILY] * 2
+
+
+def test_sockstat_counts_hashed_and_timewait_sockets_of_both_families() -> None:
+    assert parse_sockstat(V4, V6) == (5 + 7 + 3, 3)
+    assert parse_sockstat(V4.replace("inuse 5", "inuse 0").replace("tw 7", "tw 0"), "TCP6: inuse 0\n") == (0, 0)
+    unknown = (None, None)
+    assert parse_sockstat(V4, "") == unknown  # no IPv6: not known, never skipped
+    assert parse_sockstat("TCP: inuse 5 orphan 0\n", V6) == unknown  # no tw field
+    assert parse_sockstat(V4.replace("inuse 5", "inuse -1"), V6) == unknown  # a per-CPU sum mid-update
+    assert parse_sockstat(V4.replace("tw 7", "tw x"), V6) == unknown
