@@ -173,8 +173,7 @@ class SockBuffers:
         m = src.map("socks")
         if narrow and getattr(m, "batches", None) is not None:
             return self._read_narrow(src, m)
-        nursery = int(getattr(src, "nursery_slots", 0) or 0)
-        first = self.nursery_records(src.map("nursery"), nursery) if nursery else None
+        nursery, first = self.nursery_first(src)
         want = max(int(m.max_entries), 1) + nursery
         # Bounded: each failed pass doubles the buffers.
         for _ in range(32):
@@ -192,8 +191,7 @@ class SockBuffers:
         return self.keys[:n], self.socks[:n]
 
     def _read_narrow(self, src: MapSource, m) -> tuple[np.ndarray, np.ndarray]:
-        nursery = int(getattr(src, "nursery_slots", 0) or 0)
-        first = self.nursery_records(src.map("nursery"), nursery) if nursery else None
+        nursery, first = self.nursery_first(src)
         want = max(int(m.max_entries), 1) + nursery
         if len(self.keys) < want or self.socks.dtype != NARROW_DTYPE:
             # Resident only as written: the pages of the rows a read fills.
@@ -211,6 +209,12 @@ class SockBuffers:
         if first is not None:
             n = self._add_nursery(first, nursery, n)
         return self.keys[:n], self.socks[:n]
+
+    def nursery_first(self, src: MapSource) -> tuple[int, tuple[np.ndarray, np.ndarray] | None]:
+        """(the nursery's slots, its records) of ``src``, copied before a
+        walk of "socks" (see :meth:`_add_nursery`); (0, None) without one."""
+        slots = int(getattr(src, "nursery_slots", 0) or 0)
+        return slots, (self.nursery_records(src.map("nursery"), slots) if slots else None)
 
     def _add_nursery(self, first: tuple[np.ndarray, np.ndarray], slots: int, n: int) -> int:
         """Append the nursery's records, read before the ``n`` rows of
@@ -310,11 +314,10 @@ def count_socks(src: MapSource, buffers: SockBuffers | None = None, chunk: int =
     if batches is None:
         _, socks = buffers.read(src)
         return live_states(socks), len(socks)
-    slots = int(getattr(src, "nursery_slots", 0) or 0)
-    # The nursery first, in place, as SockBuffers reads it: a record that
-    # moves out of its slot during the walk is counted once, from this copy.
-    nkeys, nrecs = buffers.nursery_records(src.map("nursery"), slots) if slots else (np.zeros(0, np.uint64), None)
-    copied = by_slot(nkeys, slots) if len(nkeys) else None
+    # The nursery first, as SockBuffers reads it: a record that moves out
+    # of its slot during the walk is counted once, from this copy.
+    slots, first = buffers.nursery_first(src)
+    copied = by_slot(first[0], slots) if first is not None and len(first[0]) else None
     states = np.zeros(abi.PT_STATES, np.int64)
     total = 0
     for keys, vals, n in batches(SOCK_DTYPE.itemsize, chunk):
@@ -323,9 +326,9 @@ def count_socks(src: MapSource, buffers: SockBuffers | None = None, chunk: int =
             recs = recs[~in_nursery(copied, np.frombuffer(keys, np.uint64, count=n))]
         states += live_states(recs)
         total += len(recs)
-    if nrecs is not None:
-        states += live_states(nrecs)
-        total += len(nrecs)
+    if first is not None:
+        states += live_states(first[1])
+        total += len(first[1])
     return states, total
 
 
