@@ -34,7 +34,9 @@
 #define S_IFMT		00170000
 #define S_IFSOCK	0140000
 
-/* Sized by the loader from --max-sockets before load. */
+/* Sized by the loader from --max-sockets before load; preallocated instead
+ * where kprobe or tracepoint programs use it before 6.1 (the loader clears
+ * the flag: see table_prealloc_reason() in pytracer/kernel/hooks.py). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 262144);

@@ -66,8 +66,13 @@
 /* Read one kernel value into a local (or a record field). */
 #define READ(dst, src) bpf_probe_read_kernel(&(dst), sizeof(dst), &(src))
 
-/* Sized from --max-sockets by the loader (PT_MAX_SOCKETS). */
-BPF_F_TABLE("hash", u64, struct pt_sock, socks, PT_MAX_SOCKETS, BPF_F_NO_PREALLOC);
+/* Sized from --max-sockets by the loader (PT_MAX_SOCKETS).  Preallocated
+ * (PT_SOCKS_FLAGS 0) where the kernel cannot allocate safely in kprobe and
+ * tracepoint programs: see table_prealloc_reason() in pytracer/kernel/hooks.py. */
+#ifndef PT_SOCKS_FLAGS
+#define PT_SOCKS_FLAGS		BPF_F_NO_PREALLOC
+#endif
+BPF_F_TABLE("hash", u64, struct pt_sock, socks, PT_MAX_SOCKETS, PT_SOCKS_FLAGS);
 
 BPF_PERCPU_ARRAY(agg, struct pt_agg, 1);
 

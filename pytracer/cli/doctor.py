@@ -10,6 +10,7 @@ import click
 from pytracer.cli.options import Context, make_tracer, run
 from pytracer.kernel import environment as env
 from pytracer.kernel import libbpf
+from pytracer.kernel.core import TracerHandle
 from pytracer.kernel.hooks import HOOK_TARGETS, TracerError, syscall_tax
 
 CAPS = {
@@ -68,6 +69,7 @@ def gather(obj: Context) -> dict:
                 }
                 for h, c in tracer.choices.items()
             }
+            out["socket_table"] = _socket_table(tracer)
             taxing = syscall_tax(tracer.choices)
             out["syscall_tax"] = {
                 "programs": taxing,
@@ -115,6 +117,19 @@ def running() -> tuple[list[dict] | str, list[str]]:
         rows.append({"pid": t.pid, "command": t.comm, "entries": t.entries, "capacity": t.capacity,
                      "insert_failed": t.failed_total, "table_full": full})
     return rows, warnings
+
+
+def _socket_table(tracer: TracerHandle) -> dict:
+    """How the kernel holds the socket table: its size, and whether it was
+    preallocated (and why)."""
+    return {
+        "entries": tracer.max_sockets,
+        "nursery": tracer.nursery_slots,
+        "preallocated": tracer.table_prealloc is not None,
+        "kernel_memory_bytes": env.map_memlock(tracer.map("socks").fd),
+        "why": (f"preallocated: {tracer.table_prealloc}" if tracer.table_prealloc else
+                "allocated as sockets come (BPF_F_NO_PREALLOC)"),
+    }
 
 
 def _sock_destroy() -> dict:
@@ -177,6 +192,11 @@ def doctor(obj: Context, as_json: bool) -> None:
                 progs = ",".join(d["programs"]) or "-"
                 click.echo(f"  {h:<9} {d['target']:<38} -> {d['kind'] or '-':<10} {progs}")
                 click.echo(f"  {'':<9} why: {d['why']}")
+        if "socket_table" in info:
+            t = info["socket_table"]
+            mem = t["kernel_memory_bytes"]
+            mem_text = f", {mem / 2**20:.1f} MiB of kernel memory now" if mem is not None else ""
+            click.echo(f"socket table  {t['entries']:,} entries (+{t['nursery']:,} nursery){mem_text}; {t['why']}")
         if "syscall_tax" in info:
             tax = info["syscall_tax"]
             progs = f"yes, {','.join(tax['programs'])}: " if tax["programs"] else ""

@@ -59,6 +59,7 @@ from pytracer.kernel.hooks import (
     rejected_text,
     settle,
     static_veto,
+    table_prealloc_reason,
 )
 
 SOURCE_NAME = "pytracer_bcc.c"
@@ -368,6 +369,10 @@ class BccTracer(TracerHandle):
                 raise TracerError(f"cannot hook {HOOK_TARGETS[hook]} ({why})")
             self.choices[hook] = ch
             plan[hook] = left
+        # Every bcc program is a kprobe or a classic tracepoint; the fork and
+        # exit twins of "follow" never touch the table.
+        self.table_prealloc = table_prealloc_reason(
+            (c.kind for h, cs in plan.items() if h != "follow" for c in cs), f.version)
         return plan
 
     def _cflags(self, f: Features) -> list[str]:
@@ -376,6 +381,8 @@ class BccTracer(TracerHandle):
             f"-I{self.source.parent}",
             f"-DPT_MAX_SOCKETS={int(self.max_sockets)}",
             f"-DPT_FILTER_OWNER={1 if self.pids else 0}",
+            # "socks" preallocated (0) or allocated as it fills (BPF_F_NO_PREALLOC, the default).
+            *(["-DPT_SOCKS_FLAGS=0"] if self.table_prealloc else []),
             # The process-tree twins (tracer run) and the filter's size for them.
             *(["-DPT_FOLLOW=1", f"-DPT_MAX_OWNERS={FOLLOW_MAX_PIDS}"] if self.follow_forks else []),
             # Kernel headers warn a lot under bcc's clang; keep stderr readable.

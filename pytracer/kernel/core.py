@@ -52,6 +52,7 @@ from pytracer.kernel.hooks import (
     settle,
     static_veto,
     syscall_hooks_wanted,
+    table_prealloc_reason,
 )
 
 DEFAULT_MAX_SOCKETS = 262144
@@ -152,6 +153,9 @@ class TracerHandle:
     backend = "core"
     key_by_ptr = False
     nursery_slots = 0  # see NURSERY_SLOTS
+    # Why "socks" was preallocated (hooks.table_prealloc_reason), or None:
+    # it allocates as it fills.
+    table_prealloc: str | None = None
 
     def __init__(
         self,
@@ -363,7 +367,12 @@ class Tracer(TracerHandle):
         if rodata.initial_value_size() != ctypes.sizeof(cfg):
             raise TracerError("BPF object and pytracer/abi.py disagree on the config layout: rebuild with `make`")
         rodata.set_initial_value(bytes(cfg))
-        obj.map("socks").max_entries = self.max_sockets
+        socks = obj.map("socks")
+        socks.max_entries = self.max_sockets
+        # The fork/exit programs of "follow" never touch the table.
+        self.table_prealloc = table_prealloc_reason((ch.kind for h, ch in plan.items() if h != "follow"), f.version)
+        if self.table_prealloc:
+            socks.flags &= ~libbpf.BPF_F_NO_PREALLOC
         obj.map("nursery").max_entries = max(1, self.nursery_slots)
         if self.follow_forks:
             obj.map("owners").max_entries = FOLLOW_MAX_PIDS

@@ -242,6 +242,20 @@ def memlock_limit() -> str:
     return "unlimited" if soft == resource.RLIM_INFINITY else f"{soft // 1024} KiB"
 
 
+def map_memlock(fd: int) -> int | None:
+    """The kernel's account of a BPF map's memory in bytes (its fdinfo's
+    "memlock:" line: what a preallocated map reserved, or what one that
+    allocates as it fills holds now on 6.4+), or None if unreadable."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("memlock:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 # The HZ values Linux is configured with (kernel/Kconfig.hz).
 KNOWN_HZ = (100, 250, 300, 1000)
 

@@ -28,6 +28,7 @@ functions: no I/O.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pytracer.kernel.environment import Features
@@ -160,6 +161,27 @@ FORCED = {
     },
 }
 BTF_MODES = ("tp_btf", "fentry")
+
+# Kinds whose programs the verifier calls "trace type" (kernel/bpf/verifier.c,
+# is_tracing_prog_type(): kprobe, tracepoint, raw_tracepoint, perf_event).
+# tp_btf, fentry and fexit programs are BPF_PROG_TYPE_TRACING, not among them.
+TRACE_TYPE_KINDS = ("tracepoint", "kprobe", "syscall")
+# Before 6.1 a hash map without preallocation kmalloc()s each element as it
+# is inserted, which the verifier deems unsafe in trace-type programs (they
+# can fire inside the allocator); 5.7 to 6.0 say so with WARN_ONCE ("trace
+# type BPF program uses run-time allocation", 94dacdbd5d2d), which taints
+# the kernel.  6.1 moved hash maps to bpf_mem_alloc (34dd3bad1a6f).
+RUNTIME_ALLOC_SAFE_SINCE = (6, 1)
+
+
+def table_prealloc_reason(kinds: Iterable[str | None], version: tuple[int, int]) -> str | None:
+    """Why the socket table must be preallocated for programs of ``kinds``
+    on a ``version`` kernel, or None when it may allocate as it fills."""
+    trace = [k for k in TRACE_TYPE_KINDS if k in set(kinds)]
+    if not trace or version >= RUNTIME_ALLOC_SAFE_SINCE:
+        return None
+    return (f"{' and '.join(trace)} programs use it, and before Linux 6.1 a table that allocates as it "
+            "fills is unsafe in them (5.7 to 6.0 warn once and taint the kernel)")
 
 
 @dataclass

@@ -197,6 +197,7 @@ _log_lock = threading.Lock()
 
 
 LIBBPF_DEBUG = 2  # enum libbpf_print_level: WARN 0, INFO 1, DEBUG 2
+BPF_F_NO_PREALLOC = 1  # include/uapi/linux/bpf.h
 # libbpf prints ~1,000 debug lines per object load (CO-RE relocations, map
 # and program setup); crossing into Python for each costs ~15 ms of start-up
 # and would push the warnings that explain a failure out of the kept tail.
@@ -275,6 +276,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     _fn(lib, "bpf_map__fd", c_int, [c_void_p], N)
     _fn(lib, "bpf_map__set_max_entries", c_int, [c_void_p, c_uint32], N)
     _fn(lib, "bpf_map__max_entries", c_uint32, [c_void_p], None)
+    _fn(lib, "bpf_map__set_map_flags", c_int, [c_void_p, c_uint32], N)
+    _fn(lib, "bpf_map__map_flags", c_uint32, [c_void_p], None)
     _fn(lib, "bpf_map__value_size", c_uint32, [c_void_p], None)
     _fn(lib, "bpf_map__key_size", c_uint32, [c_void_p], None)
     _fn(lib, "bpf_map__set_initial_value", c_int, [c_void_p, c_void_p, c_size_t], N)
@@ -492,6 +495,15 @@ class Map:
     @max_entries.setter
     def max_entries(self, n: int) -> None:
         library().bpf_map__set_max_entries(self._ptr, n)
+
+    @property
+    def flags(self) -> int:
+        """map_flags at creation (BPF_F_*); set before the object loads."""
+        return library().bpf_map__map_flags(self._ptr)
+
+    @flags.setter
+    def flags(self, flags: int) -> None:
+        library().bpf_map__set_map_flags(self._ptr, flags)
 
     @property
     def key_size(self) -> int:

@@ -21,11 +21,12 @@ from pytracer.kernel.hooks import TracerError
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def features(kprobes: bool = True, tracefs: bool = True, missing: tuple[str, ...] = ()) -> Features:
-    """A BTF-less 5.10 whose tracefs has every tracepoint the hook table names but ``missing``."""
+def features(kprobes: bool = True, tracefs: bool = True, missing: tuple[str, ...] = (),
+             version: tuple[int, int] = (5, 10)) -> Features:
+    """A BTF-less kernel (5.10) whose tracefs has every tracepoint the hook table names but ``missing``."""
     tps = {tp: tp not in missing for tp in hooks.tracepoints()} if tracefs else {}
-    return Features(release="5.10.0-test", version=(5, 10), btf=False, tracefs=tracefs, kprobes=kprobes,
-                    tracepoints=tps)
+    return Features(release=f"{version[0]}.{version[1]}.0-test", version=version, btf=False, tracefs=tracefs,
+                    kprobes=kprobes, tracepoints=tps)
 
 
 def test_the_c_program_uses_the_abi_header_and_the_core_map_names() -> None:
@@ -198,3 +199,17 @@ def test_following_a_tree_plans_and_compiles_the_fork_twins_only_when_asked(monk
     assert src.index("int fork_tracepoint(") > follow and src.index("int exit_tracepoint(") > follow
     with pytest.raises(TracerError, match="needs a pid filter"):
         bb.BccTracer(follow_forks=True)
+
+
+@pytest.mark.parametrize(("version", "prealloc"), [((5, 10), True), ((6, 0), True), ((6, 1), False)])
+def test_socket_table_is_preallocated_before_6_1(monkeypatch: pytest.MonkeyPatch, version: tuple[int, int],
+                                                 prealloc: bool) -> None:
+    monkeypatch.setattr(bb, "_tp_exists", lambda target: True)
+    monkeypatch.setattr(bb, "_tp_has_field", lambda target, field: True)
+    t = bb.BccTracer()
+    t.source = ROOT / "bpf" / bb.SOURCE_NAME
+    t._plan(features(version=version))
+    assert (t.table_prealloc is not None) is prealloc
+    assert ("-DPT_SOCKS_FLAGS=0" in t._cflags(features(version=version))) is prealloc
+    src = t.source.read_text()
+    assert "socks, PT_MAX_SOCKETS, PT_SOCKS_FLAGS)" in src and "#define PT_SOCKS_FLAGS\t\tBPF_F_NO_PREALLOC" in src

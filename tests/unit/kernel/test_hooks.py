@@ -70,3 +70,28 @@ def test_bcc_has_no_btf_modes() -> None:
         hooks.check_attach_mode(mode, "core")
     with pytest.raises(hooks.TracerError, match="unknown attach mode"):
         hooks.check_attach_mode("uprobe", "core")
+
+
+@pytest.mark.parametrize(("kinds", "version", "prealloc"), [
+    (("tp_btf", "tp_btf"), (5, 10), False),  # BPF_PROG_TYPE_TRACING: never a "trace type"
+    (("fentry", "fentry", "fentry"), (5, 15), False),
+    (("tracepoint",), (5, 10), True),
+    (("kprobe", "kprobe"), (6, 0), True),
+    (("tp_btf", "syscall"), (5, 15), True),  # --syscall-hooks: classic tracepoints
+    (("tracepoint",), (5, 4), True),  # no warning before 5.7, but as unsafe
+    (("tracepoint", "kprobe"), (6, 1), False),  # bpf_mem_alloc
+    (("kprobe", None), (6, 18), False),
+])
+def test_table_is_preallocated_only_for_trace_type_programs_before_6_1(
+        kinds: tuple[str | None, ...], version: tuple[int, int], prealloc: bool) -> None:
+    why = hooks.table_prealloc_reason(kinds, version)
+    assert (why is not None) is prealloc
+    if why:
+        assert "6.1" in why and all(k in why for k in set(kinds) & set(hooks.TRACE_TYPE_KINDS))
+
+
+def test_every_kind_is_known_to_the_table_rule() -> None:
+    """A new attach kind must be placed on one side of the rule: trace type
+    (kprobe, tracepoint) or BPF_PROG_TYPE_TRACING."""
+    kinds = {c.kind for cs in (*hooks.HOOKS.values(), *hooks.OPT_IN_HOOKS.values()) for c in cs}
+    assert kinds <= set(hooks.TRACE_TYPE_KINDS) | set(hooks.BTF_MODES)
