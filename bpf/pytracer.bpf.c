@@ -465,8 +465,8 @@ static __always_inline void read_end_facts(struct sock *sk,
  * activity: they read the clock.  So does SYN_SENT -> ESTABLISHED under
  * TCP_REPAIR, which connect() makes before any stamp: a stamp that is not
  * after `since`, the state's own start, was not made on the way here.
- * The stamp is in ns in tcp_clock_cache from v4.20 (in us in tcp_mstamp
- * before it).
+ * The stamp is tcp_clock_cache, in ns since v4.20: older than any kernel
+ * the BTF programs that read it load on (v5.5).
  */
 static __always_inline bool stamped_by_receive(int old, int new)
 {
@@ -488,10 +488,7 @@ static __always_inline __u64 transition_ns(struct sock *sk, int old, int new,
 	tp = bpf_skc_to_tcp_sock(sk);
 	if (!tp)
 		return bpf_ktime_get_ns();
-	if (bpf_core_field_exists(tp->tcp_clock_cache))
-		stamp = tp->tcp_clock_cache;
-	else
-		stamp = tp->tcp_mstamp * 1000;
+	stamp = tp->tcp_clock_cache;
 	return stamp > since ? stamp : bpf_ktime_get_ns();
 }
 
