@@ -177,7 +177,8 @@ RUNTIME_ALLOC_SAFE_SINCE = (6, 1)
 def table_prealloc_reason(kinds: Iterable[str | None], version: tuple[int, int]) -> str | None:
     """Why the socket table must be preallocated for programs of ``kinds``
     on a ``version`` kernel, or None when it may allocate as it fills."""
-    trace = [k for k in TRACE_TYPE_KINDS if k in set(kinds)]
+    present = set(kinds)
+    trace = [k for k in TRACE_TYPE_KINDS if k in present]
     if not trace or version >= RUNTIME_ALLOC_SAFE_SINCE:
         return None
     return (f"{' and '.join(trace)} programs use it, and before Linux 6.1 a table that allocates as it "
