@@ -170,7 +170,8 @@ TRACE_TYPE_KINDS = ("tracepoint", "kprobe", "syscall")
 # is inserted, which the verifier deems unsafe in trace-type programs (they
 # can fire inside the allocator); 5.7 to 6.0 say so with WARN_ONCE ("trace
 # type BPF program uses run-time allocation", 94dacdbd5d2d), which taints
-# the kernel.  6.1 moved hash maps to bpf_mem_alloc (34dd3bad1a6f).
+# the kernel.  6.1 moved hash maps to bpf_mem_alloc and lifted the rule
+# (96da3f7d489d, "bpf: Remove tracing program restriction on map types").
 RUNTIME_ALLOC_SAFE_SINCE = (6, 1)
 
 
