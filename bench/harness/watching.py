@@ -503,7 +503,9 @@ class Watching:
     # -- 2. saturation throughput ---------------------------------------------------------------------------------
 
     def saturation(self) -> dict[str, Any]:
-        conds = ["off", *self.tracers]
+        # The floor too: what attaching anything to these events costs at
+        # saturation bounds what any observer of them can reach.
+        conds = ["off", *(["floor"] if "floor" in self.conds else []), *self.tracers]
         loads = ["epoll"] if self.smoke or not shutil.which("ab") else ["ab", "epoll"]
         if "ab" not in loads and not self.smoke:
             self.skipped["saturation ab"] = "ab not installed (apache2-utils: bench/harness/install-deps --full)"

@@ -169,7 +169,7 @@ def _crowded(fr: dict[str, Any]) -> list[str]:
 
 def markdown(w: dict[str, Any]) -> list[str]:
     cmd = w.get("commands", {})
-    fr, idle = w.get("fixed_rate") or {}, w.get("idle") or {}
+    fr, idle, sat = w.get("fixed_rate") or {}, w.get("idle") or {}, w.get("saturation") or {}
     out = ["## The cost of watching", "",
            f"`{cmd.get('section', 'python3 bench/harness/run.py watching')}` "
            f"({w.get('elapsed_s', 0) / 60:.0f} min). Each figure is the median (min–max, n) over rounds in which "
@@ -190,8 +190,10 @@ def markdown(w: dict[str, Any]) -> list[str]:
             f"`{cmd.get('bpftrace')}`; `{cmd.get('tcplife')}`; `{cmd.get('tcpstates')}`"
             + (f"; the build before: `{cmd['watch_before']}`, `{cmd['export_before']}`" if "watch_before" in cmd
                else "") + ".",
-            f"- **Saturation**: {w.get('pairs')} rounds of off / watch / export, each ratio over the `off` of its "
-            f"round; `{cmd.get('saturation')}`; the `off` row is requests/s.",
+            f"- **Saturation**: {w.get('pairs')} rounds of off / "
+            + " / ".join(c for c in LABELS if c != "off" and c in (sat.get("epoll") or {}))
+            + f", each ratio over the `off` of its round; `{cmd.get('saturation')}`; the `off` row is requests/s."
+            " The floor's ratio bounds what any observer of these events can reach here.",
             f"- **Syscall loops**: `{cmd.get('syscalls')}`, {w.get('pairs')} rounds; the median batch by the "
             "loop thread's CPU clock (time spent preempted by other tenants is not counted, the syscall slow path "
             "is); the `off` row is ns per operation.",
