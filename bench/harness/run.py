@@ -147,12 +147,14 @@ class Bench:
     def cost(self) -> None:
         n = 2000 if self.smoke else 20000
         port = self.next_port()
-        modes = ["tp_btf"] if self.smoke else ["tp_btf", "tracepoint"]
+        # auto: the default plan (what `tracer watch` attaches with no option);
+        # a forced mode also attaches the syscall hooks its row names.
+        modes = ["auto"] if self.smoke else ["auto", "tracepoint"]
         per_mode: dict[str, Any] = {}
         with bpf_stats_enabled():
             for mode in modes:
                 log(f"cost: bpf_stats, attach {mode}, {self.runs} x {n} connect/accept/close")
-                t = start_tracer(attach=mode)
+                t = start_tracer(attach=None if mode == "auto" else mode)
                 try:
                     ids = bpf_ids(t.pid)
                     runs: list[dict[str, Any]] = []
@@ -205,7 +207,7 @@ class Bench:
             "external": {"connections_per_run": n, "off_ns_per_conn": stats(off), "on_ns_per_conn": stats(on),
                          "delta_ns_per_conn": stats(diffs)},
             "command": f"python3 bench/harness/run.py cost  # churn loop 127.0.0.1 PORT {n}, "
-                       "tracer watch --attach MODE",
+                       "tracer watch (auto: the default plan) or tracer watch --attach MODE",
         }
         self.save()
 
