@@ -267,7 +267,9 @@ def candidates(th: Thresholds, rows: np.ndarray, relevant: np.ndarray, exact: np
     est &= hist["not_before"] <= now
 
     q_est = np.flatnonzero(est)
-    query = np.concatenate([ask_stuck, q_est]).astype(np.intp)
+    # In row order: a full scan's rows are sorted by cookie, so the cookies
+    # asked for are too (a tcp_info dump then needs no sorted copy of them).
+    query = np.sort(np.concatenate([ask_stuck, q_est]).astype(np.intp))
     return stuck.astype(np.intp), q_est.astype(np.intp), query
 
 
