@@ -272,10 +272,12 @@ class Session:
         missed = 0
         if idx is None:
             idx = np.arange(len(rows))
-        netns = rows["netns"][idx]
+        netns: np.ndarray | None = rows["netns"][idx]
         inos = np.unique(netns).tolist() if len(idx) else []
+        if len(inos) == 1:
+            netns = None  # one namespace: every row, and not a copy of their namespaces held meanwhile
         for ino in inos:
-            at = idx if len(inos) == 1 else idx[netns == ino]
+            at = idx if netns is None else idx[netns == ino]
             sock = self.socks.get(int(ino))
             if sock is None:
                 missed += len(at)

@@ -269,7 +269,7 @@ def candidates(th: Thresholds, rows: np.ndarray, relevant: np.ndarray, exact: np
     q_est = np.flatnonzero(est)
     # In row order: a full scan's rows are sorted by cookie, so the cookies
     # asked for are too (a tcp_info dump then needs no sorted copy of them).
-    query = np.sort(np.concatenate([ask_stuck, q_est]).astype(np.intp))
+    query = np.sort(np.concatenate([ask_stuck, q_est]).astype(np.intp)) if len(ask_stuck) else q_est
     return stuck.astype(np.intp), q_est.astype(np.intp), query
 
 

@@ -417,20 +417,24 @@ def read_socks(src: MapSource, buffers: SockBuffers | None = None, narrow: bool 
 
 
 def snapshot(src: MapSource, with_socks: bool = True, buffers: SockBuffers | None = None,
-             narrow: bool = False) -> Snapshot:
+             narrow: bool = False, reducer: Reducer | None = None) -> Snapshot:
     """Aggregates and (``with_socks``) the socket table, whole records or
-    (``narrow``) NARROW_DTYPE ones.  With ``buffers`` the table arrays are
-    views valid until the next read through them."""
+    (``narrow``) NARROW_DTYPE ones, each chunk handed to ``reducer`` as it
+    is read (its result is the snapshot's ``reduced``; a report of a narrow
+    table needs :class:`pytracer.views.model.ViewReducer`'s).  With
+    ``buffers`` the table arrays are views valid until the next read
+    through them."""
     t0 = time.perf_counter()
     totals = read_totals(src)
     if with_socks:
-        keys, socks = read_socks(src, buffers, narrow)
+        keys, socks = (buffers or SockBuffers()).read(src, narrow, reducer)
     else:
         keys, socks = np.zeros(0, np.uint64), np.zeros(0, SOCK_DTYPE)
     # Taken after the reads, so no record is younger than "now".
     mono = time.monotonic_ns()
+    reduced = reducer.finish(mono) if reducer is not None and socks.dtype == NARROW_DTYPE else None
     return Snapshot(mono, time.time(), totals, keys, socks, time.perf_counter() - t0, table_mono_ns=mono,
-                    table_totals=totals, src=src)
+                    table_totals=totals, src=src, reduced=reduced)
 
 
 class TablePoller:

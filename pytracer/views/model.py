@@ -222,7 +222,13 @@ def build_report(cur: Snapshot, prev: Snapshot | None, opts: ReportOptions,
 
     socks, keys = cur.socks, cur.keys
     if view is None or view.table_mono_ns != cur.table_mono_ns:
-        view = cur.reduced if isinstance(cur.reduced, TableView) else table_view(cur, opts)
+        if isinstance(cur.reduced, TableView):
+            view = cur.reduced
+        elif "owner_tgid" not in (cur.socks.dtype.names or ()):
+            raise ValueError("a narrow table has no view of its own: read it with a ViewReducer "
+                             "(snapshot(..., narrow=True, reducer=ViewReducer(opts)))")
+        else:
+            view = table_view(cur, opts)
     longest_lived, longest_in_state = view.longest_lived, view.longest_in_state
     shown = list(dict.fromkeys([*longest_lived.tolist(), *longest_in_state.tolist()]))
     # Whole records of the shown sockets only (the table may hold a narrow

@@ -173,3 +173,16 @@ def test_report_of_a_narrow_table_takes_its_reduced_view() -> None:
     got, want = model.build_report(snap, None, opts), model.build_report(whole, None, opts)
     assert got["states"] == want["states"] and got["sockets"] == want["sockets"] and got["sockets"]
     assert got["longest_in_state"] == want["longest_in_state"]
+
+
+def test_a_narrow_table_without_its_view_is_refused_with_a_reason() -> None:
+    from pytracer.table import poll
+
+    snap = Snapshot(mono_ns=1, wall=0.0, totals=empty_totals(), keys=np.arange(3, dtype=np.uint64),
+                    socks=np.zeros(3, poll.NARROW_DTYPE), read_seconds=0.0)
+    try:
+        model.build_report(snap, None, model.ReportOptions())
+    except ValueError as exc:
+        assert "ViewReducer" in str(exc)
+    else:
+        raise AssertionError("a report of a narrow table without a view")
