@@ -179,9 +179,9 @@ def due_index(r: Rechecks, snap: Snapshot) -> np.ndarray:
 
 
 def table_rows(snap: Snapshot, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(lookup keys (sockdiag.LOOKUP_DTYPE), whole records) of the table
-    records ``idx`` still there (:meth:`Snapshot.records_at`: a narrow
-    table is read again by cookie, so both are the records' current ones)."""
+    """(lookup keys (sockdiag.LOOKUP_DTYPE), records) of the table records
+    ``idx`` still there (:meth:`Snapshot.records_at`: a narrow table is
+    read again by cookie, so both are the records' current ones)."""
     idx, socks = snap.records_at(idx)
     out = np.zeros(len(idx), sockdiag.LOOKUP_DTYPE)
     out["cookie"] = snap.keys[idx]

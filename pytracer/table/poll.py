@@ -52,6 +52,12 @@ SLOT_DTYPE = np.dtype([("key", np.uint64), ("rec", SOCK_DTYPE)])
 NARROW_FIELDS = ("state_ns", "netns_ino", "lport", "transitions", "state", "flags", "counted", "accepted")
 NARROW_DTYPE = fields_of(SOCK_DTYPE, NARROW_FIELDS)
 READ_CHUNK = 4096  # records per batch of a chunked read (~0.6 MB of whole records)
+# What a scan reads of the records it selects, read again by cookie
+# (Snapshot.records_at): lookup keys, times, owner and listener.  63 bytes
+# of 152: a leak pile's recheck can select every socket at once.
+PICK_FIELDS = ("state_ns", "netns_ino", "owner_tgid", "listener_tgid", "transitions", "family", "lport", "rport",
+               "state", "flags", "accepted", "laddr", "raddr")
+PICK_DTYPE = fields_of(SOCK_DTYPE, PICK_FIELDS)
 # Records read again by cookie one lookup each (two syscalls) up to this
 # many; more are picked in one chunked walk of the table (~40 ms at 100k).
 PICK_LOOKUPS = 512
@@ -149,10 +155,10 @@ class Snapshot:
         return lookup_record(self.src, int(self.keys[i]))
 
     def records_at(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(the rows of ``idx`` still there, their whole records): from the
-        table when it was read whole, else read again from the kernel by
-        cookie (:func:`pick_records`; now, so newer than the table).  A
-        socket gone since the table was read is left out."""
+        """(the rows of ``idx`` still there, their records): from the table
+        when it was read whole, else read again from the kernel by cookie
+        (:func:`pick_records`, PICK_DTYPE; now, so newer than the table).
+        A socket gone since the table was read is left out."""
         idx = np.asarray(idx, np.intp)
         if self.socks.dtype == SOCK_DTYPE:
             return idx, self.socks[idx]
@@ -386,25 +392,27 @@ def count_socks(src: MapSource, buffers: SockBuffers | None = None, chunk: int =
 
 
 def pick_records(src: MapSource, cookies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(found, records): which of ``cookies`` have a record now, and those
-    records whole (SOCK_DTYPE), in the order of ``cookies``.  Up to
-    :data:`PICK_LOOKUPS` one lookup each; more in one chunked walk of the
-    table, whatever their number."""
+    """(found, records): which of ``cookies`` have a record now, and the
+    :data:`PICK_FIELDS` of those records (PICK_DTYPE), in the order of
+    ``cookies``.  Up to :data:`PICK_LOOKUPS` one lookup each; more in one
+    chunked walk of the table, whatever their number."""
     cookies = np.asarray(cookies, np.uint64)
     if len(cookies) <= PICK_LOOKUPS or getattr(src.map("socks"), "batches", None) is None:
         got = [lookup_record(src, int(c)) for c in cookies.tolist()]
         found = np.array([r is not None for r in got], bool)
-        recs = np.zeros(int(found.sum()), SOCK_DTYPE)
+        whole = np.zeros(int(found.sum()), SOCK_DTYPE)
         for j, r in enumerate(r for r in got if r is not None):
-            recs[j] = r
+            whole[j] = r
+        recs = np.zeros(len(whole), PICK_DTYPE)
+        recs[:] = whole[list(PICK_FIELDS)]  # by position: PICK_DTYPE lists them in this order
         return found, recs
     wanted, inverse = np.unique(cookies, return_inverse=True)
     hit = np.zeros(len(wanted), bool)
-    out = np.zeros(len(wanted), SOCK_DTYPE)
-    for keys, recs in SockBuffers().chunks(src):
+    out = np.zeros(len(wanted), PICK_DTYPE)
+    for keys, chunk in SockBuffers().chunks(src):
         pos, there = find_sorted(wanted, keys)
         hit[pos[there]] = True
-        out[pos[there]] = recs[there]
+        out[pos[there]] = chunk[there][list(PICK_FIELDS)]
     found = hit[inverse]
     return found, out[inverse[found]]
 

@@ -130,7 +130,7 @@ def test_narrow_read_a_chunk_at_a_time_keeps_each_connection_and_reads_shown_one
             assert socks.dtype == poller.NARROW_DTYPE and len(snap.keys) == len(set(snap.keys.tolist()))
             port = lst.getsockname()[1]
             idx, whole = snap.records_at(np.arange(len(snap.keys)))
-            assert whole.dtype == poller.SOCK_DTYPE and (whole["state"] == socks["state"][idx]).all()
+            assert whole.dtype == poller.PICK_DTYPE and (whole["state"] == socks["state"][idx]).all()
             mine = (whole["lport"] == port) | (whole["rport"] == port)
             got = sorted((int(s["lport"]), int(s["rport"]), int(s["state"])) for s in whole[mine])
             want = sorted([(port, 0, 10)]

@@ -191,7 +191,7 @@ def test_picked_records_are_the_current_ones_in_the_asked_order(lookups: bool, m
     cookies = np.array([70, 5, 200, 10, 70, 999], np.uint64)  # 5 and 999: gone; 70 asked twice
     found, recs = poll.pick_records(table, cookies)  # type: ignore[arg-type]
     assert found.tolist() == [True, False, True, True, True, False]
-    assert recs["lport"].tolist() == [7, 20, 1, 7] and recs.dtype == poll.SOCK_DTYPE
+    assert recs["lport"].tolist() == [7, 20, 1, 7] and recs.dtype == poll.PICK_DTYPE
     assert (table.lookups > 0) == lookups
     snap = poll.Snapshot(0, 0.0, None, cookies, np.zeros(6, poll.NARROW_DTYPE), 0.0,  # type: ignore[arg-type]
                          src=table)  # type: ignore[arg-type]
