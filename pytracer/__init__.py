@@ -38,6 +38,7 @@ _PUBLIC = {
     "scan_fds": "inventory.owners:scan_fds",
     "ReportOptions": "views.model:ReportOptions",
     "build_report": "views.model:build_report",
+    "ViewReducer": "views.model:ViewReducer",
 }
 
 __all__ = ["__version__", *_PUBLIC]

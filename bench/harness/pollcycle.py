@@ -3,7 +3,8 @@
 Run with the pytracer venv's Python; uses pytracer's public API only.  Loads
 and attaches the tracer, prints {"attached": true}, then waits for a line N
 on stdin, times N cycles of exactly what each `tracer watch` interval does
-(pytracer.snapshot + pytracer.build_report), and prints the times, the map size and this process's RSS; then
+(pytracer.snapshot, narrow with a pytracer.ViewReducer, + pytracer.build_report),
+and prints the times, the map size and this process's RSS; then
 times seeding every live socket into a fresh tracer (up to 5 times, a new
 tracer each time; the median is ``seed_s``).
 """
@@ -32,12 +33,13 @@ def main() -> int:
         if not line.strip():
             return 0
         opts = pytracer.ReportOptions(top=10, start_mono_ns=start_ns, max_sockets=cap)
-        buffers = pytracer.SockBuffers()  # as `tracer watch` reads it
-        prev = pytracer.snapshot(tracer, buffers=buffers)
+        # As `tracer watch` reads the table: into kept buffers, narrow, its view reduced as it is read.
+        buffers, reducer = pytracer.SockBuffers(), pytracer.ViewReducer(opts)
+        prev = pytracer.snapshot(tracer, buffers=buffers, narrow=True, reducer=reducer)
         polls, reads, entries = [], [], 0
         for _ in range(max(1, min(int(line), 100))):
             t0 = time.perf_counter()
-            snap = pytracer.snapshot(tracer, buffers=buffers)
+            snap = pytracer.snapshot(tracer, buffers=buffers, narrow=True, reducer=reducer)
             report = pytracer.build_report(snap, prev, opts)
             json.dumps(report)
             polls.append(time.perf_counter() - t0)

@@ -4,6 +4,8 @@ and charging each sample to the stage running then.
 
     PYTHONPATH=. /opt/pytracer/venv/bin/python bench/harness/rssphases.py [--tracemalloc]
 
+The table is read as `tracer watch` reads it (narrow, with the view's
+counts and top-N lists reduced as it is read: ``pytracer.ViewReducer``).
 Prints, per stage, RSS at its start and its peak (MiB); with --tracemalloc,
 traced Python memory and what stays.  (An earlier --stages mode split the
 leak scans by step by wrapping internal functions; the public API has no
@@ -61,9 +63,11 @@ def main() -> int:
         enter("poll x3")
         buffers = pytracer.SockBuffers()
         opts = pytracer.ReportOptions(top=0, start_mono_ns=time.monotonic_ns(), max_sockets=262144)
-        prev = snapshot(tracer, buffers=buffers)
+        # As `tracer watch` reads the table: narrow, its view reduced as it is read.
+        reducer = pytracer.ViewReducer(opts)
+        prev = snapshot(tracer, buffers=buffers, narrow=True, reducer=reducer)
         for _ in range(3):
-            snap = snapshot(tracer, buffers=buffers)
+            snap = snapshot(tracer, buffers=buffers, narrow=True, reducer=reducer)
             report = build_report(snap, prev, opts)
             json.dumps(report)
             prev = snap

@@ -95,7 +95,8 @@ def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: fl
     prev = None
     state: dict[str, Any] = {}
     # The aggregates every interval, the table as its cost allows.
-    table = poller.TablePoller(tracer)
+    # The view's counts and top-N lists are made as the table is read, a chunk at a time.
+    table = poller.TablePoller(tracer, reducer=model.ViewReducer(opts))
     view: model.TableView | None = None
     fill = FillTracker(start_ns)
     for _ in intervals(interval, duration):
@@ -103,7 +104,7 @@ def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: fl
         if view is None or view.table_mono_ns != snap.table_mono_ns:
             # A fresh table: the view's work on it is part of its cost.
             t0 = time.perf_counter()
-            view = model.table_view(snap, opts)
+            view = snap.reduced if isinstance(snap.reduced, model.TableView) else model.table_view(snap, opts)
             table.charge(time.perf_counter() - t0)
         report = model.build_report(snap, prev, opts, view)
         # Sockets the table could not take (seeding's included) are in no count: say so while recent.

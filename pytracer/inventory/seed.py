@@ -16,6 +16,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from pytracer.arrays import give_back_heap
 from pytracer.inventory import procs, sockdiag
 from pytracer.inventory.owners import scan_fds, scope_mask
 from pytracer.inventory.session import Session
@@ -124,5 +125,6 @@ def seed(tracer: Any, pids: Iterable[int] | None = None, proc: str = procs.PROC)
     except Exception as exc:  # seeding is best effort: the scan finds these sockets anyway
         log.warning("seeding pre-existing sockets failed: %s", exc)
         res.errors.append(f"seeding: {type(exc).__name__}: {exc}")
+    give_back_heap()  # the first full scan follows: not on the heap seeding fragmented
     res.seconds = round(time.perf_counter() - t0, 6)
     return res

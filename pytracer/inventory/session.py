@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from pytracer.arrays import Rows, fields_of
+from pytracer.arrays import Rows, fields_of, is_sorted
 from pytracer.format import AF_INET, AF_INET6
 from pytracer.inventory.netns import NetnsInfo, _read_sysctls, own_netns, run_in_netns
 from pytracer.inventory.procs import NetnsRef
@@ -272,10 +272,12 @@ class Session:
         missed = 0
         if idx is None:
             idx = np.arange(len(rows))
-        netns = rows["netns"][idx]
+        netns: np.ndarray | None = rows["netns"][idx]
         inos = np.unique(netns).tolist() if len(idx) else []
+        if len(inos) == 1:
+            netns = None  # one namespace: every row, and not a copy of their namespaces held meanwhile
         for ino in inos:
-            at = idx if len(inos) == 1 else idx[netns == ino]
+            at = idx if netns is None else idx[netns == ino]
             sock = self.socks.get(int(ino))
             if sock is None:
                 missed += len(at)
@@ -346,7 +348,7 @@ class Session:
 
     def _dump_info(self, sock: socket.socket, rows: np.ndarray, into: TcpInfoTable | None = None) -> TcpInfoTable:
         out = into if into is not None else TcpInfoTable()
-        wanted = np.unique(rows["cookie"])  # sorted
+        wanted = rows["cookie"] if is_sorted(rows["cookie"]) else np.unique(rows["cookie"])  # sorted
         deadline = time.monotonic() + self.timeout * 4
         for fam in np.unique(rows["family"]).tolist():
             states = 0

@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from pytracer.arrays import find_sorted
+from pytracer.arrays import find_sorted, is_sorted
 from pytracer.kernel.tcp_states import TcpState
 
 # struct tcp_info (include/uapi/linux/tcp.h); the bitfield bytes
@@ -181,9 +181,9 @@ class TcpInfoTable(Mapping):
         if self.brief_below_ms is not None and payload[0] == _ESTABLISHED:
             idle = min(_U32.unpack_from(payload, _SENT_AT)[0], _U32.unpack_from(payload, _RECV_AT)[0])
             if idle < self.brief_below_ms:
+                self._brief_frozen = None  # first: its views of the arrays would forbid the append
                 self._brief_cookies.append(cookie)
                 self._brief_idle.append(idle)
-                self._brief_frozen = None
                 return True
         n = min(len(payload), _INFO_KEEP)
         self._cookies.append(cookie)
@@ -235,11 +235,18 @@ class TcpInfoTable(Mapping):
 
     def _brief_sorted(self) -> tuple[np.ndarray, np.ndarray]:
         """The brief sockets' cookies, sorted, and their idle ms: sorted
-        once for every :meth:`idle_ms` call until the next brief answer."""
+        once for every :meth:`idle_ms` call until the next brief answer,
+        in place (stable: the first answer for a cookie stays first), so
+        the answers are held once, not also as a sorted copy."""
         if self._brief_frozen is None:
             keys = np.frombuffer(self._brief_cookies, np.uint64)
-            order = np.argsort(keys, kind="stable")
-            self._brief_frozen = (keys[order], np.frombuffer(self._brief_idle, np.uint32)[order])
+            idle = np.frombuffer(self._brief_idle, np.uint32)
+            if not is_sorted(keys):
+                order = np.argsort(keys, kind="stable")
+                keys[:] = keys[order]
+                idle[:] = idle[order]
+                del order
+            self._brief_frozen = (keys, idle)
         return self._brief_frozen
 
     def __getitem__(self, cookie: int) -> TcpInfo:

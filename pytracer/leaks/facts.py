@@ -197,7 +197,8 @@ def join_table(rows: np.ndarray, snap: Snapshot | None, now_ns: int, key_by_ptr:
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per inventory row: exact seconds in state (NaN if unknown), seconds
     since a seeded record was put in (NaN), accepted (-1 unknown), and
-    whether the table has it."""
+    whether the table has it.  :data:`FACTS_CHUNK` rows at a time: beside
+    the four answers, only the table's sorted keys are held whole."""
     n = len(rows)
     exact = np.full(n, np.nan)
     bound = np.full(n, np.nan)
@@ -205,17 +206,20 @@ def join_table(rows: np.ndarray, snap: Snapshot | None, now_ns: int, key_by_ptr:
     matched = np.zeros(n, dtype=bool)
     if snap is None or not len(snap.keys) or key_by_ptr:
         return exact, bound, accepted, matched
-    order = np.argsort(snap.keys, kind="stable")
+    order = np.argsort(snap.keys, kind="stable").astype(np.uint32 if len(snap.keys) < 2**32 else np.intp)
     keys = snap.keys[order]
-    pos, matched = find_sorted(keys, rows["cookie"])
-    idx = order[pos]
     socks = snap.socks
-    same = matched & (socks["state"][idx] == rows["state"])
-    seeded_untouched = ((socks["flags"][idx] & abi.PT_F_SEEDED) != 0) & (socks["transitions"][idx] == 0)
-    age = np.maximum((np.int64(now_ns) - socks["state_ns"][idx].astype(np.int64)) / 1e9, 0.0)
-    exact = np.where(same & ~seeded_untouched, age, np.nan)
-    bound = np.where(same & seeded_untouched, age, np.nan)
-    accepted = np.where(matched, socks["accepted"][idx].astype(np.int8), -1).astype(np.int8)
+    for start in range(0, n, FACTS_CHUNK):
+        part = slice(start, start + FACTS_CHUNK)
+        pos, hit = find_sorted(keys, rows["cookie"][part])
+        idx = order[pos]
+        same = hit & (socks["state"][idx] == rows["state"][part])
+        untouched = ((socks["flags"][idx] & abi.PT_F_SEEDED) != 0) & (socks["transitions"][idx] == 0)
+        age = np.maximum((np.int64(now_ns) - socks["state_ns"][idx].astype(np.int64)) / 1e9, 0.0)
+        exact[part] = np.where(same & ~untouched, age, np.nan)
+        bound[part] = np.where(same & untouched, age, np.nan)
+        accepted[part] = np.where(hit, socks["accepted"][idx].astype(np.int8), -1)
+        matched[part] = hit
     return exact, bound, accepted, matched
 
 
@@ -263,7 +267,9 @@ def candidates(th: Thresholds, rows: np.ndarray, relevant: np.ndarray, exact: np
     est &= hist["not_before"] <= now
 
     q_est = np.flatnonzero(est)
-    query = np.concatenate([ask_stuck, q_est]).astype(np.intp)
+    # In row order: a full scan's rows are sorted by cookie, so the cookies
+    # asked for are too (a tcp_info dump then needs no sorted copy of them).
+    query = np.sort(np.concatenate([ask_stuck, q_est]).astype(np.intp)) if len(ask_stuck) else q_est
     return stuck.astype(np.intp), q_est.astype(np.intp), query
 
 

@@ -178,15 +178,17 @@ def due_index(r: Rechecks, snap: Snapshot) -> np.ndarray:
     return at[first]
 
 
-def table_rows(snap: Snapshot, idx: np.ndarray) -> np.ndarray:
-    """Lookup keys (sockdiag.LOOKUP_DTYPE) of table records."""
-    socks = snap.socks[idx]
+def table_rows(snap: Snapshot, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(lookup keys (sockdiag.LOOKUP_DTYPE), records) of the table records
+    ``idx`` still there (:meth:`Snapshot.records_at`: a narrow table is
+    read again by cookie, so both are the records' current ones)."""
+    idx, socks = snap.records_at(idx)
     out = np.zeros(len(idx), sockdiag.LOOKUP_DTYPE)
     out["cookie"] = snap.keys[idx]
     out["netns"] = socks["netns_ino"]
     for name in ("family", "state", "lport", "rport", "laddr", "raddr"):
         out[name] = socks[name]
-    return out
+    return out, socks
 
 
 def select(snap: Snapshot, sc: Scanner, now_ns: int, prev_ns: int) -> np.ndarray:
@@ -210,16 +212,16 @@ def select(snap: Snapshot, sc: Scanner, now_ns: int, prev_ns: int) -> np.ndarray
     return np.flatnonzero(m)
 
 
-def _owner_pids(sc: Scanner, snap: Snapshot, idx: np.ndarray, rows: np.ndarray, lst_idx: np.ndarray) -> set[int]:
+def _owner_pids(sc: Scanner, socks: np.ndarray, rows: np.ndarray, lst_socks: np.ndarray) -> set[int]:
     """Processes that can hold the candidates: the table's owner and
-    listener, their listener's holders and the last full scan's holders."""
+    listener (of their records ``socks``; ``lst_socks``: their listeners'),
+    their listener's holders and the last full scan's holders."""
     if sc.pids:
         return set(sc.pids)
-    socks = snap.socks
     pids: set[int] = set()
     for name in ("owner_tgid", "listener_tgid"):
-        pids.update(socks[name][idx].tolist())
-    pids.update(socks["owner_tgid"][lst_idx].tolist())
+        pids.update(socks[name].tolist())
+    pids.update(lst_socks["owner_tgid"].tolist())
     if sc.listen_holders and len(rows):
         ports = np.unique(rows["netns"].astype(np.uint64) * np.uint64(65536) + rows["lport"].astype(np.uint64))
         for key in ports.tolist():
@@ -251,9 +253,11 @@ def scan(sc: Scanner, snap: Snapshot, rep: LeakReport) -> None:
     if r.by_cookie:  # the table says the rest of them
         idx = np.concatenate([idx, due_index(r, snap)])
         r = Rechecks.empty()
-    socks = snap.socks[idx]
-    cand = np.concatenate([table_rows(snap, idx), r.rows])
-    age = (now_ns - socks["state_ns"].astype(np.int64)) / 1e9
+    table_cand, socks = table_rows(snap, idx)
+    cand = np.concatenate([table_cand, r.rows])
+    del table_cand
+    # Read again whole (a narrow table), a record can be newer than now_ns.
+    age = np.maximum(now_ns - socks["state_ns"].astype(np.int64), 0) / 1e9
     seeded = ((socks["flags"] & abi.PT_F_SEEDED) != 0) & (socks["transitions"] == 0)
     exact_c = np.concatenate([np.where(seeded, np.nan, age), now - r.began])
     bound_c = np.concatenate([np.where(seeded, age, np.nan), now - r.known_since])
@@ -269,7 +273,8 @@ def scan(sc: Scanner, snap: Snapshot, rep: LeakReport) -> None:
     ports = np.unique(cand["lport"]) if len(cand) else []
     lst_idx = np.flatnonzero((st == int(S.LISTEN)) & np.isin(snap.socks["lport"], ports)) if len(ports) else \
         np.zeros(0, np.intp)
-    ask = np.concatenate([cand, table_rows(snap, lst_idx)])
+    lst_cand, lst_socks = table_rows(snap, lst_idx)
+    ask = np.concatenate([cand, lst_cand])
     wanted = {int(c) for c in np.unique(ask["netns"])}
     refs = [ref for ref in sc.refs if (ref.ino & 0xFFFFFFFF) in wanted]
     if len(refs) < len(wanted):
@@ -290,7 +295,7 @@ def scan(sc: Scanner, snap: Snapshot, rep: LeakReport) -> None:
     is_lst = rows["state"] == int(S.LISTEN)
     lst_rows, rows = rows[is_lst], rows[~is_lst]
 
-    pids = _owner_pids(sc, snap, idx, np.concatenate([rows, lst_rows]), lst_idx)
+    pids = _owner_pids(sc, socks, np.concatenate([rows, lst_rows]), lst_socks)
     scan_ = _fd_scan(sc, pids) if pids else FdScan()
     owners = scan_.sockets
     relevant = scope_mask(rows, owners, sc.pids, sc.ports)
@@ -357,12 +362,12 @@ def resolve_holders(sc: Scanner, snap: Snapshot, cookies: list[int], now: float)
     if not ask or not len(snap.keys):
         return out
     idx = np.flatnonzero(np.isin(snap.keys, np.asarray(ask[:32], np.uint64)))
-    rows = table_rows(snap, idx)
+    rows, socks = table_rows(snap, idx)
     wanted = {int(n) for n in np.unique(rows["netns"])}
     refs = [ref for ref in sc.refs if (ref.ino & 0xFFFFFFFF) in wanted]
     with (sc.session_factory or Session)(refs) as sess:
         found, _, _ = sess.lookup(rows, sc.thresholds.max_exact_lookups)
-    owners = _fd_scan(sc, _owner_pids(sc, snap, idx, found, np.zeros(0, np.intp))).sockets
+    owners = _fd_scan(sc, _owner_pids(sc, socks, found, socks[:0])).sockets
     if len(sc.holder_cache) > 4096:
         sc.holder_cache.clear()
     for c in ask[:32]:

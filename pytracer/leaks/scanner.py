@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from pytracer.arrays import give_back_heap
 from pytracer.inventory import procs, sockdiag
 from pytracer.inventory.owners import scan_fds, scope_mask
 from pytracer.inventory.session import Session
@@ -196,6 +197,7 @@ class Scanner:
         try:
             self._full(snapshot, rep)
         finally:
+            give_back_heap()  # its per-row arrays are gone; so are the small ones among them
             self.last_full_end, self.last_full_cost = time.monotonic(), time.perf_counter() - t0
             self.full_wanted = False
 

@@ -8,9 +8,13 @@ A poll loop keeps one :class:`SockBuffers`: the kernel then writes the table
 straight into arrays sized for the map's capacity, allocated once, and a
 whole read is one batch call with no copy in Python.  Only the pages the
 table fills are resident.  The views and the leak scans read it *narrow*
-instead (:data:`NARROW_DTYPE`, 80 of a record's 152 bytes), a chunk of
-:data:`READ_CHUNK` records at a time, and read the few records they show
-again whole (:meth:`Snapshot.record`).
+instead (:data:`NARROW_DTYPE`, 20 of a record's 152 bytes: the times,
+states and counters their whole-table selections compare), a chunk of
+:data:`READ_CHUNK` records at a time.  What needs other columns of every
+record (``tracer watch``'s counts and top-N lists) is reduced a chunk at a
+time as the table is read (``TablePoller(reducer=...)``), and the few
+records a view shows or a scan selects are read again whole, by cookie
+(:meth:`Snapshot.record`, :meth:`Snapshot.records_at`).
 
 The aggregates cost the same at 10 or 1M sockets; the table costs in
 proportion to its records (~40 ms at 100k here).  :class:`TablePoller` reads
@@ -26,11 +30,11 @@ import mmap
 import struct
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 
-from pytracer.arrays import fields_of
+from pytracer.arrays import fields_of, find_sorted
 from pytracer.kernel import abi
 from pytracer.kernel.abi import Stat
 from pytracer.kernel.histogram import Histogram
@@ -38,16 +42,39 @@ from pytracer.kernel.histogram import Histogram
 SOCK_DTYPE = np.dtype(abi.PtSock)
 # A nursery slot (pytracer.h: pt_slot): key 0 is a free slot.
 SLOT_DTYPE = np.dtype([("key", np.uint64), ("rec", SOCK_DTYPE)])
-# The columns a poll keeps of each record: what every whole-table use reads
-# (state counts, the view's rankings and --pid filter, the leak scan's
-# selection, joins and lookup keys).  80 bytes instead of 152; the few
-# records a report shows are read again whole, by cookie (Snapshot.record).
-NARROW_FIELDS = ("birth_ns", "state_ns", "laddr", "raddr", "netns_ino", "owner_tgid", "listener_tgid",
-                 "transitions", "family", "lport", "rport", "state", "direction", "flags", "counted", "accepted")
-NARROW_DTYPE = fields_of(SOCK_DTYPE, NARROW_FIELDS, align=True)
+# The columns a poll keeps of each record: what the leak scans compare over
+# the whole table (their selection, the join with sock_diag, the reaper, the
+# carried idle flags, the live counts, the listeners by port).  20 bytes of
+# 152, packed (28 a socket with its key: 2.7 MiB at 100k).  The view's
+# counts and rankings are reduced as the table is read (TablePoller's
+# reducer); the records a report shows or a scan selects are read again
+# whole, by cookie (Snapshot.record, Snapshot.records_at).
+NARROW_FIELDS = ("state_ns", "netns_ino", "lport", "transitions", "state", "flags", "counted", "accepted")
+NARROW_DTYPE = fields_of(SOCK_DTYPE, NARROW_FIELDS)
 READ_CHUNK = 4096  # records per batch of a chunked read (~0.6 MB of whole records)
+# What a scan reads of the records it selects, read again by cookie
+# (Snapshot.records_at): lookup keys, times, owner and listener.  63 bytes
+# of 152: a leak pile's recheck can select every socket at once.
+PICK_FIELDS = ("state_ns", "netns_ino", "owner_tgid", "listener_tgid", "transitions", "family", "lport", "rport",
+               "state", "flags", "accepted", "laddr", "raddr")
+PICK_DTYPE = fields_of(SOCK_DTYPE, PICK_FIELDS)
+# Records read again by cookie one lookup each (two syscalls) up to this
+# many; more are picked in one chunked walk of the table (~40 ms at 100k).
+PICK_LOOKUPS = 512
 _AGG_WORDS = ctypes.sizeof(abi.PtAgg) // 8
 _HIST_WORDS = abi.PT_HIST_SLOTS + 1
+
+
+class Reducer(Protocol):
+    """Work over every record of a table read, done a chunk at a time as
+    the table is read (``start``, ``add`` per chunk of whole records with
+    the index of its first row, ``finish`` with the read's time)."""
+
+    def start(self) -> None: ...
+
+    def add(self, first: int, keys: np.ndarray, recs: np.ndarray) -> None: ...
+
+    def finish(self, table_mono_ns: int) -> Any: ...
 
 
 class MapSource(Protocol):
@@ -113,6 +140,9 @@ class Snapshot:
     # snapshot's reader read them this interval: a leak scan judging the
     # snapshot uses them instead of reading the maps again.
     services: list | None = None
+    # What a TablePoller's reducer made of the table as it read it (for
+    # tracer watch: the view's counts and top-N lists), or None.
+    reduced: Any = None
 
     def record(self, i: int) -> np.void | None:
         """Record ``i`` whole: from the table when it was read whole, else
@@ -123,6 +153,19 @@ class Snapshot:
         if self.src is None:
             return None
         return lookup_record(self.src, int(self.keys[i]))
+
+    def records_at(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the rows of ``idx`` still there, their records): from the table
+        when it was read whole, else read again from the kernel by cookie
+        (:func:`pick_records`, PICK_DTYPE; now, so newer than the table).
+        A socket gone since the table was read is left out."""
+        idx = np.asarray(idx, np.intp)
+        if self.socks.dtype == SOCK_DTYPE:
+            return idx, self.socks[idx]
+        if self.src is None or not len(idx):
+            return idx[:0], np.zeros(0, SOCK_DTYPE)
+        found, recs = pick_records(self.src, self.keys[idx])
+        return idx[found], recs
 
     @property
     def table_age_seconds(self) -> float:
@@ -166,13 +209,15 @@ class SockBuffers:
         self.socks = np.zeros(0, SOCK_DTYPE)
         self._mapped: tuple[tuple[int, int], mmap.mmap] | None = None
 
-    def read(self, src: MapSource, narrow: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, src: MapSource, narrow: bool = False, reducer: Reducer | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
         """(keys, records) of the whole table; ``narrow``: NARROW_DTYPE
         records, read a chunk at a time, so the whole records are never
-        all held (a source without batched reads, bcc, returns whole ones)."""
+        all held (a source without batched reads, bcc, returns whole ones),
+        each chunk of whole records handed to ``reducer`` first."""
         m = src.map("socks")
         if narrow and getattr(m, "batches", None) is not None:
-            return self._read_narrow(src, m)
+            return self._read_narrow(src, m, reducer)
         nursery, first = self.nursery_first(src)
         want = max(int(m.max_entries), 1) + nursery
         # Bounded: each failed pass doubles the buffers.
@@ -190,25 +235,51 @@ class SockBuffers:
             n = self._add_nursery(first, nursery, n)
         return self.keys[:n], self.socks[:n]
 
-    def _read_narrow(self, src: MapSource, m) -> tuple[np.ndarray, np.ndarray]:
-        nursery, first = self.nursery_first(src)
-        want = max(int(m.max_entries), 1) + nursery
+    def _read_narrow(self, src: MapSource, m, reducer: Reducer | None = None) -> tuple[np.ndarray, np.ndarray]:
+        slots = int(getattr(src, "nursery_slots", 0) or 0)
+        want = max(int(m.max_entries), 1) + slots
         if len(self.keys) < want or self.socks.dtype != NARROW_DTYPE:
             # Resident only as written: the pages of the rows a read fills.
             self.keys = np.empty(want, np.uint64)
             self.socks = np.empty(want, NARROW_DTYPE)
+        if reducer is not None:
+            reducer.start()
         n = 0
-        for kbuf, vbuf, c in m.batches(SOCK_DTYPE.itemsize, READ_CHUNK):
-            if n + c > len(self.keys) - nursery:  # a walk that met more than max_entries (bounded: doubles)
+        for keys, recs in self.chunks(src):
+            c = len(keys)
+            if n + c > len(self.keys):  # a walk that met more than max_entries (bounded: doubles)
                 self.keys = np.concatenate([self.keys[:n], np.empty(len(self.keys), np.uint64)])
                 self.socks = np.concatenate([self.socks[:n], np.empty(len(self.socks), NARROW_DTYPE)])
-            self.keys[n : n + c] = np.frombuffer(kbuf, np.uint64, count=c)
+            self.keys[n : n + c] = keys
             # Fields by position: the narrow dtype lists them in NARROW_FIELDS' order.
-            self.socks[n : n + c] = np.frombuffer(vbuf, SOCK_DTYPE, count=c)[list(NARROW_FIELDS)]
+            self.socks[n : n + c] = recs[list(NARROW_FIELDS)]
+            if reducer is not None:
+                reducer.add(n, keys, recs)
             n += c
-        if first is not None:
-            n = self._add_nursery(first, nursery, n)
         return self.keys[:n], self.socks[:n]
+
+    def chunks(self, src: MapSource, chunk: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(keys, whole records) of the table, ``chunk`` records at a time
+        (READ_CHUNK), views valid until the next one; each socket once.
+
+        The nursery is copied first and comes last: a record that moves out
+        of its slot while "socks" is walked is in that copy, whether or not
+        the walk met it too (then the walk's row is dropped, found by its
+        slot).  Read the other way round, a storm's moves go missing from
+        every read."""
+        m = src.map("socks")
+        slots, first = self.nursery_first(src)
+        copied = by_slot(first[0], slots) if first is not None and len(first[0]) else None
+        for kbuf, vbuf, n in m.batches(SOCK_DTYPE.itemsize, chunk or READ_CHUNK):
+            keys = np.frombuffer(kbuf, np.uint64, count=n)
+            recs = np.frombuffer(vbuf, SOCK_DTYPE, count=n)
+            if copied is not None:
+                keep = ~in_nursery(copied, keys)
+                if not keep.all():
+                    keys, recs = keys[keep], recs[keep]
+            yield keys, recs
+        if first is not None and len(first[0]):
+            yield first
 
     def nursery_first(self, src: MapSource) -> tuple[int, tuple[np.ndarray, np.ndarray] | None]:
         """(the nursery's slots, its records) of ``src``, copied before a
@@ -309,27 +380,41 @@ def count_socks(src: MapSource, buffers: SockBuffers | None = None, chunk: int =
     ``buffers`` keeps the nursery's mapping between calls.  Sources
     without batched reads (bcc) read the whole table into ``buffers``."""
     buffers = buffers or SockBuffers()
-    m = src.map("socks")
-    batches = getattr(m, "batches", None)
-    if batches is None:
+    if getattr(src.map("socks"), "batches", None) is None:
         _, socks = buffers.read(src)
         return live_states(socks), len(socks)
-    # The nursery first, as SockBuffers reads it: a record that moves out
-    # of its slot during the walk is counted once, from this copy.
-    slots, first = buffers.nursery_first(src)
-    copied = by_slot(first[0], slots) if first is not None and len(first[0]) else None
     states = np.zeros(abi.PT_STATES, np.int64)
     total = 0
-    for keys, vals, n in batches(SOCK_DTYPE.itemsize, chunk):
-        recs = np.frombuffer(vals, SOCK_DTYPE, count=n)
-        if copied is not None:
-            recs = recs[~in_nursery(copied, np.frombuffer(keys, np.uint64, count=n))]
+    for _, recs in buffers.chunks(src, chunk):
         states += live_states(recs)
         total += len(recs)
-    if first is not None:
-        states += live_states(first[1])
-        total += len(first[1])
     return states, total
+
+
+def pick_records(src: MapSource, cookies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(found, records): which of ``cookies`` have a record now, and the
+    :data:`PICK_FIELDS` of those records (PICK_DTYPE), in the order of
+    ``cookies``.  Up to :data:`PICK_LOOKUPS` one lookup each; more in one
+    chunked walk of the table, whatever their number."""
+    cookies = np.asarray(cookies, np.uint64)
+    if len(cookies) <= PICK_LOOKUPS or getattr(src.map("socks"), "batches", None) is None:
+        got = [lookup_record(src, int(c)) for c in cookies.tolist()]
+        found = np.array([r is not None for r in got], bool)
+        whole = np.zeros(int(found.sum()), SOCK_DTYPE)
+        for j, r in enumerate(r for r in got if r is not None):
+            whole[j] = r
+        recs = np.zeros(len(whole), PICK_DTYPE)
+        recs[:] = whole[list(PICK_FIELDS)]  # by position: PICK_DTYPE lists them in this order
+        return found, recs
+    wanted, inverse = np.unique(cookies, return_inverse=True)
+    hit = np.zeros(len(wanted), bool)
+    out = np.zeros(len(wanted), PICK_DTYPE)
+    for keys, chunk in SockBuffers().chunks(src):
+        pos, there = find_sorted(wanted, keys)
+        hit[pos[there]] = True
+        out[pos[there]] = chunk[there][list(PICK_FIELDS)]
+    found = hit[inverse]
+    return found, out[inverse[found]]
 
 
 def read_socks(src: MapSource, buffers: SockBuffers | None = None, narrow: bool = False
@@ -340,20 +425,24 @@ def read_socks(src: MapSource, buffers: SockBuffers | None = None, narrow: bool 
 
 
 def snapshot(src: MapSource, with_socks: bool = True, buffers: SockBuffers | None = None,
-             narrow: bool = False) -> Snapshot:
+             narrow: bool = False, reducer: Reducer | None = None) -> Snapshot:
     """Aggregates and (``with_socks``) the socket table, whole records or
-    (``narrow``) NARROW_DTYPE ones.  With ``buffers`` the table arrays are
-    views valid until the next read through them."""
+    (``narrow``) NARROW_DTYPE ones, each chunk handed to ``reducer`` as it
+    is read (its result is the snapshot's ``reduced``; a report of a narrow
+    table needs :class:`pytracer.views.model.ViewReducer`'s).  With
+    ``buffers`` the table arrays are views valid until the next read
+    through them."""
     t0 = time.perf_counter()
     totals = read_totals(src)
     if with_socks:
-        keys, socks = read_socks(src, buffers, narrow)
+        keys, socks = (buffers or SockBuffers()).read(src, narrow, reducer)
     else:
         keys, socks = np.zeros(0, np.uint64), np.zeros(0, SOCK_DTYPE)
     # Taken after the reads, so no record is younger than "now".
     mono = time.monotonic_ns()
+    reduced = reducer.finish(mono) if reducer is not None and socks.dtype == NARROW_DTYPE else None
     return Snapshot(mono, time.time(), totals, keys, socks, time.perf_counter() - t0, table_mono_ns=mono,
-                    table_totals=totals, src=src)
+                    table_totals=totals, src=src, reduced=reduced)
 
 
 class TablePoller:
@@ -370,12 +459,14 @@ class TablePoller:
     read.
     """
 
-    def __init__(self, src: MapSource, duty: float = 0.004, max_age: float = 30.0) -> None:
+    def __init__(self, src: MapSource, duty: float = 0.004, max_age: float = 30.0,
+                 reducer: Reducer | None = None) -> None:
         self.src = src
         self.duty = duty
         self.max_age = max_age
+        self.reducer = reducer
         self.buffers = SockBuffers()
-        self._table: tuple[np.ndarray, np.ndarray, int, Totals] | None = None
+        self._table: tuple[np.ndarray, np.ndarray, int, Totals, Any] | None = None
         self._cost = 0.0
         self.reads = 0
 
@@ -393,16 +484,19 @@ class TablePoller:
         t0 = time.perf_counter()
         totals = read_totals(self.src)
         if self.due(time.monotonic_ns()):
-            keys, socks = self.buffers.read(self.src, narrow=True)
+            keys, socks = self.buffers.read(self.src, narrow=True, reducer=self.reducer)
             mono = time.monotonic_ns()
-            self._table = (keys, socks, mono, totals)
+            # The reducer saw every chunk only where the table was read a chunk at a time.
+            reduced = self.reducer.finish(mono) if self.reducer is not None and socks.dtype == NARROW_DTYPE \
+                else None
+            self._table = (keys, socks, mono, totals, reduced)
             self._cost = time.perf_counter() - t0
             self.reads += 1
         else:
             mono = time.monotonic_ns()
-        keys, socks, table_ns, table_totals = self._table  # type: ignore[misc]
+        keys, socks, table_ns, table_totals, reduced = self._table  # type: ignore[misc]
         return Snapshot(mono, time.time(), totals, keys, socks, time.perf_counter() - t0,
-                        table_mono_ns=table_ns, table_totals=table_totals, src=self.src)
+                        table_mono_ns=table_ns, table_totals=table_totals, src=self.src, reduced=reduced)
 
 
 @dataclass

@@ -168,10 +168,52 @@ def table_view(cur: Snapshot, opts: ReportOptions) -> TableView:
                      top_indices(socks["state_ns"].astype(np.uint64), conn, opts.top))
 
 
+def _top_merge(best: tuple[np.ndarray, np.ndarray], values: np.ndarray, mask: np.ndarray, first: int,
+               n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values, table indices) of the ``n`` smallest so far, with a chunk's
+    (rows ``first`` on) added: the chunk's own top ``n`` only."""
+    idx = top_indices(values, mask, n)
+    vals = np.concatenate([best[0], values[idx]])
+    at = np.concatenate([best[1], idx + first])
+    keep = top_indices(vals, np.ones(len(vals), bool), n)  # earlier rows first among ties, as table_view
+    return vals[keep], at[keep]
+
+
+class ViewReducer:
+    """:func:`table_view`, a chunk of whole records at a time, as a
+    :class:`~pytracer.table.poll.TablePoller` reads the table (its
+    ``reducer``): the view's counts and top-N lists without keeping the
+    columns they read (birth, owner, listener, direction) for every record.
+    The table kept is then only what the leak scans compare."""
+
+    def __init__(self, opts: ReportOptions) -> None:
+        self.opts = opts
+        self.start()
+
+    def start(self) -> None:
+        empty = (np.zeros(0, np.uint64), np.zeros(0, np.intp))
+        self.counts = np.zeros(abi.PT_STATES, np.int64)
+        self.tracked = 0
+        self._lived, self._in_state = empty, empty
+
+    def add(self, first: int, keys: np.ndarray, recs: np.ndarray) -> None:
+        opts = self.opts
+        chosen = select(recs, opts.pids)
+        self.counts += np.bincount(recs["state"][chosen], minlength=abi.PT_STATES)[: abi.PT_STATES]
+        conn = chosen & (recs["direction"] != int(Direction.LISTEN))
+        self.tracked += int(conn.sum())
+        self._lived = _top_merge(self._lived, effective_birth(recs, opts.start_mono_ns), conn, first, opts.top)
+        self._in_state = _top_merge(self._in_state, recs["state_ns"].astype(np.uint64), conn, first, opts.top)
+
+    def finish(self, table_mono_ns: int) -> TableView:
+        return TableView(table_mono_ns, self.counts, self.tracked, self._lived[1], self._in_state[1])
+
+
 def build_report(cur: Snapshot, prev: Snapshot | None, opts: ReportOptions,
                  view: TableView | None = None) -> dict[str, Any]:
     """One interval's report.  ``view``: :func:`table_view` of ``cur``'s
-    table, when the caller keeps it across reports on the same table."""
+    table, when the caller keeps it across reports on the same table; else
+    the one its reader reduced as it read it (``cur.reduced``), if any."""
     t, p = cur.totals, (prev.totals if prev else None)
     interval = (cur.mono_ns - prev.mono_ns) / 1e9 if prev else (cur.mono_ns - opts.start_mono_ns) / 1e9
     interval = max(interval, 1e-9)
@@ -180,7 +222,13 @@ def build_report(cur: Snapshot, prev: Snapshot | None, opts: ReportOptions,
 
     socks, keys = cur.socks, cur.keys
     if view is None or view.table_mono_ns != cur.table_mono_ns:
-        view = table_view(cur, opts)
+        if isinstance(cur.reduced, TableView):
+            view = cur.reduced
+        elif "owner_tgid" not in (cur.socks.dtype.names or ()):
+            raise ValueError("a narrow table has no view of its own: read it with a ViewReducer "
+                             "(snapshot(..., narrow=True, reducer=ViewReducer(opts)))")
+        else:
+            view = table_view(cur, opts)
     longest_lived, longest_in_state = view.longest_lived, view.longest_in_state
     shown = list(dict.fromkeys([*longest_lived.tolist(), *longest_in_state.tolist()]))
     # Whole records of the shown sockets only (the table may hold a narrow

@@ -40,8 +40,9 @@ def test_state_counts_between_table_reads() -> None:
     me = os.getpid()
     # Filtered to this process in the kernel: other tenants' sockets don't count.
     with Tracer(pids=[me]) as t:
-        tp = poller.TablePoller(t, duty=1e-9, max_age=3600)  # one table read, then never due
         opts = model.ReportOptions(pids=(me,), top=5, start_mono_ns=time.monotonic_ns())
+        # One table read, then never due; the view reduced as it is read, as watch's.
+        tp = poller.TablePoller(t, duty=1e-9, max_age=3600, reducer=model.ViewReducer(opts))
         first = tp.poll()
         base = model.build_report(first, None, opts)
         assert base["tracer"]["table_age_seconds"] == 0.0
@@ -110,9 +111,11 @@ def test_counts_read_a_chunk_at_a_time_match_the_connections() -> None:
 
 def test_narrow_read_a_chunk_at_a_time_keeps_each_connection_and_reads_shown_ones_whole(monkeypatch) -> None:
     """The narrow table (what watch's poller and the leak scan keep) against
-    this test's own connections: every socket in it once, with its ports,
-    addresses and state; and a record read again whole by its cookie names
-    this process, as a report's shown rows do."""
+    this test's own connections: every socket in it once, with its state;
+    its records read again whole by cookie (as a scan's candidates and a
+    report's shown rows are) give each connection's ports and addresses and
+    name this process; and the view reduced as the table was read counts
+    them and lists them."""
     me = os.getpid()
     monkeypatch.setattr(poller, "READ_CHUNK", 7)  # many batches, chunks splitting the test's sockets
     with Tracer(pids=[me]) as t:
@@ -121,23 +124,32 @@ def test_narrow_read_a_chunk_at_a_time_keeps_each_connection_and_reads_shown_one
             for c, _ in pairs[:15]:
                 c.shutdown(socket.SHUT_WR)
             time.sleep(0.3)
-            snap = poller.snapshot(t, narrow=True)
+            opts = model.ReportOptions(pids=(me,), top=100, start_mono_ns=time.monotonic_ns())
+            snap = poller.TablePoller(t, reducer=model.ViewReducer(opts)).poll()
             socks = snap.socks
             assert socks.dtype == poller.NARROW_DTYPE and len(snap.keys) == len(set(snap.keys.tolist()))
             port = lst.getsockname()[1]
-            mine = (socks["lport"] == port) | (socks["rport"] == port)
-            got = sorted((int(s["lport"]), int(s["rport"]), int(s["state"])) for s in socks[mine])
+            idx, whole = snap.records_at(np.arange(len(snap.keys)))
+            assert whole.dtype == poller.PICK_DTYPE and (whole["state"] == socks["state"][idx]).all()
+            mine = (whole["lport"] == port) | (whole["rport"] == port)
+            got = sorted((int(s["lport"]), int(s["rport"]), int(s["state"])) for s in whole[mine])
             want = sorted([(port, 0, 10)]
                           + [(c.getsockname()[1], port, 5 if i < 15 else 1) for i, (c, _) in enumerate(pairs)]
                           + [(port, c.getsockname()[1], 8 if i < 15 else 1) for i, (c, _) in enumerate(pairs)])
             assert got == want
-            peers = socks["raddr"][mine & (socks["rport"] != 0)]
+            peers = whole["raddr"][mine & (whole["rport"] != 0)]
             assert all(bytes(a[:4]) == socket.inet_aton("127.0.0.1") for a in peers)
-            i = int(np.flatnonzero(mine & (socks["state"] == 5))[0])  # a client: connect() named its owner
-            whole = snap.record(i)
-            assert whole is not None and whole.dtype == poller.SOCK_DTYPE
-            assert int(whole["owner_tgid"]) == me and int(whole["rport"]) == port and int(whole["state"]) == 5
-            assert bytes(whole["owner_comm"]).split(b"\0")[0] and int(whole["state_ns"]) == int(socks["state_ns"][i])
+            view = snap.reduced
+            assert view.counts[1] == 50 and view.counts[5] == 15 and view.counts[8] == 15 and view.counts[10] == 1
+            assert view.tracked == 80 and len(view.longest_lived) == 80
+            assert set(snap.keys[view.longest_in_state].tolist()) == set(snap.keys[idx[mine & (whole["state"] != 10)]]
+                                                                          .tolist())
+            clients = idx[mine & (whole["state"] == 5)]
+            i = int(clients[0])  # a client: connect() named its owner
+            rec = snap.record(i)
+            assert rec is not None and rec.dtype == poller.SOCK_DTYPE
+            assert int(rec["owner_tgid"]) == me and int(rec["rport"]) == port and int(rec["state"]) == 5
+            assert bytes(rec["owner_comm"]).split(b"\0")[0] and int(rec["state_ns"]) == int(socks["state_ns"][i])
         finally:
             for c, s in pairs:
                 c.close()

@@ -166,6 +166,14 @@ def test_tcp_info_table_keeps_only_the_idle_time_of_busy_established_sockets() -
     assert table.add(9, info(1, 7_000, 8_000))
     found, idle = table.idle_ms(np.array([9, 1], np.uint64))
     assert found.tolist() == [True, True] and idle.tolist() == [7_000, 5_000]
+    # Sorted in place between questions: out-of-order answers, one cookie twice (its first answer counts).
+    for cookie, ms in ((50, 1_000), (20, 2_000), (50, 9_000), (40, 4_000)):
+        assert table.add(cookie, info(1, ms, ms))
+    found, idle = table.idle_ms(np.array([40, 50, 20, 9, 1], np.uint64))
+    assert found.all() and idle.tolist() == [4_000, 1_000, 2_000, 7_000, 5_000]
+    assert table.add(30, info(1, 3_000, 3_000)) and table.answered == 9
+    found, idle = table.idle_ms(np.array([30, 50], np.uint64))
+    assert idle.tolist() == [3_000, 1_000]
 
 
 def test_tcp_info_table_answers_like_decode() -> None:

@@ -12,9 +12,7 @@ from pytracer.table import poll
 def _snap(cookies: list[int]) -> poll.Snapshot:
     socks = np.zeros(len(cookies), poll.NARROW_DTYPE)
     socks["state"] = 1
-    socks["family"] = 2
     socks["lport"] = np.arange(len(cookies)) + 1000
-    socks["rport"] = 80
     socks["netns_ino"] = 4026531840
     return poll.Snapshot(0, 0.0, None, np.array(cookies, np.uint64), socks, 0.0)  # type: ignore[arg-type]
 

@@ -128,3 +128,72 @@ def test_nursery_membership_is_by_slot() -> None:
     keys = np.array([1, 96, 100, 104, 141, 145, 202, 10**18], np.uint64)
     assert poll.in_nursery(slotted, keys).tolist() == [False, False, True, False, True, False, True, False]
     assert poll.in_nursery(slotted, np.zeros(0, np.uint64)).tolist() == []
+
+
+@pytest.mark.parametrize("seen", [False, True], ids=["walk-passed-its-bucket", "walk-meets-it"])
+def test_a_reducer_is_given_each_record_once_at_its_row(seen: bool) -> None:
+    """A narrow read hands each chunk of whole records to its reducer with
+    the row they are kept at: each socket once, as the kept keys say."""
+    storm = Storm(seen)
+    seen_rows: dict[int, int] = {}
+
+    class Rows:
+        def start(self) -> None:
+            seen_rows.clear()
+
+        def add(self, first: int, keys: np.ndarray, recs: np.ndarray) -> None:
+            for j, k in enumerate(keys.tolist()):
+                assert k not in seen_rows
+                seen_rows[k] = first + j
+
+        def finish(self, mono: int) -> None:
+            return None
+
+    keys, _ = storm_buffers(storm).read(storm, narrow=True, reducer=Rows())  # type: ignore[arg-type]
+    assert seen_rows == {int(k): i for i, k in enumerate(keys.tolist())} and len(seen_rows) == 3
+
+
+class Table:
+    """A "socks" map without a nursery: lookups and a walk in chunks."""
+
+    nursery_slots = 0
+    max_entries = 64
+
+    def __init__(self, n: int) -> None:
+        self.recs = {}
+        for k in range(1, n + 1):
+            rec = np.zeros(1, poll.SOCK_DTYPE)
+            rec["lport"] = k
+            self.recs[k * 10] = rec
+        self.lookups = 0
+
+    def map(self, name: str) -> Table:
+        return self
+
+    def lookup(self, key: bytes, size: int) -> bytes | None:
+        self.lookups += 1
+        rec = self.recs.get(int.from_bytes(key, "little"))
+        return None if rec is None else rec.tobytes()
+
+    def batches(self, value_size: int, chunk: int):
+        items = list(self.recs.items())
+        for at in range(0, len(items), 3):
+            part = items[at : at + 3]
+            keys = np.array([k for k, _ in part], np.uint64)
+            yield memoryview(keys.tobytes()), memoryview(np.concatenate([v for _, v in part]).tobytes()), len(part)
+
+
+@pytest.mark.parametrize("lookups", [True, False], ids=["by-lookup", "by-walk"])
+def test_picked_records_are_the_current_ones_in_the_asked_order(lookups: bool, monkeypatch) -> None:
+    table = Table(20)
+    if not lookups:
+        monkeypatch.setattr(poll, "PICK_LOOKUPS", 2)
+    cookies = np.array([70, 5, 200, 10, 70, 999], np.uint64)  # 5 and 999: gone; 70 asked twice
+    found, recs = poll.pick_records(table, cookies)  # type: ignore[arg-type]
+    assert found.tolist() == [True, False, True, True, True, False]
+    assert recs["lport"].tolist() == [7, 20, 1, 7] and recs.dtype == poll.PICK_DTYPE
+    assert (table.lookups > 0) == lookups
+    snap = poll.Snapshot(0, 0.0, None, cookies, np.zeros(6, poll.NARROW_DTYPE), 0.0,  # type: ignore[arg-type]
+                         src=table)  # type: ignore[arg-type]
+    idx, whole = snap.records_at(np.array([5, 3, 1]))
+    assert idx.tolist() == [3] and whole["lport"].tolist() == [1]

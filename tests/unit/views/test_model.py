@@ -105,3 +105,84 @@ def test_percpu_totals_are_summed() -> None:
     assert t.transitions[TcpState.CLOSE, TcpState.SYN_SENT] == 60
     h = t.lifetime(abi.Direction.ACTIVE)
     assert h.count == 6 and h.sum_us == 300
+
+
+def _random_table(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    socks = np.zeros(n, SOCK_DTYPE)
+    socks["state"] = rng.integers(1, 12, n)
+    socks["direction"] = rng.integers(0, 3, n)
+    socks["owner_tgid"] = rng.integers(0, 4, n)
+    socks["listener_tgid"] = rng.integers(0, 4, n)
+    socks["birth_ns"] = np.where(rng.random(n) < 0.2, 0, rng.permutation(n) + 1_000)  # some unknown births
+    socks["state_ns"] = rng.permutation(n) + 5_000  # distinct: one right order
+    return socks
+
+
+def test_view_reduced_a_chunk_at_a_time_is_the_view_of_the_whole_table() -> None:
+    """The view watch's poller makes as it reads the table (ViewReducer)
+    against table_view over the whole table at once, with and without
+    --pid, in chunks that split the top-N candidates between them."""
+    socks = _random_table(1000, 7)
+    keys = np.arange(1, 1001, dtype=np.uint64)
+    snap = Snapshot(mono_ns=10**9, wall=0.0, totals=empty_totals(), keys=keys, socks=socks, read_seconds=0.0)
+    for pids in ((), (2,), (1, 3)):
+        opts = model.ReportOptions(top=7, pids=pids, start_mono_ns=500)
+        want = model.table_view(snap, opts)
+        for chunk in (1, 3, 64, 1000):
+            red = model.ViewReducer(opts)
+            red.start()
+            for first in range(0, len(socks), chunk):
+                red.add(first, keys[first : first + chunk], socks[first : first + chunk])
+            got = red.finish(123)
+            assert got.table_mono_ns == 123
+            assert got.counts.tolist() == want.counts.tolist() and got.tracked == want.tracked
+            # Births tie at 0 (taken as the start): compare values, then the distinct state times exactly.
+            births = model.effective_birth(socks, 500)
+            assert births[got.longest_lived].tolist() == births[want.longest_lived].tolist()
+            assert got.longest_in_state.tolist() == want.longest_in_state.tolist()
+
+
+def test_report_of_a_narrow_table_takes_its_reduced_view() -> None:
+    """build_report on a narrow table (no owner or birth columns) uses the
+    view its reader reduced, and reads the shown rows again whole."""
+    from pytracer.table import poll
+
+    socks = _random_table(50, 3)
+    keys = np.arange(1, 51, dtype=np.uint64)
+    opts = model.ReportOptions(top=3, start_mono_ns=500)
+    red = model.ViewReducer(opts)
+    red.add(0, keys, socks)
+    narrow = np.zeros(50, poll.NARROW_DTYPE)
+    narrow[:] = socks[list(poll.NARROW_FIELDS)]
+
+    class Src:
+        nursery_slots = 0
+
+        def map(self, name: str) -> Src:
+            return self
+
+        def lookup(self, key: bytes, size: int) -> bytes | None:
+            i = int.from_bytes(key, "little") - 1
+            return socks[i].tobytes() if 0 <= i < 50 else None
+
+    snap = Snapshot(mono_ns=10**9, wall=0.0, totals=empty_totals(), keys=keys, socks=narrow, read_seconds=0.0,
+                    table_mono_ns=10**9, src=Src(), reduced=red.finish(10**9))  # type: ignore[arg-type]
+    whole = Snapshot(mono_ns=10**9, wall=0.0, totals=empty_totals(), keys=keys, socks=socks, read_seconds=0.0,
+                     table_mono_ns=10**9)
+    got, want = model.build_report(snap, None, opts), model.build_report(whole, None, opts)
+    assert got["states"] == want["states"] and got["sockets"] == want["sockets"] and got["sockets"]
+    assert got["longest_in_state"] == want["longest_in_state"]
+
+
+def test_a_narrow_table_without_its_view_is_refused_with_a_reason() -> None:
+    from pytracer.table import poll
+
+    snap = Snapshot(mono_ns=1, wall=0.0, totals=empty_totals(), keys=np.arange(3, dtype=np.uint64),
+                    socks=np.zeros(3, poll.NARROW_DTYPE), read_seconds=0.0)
+    try:
+        model.build_report(snap, None, model.ReportOptions())
+    except ValueError as exc:
+        assert "ViewReducer" in str(exc)
+    else:
+        raise AssertionError("a report of a narrow table without a view")
