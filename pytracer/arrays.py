@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 
 import numpy as np
@@ -14,24 +13,6 @@ def fields_of(dtype: np.dtype, names: tuple[str, ...] | list[str], align: bool =
     """A structured dtype of some of ``dtype``'s fields, in ``names``' order
     (a whole array of it takes them by position: ``out[:] = a[list(names)]``)."""
     return np.dtype([(n, dtype.fields[n][0]) for n in names], align=align)
-
-
-def give_back_heap() -> bool:
-    """Return the free pages at the top and in the middle of the malloc
-    heap to the kernel (glibc ``malloc_trim``), after a phase that made and
-    freed many small buffers among longer-lived objects: seeding at 100k
-    sockets leaves ~3 MiB of such pages resident, and the next phase's peak
-    stands on them.  Big arrays are mmapped and go back when freed
-    (:func:`pytracer.kernel.environment.tune_malloc`); these do not.  Best
-    effort: False where there is no malloc_trim (not glibc)."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    trim(0)
-    return True
 
 
 def is_sorted(a: np.ndarray) -> bool:

@@ -16,10 +16,10 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from pytracer.arrays import give_back_heap
 from pytracer.inventory import procs, sockdiag
 from pytracer.inventory.owners import scan_fds, scope_mask
 from pytracer.inventory.session import Session
+from pytracer.kernel.environment import give_back_heap
 from pytracer.kernel.tcp_states import TcpState
 from pytracer.table import writer
 from pytracer.table.writer import SEED_STATES, SeedResult

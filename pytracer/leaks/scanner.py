@@ -43,11 +43,11 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from pytracer.arrays import give_back_heap
 from pytracer.inventory import procs, sockdiag
 from pytracer.inventory.owners import scan_fds, scope_mask
 from pytracer.inventory.session import Session
 from pytracer.inventory.tcpinfo import TcpInfoTable
+from pytracer.kernel.environment import give_back_heap
 from pytracer.kernel.tcp_states import TcpState
 from pytracer.leaks import facts as joins
 from pytracer.leaks import incremental as incremental_scan

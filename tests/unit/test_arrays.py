@@ -29,12 +29,3 @@ def test_fields_of_keeps_the_named_fields_in_order_and_takes_them_by_position() 
     out = np.empty(3, narrow)
     out[:] = src[["d", "b"]]
     assert out["d"].tolist() == [-1, -2, -3] and out["b"].tolist() == [1, 2, 3]
-
-
-def test_giving_the_heap_back_is_best_effort_and_keeps_live_objects() -> None:
-    from pytracer.arrays import give_back_heap
-
-    kept = [bytes([i % 256]) * 1000 for i in range(2000)]
-    del kept[::2]  # holes among live objects
-    assert give_back_heap() in (True, False)
-    assert all(b == bytes([b[0]]) * 1000 for b in kept) and len(kept) == 1000
