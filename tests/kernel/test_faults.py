@@ -297,9 +297,10 @@ def test_sigkill_while_seeding_100k_sockets_leaves_nothing_attached(
     freed_s = time.monotonic() - killed
     links = json.loads(subprocess.run(["bpftool", "-j", "link", "list"], capture_output=True, text=True).stdout or "[]")
     assert not {li["id"] for li in links} & seen_links, "links left after SIGKILL"
-    # A map is freed from a workqueue after its last reference goes
-    # (bpf_map_put(): bpf_map_free_deferred); a 100k-record table takes a
-    # while there on a busy host.  Bounded wait, as gone() does for programs.
+    # A program leaves the id table as soon as its last reference goes, but
+    # drops its maps only later, from a workqueue after an RCU grace period
+    # (kernel/bpf/core.c, bpf_prog_free_deferred()): on a busy host the maps
+    # outlive it for a while.  Bounded wait, as gone() does for programs.
     map_deadline = time.monotonic() + 30
     while True:
         maps = json.loads(subprocess.run(["bpftool", "-j", "map", "list"], capture_output=True,
