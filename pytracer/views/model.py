@@ -157,15 +157,10 @@ class TableView:
 
 
 def table_view(cur: Snapshot, opts: ReportOptions) -> TableView:
-    socks = cur.socks
-    conn = select(socks, opts.pids, connections_only=True)
-    births = effective_birth(socks, opts.start_mono_ns)
-    # States come from the socket table itself (it includes sockets seeded at
-    # start); --pid applies.  TIME_WAIT minisockets are not in the table: an
-    # inventory (sock_diag) adds them when available (the leak enricher).
-    counts = np.bincount(socks["state"][select(socks, opts.pids)], minlength=abi.PT_STATES)[: abi.PT_STATES]
-    return TableView(cur.table_mono_ns, counts, int(conn.sum()), top_indices(births, conn, opts.top),
-                     top_indices(socks["state_ns"].astype(np.uint64), conn, opts.top))
+    """The view of a table read whole: :class:`ViewReducer` over it as one chunk."""
+    r = ViewReducer(opts)
+    r.add(0, cur.keys, cur.socks)
+    return r.finish(cur.table_mono_ns)
 
 
 def _top_merge(best: tuple[np.ndarray, np.ndarray], values: np.ndarray, mask: np.ndarray, first: int,
@@ -175,7 +170,7 @@ def _top_merge(best: tuple[np.ndarray, np.ndarray], values: np.ndarray, mask: np
     idx = top_indices(values, mask, n)
     vals = np.concatenate([best[0], values[idx]])
     at = np.concatenate([best[1], idx + first])
-    keep = top_indices(vals, np.ones(len(vals), bool), n)  # earlier rows first among ties, as table_view
+    keep = top_indices(vals, np.ones(len(vals), bool), n)  # earlier rows first among ties
     return vals[keep], at[keep]
 
 
@@ -198,6 +193,9 @@ class ViewReducer:
 
     def add(self, first: int, keys: np.ndarray, recs: np.ndarray) -> None:
         opts = self.opts
+        # States come from the socket table itself (it includes sockets seeded at
+        # start); --pid applies.  TIME_WAIT minisockets are not in the table: an
+        # inventory (sock_diag) adds them when available (the leak enricher).
         chosen = select(recs, opts.pids)
         self.counts += np.bincount(recs["state"][chosen], minlength=abi.PT_STATES)[: abi.PT_STATES]
         conn = chosen & (recs["direction"] != int(Direction.LISTEN))
