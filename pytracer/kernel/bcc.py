@@ -369,10 +369,8 @@ class BccTracer(TracerHandle):
                 raise TracerError(f"cannot hook {HOOK_TARGETS[hook]} ({why})")
             self.choices[hook] = ch
             plan[hook] = left
-        # Every bcc program is a kprobe or a classic tracepoint; the fork and
-        # exit twins of "follow" never touch the table.
-        self.table_prealloc = table_prealloc_reason(
-            (c.kind for h, cs in plan.items() if h != "follow" for c in cs), f.version)
+        # Every bcc program is a kprobe or a classic tracepoint.
+        self.table_prealloc = table_prealloc_reason(((h, c.kind) for h, cs in plan.items() for c in cs), f.version)
         return plan
 
     def _cflags(self, f: Features) -> list[str]:

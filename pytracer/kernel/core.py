@@ -369,8 +369,7 @@ class Tracer(TracerHandle):
         rodata.set_initial_value(bytes(cfg))
         socks = obj.map("socks")
         socks.max_entries = self.max_sockets
-        # The fork/exit programs of "follow" never touch the table.
-        self.table_prealloc = table_prealloc_reason((ch.kind for h, ch in plan.items() if h != "follow"), f.version)
+        self.table_prealloc = table_prealloc_reason(((h, ch.kind) for h, ch in plan.items()), f.version)
         if self.table_prealloc:
             socks.flags &= ~libbpf.BPF_F_NO_PREALLOC
         obj.map("nursery").max_entries = max(1, self.nursery_slots)

@@ -175,10 +175,16 @@ TRACE_TYPE_KINDS = ("tracepoint", "kprobe", "syscall")
 RUNTIME_ALLOC_SAFE_SINCE = (6, 1)
 
 
-def table_prealloc_reason(kinds: Iterable[str | None], version: tuple[int, int]) -> str | None:
-    """Why the socket table must be preallocated for programs of ``kinds``
-    on a ``version`` kernel, or None when it may allocate as it fills."""
-    present = set(kinds)
+# Hooks whose programs never touch the socket table: the fork and exit
+# programs of "follow" write the pid filter only.
+TABLE_FREE_HOOKS = frozenset({"follow"})
+
+
+def table_prealloc_reason(hook_kinds: Iterable[tuple[str, str | None]], version: tuple[int, int]) -> str | None:
+    """Why the socket table must be preallocated for a plan's programs,
+    given as (hook, kind) pairs, on a ``version`` kernel, or None when it
+    may allocate as it fills."""
+    present = {k for h, k in hook_kinds if h not in TABLE_FREE_HOOKS}
     trace = [k for k in TRACE_TYPE_KINDS if k in present]
     if not trace or version >= RUNTIME_ALLOC_SAFE_SINCE:
         return None

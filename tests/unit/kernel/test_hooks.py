@@ -84,10 +84,13 @@ def test_bcc_has_no_btf_modes() -> None:
 ])
 def test_table_is_preallocated_only_for_trace_type_programs_before_6_1(
         kinds: tuple[str | None, ...], version: tuple[int, int], prealloc: bool) -> None:
-    why = hooks.table_prealloc_reason(kinds, version)
+    pairs = [(f"hook{i}", k) for i, k in enumerate(kinds)]
+    why = hooks.table_prealloc_reason(pairs, version)
     assert (why is not None) is prealloc
     # The loaders pass a generator over their plan.
-    assert hooks.table_prealloc_reason(iter(kinds), version) == why
+    assert hooks.table_prealloc_reason(iter(pairs), version) == why
+    # A hook whose programs never touch the table does not count.
+    assert hooks.table_prealloc_reason([(h, k) for h in hooks.TABLE_FREE_HOOKS for k in kinds], version) is None
     if why:
         assert "6.1" in why and all(k in why for k in set(kinds) & set(hooks.TRACE_TYPE_KINDS))
 
