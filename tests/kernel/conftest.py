@@ -358,13 +358,21 @@ def live_link_ids() -> set[int]:
     return {int(x["id"]) for x in json.loads(out.stdout or "[]")}
 
 
-def gone(progs: set[int], links: set[int] = frozenset(), timeout: float = 10) -> bool:
-    """Every program and link in the sets freed (bpftool as the witness)?
-    The kernel frees a program a little after its last fd closes (deferred
-    work), so a check made right at a process's exit may still see it."""
+def live_map_ids() -> set[int]:
+    out = subprocess.run(["bpftool", "-j", "map", "show"], capture_output=True, text=True, timeout=30)
+    return {int(m["id"]) for m in json.loads(out.stdout or "[]")}
+
+
+def gone(progs: set[int], links: set[int] = frozenset(), timeout: float = 10, maps: set[int] = frozenset()) -> bool:
+    """Every program, link and map in the sets freed (bpftool as the
+    witness)?  The kernel frees a program a little after its last fd closes
+    (deferred work), so a check made right at a process's exit may still see
+    it; the program drops its maps later still, from a workqueue after an
+    RCU grace period (kernel/bpf/core.c, bpf_prog_free_deferred())."""
     deadline = time.monotonic() + timeout
     while True:
-        if not (progs & live_prog_ids()) and not (links and links & live_link_ids()):
+        if (not (progs & live_prog_ids()) and not (links and links & live_link_ids())
+                and not (maps and maps & live_map_ids())):
             return True
         if time.monotonic() > deadline:
             return False
