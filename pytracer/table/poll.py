@@ -430,6 +430,12 @@ def read_socks(src: MapSource, buffers: SockBuffers | None = None, narrow: bool 
     return (buffers or SockBuffers()).read(src, narrow)
 
 
+def _reduced(reducer: Reducer | None, socks: np.ndarray, table_mono_ns: int) -> Any:
+    """What ``reducer`` made of a read that returned ``socks``: it saw every
+    chunk only where the table was read a chunk at a time (narrow)."""
+    return reducer.finish(table_mono_ns) if reducer is not None and socks.dtype == NARROW_DTYPE else None
+
+
 def snapshot(src: MapSource, with_socks: bool = True, buffers: SockBuffers | None = None,
              narrow: bool = False, reducer: Reducer | None = None) -> Snapshot:
     """Aggregates and (``with_socks``) the socket table, whole records or
@@ -447,7 +453,7 @@ def snapshot(src: MapSource, with_socks: bool = True, buffers: SockBuffers | Non
         keys, socks = np.zeros(0, np.uint64), np.zeros(0, SOCK_DTYPE)
     # Taken after the reads, so no record is younger than "now".
     mono = time.monotonic_ns()
-    reduced = reducer.finish(mono) if reducer is not None and socks.dtype == NARROW_DTYPE else None
+    reduced = _reduced(reducer, socks, mono)
     return Snapshot(mono, time.time(), totals, keys, socks, time.perf_counter() - t0, table_mono_ns=mono,
                     table_totals=totals, src=src, reduced=reduced, buffers=buffers)
 
@@ -493,9 +499,7 @@ class TablePoller:
         if self.due(time.monotonic_ns()):
             keys, socks = self.buffers.read(self.src, narrow=True, reducer=self.reducer)
             mono = time.monotonic_ns()
-            # The reducer saw every chunk only where the table was read a chunk at a time.
-            reduced = self.reducer.finish(mono) if self.reducer is not None and socks.dtype == NARROW_DTYPE \
-                else None
+            reduced = _reduced(self.reducer, socks, mono)
             self._table = (keys, socks, mono, totals, reduced)
             self._cost = time.perf_counter() - t0
             self.reads += 1
