@@ -25,6 +25,8 @@
  *     sock_update(key, rec)    insert or replace; nonzero on failure
  *     sock_delete(key)         (a key is opaque here: the CO-RE file's
  *                              carry a flag for its nursery)
+ *     sock_written(key)        the record sock_lookup(key) gave was
+ *                              written in place (called after the writes)
  *     listener_lookup(lk)      __u32 * (the tgid) in "listeners", or NULL
  *     listener_update(lk, tgid)  nonzero on failure
  *     listener_delete(lk)
@@ -468,7 +470,9 @@ static __always_inline void do_state(struct sock *sk, __u64 key, int old,
 	if (new == TCP_CLOSE) {
 		end_life(a, sk, rec, now, btf);
 		sock_delete(key);
+		return;
 	}
+	sock_written(key);
 }
 
 /* A state change: old -> new on sk, whose record is under key (0: none). */
@@ -516,6 +520,7 @@ static __always_inline void handle_accept(struct sock *sk, __u64 key, int fd,
 			stat_add_top(a, PT_S_OPENED + (rec->direction & (PT_DIRS - 1)));
 		stat_add_top(a, PT_S_ENTERED + (rec->state & (PT_STATES - 1)));
 	}
+	sock_written(key);
 }
 
 /* The application closes the socket under key; from a top-level hook. */
@@ -526,17 +531,21 @@ static __always_inline void handle_close(__u64 key)
 	if (!key)
 		return;
 	rec = sock_lookup(key);
-	if (rec && !rec->close_ns)
+	if (rec && !rec->close_ns) {
 		note_app_close(agg_top(), rec, bpf_get_current_pid_tgid() >> 32,
 			       bpf_ktime_get_ns(), true);
+		sock_written(key);
+	}
 }
 
 static __always_inline void handle_reset(__u64 key)
 {
 	struct pt_sock *rec = sock_lookup(key);
 
-	if (rec)
+	if (rec) {
 		rec->flags |= PT_F_RESET;
+		sock_written(key);
+	}
 }
 
 /* --- idle before end, per service ---------------------------------------- */

@@ -64,6 +64,21 @@ struct {
 	__type(value, struct pt_slot);
 } nursery SEC(".maps");
 
+/*
+ * How many times "socks" changed: bumped after every write to it (an
+ * insert, a delete, a record living there written in place).  A reader
+ * that finds it where it was before its last walk of "socks" knows that
+ * walk's rows are still the table's, and reads the nursery alone
+ * (pytracer.table.poll).  A storm's records live and die in the nursery
+ * and never bump it.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} socks_gen SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, PT_AGG_ENTRIES);
@@ -214,6 +229,7 @@ static __always_inline struct pt_agg *agg_top(void)
 #define sock_lookup(key)	sock_find(key)
 #define sock_update(key, rec)	sock_put(key, rec)
 #define sock_delete(key)	sock_drop(key)
+#define sock_written(key)	sock_wrote(key)
 #define listener_lookup(lk)	bpf_map_lookup_elem(&listeners, lk)
 #define listener_update(lk, tgid) bpf_map_update_elem(&listeners, lk, tgid, BPF_ANY)
 #define listener_delete(lk)	bpf_map_delete_elem(&listeners, lk)
@@ -230,6 +246,16 @@ static __always_inline struct pt_slot *slot_of(__u64 key)
 	__u32 i = key & ((1U << cfg.nursery_bits) - 1);
 
 	return bpf_map_lookup_elem(&nursery, &i);
+}
+
+/* After a write to "socks" (see socks_gen).  An atomic add: any CPU. */
+static __always_inline void socks_changed(void)
+{
+	__u32 zero = 0;
+	__u64 *gen = bpf_map_lookup_elem(&socks_gen, &zero);
+
+	if (gen)
+		__sync_fetch_and_add(gen, 1);
 }
 
 /*
@@ -270,13 +296,16 @@ static __always_inline long sock_put(__u64 key, struct pt_sock *rec)
 	if (s->key != k) {
 		/* This socket's own earlier record (seeded, or moved out)
 		 * is replaced, not kept beside the new one. */
-		if (!(key & PT_KEY_FRESH))
-			bpf_map_delete_elem(&socks, &k);
-		if (s->key &&
-		    bpf_map_update_elem(&socks, &s->key, &s->rec, BPF_ANY)) {
-			a = agg_get();
-			if (a)
-				agg_add(&a->stats[PT_S_INSERT_FAILED], 1);
+		if (!(key & PT_KEY_FRESH) && !bpf_map_delete_elem(&socks, &k))
+			socks_changed();
+		if (s->key) {
+			if (bpf_map_update_elem(&socks, &s->key, &s->rec, BPF_ANY)) {
+				a = agg_get();
+				if (a)
+					agg_add(&a->stats[PT_S_INSERT_FAILED], 1);
+			} else {
+				socks_changed();
+			}
 		}
 	}
 	s->key = k;
@@ -297,8 +326,23 @@ static __always_inline void sock_drop(__u64 key)
 	s = slot_of(k);
 	if (s && s->key == k)
 		s->key = 0;
-	else if (!(key & PT_KEY_FRESH))
-		bpf_map_delete_elem(&socks, &k);
+	else if (!(key & PT_KEY_FRESH) && !bpf_map_delete_elem(&socks, &k))
+		socks_changed();
+}
+
+/* The record sock_find() gave for key was written in place: if it lives in
+ * "socks", say so now that the writes are done. */
+static __always_inline void sock_wrote(__u64 key)
+{
+	struct pt_slot *s;
+	__u64 k;
+
+	if (!cfg.nursery_bits)
+		return;
+	k = key & ~PT_KEY_FRESH;
+	s = slot_of(k);
+	if (!s || s->key != k)
+		socks_changed();
 }
 
 /* A child's birth, kept in this CPU's slot (see "percpu"). */

@@ -275,7 +275,7 @@ class TracerCollector(Collector):
             self._failed("agg", exc)
         try:
             if self._sock_buffers is None:
-                self._sock_buffers = poller.SockBuffers()
+                self._sock_buffers = poller.SockBuffers(keep_walk=True)
             if self._thread is not None or scanner is None:
                 # The metrics need only the live records per state: counted a
                 # chunk at a time, the table is never held (the scan thread

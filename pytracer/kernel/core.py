@@ -26,6 +26,8 @@ import errno
 import json
 import os
 import re
+import struct
+import sys
 import zlib
 from typing import Any, Iterable, Mapping
 
@@ -156,6 +158,9 @@ class TracerHandle:
     # Why "socks" was preallocated (hooks.table_prealloc_reason), or None:
     # it allocates as it fills.
     table_prealloc: str | None = None
+    # Writes this process made to "socks" (pytracer.table.writer): part of
+    # socks_generation(), beside the kernel's own count.
+    socks_writes = 0
 
     def __init__(
         self,
@@ -399,6 +404,15 @@ class Tracer(TracerHandle):
         if self.obj is None:
             raise TracerError("tracer is not loaded")
         return self.obj.map(name)
+
+    def socks_generation(self) -> int | None:
+        """How many times "socks" has changed: the kernel's writes to it
+        ("socks_gen" in bpf/pytracer.bpf.c) and this process's own.  None
+        without a nursery, where the kernel does not count them."""
+        if not self.nursery_slots:
+            return None
+        raw = self.map("socks_gen").lookup(struct.pack("=I", 0), 8)
+        return None if raw is None else int.from_bytes(raw, sys.byteorder) + self.socks_writes
 
     def programs(self) -> list[libbpf.Program]:
         if self.obj is None:

@@ -109,7 +109,7 @@ class Gate:
         self.tracer = tracer
         self.thresholds = thresholds
         self.start = time.monotonic()
-        self.buffers = poll.SockBuffers()
+        self.buffers = poll.SockBuffers(keep_walk=True)
         self.cycle = DutyCycle(Scanner(tracer, thresholds, pids=tracer.pids, incremental=True), duty)
         self.flags: dict[tuple, Flag] = {}
         self.dropped = 0

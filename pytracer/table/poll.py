@@ -61,6 +61,12 @@ PICK_DTYPE = fields_of(SOCK_DTYPE, PICK_FIELDS)
 # Records read again by cookie one lookup each (two syscalls) up to this
 # many; more are picked in one chunked walk of the table (~40 ms at 100k).
 PICK_LOOKUPS = 512
+# The most rows of a walk of "socks" that buffers keeping their walk hold
+# (SockBuffers(keep_walk=True); ~2.5 MB of whole records).  A walk costs its
+# buckets (~1.5 ms for 262,144 here) however few records they hold: in a
+# storm every record lives in the nursery, and "socks" holds only the
+# host's long-lived sockets.  A larger table is walked every time.
+WALK_KEEP_MAX = 16384
 _AGG_WORDS = ctypes.sizeof(abi.PtAgg) // 8
 _HIST_WORDS = abi.PT_HIST_SLOTS + 1
 
@@ -208,10 +214,17 @@ class SockBuffers:
     they grow only if a map reports more.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep_walk: bool = False) -> None:
+        """``keep_walk``: keep the rows of a walk of "socks" (up to
+        WALK_KEEP_MAX), and read them again instead of the table for as long
+        as its source says it has not changed (:func:`table_generation`)."""
         self.keys = np.zeros(0, np.uint64)
         self.socks = np.zeros(0, SOCK_DTYPE)
         self._mapped: tuple[tuple[int, int], mmap.mmap] | None = None
+        self.keep_walk = keep_walk
+        self._kept: tuple[int, np.ndarray, np.ndarray] | None = None
+        self.walks = 0  # walks of "socks" made
+        self.walks_skipped = 0  # reads that took the kept walk instead
 
     def read(self, src: MapSource, narrow: bool = False, reducer: Reducer | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
@@ -274,9 +287,7 @@ class SockBuffers:
         m = src.map("socks")
         slots, first = self.nursery_first(src)
         copied = by_slot(first[0], slots) if first is not None and len(first[0]) else None
-        for kbuf, vbuf, n in m.batches(SOCK_DTYPE.itemsize, chunk or READ_CHUNK):
-            keys = np.frombuffer(kbuf, np.uint64, count=n)
-            recs = np.frombuffer(vbuf, SOCK_DTYPE, count=n)
+        for keys, recs in self._walk(src, m, chunk or READ_CHUNK):
             if copied is not None:
                 keep = ~in_nursery(copied, keys)
                 if not keep.all():
@@ -284,6 +295,39 @@ class SockBuffers:
             yield keys, recs
         if first is not None and len(first[0]):
             yield first
+
+    def _walk(self, src: MapSource, m, chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(keys, whole records) of a walk of "socks", ``chunk`` at a time;
+        with ``keep_walk``, the kept rows of the last walk instead while the
+        table's generation is where it was when that walk began.  Called
+        after the nursery is copied: a record that moved out of its slot
+        since that copy has changed the generation, so it is walked."""
+        gen = table_generation(src) if self.keep_walk else None
+        kept = self._kept
+        if gen is not None and kept is not None and kept[0] == gen:
+            self.walks_skipped += 1
+            for i in range(0, len(kept[1]), chunk):
+                yield kept[1][i : i + chunk], kept[2][i : i + chunk]
+            return
+        self._kept = None
+        self.walks += 1
+        parts: list[tuple[np.ndarray, np.ndarray]] | None = [] if gen is not None else None
+        rows = 0
+        for kbuf, vbuf, n in m.batches(SOCK_DTYPE.itemsize, chunk):
+            keys = np.frombuffer(kbuf, np.uint64, count=n)
+            recs = np.frombuffer(vbuf, SOCK_DTYPE, count=n)
+            if parts is not None:
+                rows += n
+                if rows <= WALK_KEEP_MAX:
+                    parts.append((keys.copy(), recs.copy()))
+                else:
+                    parts = None
+            yield keys, recs
+        if parts is not None:  # the whole walk was read (a reader may stop early)
+            keys = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.uint64)
+            recs = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, SOCK_DTYPE)
+            keys.flags.writeable = recs.flags.writeable = False
+            self._kept = (gen, keys, recs)
 
     def nursery_first(self, src: MapSource) -> tuple[int, tuple[np.ndarray, np.ndarray] | None]:
         """(the nursery's slots, its records) of ``src``, copied before a
@@ -337,6 +381,14 @@ class SockBuffers:
                            prot=mmap.PROT_READ)
             self._mapped = ((fd, slots), mm)
         return np.frombuffer(self._mapped[1], SLOT_DTYPE, count=slots)
+
+
+def table_generation(src: MapSource) -> int | None:
+    """How many times ``src``'s "socks" has changed, by the kernel's
+    writes and this process's own (``socks_generation()``), or None when it
+    cannot say: then every read walks it."""
+    read = getattr(src, "socks_generation", None)
+    return None if read is None else read()
 
 
 def by_slot(keys: np.ndarray, slots: int) -> np.ndarray:
@@ -478,7 +530,7 @@ class TablePoller:
         self.duty = duty
         self.max_age = max_age
         self.reducer = reducer
-        self.buffers = SockBuffers()
+        self.buffers = SockBuffers(keep_walk=True)
         self._table: tuple[np.ndarray, np.ndarray, int, Totals, Any] | None = None
         self._cost = 0.0
         self.reads = 0

@@ -288,6 +288,21 @@ def write_seeded(tracer: Any, sess: Redump, states: int, rows: np.ndarray,
     of sockets destroyed between the dump and their insert."""
     socks = tracer.map("socks")
     keys = np.ascontiguousarray(rows["cookie"], dtype=np.uint64)
+    try:
+        _write_seeded(tracer, sess, states, rows, records, owner, res, socks, keys)
+    finally:
+        socks_written(tracer)
+
+
+def socks_written(tracer: Any) -> None:
+    """Say that this process wrote "socks" (after the writes): readers
+    keeping a walk of it walk it again (TracerHandle.socks_generation)."""
+    tracer.socks_writes = getattr(tracer, "socks_writes", 0) + 1
+
+
+def _write_seeded(tracer: Any, sess: Redump, states: int, rows: np.ndarray,
+                  records: Callable[[np.ndarray], np.ndarray], owner: np.ndarray, res: SeedResult,
+                  socks: Any, keys: np.ndarray) -> None:
     ok = insert_new(tracer, socks, keys, rows["state"], records, res)
     counts = np.bincount(rows["state"][ok], minlength=abi.PT_STATES)
     res.by_state = {TcpState.name_of(st): int(n) for st, n in enumerate(counts) if n}
@@ -332,6 +347,7 @@ def reap(tracer: Any, cookie: int, state_ns: int, transitions: int) -> np.ndarra
         return None
     if not table.delete(key):
         return None
+    socks_written(tracer)
     return rec
 
 

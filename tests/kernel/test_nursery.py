@@ -5,6 +5,7 @@ cookie (SO_COOKIE), ss, and the test's clock."""
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import subprocess
@@ -22,7 +23,7 @@ from .leaky_support import loopback_pair, wait_until
 pytestmark = pytest.mark.kernel
 
 SO_COOKIE = 57
-ESTABLISHED, CLOSE_WAIT, LISTEN = 1, 8, 10
+ESTABLISHED, FIN_WAIT2, CLOSE_WAIT, LISTEN = 1, 5, 8, 10
 
 
 def cookie_of(s: socket.socket) -> int:
@@ -124,6 +125,58 @@ def test_records_are_keyed_by_the_sockets_own_cookie(max_sockets: int) -> None:
             acc.close()
             for c in gone:
                 wait_until(lambda c=c: poller.lookup_record(t, c) is None, 10, f"cookie {c}'s record to go")
+        finally:
+            for s in (cli, acc, lsn):
+                s.close()
+
+
+def test_a_read_walks_the_table_again_only_once_it_changed() -> None:
+    """Buffers that keep their walk of "socks" (watch's, export's) walk it
+    again only after a write to it: a storm, whose records live and end in
+    the nursery, leaves it unwalked; a record living there that changes
+    state, or ends, makes the next read walk.  Every read holds this test's
+    sockets in the states ss shows."""
+    # Filtered to this process in the kernel: other tenants' sockets write nothing.
+    with Tracer(pids=[os.getpid()]) as t:
+        if not t.nursery_slots:
+            pytest.skip("this attach mode keys records by pointer: no nursery")
+        lsn, cli, acc, port = loopback_pair(256)
+        held = {"client": cookie_of(cli), "server": cookie_of(acc)}
+        buffers = poller.SockBuffers(keep_walk=True)
+
+        def read() -> dict[int, int]:
+            keys, recs = buffers.read(t, narrow=True)
+            return dict(zip(keys.tolist(), recs["state"].tolist()))
+
+        try:
+            for k, c in held.items():
+                wait_until(lambda c=c: poller.lookup_record(t, c), 5, f"the {k} record")
+            made = 0
+            while any(in_slot(t, c) for c in held.values()):  # into "socks", as in the test above
+                assert made < 30 * t.nursery_slots, f"still in their slots after {made} connections"
+                churn(lsn, 2000)
+                made += 2000
+            seen = read()
+            assert buffers.walks == 1
+            assert (seen[held["client"]], seen[held["server"]]) == (ESTABLISHED, ESTABLISHED)
+            assert ss_state(port, held["client"]) == "ESTAB"
+            churn(lsn, 300)
+            for _ in range(3):
+                seen = read()
+            assert (buffers.walks, buffers.walks_skipped) == (1, 3), "a storm in the nursery made a read walk"
+            assert (seen[held["client"]], seen[held["server"]]) == (ESTABLISHED, ESTABLISHED)
+            assert seen[cookie_of(lsn)] == LISTEN
+            cli.shutdown(socket.SHUT_WR)
+            wait_until(lambda: ss_state(port, held["server"]) == "CLOSE-WAIT", 5, "the server end in CLOSE-WAIT")
+            assert ss_state(port, held["client"]) == "FIN-WAIT-2"
+            seen = read()
+            assert buffers.walks == 2, "a record in the table changed state and the read did not walk"
+            assert (seen[held["client"]], seen[held["server"]]) == (FIN_WAIT2, CLOSE_WAIT)
+            assert read() == seen and buffers.walks == 2
+            acc.close()
+            wait_until(lambda: not set(held.values()) & set(read()), 5, "both records gone from a read")
+            assert buffers.walks == 3 and ss_state(port, held["server"]) is None
+            assert read()[cookie_of(lsn)] == LISTEN and buffers.walks == 3
         finally:
             for s in (cli, acc, lsn):
                 s.close()
