@@ -223,6 +223,7 @@ class SockBuffers:
         self._mapped: tuple[tuple[int, int], mmap.mmap] | None = None
         self.keep_walk = keep_walk
         self._kept: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._walked_rows = 0  # rows of the last walk
         self.walks = 0  # walks of "socks" made
         self.walks_skipped = 0  # reads that took the kept walk instead
 
@@ -311,18 +312,22 @@ class SockBuffers:
             return
         self._kept = None
         self.walks += 1
-        parts: list[tuple[np.ndarray, np.ndarray]] | None = [] if gen is not None else None
+        # Rows are copied only when the last walk fitted the bound: a walk
+        # that does not is never kept, and the last one's size predicts it.
+        keep = gen is not None and self._walked_rows <= WALK_KEEP_MAX
+        parts: list[tuple[np.ndarray, np.ndarray]] | None = [] if keep else None
         rows = 0
         for kbuf, vbuf, n in m.batches(SOCK_DTYPE.itemsize, chunk):
             keys = np.frombuffer(kbuf, np.uint64, count=n)
             recs = np.frombuffer(vbuf, SOCK_DTYPE, count=n)
+            rows += n
             if parts is not None:
-                rows += n
                 if rows <= WALK_KEEP_MAX:
                     parts.append((keys.copy(), recs.copy()))
                 else:
                     parts = None
             yield keys, recs
+        self._walked_rows = rows
         if parts is not None:  # the whole walk was read (a reader may stop early)
             keys = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.uint64)
             recs = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, SOCK_DTYPE)

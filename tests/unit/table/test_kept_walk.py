@@ -111,9 +111,10 @@ def test_a_table_larger_than_the_bound_is_not_kept(monkeypatch) -> None:
     b = poll.SockBuffers(keep_walk=True)
     assert len(states(b, t)) == 7
     assert len(states(b, t)) == 7 and t.walks == 2
-    t.write(7, None)  # now 6 fit
-    states(b, t)
+    t.write(7, None)  # now 6 fit: kept from the walk after one that fitted
     assert len(states(b, t)) == 6 and t.walks == 3
+    assert len(states(b, t)) == 6 and t.walks == 4
+    assert len(states(b, t)) == 6 and t.walks == 4
 
 
 def test_a_walk_read_in_part_is_not_kept() -> None:
