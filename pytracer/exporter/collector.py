@@ -253,9 +253,11 @@ class TracerCollector(Collector):
 
     def _programs(self) -> list[ProgramStat]:
         out = []
+        kprobe = getattr(self.tracer, "kprobe_misses", lambda: None)() or {}
         for p in self.tracer.programs():
             info = p.info()
-            out.append(ProgramStat(p.name, int(info.run_time_ns), int(info.run_cnt), int(info.recursion_misses)))
+            out.append(ProgramStat(p.name, int(info.run_time_ns), int(info.run_cnt), int(info.recursion_misses),
+                                   kprobe.get(p.name)))
         return out
 
     def read(self) -> ScrapeInput:

@@ -90,6 +90,9 @@ class ProgramStat:
     run_time_ns: int
     run_cnt: int
     recursion_misses: int
+    # Hits the kprobes core skipped before the program ran (a kprobe or
+    # kretprobe program on v6.7+: Tracer.kprobe_misses); None otherwise.
+    kprobe_misses: int | None = None
 
 
 @dataclass
@@ -424,9 +427,11 @@ def _tracer_families(inp: ScrapeInput) -> list[Metric]:
         out += [entries, cap]
 
     t = inp.totals
-    misses = None
+    misses = kprobe_missed = None
     if inp.programs is not None:
         misses = sum(p.recursion_misses for p in inp.programs)
+        known = [p.kprobe_misses for p in inp.programs if p.kprobe_misses is not None]
+        kprobe_missed = sum(known) if known else None
     if t is not None:
         fails = CounterMetricFamily(
             f"{ns}_map_insert_failures", "Failed inserts into a BPF map (full, or out of memory).", labels=["map"]
@@ -446,7 +451,8 @@ def _tracer_families(inp: ScrapeInput) -> list[Metric]:
         lost = CounterMetricFamily(
             f"{ns}_lost_events",
             "Events the tracer could not record: socket table full (insert_failed), owner filter full, "
-            "or a program not run because another BPF program was running on that CPU (recursion_miss).",
+            "a program not run because another BPF program was running on that CPU (recursion_miss), "
+            "or a kprobe hit the kprobes core skipped (kprobe_miss; kprobe programs on Linux 6.7+).",
             labels=["reason"],
         )
         if t is not None:
@@ -454,6 +460,8 @@ def _tracer_families(inp: ScrapeInput) -> list[Metric]:
             lost.add_metric(["owner_filter_full"], float(t.stat(Stat.FILTER_FULL)))
         if misses is not None:
             lost.add_metric(["recursion_miss"], float(misses))
+        if kprobe_missed is not None:
+            lost.add_metric(["kprobe_miss"], float(kprobe_missed))
         out.append(lost)
 
     if inp.programs is not None:
@@ -464,6 +472,17 @@ def _tracer_families(inp: ScrapeInput) -> list[Metric]:
         for p in inp.programs:
             rec.add_metric([p.name], float(p.recursion_misses))
         out.append(rec)
+        if kprobe_missed is not None:
+            kp = CounterMetricFamily(
+                f"{ns}_bpf_program_kprobe_misses",
+                "Times the kprobes core skipped a kprobe program's hit (another kprobe's handler was running "
+                "on that CPU, or a kretprobe had no free instance).",
+                labels=["program"],
+            )
+            for p in inp.programs:
+                if p.kprobe_misses is not None:
+                    kp.add_metric([p.name], float(p.kprobe_misses))
+            out.append(kp)
         if inp.bpf_stats or any(p.run_cnt for p in inp.programs):
             run_s = CounterMetricFamily(
                 f"{ns}_bpf_program_run_seconds",

@@ -419,6 +419,20 @@ class Tracer(TracerHandle):
             return []
         return [p for p in self.obj.programs() if p.autoload]
 
+    def kprobe_misses(self) -> dict[str, int] | None:
+        """Per kprobe program, the hits the kprobes core skipped
+        (libbpf.Link.kprobe_missed); {} with no kprobe attached, None when
+        this kernel does not say (before v6.7)."""
+        kprobes = {p for ch in self.choices.values() if ch.kind == "kprobe" for p in ch.programs}
+        out: dict[str, int] = {}
+        for link in self.links:
+            if link.program in kprobes:
+                missed = link.kprobe_missed()
+                if missed is None:
+                    return None
+                out[link.program] = out.get(link.program, 0) + missed
+        return out
+
 
 def banned_reason(reasons: dict[str, str], kind: str) -> str:
     return reasons.get(kind, "kernel refused it")

@@ -191,6 +191,31 @@ class ProgInfo(ctypes.Structure):
     ]
 
 
+class PerfLinkInfo(ctypes.Structure):
+    """struct bpf_link_info (include/uapi/linux/bpf.h) as the kernel fills
+    it for a perf_event link to a kprobe or kretprobe (v6.6; ``missed``
+    v6.7): the head, then perf_event.kprobe.  Asked with no name buffer."""
+
+    _fields_ = [
+        ("type", c_uint32),
+        ("id", c_uint32),
+        ("prog_id", c_uint32),
+        ("_pad0", c_uint32),
+        ("perf_event_type", c_uint32),
+        ("_pad1", c_uint32),
+        ("func_name", c_uint64),
+        ("name_len", c_uint32),
+        ("offset", c_uint32),
+        ("addr", c_uint64),
+        ("missed", c_uint64),
+        ("cookie", c_uint64),
+    ]
+
+
+BPF_LINK_TYPE_PERF_EVENT = 7  # enum bpf_link_type
+BPF_PERF_EVENT_KPROBES = (3, 4)  # enum bpf_perf_event_type: KPROBE, KRETPROBE
+
+
 _PRINT_FN = ctypes.CFUNCTYPE(c_int, c_int, c_char_p, c_void_p)
 _log_lines: deque[str] = deque(maxlen=200)
 _log_lock = threading.Lock()
@@ -348,6 +373,23 @@ class Link:
         if not self._ptr:
             raise LibbpfError(errno_mod.EBADF, f"link of {self.program} is destroyed")
         return library().bpf_link__fd(self._ptr)
+
+    def kprobe_missed(self) -> int | None:
+        """Times the kprobes core skipped this link's kprobe (it fired while
+        another kprobe's handler ran on that CPU, or a kretprobe had no free
+        instance): such a hit never reaches the program, so it is not in its
+        recursion_misses.  None when this is no kprobe link, or the kernel
+        does not say (before v6.7; before v5.15 a kprobe is attached without
+        a BPF link)."""
+        info = PerfLinkInfo()
+        size = c_uint32(ctypes.sizeof(info))
+        try:
+            rc = library().bpf_obj_get_info_by_fd(self.fd, ctypes.byref(info), ctypes.byref(size))
+        except LibbpfError:
+            return None
+        if rc < 0 or info.type != BPF_LINK_TYPE_PERF_EVENT or info.perf_event_type not in BPF_PERF_EVENT_KPROBES:
+            return None
+        return int(info.missed)
 
     def read_iter(self, reserve: int = 64 << 20) -> tuple[mmap.mmap, int]:
         """Run an iterator link once: everything its program writes.

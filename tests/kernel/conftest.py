@@ -70,6 +70,26 @@ def skip_allowance(classic: bool, n: int, counted_misses: int = 0, fraction: flo
         return counted_misses + stale
     return counted_misses + stale + int(n * fraction)
 
+KERNEL = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+
+
+def kprobe_misses(tracer: Any) -> dict[str, int] | None:
+    """A tracer's kprobe misses (Tracer.kprobe_misses), None where the
+    kernel or the backend does not say."""
+    read = getattr(tracer, "kprobe_misses", None)
+    return None if read is None else read()
+
+
+def kprobe_delta(before: dict[str, int] | None, after: dict[str, int] | None, n: int) -> int | None:
+    """Kprobe hits skipped between two kprobe_misses() reads of a burst of
+    ``n`` events; None when either read could not say.  No more than the
+    burst's events: a count read from the wrong place would be no bound."""
+    if before is None or after is None:
+        return None
+    missed = sum(after.values()) - sum(before.values())
+    assert 0 <= missed <= 10 * n, (before, after)
+    return missed
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 WORKLOAD = HERE / "workload.py"

@@ -324,3 +324,19 @@ def test_idle_reset_flag_gauges() -> None:
     assert reg.get("pytracer_idle_reset_seconds", service="5432", role="client") == 300.0
     assert reg.get("pytracer_idle_reset_connections", service="5432", role="client") == 3
     assert reg.get("pytracer_flagged_sockets", kind="idle_reset", comm="api") == 1
+
+
+def test_kprobe_misses_are_lost_events_only_where_the_kernel_counts_them() -> None:
+    progs = [families.ProgramStat("state_kprobe", 0, 900, 1, 4), families.ProgramStat("accept_kretprobe", 0, 90, 0, 2),
+             families.ProgramStat("state_tp_btf", 0, 10, 0)]
+    reg, _ = render(ScrapeInput(totals=make_totals([abi.PtAgg()]), programs=progs, bpf_stats=True))
+    assert reg.get("pytracer_lost_events_total", reason="kprobe_miss") == 6
+    assert reg.get("pytracer_lost_events_total", reason="recursion_miss") == 1
+    assert reg.get("pytracer_bpf_program_kprobe_misses_total", program="state_kprobe") == 4
+    assert {dict(lab)["program"] for lab in reg.series("pytracer_bpf_program_kprobe_misses_total")} == {
+        "state_kprobe", "accept_kretprobe"}
+    # A kernel that does not say (before 6.7), or no kprobe at all: no series, not a zero.
+    unknown = [families.ProgramStat("state_kprobe", 0, 9, 0)]
+    reg, _ = render(ScrapeInput(totals=make_totals([abi.PtAgg()]), programs=unknown))
+    assert not reg.series("pytracer_bpf_program_kprobe_misses_total")
+    assert ("reason", "kprobe_miss") not in {lab for labs in reg.series("pytracer_lost_events_total") for lab in labs}

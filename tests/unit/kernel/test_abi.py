@@ -60,3 +60,44 @@ def test_enders_and_roles_match_header() -> None:
             assert int(line.split("=")[1].split(",")[0]) == member.value, member
     line = next(x for x in header.splitlines() if "PT_ENDERS\t" in x)
     assert int(line.split("=")[1].split(",")[0]) == abi.PT_ENDERS
+
+
+def _member_offsets(types: dict[int, dict], type_id: int, base: int = 0) -> dict[str, int]:
+    """Bit offsets of every named member under a struct or union, anonymous
+    members flattened in, nested named ones as dotted paths."""
+    t = types[type_id]
+    while t["kind"] in ("TYPEDEF", "CONST", "VOLATILE"):
+        t = types[t["type_id"]]
+    out: dict[str, int] = {}
+    for m in t.get("members", []):
+        off = base + m["bits_offset"]
+        inner = types[m["type_id"]]
+        if inner["kind"] in ("STRUCT", "UNION"):
+            sub = _member_offsets(types, m["type_id"], off)
+            prefix = f"{m['name']}." if m["name"] and m["name"] != "(anon)" else ""
+            out.update({prefix + k: v for k, v in sub.items()})
+        if m["name"] and m["name"] != "(anon)":
+            out[m["name"]] = off
+    return out
+
+
+def test_kprobe_link_info_layout_matches_the_running_kernel() -> None:
+    """libbpf.PerfLinkInfo against struct bpf_link_info in this kernel's BTF."""
+    from pytracer.kernel import libbpf
+
+    vmlinux = Path("/sys/kernel/btf/vmlinux")
+    if not vmlinux.exists() or not shutil.which("bpftool"):
+        pytest.skip("no kernel BTF or no bpftool")
+    out = subprocess.run(["bpftool", "-j", "btf", "dump", "file", str(vmlinux)], capture_output=True, text=True,
+                         check=True).stdout
+    types = {t["id"]: t for t in json.loads(out)["types"]}
+    info = next(i for i, t in types.items() if t["kind"] == "STRUCT" and t["name"] == "bpf_link_info")
+    offsets = _member_offsets(types, info)
+    if "perf_event.kprobe.missed" not in offsets:
+        pytest.skip("this kernel's bpf_link_info has no kprobe miss count (before 6.7)")
+    want = {"type": "type", "id": "id", "prog_id": "prog_id", "perf_event_type": "perf_event.type",
+            "func_name": "perf_event.kprobe.func_name", "name_len": "perf_event.kprobe.name_len",
+            "offset": "perf_event.kprobe.offset", "addr": "perf_event.kprobe.addr",
+            "missed": "perf_event.kprobe.missed", "cookie": "perf_event.kprobe.cookie"}
+    for ours, theirs in want.items():
+        assert getattr(libbpf.PerfLinkInfo, ours).offset * 8 == offsets[theirs], ours
