@@ -75,6 +75,9 @@ BEFORE_LABEL = os.environ.get("BENCH_BEFORE_LABEL", "before")
 _BEFORE = ("watch_before", "export_before") if BEFORE_TRACER else ()
 CONDITIONS = ("off", "floor", "watch", "export", *_BEFORE, "bpftrace", "tcplife", "tcpstates")
 TRACERS = ("watch", "export", *_BEFORE)  # the product's two long-running commands (and the other build's)
+# In the saturation rounds only: `tracer watch` stopped (SIGSTOP) once it has attached, so its programs
+# run and its user space does not; with the floor and `watch` whole, it says whose a loss is.
+KERNEL_ONLY = "watch_kernel"
 
 
 def base_of(cond: str) -> str:
@@ -235,6 +238,8 @@ class Observer:
         if self._thread:
             self._thread.join(timeout=35)
         if self.proc:
+            if self.cond == KERNEL_ONLY and self.proc.p.poll() is None:
+                os.kill(self.proc.pid, signal.SIGCONT)
             self.proc.stop(signal.SIGINT)
 
 
@@ -262,6 +267,12 @@ def start_observer(cond: str, tmp: Path, port: int, timeout: float = 120) -> Obs
         return Observer(cond)
     if cond == "bpftrace":
         return Observer(cond, start_bpftrace(HERE / "lifetime.bt", timeout=timeout))
+    if cond == KERNEL_ONLY:
+        obs = start_observer("watch", tmp, port, timeout)
+        assert obs.proc is not None
+        obs.cond = cond
+        os.kill(obs.proc.pid, signal.SIGSTOP)
+        return obs
     if cond == "floor":
         proc = Proc([sys.executable, str(HERE / "floor.py")], name="floor")
         try:
@@ -375,6 +386,7 @@ class Watching:
             "epoll": f"churn server 127.0.0.1 PORT; churn client 127.0.0.1 PORT {n} {CLIENT_CONC} {r}",
             "off": "(no observer)",
             "watch": "tracer watch > FILE",
+            KERNEL_ONLY: "tracer watch > FILE, then kill -STOP once it reports (saturation rounds only)",
             **({"watch_before": f"{BEFORE_TRACER} watch > FILE  # {BEFORE_LABEL}",
                 "export_before": f"{BEFORE_TRACER} export --listen 127.0.0.1:PORT  # {BEFORE_LABEL}, scraped as export"}
                if BEFORE_TRACER else {}),
@@ -505,7 +517,8 @@ class Watching:
     def saturation(self) -> dict[str, Any]:
         # The floor too: what attaching anything to these events costs at
         # saturation bounds what any observer of them can reach.
-        conds = ["off", *(["floor"] if "floor" in self.conds else []), *self.tracers]
+        conds = ["off", *(["floor"] if "floor" in self.conds else []),
+                 *([KERNEL_ONLY] if "watch" in self.tracers else []), *self.tracers]
         loads = ["epoll"] if self.smoke or not shutil.which("ab") else ["ab", "epoll"]
         if "ab" not in loads and not self.smoke:
             self.skipped["saturation ab"] = "ab not installed (apache2-utils: bench/harness/install-deps --full)"

@@ -11,6 +11,7 @@ from typing import Any
 LABELS = {
     "off": "off",
     "floor": "floor: empty programs on the same hooks",
+    "watch_kernel": "`tracer watch`'s programs alone (the process stopped once attached)",
     "watch": "`tracer watch`",
     "export": "`tracer export`",
     "watch_before": "`tracer watch`, the build before (`BENCH_BEFORE_TRACER`)",
@@ -193,7 +194,8 @@ def markdown(w: dict[str, Any]) -> list[str]:
             f"- **Saturation**: {w.get('pairs')} rounds of off / "
             + " / ".join(c for c in LABELS if c != "off" and c in (sat.get("epoll") or {}))
             + f", each ratio over the `off` of its round; `{cmd.get('saturation')}`; the `off` row is requests/s."
-            " The floor's ratio bounds what any observer of these events can reach here.",
+            " The floor's ratio bounds what any observer of these events can reach here; "
+            f"`{cmd.get('watch_kernel', 'watch_kernel')}` is watch's programs without its user space.",
             f"- **Syscall loops**: `{cmd.get('syscalls')}`, {w.get('pairs')} rounds; the median batch by the "
             "loop thread's CPU clock (time spent preempted by other tenants is not counted, the syscall slow path "
             "is); the `off` row is ns per operation.",
