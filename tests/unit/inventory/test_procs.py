@@ -98,3 +98,19 @@ def test_socket_owners_pairs_once_per_process() -> None:
     assert owners.get_many(np.array(asked, np.uint64)) == [owners.get(i, []) for i in asked]
     assert owners.get_many([555]) == [[(77, 3), (77, 8), (4242, 5)]]
     assert procs.SocketOwners().get_many([1, 2]) == [[], []]
+
+
+def test_socket_owners_one_holder_each_keep_no_spans_and_answer_alike() -> None:
+    # One holder per inode: no per-inode start and count arrays are kept, and every question
+    # is answered as with a second holder on an unrelated inode (the general path).
+    inodes, pids, fds = [556, 555, 557, 560], [4242, 77, 77, 9], [4, 3, 1, 7]
+    single = procs.SocketOwners(inodes, pids, fds)
+    shared = procs.SocketOwners([*inodes, 999, 999], [*pids, 5, 6], [*fds, 6, 6])
+    assert single._start is None and single._count is None and shared._count is not None
+    asked = np.array([557, 0, 555, 998, 556, 560], np.uint64)
+    for q in (lambda o: o.first(asked), lambda o: o.pairs(asked), lambda o: (o.holder_pids(asked),)):
+        assert [a.tolist() for a in q(single)] == [a.tolist() for a in q(shared)]
+    assert single.first(asked)[0].tolist() == [77, 0, 77, 0, 4242, 9]
+    assert single.get_many(asked) == shared.get_many(asked) == [[(77, 1)], [], [(77, 3)], [], [(4242, 4)], [(9, 7)]]
+    assert single.held_by([77]).tolist() == [555, 557] and single[560] == [(9, 7)] and 998 not in single
+    assert sorted(single) == [555, 556, 557, 560] and len(single) == 4
