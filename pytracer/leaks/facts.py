@@ -34,9 +34,10 @@ STUCK_STATES = (S.CLOSE_WAIT, S.LAST_ACK, S.FIN_WAIT2)
 # Per-socket history a Scanner carries between scans, one array each,
 # aligned with the sorted cookies (see History.carry).  Monotonic seconds:
 # since when the socket has been seen in its state; when it could be idle
-# for idle_after at the earliest; when the state began at the latest, by the
-# largest kernel floor measured (now - floor when measured).
-_HISTORY = (("since", np.nan), ("not_before", 0.0), ("floor_began", np.nan))
+# for idle_after at the earliest (-inf: never asked, due now); when the
+# state began at the latest, by the largest kernel floor measured (now -
+# floor when measured).
+_HISTORY = (("since", np.nan), ("not_before", -np.inf), ("floor_began", np.nan))
 # Kept as float32 seconds from the History's epoch (its first scan): 4 bytes
 # a time instead of 8.  A float32 resolves 4 ms at 9 hours from the epoch and
 # 1 s at 194 days, far finer than any threshold a time is compared with.
@@ -49,19 +50,52 @@ FACTS_CHUNK = 8192
 Listeners = dict[tuple[int, int], list]
 
 
+class Carried:
+    """The history aligned with one scan's rows (:meth:`History.carry`),
+    kept as the History keeps it: float32 seconds from ``epoch``, 12 bytes
+    a row instead of 24 (a full scan holds it for every socket until its
+    store).  Times go in and out as float64 monotonic seconds; the store
+    and the merge take the arrays as they are."""
+
+    def __init__(self, kept: dict[str, np.ndarray], epoch: float) -> None:
+        self.kept = kept
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.kept["since"])
+
+    def at(self, name: str, idx: Any = slice(None)) -> np.ndarray:
+        """Monotonic seconds of ``name`` for the rows ``idx``."""
+        return self.kept[name][idx].astype(np.float64) + self.epoch
+
+    def put(self, name: str, idx: Any, times: Any) -> None:
+        """Set ``name`` of the rows ``idx`` to ``times`` (monotonic seconds)."""
+        self.kept[name][idx] = np.asarray(times, np.float64) - self.epoch
+
+    def offset(self, now: float) -> np.float32:
+        """``now`` as the kept times are: a time put at ``now`` reads as
+        this, so "put at now" and "now" compare equal."""
+        return _KEPT(now - self.epoch)
+
+    def due(self, name: str, now: float) -> np.ndarray:
+        """Whether ``name`` is at or before ``now``, for every row (compared
+        as kept: no float64 copy of the column)."""
+        return self.kept[name] <= self.offset(now)
+
+
 class History:
     """Per-socket memory between scans, in numpy arrays sorted by cookie:
     since when it has been seen in its current state, when its state began
     at the latest by the largest kernel floor measured, and, for ESTABLISHED
     sockets, the earliest time it could possibly be idle for
-    ``idle_after`` (so tcp_info is not asked again before then).  Times go
-    in and out as float64 monotonic seconds, and are kept as float32
-    offsets from ``epoch`` (the ``now`` of the first :meth:`carry`)."""
+    ``idle_after`` (so tcp_info is not asked again before then).  Times are
+    kept as float32 offsets from ``epoch`` (the ``now`` of the first
+    :meth:`carry`), and handed to a scan as they are (:class:`Carried`)."""
 
     def __init__(self) -> None:
         self._cookie = np.zeros(0, np.uint64)
         self._state = np.zeros(0, np.uint8)
-        self._hist: dict[str, np.ndarray] = {name: np.zeros(0, _KEPT) for name, _ in _HISTORY}
+        self._hist: Carried = {name: np.zeros(0, _KEPT) for name, _ in _HISTORY}
         self.epoch: float | None = None
 
     @property
@@ -69,29 +103,24 @@ class History:
         """The sorted cookies the history is kept for (read-only)."""
         return self._cookie
 
-    def _kept(self, times: np.ndarray) -> np.ndarray:
-        if self.epoch is None:
-            self.epoch = 0.0
-        return (times - self.epoch).astype(_KEPT)
-
-    def carry(self, rows: np.ndarray, now: float) -> dict[str, np.ndarray]:
+    def carry(self, rows: np.ndarray, now: float) -> Carried:
         """History aligned with ``rows``: carried over for sockets still in the
         state they were in last scan, fresh otherwise."""
         if self.epoch is None:
             self.epoch = float(now)
         n = len(rows)
-        out = {name: np.full(n, default) for name, default in _HISTORY}
-        out["since"][:] = now
+        out = Carried({name: np.full(n, default, _KEPT) for name, default in _HISTORY}, self.epoch)
+        out.kept["since"][:] = out.offset(now)
         if len(self._cookie) and n:
             pos, hit = find_sorted(self._cookie, rows["cookie"])
             same = np.flatnonzero(hit & (self._state[pos] == rows["state"]))
             pos = pos[same]
             for name, _ in _HISTORY:
-                out[name][same] = self._hist[name][pos].astype(np.float64) + self.epoch
+                out.kept[name][same] = self._hist[name][pos]
             del pos, same
         return out
 
-    def merge(self, rows: np.ndarray, hist: dict[str, np.ndarray]) -> None:
+    def merge(self, rows: np.ndarray, hist: Carried) -> None:
         """Update the history of ``rows`` only (a candidate scan's few
         sockets), keeping everyone else's: O(len(rows) log n), plus one
         copy of the arrays when a socket is new to the history.  ``hist``
@@ -100,7 +129,7 @@ class History:
             return
         order = np.argsort(rows["cookie"], kind="stable")
         cookie, state = rows["cookie"][order], rows["state"][order]
-        kept = {name: self._kept(hist[name][order]) for name, _ in _HISTORY}
+        kept = {name: hist.kept[name][order] for name, _ in _HISTORY}
         pos = np.searchsorted(self._cookie, cookie)
         hit = np.zeros(len(cookie), bool)
         if len(self._cookie):
@@ -117,11 +146,14 @@ class History:
             for name, _ in _HISTORY:
                 self._hist[name] = np.insert(self._hist[name], at, kept[name][new])
 
-    def store(self, rows: np.ndarray, hist: dict[str, np.ndarray], keep: np.ndarray | None = None) -> None:
+    def store(self, rows: np.ndarray, hist: Carried, keep: np.ndarray | None = None) -> None:
         """Replace the whole history with ``hist`` (from :meth:`carry`),
         aligned with ``rows`` (a full scan's every socket), or with the rows
-        ``keep`` (a mask) only.  The old arrays go before the new ones are
-        made, one at a time, so the two are not held whole at once."""
+        ``keep`` (a mask) only.  Rows in cookie order, every one kept: the
+        carried arrays themselves become the history (they are the
+        caller's no longer).  Otherwise the old arrays go before the new
+        ones are made, one at a time, so the two are not held whole at
+        once."""
         cookie = rows["cookie"]
         sel: Any = slice(None) if keep is None or keep.all() else np.flatnonzero(keep)
         order = None if is_sorted(cookie) else np.argsort(cookie[sel], kind="stable")
@@ -131,21 +163,21 @@ class History:
             self._cookie, self._state = self._cookie.copy(), self._state.copy()
         for name, _ in _HISTORY:
             self._hist[name] = np.zeros(0, _KEPT)
-            self._hist[name] = self._kept(hist[name][pick])
+            self._hist[name] = hist.kept[name] if isinstance(pick, slice) else hist.kept[name][pick]
 
 
-def seen(hist: dict[str, np.ndarray], idx: Any, now: float) -> np.ndarray:
+def seen(hist: Carried, idx: Any, now: float) -> np.ndarray:
     """Seconds the sockets ``idx`` have been seen in their state (NaN at the
     first sighting, which proves nothing).  Derived where needed, not kept
     for every socket."""
-    since = hist["since"][idx]
-    return np.where(since < now, now - since, np.nan)
+    since = hist.kept["since"][idx]
+    return np.where(since < hist.offset(now), now - (since.astype(np.float64) + hist.epoch), np.nan)
 
 
-def floor_now(hist: dict[str, np.ndarray], idx: Any, now: float) -> np.ndarray:
+def floor_now(hist: Carried, idx: Any, now: float) -> np.ndarray:
     """The largest kernel floor on the time in state of the sockets ``idx``,
     grown by the time since it was measured (NaN: none)."""
-    return now - hist["floor_began"][idx]
+    return now - hist.at("floor_began", idx)
 
 
 def remembered(rows: np.ndarray) -> np.ndarray:
@@ -224,7 +256,7 @@ def join_table(rows: np.ndarray, snap: Snapshot | None, now_ns: int, key_by_ptr:
 
 
 def candidates(th: Thresholds, rows: np.ndarray, relevant: np.ndarray, exact: np.ndarray, table_bound: np.ndarray,
-               hist: dict[str, np.ndarray], fin_timeout: dict[int, int | None], now: float
+               hist: Carried, fin_timeout: dict[int, int | None], now: float
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(stuck-state rows to judge, ESTABLISHED rows to judge, rows to ask
     tcp_info for).  Vectorized; the stuck states' arithmetic runs over
@@ -264,7 +296,7 @@ def candidates(th: Thresholds, rows: np.ndarray, relevant: np.ndarray, exact: np
     # ESTABLISHED: idle candidates, unless known to be younger than
     # idle_after, or checked recently enough that they cannot be idle yet.
     est = relevant & (state == int(S.ESTABLISHED)) & ~(~np.isnan(exact) & (exact < th.idle_after))
-    est &= hist["not_before"] <= now
+    est &= hist.due("not_before", now)
 
     q_est = np.flatnonzero(est)
     # In row order: a full scan's rows are sorted by cookie, so the cookies
@@ -274,7 +306,7 @@ def candidates(th: Thresholds, rows: np.ndarray, relevant: np.ndarray, exact: np
 
 
 def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, exact: np.ndarray,
-               table_bound: np.ndarray, hist: dict[str, np.ndarray], accepted: np.ndarray,
+               table_bound: np.ndarray, hist: Carried, accepted: np.ndarray,
                infos: TcpInfoTable, owners: procs.SocketOwners, lst: Listeners,
                fin_timeout: dict[int, int | None], now: float, idle_after: float, max_facts: int,
                errors: list[Any], recheck_s: float = 0.0) -> list[SockFacts]:
@@ -290,7 +322,7 @@ def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, exa
         found, idle_ms = infos.idle_ms(rows["cookie"][part])
         answered = part[found]
         idle = idle_ms[found] / 1000
-        hist["not_before"][answered] = now + np.maximum(0.0, idle_after - idle)
+        hist.put("not_before", answered, now + np.maximum(0.0, idle_after - idle))
         idle_idx += answered[idle >= idle_after].tolist()
     idx = stuck_idx.tolist() + idle_idx  # stuck sockets first
     if len(idx) > max_facts:
@@ -300,7 +332,7 @@ def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, exa
     # The idle ones judged here are measured again ``recheck_s`` later; their
     # flags are carried until then (pytracer.leaks.idle_carry).
     judged_idle = np.asarray(idx[len(stuck_idx):], np.intp)
-    hist["not_before"][judged_idle] = now + recheck_s
+    hist.put("not_before", judged_idle, now + recheck_s)
     out = []
     held = owners.get_many(rows["inode"][np.asarray(idx, np.intp)]) if idx else []
     for k, i in enumerate(idx):
@@ -319,7 +351,7 @@ def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, exa
         grown = float(floor_now(hist, i, now))
         if floor is not None:
             grown = floor if np.isnan(grown) else max(floor, grown)
-            hist["floor_began"][i] = now - grown
+            hist.put("floor_began", i, now - grown)
         seen_bounds = [float(x) for x in (table_bound[i], seen(hist, i, now)) if not np.isnan(x)]
         secs, is_exact = combine_state_time(None if np.isnan(exact[i]) else float(exact[i]),
                                             max(seen_bounds) if seen_bounds else None,

@@ -147,18 +147,21 @@ def _concat(a: Rechecks, b: Rechecks) -> Rechecks:
     return Rechecks(**{f: np.concatenate([x, cols[f]]) for f, x in a._columns()})
 
 
-def rechecks_of(rows: np.ndarray, est_idx: np.ndarray, hist: dict[str, np.ndarray], exact: np.ndarray,
+def rechecks_of(rows: np.ndarray, est_idx: np.ndarray, hist: joins.Carried, exact: np.ndarray,
                 bound: np.ndarray, accepted: np.ndarray, now: float, by_cookie: bool = False) -> Rechecks:
     """The ESTABLISHED rows tcp_info answered for, with their next check
     (sorted by it).  Each column is taken once, already in order.
     ``by_cookie``: name them by cookie (the table is keyed by cookie, and
     says the rest when they are due)."""
-    nb = hist["not_before"][est_idx]
-    idx = est_idx[nb > 0]
-    idx = idx[np.argsort(hist["not_before"][idx], kind="stable")]
+    nb = hist.at("not_before", est_idx)
+    asked = nb > 0  # a next check was set (never asked: -inf)
+    idx, nb = est_idx[asked], nb[asked]
+    order = np.argsort(nb, kind="stable")
+    idx, nb = idx[order], nb[order]
+    del asked, order
     if by_cookie:
-        return Rechecks(rows["cookie"][idx], hist["not_before"][idx])
-    return Rechecks(sockdiag.lookup_keys(rows, idx), hist["not_before"][idx], now - exact[idx], now - bound[idx],
+        return Rechecks(rows["cookie"][idx], nb)
+    return Rechecks(sockdiag.lookup_keys(rows, idx), nb, now - exact[idx], now - bound[idx],
                     accepted[idx])
 
 
