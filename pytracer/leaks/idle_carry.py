@@ -46,6 +46,18 @@ class IdleCarry:
     def __len__(self) -> int:
         return len(self.flags)
 
+    def asked_among(self, listed: np.ndarray, asked: np.ndarray) -> np.ndarray:
+        """The carried flags' cookies among ``listed[asked]`` (``listed``
+        ascending, ``asked`` ascending row indices: a full scan's rows and
+        the rows it asks tcp_info for), for :meth:`merge`: a full scan need
+        not keep the cookies of every socket it asked (100k at its first
+        scan) to drop the few carried ones."""
+        if not len(self.cookies) or not len(asked):
+            return np.zeros(0, np.uint64)
+        row, listed_hit = find_sorted(listed, self.cookies)
+        _, asked_hit = find_sorted(asked, row)
+        return self.cookies[listed_hit & asked_hit]
+
     @staticmethod
     def idle(flags: list[Flag]) -> list[Flag]:
         return [f for f in flags if f.kind == "idle_established"]

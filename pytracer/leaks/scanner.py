@@ -295,6 +295,7 @@ class Scanner:
             fin_timeout = {ino: n.fin_timeout for ino, n in inv.netns.items()}
             stuck_idx, est_idx, query = joins.candidates(th, rows, relevant, exact_s, table_bound_s, hist,
                                                          fin_timeout, now)
+            queried = self.idle_carry.asked_among(rows["cookie"], query)
             infos = TcpInfoTable()
             missed = 0
             if len(query):
@@ -310,7 +311,6 @@ class Scanner:
             # The per-row joins are done.  What is kept is taken, and the rest
             # let go, step by step: at 100k sockets each array is ~1 MB, and
             # the scan's peak is the sum of those alive at once.
-            queried = rows["cookie"][query]
             del infos, query, stuck_idx, matched
             rechecks = (incremental_scan.rechecks_of(rows, est_idx, hist, exact_s, table_bound_s, accepted, now,
                                                      self.rechecks_by_cookie) if self.incremental else None)
