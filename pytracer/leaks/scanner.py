@@ -85,6 +85,10 @@ FULL_BUDGET = 0.005
 # minisockets (and listeners) alone, this often: its cost follows the
 # TIME_WAIT count, not the host's sockets.
 TIME_WAIT_EVERY_S = 15.0
+# What a full scan keeps of each socket it lists: every inventory field but
+# the owner's uid and the retransmit count, which no join or detector reads
+# (75 bytes a socket instead of 80, held for every socket until the scan ends).
+SCAN_FIELDS = tuple(n for n in sockdiag.INV_DTYPE.names if n not in ("uid", "retrans"))
 
 
 class Scanner:
@@ -261,7 +265,7 @@ class Scanner:
             states &= ~((1 << int(S.TIME_WAIT)) | (1 << int(S.NEW_SYN_RECV)))
 
         with (self.session_factory or Session)(refs) as sess:
-            inv = sess.dump(states=states)
+            inv = sess.dump(states=states, fields=SCAN_FIELDS)
             now = time.monotonic()
             now_ns = time.monotonic_ns()
             rep.errors.extend(inv.errors)

@@ -170,6 +170,30 @@ def test_every_close_wait_socket_is_flagged_with_its_owner(tmp_path: Path) -> No
     assert 9999 not in rep.processes and rep.inventory_states["CLOSE_WAIT"] == 5
 
 
+def test_a_full_scan_keeps_only_the_fields_it_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytracer.leaks import scanner as scanner_mod
+
+    asked: list[Any] = []
+    dump = RecordedSession.dump
+
+    def recording(self: RecordedSession, states: int = sockdiag.ALL_STATES, fields: Any = None) -> Inventory:
+        asked.append(fields)
+        return dump(self, states, fields)
+
+    monkeypatch.setattr(RecordedSession, "dump", recording)
+    s, _ = scanner(tmp_path, TH)
+    rep = s.scan()
+    assert asked == [scanner_mod.SCAN_FIELDS] and fields_of(sockdiag.INV_DTYPE, asked[0]).itemsize == 75
+    assert "uid" not in asked[0] and "retrans" not in asked[0]
+    # The same verdicts as from whole rows.
+    monkeypatch.setattr(scanner_mod, "SCAN_FIELDS", None)
+    whole, _ = scanner(tmp_path / "whole", TH)
+    again = whole.scan()
+    assert not rep.errors and not again.errors
+    assert [f.to_json() for f in rep.flags] == [f.to_json() for f in again.flags]
+    assert rep.inventory_states == again.inventory_states and rep.flags
+
+
 @pytest.mark.parametrize("chunk", [8192, 3], ids=["one chunk", "chunks of 3"])
 def test_idle_established_are_the_clients_idle_connections(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           chunk: int) -> None:
