@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pytracer.arrays import find_sorted
+from pytracer.arrays import among, find_sorted
 from pytracer.kernel.tcp_states import TcpState
 from pytracer.leaks.detectors import Flag, ordered
 
@@ -82,7 +82,7 @@ class IdleCarry:
         if n and len(asked):
             keep &= ~np.isin(self.cookies, asked)
         if n and listed is not None:
-            keep &= np.isin(self.cookies, listed)
+            keep &= among(self.cookies, listed)  # a full scan's rows: sorted by cookie
         if n and snap is not None and len(snap.keys):
             found, at = _positions(snap.keys, self.cookies)
             st = np.where(found, snap.socks["state"][at], 0)

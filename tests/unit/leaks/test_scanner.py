@@ -390,13 +390,3 @@ def test_history_forgets_time_wait_and_request_minisockets() -> None:
     # Kept sockets carry their sighting; minisockets start afresh each full scan.
     sighted = facts.seen(later, slice(None), 104.0)
     assert sighted[[0, 2]].tolist() == [4.0, 4.0] and np.isnan(sighted[[1, 3, 4]]).all()
-
-
-def test_reaper_membership_sorted_or_not() -> None:
-    from pytracer.leaks.reaper import _listed
-
-    keys = np.array([5, 1, 9, 7, 0], np.uint64)
-    for cookies in (np.array([1, 3, 7, 11], np.uint64), np.array([11, 7, 1, 3], np.uint64)):
-        assert _listed(keys, cookies).tolist() == [False, True, False, True, False]
-    assert _listed(keys, np.zeros(0, np.uint64)).tolist() == [False] * 5
-    assert _listed(np.array([12], np.uint64), np.array([1, 3, 7, 11], np.uint64)).tolist() == [False]
