@@ -4,7 +4,7 @@
 joins them, vectorized over the inventory rows:
 
 * :func:`join_table`: exact time in state (or a lower bound for seeded
-  records) and "accepted" from the BPF socket table;
+  records) and "accepted" from the BPF socket table (:class:`TableTimes`);
 * :class:`History`: what the Scanner remembers per socket between scans;
 * :func:`candidates`: which sockets may be flagged, and which to ask
   tcp_info about;
@@ -14,6 +14,7 @@ joins them, vectorized over the inventory rows:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -225,19 +226,47 @@ def listener_of(lst: Listeners, netns: int, lport: int, laddr: bytes, family: in
     return best
 
 
-def join_table(rows: np.ndarray, snap: Snapshot | None, now_ns: int, key_by_ptr: bool
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per inventory row: exact seconds in state (NaN if unknown), seconds
-    since a seeded record was put in (NaN), accepted (-1 unknown), and
-    whether the table has it.  :data:`FACTS_CHUNK` rows at a time: beside
-    the four answers, only the table's sorted keys are held whole."""
+@dataclass
+class TableTimes:
+    """What the socket table says of each inventory row (:func:`join_table`):
+    seconds in the row's state (NaN: no record, or one in another state),
+    whether that is only a lower bound (a seeded record no transition has
+    touched: the state began before the record was put in), and accepted
+    (-1 unknown).  An exact time and a bound are never both known for a row,
+    so they share one column: 10 bytes a row, not 18."""
+
+    age: np.ndarray  # float64 seconds
+    seeded: np.ndarray  # bool: ``age`` is a bound, not exact
+    accepted: np.ndarray  # int8
+    matched: int = 0  # rows the table has a record for
+
+    @classmethod
+    def of(cls, exact: np.ndarray, bound: np.ndarray, accepted: np.ndarray) -> TableTimes:
+        """From an exact and a bound column, at most one of them known per row."""
+        seeded = np.isnan(exact) & ~np.isnan(bound)
+        return cls(np.where(seeded, bound, exact), seeded, np.asarray(accepted, np.int8))
+
+    def exact(self, idx: Any = slice(None)) -> np.ndarray:
+        """Exact seconds in state of the rows ``idx`` (NaN: not known)."""
+        return np.where(self.seeded[idx], np.nan, self.age[idx])
+
+    def bound(self, idx: Any = slice(None)) -> np.ndarray:
+        """Seconds since a seeded record of the rows ``idx`` was put in (NaN: none)."""
+        return np.where(self.seeded[idx], self.age[idx], np.nan)
+
+    def younger_than(self, seconds: float) -> np.ndarray:
+        """Per row: known exactly to be in its state for less than ``seconds``."""
+        return ~self.seeded & (self.age < seconds)  # NaN compares False
+
+
+def join_table(rows: np.ndarray, snap: Snapshot | None, now_ns: int, key_by_ptr: bool) -> TableTimes:
+    """Per inventory row, what the socket table says (:class:`TableTimes`).
+    :data:`FACTS_CHUNK` rows at a time: beside the answers, only the
+    table's sorted keys are held whole."""
     n = len(rows)
-    exact = np.full(n, np.nan)
-    bound = np.full(n, np.nan)
-    accepted = np.full(n, -1, dtype=np.int8)
-    matched = np.zeros(n, dtype=bool)
+    out = TableTimes(np.full(n, np.nan), np.zeros(n, bool), np.full(n, -1, dtype=np.int8))
     if snap is None or not len(snap.keys) or key_by_ptr:
-        return exact, bound, accepted, matched
+        return out
     order = np.argsort(snap.keys, kind="stable").astype(np.uint32 if len(snap.keys) < 2**32 else np.intp)
     keys = snap.keys[order]
     socks = snap.socks
@@ -248,14 +277,14 @@ def join_table(rows: np.ndarray, snap: Snapshot | None, now_ns: int, key_by_ptr:
         same = hit & (socks["state"][idx] == rows["state"][part])
         untouched = ((socks["flags"][idx] & abi.PT_F_SEEDED) != 0) & (socks["transitions"][idx] == 0)
         age = np.maximum((np.int64(now_ns) - socks["state_ns"][idx].astype(np.int64)) / 1e9, 0.0)
-        exact[part] = np.where(same & ~untouched, age, np.nan)
-        bound[part] = np.where(same & untouched, age, np.nan)
-        accepted[part] = np.where(hit, socks["accepted"][idx].astype(np.int8), -1)
-        matched[part] = hit
-    return exact, bound, accepted, matched
+        out.age[part] = np.where(same, age, np.nan)
+        out.seeded[part] = same & untouched
+        out.accepted[part] = np.where(hit, socks["accepted"][idx].astype(np.int8), -1)
+        out.matched += int(hit.sum())
+    return out
 
 
-def candidates(th: Thresholds, rows: np.ndarray, relevant: np.ndarray, exact: np.ndarray, table_bound: np.ndarray,
+def candidates(th: Thresholds, rows: np.ndarray, relevant: np.ndarray, times: TableTimes,
                hist: Carried, fin_timeout: dict[int, int | None], now: float
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(stuck-state rows to judge, ESTABLISHED rows to judge, rows to ask
@@ -279,7 +308,7 @@ def candidates(th: Thresholds, rows: np.ndarray, relevant: np.ndarray, exact: np
     fw2 = st == int(S.FIN_WAIT2)
     thr[fw2] = th.fin_wait2_after if th.fin_wait2_after is not None else np.where(np.isnan(ns_fin), np.inf,
                                                                                    ns_fin)[fw2]
-    ex = exact[stuck]
+    ex = times.exact(stuck)
     young = ~np.isnan(ex) & (ex < thr)
     # FIN_WAIT2 orphans in timewait: the timer was armed with fin_timeout,
     # so fin_timeout - remaining is how long they have waited.
@@ -288,25 +317,24 @@ def candidates(th: Thresholds, rows: np.ndarray, relevant: np.ndarray, exact: np
     old = ~young
     stuck, is_tw, thr, ex = stuck[old], is_tw[old], thr[old], ex[old]
     floors = floor_now(hist, stuck, now)
-    bound = np.fmax(np.fmax(table_bound[stuck], seen(hist, stuck, now)), floors)
+    bound = np.fmax(np.fmax(times.bound(stuck), seen(hist, stuck, now)), floors)
     # Ask tcp_info when the socket may be flagged (the idle clocks are
     # evidence) or no kernel floor is known yet; minisockets have none.
     ask_stuck = stuck[~is_tw & (~np.isnan(ex) | np.isnan(floors) | (bound >= thr))]
 
     # ESTABLISHED: idle candidates, unless known to be younger than
     # idle_after, or checked recently enough that they cannot be idle yet.
-    est = relevant & (state == int(S.ESTABLISHED)) & ~(~np.isnan(exact) & (exact < th.idle_after))
+    est = relevant & (state == int(S.ESTABLISHED)) & ~times.younger_than(th.idle_after)
     est &= hist.due("not_before", now)
 
     q_est = np.flatnonzero(est)
     # In row order: a full scan's rows are sorted by cookie, so the cookies
     # asked for are too (a tcp_info dump then needs no sorted copy of them).
     query = np.sort(np.concatenate([ask_stuck, q_est]).astype(np.intp)) if len(ask_stuck) else q_est
-    return stuck.astype(np.intp), q_est.astype(np.intp), query
+    return stuck.astype(np.intp, copy=False), q_est.astype(np.intp, copy=False), query  # query may be q_est itself
 
 
-def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, exact: np.ndarray,
-               table_bound: np.ndarray, hist: Carried, accepted: np.ndarray,
+def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, times: TableTimes, hist: Carried,
                infos: TcpInfoTable, owners: procs.SocketOwners, lst: Listeners,
                fin_timeout: dict[int, int | None], now: float, idle_after: float, max_facts: int,
                errors: list[Any], recheck_s: float = 0.0) -> list[SockFacts]:
@@ -352,8 +380,9 @@ def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, exa
         if floor is not None:
             grown = floor if np.isnan(grown) else max(floor, grown)
             hist.put("floor_began", i, now - grown)
-        seen_bounds = [float(x) for x in (table_bound[i], seen(hist, i, now)) if not np.isnan(x)]
-        secs, is_exact = combine_state_time(None if np.isnan(exact[i]) else float(exact[i]),
+        exact = float(times.exact(i))
+        seen_bounds = [float(x) for x in (times.bound(i), seen(hist, i, now)) if not np.isnan(x)]
+        secs, is_exact = combine_state_time(None if np.isnan(exact) else exact,
                                             max(seen_bounds) if seen_bounds else None,
                                             None if np.isnan(grown) else grown)
         inode = int(r["inode"])
@@ -363,7 +392,7 @@ def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, exa
             rport=int(r["rport"]), inode=inode, timer=int(r["timer"]),
             expires_seconds=int(r["expires_ms"]) / 1000, owners=held[k] if inode else [],
             state_seconds=secs, state_exact=is_exact, fin_timeout=ft,
-            accepted=None if accepted[i] < 0 else bool(accepted[i]),
+            accepted=None if times.accepted[i] < 0 else bool(times.accepted[i]),
         )
         if info is not None:
             f.idle_seconds = info.idle_ms / 1000
