@@ -66,6 +66,10 @@ class NetnsRef:
     label: str  # "host", "netns NAME" or "pid N"
 
 
+# Inodes a bulk question searches for at a time.
+SEARCH_CHUNK = 8192
+
+
 class SocketOwners(Mapping):
     """Socket inode -> [(pid, fd), ...] holding it, ascending.
 
@@ -148,18 +152,22 @@ class SocketOwners(Mapping):
 
     def _entries_of(self, inodes: np.ndarray) -> np.ndarray:
         """A mask over the (inode, pid, fd) entries: those of ``inodes``.
-        Through the sorted unique inodes, with no sort of either side."""
-        i, hit = find_sorted(self._keys, np.asarray(inodes, dtype=np.uint64))
+        Through the sorted unique inodes, with no sort of either side, and
+        :data:`SEARCH_CHUNK` inodes at a time (a full scan asks of every
+        socket: their positions are never all held, nor a 64-bit copy)."""
         wanted = np.zeros(len(self._keys), bool)
-        wanted[i[hit]] = True
+        for start in range(0, len(inodes), SEARCH_CHUNK):
+            i, hit = find_sorted(self._keys, np.asarray(inodes[start : start + SEARCH_CHUNK], dtype=np.uint64))
+            wanted[i[hit]] = True
         return wanted if self._count is None else np.repeat(wanted, self._count)
 
-    def pairs(self, inodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(inode, pid) for every holder of the given inodes, each pair once."""
+    def held_counts(self, inodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(pid, how many of ``inodes`` it holds) for every pid holding any,
+        pids ascending; a socket a process holds on several fds counts once."""
         keep = self._entries_of(inodes)
         # The arrays are in (inode, pid, fd) order: a pair's first fd.
         keep[1:] &= (self.inodes[1:] != self.inodes[:-1]) | (self.pids[1:] != self.pids[:-1])
-        return self.inodes[keep], self.pids[keep]
+        return np.unique(self.pids[keep], return_counts=True)
 
     def holder_pids(self, inodes: np.ndarray) -> np.ndarray:
         """Sorted unique pids holding any of ``inodes``."""

@@ -420,8 +420,7 @@ class Scanner:
             tcp_inodes = rows["inode"][relevant & (rows["inode"] != 0)]
             if len(tcp_inodes) and len(owners):
                 # Each (socket, process) pair once, however many fds it has.
-                _, holder = owners.pairs(tcp_inodes.astype(np.uint64))
-                pids, n = np.unique(holder, return_counts=True)
+                pids, n = owners.held_counts(tcp_inodes)
                 per_pid_tcp = dict(zip(pids.tolist(), n.tolist()))
         cw_fd: dict[int, int] = {}
         cw_bl: dict[int, int] = {}
