@@ -88,17 +88,16 @@ def parse(tasks: np.ndarray, files: np.ndarray, only: Iterable[int] | None = Non
     if len(files) > 1 and not bool(((t[1:] > t[:-1]) | ((t[1:] == t[:-1]) & (f[1:] > f[:-1]))).all()):
         files = files[np.lexsort((files["fd"], files["tgid"]))]
     del t, f
-    task_pids = np.unique(np.concatenate([tasks["tgid"], files["tgid"]]).astype(np.int64))
     if len(files) > max_fds:
         files = files[: max(0, max_fds)]
         out.truncated = True
         # The walk stops before the first process after the one the cut fell in.
         last = int(files["tgid"][-1]) if len(files) else -1
-        task_pids = task_pids[task_pids <= last]
         tasks = tasks[tasks["tgid"] <= last]
+    pids, counts = _runs(files["tgid"])  # in (tgid, fd) order: each process's fds are one run
+    task_pids = np.union1d(tasks["tgid"], pids)
     out.fds = int(len(files))
     out.processes = int(len(task_pids))
-    pids, counts = np.unique(files["tgid"], return_counts=True)
     out.fd_counts = dict.fromkeys(task_pids.tolist(), 0)
     out.fd_counts.update(zip(pids.tolist(), counts.tolist()))
     ns = tasks[tasks["ino"] != 0]
@@ -107,9 +106,18 @@ def parse(tasks: np.ndarray, files: np.ndarray, only: Iterable[int] | None = Non
     for tgid, fd, ino in zip(nsf["tgid"].tolist(), nsf["fd"].tolist(), nsf["ino"].tolist()):
         out.netns_fds.setdefault(int(ino), f"{proc}/{tgid}/fd/{fd}")
     is_sock = files["kind"] == KIND_SOCKET
-    out.sockets = SocketOwners(files["ino"][is_sock], files["tgid"][is_sock].astype(np.int64),
-                               files["fd"][is_sock].astype(np.int64), by_pid_fd=True)
+    out.sockets = SocketOwners(files["ino"][is_sock], files["tgid"][is_sock], files["fd"][is_sock], by_pid_fd=True)
     return out
+
+
+def _runs(sorted_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(each distinct value, how many times) of an ascending array, from
+    where its runs start: no sorted copy of it, as ``np.unique`` makes
+    (100k fds are 100k tgids)."""
+    if not len(sorted_values):
+        return sorted_values[:0], np.zeros(0, np.intp)
+    starts = np.flatnonzero(np.concatenate([[True], sorted_values[1:] != sorted_values[:-1]]))
+    return sorted_values[starts], np.diff(np.append(starts, len(sorted_values)))
 
 
 def merge(out: FdScan, more: FdScan) -> FdScan:

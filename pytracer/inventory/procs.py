@@ -66,15 +66,21 @@ class NetnsRef:
     label: str  # "host", "netns NAME" or "pid N"
 
 
+# Inodes a bulk question searches for at a time.
+SEARCH_CHUNK = 8192
+
+
 class SocketOwners(Mapping):
     """Socket inode -> [(pid, fd), ...] holding it, ascending.
 
     Kept as sorted numpy arrays rather than a dict of lists (over 200 bytes
-    per socket): the (inode, pid, fd) entries and, per distinct inode, where
-    its entries start and how many there are; 24 bytes per socket fd when
-    each socket has one holder (its inodes are then the entries' own), so a
-    host with 100k sockets costs 2.4 MB.  The questions callers ask in bulk
-    (first holder of each inode, inodes some pids hold) are array operations.
+    per socket): the (inode, pid, fd) entries and, where some inode has
+    several, per distinct inode where its entries start and how many there
+    are.  When each socket has one holder (the usual case) its inodes are
+    the entries' own and its entry is its slot, so nothing else is kept:
+    16 bytes per socket fd, 1.6 MB for a host with 100k sockets.  The
+    questions callers ask in bulk (first holder of each inode, inodes some
+    pids hold) are array operations.
     """
 
     def __init__(self, inodes: Iterable[int] | np.ndarray = (), pids: Iterable[int] | np.ndarray = (),
@@ -88,13 +94,21 @@ class SocketOwners(Mapping):
         order = np.argsort(ino, kind="stable") if by_pid_fd else np.lexsort((fd, pid, ino))
         self.inodes, self.pids, self.fds = ino[order], pid[order], fd[order]
         del ino, pid, fd, order
+        # Per distinct inode, its first entry and how many: None when each
+        # inode has one holder (then slot i is entry i, see _spans).
+        self._start: np.ndarray | None = None
+        self._count: np.ndarray | None = None
         if len(self.inodes) < 2 or bool((self.inodes[1:] != self.inodes[:-1]).all()):
             self._keys = self.inodes  # one holder each: the inodes are already unique
-            self._start = np.arange(len(self.inodes), dtype=np.int32)
-            self._count = np.ones(len(self.inodes), np.int32)
         else:
             keys, start, count = np.unique(self.inodes, return_index=True, return_counts=True)
             self._keys, self._start, self._count = keys, start.astype(np.int32), count.astype(np.int32)
+
+    def _spans(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(first entry, number of entries) of each of the distinct inodes ``slots``."""
+        if self._start is None or self._count is None:
+            return slots, np.ones(len(slots), np.int32)
+        return self._start[slots], self._count[slots]
 
     def _slot(self, ino: int) -> int:
         if ino < 0 or ino > 0xFFFFFFFFFFFFFFFF:
@@ -106,7 +120,8 @@ class SocketOwners(Mapping):
         i = self._slot(int(ino))
         if i < 0:
             raise KeyError(ino)
-        s, n = int(self._start[i]), int(self._count[i])
+        start, count = self._spans(np.array([i]))
+        s, n = int(start[0]), int(count[0])
         return list(zip(self.pids[s : s + n].tolist(), self.fds[s : s + n].tolist()))
 
     def __contains__(self, ino: object) -> bool:
@@ -125,8 +140,9 @@ class SocketOwners(Mapping):
         fd = np.full(len(inodes), -1, np.int64)
         i, hit = find_sorted(self._keys, inodes)
         hit &= inodes != 0
-        pid[hit] = self.pids[self._start[i[hit]]]
-        fd[hit] = self.fds[self._start[i[hit]]]
+        start = self._spans(i[hit])[0]
+        pid[hit] = self.pids[start]
+        fd[hit] = self.fds[start]
         return pid, fd
 
     def held_by(self, pids: Iterable[int]) -> np.ndarray:
@@ -136,18 +152,22 @@ class SocketOwners(Mapping):
 
     def _entries_of(self, inodes: np.ndarray) -> np.ndarray:
         """A mask over the (inode, pid, fd) entries: those of ``inodes``.
-        Through the sorted unique inodes, with no sort of either side."""
-        i, hit = find_sorted(self._keys, np.asarray(inodes, dtype=np.uint64))
+        Through the sorted unique inodes, with no sort of either side, and
+        :data:`SEARCH_CHUNK` inodes at a time (a full scan asks of every
+        socket: their positions are never all held, nor a 64-bit copy)."""
         wanted = np.zeros(len(self._keys), bool)
-        wanted[i[hit]] = True
-        return np.repeat(wanted, self._count)
+        for start in range(0, len(inodes), SEARCH_CHUNK):
+            i, hit = find_sorted(self._keys, np.asarray(inodes[start : start + SEARCH_CHUNK], dtype=np.uint64))
+            wanted[i[hit]] = True
+        return wanted if self._count is None else np.repeat(wanted, self._count)
 
-    def pairs(self, inodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(inode, pid) for every holder of the given inodes, each pair once."""
+    def held_counts(self, inodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(pid, how many of ``inodes`` it holds) for every pid holding any,
+        pids ascending; a socket a process holds on several fds counts once."""
         keep = self._entries_of(inodes)
         # The arrays are in (inode, pid, fd) order: a pair's first fd.
         keep[1:] &= (self.inodes[1:] != self.inodes[:-1]) | (self.pids[1:] != self.pids[:-1])
-        return self.inodes[keep], self.pids[keep]
+        return np.unique(self.pids[keep], return_counts=True)
 
     def holder_pids(self, inodes: np.ndarray) -> np.ndarray:
         """Sorted unique pids holding any of ``inodes``."""
@@ -159,7 +179,8 @@ class SocketOwners(Mapping):
         if not len(self._keys):
             return [[] for _ in range(len(inodes))]
         i, found = find_sorted(self._keys, inodes)
-        hit, start, count = found.tolist(), self._start[i].tolist(), self._count[i].tolist()
+        start, count = self._spans(i)
+        hit, start, count = found.tolist(), start.tolist(), count.tolist()
         pids, fds = self.pids, self.fds
         return [list(zip(pids[s : s + n].tolist(), fds[s : s + n].tolist())) if h else []
                 for h, s, n in zip(hit, start, count)]

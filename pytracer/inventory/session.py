@@ -272,10 +272,17 @@ class Session:
         missed = 0
         if idx is None:
             idx = np.arange(len(rows))
-        netns: np.ndarray | None = rows["netns"][idx]
-        inos = np.unique(netns).tolist() if len(idx) else []
-        if len(inos) == 1:
-            netns = None  # one namespace: every row, and not a copy of their namespaces held meanwhile
+        column = rows["netns"]
+        netns: np.ndarray | None = None  # one namespace: every row, and no copy of their namespaces
+        if not len(idx):
+            inos = []
+        elif column.min() == column.max():  # every row's (the usual case): no copy to find it
+            inos = [int(column[0])]
+        else:
+            netns = column[idx]
+            inos = np.unique(netns).tolist()
+            if len(inos) == 1:
+                netns = None
         for ino in inos:
             at = idx if netns is None else idx[netns == ino]
             sock = self.socks.get(int(ino))

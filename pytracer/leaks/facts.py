@@ -4,7 +4,7 @@
 joins them, vectorized over the inventory rows:
 
 * :func:`join_table`: exact time in state (or a lower bound for seeded
-  records) and "accepted" from the BPF socket table;
+  records) and "accepted" from the BPF socket table (:class:`TableTimes`);
 * :class:`History`: what the Scanner remembers per socket between scans;
 * :func:`candidates`: which sockets may be flagged, and which to ask
   tcp_info about;
@@ -14,6 +14,7 @@ joins them, vectorized over the inventory rows:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,9 +35,10 @@ STUCK_STATES = (S.CLOSE_WAIT, S.LAST_ACK, S.FIN_WAIT2)
 # Per-socket history a Scanner carries between scans, one array each,
 # aligned with the sorted cookies (see History.carry).  Monotonic seconds:
 # since when the socket has been seen in its state; when it could be idle
-# for idle_after at the earliest; when the state began at the latest, by the
-# largest kernel floor measured (now - floor when measured).
-_HISTORY = (("since", np.nan), ("not_before", 0.0), ("floor_began", np.nan))
+# for idle_after at the earliest (-inf: never asked, due now); when the
+# state began at the latest, by the largest kernel floor measured (now -
+# floor when measured).
+_HISTORY = (("since", np.nan), ("not_before", -np.inf), ("floor_began", np.nan))
 # Kept as float32 seconds from the History's epoch (its first scan): 4 bytes
 # a time instead of 8.  A float32 resolves 4 ms at 9 hours from the epoch and
 # 1 s at 194 days, far finer than any threshold a time is compared with.
@@ -49,19 +51,52 @@ FACTS_CHUNK = 8192
 Listeners = dict[tuple[int, int], list]
 
 
+class Carried:
+    """The history aligned with one scan's rows (:meth:`History.carry`),
+    kept as the History keeps it: float32 seconds from ``epoch``, 12 bytes
+    a row instead of 24 (a full scan holds it for every socket until its
+    store).  Times go in and out as float64 monotonic seconds; the store
+    and the merge take the arrays as they are."""
+
+    def __init__(self, kept: dict[str, np.ndarray], epoch: float) -> None:
+        self.kept = kept
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.kept["since"])
+
+    def at(self, name: str, idx: Any = slice(None)) -> np.ndarray:
+        """Monotonic seconds of ``name`` for the rows ``idx``."""
+        return self.kept[name][idx].astype(np.float64) + self.epoch
+
+    def put(self, name: str, idx: Any, times: Any) -> None:
+        """Set ``name`` of the rows ``idx`` to ``times`` (monotonic seconds)."""
+        self.kept[name][idx] = np.asarray(times, np.float64) - self.epoch
+
+    def offset(self, now: float) -> np.float32:
+        """``now`` as the kept times are: a time put at ``now`` reads as
+        this, so "put at now" and "now" compare equal."""
+        return _KEPT(now - self.epoch)
+
+    def due(self, name: str, now: float) -> np.ndarray:
+        """Whether ``name`` is at or before ``now``, for every row (compared
+        as kept: no float64 copy of the column)."""
+        return self.kept[name] <= self.offset(now)
+
+
 class History:
     """Per-socket memory between scans, in numpy arrays sorted by cookie:
     since when it has been seen in its current state, when its state began
     at the latest by the largest kernel floor measured, and, for ESTABLISHED
     sockets, the earliest time it could possibly be idle for
-    ``idle_after`` (so tcp_info is not asked again before then).  Times go
-    in and out as float64 monotonic seconds, and are kept as float32
-    offsets from ``epoch`` (the ``now`` of the first :meth:`carry`)."""
+    ``idle_after`` (so tcp_info is not asked again before then).  Times are
+    kept as float32 offsets from ``epoch`` (the ``now`` of the first
+    :meth:`carry`), and handed to a scan as they are (:class:`Carried`)."""
 
     def __init__(self) -> None:
         self._cookie = np.zeros(0, np.uint64)
         self._state = np.zeros(0, np.uint8)
-        self._hist: dict[str, np.ndarray] = {name: np.zeros(0, _KEPT) for name, _ in _HISTORY}
+        self._hist: Carried = {name: np.zeros(0, _KEPT) for name, _ in _HISTORY}
         self.epoch: float | None = None
 
     @property
@@ -69,29 +104,24 @@ class History:
         """The sorted cookies the history is kept for (read-only)."""
         return self._cookie
 
-    def _kept(self, times: np.ndarray) -> np.ndarray:
-        if self.epoch is None:
-            self.epoch = 0.0
-        return (times - self.epoch).astype(_KEPT)
-
-    def carry(self, rows: np.ndarray, now: float) -> dict[str, np.ndarray]:
+    def carry(self, rows: np.ndarray, now: float) -> Carried:
         """History aligned with ``rows``: carried over for sockets still in the
         state they were in last scan, fresh otherwise."""
         if self.epoch is None:
             self.epoch = float(now)
         n = len(rows)
-        out = {name: np.full(n, default) for name, default in _HISTORY}
-        out["since"][:] = now
+        out = Carried({name: np.full(n, default, _KEPT) for name, default in _HISTORY}, self.epoch)
+        out.kept["since"][:] = out.offset(now)
         if len(self._cookie) and n:
             pos, hit = find_sorted(self._cookie, rows["cookie"])
             same = np.flatnonzero(hit & (self._state[pos] == rows["state"]))
             pos = pos[same]
             for name, _ in _HISTORY:
-                out[name][same] = self._hist[name][pos].astype(np.float64) + self.epoch
+                out.kept[name][same] = self._hist[name][pos]
             del pos, same
         return out
 
-    def merge(self, rows: np.ndarray, hist: dict[str, np.ndarray]) -> None:
+    def merge(self, rows: np.ndarray, hist: Carried) -> None:
         """Update the history of ``rows`` only (a candidate scan's few
         sockets), keeping everyone else's: O(len(rows) log n), plus one
         copy of the arrays when a socket is new to the history.  ``hist``
@@ -100,7 +130,7 @@ class History:
             return
         order = np.argsort(rows["cookie"], kind="stable")
         cookie, state = rows["cookie"][order], rows["state"][order]
-        kept = {name: self._kept(hist[name][order]) for name, _ in _HISTORY}
+        kept = {name: hist.kept[name][order] for name, _ in _HISTORY}
         pos = np.searchsorted(self._cookie, cookie)
         hit = np.zeros(len(cookie), bool)
         if len(self._cookie):
@@ -117,11 +147,14 @@ class History:
             for name, _ in _HISTORY:
                 self._hist[name] = np.insert(self._hist[name], at, kept[name][new])
 
-    def store(self, rows: np.ndarray, hist: dict[str, np.ndarray], keep: np.ndarray | None = None) -> None:
+    def store(self, rows: np.ndarray, hist: Carried, keep: np.ndarray | None = None) -> None:
         """Replace the whole history with ``hist`` (from :meth:`carry`),
         aligned with ``rows`` (a full scan's every socket), or with the rows
-        ``keep`` (a mask) only.  The old arrays go before the new ones are
-        made, one at a time, so the two are not held whole at once."""
+        ``keep`` (a mask) only.  Rows in cookie order, every one kept: the
+        carried arrays themselves become the history (they are the
+        caller's no longer).  Otherwise the old arrays go before the new
+        ones are made, one at a time, so the two are not held whole at
+        once."""
         cookie = rows["cookie"]
         sel: Any = slice(None) if keep is None or keep.all() else np.flatnonzero(keep)
         order = None if is_sorted(cookie) else np.argsort(cookie[sel], kind="stable")
@@ -131,21 +164,21 @@ class History:
             self._cookie, self._state = self._cookie.copy(), self._state.copy()
         for name, _ in _HISTORY:
             self._hist[name] = np.zeros(0, _KEPT)
-            self._hist[name] = self._kept(hist[name][pick])
+            self._hist[name] = hist.kept[name] if isinstance(pick, slice) else hist.kept[name][pick]
 
 
-def seen(hist: dict[str, np.ndarray], idx: Any, now: float) -> np.ndarray:
+def seen(hist: Carried, idx: Any, now: float) -> np.ndarray:
     """Seconds the sockets ``idx`` have been seen in their state (NaN at the
     first sighting, which proves nothing).  Derived where needed, not kept
     for every socket."""
-    since = hist["since"][idx]
-    return np.where(since < now, now - since, np.nan)
+    since = hist.kept["since"][idx]
+    return np.where(since < hist.offset(now), now - (since.astype(np.float64) + hist.epoch), np.nan)
 
 
-def floor_now(hist: dict[str, np.ndarray], idx: Any, now: float) -> np.ndarray:
+def floor_now(hist: Carried, idx: Any, now: float) -> np.ndarray:
     """The largest kernel floor on the time in state of the sockets ``idx``,
     grown by the time since it was measured (NaN: none)."""
-    return now - hist["floor_began"][idx]
+    return now - hist.at("floor_began", idx)
 
 
 def remembered(rows: np.ndarray) -> np.ndarray:
@@ -193,19 +226,47 @@ def listener_of(lst: Listeners, netns: int, lport: int, laddr: bytes, family: in
     return best
 
 
-def join_table(rows: np.ndarray, snap: Snapshot | None, now_ns: int, key_by_ptr: bool
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per inventory row: exact seconds in state (NaN if unknown), seconds
-    since a seeded record was put in (NaN), accepted (-1 unknown), and
-    whether the table has it.  :data:`FACTS_CHUNK` rows at a time: beside
-    the four answers, only the table's sorted keys are held whole."""
+@dataclass
+class TableTimes:
+    """What the socket table says of each inventory row (:func:`join_table`):
+    seconds in the row's state (NaN: no record, or one in another state),
+    whether that is only a lower bound (a seeded record no transition has
+    touched: the state began before the record was put in), and accepted
+    (-1 unknown).  An exact time and a bound are never both known for a row,
+    so they share one column: 10 bytes a row, not 18."""
+
+    age: np.ndarray  # float64 seconds
+    seeded: np.ndarray  # bool: ``age`` is a bound, not exact
+    accepted: np.ndarray  # int8
+    matched: int = 0  # rows the table has a record for
+
+    @classmethod
+    def of(cls, exact: np.ndarray, bound: np.ndarray, accepted: np.ndarray) -> TableTimes:
+        """From an exact and a bound column, at most one of them known per row."""
+        seeded = np.isnan(exact) & ~np.isnan(bound)
+        return cls(np.where(seeded, bound, exact), seeded, np.asarray(accepted, np.int8))
+
+    def exact(self, idx: Any = slice(None)) -> np.ndarray:
+        """Exact seconds in state of the rows ``idx`` (NaN: not known)."""
+        return np.where(self.seeded[idx], np.nan, self.age[idx])
+
+    def bound(self, idx: Any = slice(None)) -> np.ndarray:
+        """Seconds since a seeded record of the rows ``idx`` was put in (NaN: none)."""
+        return np.where(self.seeded[idx], self.age[idx], np.nan)
+
+    def younger_than(self, seconds: float) -> np.ndarray:
+        """Per row: known exactly to be in its state for less than ``seconds``."""
+        return ~self.seeded & (self.age < seconds)  # NaN compares False
+
+
+def join_table(rows: np.ndarray, snap: Snapshot | None, now_ns: int, key_by_ptr: bool) -> TableTimes:
+    """Per inventory row, what the socket table says (:class:`TableTimes`).
+    :data:`FACTS_CHUNK` rows at a time: beside the answers, only the
+    table's sorted keys are held whole."""
     n = len(rows)
-    exact = np.full(n, np.nan)
-    bound = np.full(n, np.nan)
-    accepted = np.full(n, -1, dtype=np.int8)
-    matched = np.zeros(n, dtype=bool)
+    out = TableTimes(np.full(n, np.nan), np.zeros(n, bool), np.full(n, -1, dtype=np.int8))
     if snap is None or not len(snap.keys) or key_by_ptr:
-        return exact, bound, accepted, matched
+        return out
     order = np.argsort(snap.keys, kind="stable").astype(np.uint32 if len(snap.keys) < 2**32 else np.intp)
     keys = snap.keys[order]
     socks = snap.socks
@@ -216,15 +277,15 @@ def join_table(rows: np.ndarray, snap: Snapshot | None, now_ns: int, key_by_ptr:
         same = hit & (socks["state"][idx] == rows["state"][part])
         untouched = ((socks["flags"][idx] & abi.PT_F_SEEDED) != 0) & (socks["transitions"][idx] == 0)
         age = np.maximum((np.int64(now_ns) - socks["state_ns"][idx].astype(np.int64)) / 1e9, 0.0)
-        exact[part] = np.where(same & ~untouched, age, np.nan)
-        bound[part] = np.where(same & untouched, age, np.nan)
-        accepted[part] = np.where(hit, socks["accepted"][idx].astype(np.int8), -1)
-        matched[part] = hit
-    return exact, bound, accepted, matched
+        out.age[part] = np.where(same, age, np.nan)
+        out.seeded[part] = same & untouched
+        out.accepted[part] = np.where(hit, socks["accepted"][idx].astype(np.int8), -1)
+        out.matched += int(hit.sum())
+    return out
 
 
-def candidates(th: Thresholds, rows: np.ndarray, relevant: np.ndarray, exact: np.ndarray, table_bound: np.ndarray,
-               hist: dict[str, np.ndarray], fin_timeout: dict[int, int | None], now: float
+def candidates(th: Thresholds, rows: np.ndarray, relevant: np.ndarray, times: TableTimes,
+               hist: Carried, fin_timeout: dict[int, int | None], now: float
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(stuck-state rows to judge, ESTABLISHED rows to judge, rows to ask
     tcp_info for).  Vectorized; the stuck states' arithmetic runs over
@@ -247,7 +308,7 @@ def candidates(th: Thresholds, rows: np.ndarray, relevant: np.ndarray, exact: np
     fw2 = st == int(S.FIN_WAIT2)
     thr[fw2] = th.fin_wait2_after if th.fin_wait2_after is not None else np.where(np.isnan(ns_fin), np.inf,
                                                                                    ns_fin)[fw2]
-    ex = exact[stuck]
+    ex = times.exact(stuck)
     young = ~np.isnan(ex) & (ex < thr)
     # FIN_WAIT2 orphans in timewait: the timer was armed with fin_timeout,
     # so fin_timeout - remaining is how long they have waited.
@@ -256,25 +317,24 @@ def candidates(th: Thresholds, rows: np.ndarray, relevant: np.ndarray, exact: np
     old = ~young
     stuck, is_tw, thr, ex = stuck[old], is_tw[old], thr[old], ex[old]
     floors = floor_now(hist, stuck, now)
-    bound = np.fmax(np.fmax(table_bound[stuck], seen(hist, stuck, now)), floors)
+    bound = np.fmax(np.fmax(times.bound(stuck), seen(hist, stuck, now)), floors)
     # Ask tcp_info when the socket may be flagged (the idle clocks are
     # evidence) or no kernel floor is known yet; minisockets have none.
     ask_stuck = stuck[~is_tw & (~np.isnan(ex) | np.isnan(floors) | (bound >= thr))]
 
     # ESTABLISHED: idle candidates, unless known to be younger than
     # idle_after, or checked recently enough that they cannot be idle yet.
-    est = relevant & (state == int(S.ESTABLISHED)) & ~(~np.isnan(exact) & (exact < th.idle_after))
-    est &= hist["not_before"] <= now
+    est = relevant & (state == int(S.ESTABLISHED)) & ~times.younger_than(th.idle_after)
+    est &= hist.due("not_before", now)
 
     q_est = np.flatnonzero(est)
     # In row order: a full scan's rows are sorted by cookie, so the cookies
     # asked for are too (a tcp_info dump then needs no sorted copy of them).
     query = np.sort(np.concatenate([ask_stuck, q_est]).astype(np.intp)) if len(ask_stuck) else q_est
-    return stuck.astype(np.intp), q_est.astype(np.intp), query
+    return stuck.astype(np.intp, copy=False), q_est.astype(np.intp, copy=False), query  # query may be q_est itself
 
 
-def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, exact: np.ndarray,
-               table_bound: np.ndarray, hist: dict[str, np.ndarray], accepted: np.ndarray,
+def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, times: TableTimes, hist: Carried,
                infos: TcpInfoTable, owners: procs.SocketOwners, lst: Listeners,
                fin_timeout: dict[int, int | None], now: float, idle_after: float, max_facts: int,
                errors: list[Any], recheck_s: float = 0.0) -> list[SockFacts]:
@@ -290,7 +350,7 @@ def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, exa
         found, idle_ms = infos.idle_ms(rows["cookie"][part])
         answered = part[found]
         idle = idle_ms[found] / 1000
-        hist["not_before"][answered] = now + np.maximum(0.0, idle_after - idle)
+        hist.put("not_before", answered, now + np.maximum(0.0, idle_after - idle))
         idle_idx += answered[idle >= idle_after].tolist()
     idx = stuck_idx.tolist() + idle_idx  # stuck sockets first
     if len(idx) > max_facts:
@@ -300,7 +360,7 @@ def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, exa
     # The idle ones judged here are measured again ``recheck_s`` later; their
     # flags are carried until then (pytracer.leaks.idle_carry).
     judged_idle = np.asarray(idx[len(stuck_idx):], np.intp)
-    hist["not_before"][judged_idle] = now + recheck_s
+    hist.put("not_before", judged_idle, now + recheck_s)
     out = []
     held = owners.get_many(rows["inode"][np.asarray(idx, np.intp)]) if idx else []
     for k, i in enumerate(idx):
@@ -319,9 +379,10 @@ def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, exa
         grown = float(floor_now(hist, i, now))
         if floor is not None:
             grown = floor if np.isnan(grown) else max(floor, grown)
-            hist["floor_began"][i] = now - grown
-        seen_bounds = [float(x) for x in (table_bound[i], seen(hist, i, now)) if not np.isnan(x)]
-        secs, is_exact = combine_state_time(None if np.isnan(exact[i]) else float(exact[i]),
+            hist.put("floor_began", i, now - grown)
+        exact = float(times.exact(i))
+        seen_bounds = [float(x) for x in (times.bound(i), seen(hist, i, now)) if not np.isnan(x)]
+        secs, is_exact = combine_state_time(None if np.isnan(exact) else exact,
                                             max(seen_bounds) if seen_bounds else None,
                                             None if np.isnan(grown) else grown)
         inode = int(r["inode"])
@@ -331,7 +392,7 @@ def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, exa
             rport=int(r["rport"]), inode=inode, timer=int(r["timer"]),
             expires_seconds=int(r["expires_ms"]) / 1000, owners=held[k] if inode else [],
             state_seconds=secs, state_exact=is_exact, fin_timeout=ft,
-            accepted=None if accepted[i] < 0 else bool(accepted[i]),
+            accepted=None if times.accepted[i] < 0 else bool(times.accepted[i]),
         )
         if info is not None:
             f.idle_seconds = info.idle_ms / 1000

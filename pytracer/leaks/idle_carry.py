@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pytracer.arrays import find_sorted
+from pytracer.arrays import among, find_sorted
 from pytracer.kernel.tcp_states import TcpState
 from pytracer.leaks.detectors import Flag, ordered
 
@@ -45,6 +45,18 @@ class IdleCarry:
 
     def __len__(self) -> int:
         return len(self.flags)
+
+    def asked_among(self, listed: np.ndarray, asked: np.ndarray) -> np.ndarray:
+        """The carried flags' cookies among ``listed[asked]`` (``listed``
+        ascending, ``asked`` ascending row indices: a full scan's rows and
+        the rows it asks tcp_info for), for :meth:`merge`: a full scan need
+        not keep the cookies of every socket it asked (100k at its first
+        scan) to drop the few carried ones."""
+        if not len(self.cookies) or not len(asked):
+            return np.zeros(0, np.uint64)
+        row, listed_hit = find_sorted(listed, self.cookies)
+        _, asked_hit = find_sorted(asked, row)
+        return self.cookies[listed_hit & asked_hit]
 
     @staticmethod
     def idle(flags: list[Flag]) -> list[Flag]:
@@ -70,7 +82,7 @@ class IdleCarry:
         if n and len(asked):
             keep &= ~np.isin(self.cookies, asked)
         if n and listed is not None:
-            keep &= np.isin(self.cookies, listed)
+            keep &= among(self.cookies, listed)  # a full scan's rows: sorted by cookie
         if n and snap is not None and len(snap.keys):
             found, at = _positions(snap.keys, self.cookies)
             st = np.where(found, snap.socks["state"][at], 0)

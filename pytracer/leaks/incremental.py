@@ -147,19 +147,22 @@ def _concat(a: Rechecks, b: Rechecks) -> Rechecks:
     return Rechecks(**{f: np.concatenate([x, cols[f]]) for f, x in a._columns()})
 
 
-def rechecks_of(rows: np.ndarray, est_idx: np.ndarray, hist: dict[str, np.ndarray], exact: np.ndarray,
-                bound: np.ndarray, accepted: np.ndarray, now: float, by_cookie: bool = False) -> Rechecks:
+def rechecks_of(rows: np.ndarray, est_idx: np.ndarray, hist: joins.Carried, times: joins.TableTimes, now: float,
+                by_cookie: bool = False) -> Rechecks:
     """The ESTABLISHED rows tcp_info answered for, with their next check
     (sorted by it).  Each column is taken once, already in order.
     ``by_cookie``: name them by cookie (the table is keyed by cookie, and
     says the rest when they are due)."""
-    nb = hist["not_before"][est_idx]
-    idx = est_idx[nb > 0]
-    idx = idx[np.argsort(hist["not_before"][idx], kind="stable")]
+    nb = hist.at("not_before", est_idx)
+    asked = nb > 0  # a next check was set (never asked: -inf)
+    idx, nb = est_idx[asked], nb[asked]
+    order = np.argsort(nb, kind="stable")
+    idx, nb = idx[order], nb[order]
+    del asked, order
     if by_cookie:
-        return Rechecks(rows["cookie"][idx], hist["not_before"][idx])
-    return Rechecks(sockdiag.lookup_keys(rows, idx), hist["not_before"][idx], now - exact[idx], now - bound[idx],
-                    accepted[idx])
+        return Rechecks(rows["cookie"][idx], nb)
+    return Rechecks(sockdiag.lookup_keys(rows, idx), nb, now - times.exact(idx), now - times.bound(idx),
+                    times.accepted[idx])
 
 
 def due_index(r: Rechecks, snap: Snapshot) -> np.ndarray:
@@ -309,14 +312,14 @@ def scan(sc: Scanner, snap: Snapshot, rep: LeakReport) -> None:
     bound = np.where(same, bound_c[at], np.nan) if len(at) else np.zeros(0)
     accepted = acc_c[at] if len(at) else np.zeros(0, np.int8)
 
+    times = joins.TableTimes.of(exact, bound, accepted)
     hist = sc.history.carry(rows, now)
     fin_timeout = dict(sc.fin_timeouts)
-    stuck_idx, est_idx, query = joins.candidates(th, rows, relevant, exact, bound, hist, fin_timeout, now)
-    facts = joins.sock_facts(rows, stuck_idx, est_idx, exact, bound, hist, accepted, infos, owners, listeners,
-                             fin_timeout, now, th.idle_after, sc.max_socket_facts, rep.errors,
-                             th.idle_recheck_s)
+    stuck_idx, est_idx, query = joins.candidates(th, rows, relevant, times, hist, fin_timeout, now)
+    facts = joins.sock_facts(rows, stuck_idx, est_idx, times, hist, infos, owners, listeners, fin_timeout, now,
+                             th.idle_after, sc.max_socket_facts, rep.errors, th.idle_recheck_s)
     sc.history.merge(rows, hist)
-    sc.rechecks.add(rechecks_of(rows, est_idx, hist, exact, bound, accepted, now, sc.rechecks_by_cookie))
+    sc.rechecks.add(rechecks_of(rows, est_idx, hist, times, now, sc.rechecks_by_cookie))
     unresolved = [f for f in facts if f.inode and not f.owners]
     if unresolved:
         sc.full_wanted = True

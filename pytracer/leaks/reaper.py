@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from pytracer.arrays import find_sorted, is_sorted
+from pytracer.arrays import among
 from pytracer.kernel.tcp_states import TcpState
 from pytracer.table import writer
 from pytracer.table.poll import Snapshot
@@ -58,7 +58,7 @@ class Reaper:
         absent &= np.isin(socks["netns_ino"], netns)
         absent &= socks["state_ns"].astype(np.int64) < np.int64(now_ns - int(self.reap_after * 1e9))
         at = np.flatnonzero(absent)
-        absent[at[_listed(snap.keys[at], rows["cookie"])]] = False
+        absent[at[among(snap.keys[at], rows["cookie"])]] = False
         missing: dict[int, tuple[int, int, float]] = {}
         due = []
         for i in np.flatnonzero(absent).tolist():
@@ -84,12 +84,3 @@ class Reaper:
                             "port %d -> %d, netns %d, last change %.1f s ago", int(snap.keys[i]),
                             TcpState.name_of(int(rec["state"])), int(rec["lport"]), int(rec["rport"]),
                             int(rec["netns_ino"]), (now_ns - int(rec["state_ns"])) / 1e9)
-
-
-def _listed(keys: np.ndarray, cookies: np.ndarray) -> np.ndarray:
-    """Which ``keys`` are among ``cookies``: a binary search when the
-    cookies are sorted (a full scan's rows are), else ``isin``, which sorts
-    both sides together."""
-    if not is_sorted(cookies):
-        return np.isin(keys, cookies)
-    return find_sorted(cookies, keys)[1]

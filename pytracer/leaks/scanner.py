@@ -85,6 +85,10 @@ FULL_BUDGET = 0.005
 # minisockets (and listeners) alone, this often: its cost follows the
 # TIME_WAIT count, not the host's sockets.
 TIME_WAIT_EVERY_S = 15.0
+# What a full scan keeps of each socket it lists: every inventory field but
+# the owner's uid and the retransmit count, which no join or detector reads
+# (75 bytes a socket instead of 80, held for every socket until the scan ends).
+SCAN_FIELDS = tuple(n for n in sockdiag.INV_DTYPE.names if n not in ("uid", "retrans"))
 
 
 class Scanner:
@@ -261,7 +265,7 @@ class Scanner:
             states &= ~((1 << int(S.TIME_WAIT)) | (1 << int(S.NEW_SYN_RECV)))
 
         with (self.session_factory or Session)(refs) as sess:
-            inv = sess.dump(states=states)
+            inv = sess.dump(states=states, fields=SCAN_FIELDS)
             now = time.monotonic()
             now_ns = time.monotonic_ns()
             rep.errors.extend(inv.errors)
@@ -283,18 +287,17 @@ class Scanner:
             rep.inventory_states = {TcpState.name_of(s): int(n) for s, n in enumerate(counts_by_state) if n}
 
             # Time in state: exact from the BPF table, else lower bounds.
-            exact_s, table_bound_s, accepted, matched = joins.join_table(
-                rows, snapshot, now_ns, bool(getattr(self.tracer, "key_by_ptr", False)))
+            times = joins.join_table(rows, snapshot, now_ns, bool(getattr(self.tracer, "key_by_ptr", False)))
             hist = self.history.carry(rows, now)
             rep.stats["table_records"] = int(len(snapshot.keys)) if snapshot is not None else None
-            rep.stats["table_matched"] = int(matched.sum())
+            rep.stats["table_matched"] = times.matched
             if snapshot is not None:
                 self.reaper.reap(snapshot, rows, set(sess.socks), bool(inv.errors), now, now_ns)
             rep.stats["records_reaped"] = self.reaped
 
             fin_timeout = {ino: n.fin_timeout for ino, n in inv.netns.items()}
-            stuck_idx, est_idx, query = joins.candidates(th, rows, relevant, exact_s, table_bound_s, hist,
-                                                         fin_timeout, now)
+            stuck_idx, est_idx, query = joins.candidates(th, rows, relevant, times, hist, fin_timeout, now)
+            queried = self.idle_carry.asked_among(rows["cookie"], query)
             infos = TcpInfoTable()
             missed = 0
             if len(query):
@@ -304,17 +307,15 @@ class Scanner:
             rep.stats.update(candidates=int(len(stuck_idx) + len(est_idx)), info_queries=int(len(query)),
                              info_missed=int(missed))
 
-            facts = joins.sock_facts(rows, stuck_idx, est_idx, exact_s, table_bound_s, hist, accepted, infos,
-                                     owners, listeners, fin_timeout, now, th.idle_after, self.max_socket_facts,
-                                     rep.errors, th.idle_recheck_s)
+            facts = joins.sock_facts(rows, stuck_idx, est_idx, times, hist, infos, owners, listeners, fin_timeout,
+                                     now, th.idle_after, self.max_socket_facts, rep.errors, th.idle_recheck_s)
             # The per-row joins are done.  What is kept is taken, and the rest
             # let go, step by step: at 100k sockets each array is ~1 MB, and
             # the scan's peak is the sum of those alive at once.
-            queried = rows["cookie"][query]
-            del infos, query, stuck_idx, matched
-            rechecks = (incremental_scan.rechecks_of(rows, est_idx, hist, exact_s, table_bound_s, accepted, now,
-                                                     self.rechecks_by_cookie) if self.incremental else None)
-            del exact_s, table_bound_s, accepted, est_idx
+            del infos, query, stuck_idx
+            rechecks = (incremental_scan.rechecks_of(rows, est_idx, hist, times, now, self.rechecks_by_cookie)
+                        if self.incremental else None)
+            del times, est_idx
             kept = joins.remembered(rows)
             self.history.store(rows, hist, kept)
             self._cookies, self._inodes = self.history.cookies, rows["inode"][kept]
@@ -419,8 +420,7 @@ class Scanner:
             tcp_inodes = rows["inode"][relevant & (rows["inode"] != 0)]
             if len(tcp_inodes) and len(owners):
                 # Each (socket, process) pair once, however many fds it has.
-                _, holder = owners.pairs(tcp_inodes.astype(np.uint64))
-                pids, n = np.unique(holder, return_counts=True)
+                pids, n = owners.held_counts(tcp_inodes)
                 per_pid_tcp = dict(zip(pids.tolist(), n.tolist()))
         cw_fd: dict[int, int] = {}
         cw_bl: dict[int, int] = {}

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import numpy as np
 
-from pytracer.arrays import find_sorted
+from pytracer.arrays import among, find_sorted
 from pytracer.kernel import abi
 from pytracer.kernel.libbpf import LibbpfError
 from pytracer.kernel.tcp_states import TcpState
@@ -315,11 +315,12 @@ def _write_seeded(tracer: Any, sess: Redump, states: int, rows: np.ndarray,
     try:
         live = sess.cookies(states=states)
     except OSError as exc:
-        live = keys  # cannot tell what closed: take nothing back
         res.errors.append(f"re-checking seeded sockets: {exc}")
+        return  # cannot tell what closed: take nothing back
+    live.sort()  # ours, sorted in place: the keys are then found by binary search, not a sort of both
     # A socket closed between the dump and its insert left a record no
     # transition will end: take back the untouched ones.
-    for i in np.flatnonzero(ok & ~np.isin(keys, live)).tolist():
+    for i in np.flatnonzero(ok & ~among(keys, live)).tolist():
         key = _cookie_key(int(keys[i]))
         if _untouched_seeded(socks, key) is not None and socks.delete(key):
             res.vanished += 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pytracer.arrays import find_sorted, is_sorted
+from pytracer.arrays import among, find_sorted, is_sorted
 
 
 def test_find_sorted_and_is_sorted() -> None:
@@ -29,3 +29,11 @@ def test_fields_of_keeps_the_named_fields_in_order_and_takes_them_by_position() 
     out = np.empty(3, narrow)
     out[:] = src[["d", "b"]]
     assert out["d"].tolist() == [-1, -2, -3] and out["b"].tolist() == [1, 2, 3]
+
+
+def test_among_sorted_or_not() -> None:
+    keys = np.array([5, 1, 9, 7, 0], np.uint64)
+    for cookies in (np.array([1, 3, 7, 11], np.uint64), np.array([11, 7, 1, 3], np.uint64)):
+        assert among(keys, cookies).tolist() == [False, True, False, True, False]
+    assert among(keys, np.zeros(0, np.uint64)).tolist() == [False] * 5
+    assert among(np.array([12], np.uint64), np.array([1, 3, 7, 11], np.uint64)).tolist() == [False]

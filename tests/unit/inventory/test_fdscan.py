@@ -102,3 +102,13 @@ def test_scan_fds_on_a_fixture_tree_never_uses_bpf(tmp_path: Path, monkeypatch) 
     monkeypatch.setattr(fdscan, "shared", boom)
     root = str(make_proc(tmp_path))
     assert owners.scan_fds(proc=root).fds == 5
+
+
+def test_runs_of_an_ascending_array_are_its_distinct_values_and_counts() -> None:
+    rng = np.random.default_rng(3)
+    for n in (0, 1, 2, 50, 1000):
+        values = np.sort(rng.integers(1, 40, n).astype(np.uint32))
+        got, counts = fdscan._runs(values)
+        want, want_counts = np.unique(values, return_counts=True)
+        assert got.tolist() == want.tolist() and counts.tolist() == want_counts.tolist()
+        assert got.dtype == values.dtype

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from pytracer.inventory import procs
 from pytracer.inventory.owners import scan_fds
@@ -80,17 +81,20 @@ def test_socket_owners_bulk_questions() -> None:
     pid, fd = owners.first(np.array([555, 556, 0, 999], np.uint64))
     assert pid.tolist() == [77, 4242, 0, 0] and fd.tolist() == [9, 4, -1, -1]
     assert owners.held_by([4242]).tolist() == [555, 556]
-    ino, holder = owners.pairs(np.array([555], np.uint64))
-    assert sorted(zip(ino.tolist(), holder.tolist())) == [(555, 77), (555, 4242)]
+    pid, held = owners.held_counts(np.array([555], np.uint64))
+    assert list(zip(pid.tolist(), held.tolist())) == [(77, 1), (4242, 1)]
     assert owners.get(999) is None and dict(owners)[557] == [(77, 1)]
 
 
-def test_socket_owners_pairs_once_per_process() -> None:
+@pytest.mark.parametrize("chunk", [8192, 1, 2])
+def test_socket_owners_pairs_once_per_process(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(procs, "SEARCH_CHUNK", chunk)
     # 555: pid 77 twice (a dup'd fd), pid 4242 once; 556: pid 4242 twice; 557 not asked.
     owners = procs.SocketOwners([555, 555, 555, 556, 556, 557], [77, 4242, 77, 4242, 4242, 9], [3, 5, 8, 1, 2, 4])
-    ino, holder = owners.pairs(np.array([556, 555, 999], np.uint64))
-    assert list(zip(ino.tolist(), holder.tolist())) == [(555, 77), (555, 4242), (556, 4242)]
-    assert [len(a) for a in procs.SocketOwners().pairs(np.array([1], np.uint64))] == [0, 0]
+    # Pairs (555, 77), (555, 4242), (556, 4242): 77 holds one socket, 4242 two.
+    pid, held = owners.held_counts(np.array([556, 555, 999], np.uint32))
+    assert list(zip(pid.tolist(), held.tolist())) == [(77, 1), (4242, 2)]
+    assert [len(a) for a in procs.SocketOwners().held_counts(np.array([1], np.uint64))] == [0, 0]
     assert owners.holder_pids(np.array([556, 999], np.uint64)).tolist() == [4242]
     assert owners.holder_pids(np.array([555, 557], np.uint64)).tolist() == [9, 77, 4242]
     # get_many answers as get(ino, []) does, one inode at a time.
@@ -98,3 +102,19 @@ def test_socket_owners_pairs_once_per_process() -> None:
     assert owners.get_many(np.array(asked, np.uint64)) == [owners.get(i, []) for i in asked]
     assert owners.get_many([555]) == [[(77, 3), (77, 8), (4242, 5)]]
     assert procs.SocketOwners().get_many([1, 2]) == [[], []]
+
+
+def test_socket_owners_one_holder_each_keep_no_spans_and_answer_alike() -> None:
+    # One holder per inode: no per-inode start and count arrays are kept, and every question
+    # is answered as with a second holder on an unrelated inode (the general path).
+    inodes, pids, fds = [556, 555, 557, 560], [4242, 77, 77, 9], [4, 3, 1, 7]
+    single = procs.SocketOwners(inodes, pids, fds)
+    shared = procs.SocketOwners([*inodes, 999, 999], [*pids, 5, 6], [*fds, 6, 6])
+    assert single._start is None and single._count is None and shared._count is not None
+    asked = np.array([557, 0, 555, 998, 556, 560], np.uint64)
+    for q in (lambda o: o.first(asked), lambda o: o.held_counts(asked), lambda o: (o.holder_pids(asked),)):
+        assert [a.tolist() for a in q(single)] == [a.tolist() for a in q(shared)]
+    assert single.first(asked)[0].tolist() == [77, 0, 77, 0, 4242, 9]
+    assert single.get_many(asked) == shared.get_many(asked) == [[(77, 1)], [], [(77, 3)], [], [(4242, 4)], [(9, 7)]]
+    assert single.held_by([77]).tolist() == [555, 557] and single[560] == [(9, 7)] and 998 not in single
+    assert sorted(single) == [555, 556, 557, 560] and len(single) == 4

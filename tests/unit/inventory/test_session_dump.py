@@ -127,3 +127,24 @@ def test_sockstat_counts_hashed_and_timewait_sockets_of_both_families() -> None:
     assert parse_sockstat("TCP: inuse 5 orphan 0\n", V6) == unknown  # no tw field
     assert parse_sockstat(V4.replace("inuse 5", "inuse -1"), V6) == unknown  # a per-CPU sum mid-update
     assert parse_sockstat(V4.replace("tw 7", "tw x"), V6) == unknown
+
+
+@pytest.mark.parametrize("netns", [[1] * 6, [1, 2, 1, 2, 9, 1], [2, 2, 1, 1, 1, 1]],
+                         ids=["one", "mixed", "asked in one"])
+def test_tcp_info_asks_each_namespace_for_its_own_rows(netns: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    s, _ = session(a=info("a", 5), b=info("b", 5))  # sockets for namespaces 1 and 2; none for 9
+    asked: list[tuple[int, list[int]]] = []
+
+    def dump_info(sock: object, keys: np.ndarray, out: object) -> None:
+        asked.append((next(i for i, x in s.socks.items() if x is sock), keys["cookie"].tolist()))
+
+    monkeypatch.setattr(Session, "_dump_info", lambda self, sock, keys, out: dump_info(sock, keys, out))
+    rows = np.zeros(6, sockdiag.INV_DTYPE)
+    rows["cookie"], rows["netns"], rows["state"], rows["family"] = np.arange(10, 16), netns, 1, 2
+    idx = np.array([2, 3, 4, 5])
+    _, missed = s.tcp_info(rows, exact_max=0, idx=idx)
+    want: dict[int, list[int]] = {}
+    for i in idx.tolist():
+        want.setdefault(netns[i], []).append(10 + i)
+    assert sorted(asked) == sorted((ino, c) for ino, c in want.items() if ino in s.socks)
+    assert missed == len(idx)  # the stand-in answers nothing; namespace 9, with no socket, is not asked

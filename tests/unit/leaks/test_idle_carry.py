@@ -68,3 +68,24 @@ def test_at_most_limit_the_longest_idle_kept() -> None:
     snap = table(*((i, TcpState.ESTABLISHED, i) for i in range(1, 6)))
     out = c.merge([idle(i, 100 * i) for i in range(1, 6)], np.arange(1, 6, dtype=np.uint64), snap, limit=3)
     assert [f.cookie for f in out] == [5, 4, 3] and len(c) == 3
+
+
+def test_asked_among_names_the_carried_cookies_a_full_scan_asked() -> None:
+    c = IdleCarry()
+    assert c.asked_among(np.array([1, 2], np.uint64), np.array([0, 1])).tolist() == []  # nothing carried
+    snap = table(*((k, TcpState.ESTABLISHED, 100) for k in (3, 7, 9, 12)))
+    c.merge([idle(k, 400) for k in (3, 7, 9, 12)], np.array([3, 7, 9, 12], np.uint64), snap)
+    listed = np.array([1, 3, 5, 7, 9, 11], np.uint64)  # 12 is not listed (gone)
+    rng = np.random.default_rng(7)
+    for _ in range(50):  # against the cookies of every asked row, as a full scan once kept them
+        asked = np.flatnonzero(rng.random(len(listed)) < 0.5)
+        want = np.intersect1d(c.cookies, listed[asked])
+        assert sorted(c.asked_among(listed, asked).tolist()) == want.tolist()
+        after_small = IdleCarry()
+        after_small.merge([idle(k, 400) for k in (3, 7, 9, 12)], np.array([3, 7, 9, 12], np.uint64), snap)
+        after_whole = IdleCarry()
+        after_whole.merge([idle(k, 400) for k in (3, 7, 9, 12)], np.array([3, 7, 9, 12], np.uint64), snap)
+        small = after_small.merge([], after_small.asked_among(listed, asked), snap, listed=listed)
+        whole = after_whole.merge([], listed[asked], snap, listed=listed)
+        assert [f.cookie for f in small] == [f.cookie for f in whole]
+    assert c.asked_among(listed, np.zeros(0, np.intp)).tolist() == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pytracer.inventory import sockdiag
+from pytracer.leaks.facts import History, TableTimes
 from pytracer.leaks.incremental import Rechecks, due_index, rechecks_of
 from pytracer.table import poll
 
@@ -27,9 +28,12 @@ def _rows(cookies: list[int]) -> np.ndarray:
 def _rechecks(cookies: list[int], not_before: list[float], by_cookie: bool) -> Rechecks:
     rows = _rows(cookies)
     n = len(cookies)
-    hist = {"not_before": np.array(not_before)}
-    return rechecks_of(rows, np.arange(n), hist, np.full(n, 5.0), np.full(n, np.nan), np.ones(n, np.int8), 100.0,
-                       by_cookie)
+    hist = History().carry(rows, now=100.0)
+    for i, t in enumerate(not_before):
+        if t:  # 0: never asked
+            hist.put("not_before", i, t)
+    times = TableTimes.of(np.full(n, 5.0), np.full(n, np.nan), np.ones(n, np.int8))
+    return rechecks_of(rows, np.arange(n), hist, times, 100.0, by_cookie)
 
 
 def test_by_cookie_keeps_16_bytes_each_and_finds_them_in_the_table() -> None:

@@ -170,6 +170,30 @@ def test_every_close_wait_socket_is_flagged_with_its_owner(tmp_path: Path) -> No
     assert 9999 not in rep.processes and rep.inventory_states["CLOSE_WAIT"] == 5
 
 
+def test_a_full_scan_keeps_only_the_fields_it_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytracer.leaks import scanner as scanner_mod
+
+    asked: list[Any] = []
+    dump = RecordedSession.dump
+
+    def recording(self: RecordedSession, states: int = sockdiag.ALL_STATES, fields: Any = None) -> Inventory:
+        asked.append(fields)
+        return dump(self, states, fields)
+
+    monkeypatch.setattr(RecordedSession, "dump", recording)
+    s, _ = scanner(tmp_path, TH)
+    rep = s.scan()
+    assert asked == [scanner_mod.SCAN_FIELDS] and fields_of(sockdiag.INV_DTYPE, asked[0]).itemsize == 75
+    assert "uid" not in asked[0] and "retrans" not in asked[0]
+    # The same verdicts as from whole rows.
+    monkeypatch.setattr(scanner_mod, "SCAN_FIELDS", None)
+    whole, _ = scanner(tmp_path / "whole", TH)
+    again = whole.scan()
+    assert not rep.errors and not again.errors
+    assert [f.to_json() for f in rep.flags] == [f.to_json() for f in again.flags]
+    assert rep.inventory_states == again.inventory_states and rep.flags
+
+
 @pytest.mark.parametrize("chunk", [8192, 3], ids=["one chunk", "chunks of 3"])
 def test_idle_established_are_the_clients_idle_connections(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           chunk: int) -> None:
@@ -275,7 +299,7 @@ def test_history_hands_over_sorted_rows_and_keeps_the_largest_floor() -> None:
     hist = h.carry(rows, now=100.0)
     every = slice(None)
     assert np.isnan(facts.seen(hist, every, 100.0)).all() and np.isnan(facts.floor_now(hist, every, 100.0)).all()
-    hist["floor_began"][0] = 100.0 - 30.0  # a kernel floor of 30 s, measured at 100
+    hist.put("floor_began", 0, 100.0 - 30.0)  # a kernel floor of 30 s, measured at 100
     h.store(rows, hist)
     assert h.cookies.tolist() == [10, 20, 30, 40]
     # 5 s later, in the same state: seen for 5 s, the floor grown to 35 s.
@@ -287,7 +311,7 @@ def test_history_hands_over_sorted_rows_and_keeps_the_largest_floor() -> None:
     assert np.isnan(facts.seen(again, 0, 106.0)) and np.isnan(facts.floor_now(again, 0, 106.0))
     assert facts.seen(again, 1, 106.0) == 6.0
     # Unsorted rows are sorted for the history (not handed over).
-    h.store(rows[::-1].copy(), {k: v[::-1].copy() for k, v in again.items()})
+    h.store(rows[::-1].copy(), facts.Carried({k: v[::-1].copy() for k, v in again.kept.items()}, again.epoch))
     assert h.cookies.tolist() == [10, 20, 30, 40]
 
 
@@ -302,8 +326,8 @@ def test_history_keeps_times_in_four_bytes_without_losing_seconds() -> None:
     h.carry(rows, now=epoch)
     month = epoch + 30 * 86_400.0 + 0.123
     hist = h.carry(rows, now=month)
-    hist["floor_began"][1] = month - 42.0
-    hist["not_before"][2] = month + 300.0
+    hist.put("floor_began", 1, month - 42.0)
+    hist.put("not_before", 2, month + 300.0)
     h.store(rows, hist)
     assert {a.dtype.itemsize for a in h._hist.values()} == {4}
     later = h.carry(rows, now=month + 10.0)
@@ -311,17 +335,43 @@ def test_history_keeps_times_in_four_bytes_without_losing_seconds() -> None:
     assert np.allclose(facts.seen(later, slice(None), month + 10.0), 10.0, atol=0.25)
     grown = facts.floor_now(later, slice(None), month + 10.0)
     assert abs(grown[1] - 52.0) <= 0.25 and np.isnan(grown[[0, 2]]).all()
-    assert abs(later["not_before"][2] - (month + 300.0)) <= 0.25 and abs(later["not_before"][0]) <= 0.25
+    assert abs(later.at("not_before", 2) - (month + 300.0)) <= 0.25 and later.at("not_before", 0) == -np.inf
     # A candidate scan's merge keeps the same resolution, for old and new sockets.
     more = np.zeros(2, sockdiag.INV_DTYPE)
     more["cookie"], more["state"] = [2, 9], [8, 1]
     mh = h.carry(more, now=month + 20.0)
-    mh["floor_began"][1] = month + 20.0 - 7.0
+    mh.put("floor_began", 1, month + 20.0 - 7.0)
     h.merge(more, mh)
     assert h.cookies.tolist() == [1, 2, 3, 9]
     last = h.carry(more, now=month + 21.0)
     grown = facts.floor_now(last, slice(None), month + 21.0)
     assert abs(grown[0] - 63.0) <= 0.25 and abs(grown[1] - 8.0) <= 0.25
+
+
+def test_carried_history_is_kept_as_stored_and_handed_over_whole() -> None:
+    from pytracer.leaks import facts
+
+    rows = np.zeros(3, sockdiag.INV_DTYPE)
+    rows["cookie"], rows["state"] = [1, 2, 3], [1, 1, 8]
+    h = facts.History()
+    epoch = 20_000_000.0
+    h.carry(rows, now=epoch)
+    now = epoch + 30 * 86_400.0 + 0.123  # a float32 offset this far out is 0.25 s coarse
+    hist = h.carry(rows, now=now)
+    assert {a.dtype for a in hist.kept.values()} == {np.dtype(np.float32)} and len(hist) == 3
+    # A first sighting proves nothing, however coarse the offset: "put at now" reads as now.
+    assert np.isnan(facts.seen(hist, slice(None), now)).all()
+    assert abs(facts.seen(hist, 0, now + 5.0) - 5.0) <= 0.25
+    # Never asked is due at once; a next check is due from its time on, not before.
+    assert hist.due("not_before", now).all()
+    hist.put("not_before", [0, 2], [now + 60.0, now])
+    assert hist.due("not_before", now).tolist() == [False, True, True]
+    assert hist.due("not_before", now + 60.0).all()
+    # Every row kept, in cookie order: the carried arrays become the history, not a copy of them.
+    h.store(rows, hist)
+    assert all(h._hist[name] is hist.kept[name] for name in hist.kept)
+    later = h.carry(rows, now=now + 10.0)
+    assert abs(later.at("not_before", 0) - (now + 60.0)) <= 0.25 and later.at("not_before", 1) == -np.inf
 
 
 def test_history_forgets_time_wait_and_request_minisockets() -> None:
@@ -340,13 +390,3 @@ def test_history_forgets_time_wait_and_request_minisockets() -> None:
     # Kept sockets carry their sighting; minisockets start afresh each full scan.
     sighted = facts.seen(later, slice(None), 104.0)
     assert sighted[[0, 2]].tolist() == [4.0, 4.0] and np.isnan(sighted[[1, 3, 4]]).all()
-
-
-def test_reaper_membership_sorted_or_not() -> None:
-    from pytracer.leaks.reaper import _listed
-
-    keys = np.array([5, 1, 9, 7, 0], np.uint64)
-    for cookies in (np.array([1, 3, 7, 11], np.uint64), np.array([11, 7, 1, 3], np.uint64)):
-        assert _listed(keys, cookies).tolist() == [False, True, False, True, False]
-    assert _listed(keys, np.zeros(0, np.uint64)).tolist() == [False] * 5
-    assert _listed(np.array([12], np.uint64), np.array([1, 3, 7, 11], np.uint64)).tolist() == [False]
