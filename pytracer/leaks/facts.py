@@ -96,7 +96,7 @@ class History:
     def __init__(self) -> None:
         self._cookie = np.zeros(0, np.uint64)
         self._state = np.zeros(0, np.uint8)
-        self._hist: Carried = {name: np.zeros(0, _KEPT) for name, _ in _HISTORY}
+        self._hist: dict[str, np.ndarray] = {name: np.zeros(0, _KEPT) for name, _ in _HISTORY}
         self.epoch: float | None = None
 
     @property
