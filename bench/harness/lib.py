@@ -141,6 +141,17 @@ http {{
 # -- processes -------------------------------------------------------------
 
 
+def unwind_on_signals() -> None:
+    """Make SIGTERM, and SIGINT even where it arrives ignored (a job started
+    in the background of a script), unwind like Ctrl-C: every ``finally``
+    then stops what it started, instead of leaving a tracer attached."""
+    def stop(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+
+
 class Proc:
     """A subprocess whose stdout lines are collected by a thread (JSON decoded
     when they look like JSON).  stop() signals this pid only."""

@@ -61,6 +61,7 @@ from lib import (  # noqa: E402
     start_nginx,
     start_tracer,
     stats,
+    unwind_on_signals,
 )
 
 SECTIONS = ("watching", "cost", "churn", "accuracy", "scale", "startup")
@@ -615,6 +616,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.rate <= 0:
         ap.error("--rate must be positive")
+    unwind_on_signals()
     if os.geteuid() != 0:
         print("bench: run as root (the tracer needs it)", file=sys.stderr)
         return 1
