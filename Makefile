@@ -10,6 +10,9 @@ CLANG     ?= clang
 BPFTOOL   ?= bpftool
 ARCH      := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 PREFIX    ?= /opt/pytracer
+# Where `tracer` is linked on PATH; empty (BINDIR=) links nothing: a second
+# build installed beside the first (PREFIX=/opt/other) leaves `tracer` alone.
+BINDIR    ?= /usr/local/bin
 VENV      := $(PREFIX)/venv
 PYTHON    ?= python3
 BPF_OBJ   := pytracer/bpf/pytracer.bpf.o
@@ -55,7 +58,7 @@ deps:
 
 install: deps bpf
 	$(VENV)/bin/pip install -q --no-deps --force-reinstall .
-	ln -sf $(VENV)/bin/tracer /usr/local/bin/tracer
+	$(if $(BINDIR),ln -sf $(VENV)/bin/tracer $(BINDIR)/tracer)
 
 watch: install
 	tracer watch

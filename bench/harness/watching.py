@@ -68,8 +68,8 @@ if TYPE_CHECKING:
 
 # floor: empty programs on the hooks pytracer uses here (floor.py): the cost of attaching anything at all.
 # BENCH_BEFORE_TRACER names another build's `tracer` (e.g. the tree before a change, installed with
-# PREFIX=/opt/pt-before): its watch and export then run as two more conditions, interleaved with the rest,
-# so before and after come from one run.  BENCH_BEFORE_LABEL says what that build is.
+# `make install PREFIX=/opt/pt-before BINDIR=`): its watch and export then run as two more conditions,
+# interleaved with the rest, so before and after come from one run.  BENCH_BEFORE_LABEL says what that build is.
 BEFORE_TRACER = os.environ.get("BENCH_BEFORE_TRACER", "")
 BEFORE_LABEL = os.environ.get("BENCH_BEFORE_LABEL", "before")
 _BEFORE = ("watch_before", "export_before") if BEFORE_TRACER else ()
