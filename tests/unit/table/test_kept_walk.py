@@ -8,6 +8,8 @@ import pytest
 
 from pytracer.table import poll, writer
 
+from .test_nursery_read import Storm
+
 
 class Table:
     """A "socks" map and its source, no nursery: every write bumps the
@@ -22,12 +24,7 @@ class Table:
         self.walks = 0
         self.counting = True
 
-    @staticmethod
-    def record(state: int) -> np.ndarray:
-        rec = np.zeros(1, poll.SOCK_DTYPE)
-        rec["state"] = state
-        rec["counted"] = 1
-        return rec
+    record = staticmethod(Storm.record)
 
     def write(self, key: int, state: int | None) -> None:
         if state is None:
