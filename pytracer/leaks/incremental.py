@@ -332,7 +332,7 @@ def scan(sc: Scanner, snap: Snapshot, rep: LeakReport) -> None:
     idle = sc.idle_carry.merge(IdleCarry.idle(flags), rows["cookie"][query], snap, limit=sc.max_socket_facts)
     flags = IdleCarry.others(flags)
     flags += sc.process_flags(now, counts, summaries, pfacts)
-    if not sc.pids and sc.last_time_wait is not None and now - sc.last_time_wait >= sc.time_wait_every:
+    if sc.time_wait_due(now):
         refresh_time_wait(sc, rep, now)
     flags += list(sc.carried.get("flags", []))
     rep.flags = ordered(flags) + idle  # idle_established sorts last; the carry keeps its own in order
@@ -394,7 +394,17 @@ TIME_WAIT_FIELDS = ("netns", "family", "state", "timer", "lport", "rport", "radd
 def refresh_time_wait(sc: Scanner, rep: LeakReport, now: float) -> None:
     """TIME_WAIT per destination, its flags and the minisocket counts, from
     a dump of those states alone in the namespaces the last full scan knew
-    (host-wide only: TIME_WAIT has no owner, so never under --pid)."""
+    (host-wide only: TIME_WAIT has no owner, so never under --pid).  Its
+    duration, findings included, sets when the next one is due
+    (``Scanner.time_wait_due``)."""
+    t0 = time.perf_counter()
+    try:
+        _refresh_time_wait(sc, rep, now)
+    finally:
+        sc.time_wait_cost = time.perf_counter() - t0
+
+
+def _refresh_time_wait(sc: Scanner, rep: LeakReport, now: float) -> None:
     sc.last_time_wait = now
     with (sc.session_factory or Session)(sc.refs) as sess:
         inv = sess.dump(states=TIME_WAIT_STATES, fields=TIME_WAIT_FIELDS)

@@ -82,13 +82,24 @@ REAP_AFTER_S = 30.0
 FULL_EVERY_S = 60.0
 FULL_BUDGET = 0.005
 # Between full scans, TIME_WAIT per destination comes from a dump of the
-# minisockets (and listeners) alone, this often: its cost follows the
-# TIME_WAIT count, not the host's sockets.
+# minisockets (and listeners) alone, every TIME_WAIT_EVERY_S or, when its
+# last refresh over that gap would exceed TIME_WAIT_BUDGET of one core,
+# rarer: its cost follows the TIME_WAIT count, not the host's sockets, and a
+# storm leaves hundreds of thousands (~50 ms a refresh at 240,000 here,
+# then every ~50 s; a full scan refreshes it too).
 TIME_WAIT_EVERY_S = 15.0
+TIME_WAIT_BUDGET = 0.001
 # What a full scan keeps of each socket it lists: every inventory field but
 # the owner's uid and the retransmit count, which no join or detector reads
 # (75 bytes a socket instead of 80, held for every socket until the scan ends).
 SCAN_FIELDS = tuple(n for n in sockdiag.INV_DTYPE.names if n not in ("uid", "retrans"))
+
+
+def budget_gap(cost: float, budget: float, every: float = 0.0) -> float:
+    """Seconds between runs of a task whose last run took ``cost`` seconds,
+    so that it takes at most ``budget`` of one core, and never less than
+    ``every``."""
+    return max(every, cost / budget)
 
 
 class Scanner:
@@ -162,8 +173,9 @@ class Scanner:
         self.rechecks = incremental_scan.Rechecks.empty()
         self.holder_cache: dict[int, tuple[Any, float]] = {}  # cookie -> ((pid, fd, inode) or None, when)
         # TIME_WAIT per destination between full scans (see incremental.refresh_time_wait).
-        self.time_wait_every = TIME_WAIT_EVERY_S
+        self.time_wait_every, self.time_wait_budget = TIME_WAIT_EVERY_S, TIME_WAIT_BUDGET
         self.last_time_wait: float | None = None
+        self.time_wait_cost = 0.0  # the last refresh's duration, seconds
         self.services_cache: dict[int, Any] = {}  # see pytracer.table.services.read
 
     # -- the scan ----------------------------------------------------------
@@ -246,10 +258,16 @@ class Scanner:
     def _full_due(self, snap: Snapshot) -> bool:
         if not self.incremental or self.last_full_end is None or getattr(self.tracer, "key_by_ptr", False):
             return True
-        gap = self.last_full_cost / self.full_budget
-        if not self.full_wanted:
-            gap = max(gap, self.full_every)
+        gap = budget_gap(self.last_full_cost, self.full_budget, 0.0 if self.full_wanted else self.full_every)
         return time.monotonic() - self.last_full_end >= gap
+
+    def time_wait_due(self, now: float) -> bool:
+        """Whether a candidate scan at ``now`` refreshes TIME_WAIT per
+        destination (see TIME_WAIT_BUDGET); never before a full scan."""
+        if self.pids or self.last_time_wait is None:
+            return False
+        return now - self.last_time_wait >= budget_gap(self.time_wait_cost, self.time_wait_budget,
+                                                       self.time_wait_every)
 
     def _full(self, snapshot: Snapshot | None, rep: LeakReport) -> None:
         th = self.thresholds

@@ -30,8 +30,10 @@ from pytracer.inventory.session import Inventory
 from pytracer.inventory.tcpinfo import TcpInfoTable
 from pytracer.kernel import abi
 from pytracer.kernel.tcp_states import TcpState
+from pytracer.leaks import incremental
 from pytracer.leaks.detectors import Thresholds
-from pytracer.leaks.scanner import Scanner
+from pytracer.leaks.report import LeakReport
+from pytracer.leaks.scanner import TIME_WAIT_BUDGET, TIME_WAIT_EVERY_S, Scanner, budget_gap
 from pytracer.table.poll import SOCK_DTYPE, Snapshot, Totals
 
 FIX = Path(__file__).resolve().parents[2] / "fixtures" / "leaks"
@@ -390,3 +392,36 @@ def test_history_forgets_time_wait_and_request_minisockets() -> None:
     # Kept sockets carry their sighting; minisockets start afresh each full scan.
     sighted = facts.seen(later, slice(None), 104.0)
     assert sighted[[0, 2]].tolist() == [4.0, 4.0] and np.isnan(sighted[[1, 3, 4]]).all()
+
+
+def test_budget_gap_is_the_floor_until_the_cost_outgrows_the_budget() -> None:
+    assert budget_gap(0.002, 0.001, 15.0) == 15.0
+    assert budget_gap(0.05, 0.001, 15.0) == pytest.approx(50.0)
+    assert budget_gap(0.05, 0.005) == pytest.approx(10.0)
+
+
+def test_a_costly_time_wait_refresh_pushes_the_next_one_back(tmp_path: Path) -> None:
+    """The refresh's own duration (dump and findings) sets the gap to the
+    next one: TIME_WAIT_EVERY_S while it is cheap, cost / budget when not."""
+    sc, _ = scanner(tmp_path, TH)
+
+    class SlowSession(RecordedSession):
+        def dump(self, *a: Any, **kw: Any) -> Inventory:
+            time.sleep(0.03)
+            return super().dump(*a, **kw)
+
+    sc.session_factory = SlowSession
+    sc.refs = [procs.NetnsRef(NS, "/nonexistent", "netns recorded")]
+    assert not sc.time_wait_due(1000.0)  # no full scan yet: nothing to refresh from
+    incremental.refresh_time_wait(sc, LeakReport(mono_ns=0, wall=0.0), 1000.0)
+    assert sc.last_time_wait == 1000.0
+    assert 0.03 <= sc.time_wait_cost < 1.0
+    gap = sc.time_wait_cost / TIME_WAIT_BUDGET  # 30 s or more
+    assert gap > TIME_WAIT_EVERY_S
+    assert not sc.time_wait_due(1000.0 + TIME_WAIT_EVERY_S)
+    assert not sc.time_wait_due(1000.0 + gap - 0.5)
+    assert sc.time_wait_due(1000.0 + gap + 0.5)
+    sc.time_wait_cost = 0.001  # cheap again: back to the floor
+    assert sc.time_wait_due(1000.0 + TIME_WAIT_EVERY_S)
+    sc.pids = (1,)  # TIME_WAIT has no owner: never under --pid
+    assert not sc.time_wait_due(1000.0 + gap + 0.5)
