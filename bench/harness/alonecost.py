@@ -10,7 +10,9 @@ split the cost of the socket's cold cache lines fairly between them; alone,
 a program pays them all, as it does on a host that runs only pytracer.  The
 tracer is `tracer watch --interval 3600 --no-leaks` (its kernel side; user
 space is idle).  Per program: ns per run (bpf_stats) and runs per
-connection; per connection: the BPF time of all the programs.  Medians
+connection; per connection: the BPF time of all the programs.  The
+bpftrace one-liner of the cost-of-watching section (lifetime.bt) is a
+condition too: the peer's price for a record per socket.  Medians
 (min-max, n) over rounds.  With BENCH_BEFORE_TRACER set, that build's
 `watch` is a third condition ("before"), in the same rotation.
 """
@@ -33,6 +35,9 @@ PORT = 18094
 CONDITIONS = {
     "tracer": [TRACER, "watch", "--interval", "3600", "--no-leaks"],
     "floor": [sys.executable, str(HERE / "floor.py")],
+    # The peer: tcplife's job the aggregate way in bpftrace (a birth map and a
+    # lifetime histogram), on the same tracepoint, measured the same way.
+    "bpftrace": ["bpftrace", "-q", str(HERE / "lifetime.bt")],
 }
 if os.environ.get("BENCH_BEFORE_TRACER"):
     CONDITIONS["before"] = [os.environ["BENCH_BEFORE_TRACER"], *CONDITIONS["tracer"][1:]]
