@@ -247,9 +247,13 @@ static __always_inline bool fill_birth(struct pt_agg *a, struct pt_sock *rec,
 		if (ltgid)
 			rec->listener_tgid = *ltgid;
 		/* Under --pid, keep only children of listeners we watch: the
-		 * rest would fill the table with sockets nobody asked for. */
-		if (PT_CFG_FILTER_OWNER &&
-		    !(rec->listener_tgid && owner_wanted(rec->listener_tgid))) {
+		 * rest would fill the table with sockets nobody asked for.
+		 * Under the filter the map names no other listener (a birth
+		 * is recorded, and seeding names a listener, only for a
+		 * watched process), and a listener stays watched when the
+		 * process that opened it exits: a daemon listens, forks and
+		 * leaves, and its child serves on the socket it inherited. */
+		if (PT_CFG_FILTER_OWNER && !rec->listener_tgid) {
 			stat_add(a, PT_S_FILTER_SKIPPED);
 			return false;
 		}

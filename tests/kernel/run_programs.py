@@ -10,6 +10,10 @@ prints JSON lines (with its own pid) on stdout and ends by itself.
         leaks one connection into CLOSE_WAIT and holds it.
     python run_programs.py daemon [--hold S]
         double-forks a daemon that listens on a free loopback port, then exits 0.
+    python run_programs.py inherit N
+        a server process listens on a free loopback port, forks and exits at
+        once (as a daemon does), and its child serves N connections on the
+        listener it inherited; the command makes those N connections itself.
     python run_programs.py sleep S
 """
 
@@ -94,9 +98,53 @@ def daemon(hold: float) -> None:
     sys.stdout.flush()
 
 
+def inherit(n: int) -> None:
+    r, w = os.pipe()
+    opener = os.fork()
+    if opener == 0:
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(n)
+        me = os.getpid()
+        if os.fork() == 0:  # the server: it serves once the listener's opener is gone
+            while _alive(me):  # exited and reaped by the command
+                time.sleep(0.01)
+            srv.settimeout(30)
+            served = 0
+            for _ in range(n):
+                c, _ = srv.accept()
+                c.recv(16)
+                c.sendall(b"ok")
+                c.close()
+                served += 1
+            os.write(w, json.dumps({"pid": os.getpid(), "served": served}).encode())
+            os._exit(0)
+        os.write(w, json.dumps({"opener": os.getpid(), "port": srv.getsockname()[1]}).encode() + b"\n")
+        os._exit(0)
+    os.close(w)
+    os.waitpid(opener, 0)
+    with os.fdopen(r, "rb") as pipe:
+        first = json.loads(pipe.readline())
+        for _ in range(n):
+            c = socket.create_connection(("127.0.0.1", first["port"]), timeout=30)
+            c.sendall(b"hi")
+            assert c.recv(16) == b"ok"
+            c.close()
+        served = json.loads(pipe.read())
+    emit(event="served", port=first["port"], opener=first["opener"], server=served["pid"], served=served["served"])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=("http", "tree", "daemon", "sleep"))
+    ap.add_argument("mode", choices=("http", "tree", "daemon", "inherit", "sleep"))
     ap.add_argument("args", nargs="*", type=float)
     ap.add_argument("--fixed", action="store_true")
     ap.add_argument("--hold", type=float, default=3.0)
@@ -108,6 +156,8 @@ def main() -> None:
         tree(a.hold)
     elif a.mode == "daemon":
         daemon(a.hold)
+    elif a.mode == "inherit":
+        inherit(int(a.args[0]))
     else:
         time.sleep(a.args[0])
     sys.exit(a.exit)

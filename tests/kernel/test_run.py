@@ -136,6 +136,19 @@ def test_daemon_left_behind_is_reported_holding_its_listener(tmp_path: Path) -> 
                 pass
 
 
+def test_a_listener_stays_watched_after_the_process_that_opened_it_exits(tmp_path: Path) -> None:
+    """A daemon listens, forks and leaves; its child serves on the listener
+    it inherited.  The connections it accepts are the tree's: counted against
+    the command's own connections and the server's own count of them."""
+    n = 5
+    r, rep = report_of(tmp_path, *FAST, *program("inherit", str(n)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    (done,) = [e for e in lines(r.stdout) if e["event"] == "served"]
+    assert done["served"] == n and done["opener"] != done["server"]
+    assert rep["opened"] == {"active": n, "passive": n}, rep["opened"]
+    assert rep["closed"] == {"active": n, "passive": n}, rep["closed"]
+
+
 # --- exit codes ----------------------------------------------------------------------
 
 
