@@ -172,7 +172,7 @@ def running_tables(exclude_pid: int | None = None) -> list[RunningTable]:
             if m.name != "socks" or pid == exclude_pid or pid not in aggs:
                 continue
             src = _Maps(m, aggs[pid], ncpus, nurseries.get(pid))
-            entries = len(poller.read_socks(src)[0])
+            entries = poller.count_socks(src)[1]  # a chunk at a time, not the whole table
             failed = failed_inserts(poller.read_totals(src))
             out.append(RunningTable(pid, _comm(pid), entries, m.max_entries + src.nursery_slots, failed))
         return out
