@@ -121,6 +121,23 @@ class History:
             del pos, same
         return out
 
+    def due_rechecks(self, now: float, skip: np.ndarray | None = None) -> np.ndarray:
+        """Cookies (ascending) of the ESTABLISHED sockets whose next check has
+        come: tcp_info said when each could be idle for ``idle_after`` at the
+        earliest (``not_before``; never asked: -inf, not a recheck), and that
+        time is past.  ``skip``: sorted cookies left out (asked since, and
+        not answered).  The candidate scans take their rechecks from here:
+        the times are kept once, not again in a list beside them.  A few
+        compares over the kept arrays, no copy of them."""
+        if self.epoch is None or not len(self._cookie):
+            return np.zeros(0, np.uint64)
+        nb = self._hist["not_before"]
+        due = (nb <= _KEPT(now - self.epoch)) & (nb > -np.inf) & (self._state == int(S.ESTABLISHED))
+        out = self._cookie[due]
+        if skip is not None and len(skip) and len(out):
+            out = out[~find_sorted(skip, out)[1]]
+        return out
+
     def merge(self, rows: np.ndarray, hist: Carried) -> None:
         """Update the history of ``rows`` only (a candidate scan's few
         sockets), keeping everyone else's: O(len(rows) log n), plus one

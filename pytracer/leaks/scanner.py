@@ -159,7 +159,11 @@ class Scanner:
         self.listen_holders: dict[tuple[int, int], set[int]] = {}
         self.carried: dict[str, Any] = {}
         self.summaries: dict[int, ProcessSummary] = {}
-        self.rechecks = incremental_scan.Rechecks.empty()
+        # Rechecks (ESTABLISHED sockets to ask again once they could be idle)
+        # are the history's own next-check times (History.due_rechecks);
+        # these due ones were asked by a candidate scan and not answered:
+        # left to the next full scan.
+        self.recheck_skip = np.zeros(0, np.uint64)
         self.holder_cache: dict[int, tuple[Any, float]] = {}  # cookie -> ((pid, fd, inode) or None, when)
         # TIME_WAIT per destination between full scans (see incremental.refresh_time_wait).
         self.time_wait_every = TIME_WAIT_EVERY_S
@@ -312,10 +316,7 @@ class Scanner:
             # The per-row joins are done.  What is kept is taken, and the rest
             # let go, step by step: at 100k sockets each array is ~1 MB, and
             # the scan's peak is the sum of those alive at once.
-            del infos, query, stuck_idx
-            rechecks = (incremental_scan.rechecks_of(rows, est_idx, hist, times, now, self.rechecks_by_cookie)
-                        if self.incremental else None)
-            del times, est_idx
+            del infos, query, stuck_idx, times, est_idx
             kept = joins.remembered(rows)
             self.history.store(rows, hist, kept)
             self._cookies, self._inodes = self.history.cookies, rows["inode"][kept]
@@ -341,7 +342,7 @@ class Scanner:
             if self.incremental:  # what the candidate scans start from
                 self.refs, self.fin_timeouts = list(refs), fin_timeout
                 self.listen_holders = {k: {p for e in v for p, _ in e[2]} for k, v in listeners.items()}
-                self.rechecks = rechecks
+                self.recheck_skip = np.zeros(0, np.uint64)  # the history's next checks hold again
                 self.carried = incremental_scan.carry_of(rows, relevant, flags, rep)
                 self.summaries = {pid: dataclasses.replace(p) for pid, p in summaries.items()}
                 self.prev_scan_ns = now_ns
@@ -354,7 +355,8 @@ class Scanner:
     @property
     def rechecks_by_cookie(self) -> bool:
         """Whether rechecks can name their sockets by cookie alone: the
-        candidate scans that take them read a table keyed by cookie."""
+        candidate scans that take them read their lookup keys from a table
+        keyed by cookie (keyed by pointer, every scan is a full one)."""
         return self.tracer is not None and not getattr(self.tracer, "key_by_ptr", False)
 
     @property
