@@ -121,6 +121,31 @@ class History:
             del pos, same
         return out
 
+    def store_parts(self, parts: dict[str, list[np.ndarray]]) -> np.ndarray:
+        """Replace the whole history with the rows of ``parts`` (per column,
+        "cookie", "state" and each kept time, the pieces of a full scan's
+        rows taken as they came, not in cookie order), sorted by cookie.
+        Each column is joined and put in order on its own, its pieces let go
+        of first (``parts`` is emptied), and the old history before any:
+        beside the pieces, one column and the order are held.  Returns the
+        order (indices into the joined pieces), for a column kept beside the
+        history."""
+        # The old history goes first (its scan has carried it).
+        self._cookie, self._state = np.zeros(0, np.uint64), np.zeros(0, np.uint8)
+        self._hist = {name: np.zeros(0, _KEPT) for name, _ in _HISTORY}
+        cookie = np.concatenate(parts.pop("cookie")) if parts.get("cookie") else np.zeros(0, np.uint64)
+        order = np.argsort(cookie, kind="stable").astype(np.uint32 if len(cookie) < 2**32 else np.intp)
+        self._cookie = cookie[order]
+        del cookie
+        state = np.concatenate(parts.pop("state")) if parts.get("state") else np.zeros(0, np.uint8)
+        self._state = state[order]
+        del state
+        for name, _ in _HISTORY:
+            col = np.concatenate(parts.pop(name)) if parts.get(name) else np.zeros(0, _KEPT)
+            self._hist[name] = col[order]
+            del col
+        return order
+
     def due_rechecks(self, now: float, skip: np.ndarray | None = None) -> np.ndarray:
         """Cookies (ascending) of the ESTABLISHED sockets whose next check has
         come: tcp_info said when each could be idle for ``idle_after`` at the
@@ -276,16 +301,28 @@ class TableTimes:
         return ~self.seeded & (self.age < seconds)  # NaN compares False
 
 
-def join_table(rows: np.ndarray, snap: Snapshot | None, now_ns: int, key_by_ptr: bool) -> TableTimes:
+class TableIndex:
+    """The socket table's keys sorted, and their order (uint32): what a
+    join searches.  Made once for a scan that joins many parts of its rows
+    (a datagram at a time), not once a part."""
+
+    def __init__(self, snap: Snapshot) -> None:
+        self.order = np.argsort(snap.keys, kind="stable").astype(np.uint32 if len(snap.keys) < 2**32 else np.intp)
+        self.keys = snap.keys[self.order]
+
+
+def join_table(rows: np.ndarray, snap: Snapshot | None, now_ns: int, key_by_ptr: bool,
+               index: TableIndex | None = None) -> TableTimes:
     """Per inventory row, what the socket table says (:class:`TableTimes`).
     :data:`FACTS_CHUNK` rows at a time: beside the answers, only the
-    table's sorted keys are held whole."""
+    table's sorted keys are held whole (``index``: made already, for
+    ``snap``)."""
     n = len(rows)
     out = TableTimes(np.full(n, np.nan), np.zeros(n, bool), np.full(n, -1, dtype=np.int8))
-    if snap is None or not len(snap.keys) or key_by_ptr:
+    if snap is None or not len(snap.keys) or key_by_ptr or not n:
         return out
-    order = np.argsort(snap.keys, kind="stable").astype(np.uint32 if len(snap.keys) < 2**32 else np.intp)
-    keys = snap.keys[order]
+    index = index or TableIndex(snap)
+    order, keys = index.order, index.keys
     socks = snap.socks
     for start in range(0, n, FACTS_CHUNK):
         part = slice(start, start + FACTS_CHUNK)
@@ -358,26 +395,50 @@ def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, tim
     """The facts of the stuck candidates, then of the ESTABLISHED ones idle
     for ``idle_after`` (at most ``max_facts``; the cut is noted in ``errors``).
     Updates ``hist`` (kernel floors, when an ESTABLISHED one may be idle)."""
-    # ESTABLISHED: only the idle ones become objects; the rest just learn
-    # when they could be idle at the earliest.  A chunk at a time: at the
-    # first scan every seeded ESTABLISHED socket is here.
-    idle_idx: list[int] = []
+    idx = stuck_idx.tolist() + idle_among(rows, est_idx, hist, infos, now, idle_after).tolist()  # stuck first
+    if len(idx) > max_facts:
+        errors.append(not_judged(len(idx), max_facts))
+        idx = idx[:max_facts]
+    judged_idle(hist, np.asarray(idx[len(stuck_idx):], np.intp), now, recheck_s)
+    return judge(rows, idx, times, hist, infos, owners, lst, fin_timeout, now)
+
+
+def not_judged(found: int, max_facts: int) -> str:
+    """The error a scan notes when more sockets look flagged than it judges."""
+    return f"{found - max_facts} flagged-looking sockets not judged this scan (more than {max_facts})"
+
+
+def idle_among(rows: np.ndarray, est_idx: np.ndarray, hist: Carried, infos: TcpInfoTable, now: float,
+               idle_after: float) -> np.ndarray:
+    """The ESTABLISHED candidates ``est_idx`` that tcp_info says are idle
+    for ``idle_after`` (row indices, in order).  Every one answered learns
+    when it could be idle at the earliest (``not_before`` in ``hist``); only
+    the idle ones become objects.  A chunk at a time: at the first scan
+    every seeded ESTABLISHED socket is here."""
+    idle_idx: list[np.ndarray] = [np.zeros(0, np.intp)]
     for start in range(0, len(est_idx), FACTS_CHUNK):
         part = est_idx[start : start + FACTS_CHUNK]
         found, idle_ms = infos.idle_ms(rows["cookie"][part])
         answered = part[found]
         idle = idle_ms[found] / 1000
         hist.put("not_before", answered, now + np.maximum(0.0, idle_after - idle))
-        idle_idx += answered[idle >= idle_after].tolist()
-    idx = stuck_idx.tolist() + idle_idx  # stuck sockets first
-    if len(idx) > max_facts:
-        errors.append(f"{len(idx) - max_facts} flagged-looking sockets not judged this scan "
-                      f"(more than {max_facts})")
-        idx = idx[:max_facts]
-    # The idle ones judged here are measured again ``recheck_s`` later; their
-    # flags are carried until then (pytracer.leaks.idle_carry).
-    judged_idle = np.asarray(idx[len(stuck_idx):], np.intp)
-    hist.put("not_before", judged_idle, now + recheck_s)
+        idle_idx.append(answered[idle >= idle_after].astype(np.intp, copy=False))
+    return np.concatenate(idle_idx)
+
+
+def judged_idle(hist: Carried, idx: np.ndarray, now: float, recheck_s: float) -> None:
+    """The idle ones judged (row indices ``idx``) are measured again
+    ``recheck_s`` later; their flags are carried until then
+    (pytracer.leaks.idle_carry)."""
+    hist.put("not_before", idx, now + recheck_s)
+
+
+def judge(rows: np.ndarray, idx: list[int], times: TableTimes, hist: Carried, infos: TcpInfoTable,
+          owners: procs.SocketOwners, lst: Listeners, fin_timeout: dict[int, int | None], now: float
+          ) -> list[SockFacts]:
+    """One :class:`~pytracer.leaks.detectors.SockFacts` per row of ``idx``,
+    with its owners, listener and kernel floors.  Updates ``hist`` (kernel
+    floors)."""
     out = []
     held = owners.get_many(rows["inode"][np.asarray(idx, np.intp)]) if idx else []
     for k, i in enumerate(idx):

@@ -18,7 +18,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -109,10 +109,15 @@ class RecordedSession:
     def __exit__(self, *exc: object) -> None:
         pass
 
-    def dump(self, states: int = sockdiag.ALL_STATES, fields: tuple[str, ...] | None = None) -> Inventory:
+    @staticmethod
+    def rows(states: int, fields: tuple[str, ...] | None) -> np.ndarray:
         rows = ROWS[((1 << ROWS["state"].astype(np.int64)) & states) != 0]
         if fields is not None:
             rows = np.array(rows[list(fields)], fields_of(sockdiag.INV_DTYPE, fields))
+        return rows
+
+    def dump(self, states: int = sockdiag.ALL_STATES, fields: tuple[str, ...] | None = None) -> Inventory:
+        rows = self.rows(states, fields)
         info = NetnsInfo(NS, "netns recorded", "/nonexistent", port_range=(32768, 60999), fin_timeout=60,
                          tw_reuse=2)
         return Inventory(rows=rows, netns={NS: info})
@@ -125,6 +130,18 @@ class RecordedSession:
                                                     TcpInfoTable(brief_below_ms))
         assert done and err == 0
         return table, 0
+
+    def walk_info(self, states: int, fields: tuple[str, ...] | None = None) -> Iterator[tuple[np.ndarray, Any]]:
+        """As the kernel walks them: a few rows a datagram, each with its tcp_info."""
+        rows = self.rows(states, fields)
+        data = (FIX / "dump_info.bin").read_bytes()
+
+        def info_of(wanted: np.ndarray, brief_below_ms: int | None = None) -> TcpInfoTable:
+            self.asked += wanted.tolist()
+            return sockdiag.parse_info_dump(data, 79, wanted, TcpInfoTable(brief_below_ms))[0]
+
+        for start in range(0, len(rows), 3):
+            yield rows[start : start + 3].copy(), info_of
 
 
 def scanner(tmp_path: Path, th: Thresholds, **kw: Any) -> tuple[Scanner, list[RecordedSession]]:
