@@ -7,8 +7,10 @@
 * the sock_diag inventory (:mod:`pytracer.inventory.session`): every TCP socket that
   exists, in every namespace, including TIME_WAIT and request sockets the
   table never holds, and the inode that links a socket to a process fd;
-* tcp_info, asked for only the candidates: idle clocks, and lower bounds on
-  time in state for sockets that predate the tracer;
+* tcp_info, for the candidates only: idle clocks, and lower bounds on
+  time in state for sockets that predate the tracer (a full scan's
+  ESTABLISHED sockets bring theirs in the walk that lists them, judged a
+  datagram at a time: :mod:`pytracer.leaks.established`);
 * /proc (:mod:`pytracer.inventory.procs`): who holds each socket, on which fd, and how
   close each process is to RLIMIT_NOFILE.
 
