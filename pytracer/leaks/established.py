@@ -55,7 +55,7 @@ class Established:
         self.parts: dict[str, list[np.ndarray]] = {name: [] for name in KEPT_COLUMNS}
         self.states = np.zeros(16, np.int64)  # sockets in scope, by state
         self.held: dict[int, int] = {}  # pid -> sockets in scope it holds
-        self.remote_ports = np.zeros(65536, np.int64) if listening is not None else None
+        self.remote_ports: dict[int, int] = {}  # remote port -> connections this host made (services named)
         self.asked_carried: list[np.ndarray] = []  # carried idle flags among the sockets asked
         self.facts: list[SockFacts] = []
         self.rows = self.matched = self.candidates = self.queries = self.answered = self.idle = 0
@@ -94,9 +94,11 @@ class Established:
             self._pending += len(self._inodes[-1])
             if self._pending >= joins.FACTS_CHUNK:
                 self._count_held()
-        if self.remote_ports is not None:  # connections this host made: their local port is no listener's
+        if self.listening is not None:  # connections this host made: their local port is no listener's
             out = ~np.isin(rows["lport"], self.listening) if len(self.listening) else slice(None)
-            self.remote_ports += np.bincount(rows["rport"][out], minlength=65536)[:65536]
+            ports, n = np.unique(rows["rport"][out], return_counts=True)
+            for port, k in zip(ports.tolist(), n.tolist()):
+                self.remote_ports[port] = self.remote_ports.get(port, 0) + k
         keep = joins.remembered(rows)  # copies: nothing of the datagram's rows is kept
         for name in ("cookie", "state", "inode"):
             self.parts[name].append(rows[name][keep])
@@ -115,8 +117,10 @@ class Established:
                 self.held[pid] = self.held.get(pid, 0) + k
 
     def finish(self) -> None:
-        """After the walk: count what is left to count."""
+        """After the walk: count what is left to count, and let the table's
+        sorted keys go (1.2 MB at 100k) before the history is stored."""
         self._count_held()
+        self.index = None
 
     def asked_flags(self) -> np.ndarray:
         """The carried idle flags' cookies this walk asked about."""
@@ -124,7 +128,4 @@ class Established:
 
     def remote(self) -> dict[int, int]:
         """Remote port -> connections this host made to it (services named)."""
-        if self.remote_ports is None:
-            return {}
-        at = np.flatnonzero(self.remote_ports)
-        return dict(zip(at.tolist(), self.remote_ports[at].tolist()))
+        return self.remote_ports

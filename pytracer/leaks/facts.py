@@ -134,7 +134,9 @@ class History:
         self._cookie, self._state = np.zeros(0, np.uint64), np.zeros(0, np.uint8)
         self._hist = {name: np.zeros(0, _KEPT) for name, _ in _HISTORY}
         cookie = np.concatenate(parts.pop("cookie")) if parts.get("cookie") else np.zeros(0, np.uint64)
-        order = np.argsort(cookie, kind="stable").astype(np.uint32 if len(cookie) < 2**32 else np.intp)
+        order = np.argsort(cookie, kind="stable")
+        if len(cookie) < 2**32:
+            order = order.astype(np.uint32)  # the 8-byte order goes: 4 bytes a row are held from here
         self._cookie = cookie[order]
         del cookie
         state = np.concatenate(parts.pop("state")) if parts.get("state") else np.zeros(0, np.uint8)
