@@ -74,7 +74,7 @@ class Established:
         times = joins.join_table(rows, self.snap, self.now_ns, self.key_by_ptr, self.index)
         self.matched += times.matched
         hist = self.history.carry(rows, now)
-        _, est_idx, query = joins.candidates(th, rows, relevant, times, hist, self.fin_timeout, now)
+        est_idx = query = joins.established_candidates(th, rows, relevant, times, hist, now)
         self.candidates += len(est_idx)
         asked = np.sort(rows["cookie"][query])
         infos = info_of(asked, th.idle_brief_ms)

@@ -378,16 +378,23 @@ def candidates(th: Thresholds, rows: np.ndarray, relevant: np.ndarray, times: Ta
     # evidence) or no kernel floor is known yet; minisockets have none.
     ask_stuck = stuck[~is_tw & (~np.isnan(ex) | np.isnan(floors) | (bound >= thr))]
 
-    # ESTABLISHED: idle candidates, unless known to be younger than
-    # idle_after, or checked recently enough that they cannot be idle yet.
-    est = relevant & (state == int(S.ESTABLISHED)) & ~times.younger_than(th.idle_after)
-    est &= hist.due("not_before", now)
-
-    q_est = np.flatnonzero(est)
+    q_est = established_candidates(th, rows, relevant, times, hist, now)
     # In row order: a full scan's rows are sorted by cookie, so the cookies
     # asked for are too (a tcp_info dump then needs no sorted copy of them).
     query = np.sort(np.concatenate([ask_stuck, q_est]).astype(np.intp)) if len(ask_stuck) else q_est
     return stuck.astype(np.intp, copy=False), q_est.astype(np.intp, copy=False), query  # query may be q_est itself
+
+
+def established_candidates(th: Thresholds, rows: np.ndarray, relevant: np.ndarray, times: TableTimes,
+                           hist: Carried, now: float) -> np.ndarray:
+    """ESTABLISHED rows that may be idle for ``idle_after``: every one in
+    scope unless known to be younger than that, or checked recently enough
+    that it cannot be idle yet (row indices, ascending).  All a full scan's
+    walk of the ESTABLISHED sockets asks of each datagram (no stuck states
+    there)."""
+    est = relevant & (rows["state"] == int(S.ESTABLISHED)) & ~times.younger_than(th.idle_after)
+    est &= hist.due("not_before", now)
+    return np.flatnonzero(est)
 
 
 def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, times: TableTimes, hist: Carried,
