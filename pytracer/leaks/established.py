@@ -30,7 +30,7 @@ from pytracer.table.poll import Snapshot
 
 # What a full scan keeps of every socket for the history, the columns of
 # History.store_parts, and the inode beside them.
-KEPT_COLUMNS = ("cookie", "state", *(name for name, _ in joins._HISTORY), "inode")
+KEPT_COLUMNS = ("cookie", "state", *joins.HISTORY_TIMES, "inode")
 
 
 class Established:
@@ -102,7 +102,7 @@ class Established:
         keep = joins.remembered(rows)  # copies: nothing of the datagram's rows is kept
         for name in ("cookie", "state", "inode"):
             self.parts[name].append(rows[name][keep])
-        for name, _ in joins._HISTORY:
+        for name in joins.HISTORY_TIMES:
             self.parts[name].append(hist.kept[name][keep])
 
     def _count_held(self) -> None:

@@ -39,6 +39,7 @@ STUCK_STATES = (S.CLOSE_WAIT, S.LAST_ACK, S.FIN_WAIT2)
 # state began at the latest, by the largest kernel floor measured (now -
 # floor when measured).
 _HISTORY = (("since", np.nan), ("not_before", -np.inf), ("floor_began", np.nan))
+HISTORY_TIMES = tuple(name for name, _ in _HISTORY)  # the kept times' names, for whoever hands over pieces
 # Kept as float32 seconds from the History's epoch (its first scan): 4 bytes
 # a time instead of 8.  A float32 resolves 4 ms at 9 hours from the epoch and
 # 1 s at 194 days, far finer than any threshold a time is compared with.

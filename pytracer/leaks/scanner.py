@@ -349,7 +349,7 @@ class Scanner:
             kept = joins.remembered(rows)
             for name in ("cookie", "state", "inode"):
                 est.parts[name].insert(0, rows[name][kept])
-            for name, _ in joins._HISTORY:
+            for name in joins.HISTORY_TIMES:
                 est.parts[name].insert(0, hist.kept[name][kept])
             del hist, kept
             inodes = est.parts.pop("inode")

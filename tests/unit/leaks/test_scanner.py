@@ -384,17 +384,17 @@ def test_history_stored_from_pieces_as_from_the_rows_whole() -> None:
     pieces = facts.History()
     pieces.epoch = hist.epoch
     parts: dict[str, list[np.ndarray]] = {"cookie": [], "state": [], "inode": []}
-    parts.update({name: [] for name, _ in facts._HISTORY})
+    parts.update({name: [] for name in facts.HISTORY_TIMES})
     for part in (slice(0, 7), slice(7, 8), slice(8, 30), slice(30, 50)):
         for name in ("cookie", "state", "inode"):
             parts[name].append(rows[name][part])
-        for name, _ in facts._HISTORY:
+        for name in facts.HISTORY_TIMES:
             parts[name].append(hist.kept[name][part])
     inodes = parts.pop("inode")
     order = pieces.store_parts(parts)
     assert not parts and pieces.cookies.tolist() == whole.cookies.tolist() == sorted(rows["cookie"].tolist())
     assert (np.concatenate(inodes)[order] == pieces.cookies + 5).all()
-    for name, _ in facts._HISTORY:
+    for name in facts.HISTORY_TIMES:
         np.testing.assert_array_equal(pieces.carry(rows, 120.0).kept[name], whole.carry(rows, 120.0).kept[name])
     assert pieces.due_rechecks(160.0).tolist() == whole.due_rechecks(160.0).tolist()
     assert facts.History().store_parts({}).tolist() == []
