@@ -56,20 +56,27 @@ def scan_fds(only: Iterable[int] | None = None, proc: str = PROC, max_fds: int =
     return out
 
 
-def scope_mask(rows: np.ndarray, owners: SocketOwners, pids: Iterable[int], ports: Iterable[int] = ()) -> np.ndarray:
+def scope_mask(rows: np.ndarray, owners: SocketOwners, pids: Iterable[int], ports: Iterable[int] = (),
+               listen_rows: np.ndarray | None = None) -> np.ndarray:
     """Sockets in scope: all, or those ``pids`` hold an fd for, plus the
     unaccepted (and orphaned) sockets on the ports of their listeners; and,
-    with ``ports``, only those with one of them at either end."""
+    with ``ports``, only those with one of them at either end.
+    ``listen_rows``: where the listeners are, when not among ``rows`` (a
+    full scan's ESTABLISHED walk)."""
     wanted = set(pids)
     if ports:
         p = np.fromiter(set(ports), dtype=np.uint16)
         on_port = np.isin(rows["lport"], p) | np.isin(rows["rport"], p)
-        return on_port & scope_mask(rows, owners, wanted) if wanted else on_port
+        return on_port & scope_mask(rows, owners, wanted, (), listen_rows) if wanted else on_port
     if not wanted:
         return np.ones(len(rows), dtype=bool)
     held = owners.held_by(wanted)
     mask = np.isin(rows["inode"].astype(np.uint64), held) & (rows["inode"] != 0)
-    lst = rows[mask & (rows["state"] == int(TcpState.LISTEN))]
+    if listen_rows is None:
+        lst = rows[mask & (rows["state"] == int(TcpState.LISTEN))]
+    else:
+        lst = listen_rows[(listen_rows["state"] == int(TcpState.LISTEN)) & (listen_rows["inode"] != 0)]
+        lst = lst[np.isin(lst["inode"].astype(np.uint64), held)]
     if len(lst):
         key = rows["netns"].astype(np.uint64) * np.uint64(65536) + rows["lport"].astype(np.uint64)
         lkey = lst["netns"].astype(np.uint64) * np.uint64(65536) + lst["lport"].astype(np.uint64)

@@ -122,6 +122,8 @@ def seed(tracer: Any, pids: Iterable[int] | None = None, proc: str = procs.PROC)
                 return recs
 
             writer.write_seeded(tracer, sess, states, rows, records, owners.pid, res)
+            # How big the table starts: its readers size their first walk by it (pytracer.table.poll).
+            tracer.seeded_records = res.seeded
     except Exception as exc:  # seeding is best effort: the scan finds these sockets anyway
         log.warning("seeding pre-existing sockets failed: %s", exc)
         res.errors.append(f"seeding: {type(exc).__name__}: {exc}")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from pytracer.kernel.abi import PT_SVC_SLOTS, Role
 
@@ -109,9 +109,10 @@ def discover(cap: int = CAP) -> list[Service]:
     return from_rows(session.inventory(procs.netns_refs(), states=states).rows, cap)
 
 
-def from_rows(rows: Any, cap: int = CAP) -> list[Service]:
+def from_rows(rows: Any, cap: int = CAP, remote: Mapping[int, int] | None = None) -> list[Service]:
     """:func:`rank` of sock_diag inventory rows: their listening ports, and
-    the remote ports of the connections this host made."""
+    the remote ports of the connections this host made; ``remote``: more of
+    those, counted already (port -> connections)."""
     import numpy as np  # noqa: PLC0415 - rows are numpy already
 
     from pytracer.kernel.tcp_states import TcpState  # noqa: PLC0415
@@ -121,4 +122,6 @@ def from_rows(rows: Any, cap: int = CAP) -> list[Service]:
     # Established connections whose local port is no listener's: the host connected them.
     est = rows["state"] == int(TcpState.ESTABLISHED)
     outgoing = rows[est & ~np.isin(rows["lport"], list(listening) or [-1])]
-    return rank(listening, (int(p) for p in outgoing["rport"]), cap)
+    counts = Counter(int(p) for p in outgoing["rport"])
+    counts.update(remote or {})
+    return rank(listening, counts, cap)

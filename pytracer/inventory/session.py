@@ -72,6 +72,8 @@ MINISOCKETS = (1 << int(TcpState.TIME_WAIT)) | (1 << int(TcpState.NEW_SYN_RECV))
 # Whether this kernel answers the one-walk request; set to False the first
 # time it refuses (then each family is dumped on its own, as before).
 _one_walk = {"ok": True}
+# walk_info's decoder of one datagram's tcp_info: (sorted cookies wanted, brief_below_ms) -> their answers.
+InfoOf = Callable[..., TcpInfoTable]
 
 
 def _diag_socket() -> socket.socket:
@@ -127,6 +129,7 @@ class Session:
         self.socks: dict[int, socket.socket] = {}
         self.netns: dict[int, NetnsInfo] = {}
         self.errors: list[str] = []
+        self.walk_errors = 0  # walks of walk_info that failed
         self._seq = int(time.monotonic_ns()) & 0x7FFFFFFF
 
     def __enter__(self) -> Session:
@@ -166,6 +169,36 @@ class Session:
 
     # -- dumps -----------------------------------------------------------
 
+    def _datagrams(self, sock: socket.socket, family: int, states: int, max_rows: int, ext: int = 0
+                   ) -> Iterator[tuple[bytes, np.ndarray, int, int]]:
+        """One dump (``family`` BOTH: IPv4 and IPv6 in one walk), a datagram
+        at a time: (the datagram, its socket messages as MSG_DTYPE rows, the
+        request's sequence number, its messages' type).  ``ext``: the
+        inet_diag extensions asked for (INET_DIAG_EXT_INFO: tcp_info in
+        each message).  Raises on an error reply, past ``max_rows`` or past
+        its deadline."""
+        seq = self._next_seq()
+        if family == BOTH:
+            sock.send(_compat_request(states, ext, NLM_F_REQUEST | NLM_F_DUMP, seq))
+        else:
+            sock.send(_request(family, states, ext, NLM_F_REQUEST | NLM_F_DUMP, seq))
+        msg_type = TCPDIAG_GETSOCK if family == BOTH else SOCK_DIAG_BY_FAMILY
+        total = 0
+        deadline = time.monotonic() + self.timeout * 4
+        # Bounded: every datagram carries at least one message, and a deadline.
+        for _ in range(max_rows + 2):
+            buf = sock.recv(1 << 18)
+            rows, done, err = parse_dump(buf, seq, msg_type)
+            if err:
+                raise SockDiagError(err, f"sock_diag dump: {os.strerror(err)}")
+            if len(rows):
+                yield buf, rows, seq, msg_type
+                total += len(rows)
+            if done:
+                return
+            if total > max_rows or time.monotonic() > deadline:
+                raise SockDiagError(errno.E2BIG, f"sock_diag dump exceeded {max_rows} sockets or its deadline")
+
     def _dump_one(self, sock: socket.socket, family: int, states: int, max_rows: int,
                   convert: Callable[[np.ndarray], np.ndarray], into: Rows) -> None:
         """One dump (``family`` BOTH: IPv4 and IPv6 in one walk), appended
@@ -173,31 +206,58 @@ class Session:
         through ``convert`` as they arrive, so only the converted rows are
         held (not every raw message as well).  On an error ``into`` keeps
         the rows it had before this dump."""
-        seq = self._next_seq()
-        if family == BOTH:
-            sock.send(_compat_request(states, 0, NLM_F_REQUEST | NLM_F_DUMP, seq))
-        else:
-            sock.send(_request(family, states, 0, NLM_F_REQUEST | NLM_F_DUMP, seq))
-        msg_type = TCPDIAG_GETSOCK if family == BOTH else SOCK_DIAG_BY_FAMILY
-        start = total = len(into)
-        deadline = time.monotonic() + self.timeout * 4
+        start = len(into)
         try:
-            # Bounded: every datagram carries at least one message, and a deadline.
-            for _ in range(max_rows + 2):
-                buf = sock.recv(1 << 18)
-                rows, done, err = parse_dump(buf, seq, msg_type)
-                if err:
-                    raise SockDiagError(err, f"sock_diag dump: {os.strerror(err)}")
-                if len(rows):
-                    into.append(convert(rows))
-                    total += len(rows)
-                if done:
-                    return
-                if total - start > max_rows or time.monotonic() > deadline:
-                    raise SockDiagError(errno.E2BIG, f"sock_diag dump exceeded {max_rows} sockets or its deadline")
+            for _, rows, _, _ in self._datagrams(sock, family, states, max_rows):
+                into.append(convert(rows))
         except BaseException:
             into.truncate(start)
             raise
+
+    def walk_info(self, states: int, fields: tuple[str, ...] | None = None,
+                  families: Iterable[int] = (AF_INET, AF_INET6), max_rows: int = MAX_ROWS
+                  ) -> Iterator[tuple[np.ndarray, InfoOf]]:
+        """Every TCP socket in ``states``, in every namespace, with tcp_info
+        (INET_DIAG_INFO) in the same walk, a datagram at a time: (its rows,
+        as :meth:`dump` makes them, ``fields`` of INV_DTYPE only; a
+        function that decodes the tcp_info of the cookies asked for, a
+        sorted uint64 array, into a :class:`TcpInfoTable` with the
+        ``brief_below_ms`` given).  Nothing of a datagram is kept once the
+        next is asked for, so a caller that judges each as it comes never
+        holds every socket's row or answer.
+
+        A failed walk (a namespace, a family) is appended to
+        :attr:`errors` (``walk_errors`` counts them), and the others go on;
+        the rows it yielded before failing have been handed out."""
+        dtype = INV_DTYPE if fields is None else fields_of(INV_DTYPE, fields)
+        fams = list(families)
+        for ino, sock in list(self.socks.items()):
+            if self.netns[ino].tcp_sockets == 0:
+                continue  # nothing to list there
+            both = _one_walk["ok"] and sorted(fams) == sorted((AF_INET, AF_INET6))
+            walks = [BOTH] if both and _one_walk_fits(states, self.netns[ino]) else fams
+            for fam in walks:
+                got = 0
+                try:
+                    for buf, msgs, seq, msg_type in self._datagrams(sock, fam, states, max_rows, INET_DIAG_EXT_INFO):
+                        got += 1
+
+                        def info_of(wanted: np.ndarray, brief_below_ms: int | None = None, buf: bytes = buf,
+                                    seq: int = seq, msg_type: int = msg_type) -> TcpInfoTable:
+                            out = TcpInfoTable(brief_below_ms)
+                            if len(wanted):  # most datagrams of a full scan after the first: none
+                                parse_info_dump(buf, seq, wanted, out, msg_type)
+                            return out
+
+                        yield to_inventory(msgs, ino, dtype), info_of
+                except OSError as exc:
+                    if fam == BOTH and not got and _refused(exc):
+                        _one_walk["ok"] = False  # an older request this kernel does not serve: one per family
+                        walks.extend(fams)
+                        continue
+                    label = "families 2 and 10" if fam == BOTH else f"family {fam}"
+                    self.errors.append(f"{self.netns[ino].label} (netns {ino}) {label}: {exc}")
+                    self.walk_errors += 1
 
     def dump(self, families: Iterable[int] = (AF_INET, AF_INET6), states: int = ALL_STATES,
              max_rows: int = MAX_ROWS, fields: tuple[str, ...] | None = None) -> Inventory:

@@ -355,13 +355,13 @@ _COOKIE_OFFSET = 16 + MSG_DTYPE.fields["idiag_cookie"][1]  # from the nlmsghdr
 _COOKIE = struct.Struct("=II")  # cookie[0] (low), cookie[1] (high)
 
 
-def parse_info_dump(buf: bytes, seq: int, wanted: set[int] | np.ndarray, into: TcpInfoTable | None = None
-                    ) -> tuple[TcpInfoTable, bool, int]:
+def parse_info_dump(buf: bytes, seq: int, wanted: set[int] | np.ndarray, into: TcpInfoTable | None = None,
+                    msg_type: int = SOCK_DIAG_BY_FAMILY) -> tuple[TcpInfoTable, bool, int]:
     """One datagram of a dump with INET_DIAG_INFO: tcp_info of the ``wanted``
     cookies only (the others are skipped without decoding), added to
     ``into`` (or a new table).  ``wanted``: a set, or a sorted uint64 array
-    (100k cookies as a set of Python ints cost ~8 MB).  Returns (the table,
-    done, errno)."""
+    (100k cookies as a set of Python ints cost ~8 MB).  ``msg_type``: as
+    for :func:`parse_dump`.  Returns (the table, done, errno)."""
     out = into if into is not None else TcpInfoTable()
     done = False
     err = 0
@@ -372,7 +372,7 @@ def parse_info_dump(buf: bytes, seq: int, wanted: set[int] | np.ndarray, into: T
     while off + 16 <= n:
         length, typ, mseq = _frame(buf, off, n)
         if mseq == seq:
-            if typ == SOCK_DIAG_BY_FAMILY:
+            if typ == msg_type:
                 if length < need:
                     raise _malformed(f"inet_diag_msg of {length} bytes", off, n)
                 lo, hi = _COOKIE.unpack_from(buf, off + _COOKIE_OFFSET)

@@ -39,6 +39,7 @@ STUCK_STATES = (S.CLOSE_WAIT, S.LAST_ACK, S.FIN_WAIT2)
 # state began at the latest, by the largest kernel floor measured (now -
 # floor when measured).
 _HISTORY = (("since", np.nan), ("not_before", -np.inf), ("floor_began", np.nan))
+HISTORY_TIMES = tuple(name for name, _ in _HISTORY)  # the kept times' names, for whoever hands over pieces
 # Kept as float32 seconds from the History's epoch (its first scan): 4 bytes
 # a time instead of 8.  A float32 resolves 4 ms at 9 hours from the epoch and
 # 1 s at 194 days, far finer than any threshold a time is compared with.
@@ -119,6 +120,50 @@ class History:
             for name, _ in _HISTORY:
                 out.kept[name][same] = self._hist[name][pos]
             del pos, same
+        return out
+
+    def store_parts(self, parts: dict[str, list[np.ndarray]]) -> np.ndarray:
+        """Replace the whole history with the rows of ``parts`` (per column,
+        "cookie", "state" and each kept time, the pieces of a full scan's
+        rows taken as they came, not in cookie order), sorted by cookie.
+        Each column is joined and put in order on its own, its pieces let go
+        of first (``parts`` is emptied), and the old history before any:
+        beside the pieces, one column and the order are held.  Returns the
+        order (indices into the joined pieces), for a column kept beside the
+        history."""
+        # The old history goes first (its scan has carried it).
+        self._cookie, self._state = np.zeros(0, np.uint64), np.zeros(0, np.uint8)
+        self._hist = {name: np.zeros(0, _KEPT) for name, _ in _HISTORY}
+        cookie = np.concatenate(parts.pop("cookie")) if parts.get("cookie") else np.zeros(0, np.uint64)
+        order = np.argsort(cookie, kind="stable")
+        if len(cookie) < 2**32:
+            order = order.astype(np.uint32)  # the 8-byte order goes: 4 bytes a row are held from here
+        self._cookie = cookie[order]
+        del cookie
+        state = np.concatenate(parts.pop("state")) if parts.get("state") else np.zeros(0, np.uint8)
+        self._state = state[order]
+        del state
+        for name, _ in _HISTORY:
+            col = np.concatenate(parts.pop(name)) if parts.get(name) else np.zeros(0, _KEPT)
+            self._hist[name] = col[order]
+            del col
+        return order
+
+    def due_rechecks(self, now: float, skip: np.ndarray | None = None) -> np.ndarray:
+        """Cookies (ascending) of the ESTABLISHED sockets whose next check has
+        come: tcp_info said when each could be idle for ``idle_after`` at the
+        earliest (``not_before``; never asked: -inf, not a recheck), and that
+        time is past.  ``skip``: sorted cookies left out (asked since, and
+        not answered).  The candidate scans take their rechecks from here:
+        the times are kept once, not again in a list beside them.  A few
+        compares over the kept arrays, no copy of them."""
+        if self.epoch is None or not len(self._cookie):
+            return np.zeros(0, np.uint64)
+        nb = self._hist["not_before"]
+        due = (nb <= _KEPT(now - self.epoch)) & (nb > -np.inf) & (self._state == int(S.ESTABLISHED))
+        out = self._cookie[due]
+        if skip is not None and len(skip) and len(out):
+            out = out[~find_sorted(skip, out)[1]]
         return out
 
     def merge(self, rows: np.ndarray, hist: Carried) -> None:
@@ -259,16 +304,28 @@ class TableTimes:
         return ~self.seeded & (self.age < seconds)  # NaN compares False
 
 
-def join_table(rows: np.ndarray, snap: Snapshot | None, now_ns: int, key_by_ptr: bool) -> TableTimes:
+class TableIndex:
+    """The socket table's keys sorted, and their order (uint32): what a
+    join searches.  Made once for a scan that joins many parts of its rows
+    (a datagram at a time), not once a part."""
+
+    def __init__(self, snap: Snapshot) -> None:
+        self.order = np.argsort(snap.keys, kind="stable").astype(np.uint32 if len(snap.keys) < 2**32 else np.intp)
+        self.keys = snap.keys[self.order]
+
+
+def join_table(rows: np.ndarray, snap: Snapshot | None, now_ns: int, key_by_ptr: bool,
+               index: TableIndex | None = None) -> TableTimes:
     """Per inventory row, what the socket table says (:class:`TableTimes`).
     :data:`FACTS_CHUNK` rows at a time: beside the answers, only the
-    table's sorted keys are held whole."""
+    table's sorted keys are held whole (``index``: made already, for
+    ``snap``)."""
     n = len(rows)
     out = TableTimes(np.full(n, np.nan), np.zeros(n, bool), np.full(n, -1, dtype=np.int8))
-    if snap is None or not len(snap.keys) or key_by_ptr:
+    if snap is None or not len(snap.keys) or key_by_ptr or not n:
         return out
-    order = np.argsort(snap.keys, kind="stable").astype(np.uint32 if len(snap.keys) < 2**32 else np.intp)
-    keys = snap.keys[order]
+    index = index or TableIndex(snap)
+    order, keys = index.order, index.keys
     socks = snap.socks
     for start in range(0, n, FACTS_CHUNK):
         part = slice(start, start + FACTS_CHUNK)
@@ -322,16 +379,23 @@ def candidates(th: Thresholds, rows: np.ndarray, relevant: np.ndarray, times: Ta
     # evidence) or no kernel floor is known yet; minisockets have none.
     ask_stuck = stuck[~is_tw & (~np.isnan(ex) | np.isnan(floors) | (bound >= thr))]
 
-    # ESTABLISHED: idle candidates, unless known to be younger than
-    # idle_after, or checked recently enough that they cannot be idle yet.
-    est = relevant & (state == int(S.ESTABLISHED)) & ~times.younger_than(th.idle_after)
-    est &= hist.due("not_before", now)
-
-    q_est = np.flatnonzero(est)
+    q_est = established_candidates(th, rows, relevant, times, hist, now)
     # In row order: a full scan's rows are sorted by cookie, so the cookies
     # asked for are too (a tcp_info dump then needs no sorted copy of them).
     query = np.sort(np.concatenate([ask_stuck, q_est]).astype(np.intp)) if len(ask_stuck) else q_est
     return stuck.astype(np.intp, copy=False), q_est.astype(np.intp, copy=False), query  # query may be q_est itself
+
+
+def established_candidates(th: Thresholds, rows: np.ndarray, relevant: np.ndarray, times: TableTimes,
+                           hist: Carried, now: float) -> np.ndarray:
+    """ESTABLISHED rows that may be idle for ``idle_after``: every one in
+    scope unless known to be younger than that, or checked recently enough
+    that it cannot be idle yet (row indices, ascending).  All a full scan's
+    walk of the ESTABLISHED sockets asks of each datagram (no stuck states
+    there)."""
+    est = relevant & (rows["state"] == int(S.ESTABLISHED)) & ~times.younger_than(th.idle_after)
+    est &= hist.due("not_before", now)
+    return np.flatnonzero(est)
 
 
 def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, times: TableTimes, hist: Carried,
@@ -341,26 +405,50 @@ def sock_facts(rows: np.ndarray, stuck_idx: np.ndarray, est_idx: np.ndarray, tim
     """The facts of the stuck candidates, then of the ESTABLISHED ones idle
     for ``idle_after`` (at most ``max_facts``; the cut is noted in ``errors``).
     Updates ``hist`` (kernel floors, when an ESTABLISHED one may be idle)."""
-    # ESTABLISHED: only the idle ones become objects; the rest just learn
-    # when they could be idle at the earliest.  A chunk at a time: at the
-    # first scan every seeded ESTABLISHED socket is here.
-    idle_idx: list[int] = []
+    idx = stuck_idx.tolist() + idle_among(rows, est_idx, hist, infos, now, idle_after).tolist()  # stuck first
+    if len(idx) > max_facts:
+        errors.append(not_judged(len(idx), max_facts))
+        idx = idx[:max_facts]
+    judged_idle(hist, np.asarray(idx[len(stuck_idx):], np.intp), now, recheck_s)
+    return judge(rows, idx, times, hist, infos, owners, lst, fin_timeout, now)
+
+
+def not_judged(found: int, max_facts: int) -> str:
+    """The error a scan notes when more sockets look flagged than it judges."""
+    return f"{found - max_facts} flagged-looking sockets not judged this scan (more than {max_facts})"
+
+
+def idle_among(rows: np.ndarray, est_idx: np.ndarray, hist: Carried, infos: TcpInfoTable, now: float,
+               idle_after: float) -> np.ndarray:
+    """The ESTABLISHED candidates ``est_idx`` that tcp_info says are idle
+    for ``idle_after`` (row indices, in order).  Every one answered learns
+    when it could be idle at the earliest (``not_before`` in ``hist``); only
+    the idle ones become objects.  A chunk at a time: at the first scan
+    every seeded ESTABLISHED socket is here."""
+    idle_idx: list[np.ndarray] = [np.zeros(0, np.intp)]
     for start in range(0, len(est_idx), FACTS_CHUNK):
         part = est_idx[start : start + FACTS_CHUNK]
         found, idle_ms = infos.idle_ms(rows["cookie"][part])
         answered = part[found]
         idle = idle_ms[found] / 1000
         hist.put("not_before", answered, now + np.maximum(0.0, idle_after - idle))
-        idle_idx += answered[idle >= idle_after].tolist()
-    idx = stuck_idx.tolist() + idle_idx  # stuck sockets first
-    if len(idx) > max_facts:
-        errors.append(f"{len(idx) - max_facts} flagged-looking sockets not judged this scan "
-                      f"(more than {max_facts})")
-        idx = idx[:max_facts]
-    # The idle ones judged here are measured again ``recheck_s`` later; their
-    # flags are carried until then (pytracer.leaks.idle_carry).
-    judged_idle = np.asarray(idx[len(stuck_idx):], np.intp)
-    hist.put("not_before", judged_idle, now + recheck_s)
+        idle_idx.append(answered[idle >= idle_after].astype(np.intp, copy=False))
+    return np.concatenate(idle_idx)
+
+
+def judged_idle(hist: Carried, idx: np.ndarray, now: float, recheck_s: float) -> None:
+    """The idle ones judged (row indices ``idx``) are measured again
+    ``recheck_s`` later; their flags are carried until then
+    (pytracer.leaks.idle_carry)."""
+    hist.put("not_before", idx, now + recheck_s)
+
+
+def judge(rows: np.ndarray, idx: list[int], times: TableTimes, hist: Carried, infos: TcpInfoTable,
+          owners: procs.SocketOwners, lst: Listeners, fin_timeout: dict[int, int | None], now: float
+          ) -> list[SockFacts]:
+    """One :class:`~pytracer.leaks.detectors.SockFacts` per row of ``idx``,
+    with its owners, listener and kernel floors.  Updates ``hist`` (kernel
+    floors)."""
     out = []
     held = owners.get_many(rows["inode"][np.asarray(idx, np.intp)]) if idx else []
     for k, i in enumerate(idx):

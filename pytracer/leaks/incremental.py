@@ -13,7 +13,7 @@ can be flagged now:
   age is only a lower bound);
 * ESTABLISHED records whose time in state crossed ``idle_after`` since the
   previous scan (exact, from the table), and the ones whose next possible
-  idle time (:class:`Rechecks`, from tcp_info) has come.
+  idle time (``not_before`` in the history, from tcp_info) has come.
 
 For those only: sock_diag exact lookups by 4-tuple and cookie (their
 current state, inode, queues and tcp_info), the lookups of their
@@ -36,7 +36,6 @@ those states alone (:func:`refresh_time_wait`) every 15 s.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -63,118 +62,16 @@ S = TcpState
 MAX_BOUND_PIDS = 64  # past this many processes, one filtered pass of every fd table instead
 
 
-_FIELDS = ("rows", "not_before", "began", "known_since", "accepted")
-
-
-@dataclass
-class Rechecks:
-    """ESTABLISHED sockets to ask tcp_info again once they could be idle
-    for ``idle_after``: which sockets, and that time.
-
-    ``rows`` names the sockets by cookie (uint64) where the socket table is
-    keyed by cookie: when they are due, their lookup keys, time in state
-    and "accepted" are read from the table (:func:`due_index`), so 16 bytes
-    a socket are kept.  Where it is keyed by pointer, ``rows`` holds whole
-    lookup keys (sockdiag.LOOKUP_DTYPE, 58 bytes), with what the table said
-    of their time in state (monotonic seconds the state began if exact,
-    else since when it is known; NaN: neither) and "accepted"; the other
-    three fields are None by cookie.
-
-    Kept sorted by ``not_before``, so the due ones are a prefix taken
-    without touching the rest; new ones wait in a small unsorted tail that
-    is merged once it grows past an eighth of the whole (amortized O(1)
-    each).  At 100k tracked sockets a scan with nothing due copies nothing.
-    """
-
-    rows: np.ndarray
-    not_before: np.ndarray
-    began: np.ndarray | None = None
-    known_since: np.ndarray | None = None
-    accepted: np.ndarray | None = None
-    tail: Rechecks | None = None
-
-    @classmethod
-    def empty(cls) -> Rechecks:
-        return cls(np.zeros(0, sockdiag.LOOKUP_DTYPE), np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, np.int8))
-
-    @property
-    def by_cookie(self) -> bool:
-        return self.rows.dtype == np.uint64
-
-    def __len__(self) -> int:
-        return len(self.not_before) + (len(self.tail) if self.tail is not None else 0)
-
-    def _columns(self) -> list[tuple[str, np.ndarray]]:
-        return [(f, getattr(self, f)) for f in _FIELDS if getattr(self, f) is not None]
-
-    def take(self, sel: Any) -> Rechecks:
-        return Rechecks(**{f: a[sel] for f, a in self._columns()})
-
-    def sorted(self) -> Rechecks:
-        return self.take(np.argsort(self.not_before, kind="stable"))
-
-    def pop_due(self, now: float) -> Rechecks:
-        """Remove and return the ones whose time has come."""
-        k = int(np.searchsorted(self.not_before, now, side="right"))
-        due = self.take(slice(0, k))
-        for f, a in self._columns():
-            setattr(self, f, a[k:])
-        if self.tail is not None and len(self.tail):
-            hit = self.tail.not_before <= now
-            if hit.any():
-                due = _concat(due, self.tail.take(hit))
-                self.tail = self.tail.take(~hit)
-        return due
-
-    def add(self, other: Rechecks) -> None:
-        if not len(other):
-            return
-        self.tail = other if self.tail is None else _concat(self.tail, other)
-        if len(self.tail) > max(256, len(self.not_before) // 8):
-            whole = _concat(self.take(slice(None)), self.tail).sorted()
-            for f in _FIELDS:
-                setattr(self, f, getattr(whole, f))
-            self.tail = None
-
-
-def _concat(a: Rechecks, b: Rechecks) -> Rechecks:
-    # An empty side may name its sockets the other way (Rechecks.empty()).
-    if not len(b.not_before):
-        return a.take(slice(None))
-    if not len(a.not_before):
-        return b.take(slice(None))
-    cols = dict(b._columns())
-    return Rechecks(**{f: np.concatenate([x, cols[f]]) for f, x in a._columns()})
-
-
-def rechecks_of(rows: np.ndarray, est_idx: np.ndarray, hist: joins.Carried, times: joins.TableTimes, now: float,
-                by_cookie: bool = False) -> Rechecks:
-    """The ESTABLISHED rows tcp_info answered for, with their next check
-    (sorted by it).  Each column is taken once, already in order.
-    ``by_cookie``: name them by cookie (the table is keyed by cookie, and
-    says the rest when they are due)."""
-    nb = hist.at("not_before", est_idx)
-    asked = nb > 0  # a next check was set (never asked: -inf)
-    idx, nb = est_idx[asked], nb[asked]
-    order = np.argsort(nb, kind="stable")
-    idx, nb = idx[order], nb[order]
-    del asked, order
-    if by_cookie:
-        return Rechecks(rows["cookie"][idx], nb)
-    return Rechecks(sockdiag.lookup_keys(rows, idx), nb, now - times.exact(idx), now - times.bound(idx),
-                    times.accepted[idx])
-
-
-def due_index(r: Rechecks, snap: Snapshot) -> np.ndarray:
-    """Table indices of the due rechecks ``r`` named by cookie, each once.
-    A socket the table no longer has is dropped: it has ended (its record
+def due_index(due: np.ndarray, snap: Snapshot) -> np.ndarray:
+    """Table indices of the sockets ``due`` (ascending cookies: rechecks
+    from :meth:`pytracer.leaks.facts.History.due_rechecks`), each once.  A
+    socket the table no longer has is dropped: it has ended (its record
     goes with it), or the table never had it, and then the next full scan,
     which keeps each socket's next check in its history, asks again.  One
     search of the table's keys in the few due cookies, no sort of the
     table."""
-    if not len(r.rows):
+    if not len(due):
         return np.zeros(0, np.intp)
-    due = np.unique(r.rows)
     pos, hit = find_sorted(due, snap.keys)
     at = np.flatnonzero(hit)  # table indices of due sockets
     _, first = np.unique(pos[at], return_index=True)  # a cookie read twice (both maps) counts once
@@ -252,19 +149,16 @@ def scan(sc: Scanner, snap: Snapshot, rep: LeakReport) -> None:
     now, now_ns = time.monotonic(), time.monotonic_ns()
     idx = select(snap, sc, now_ns, sc.prev_scan_ns or now_ns)
     sc.prev_scan_ns = now_ns
-    r = sc.rechecks.pop_due(now)  # answered ones come back below
-    if r.by_cookie:  # the table says the rest of them
-        idx = np.concatenate([idx, due_index(r, snap)])
-        r = Rechecks.empty()
-    table_cand, socks = table_rows(snap, idx)
-    cand = np.concatenate([table_cand, r.rows])
-    del table_cand
+    # Rechecks: the history keeps each one's time; the table says the rest.
+    due = sc.history.due_rechecks(now, sc.recheck_skip) if sc.rechecks_by_cookie else np.zeros(0, np.uint64)
+    idx = np.concatenate([idx, due_index(due, snap)])
+    cand, socks = table_rows(snap, idx)
     # Read again whole (a narrow table), a record can be newer than now_ns.
     age = np.maximum(now_ns - socks["state_ns"].astype(np.int64), 0) / 1e9
     seeded = ((socks["flags"] & abi.PT_F_SEEDED) != 0) & (socks["transitions"] == 0)
-    exact_c = np.concatenate([np.where(seeded, np.nan, age), now - r.began])
-    bound_c = np.concatenate([np.where(seeded, age, np.nan), now - r.known_since])
-    acc_c = np.concatenate([socks["accepted"].astype(np.int8), r.accepted])
+    exact_c = np.where(seeded, np.nan, age)
+    bound_c = np.where(seeded, age, np.nan)
+    acc_c = socks["accepted"].astype(np.int8)
     # A socket both in the table's selection and due for a recheck: once.
     _, first = np.unique(cand["cookie"], return_index=True)
     first.sort()
@@ -319,7 +213,10 @@ def scan(sc: Scanner, snap: Snapshot, rep: LeakReport) -> None:
     facts = joins.sock_facts(rows, stuck_idx, est_idx, times, hist, infos, owners, listeners, fin_timeout, now,
                              th.idle_after, sc.max_socket_facts, rep.errors, th.idle_recheck_s)
     sc.history.merge(rows, hist)
-    sc.rechecks.add(rechecks_of(rows, est_idx, hist, times, now, sc.rechecks_by_cookie))
+    if len(due):  # due and not answered (gone, or no longer judged here): left to the next full scan
+        est_cookies = rows["cookie"][est_idx]
+        answered = np.sort(est_cookies[infos.idle_ms(est_cookies)[0]])
+        sc.recheck_skip = np.union1d(sc.recheck_skip, due[~find_sorted(answered, due)[1]])
     unresolved = [f for f in facts if f.inode and not f.owners]
     if unresolved:
         sc.full_wanted = True

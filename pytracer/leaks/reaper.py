@@ -35,9 +35,11 @@ class Reaper:
         # transitions, monotonic seconds first missed).
         self._missing: dict[int, tuple[int, int, float]] = {}
 
-    def reap(self, snap: Snapshot, rows: np.ndarray, covered: set[int], partial: bool, now: float,
+    def reap(self, snap: Snapshot, listed: np.ndarray, covered: set[int], partial: bool, now: float,
              now_ns: int) -> None:
         """Delete table records whose socket no longer exists, and count them.
+        ``listed``: the cookies (ascending) of every socket a full scan's
+        dumps listed in the states the table holds.
 
         A record leaves the table when its socket reaches CLOSE; if that
         transition never reaches a program, the record would stay forever,
@@ -58,7 +60,7 @@ class Reaper:
         absent &= np.isin(socks["netns_ino"], netns)
         absent &= socks["state_ns"].astype(np.int64) < np.int64(now_ns - int(self.reap_after * 1e9))
         at = np.flatnonzero(absent)
-        absent[at[among(snap.keys[at], rows["cookie"])]] = False
+        absent[at[among(snap.keys[at], listed)]] = False
         missing: dict[int, tuple[int, int, float]] = {}
         due = []
         for i in np.flatnonzero(absent).tolist():

@@ -7,8 +7,10 @@
 * the sock_diag inventory (:mod:`pytracer.inventory.session`): every TCP socket that
   exists, in every namespace, including TIME_WAIT and request sockets the
   table never holds, and the inode that links a socket to a process fd;
-* tcp_info, asked for only the candidates: idle clocks, and lower bounds on
-  time in state for sockets that predate the tracer;
+* tcp_info, for the candidates only: idle clocks, and lower bounds on
+  time in state for sockets that predate the tracer (a full scan's
+  ESTABLISHED sockets bring theirs in the walk that lists them, judged a
+  datagram at a time: :mod:`pytracer.leaks.established`);
 * /proc (:mod:`pytracer.inventory.procs`): who holds each socket, on which fd, and how
   close each process is to RLIMIT_NOFILE.
 
@@ -59,6 +61,7 @@ from pytracer.leaks.detectors import (
     ordered,
     socket_flags,
 )
+from pytracer.leaks.established import Established
 from pytracer.leaks.idle_carry import IdleCarry
 from pytracer.leaks.processes import GrowthSample, fd_flags, growth_flags, growth_rate, update_growth
 from pytracer.leaks.reaper import Reaper
@@ -92,6 +95,9 @@ TIME_WAIT_BUDGET = 0.001
 # What a full scan keeps of each socket it lists: every inventory field but
 # the owner's uid and the retransmit count, which no join or detector reads
 # (75 bytes a socket instead of 80, held for every socket until the scan ends).
+# The state a full scan walks on its own, judging it as it comes (most of a
+# host with many live sockets: pytracer.leaks.established).
+EST_BIT = 1 << int(TcpState.ESTABLISHED)
 SCAN_FIELDS = tuple(n for n in sockdiag.INV_DTYPE.names if n not in ("uid", "retrans"))
 
 
@@ -170,7 +176,11 @@ class Scanner:
         self.listen_holders: dict[tuple[int, int], set[int]] = {}
         self.carried: dict[str, Any] = {}
         self.summaries: dict[int, ProcessSummary] = {}
-        self.rechecks = incremental_scan.Rechecks.empty()
+        # Rechecks (ESTABLISHED sockets to ask again once they could be idle)
+        # are the history's own next-check times (History.due_rechecks);
+        # these due ones were asked by a candidate scan and not answered:
+        # left to the next full scan.
+        self.recheck_skip = np.zeros(0, np.uint64)
         self.holder_cache: dict[int, tuple[Any, float]] = {}  # cookie -> ((pid, fd, inode) or None, when)
         # TIME_WAIT per destination between full scans (see incremental.refresh_time_wait).
         self.time_wait_every, self.time_wait_budget = TIME_WAIT_EVERY_S, TIME_WAIT_BUDGET
@@ -242,16 +252,18 @@ class Scanner:
         if found:
             rep.flags = ordered([*rep.flags, *found])
 
-    def _name_services(self, rows: np.ndarray, rep: LeakReport) -> None:
+    def _name_services(self, rows: np.ndarray, rep: LeakReport, remote: dict[int, int] | None = None) -> None:
         """--service-ports auto, while running: ports this full scan finds
-        listening (or busy as remote ports) take the free service slots."""
+        listening (or busy as remote ports: in ``rows``, and ``remote``,
+        counted as the ESTABLISHED sockets were walked) take the free
+        service slots."""
         if self.tracer is None or not getattr(self.tracer, "services_auto", False):
             return
         try:
             from pytracer.inventory import services  # noqa: PLC0415 - only with a tracer
             from pytracer.table import writer  # noqa: PLC0415 - the one writer of the tracer's maps
 
-            rep.stats["services_named"] = writer.add_services(self.tracer, services.from_rows(rows))
+            rep.stats["services_named"] = writer.add_services(self.tracer, services.from_rows(rows, remote=remote))
         except Exception as exc:  # a scan never raises
             rep.errors.append(f"services: {type(exc).__name__}: {exc}")
 
@@ -283,38 +295,27 @@ class Scanner:
             states &= ~((1 << int(S.TIME_WAIT)) | (1 << int(S.NEW_SYN_RECV)))
 
         with (self.session_factory or Session)(refs) as sess:
-            inv = sess.dump(states=states, fields=SCAN_FIELDS)
+            # Every state but ESTABLISHED, whole; ESTABLISHED judged as walked, below.
+            inv = sess.dump(states=states & ~EST_BIT, fields=SCAN_FIELDS)
             now = time.monotonic()
             now_ns = time.monotonic_ns()
             rep.errors.extend(inv.errors)
             rep.netns = [n.to_json() for n in inv.netns.values()]
-            # In cookie order from here on: the history is kept in that order
-            # and takes its arrays from this scan without copying them.
             rows = joins.sort_by_cookie(inv.rows)
-            rep.stats.update(sockets=int(len(rows)), netns_covered=len(sess.socks),
-                             netns_failed=len(refs) - len(sess.socks), dump_seconds=round(inv.seconds, 6))
             host_ino = next((r.ino for r in refs if r.label == "host"), None)
+            key_by_ptr = bool(getattr(self.tracer, "key_by_ptr", False))
 
             # Which sockets are ours to judge.
             owners = fdscan.sockets
             self.full_owners = owners
             relevant = scope_mask(rows, owners, self.pids, self.ports)
             listeners = joins.listeners(rows, owners)
-            self._name_services(rows, rep)
-            counts_by_state = np.bincount(rows["state"][relevant], minlength=16)
-            rep.inventory_states = {TcpState.name_of(s): int(n) for s, n in enumerate(counts_by_state) if n}
 
             # Time in state: exact from the BPF table, else lower bounds.
-            times = joins.join_table(rows, snapshot, now_ns, bool(getattr(self.tracer, "key_by_ptr", False)))
+            times = joins.join_table(rows, snapshot, now_ns, key_by_ptr)
             hist = self.history.carry(rows, now)
-            rep.stats["table_records"] = int(len(snapshot.keys)) if snapshot is not None else None
-            rep.stats["table_matched"] = times.matched
-            if snapshot is not None:
-                self.reaper.reap(snapshot, rows, set(sess.socks), bool(inv.errors), now, now_ns)
-            rep.stats["records_reaped"] = self.reaped
-
             fin_timeout = {ino: n.fin_timeout for ino, n in inv.netns.items()}
-            stuck_idx, est_idx, query = joins.candidates(th, rows, relevant, times, hist, fin_timeout, now)
+            stuck_idx, _, query = joins.candidates(th, rows, relevant, times, hist, fin_timeout, now)
             queried = self.idle_carry.asked_among(rows["cookie"], query)
             infos = TcpInfoTable()
             missed = 0
@@ -322,32 +323,71 @@ class Scanner:
                 errors_before = len(sess.errors)
                 infos, missed = sess.tcp_info(rows, th.max_exact_lookups, th.idle_brief_ms, idx=query)
                 rep.errors.extend(sess.errors[errors_before:])
-            rep.stats.update(candidates=int(len(stuck_idx) + len(est_idx)), info_queries=int(len(query)),
-                             info_missed=int(missed))
+            stuck = stuck_idx.tolist()
+            facts = joins.judge(rows, stuck[: self.max_socket_facts], times, hist, infos, owners, listeners,
+                                fin_timeout, now)
+            matched = times.matched
+            del infos, times
 
-            facts = joins.sock_facts(rows, stuck_idx, est_idx, times, hist, infos, owners, listeners, fin_timeout,
-                                     now, th.idle_after, self.max_socket_facts, rep.errors, th.idle_recheck_s)
-            # The per-row joins are done.  What is kept is taken, and the rest
-            # let go, step by step: at 100k sockets each array is ~1 MB, and
-            # the scan's peak is the sum of those alive at once.
-            del infos, query, stuck_idx
-            rechecks = (incremental_scan.rechecks_of(rows, est_idx, hist, times, now, self.rechecks_by_cookie)
-                        if self.incremental else None)
-            del times, est_idx
+            # ESTABLISHED: judged a datagram at a time (pytracer.leaks.established).
+            listening = None
+            if self.tracer is not None and getattr(self.tracer, "services_auto", False):
+                listening = np.unique(rows["lport"][rows["state"] == int(S.LISTEN)])
+            est = Established(th, self.history, self.idle_carry, snapshot, now, now_ns, key_by_ptr, owners,
+                              self.pids, self.ports, rows, listeners, fin_timeout,
+                              self.max_socket_facts - len(facts), listening)
+            t_walk = time.perf_counter()
+            walk_errors = len(sess.errors)
+            if states & EST_BIT:
+                for part, info_of in sess.walk_info(EST_BIT, SCAN_FIELDS):
+                    est.add(part, info_of)
+                    del part, info_of
+            est.finish()
+            rep.errors.extend(sess.errors[walk_errors:])
+            partial = bool(inv.errors) or len(sess.errors) > walk_errors
+            facts += est.facts
+            if len(stuck) + est.idle > self.max_socket_facts:
+                rep.errors.append(joins.not_judged(len(stuck) + est.idle, self.max_socket_facts))
+            queried = np.concatenate([queried, est.asked_flags()])
+
+            counts_by_state = np.bincount(rows["state"][relevant], minlength=16)[:16] + est.states
+            rep.inventory_states = {TcpState.name_of(s): int(n) for s, n in enumerate(counts_by_state) if n}
+            rep.stats.update(sockets=int(len(rows)) + est.rows, netns_covered=len(sess.socks),
+                             netns_failed=len(refs) - len(sess.socks),
+                             dump_seconds=round(inv.seconds + time.perf_counter() - t_walk, 6))
+            rep.stats["table_records"] = int(len(snapshot.keys)) if snapshot is not None else None
+            rep.stats["table_matched"] = matched + est.matched
+            rep.stats.update(candidates=int(len(stuck_idx)) + est.candidates,
+                             info_queries=int(len(query)) + est.queries,
+                             info_missed=int(missed) + est.queries - est.answered)
+            del query, stuck_idx
+
+            # What is kept: the history of every socket but the minisockets,
+            # and the inodes that name their holders, sorted by cookie.
             kept = joins.remembered(rows)
-            self.history.store(rows, hist, kept)
-            self._cookies, self._inodes = self.history.cookies, rows["inode"][kept]
-            del kept
-            del hist
+            for name in ("cookie", "state", "inode"):
+                est.parts[name].insert(0, rows[name][kept])
+            for name in joins.HISTORY_TIMES:
+                est.parts[name].insert(0, hist.kept[name][kept])
+            del hist, kept
+            inodes = est.parts.pop("inode")
+            order = self.history.store_parts(est.parts)
+            self._cookies = self.history.cookies
+            self._inodes = np.concatenate(inodes)[order] if inodes else np.zeros(0, np.uint32)
+            del inodes, order
+            if snapshot is not None:  # every socket the table can hold is in the history
+                self.reaper.reap(snapshot, self.history.cookies, set(sess.socks), partial, now, now_ns)
+            rep.stats["records_reaped"] = self.reaped
+            self._name_services(rows, rep, est.remote())
 
             # Processes: who holds TCP sockets (or the --pid set).
-            summaries, counts = self.process_counts(rows, relevant, owners, listeners)
+            summaries, counts = self.process_counts(rows, relevant, owners, listeners, held=est.held)
             pfacts = {pid: self.proc_cache[pid] for pid in summaries if pid in self.proc_cache}
 
             self.last_facts, self.last_procs = facts, pfacts
             flags = socket_flags(facts, pfacts, th)
             idle = self.idle_carry.merge(IdleCarry.idle(flags), queried, snapshot,
-                                         listed=rows["cookie"], limit=self.max_socket_facts)
+                                         listed=self.history.cookies, limit=self.max_socket_facts)
             rep.stats["idle_carried"] = self.idle_carry.carried
             flags = IdleCarry.others(flags)
             flags += self.process_flags(now, counts, summaries, pfacts)
@@ -359,7 +399,7 @@ class Scanner:
             if self.incremental:  # what the candidate scans start from
                 self.refs, self.fin_timeouts = list(refs), fin_timeout
                 self.listen_holders = {k: {p for e in v for p, _ in e[2]} for k, v in listeners.items()}
-                self.rechecks = rechecks
+                self.recheck_skip = np.zeros(0, np.uint64)  # the history's next checks hold again
                 self.carried = incremental_scan.carry_of(rows, relevant, flags, rep)
                 self.summaries = {pid: dataclasses.replace(p) for pid, p in summaries.items()}
                 self.prev_scan_ns = now_ns
@@ -372,7 +412,8 @@ class Scanner:
     @property
     def rechecks_by_cookie(self) -> bool:
         """Whether rechecks can name their sockets by cookie alone: the
-        candidate scans that take them read a table keyed by cookie."""
+        candidate scans that take them read their lookup keys from a table
+        keyed by cookie (keyed by pointer, every scan is a full one)."""
         return self.tracer is not None and not getattr(self.tracer, "key_by_ptr", False)
 
     @property
@@ -426,11 +467,13 @@ class Scanner:
         return pf
 
     def process_counts(self, rows: np.ndarray, relevant: np.ndarray, owners: procs.SocketOwners,
-                       listeners: dict, carried: bool = False) -> tuple[dict[int, ProcessSummary], dict[tuple, int]]:
+                       listeners: dict, carried: bool = False, held: dict[int, int] | None = None
+                       ) -> tuple[dict[int, ProcessSummary], dict[tuple, int]]:
         """Per process: TCP sockets held and CLOSE_WAIT counts, from ``rows``
-        (every socket in a full scan).  ``carried``: ``rows`` are a candidate
-        scan's (every CLOSE_WAIT socket, but not every socket), so the other
-        counts come from the last full scan's summaries."""
+        (every socket in a full scan, with ``held``: pid -> sockets held
+        among those counted as they were walked).  ``carried``: ``rows`` are
+        a candidate scan's (every CLOSE_WAIT socket, but not every socket),
+        so the other counts come from the last full scan's summaries."""
         per_pid_tcp: dict[int, int] = {}
         if carried:
             per_pid_tcp = {pid: p.tcp_sockets for pid, p in self.summaries.items()}
@@ -440,6 +483,8 @@ class Scanner:
                 # Each (socket, process) pair once, however many fds it has.
                 pids, n = owners.held_counts(tcp_inodes)
                 per_pid_tcp = dict(zip(pids.tolist(), n.tolist()))
+            for pid, k in (held or {}).items():
+                per_pid_tcp[pid] = per_pid_tcp.get(pid, 0) + k
         cw_fd: dict[int, int] = {}
         cw_bl: dict[int, int] = {}
         for i in np.flatnonzero(relevant & (rows["state"] == int(S.CLOSE_WAIT))).tolist():

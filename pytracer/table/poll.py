@@ -313,8 +313,11 @@ class SockBuffers:
         self._kept = None
         self.walks += 1
         # Rows are copied only when the last walk fitted the bound: a walk
-        # that does not is never kept, and the last one's size predicts it.
-        keep = gen is not None and self._walked_rows <= WALK_KEEP_MAX
+        # that does not is never kept, and the last one's size predicts it;
+        # before the first, the records seeding wrote do (at 100k, the first
+        # walk would copy 16,384 whole records, 2.4 MB, only to drop them).
+        last = self._walked_rows if self.walks > 1 else int(getattr(src, "seeded_records", 0) or 0)
+        keep = gen is not None and last <= WALK_KEEP_MAX
         parts: list[tuple[np.ndarray, np.ndarray]] | None = [] if keep else None
         rows = 0
         for kbuf, vbuf, n in m.batches(SOCK_DTYPE.itemsize, chunk):

@@ -32,3 +32,14 @@ def test_pids_ports_and_both() -> None:
     assert scope_mask(r, OWNERS, [], [80]).tolist() == [True, True, True, True, False]  # either end
     assert scope_mask(r, OWNERS, [20], [80]).tolist() == [False, False, False, True, False]
     assert scope_mask(r, OWNERS, [], [443, 9]).tolist() == [False, False, False, False, True]
+
+
+def test_listeners_given_apart_scope_the_same_sockets() -> None:
+    """A full scan's ESTABLISHED walk: the listeners are in the other rows."""
+    r = rows()
+    r["state"][2] = TcpState.ESTABLISHED  # queued on pid 10's listener, not yet accepted
+    lst, rest = r[:1], r[1:]
+    for pids, ports in (([], ()), ([10], ()), ([20], ()), ([10], (80,)), ([10, 20], (443,))):
+        assert scope_mask(rest, OWNERS, pids, ports, lst).tolist() == scope_mask(r, OWNERS, pids, ports)[1:].tolist()
+    assert scope_mask(rest, OWNERS, [10], (), lst).tolist() == [True, True, False, False]
+    assert scope_mask(rest, OWNERS, [10], (), r[:0]).tolist() == [True, False, False, False]  # no listener: held only

@@ -148,3 +148,78 @@ def test_tcp_info_asks_each_namespace_for_its_own_rows(netns: list[int], monkeyp
         want.setdefault(netns[i], []).append(10 + i)
     assert sorted(asked) == sorted((ino, c) for ino, c in want.items() if ino in s.socks)
     assert missed == len(idx)  # the stand-in answers nothing; namespace 9, with no socket, is not asked
+
+
+INFO_DUMP = (FIX / "dump_info.bin").read_bytes()  # a dump with INET_DIAG_INFO, sequence 79
+
+
+class InfoSocket(RecordedSocket):
+    """Answers each dump request with the recording with tcp_info, in
+    datagrams of ``per`` messages; ``fail``: the second datagram of the
+    first walk is an NLMSG_ERROR instead."""
+
+    def __init__(self, per: int = 4, fail: bool = False) -> None:
+        super().__init__()
+        self.per, self.fail, self.exts = per, fail, []
+
+    def send(self, req: bytes) -> int:
+        _, typ, _, seq, _ = struct.unpack_from("=IHHII", req)
+        self.requests.append((typ, req[16]))
+        self.exts.append(req[19] if typ == sockdiag.TCPDIAG_GETSOCK else req[18])  # the extensions asked for
+        msgs, off = [], 0
+        while off + 16 <= len(INFO_DUMP):
+            length, mtype = struct.unpack_from("=IH", INFO_DUMP, off)
+            msg = bytearray(INFO_DUMP[off : off + ((length + 3) & ~3)])
+            if mtype == sockdiag.SOCK_DIAG_BY_FAMILY:
+                struct.pack_into("=H", msg, 4, typ)
+            struct.pack_into("=I", msg, 8, seq)
+            msgs.append(bytes(msg))
+            off += (length + 3) & ~3
+        grams = [b"".join(msgs[i : i + self.per]) for i in range(0, len(msgs), self.per)]
+        if self.fail and len(self.requests) == 1:
+            grams[1] = struct.pack("=IHHII", 36, sockdiag.NLMSG_ERROR, 0, seq, 0) + struct.pack("=i", -errno.EIO) \
+                + bytes(16)
+        self.pending.extend(grams)
+        return len(req)
+
+
+def test_walk_info_hands_each_datagram_with_the_tcp_info_of_what_is_asked() -> None:
+    whole, done, _ = sockdiag.parse_dump(_resequenced(INFO_DUMP, 79), 79)
+    assert done and len(whole) > 4
+    want = sockdiag.to_inventory(whole, 1, sockdiag.fields_of(sockdiag.INV_DTYPE, ("cookie", "netns", "state")))
+    s = Session([])
+    s.netns[1], s.socks[1] = info("busy", 12), InfoSocket(per=3)  # type: ignore[assignment]
+    got, answered = [], 0
+    for rows, info_of in s.walk_info(1 << int(TcpState.ESTABLISHED), ("cookie", "netns", "state")):
+        assert len(rows) <= 3
+        got.append(rows)
+        asked = np.sort(rows["cookie"][::2])
+        table = info_of(asked, None)
+        assert sorted(table) == asked.tolist()  # every one asked has its tcp_info, no other one
+        ref = sockdiag.parse_info_dump(_resequenced(INFO_DUMP, 79), 79, asked)[0]
+        assert all(table[c] == ref[c] for c in asked.tolist())
+        assert info_of(np.zeros(0, np.uint64)).answered == 0
+        answered += table.answered
+    assert np.concatenate(got).tolist() == want.tolist()
+    assert answered == sum(len(r[::2]) for r in got)
+    assert s.socks[1].exts == [sockdiag.INET_DIAG_EXT_INFO] and not s.errors  # type: ignore[attr-defined]
+
+
+def test_walk_info_notes_a_failed_walk_and_goes_on() -> None:
+    s = Session([])
+    s.netns[1], s.socks[1] = info("failing", 12), InfoSocket(per=2, fail=True)  # type: ignore[assignment]
+    s.netns[2], s.socks[2] = info("fine", 12), InfoSocket(per=2)  # type: ignore[assignment]
+    seen = {1: 0, 2: 0}
+    for rows, _ in s.walk_info(1 << int(TcpState.ESTABLISHED), ("cookie", "netns")):
+        seen[int(rows["netns"][0])] += len(rows)
+    assert seen[1] == 2 and seen[2] > 2  # the first datagram was handed out before the error
+    assert s.walk_errors == 1 and len(s.errors) == 1 and "failing" in s.errors[0]
+
+
+def _resequenced(buf: bytes, seq: int) -> bytes:
+    out, off = bytearray(buf), 0
+    while off + 16 <= len(out):
+        length = struct.unpack_from("=I", out, off)[0]
+        struct.pack_into("=I", out, off + 8, seq)
+        off += (length + 3) & ~3
+    return bytes(out)

@@ -18,7 +18,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -104,6 +104,9 @@ class RecordedSession:
         self.socks = {r.ino: None for r in refs}
         self.errors: list[str] = []
         self.asked: list[int] = []  # cookies tcp_info was asked for
+        self.per = RecordedSession.per  # rows a "datagram" of walk_info
+
+    per = 3
 
     def __enter__(self) -> RecordedSession:
         return self
@@ -111,10 +114,15 @@ class RecordedSession:
     def __exit__(self, *exc: object) -> None:
         pass
 
-    def dump(self, states: int = sockdiag.ALL_STATES, fields: tuple[str, ...] | None = None) -> Inventory:
+    @staticmethod
+    def rows(states: int, fields: tuple[str, ...] | None) -> np.ndarray:
         rows = ROWS[((1 << ROWS["state"].astype(np.int64)) & states) != 0]
         if fields is not None:
             rows = np.array(rows[list(fields)], fields_of(sockdiag.INV_DTYPE, fields))
+        return rows
+
+    def dump(self, states: int = sockdiag.ALL_STATES, fields: tuple[str, ...] | None = None) -> Inventory:
+        rows = self.rows(states, fields)
         info = NetnsInfo(NS, "netns recorded", "/nonexistent", port_range=(32768, 60999), fin_timeout=60,
                          tw_reuse=2)
         return Inventory(rows=rows, netns={NS: info})
@@ -127,6 +135,18 @@ class RecordedSession:
                                                     TcpInfoTable(brief_below_ms))
         assert done and err == 0
         return table, 0
+
+    def walk_info(self, states: int, fields: tuple[str, ...] | None = None) -> Iterator[tuple[np.ndarray, Any]]:
+        """As the kernel walks them: a few rows a datagram, each with its tcp_info."""
+        rows = self.rows(states, fields)
+        data = (FIX / "dump_info.bin").read_bytes()
+
+        def info_of(wanted: np.ndarray, brief_below_ms: int | None = None) -> TcpInfoTable:
+            self.asked += wanted.tolist()
+            return sockdiag.parse_info_dump(data, 79, wanted, TcpInfoTable(brief_below_ms))[0]
+
+        for start in range(0, len(rows), self.per):
+            yield rows[start : start + self.per].copy(), info_of
 
 
 def scanner(tmp_path: Path, th: Thresholds, **kw: Any) -> tuple[Scanner, list[RecordedSession]]:
@@ -194,6 +214,36 @@ def test_a_full_scan_keeps_only_the_fields_it_reads(tmp_path: Path, monkeypatch:
     assert not rep.errors and not again.errors
     assert [f.to_json() for f in rep.flags] == [f.to_json() for f in again.flags]
     assert rep.inventory_states == again.inventory_states and rep.flags
+
+
+def _verdicts(rep: Any, s: Scanner) -> tuple:
+    return ([f.to_json() for f in rep.flags], rep.inventory_states,
+            {pid: (p.tcp_sockets, p.close_wait, p.close_wait_backlog) for pid, p in rep.processes.items()},
+            {k: rep.stats[k] for k in ("sockets", "candidates", "info_queries", "info_missed", "table_matched")},
+            rep.errors, s.history.cookies.tolist(), s._inodes.tolist())
+
+
+@pytest.mark.parametrize("pids", [(), ("hold",)], ids=["every process", "--pid"])
+@pytest.mark.parametrize("max_facts", [20000, 6, 2], ids=["all judged", "stuck and some idle", "stuck cut"])
+def test_established_judged_a_datagram_at_a_time_as_all_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  pids: tuple, max_facts: int) -> None:
+    """The ESTABLISHED sockets walked one, three or all to a datagram: the
+    same flags (stuck sockets judged first when too many look flagged),
+    counts, history and holders."""
+    got = []
+    for per in (1, 3, 10_000):
+        monkeypatch.setattr(RecordedSession, "per", per)
+        s, _ = scanner(tmp_path / str(per), TH, max_socket_facts=max_facts, pids=[PIDS[p] for p in pids])
+        rep = s.scan()
+        got.append(_verdicts(rep, s))
+    assert got[0] == got[1] == got[2]
+    flags, _, processes, stats, errors, cookies, inodes = got[0]
+    assert len(cookies) == len(inodes) and cookies == sorted(cookies)
+    if max_facts == 2:
+        assert {f["kind"] for f in flags} <= {"close_wait", "fin_wait2_orphan", "last_ack"} and errors
+    if max_facts == 20000 and not pids:
+        assert not errors and stats["sockets"] == len(SS) and sum(1 for f in flags
+                                                                   if f["kind"] == "idle_established") == 4
 
 
 @pytest.mark.parametrize("chunk", [8192, 3], ids=["one chunk", "chunks of 3"])
@@ -315,6 +365,41 @@ def test_history_hands_over_sorted_rows_and_keeps_the_largest_floor() -> None:
     # Unsorted rows are sorted for the history (not handed over).
     h.store(rows[::-1].copy(), facts.Carried({k: v[::-1].copy() for k, v in again.kept.items()}, again.epoch))
     assert h.cookies.tolist() == [10, 20, 30, 40]
+
+
+def test_history_stored_from_pieces_as_from_the_rows_whole() -> None:
+    """A full scan's pieces (the other states, then a datagram at a time)
+    make the same history as its rows whole, and the order returned lines
+    a column kept beside it up with the cookies."""
+    from pytracer.leaks import facts
+
+    rng = np.random.default_rng(7)
+    rows = np.zeros(50, sockdiag.INV_DTYPE)
+    rows["cookie"] = rng.permutation(np.arange(1000, 1050))
+    rows["state"] = rng.integers(1, 11, 50)
+    rows["inode"] = rows["cookie"] + 5
+    whole = facts.History()
+    hist = whole.carry(rows, now=100.0)
+    hist.put("not_before", np.arange(0, 50, 3), 150.0)
+    hist.put("floor_began", np.arange(1, 50, 4), 60.0)
+    whole.store(rows, facts.Carried({k: v.copy() for k, v in hist.kept.items()}, hist.epoch))
+    pieces = facts.History()
+    pieces.epoch = hist.epoch
+    parts: dict[str, list[np.ndarray]] = {"cookie": [], "state": [], "inode": []}
+    parts.update({name: [] for name in facts.HISTORY_TIMES})
+    for part in (slice(0, 7), slice(7, 8), slice(8, 30), slice(30, 50)):
+        for name in ("cookie", "state", "inode"):
+            parts[name].append(rows[name][part])
+        for name in facts.HISTORY_TIMES:
+            parts[name].append(hist.kept[name][part])
+    inodes = parts.pop("inode")
+    order = pieces.store_parts(parts)
+    assert not parts and pieces.cookies.tolist() == whole.cookies.tolist() == sorted(rows["cookie"].tolist())
+    assert (np.concatenate(inodes)[order] == pieces.cookies + 5).all()
+    for name in facts.HISTORY_TIMES:
+        np.testing.assert_array_equal(pieces.carry(rows, 120.0).kept[name], whole.carry(rows, 120.0).kept[name])
+    assert pieces.due_rechecks(160.0).tolist() == whole.due_rechecks(160.0).tolist()
+    assert facts.History().store_parts({}).tolist() == []
 
 
 def test_history_keeps_times_in_four_bytes_without_losing_seconds() -> None:

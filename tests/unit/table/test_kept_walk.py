@@ -65,6 +65,24 @@ def test_an_unchanged_table_is_walked_once() -> None:
     assert total == 10 and int(counts[1]) == 10
 
 
+def test_a_first_walk_of_a_table_seeded_past_the_bound_is_not_copied(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seeding says how big the table starts: past WALK_KEEP_MAX, the first
+    walk copies nothing (it would be dropped), and the next is kept once a
+    walk fits.  Seeded within the bound, the first walk is kept as ever."""
+    monkeypatch.setattr(poll, "WALK_KEEP_MAX", 8)
+    t = Table(6)  # shrunk since seeding, say
+    t.seeded_records = 20  # type: ignore[attr-defined]
+    b = poll.SockBuffers(keep_walk=True)
+    assert states(b, t) == {k: 1 for k in range(1, 7)} and b._kept is None
+    assert states(b, t) == {k: 1 for k in range(1, 7)} and b._kept is not None  # the last walk fitted
+    assert states(b, t) == {k: 1 for k in range(1, 7)} and (t.walks, b.walks_skipped) == (2, 1)
+    small = Table(6)
+    small.seeded_records = 6  # type: ignore[attr-defined]
+    b2 = poll.SockBuffers(keep_walk=True)
+    states(b2, small)
+    assert b2._kept is not None
+
+
 def test_each_kernel_write_makes_the_next_read_walk() -> None:
     t = Table(10)
     b = poll.SockBuffers(keep_walk=True)
