@@ -20,6 +20,7 @@ import click
 from pytracer.cli.options import (
     Context,
     FiniteRange,
+    check_stop,
     make_tracer,
     max_sockets_option,
     pid_option,
@@ -165,6 +166,7 @@ def _serve(obj: Context, server: ExporterServer, registry, opts: ExportOptions,
             deadline = None if duration is None else time.monotonic() + duration
             # Runs until a signal (SIGTERM/SIGINT unwind from here) or --duration.
             while not stop.is_set():
+                check_stop()
                 left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
                 if left <= 0:
                     break

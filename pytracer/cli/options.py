@@ -39,8 +39,29 @@ class Terminated(BaseException):
     Exception (the leak scan, seeding) must not swallow it."""
 
 
+# The exception a stop signal raised, kept: Python drops an exception raised
+# where it ignores exceptions (a weakref callback, __del__: "Exception ignored
+# in ..."), so a signal landing there would be lost.  Long-running loops call
+# check_stop() each turn.
+_stopping: type[BaseException] | None = None
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
+    global _stopping
+    _stopping = Terminated
     raise Terminated()
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    global _stopping
+    _stopping = KeyboardInterrupt
+    raise KeyboardInterrupt()
+
+
+def check_stop() -> None:
+    """Raise again the stop signal (SIGTERM, SIGINT) whose own raise was lost."""
+    if _stopping is not None:
+        raise _stopping()
 
 
 def run(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -49,6 +70,8 @@ def run(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         signal.signal(signal.SIGTERM, _on_sigterm)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _on_sigint)
         try:
             return fn(*args, **kwargs)
         except (KeyboardInterrupt, Terminated):

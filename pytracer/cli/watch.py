@@ -22,6 +22,7 @@ import click
 from pytracer.cli.options import (
     Context,
     FiniteRange,
+    check_stop,
     make_tracer,
     max_sockets_option,
     pid_option,
@@ -100,6 +101,7 @@ def reports(tracer: Tracer, pids: tuple[int, ...], interval: float, duration: fl
     view: model.TableView | None = None
     fill = FillTracker(start_ns)
     for _ in intervals(interval, duration):
+        check_stop()
         snap = table.poll()
         if view is None or view.table_mono_ns != snap.table_mono_ns:
             # A fresh table: the view's work on it is part of its cost.
