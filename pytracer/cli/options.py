@@ -46,16 +46,11 @@ class Terminated(BaseException):
 _stopping: type[BaseException] | None = None
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
+def _on_stop_signal(signum: int, frame: Any) -> None:
+    """SIGTERM raises Terminated, SIGINT KeyboardInterrupt, each kept."""
     global _stopping
-    _stopping = Terminated
-    raise Terminated()
-
-
-def _on_sigint(signum: int, frame: Any) -> None:
-    global _stopping
-    _stopping = KeyboardInterrupt
-    raise KeyboardInterrupt()
+    _stopping = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    raise _stopping()
 
 
 def check_stop() -> None:
@@ -69,9 +64,9 @@ def run(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        signal.signal(signal.SIGTERM, _on_stop_signal)
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            signal.signal(signal.SIGINT, _on_sigint)
+            signal.signal(signal.SIGINT, _on_stop_signal)
         try:
             return fn(*args, **kwargs)
         except (KeyboardInterrupt, Terminated):

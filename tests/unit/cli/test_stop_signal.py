@@ -6,6 +6,7 @@ an import's module-lock callback left `tracer watch` running."""
 from __future__ import annotations
 
 import gc
+import signal
 import weakref
 
 import pytest
@@ -17,16 +18,15 @@ class Thing:
     pass
 
 
-@pytest.mark.parametrize(("handler", "exc"), [(options._on_sigterm, options.Terminated),
-                                              (options._on_sigint, KeyboardInterrupt)])
-def test_a_stop_signal_swallowed_by_a_callback_is_raised_again(monkeypatch: pytest.MonkeyPatch, handler: object,
+@pytest.mark.parametrize(("sig", "exc"), [(signal.SIGTERM, options.Terminated), (signal.SIGINT, KeyboardInterrupt)])
+def test_a_stop_signal_swallowed_by_a_callback_is_raised_again(monkeypatch: pytest.MonkeyPatch, sig: int,
                                                                 exc: type[BaseException]) -> None:
     monkeypatch.setattr(options, "_stopping", None)
     swallowed = []
     monkeypatch.setattr("sys.unraisablehook", lambda u: swallowed.append(u.exc_type))
     options.check_stop()  # nothing pending: no raise
     t = Thing()
-    ref = weakref.ref(t, lambda _: handler(15, None))  # type: ignore[operator]
+    ref = weakref.ref(t, lambda _: options._on_stop_signal(sig, None))
     del t
     gc.collect()
     assert ref() is None and swallowed == [exc]  # Python dropped the handler's own raise
