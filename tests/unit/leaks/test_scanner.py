@@ -34,7 +34,8 @@ from pytracer.leaks import incremental
 from pytracer.leaks.detectors import Thresholds
 from pytracer.leaks.report import LeakReport
 from pytracer.leaks.scanner import TIME_WAIT_BUDGET, TIME_WAIT_EVERY_S, Scanner, budget_gap
-from pytracer.table.poll import SOCK_DTYPE, Snapshot, Totals
+from pytracer.table.poll import Snapshot, Totals
+from pytracer.table.reads import SOCK_DTYPE
 
 FIX = Path(__file__).resolve().parents[2] / "fixtures" / "leaks"
 RECORDED = json.loads((FIX / "facts.json").read_text())
