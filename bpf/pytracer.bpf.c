@@ -59,7 +59,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
-	__uint(map_flags, BPF_F_MMAPABLE);	/* read in place (pytracer.table.poll) */
+	__uint(map_flags, BPF_F_MMAPABLE);	/* read in place (pytracer.table.reads) */
 	__type(key, __u32);
 	__type(value, struct pt_slot);
 } nursery SEC(".maps");
@@ -69,7 +69,7 @@ struct {
  * insert, a delete, a record living there written in place).  A reader
  * that finds it where it was before its last walk of "socks" knows that
  * walk's rows are still the table's, and reads the nursery alone
- * (pytracer.table.poll).  A storm's records live and die in the nursery
+ * (pytracer.table.reads).  A storm's records live and die in the nursery
  * and never bump it.
  */
 struct {

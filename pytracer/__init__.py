@@ -28,7 +28,7 @@ _PUBLIC = {
     "tune_malloc": "kernel.environment:tune_malloc",
     "snapshot": "table.poll:snapshot",
     "Snapshot": "table.poll:Snapshot",
-    "SockBuffers": "table.poll:SockBuffers",
+    "SockBuffers": "table.reads:SockBuffers",
     "seed": "inventory.seed:seed",
     "SeedResult": "table.writer:SeedResult",
     "Scanner": "leaks.scanner:Scanner",

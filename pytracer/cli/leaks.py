@@ -78,6 +78,7 @@ def leaks(obj: Context, pids: tuple[int, ...], samples: int, interval: float, to
         from pytracer.inventory.seed import seed  # preloaded while attaching
         from pytracer.leaks.scanner import Scanner
         from pytracer.table import poll as poller
+        from pytracer.table import reads
         from pytracer.table.health import FillTracker, failed_inserts
 
         sr = seed(tracer, pids)
@@ -89,7 +90,7 @@ def leaks(obj: Context, pids: tuple[int, ...], samples: int, interval: float, to
             rep = scanner.scan()
         # Sockets the table could not take (seeding's included) were not scanned as candidates.
         # Counted a chunk at a time: the table is never held whole (15 MB at 100k).
-        table = FillTracker(start_ns).update(time.monotonic_ns(), poller.count_socks(tracer)[1],
+        table = FillTracker(start_ns).update(time.monotonic_ns(), reads.count_socks(tracer)[1],
                                              tracer.capacity, failed_inserts(poller.read_totals(tracer)) + sr.failed)
     warnings = [w for w in (table.warning(),) if w]
     if not rep.stats.get("netns_covered"):

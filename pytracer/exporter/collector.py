@@ -1,9 +1,10 @@
 """The Prometheus Collector: reads the kernel maps at scrape time.
 
 Nothing here keeps a second copy of the kernel's truth.  Every scrape reads
-the per-CPU aggregate and the socket table (:mod:`pytracer.table.poll`; with
-the scan thread running, only its live records per state are needed, so it
-is counted a chunk at a time and never held whole), the programs' run
+the per-CPU aggregate (:mod:`pytracer.table.poll`) and the socket table
+(:mod:`pytracer.table.reads`; with the scan thread running, only its live
+records per state are needed, so it is counted a chunk at a time and never
+held whole), the programs' run
 statistics and the latest leak report, and hands them to the
 pure :func:`pytracer.exporter.families.build_families`.  Each read is in its
 own ``try``: a failed read is logged and counted
@@ -263,6 +264,7 @@ class TracerCollector(Collector):
     def read(self) -> ScrapeInput:
         """One scrape's reads.  Never raises: failures are counted."""
         from pytracer.table import poll as poller
+        from pytracer.table import reads
 
         inp = ScrapeInput()
         if self._closed:
@@ -277,14 +279,14 @@ class TracerCollector(Collector):
             self._failed("agg", exc)
         try:
             if self._sock_buffers is None:
-                self._sock_buffers = poller.SockBuffers(keep_walk=True)
+                self._sock_buffers = reads.SockBuffers(keep_walk=True)
             if self._thread is not None or scanner is None:
                 # The metrics need only the live records per state: counted a
                 # chunk at a time, the table is never held (the scan thread
                 # reads its own).
-                inp.table_states, records = poller.count_socks(self.tracer, self._sock_buffers)
+                inp.table_states, records = reads.count_socks(self.tracer, self._sock_buffers)
             else:  # this scrape scans: the whole table
-                keys, socks = poller.read_socks(self.tracer, self._sock_buffers, narrow=True)
+                keys, socks = reads.read_socks(self.tracer, self._sock_buffers, narrow=True)
                 records = len(socks)
         except Exception as exc:  # noqa: BLE001
             self._failed("socks", exc)

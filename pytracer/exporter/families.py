@@ -35,7 +35,7 @@ from pytracer.kernel.abi import Direction, Stat
 from pytracer.kernel.histogram import Histogram, log2_bounds_seconds
 from pytracer.kernel.tcp_states import TcpState
 from pytracer.leaks.detectors import KINDS
-from pytracer.table.poll import live_states
+from pytracer.table.reads import live_states
 
 NAMESPACE = "pytracer"
 DEFAULT_MAX_COMMS = 20
@@ -107,8 +107,8 @@ class ScrapeInput:
     """Everything one scrape read.  ``None`` means that read failed."""
 
     totals: Any = None  # poller.Totals
-    socks: np.ndarray | None = None  # poller.SOCK_DTYPE records
-    table_states: np.ndarray | None = None  # poller.live_states of the table, when read by counts alone
+    socks: np.ndarray | None = None  # reads.SOCK_DTYPE records
+    table_states: np.ndarray | None = None  # reads.live_states of the table, when read by counts alone
     poll_seconds: float | None = None
     maps: list[MapStat] = field(default_factory=list)
     programs: list[ProgramStat] | None = None

@@ -122,7 +122,7 @@ def seed(tracer: Any, pids: Iterable[int] | None = None, proc: str = procs.PROC)
                 return recs
 
             writer.write_seeded(tracer, sess, states, rows, records, owners.pid, res)
-            # How big the table starts: its readers size their first walk by it (pytracer.table.poll).
+            # How big the table starts: its readers size their first walk by it (pytracer.table.reads).
             tracer.seeded_records = res.seeded
     except Exception as exc:  # seeding is best effort: the scan finds these sockets anyway
         log.warning("seeding pre-existing sockets failed: %s", exc)

@@ -215,8 +215,8 @@ class Session:
             raise
 
     def walk_info(self, states: int, fields: tuple[str, ...] | None = None,
-                  families: Iterable[int] = (AF_INET, AF_INET6), max_rows: int = MAX_ROWS
-                  ) -> Iterator[tuple[np.ndarray, InfoOf]]:
+                  families: Iterable[int] = (AF_INET, AF_INET6), max_rows: int = MAX_ROWS,
+                  ended: Callable[[bool], None] | None = None) -> Iterator[tuple[np.ndarray, InfoOf]]:
         """Every TCP socket in ``states``, in every namespace, with tcp_info
         (INET_DIAG_INFO) in the same walk, a datagram at a time: (its rows,
         as :meth:`dump` makes them, ``fields`` of INV_DTYPE only; a
@@ -228,7 +228,10 @@ class Session:
 
         A failed walk (a namespace, a family) is appended to
         :attr:`errors` (``walk_errors`` counts them), and the others go on;
-        the rows it yielded before failing have been handed out."""
+        the rows it yielded before failing have been handed out.  So
+        ``ended`` is called as each walk ends, before the next one's first
+        datagram: True when it was read to its end, False when it failed
+        (what the caller made of its rows is then to be dropped)."""
         dtype = INV_DTYPE if fields is None else fields_of(INV_DTYPE, fields)
         fams = list(families)
         for ino, sock in list(self.socks.items()):
@@ -255,9 +258,14 @@ class Session:
                         _one_walk["ok"] = False  # an older request this kernel does not serve: one per family
                         walks.extend(fams)
                         continue
+                    if ended is not None:
+                        ended(False)
                     label = "families 2 and 10" if fam == BOTH else f"family {fam}"
                     self.errors.append(f"{self.netns[ino].label} (netns {ino}) {label}: {exc}")
                     self.walk_errors += 1
+                else:
+                    if ended is not None:
+                        ended(True)
 
     def dump(self, families: Iterable[int] = (AF_INET, AF_INET6), states: int = ALL_STATES,
              max_rows: int = MAX_ROWS, fields: tuple[str, ...] | None = None) -> Inventory:

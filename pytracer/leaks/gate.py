@@ -4,7 +4,7 @@ every flag raised, and judge the run.
 The tree itself is followed in the kernel (the "follow" hook: a forked
 child joins the "owners" pid filter, an exited process leaves it), so what
 :class:`Gate` reads each tick is the filter's current members
-(:func:`pytracer.table.poll.read_tree`).  Each tick scans for leaks among
+(:func:`pytracer.table.tree.read_tree`).  Each tick scans for leaks among
 them through the same incremental :class:`~pytracer.leaks.scanner.Scanner`
 and duty cycle as ``tracer watch``; flags are collected by identity, so a
 socket flagged at every tick is one flag whose age grows.
@@ -33,7 +33,8 @@ from pytracer.leaks.cadence import DutyCycle
 from pytracer.leaks.detectors import KINDS, Flag
 from pytracer.leaks.scanner import Scanner
 from pytracer.leaks.thresholds import Thresholds
-from pytracer.table import poll
+from pytracer.table import poll, reads
+from pytracer.table.tree import Tree, read_tree
 
 __all__ = ["DEFAULT_FAIL_ON", "Gate", "RunResult", "parse_kinds", "verdict"]
 
@@ -83,7 +84,7 @@ class RunResult:
     seconds: float
     flags: list[Flag]
     flags_dropped: int
-    tree: poll.Tree
+    tree: Tree
     opened: dict[str, int]
     closed: dict[str, int]
     totals: poll.Totals  # the kernel's aggregates: only the tree's sockets were recorded
@@ -109,7 +110,7 @@ class Gate:
         self.tracer = tracer
         self.thresholds = thresholds
         self.start = time.monotonic()
-        self.buffers = poll.SockBuffers(keep_walk=True)
+        self.buffers = reads.SockBuffers(keep_walk=True)
         self.cycle = DutyCycle(Scanner(tracer, thresholds, pids=tracer.pids, incremental=True), duty)
         self.flags: dict[tuple, Flag] = {}
         self.dropped = 0
@@ -124,7 +125,7 @@ class Gate:
 
     def tick(self) -> list[Flag]:
         """Scan the tree's processes (held to the duty cycle); the flags not seen before."""
-        tree = poll.read_tree(self.tracer)
+        tree = read_tree(self.tracer)
         if not tree.pids:
             return []  # nobody left to hold a socket (and no pids would mean the whole host)
         self.cycle.scanner.pids = tree.pids
@@ -152,7 +153,7 @@ class Gate:
 
     def finish(self, argv: list[str], user: str, exit_code: int, fail_on: tuple[str, ...]) -> RunResult:
         """After the command exited: totals, and what the survivors hold."""
-        tree = poll.read_tree(self.tracer)
+        tree = read_tree(self.tracer)
         totals = poll.read_totals(self.tracer)
         flags = list(self.flags.values())
         if tree.pids:
@@ -168,7 +169,7 @@ class Gate:
             thresholds=self.thresholds, lost=lost, errors=self.errors,
         )
 
-    def tick_final(self, tree: poll.Tree) -> list[Flag]:
+    def tick_final(self, tree: Tree) -> list[Flag]:
         """One last scan of the survivors, whatever the duty cycle says."""
         sc = self.cycle.scanner
         sc.pids = tree.pids

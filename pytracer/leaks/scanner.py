@@ -338,8 +338,8 @@ class Scanner:
                               self.max_socket_facts - len(facts), listening)
             t_walk = time.perf_counter()
             walk_errors = len(sess.errors)
-            if states & EST_BIT:
-                for part, info_of in sess.walk_info(EST_BIT, SCAN_FIELDS):
+            if states & EST_BIT:  # a walk that fails partway counts for nothing (est.end_walk)
+                for part, info_of in sess.walk_info(EST_BIT, SCAN_FIELDS, ended=est.end_walk):
                     est.add(part, info_of)
                     del part, info_of
             est.finish()

@@ -145,9 +145,10 @@ def running_tables(exclude_pid: int | None = None) -> list[RunningTable]:
     alike: a "socks" map of our record size, paired with its process's
     "agg" map).  Needs CAP_SYS_ADMIN; raises libbpf.LibbpfError without it."""
     from pytracer.table import poll as poller
+    from pytracer.table import reads
 
     sock_size, agg_size = ctypes.sizeof(abi.PtSock), ctypes.sizeof(abi.PtAgg)
-    ours = {("socks", sock_size), ("agg", agg_size), ("nursery", poller.SLOT_DTYPE.itemsize)}
+    ours = {("socks", sock_size), ("agg", agg_size), ("nursery", reads.SLOT_DTYPE.itemsize)}
     opened: dict[int, libbpf.MapById] = {}
     try:
         for mid in libbpf.map_ids():
@@ -172,7 +173,7 @@ def running_tables(exclude_pid: int | None = None) -> list[RunningTable]:
             if m.name != "socks" or pid == exclude_pid or pid not in aggs:
                 continue
             src = _Maps(m, aggs[pid], ncpus, nurseries.get(pid))
-            entries = poller.count_socks(src)[1]  # a chunk at a time, not the whole table
+            entries = reads.count_socks(src)[1]  # a chunk at a time, not the whole table
             failed = failed_inserts(poller.read_totals(src))
             out.append(RunningTable(pid, _comm(pid), entries, m.max_entries + src.nursery_slots, failed))
         return out

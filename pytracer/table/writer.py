@@ -36,8 +36,8 @@ from pytracer.arrays import among, find_sorted
 from pytracer.kernel import abi
 from pytracer.kernel.libbpf import LibbpfError
 from pytracer.kernel.tcp_states import TcpState
-from pytracer.table import poll
-from pytracer.table.poll import SOCK_DTYPE
+from pytracer.table import poll, reads
+from pytracer.table.reads import SOCK_DTYPE
 
 S = TcpState
 BPF_NOEXIST = 1  # include/uapi/linux/bpf.h
@@ -207,7 +207,7 @@ def insert_new(tracer: Any, socks: Any, keys: np.ndarray, states: np.ndarray,
     of keys ``idx`` (SOCK_DTYPE), asked SEED_CHUNK at a time.
     """
     before = midlife_count(tracer)
-    existing, _ = poll.read_socks(tracer, narrow=True)
+    existing, _ = reads.read_socks(tracer, narrow=True)
     have = np.isin(keys, existing)
     del existing
     res.existed = int(have.sum())

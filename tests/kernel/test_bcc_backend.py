@@ -28,6 +28,7 @@ from pytracer.kernel.core import Tracer
 from pytracer.kernel.environment import EnvironmentProblem, kernel_release, probe_features
 from pytracer.kernel.tcp_states import TcpState as S
 from pytracer.table import poll as poller
+from pytracer.table import reads
 from pytracer.views.model import socket_row
 
 
@@ -105,7 +106,7 @@ def add_pids(tracers: dict[str, Any], pids: list[int]) -> None:
 
 def records(t: Any, port: int) -> dict[int, np.void]:
     """This test's socket records (either end of `port`), by key."""
-    keys, socks = poller.read_socks(t)
+    keys, socks = reads.read_socks(t)
     return {int(k): r for k, r in zip(keys, socks) if port in (int(r["lport"]), int(r["rport"]))}
 
 

@@ -26,6 +26,7 @@ import pytest
 from pytracer import Tracer
 from pytracer.kernel import abi
 from pytracer.table import poll as poller
+from pytracer.table import reads
 
 from .leaky_support import wait_until
 
@@ -42,7 +43,7 @@ US = 1000
 def record_in(t: Tracer, lport: int, rport: int, state: int) -> Any:
     """The record of the socket lport -> rport, once it is in ``state``."""
     def find() -> Any:
-        _, socks = poller.read_socks(t)
+        _, socks = reads.read_socks(t)
         hit = socks[(socks["lport"] == lport) & (socks["rport"] == rport) & (socks["state"] == state)]
         return hit[int(hit["state_ns"].argmax())] if len(hit) else None
     return wait_until(find, 10, f"the record of {lport} -> {rport} in state {state}")
@@ -106,7 +107,7 @@ def test_transition_times_are_when_they_happen_not_the_sockets_last_activity() -
             totals = poller.read_totals(t)
             after, ended = totals.state_hist(CLOSE_WAIT), totals.lifetime(PASSIVE)
             assert ended.count == lived.count + 1
-            _, socks = poller.read_socks(t)
+            _, socks = reads.read_socks(t)
             assert not ((socks["lport"] == sport) & (socks["rport"] == cport)).any(), "the record ends at CLOSE"
             # The lifetime is truncated to whole microseconds: within() allows 1 us before t5.
             within("the server's CLOSE", born + (ended.sum_us - lived.sum_us) * 1000, t5, t6)

@@ -24,7 +24,7 @@ from pytracer.inventory.seed import seed
 from pytracer.kernel import abi
 from pytracer.leaks.detectors import Flag, Thresholds
 from pytracer.leaks.scanner import LeakReport, Scanner
-from pytracer.table import poll as poller
+from pytracer.table import reads
 
 from .leaky_support import (
     PYTHON,
@@ -249,9 +249,9 @@ def test_preexisting_sockets_found_with_owner(leak_net: LeakNet, spawn: Any, mon
         assert res.seeded >= len(rows) and not res.failed, res.summary()
         socks = tracer.map("socks")
         for r in rows:
-            raw = socks.lookup(int(r.cookie).to_bytes(8, sys.byteorder), poller.SOCK_DTYPE.itemsize)
+            raw = socks.lookup(int(r.cookie).to_bytes(8, sys.byteorder), reads.SOCK_DTYPE.itemsize)
             assert raw is not None, f"socket {r} not seeded"
-            rec = np.frombuffer(raw, poller.SOCK_DTYPE)[0]
+            rec = np.frombuffer(raw, reads.SOCK_DTYPE)[0]
             assert rec["flags"] & abi.PT_F_SEEDED and rec["flags"] & abi.PT_F_BIRTH_UNKNOWN
             assert rec["birth_ns"] == 0 and rec["counted"] == 0
             assert {"LISTEN": 10, "ESTAB": 1, "CLOSE-WAIT": 8}[r.state] == rec["state"]
@@ -529,7 +529,7 @@ def test_gone_socket_record_is_reaped(leak_tracer: Any) -> None:
     try:
         live = wait_until(lambda: [r for r in ss(None, port) if r.state == "ESTAB" and r.lport == port and r.cookie]
                           or None, 10, "the accepted socket in ss")
-        template = wait_until(lambda: poller.lookup_record(leak_tracer, live[0].cookie), 5, "its table record")
+        template = wait_until(lambda: reads.lookup_record(leak_tracer, live[0].cookie), 5, "its table record")
         assert int(template["state"]) == 1  # ESTABLISHED
         old_ns = time.monotonic_ns() - 5_000_000_000
         base = (1 << 62) + (os.getpid() << 20)  # far beyond any cookie this boot will hand out
@@ -545,7 +545,7 @@ def test_gone_socket_record_is_reaped(leak_tracer: Any) -> None:
         scanner = Scanner(leak_tracer, Thresholds(), reap_after=0.5)
         first = scanner.scan()
         assert not [e for e in first.errors if "scan:" in e], first.errors
-        assert all(socks.lookup(struct.pack("=Q", c), poller.SOCK_DTYPE.itemsize) for c in fakes.values()), \
+        assert all(socks.lookup(struct.pack("=Q", c), reads.SOCK_DTYPE.itemsize) for c in fakes.values()), \
             "reaped on the first sighting"
         before = scanner.reaped
         changed = template.copy()
@@ -553,12 +553,12 @@ def test_gone_socket_record_is_reaped(leak_tracer: Any) -> None:
         socks.update(struct.pack("=Q", fakes["changed"]), changed.tobytes(), 2)  # BPF_EXIST
         time.sleep(0.7)
         second = scanner.scan()
-        present = {n: socks.lookup(struct.pack("=Q", c), poller.SOCK_DTYPE.itemsize) is not None
+        present = {n: socks.lookup(struct.pack("=Q", c), reads.SOCK_DTYPE.itemsize) is not None
                    for n, c in fakes.items()}
         assert present == {"gone": False, "close": True, "other_netns": True, "changed": True}, present
         assert scanner.reaped - before >= 1 and second.stats["records_reaped"] == scanner.reaped
         # The live socket (ss lists it) keeps its record.
-        assert poller.lookup_record(leak_tracer, live[0].cookie) is not None
+        assert reads.lookup_record(leak_tracer, live[0].cookie) is not None
         assert any(r.cookie == live[0].cookie for r in ss(None, port))
     finally:
         for cookie in (1 << 62) + (os.getpid() << 20) + np.arange(1, 5):

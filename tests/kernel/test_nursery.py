@@ -17,6 +17,7 @@ import pytest
 from pytracer import Tracer
 from pytracer.kernel.abi import Stat
 from pytracer.table import poll as poller
+from pytracer.table import reads
 
 from .leaky_support import loopback_pair, wait_until
 
@@ -31,8 +32,8 @@ def cookie_of(s: socket.socket) -> int:
 
 
 def in_slot(t: Tracer, cookie: int) -> bool:
-    raw = t.map("nursery").lookup(struct.pack("=I", cookie & (t.nursery_slots - 1)), poller.SLOT_DTYPE.itemsize)
-    return raw is not None and int(np.frombuffer(raw, poller.SLOT_DTYPE)[0]["key"]) == cookie
+    raw = t.map("nursery").lookup(struct.pack("=I", cookie & (t.nursery_slots - 1)), reads.SLOT_DTYPE.itemsize)
+    return raw is not None and int(np.frombuffer(raw, reads.SLOT_DTYPE)[0]["key"]) == cookie
 
 
 def ss_state(port: int, cookie: int) -> str | None:
@@ -63,7 +64,7 @@ def test_a_socket_outliving_its_slot_moves_to_the_table_whole() -> None:
         held = {"client": cookie_of(cli), "server": cookie_of(acc)}
         t0 = time.monotonic_ns()
         try:
-            first = {k: wait_until(lambda c=c: poller.lookup_record(t, c), 5, f"{k} record") for k, c in held.items()}
+            first = {k: wait_until(lambda c=c: reads.lookup_record(t, c), 5, f"{k} record") for k, c in held.items()}
             assert all(in_slot(t, c) for c in held.values()), "a new socket's record starts in its slot"
             failed0 = poller.read_totals(t).stat(Stat.INSERT_FAILED)
             # Newer sockets until both held ones are moved out of their slots (cookies come
@@ -74,7 +75,7 @@ def test_a_socket_outliving_its_slot_moves_to_the_table_whole() -> None:
                 churn(lsn, 2000)
                 made += 2000
             for k, c in held.items():
-                rec = poller.lookup_record(t, c)
+                rec = reads.lookup_record(t, c)
                 assert rec is not None, f"the {k} record was lost when it left its slot"
                 # Whole: the same life, as it was.
                 for field in ("birth_ns", "state_ns", "transitions", "state", "direction", "owner_tgid", "lport",
@@ -83,17 +84,17 @@ def test_a_socket_outliving_its_slot_moves_to_the_table_whole() -> None:
                 assert int(rec["state"]) == ESTABLISHED and 0 < int(rec["birth_ns"]) <= t0
             # Followed where it is now: the peer's FIN, then the server's close.
             cli.close()
-            rec = wait_until(lambda: (r := poller.lookup_record(t, held["server"])) is not None
+            rec = wait_until(lambda: (r := reads.lookup_record(t, held["server"])) is not None
                            and int(r["state"]) == CLOSE_WAIT and r, 5, "CLOSE_WAIT on the moved record")
             assert ss_state(port, held["server"]) == "CLOSE-WAIT"
             n = int(rec["transitions"])
             assert [int(x) for x in rec["history"][: n]][-2:] == [ESTABLISHED, CLOSE_WAIT]
             acc.close()
-            wait_until(lambda: poller.lookup_record(t, held["server"]) is None, 10, "the server record's removal")
-            wait_until(lambda: poller.lookup_record(t, held["client"]) is None, 10, "the client record's removal")
+            wait_until(lambda: reads.lookup_record(t, held["server"]) is None, 10, "the server record's removal")
+            wait_until(lambda: reads.lookup_record(t, held["client"]) is None, 10, "the client record's removal")
             # Nothing of the churn is left: the listener is this port's only record,
             # and no insert (or move out of a slot) failed.
-            keys, socks = poller.read_socks(t)
+            keys, socks = reads.read_socks(t)
             ours = (socks["lport"] == port) | (socks["rport"] == port)
             assert int(ours.sum()) == 1 and int(socks["state"][ours][0]) == LISTEN, socks[ours]
             assert len(set(keys.tolist())) == len(keys), "a record both in a slot and in the table"
@@ -115,16 +116,16 @@ def test_records_are_keyed_by_the_sockets_own_cookie(max_sockets: int) -> None:
         try:
             for s in (lsn, cli, acc):
                 c = cookie_of(s)
-                rec = wait_until(lambda c=c: poller.lookup_record(t, c), 5, f"the record of cookie {c}")
+                rec = wait_until(lambda c=c: reads.lookup_record(t, c), 5, f"the record of cookie {c}")
                 want = LISTEN if s is lsn else ESTABLISHED
                 assert int(rec["state"]) == want and ss_state(port, c) == ("LISTEN" if s is lsn else "ESTAB")
-            keys, _ = poller.read_socks(t)
+            keys, _ = reads.read_socks(t)
             assert {cookie_of(s) for s in (lsn, cli, acc)} <= set(keys.tolist())
             gone = [cookie_of(s) for s in (cli, acc)]
             cli.close()
             acc.close()
             for c in gone:
-                wait_until(lambda c=c: poller.lookup_record(t, c) is None, 10, f"cookie {c}'s record to go")
+                wait_until(lambda c=c: reads.lookup_record(t, c) is None, 10, f"cookie {c}'s record to go")
         finally:
             for s in (cli, acc, lsn):
                 s.close()
@@ -142,7 +143,7 @@ def test_a_read_walks_the_table_again_only_once_it_changed() -> None:
             pytest.skip("this attach mode keys records by pointer: no nursery")
         lsn, cli, acc, port = loopback_pair(256)
         held = {"client": cookie_of(cli), "server": cookie_of(acc)}
-        buffers = poller.SockBuffers(keep_walk=True)
+        buffers = reads.SockBuffers(keep_walk=True)
 
         def read() -> dict[int, int]:
             keys, recs = buffers.read(t, narrow=True)
@@ -150,7 +151,7 @@ def test_a_read_walks_the_table_again_only_once_it_changed() -> None:
 
         try:
             for k, c in held.items():
-                wait_until(lambda c=c: poller.lookup_record(t, c), 5, f"the {k} record")
+                wait_until(lambda c=c: reads.lookup_record(t, c), 5, f"the {k} record")
             made = 0
             while any(in_slot(t, c) for c in held.values()):  # into "socks", as in the test above
                 assert made < 30 * t.nursery_slots, f"still in their slots after {made} connections"

@@ -23,7 +23,7 @@ from pytracer import Tracer
 from pytracer.kernel import core
 from pytracer.kernel.abi import PtSock
 from pytracer.kernel.environment import kernel_version
-from pytracer.table import poll as poller
+from pytracer.table import reads
 
 from .conftest import prog_ids_of, tracer_cmd
 
@@ -86,7 +86,7 @@ def test_preallocated_table_follows_sockets(monkeypatch: pytest.MonkeyPatch) -> 
             cli = socket.create_connection(("127.0.0.1", port))
             conn, _ = srv.accept()
             try:
-                _, socks = poller.read_socks(t)
+                _, socks = reads.read_socks(t)
                 ours = socks[(socks["lport"] == port) | (socks["rport"] == port)]
                 # The listener, the client and the accepted child.
                 assert len(ours) == 3, ours

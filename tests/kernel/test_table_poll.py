@@ -15,6 +15,7 @@ import pytest
 
 from pytracer.kernel.core import Tracer
 from pytracer.table import poll as poller
+from pytracer.table import reads
 from pytracer.views import model
 
 pytestmark = pytest.mark.kernel
@@ -93,15 +94,15 @@ def test_counts_read_a_chunk_at_a_time_match_the_connections() -> None:
             for c, _ in pairs[:25]:
                 c.shutdown(socket.SHUT_WR)  # the server's end sees the FIN: CLOSE_WAIT
             time.sleep(0.3)
-            states, records = poller.count_socks(t, chunk=7)
+            states, records = reads.count_socks(t, chunk=7)
             est, cw = int(states[1]), int(states[8])
             # 35 pairs untouched (both ends), 25 servers in CLOSE_WAIT; the
             # 25 clients are in FIN_WAIT2 and the listener is a record too.
             assert (est, cw, int(states[5])) == (70, 25, 25), states.tolist()
             assert records >= 121 and int(states[10]) == 1
             # The same as the whole table read at once.
-            _, socks = poller.read_socks(t)
-            assert states.tolist() == poller.live_states(socks).tolist() and records == len(socks)
+            _, socks = reads.read_socks(t)
+            assert states.tolist() == reads.live_states(socks).tolist() and records == len(socks)
         finally:
             for c, s in pairs:
                 c.close()
@@ -117,7 +118,7 @@ def test_narrow_read_a_chunk_at_a_time_keeps_each_connection_and_reads_shown_one
     name this process; and the view reduced as the table was read counts
     them and lists them."""
     me = os.getpid()
-    monkeypatch.setattr(poller, "READ_CHUNK", 7)  # many batches, chunks splitting the test's sockets
+    monkeypatch.setattr(reads, "READ_CHUNK", 7)  # many batches, chunks splitting the test's sockets
     with Tracer(pids=[me]) as t:
         lst, pairs = _pairs(40)
         try:
@@ -127,10 +128,10 @@ def test_narrow_read_a_chunk_at_a_time_keeps_each_connection_and_reads_shown_one
             opts = model.ReportOptions(pids=(me,), top=100, start_mono_ns=time.monotonic_ns())
             snap = poller.TablePoller(t, reducer=model.ViewReducer(opts)).poll()
             socks = snap.socks
-            assert socks.dtype == poller.NARROW_DTYPE and len(snap.keys) == len(set(snap.keys.tolist()))
+            assert socks.dtype == reads.NARROW_DTYPE and len(snap.keys) == len(set(snap.keys.tolist()))
             port = lst.getsockname()[1]
             idx, whole = snap.records_at(np.arange(len(snap.keys)))
-            assert whole.dtype == poller.PICK_DTYPE and (whole["state"] == socks["state"][idx]).all()
+            assert whole.dtype == reads.PICK_DTYPE and (whole["state"] == socks["state"][idx]).all()
             mine = (whole["lport"] == port) | (whole["rport"] == port)
             got = sorted((int(s["lport"]), int(s["rport"]), int(s["state"])) for s in whole[mine])
             want = sorted([(port, 0, 10)]
@@ -147,7 +148,7 @@ def test_narrow_read_a_chunk_at_a_time_keeps_each_connection_and_reads_shown_one
             clients = idx[mine & (whole["state"] == 5)]
             i = int(clients[0])  # a client: connect() named its owner
             rec = snap.record(i)
-            assert rec is not None and rec.dtype == poller.SOCK_DTYPE
+            assert rec is not None and rec.dtype == reads.SOCK_DTYPE
             assert int(rec["owner_tgid"]) == me and int(rec["rport"]) == port and int(rec["state"]) == 5
             assert bytes(rec["owner_comm"]).split(b"\0")[0] and int(rec["state_ns"]) == int(socks["state_ns"][i])
         finally:

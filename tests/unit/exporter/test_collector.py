@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pytracer.exporter.collector import TracerCollector
 from pytracer.kernel.tcp_states import TcpState
-from pytracer.table.poll import SOCK_DTYPE
+from pytracer.table.reads import SOCK_DTYPE
 from tests.unit.exporter.test_families import flag, sock_table
 
 

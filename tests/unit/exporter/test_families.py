@@ -22,7 +22,8 @@ from pytracer.kernel import abi
 from pytracer.kernel.histogram import slot_of
 from pytracer.kernel.tcp_states import TcpState
 from pytracer.leaks.detectors import KINDS
-from pytracer.table.poll import SOCK_DTYPE, Totals
+from pytracer.table.poll import Totals
+from pytracer.table.reads import SOCK_DTYPE
 
 
 def make_totals(per_cpu: list[abi.PtAgg]) -> Totals:

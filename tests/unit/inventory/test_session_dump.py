@@ -210,10 +210,15 @@ def test_walk_info_notes_a_failed_walk_and_goes_on() -> None:
     s.netns[1], s.socks[1] = info("failing", 12), InfoSocket(per=2, fail=True)  # type: ignore[assignment]
     s.netns[2], s.socks[2] = info("fine", 12), InfoSocket(per=2)  # type: ignore[assignment]
     seen = {1: 0, 2: 0}
-    for rows, _ in s.walk_info(1 << int(TcpState.ESTABLISHED), ("cookie", "netns")):
+    told: list[object] = []  # each datagram's namespace, and each walk's end as walk_info tells it
+    for rows, _ in s.walk_info(1 << int(TcpState.ESTABLISHED), ("cookie", "netns"), ended=told.append):
         seen[int(rows["netns"][0])] += len(rows)
+        told.append(int(rows["netns"][0]))
     assert seen[1] == 2 and seen[2] > 2  # the first datagram was handed out before the error
     assert s.walk_errors == 1 and len(s.errors) == 1 and "failing" in s.errors[0]
+    # The failed walk's end is told before the next walk's first datagram (its rows can be dropped first).
+    assert told[:2] == [1, False] and told[1] is False and told[-1] is True
+    assert told[2:-1] == [2] * (len(told) - 3)
 
 
 def _resequenced(buf: bytes, seq: int) -> bytes:

@@ -10,7 +10,7 @@ import numpy as np
 from pytracer.kernel.tcp_states import TcpState
 from pytracer.leaks.detectors import Flag
 from pytracer.leaks.idle_carry import IdleCarry
-from pytracer.table.poll import SOCK_DTYPE
+from pytracer.table.reads import SOCK_DTYPE
 
 NONE = np.zeros(0, np.uint64)
 

@@ -11,7 +11,7 @@ import pytest
 from pytracer.inventory import sockdiag
 from pytracer.kernel import abi
 from pytracer.leaks import facts
-from pytracer.table import poll
+from pytracer.table import poll, reads
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 8192])
@@ -19,7 +19,7 @@ def test_each_row_gets_its_own_records_time_and_accepted(chunk: int, monkeypatch
     monkeypatch.setattr(facts, "FACTS_CHUNK", chunk)
     rng = np.random.default_rng(11)
     keys = rng.permutation(np.arange(1000, 1200, dtype=np.uint64))  # the table, in hash order
-    socks = np.zeros(len(keys), poll.NARROW_DTYPE)
+    socks = np.zeros(len(keys), reads.NARROW_DTYPE)
     socks["state"] = rng.integers(1, 4, len(keys))
     socks["state_ns"] = rng.integers(1, 50, len(keys)) * 10**9
     socks["flags"] = np.where(rng.random(len(keys)) < 0.3, abi.PT_F_SEEDED, 0)

@@ -9,13 +9,13 @@ from pytracer.inventory import sockdiag
 from pytracer.kernel.tcp_states import TcpState
 from pytracer.leaks.facts import History
 from pytracer.leaks.incremental import due_index
-from pytracer.table import poll
+from pytracer.table import poll, reads
 
 EST = int(TcpState.ESTABLISHED)
 
 
 def _snap(cookies: list[int]) -> poll.Snapshot:
-    socks = np.zeros(len(cookies), poll.NARROW_DTYPE)
+    socks = np.zeros(len(cookies), reads.NARROW_DTYPE)
     socks["state"] = EST
     socks["lport"] = np.arange(len(cookies)) + 1000
     socks["netns_ino"] = 4026531840

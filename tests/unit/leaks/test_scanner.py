@@ -34,7 +34,8 @@ from pytracer.leaks import incremental
 from pytracer.leaks.detectors import Thresholds
 from pytracer.leaks.report import LeakReport
 from pytracer.leaks.scanner import TIME_WAIT_BUDGET, TIME_WAIT_EVERY_S, Scanner, budget_gap
-from pytracer.table.poll import SOCK_DTYPE, Snapshot, Totals
+from pytracer.table.poll import Snapshot, Totals
+from pytracer.table.reads import SOCK_DTYPE
 
 FIX = Path(__file__).resolve().parents[2] / "fixtures" / "leaks"
 RECORDED = json.loads((FIX / "facts.json").read_text())
@@ -136,8 +137,9 @@ class RecordedSession:
         assert done and err == 0
         return table, 0
 
-    def walk_info(self, states: int, fields: tuple[str, ...] | None = None) -> Iterator[tuple[np.ndarray, Any]]:
-        """As the kernel walks them: a few rows a datagram, each with its tcp_info."""
+    def walk_info(self, states: int, fields: tuple[str, ...] | None = None,
+                  ended: Any = None) -> Iterator[tuple[np.ndarray, Any]]:
+        """As the kernel walks them, in one walk: a few rows a datagram, each with its tcp_info."""
         rows = self.rows(states, fields)
         data = (FIX / "dump_info.bin").read_bytes()
 
@@ -147,14 +149,44 @@ class RecordedSession:
 
         for start in range(0, len(rows), self.per):
             yield rows[start : start + self.per].copy(), info_of
+        if ended is not None:
+            ended(True)
 
 
-def scanner(tmp_path: Path, th: Thresholds, **kw: Any) -> tuple[Scanner, list[RecordedSession]]:
+class FailingWalk(RecordedSession):
+    """The ESTABLISHED sockets in two walks, as Session.walk_info makes
+    them: the first (the first ``FIRST`` rows) fails after handing out
+    ``handed`` datagrams (noted in ``errors``, ``ended(False)``), the
+    second is read to its end (``ended(True)``)."""
+
+    handed = 0
+    FIRST = 4
+
+    def walk_info(self, states: int, fields: tuple[str, ...] | None = None,
+                  ended: Any = None) -> Iterator[tuple[np.ndarray, Any]]:
+        failed = False
+        for n, (rows, info_of) in enumerate(super().walk_info(states, fields)):
+            first = rows[: max(0, self.FIRST - n * self.per)]
+            if len(first) and n < self.handed:
+                yield first, info_of
+            if len(first) < len(rows):
+                if not failed:  # the first walk ends here
+                    failed = True
+                    self.errors.append("netns recorded family 2: [Errno 5] Input/output error")
+                    if ended is not None:
+                        ended(False)
+                yield rows[len(first) :], info_of
+        if ended is not None:
+            ended(True)
+
+
+def scanner(tmp_path: Path, th: Thresholds, session_type: type = RecordedSession,
+            **kw: Any) -> tuple[Scanner, list[RecordedSession]]:
     root = write_proc(tmp_path)
     sessions: list[RecordedSession] = []
 
     def session(refs: list[procs.NetnsRef]) -> RecordedSession:
-        sessions.append(RecordedSession(refs))
+        sessions.append(session_type(refs))
         return sessions[-1]
 
     refs = [procs.NetnsRef(NS, "/nonexistent", "netns recorded")]
@@ -244,6 +276,40 @@ def test_established_judged_a_datagram_at_a_time_as_all_at_once(tmp_path: Path, 
     if max_facts == 20000 and not pids:
         assert not errors and stats["sockets"] == len(SS) and sum(1 for f in flags
                                                                    if f["kind"] == "idle_established") == 4
+
+
+@pytest.mark.parametrize("chunk", [8192, 2], ids=["one chunk", "chunks of 2"])
+def test_a_failed_established_walk_leaves_the_scan_as_if_it_had_handed_out_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    """The first of two ESTABLISHED walks fails after 0, 1 or all of its
+    datagrams were judged: the same report, error and history each time,
+    and none of that walk's sockets in it (as a failed dump keeps none of
+    its rows); the second walk's sockets all are."""
+    from pytracer.leaks import facts
+
+    monkeypatch.setattr(facts, "FACTS_CHUNK", chunk)  # held sockets also counted in the failing walk
+    est_rows = RecordedSession.rows(1 << int(TcpState.ESTABLISHED), None)
+    lost = set(est_rows["cookie"][: FailingWalk.FIRST].tolist())
+    assert len(lost) == FailingWalk.FIRST < len(est_rows)
+    idle_ports = set(RECORDED["conns"]["idle"])
+    idle = {c for c, r in SS.items() if r["state"] == "ESTABLISHED" and {r["lport"], r["rport"]} & idle_ports}
+    assert idle & lost and idle - lost  # each walk holds idle connections
+    whole = scanner(tmp_path / "whole", TH)[0].scan()
+    got = []
+    for handed in (0, 1, 99):
+        monkeypatch.setattr(FailingWalk, "handed", handed)
+        s, _ = scanner(tmp_path / str(handed), TH, session_type=FailingWalk)
+        rep = s.scan()
+        got.append(_verdicts(rep, s))
+        assert rep.errors == ["netns recorded family 2: [Errno 5] Input/output error"]
+        assert set(flags_by_cookie(rep, "idle_established")) == idle - lost
+        assert rep.stats["sockets"] == len(SS) - len(lost)
+        assert rep.inventory_states["ESTABLISHED"] == len(est_rows) - len(lost)
+        kept = {c for c, r in SS.items() if r["state"] not in ("TIME_WAIT", "SYN_RECV")} - lost
+        assert s.history.cookies.tolist() == sorted(kept)
+        for pid, p in whole.processes.items():  # what each holds, less the failed walk's (as ss names them)
+            assert rep.processes[pid].tcp_sockets == p.tcp_sockets - sum(SS[c]["owner"][0] == pid for c in lost)
+    assert got[0] == got[1] == got[2]
 
 
 @pytest.mark.parametrize("chunk", [8192, 3], ids=["one chunk", "chunks of 3"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pytracer.table import poll, writer
+from pytracer.table import reads, writer
 
 from .test_nursery_read import Storm
 
@@ -49,17 +49,17 @@ class Table:
             yield memoryview(keys.tobytes()), memoryview(vals.tobytes()), len(part)
 
 
-def states(buffers: poll.SockBuffers, t: Table) -> dict[int, int]:
+def states(buffers: reads.SockBuffers, t: Table) -> dict[int, int]:
     keys, recs = buffers.read(t, narrow=True)  # type: ignore[arg-type]
     return dict(zip(keys.tolist(), recs["state"].tolist()))
 
 
 def test_an_unchanged_table_is_walked_once() -> None:
     t = Table(10)
-    b = poll.SockBuffers(keep_walk=True)
+    b = reads.SockBuffers(keep_walk=True)
     first = states(b, t)
     again = [states(b, t) for _ in range(3)]
-    counts, total = poll.count_socks(t, b, chunk=3)  # type: ignore[arg-type]
+    counts, total = reads.count_socks(t, b, chunk=3)  # type: ignore[arg-type]
     assert t.walks == 1 and b.walks == 1 and b.walks_skipped == 4
     assert all(a == first for a in again) and first == {k: 1 for k in range(1, 11)}
     assert total == 10 and int(counts[1]) == 10
@@ -69,23 +69,23 @@ def test_a_first_walk_of_a_table_seeded_past_the_bound_is_not_copied(monkeypatch
     """Seeding says how big the table starts: past WALK_KEEP_MAX, the first
     walk copies nothing (it would be dropped), and the next is kept once a
     walk fits.  Seeded within the bound, the first walk is kept as ever."""
-    monkeypatch.setattr(poll, "WALK_KEEP_MAX", 8)
+    monkeypatch.setattr(reads, "WALK_KEEP_MAX", 8)
     t = Table(6)  # shrunk since seeding, say
     t.seeded_records = 20  # type: ignore[attr-defined]
-    b = poll.SockBuffers(keep_walk=True)
+    b = reads.SockBuffers(keep_walk=True)
     assert states(b, t) == {k: 1 for k in range(1, 7)} and b._kept is None
     assert states(b, t) == {k: 1 for k in range(1, 7)} and b._kept is not None  # the last walk fitted
     assert states(b, t) == {k: 1 for k in range(1, 7)} and (t.walks, b.walks_skipped) == (2, 1)
     small = Table(6)
     small.seeded_records = 6  # type: ignore[attr-defined]
-    b2 = poll.SockBuffers(keep_walk=True)
+    b2 = reads.SockBuffers(keep_walk=True)
     states(b2, small)
     assert b2._kept is not None
 
 
 def test_each_kernel_write_makes_the_next_read_walk() -> None:
     t = Table(10)
-    b = poll.SockBuffers(keep_walk=True)
+    b = reads.SockBuffers(keep_walk=True)
     states(b, t)
     t.write(3, 8)  # a record living in "socks" changed state
     assert states(b, t)[3] == 8 and t.walks == 2
@@ -99,7 +99,7 @@ def test_each_kernel_write_makes_the_next_read_walk() -> None:
 
 def test_a_write_of_this_process_makes_the_next_read_walk() -> None:
     t = Table(4)
-    b = poll.SockBuffers(keep_walk=True)
+    b = reads.SockBuffers(keep_walk=True)
     states(b, t)
     t.rows[2] = t.record(5)  # what writer.reap() or seeding does to the map itself
     writer.socks_written(t)
@@ -109,21 +109,21 @@ def test_a_write_of_this_process_makes_the_next_read_walk() -> None:
 def test_without_a_generation_or_without_keeping_every_read_walks() -> None:
     t = Table(4)
     t.counting = False
-    b = poll.SockBuffers(keep_walk=True)
+    b = reads.SockBuffers(keep_walk=True)
     states(b, t)
     states(b, t)
     assert t.walks == 2 and b.walks_skipped == 0
     t.counting = True
-    plain = poll.SockBuffers()
+    plain = reads.SockBuffers()
     states(plain, t)
     states(plain, t)
     assert t.walks == 4
 
 
 def test_a_table_larger_than_the_bound_is_not_kept(monkeypatch) -> None:
-    monkeypatch.setattr(poll, "WALK_KEEP_MAX", 6)
+    monkeypatch.setattr(reads, "WALK_KEEP_MAX", 6)
     t = Table(7)
-    b = poll.SockBuffers(keep_walk=True)
+    b = reads.SockBuffers(keep_walk=True)
     assert len(states(b, t)) == 7
     assert len(states(b, t)) == 7 and t.walks == 2
     t.write(7, None)  # now 6 fit: kept from the walk after one that fitted
@@ -134,7 +134,7 @@ def test_a_table_larger_than_the_bound_is_not_kept(monkeypatch) -> None:
 
 def test_a_walk_read_in_part_is_not_kept() -> None:
     t = Table(20)
-    b = poll.SockBuffers(keep_walk=True)
+    b = reads.SockBuffers(keep_walk=True)
     chunks = b.chunks(t, chunk=4)  # type: ignore[arg-type]
     next(chunks)
     chunks.close()  # a reader that stopped early
@@ -144,7 +144,7 @@ def test_a_walk_read_in_part_is_not_kept() -> None:
 
 def test_kept_rows_cannot_be_changed_by_a_reader() -> None:
     t = Table(3)
-    b = poll.SockBuffers(keep_walk=True)
+    b = reads.SockBuffers(keep_walk=True)
     states(b, t)
     keys, recs = next(b.chunks(t))  # type: ignore[arg-type]
     with pytest.raises(ValueError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pytracer.table import poll
+from pytracer.table import poll, reads
 
 
 class ChangingView:
@@ -16,7 +16,7 @@ class ChangingView:
         self._keys = [np.array(k, np.uint64) for k in keys_at_each_read]
         self._reads = 0
         n = len(keys_at_each_read[0])
-        self._rec = np.zeros(n, poll.SLOT_DTYPE["rec"])
+        self._rec = np.zeros(n, reads.SLOT_DTYPE["rec"])
         self._rec["state"] = np.arange(1, n + 1)
 
     def __getitem__(self, field: str) -> np.ndarray:
@@ -28,7 +28,7 @@ class ChangingView:
 
 
 def read(view: ChangingView) -> tuple[list[int], list[int]]:
-    buffers = poll.SockBuffers()
+    buffers = reads.SockBuffers()
     buffers._nursery_view = lambda m, slots: view  # type: ignore[method-assign]
     keys, recs = buffers.nursery_records(None, 4)
     return keys.tolist(), recs["state"].tolist()
@@ -61,7 +61,7 @@ class Storm:
 
     def __init__(self, seen: bool) -> None:
         self.seen = seen
-        self.view = np.zeros(4, poll.SLOT_DTYPE)
+        self.view = np.zeros(4, reads.SLOT_DTYPE)
         for key in (7, 9):
             self.view[key % 4]["key"] = key
             self.view[key % 4]["rec"]["state"] = 1  # ESTABLISHED
@@ -71,7 +71,7 @@ class Storm:
 
     @staticmethod
     def record(state: int) -> np.ndarray:
-        rec = np.zeros(1, poll.SOCK_DTYPE)
+        rec = np.zeros(1, reads.SOCK_DTYPE)
         rec["state"] = state
         rec["counted"] = 1
         return rec
@@ -100,8 +100,8 @@ class Storm:
         return True, len(rows)
 
 
-def storm_buffers(storm: Storm) -> poll.SockBuffers:
-    buffers = poll.SockBuffers()
+def storm_buffers(storm: Storm) -> reads.SockBuffers:
+    buffers = reads.SockBuffers()
     buffers._nursery_view = lambda m, slots: storm.view  # type: ignore[method-assign]
     return buffers
 
@@ -109,7 +109,7 @@ def storm_buffers(storm: Storm) -> poll.SockBuffers:
 @pytest.mark.parametrize("seen", [False, True], ids=["walk-passed-its-bucket", "walk-meets-it"])
 def test_a_record_moving_out_of_the_nursery_during_a_count_is_counted_once(seen: bool) -> None:
     storm = Storm(seen)
-    states, total = poll.count_socks(storm, storm_buffers(storm))  # type: ignore[arg-type]
+    states, total = reads.count_socks(storm, storm_buffers(storm))  # type: ignore[arg-type]
     # Cookies 5, 7 and 9, all ESTABLISHED (11 was born after the read began).
     assert total == 3 and int(states[1]) == 3, states
 
@@ -123,11 +123,11 @@ def test_a_record_moving_out_of_the_nursery_during_a_read_is_read_once(seen: boo
 
 
 def test_nursery_membership_is_by_slot() -> None:
-    slotted = poll.by_slot(np.array([100, 141, 202], np.uint64), 4)
+    slotted = reads.by_slot(np.array([100, 141, 202], np.uint64), 4)
     assert slotted.tolist() == [100, 141, 202, 0]
     keys = np.array([1, 96, 100, 104, 141, 145, 202, 10**18], np.uint64)
-    assert poll.in_nursery(slotted, keys).tolist() == [False, False, True, False, True, False, True, False]
-    assert poll.in_nursery(slotted, np.zeros(0, np.uint64)).tolist() == []
+    assert reads.in_nursery(slotted, keys).tolist() == [False, False, True, False, True, False, True, False]
+    assert reads.in_nursery(slotted, np.zeros(0, np.uint64)).tolist() == []
 
 
 @pytest.mark.parametrize("seen", [False, True], ids=["walk-passed-its-bucket", "walk-meets-it"])
@@ -162,7 +162,7 @@ class Table:
     def __init__(self, n: int) -> None:
         self.recs = {}
         for k in range(1, n + 1):
-            rec = np.zeros(1, poll.SOCK_DTYPE)
+            rec = np.zeros(1, reads.SOCK_DTYPE)
             rec["lport"] = k
             self.recs[k * 10] = rec
         self.lookups = 0
@@ -187,13 +187,13 @@ class Table:
 def test_picked_records_are_the_current_ones_in_the_asked_order(lookups: bool, monkeypatch) -> None:
     table = Table(20)
     if not lookups:
-        monkeypatch.setattr(poll, "PICK_LOOKUPS", 2)
+        monkeypatch.setattr(reads, "PICK_LOOKUPS", 2)
     cookies = np.array([70, 5, 200, 10, 70, 999], np.uint64)  # 5 and 999: gone; 70 asked twice
-    found, recs = poll.pick_records(table, cookies)  # type: ignore[arg-type]
+    found, recs = reads.pick_records(table, cookies)  # type: ignore[arg-type]
     assert found.tolist() == [True, False, True, True, True, False]
-    assert recs["lport"].tolist() == [7, 20, 1, 7] and recs.dtype == poll.PICK_DTYPE
+    assert recs["lport"].tolist() == [7, 20, 1, 7] and recs.dtype == reads.PICK_DTYPE
     assert (table.lookups > 0) == lookups
-    snap = poll.Snapshot(0, 0.0, None, cookies, np.zeros(6, poll.NARROW_DTYPE), 0.0,  # type: ignore[arg-type]
+    snap = poll.Snapshot(0, 0.0, None, cookies, np.zeros(6, reads.NARROW_DTYPE), 0.0,  # type: ignore[arg-type]
                          src=table)  # type: ignore[arg-type]
     idx, whole = snap.records_at(np.array([5, 3, 1]))
     assert idx.tolist() == [3] and whole["lport"].tolist() == [1]

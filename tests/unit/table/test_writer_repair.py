@@ -11,7 +11,7 @@ from pytracer.arrays import fields_of
 from pytracer.inventory import sockdiag
 from pytracer.kernel import abi
 from pytracer.table import writer
-from pytracer.table.poll import SOCK_DTYPE
+from pytracer.table.reads import SOCK_DTYPE
 
 
 class FakeSocks:

@@ -9,7 +9,8 @@ import numpy as np
 
 from pytracer.kernel import abi
 from pytracer.kernel.tcp_states import TcpState
-from pytracer.table.poll import SOCK_DTYPE, Snapshot, Totals
+from pytracer.table.poll import Snapshot, Totals
+from pytracer.table.reads import SOCK_DTYPE
 from pytracer.views import model
 
 
@@ -146,15 +147,15 @@ def test_view_reduced_a_chunk_at_a_time_is_the_view_of_the_whole_table() -> None
 def test_report_of_a_narrow_table_takes_its_reduced_view() -> None:
     """build_report on a narrow table (no owner or birth columns) uses the
     view its reader reduced, and reads the shown rows again whole."""
-    from pytracer.table import poll
+    from pytracer.table import reads
 
     socks = _random_table(50, 3)
     keys = np.arange(1, 51, dtype=np.uint64)
     opts = model.ReportOptions(top=3, start_mono_ns=500)
     red = model.ViewReducer(opts)
     red.add(0, keys, socks)
-    narrow = np.zeros(50, poll.NARROW_DTYPE)
-    narrow[:] = socks[list(poll.NARROW_FIELDS)]
+    narrow = np.zeros(50, reads.NARROW_DTYPE)
+    narrow[:] = socks[list(reads.NARROW_FIELDS)]
 
     class Src:
         nursery_slots = 0
@@ -176,10 +177,10 @@ def test_report_of_a_narrow_table_takes_its_reduced_view() -> None:
 
 
 def test_a_narrow_table_without_its_view_is_refused_with_a_reason() -> None:
-    from pytracer.table import poll
+    from pytracer.table import reads
 
     snap = Snapshot(mono_ns=1, wall=0.0, totals=empty_totals(), keys=np.arange(3, dtype=np.uint64),
-                    socks=np.zeros(3, poll.NARROW_DTYPE), read_seconds=0.0)
+                    socks=np.zeros(3, reads.NARROW_DTYPE), read_seconds=0.0)
     try:
         model.build_report(snap, None, model.ReportOptions())
     except ValueError as exc:

@@ -8,7 +8,8 @@ from pytracer.kernel import abi
 from pytracer.leaks.detectors import KINDS, Flag
 from pytracer.leaks.gate import RunResult
 from pytracer.leaks.thresholds import Thresholds
-from pytracer.table.poll import Totals, Tree
+from pytracer.table.poll import Totals
+from pytracer.table.tree import Tree
 from pytracer.views.run import junit_xml, report_json, summary_text
 
 
