@@ -1,11 +1,12 @@
-"""A full scan's ESTABLISHED sockets, judged a datagram at a time.
+"""A full scan's ESTABLISHED sockets, judged a part at a time.
 
 Most of a host with many live sockets is ESTABLISHED.  A full scan
 (:meth:`pytracer.leaks.scanner.Scanner._full`) dumps the other states whole
 (few, and TIME_WAIT kept narrow) and walks the ESTABLISHED ones on their
 own, with INET_DIAG_INFO (:meth:`pytracer.inventory.session.Session.walk_info`):
 their idle clocks come in the same messages, so the candidates need no
-lookups and no second walk.  Each datagram is judged as it comes
+lookups and no second walk.  Each part of the walk (about a thousand
+sockets, a dozen datagrams) is judged as it comes
 (:meth:`Established.add`): the join with the socket table, the carried
 history, which are candidates, their idle time, the idle ones' facts, the
 counts.  So a full scan never holds every ESTABLISHED socket's row, table
@@ -15,7 +16,7 @@ the history keeps between scans (cookie, state, three times) and the inode
 counts.
 
 A walk (one namespace, one or both families) can fail partway, a netlink
-error or an interrupted dump, after some of its datagrams were judged.
+error or an interrupted dump, after some of its parts were judged.
 Each walk is judged into a :class:`Tally` of its own, added to the scan's
 when the walk is read to its end: a failed walk leaves the scan as if it
 had handed out nothing, as a failed dump keeps none of its rows.
@@ -40,8 +41,8 @@ KEPT_COLUMNS = ("cookie", "state", *joins.HISTORY_TIMES, "inode")
 
 
 class Tally:
-    """What judging ESTABLISHED datagrams adds up to: counts, the kept
-    columns (a piece per datagram), the facts.  A full scan's
+    """What judging ESTABLISHED parts adds up to: counts, the kept
+    columns (a piece per part), the facts.  A full scan's
     :class:`Established` is the tally of the walks that ended well; each
     walk is judged into a tally of its own, added to it when the walk is
     read to its end and dropped when the walk fails
@@ -49,7 +50,7 @@ class Tally:
     none, so the scan holds nothing more of a socket than before."""
 
     def __init__(self) -> None:
-        # Kept: the history's columns and the inode, a piece per datagram.
+        # Kept: the history's columns and the inode, a piece per part.
         self.parts: dict[str, list[np.ndarray]] = {name: [] for name in KEPT_COLUMNS}
         self.states = np.zeros(16, np.int64)  # sockets in scope, by state
         self.held: dict[int, int] = {}  # pid -> sockets in scope it holds
@@ -83,7 +84,7 @@ class Tally:
     def _count_held(self, owners: procs.SocketOwners) -> None:
         """Sockets in scope per process, for the inodes gathered since the
         last count (a search of every owner entry: a batch at a time, not a
-        datagram at a time)."""
+        part at a time)."""
         inodes = np.concatenate(self._inodes) if self._inodes else np.zeros(0, np.uint32)
         self._inodes, self._pending = [], 0
         if len(inodes):  # each (socket, process) pair once
@@ -101,7 +102,7 @@ class Tally:
 
 
 class Established(Tally):
-    """The ESTABLISHED part of one full scan: :meth:`add` each datagram's
+    """The ESTABLISHED part of one full scan: :meth:`add` each part's
     rows as they come, :meth:`end_walk` as each walk ends; what is kept,
     of the walks that ended well, is read after the walk.
 
@@ -121,11 +122,11 @@ class Established(Tally):
         self.listeners, self.fin_timeout, self.budget = listeners, fin_timeout, budget
         self.listening = listening
         self.walk = Tally()  # the walk under way
-        # The table's sorted keys, searched by every datagram's join.
+        # The table's sorted keys, searched by every part's join.
         self.index = joins.TableIndex(snap) if snap is not None and len(snap.keys) and not key_by_ptr else None
 
     def add(self, rows: np.ndarray, info_of: Callable[..., Any]) -> None:
-        """Judge one datagram's rows into the walk under way;
+        """Judge one part's rows into the walk under way;
         ``info_of(sorted cookies, brief_below_ms)`` decodes their tcp_info
         (:meth:`Session.walk_info`)."""
         th, now, w = self.th, self.now, self.walk
@@ -160,7 +161,7 @@ class Established(Tally):
             ports, n = np.unique(rows["rport"][out], return_counts=True)
             for port, k in zip(ports.tolist(), n.tolist()):
                 w.remote_ports[port] = w.remote_ports.get(port, 0) + k
-        keep = joins.remembered(rows)  # copies: nothing of the datagram's rows is kept
+        keep = joins.remembered(rows)  # copies: nothing of the part's rows is kept
         for name in ("cookie", "state", "inode"):
             w.parts[name].append(rows[name][keep])
         for name in joins.HISTORY_TIMES:
@@ -168,7 +169,7 @@ class Established(Tally):
 
     def end_walk(self, ok: bool) -> None:
         """A walk ended (``Session.walk_info``'s ``ended``): what was judged
-        of its datagrams counts when it was read to its end (``ok``), and is
+        of its parts counts when it was read to its end (``ok``), and is
         dropped when it failed, as if it had handed out nothing: a failed
         dump keeps none of its rows either (``Session.dump``)."""
         if ok:

@@ -10,7 +10,7 @@
 * tcp_info, for the candidates only: idle clocks, and lower bounds on
   time in state for sockets that predate the tracer (a full scan's
   ESTABLISHED sockets bring theirs in the walk that lists them, judged a
-  datagram at a time: :mod:`pytracer.leaks.established`);
+  part of the walk at a time: :mod:`pytracer.leaks.established`);
 * /proc (:mod:`pytracer.inventory.procs`): who holds each socket, on which fd, and how
   close each process is to RLIMIT_NOFILE.
 
@@ -329,7 +329,7 @@ class Scanner:
             matched = times.matched
             del infos, times
 
-            # ESTABLISHED: judged a datagram at a time (pytracer.leaks.established).
+            # ESTABLISHED: judged a part of the walk at a time (pytracer.leaks.established).
             listening = None
             if self.tracer is not None and getattr(self.tracer, "services_auto", False):
                 listening = np.unique(rows["lport"][rows["state"] == int(S.LISTEN)])

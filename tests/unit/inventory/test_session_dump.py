@@ -183,15 +183,18 @@ class InfoSocket(RecordedSocket):
         return len(req)
 
 
-def test_walk_info_hands_each_datagram_with_the_tcp_info_of_what_is_asked() -> None:
+@pytest.mark.parametrize("part_rows, most", [(1, 3), (4, 6), (1024, 1024)],
+                         ids=["a datagram a part", "two datagrams a part", "the walk in one part"])
+def test_walk_info_hands_parts_with_the_tcp_info_of_what_is_asked(part_rows: int, most: int) -> None:
     whole, done, _ = sockdiag.parse_dump(_resequenced(INFO_DUMP, 79), 79)
     assert done and len(whole) > 4
     want = sockdiag.to_inventory(whole, 1, sockdiag.fields_of(sockdiag.INV_DTYPE, ("cookie", "netns", "state")))
     s = Session([])
     s.netns[1], s.socks[1] = info("busy", 12), InfoSocket(per=3)  # type: ignore[assignment]
     got, answered = [], 0
-    for rows, info_of in s.walk_info(1 << int(TcpState.ESTABLISHED), ("cookie", "netns", "state")):
-        assert len(rows) <= 3
+    for rows, info_of in s.walk_info(1 << int(TcpState.ESTABLISHED), ("cookie", "netns", "state"),
+                                     part_rows=part_rows):
+        assert len(rows) <= most
         got.append(rows)
         asked = np.sort(rows["cookie"][::2])
         table = info_of(asked, None)
@@ -201,24 +204,29 @@ def test_walk_info_hands_each_datagram_with_the_tcp_info_of_what_is_asked() -> N
         assert info_of(np.zeros(0, np.uint64)).answered == 0
         answered += table.answered
     assert np.concatenate(got).tolist() == want.tolist()
+    assert len(got) == (1 if part_rows > len(want) else -(-len(want) // most))
     assert answered == sum(len(r[::2]) for r in got)
     assert s.socks[1].exts == [sockdiag.INET_DIAG_EXT_INFO] and not s.errors  # type: ignore[attr-defined]
 
 
-def test_walk_info_notes_a_failed_walk_and_goes_on() -> None:
+@pytest.mark.parametrize("part_rows, handed", [(1, 2), (1024, 0)],
+                         ids=["its first datagram handed out", "its part never complete"])
+def test_walk_info_notes_a_failed_walk_and_goes_on(part_rows: int, handed: int) -> None:
     s = Session([])
     s.netns[1], s.socks[1] = info("failing", 12), InfoSocket(per=2, fail=True)  # type: ignore[assignment]
     s.netns[2], s.socks[2] = info("fine", 12), InfoSocket(per=2)  # type: ignore[assignment]
     seen = {1: 0, 2: 0}
-    told: list[object] = []  # each datagram's namespace, and each walk's end as walk_info tells it
-    for rows, _ in s.walk_info(1 << int(TcpState.ESTABLISHED), ("cookie", "netns"), ended=told.append):
+    told: list[object] = []  # each part's namespace, and each walk's end as walk_info tells it
+    for rows, _ in s.walk_info(1 << int(TcpState.ESTABLISHED), ("cookie", "netns"), ended=told.append,
+                               part_rows=part_rows):
         seen[int(rows["netns"][0])] += len(rows)
         told.append(int(rows["netns"][0]))
-    assert seen[1] == 2 and seen[2] > 2  # the first datagram was handed out before the error
+    assert seen[1] == handed and seen[2] > 2  # what the failed walk handed out before its error
     assert s.walk_errors == 1 and len(s.errors) == 1 and "failing" in s.errors[0]
-    # The failed walk's end is told before the next walk's first datagram (its rows can be dropped first).
-    assert told[:2] == [1, False] and told[1] is False and told[-1] is True
-    assert told[2:-1] == [2] * (len(told) - 3)
+    # The failed walk's end is told before the next walk's first part (its rows can be dropped first).
+    first = [1] if handed else []
+    assert told[:len(first) + 1] == [*first, False] and told[-1] is True
+    assert told[len(first) + 1:-1] == [2] * (len(told) - len(first) - 2)
 
 
 def _resequenced(buf: bytes, seq: int) -> bytes:
