@@ -193,6 +193,9 @@ class TracerCollector(Collector):
                     self._failed("leaks", exc)
             if snap is not None:
                 self._scan_once(scanner, snap, t0)
+                # Not held while waiting: the table read is the size of the
+                # table (~5 MB at 100k), and a scrape's reads would sit on top.
+                del snap
             spent = time.monotonic() - t0
             period = max(self.leak_interval, spent / LEAK_DUTY)
             self._stop.wait(max(period - spent, 0.05))

@@ -265,10 +265,8 @@ class SockBuffers:
     def _nursery_view(self, m, slots: int) -> np.ndarray:
         fd = int(m.fd)
         if self._mapped is None or self._mapped[0] != (fd, slots):
-            size = slots * SLOT_DTYPE.itemsize
-            mm = mmap.mmap(fd, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE, flags=mmap.MAP_SHARED,
-                           prot=mmap.PROT_READ)
-            self._mapped = ((fd, slots), mm)
+            # One mapping per tracer, whichever buffers read it (libbpf.BpfObject.mapping).
+            self._mapped = ((fd, slots), m.mapping(slots * SLOT_DTYPE.itemsize))
         return np.frombuffer(self._mapped[1], SLOT_DTYPE, count=slots)
 
 
