@@ -159,3 +159,35 @@ def test_narrow_read_a_chunk_at_a_time_keeps_each_connection_and_reads_shown_one
         # Gone sockets: their records are read as None, not as someone else's.
         time.sleep(0.3)
         assert snap.record(i) is None
+
+
+def _bpf_map_mappings() -> int:
+    with open("/proc/self/maps") as f:
+        return sum("anon_inode:bpf-map" in line for line in f)
+
+
+def test_every_reader_shares_one_mapping_of_the_nursery() -> None:
+    """Each mapping of the same pages counts in RSS on its own (2.4 MiB
+    for the nursery): readers with buffers of their own (an export's
+    scrapes and its scan thread) map it once between them."""
+    me = os.getpid()
+    with Tracer(pids=[me]) as t:
+        assert t.nursery_slots, "the default table has a nursery"
+        lst, pairs = _pairs(3)
+        try:
+            time.sleep(0.1)
+            mapped = _bpf_map_mappings()  # libbpf's own (.rodata) included
+            # Both alive at once, as a scrape's buffers and the scan thread's read.
+            scrape, scan = reads.SockBuffers(keep_walk=True), reads.SockBuffers()
+            keys, _ = reads.read_socks(t, scan)
+            states, records = reads.count_socks(t, scrape)
+            mine = {int(c) for sock in [lst] + [s for p in pairs for s in p]
+                    for c in [int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, 57, 8), "little")]}
+            assert mine <= set(keys.tolist())  # both reads found this test's sockets (in the nursery)
+            assert records == len(keys) and states.sum() >= 7
+            assert _bpf_map_mappings() - mapped == 1
+        finally:
+            for c, s in pairs:
+                c.close()
+                s.close()
+            lst.close()
