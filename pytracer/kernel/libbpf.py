@@ -774,6 +774,12 @@ class Map:
         return count - len(failed), failed
 
 
+def map_memory(fd: int, size: int) -> mmap.mmap:
+    """A read-only shared mapping of the first ``size`` bytes (rounded up
+    to a page) of the BPF_F_MMAPABLE map ``fd``."""
+    return mmap.mmap(fd, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+
+
 class MapById(Map):
     """A map another process loaded, opened by its ID (needs CAP_SYS_ADMIN):
     the same reads as :class:`Map`.  Close it (or use ``with``)."""
@@ -796,6 +802,11 @@ class MapById(Map):
     @property
     def fd(self) -> int:
         return self._fd
+
+    def mapping(self, size: int) -> mmap.mmap:
+        """A mapping of its own (no object to share one through); the
+        reader keeps it for as long as it reads."""
+        return map_memory(self._fd, size)
 
     @property
     def max_entries(self) -> int:
@@ -870,9 +881,7 @@ class BpfObject:
         key = (name, size)
         mm = self._mappings.get(key)
         if mm is None:
-            mm = mmap.mmap(fd, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE, flags=mmap.MAP_SHARED,
-                           prot=mmap.PROT_READ)
-            mm = self._mappings.setdefault(key, mm)  # two threads at once: one mapping is kept
+            mm = self._mappings.setdefault(key, map_memory(fd, size))  # two threads at once: one is kept
         return mm
 
     def close(self) -> None:
